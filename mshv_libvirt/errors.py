@@ -1,0 +1,90 @@
+"""libvirt-style errors shared by every layer above hv/.
+
+Numbers are libvirt's (``virErrorNumber`` / ``virErrorDomain``) so the RPC layer can
+send them unchanged and clients print the messages they already know.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ErrorCode(IntEnum):
+    INTERNAL_ERROR = 1
+    NO_MEMORY = 2
+    NO_SUPPORT = 3
+    INVALID_ARG = 8
+    OPERATION_FAILED = 9
+    XML_ERROR = 27
+    DOM_EXIST = 28
+    OPERATION_DENIED = 29
+    XML_DETAIL = 35
+    SYSTEM_ERROR = 38
+    RPC = 39
+    NO_DOMAIN = 42
+    AUTH_FAILED = 45
+    OPERATION_INVALID = 55
+    CONFIG_UNSUPPORTED = 67
+    OPERATION_TIMEOUT = 68
+    ARGUMENT_UNSUPPORTED = 74
+    OPERATION_UNSUPPORTED = 84
+
+
+class ErrorDomain(IntEnum):
+    NONE = 0
+    XML = 5
+    DOM = 6
+    RPC = 7
+    CONF = 9
+    REMOTE = 13
+    DOMAIN = 20
+    HYPERV = 43
+    STREAMS = 38
+
+
+# libvirt prefixes messages by code; clients print "error: <prefix>: <detail>".
+_PREFIX = {
+    ErrorCode.INTERNAL_ERROR: "internal error",
+    ErrorCode.NO_SUPPORT: "this function is not supported by the connection driver",
+    ErrorCode.INVALID_ARG: "invalid argument",
+    ErrorCode.OPERATION_FAILED: "operation failed",
+    ErrorCode.XML_ERROR: "XML error",
+    ErrorCode.DOM_EXIST: "operation failed",
+    ErrorCode.OPERATION_DENIED: "operation forbidden",
+    ErrorCode.XML_DETAIL: "XML error",
+    ErrorCode.NO_DOMAIN: "Domain not found",
+    ErrorCode.OPERATION_INVALID: "Requested operation is not valid",
+    ErrorCode.CONFIG_UNSUPPORTED: "unsupported configuration",
+    ErrorCode.OPERATION_TIMEOUT: "Timed out during operation",
+    ErrorCode.ARGUMENT_UNSUPPORTED: "argument unsupported",
+    ErrorCode.OPERATION_UNSUPPORTED: "Operation not supported",
+}
+
+
+class VirtError(Exception):
+    """An error reported to libvirt clients as ``remote_error``."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        detail: str,
+        domain: ErrorDomain = ErrorDomain.DOMAIN,
+    ) -> None:
+        self.code = code
+        self.domain = domain
+        self.detail = detail
+        prefix = _PREFIX.get(code)
+        self.message = f"{prefix}: {detail}" if prefix else detail
+        super().__init__(self.message)
+
+
+def unsupported(detail: str) -> VirtError:
+    return VirtError(ErrorCode.CONFIG_UNSUPPORTED, detail, ErrorDomain.DOMAIN)
+
+
+def invalid_operation(detail: str) -> VirtError:
+    return VirtError(ErrorCode.OPERATION_INVALID, detail, ErrorDomain.DOMAIN)
+
+
+def no_domain(detail: str) -> VirtError:
+    return VirtError(ErrorCode.NO_DOMAIN, detail, ErrorDomain.DOMAIN)
