@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Debian 12 packages mshv-libvirt needs to build, run and test. Idempotent; run as root.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+packages=(
+    # build: the compiled cffi core and libvirt-python (built against libvirt-dev via pkg-config)
+    gcc binutils make pkg-config python3 python3-dev python3-venv libffi-dev libvirt-dev
+    # clients the tests drive for real
+    libvirt-clients python3-libvirt virtinst
+    # test guests: busybox initramfs, Debian kernel unpacking, peers for benchmarks
+    busybox-static cpio xz-utils zstd kmod qemu-system-x86 util-linux
+    # virt-manager smoke test under a virtual screen
+    xvfb
+    # test runner
+    tox
+)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi

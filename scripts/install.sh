@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs mshv-libvirt on a Debian 12 machine and starts the system daemon virtmshvd.
+#
+#   sudo scripts/install.sh
+#
+# Afterwards `virsh -c mshv:///system list --all` works with no client configuration. Where
+# /dev/mshv does not exist the daemon runs VMs on the built-in emulated device (KVM-backed when
+# /dev/kvm exists).
+set -euo pipefail
+src=$(cd "$(dirname "$0")/.." && pwd)
+prefix=${MSHV_LIBVIRT_PREFIX:-/opt/mshv-libvirt}
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install.sh: run as root (it installs packages and a system service)" >&2
+    exit 1
+fi
+
+bash "$src/scripts/install-deps.sh"
+
+# A venv built from Debian's /usr/bin/python3 (not a per-user pyenv) so that libvirt can
+# autostart the daemon as any user.
+/usr/bin/python3 -m venv "$prefix"
+"$prefix/bin/pip" install -q --upgrade pip
+"$prefix/bin/pip" install -q "$src"
+ln -sf "$prefix/bin/virtmshvd" /usr/sbin/virtmshvd
+install -d -m 0755 /etc/libvirt/mshv /run/libvirt
+
+units="$("$prefix/bin/python" -c 'import importlib.resources as r; print(r.files("mshv_libvirt") / "data" / "systemd")')"
+install -m 0644 "$units"/virtmshvd*.socket "$units"/virtmshvd.service /etc/systemd/system/
+if [ -d "$units/user" ]; then
+    install -d /etc/systemd/user
+    install -m 0644 "$units"/user/* /etc/systemd/user/
+fi
+
+if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    systemctl enable --now virtmshvd.socket virtmshvd-ro.socket
+    systemctl restart virtmshvd.service || true
+else
+    # No systemd as PID 1 (containers, sandboxes): run the daemon directly.
+    if [ -f /run/virtmshvd.pid ] && kill -0 "$(cat /run/virtmshvd.pid)" 2>/dev/null; then
+        kill "$(cat /run/virtmshvd.pid)" || true
+        sleep 1
+    fi
+    /usr/sbin/virtmshvd --system --daemon --pidfile /run/virtmshvd.pid
+fi
+
+for _ in $(seq 50); do
+    [ -S /run/libvirt/virtmshvd-sock ] && break
+    sleep 0.1
+done
+virsh -c mshv:///system version
+echo "virtmshvd is running: virsh -c mshv:///system list --all"
