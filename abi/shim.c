@@ -1,0 +1,86 @@
+/* mshv-libvirt ioctl shim: one door for every /dev/mshv call.
+ *
+ * Python never calls ioctl(2) itself. Routing every call through here is what lets the
+ * same Python and VMM code drive the kernel's /dev/mshv or the emulated device: the
+ * decision is made once, when /dev/mshv is opened (probing, not configuration), and
+ * afterwards follows the descriptor.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "emu.h"
+#include "shim.h"
+
+int mshv_emu_kvm_available(void);
+
+int mshv_dev_open(int mode)
+{
+    if (mode == 2)
+        return emu_open();
+    int fd = open("/dev/mshv", O_RDWR | O_CLOEXEC);
+    if (fd >= 0 || mode == 1)
+        return fd;
+    /* Auto mode falls back only when the device does not exist; a permission or driver
+     * error on a real /dev/mshv must reach the user instead of being papered over. */
+    if (errno != ENOENT && errno != ENODEV && errno != ENXIO)
+        return -1;
+    return emu_open();
+}
+
+int mshv_dev_is_emulated(int fd)
+{
+    return emu_owns(fd);
+}
+
+long mshv_dev_ioctl(int fd, unsigned long request, void *arg)
+{
+    if (emu_owns(fd))
+        return emu_ioctl(fd, request, arg);
+    return ioctl(fd, request, arg);
+}
+
+int mshv_dev_close(int fd)
+{
+    if (emu_owns(fd))
+        return emu_close(fd);
+    return close(fd);
+}
+
+void *mshv_dev_mmap(void *addr, size_t len, int prot, int flags, int fd, long offset)
+{
+    if (emu_owns(fd))
+        return emu_mmap(addr, len, prot, flags, fd, offset);
+    return mmap(addr, len, prot, flags, fd, offset);
+}
+
+/* Guest RAM: anonymous shared pages, so a mapping survives fork of helpers and is page aligned. */
+void *mshv_alloc_pages(size_t len)
+{
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+int mshv_free_pages(void *addr, size_t len)
+{
+    return munmap(addr, len);
+}
+
+static void kick_handler(int signo)
+{
+    (void)signo; /* only here so a blocking MSHV_RUN_VP returns EINTR */
+}
+
+/* Installed without SA_RESTART: a signal aimed at a VP thread must interrupt MSHV_RUN_VP. */
+int mshv_install_kick_handler(int signo)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = kick_handler;
+    sigemptyset(&sa.sa_mask);
+    return sigaction(signo, &sa, NULL);
+}

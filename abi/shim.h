@@ -1,0 +1,17 @@
+/* mshv-libvirt: the entry points Python calls instead of open/ioctl/mmap on /dev/mshv. */
+#ifndef MSHV_LIBVIRT_SHIM_H
+#define MSHV_LIBVIRT_SHIM_H
+
+#include <stddef.h>
+
+int mshv_dev_open(int mode);
+int mshv_dev_is_emulated(int fd);
+long mshv_dev_ioctl(int fd, unsigned long request, void *arg);
+int mshv_dev_close(int fd);
+void *mshv_dev_mmap(void *addr, size_t len, int prot, int flags, int fd, long offset);
+int mshv_emu_kvm_available(void);
+void *mshv_alloc_pages(size_t len);
+int mshv_free_pages(void *addr, size_t len);
+int mshv_install_kick_handler(int signo);
+
+#endif
