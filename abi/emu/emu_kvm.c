@@ -1,0 +1,1528 @@
+/* mshv-libvirt emulated /dev/mshv: KVM backing.
+ *
+ * Partition = KVM VM with a split irqchip (LAPIC in the kernel, as the hypervisor's LAPIC;
+ * PIC/IOAPIC are the VMM's job, as on mshv). Memory regions = memslots. VP = vCPU with KVM's
+ * supported CPUID. MSHV_RUN_VP = KVM_RUN, with exits translated into the hv_message the
+ * hypervisor would post:
+ *
+ *   KVM_EXIT_IO          -> HVMSG_X64_IO_PORT_INTERCEPT
+ *   KVM_EXIT_MMIO        -> HVMSG_UNMAPPED_GPA (HVMSG_GPA_INTERCEPT inside a mapped region)
+ *   halted, IF clear     -> HVMSG_X64_HALT
+ *   KVM_EXIT_SHUTDOWN    -> HVMSG_UNRECOVERABLE_EXCEPTION (triple fault)
+ *   KVM_EXIT_IOAPIC_EOI  -> HVMSG_X64_APIC_EOI
+ *   signal               -> EINTR
+ *
+ * The one real semantic gap: after an I/O or MMIO intercept the hypervisor leaves the VP AT
+ * the instruction with registers untouched, and the VMM completes it (RIP += length, RAX or
+ * the destination register). KVM instead finishes the access itself on the next KVM_RUN, and
+ * depending on host and access kind RIP is already past the instruction at the exit (measured
+ * on this project's kvm-pvm hosts: OUT and MMIO writes arrive advanced, IN and MMIO reads do
+ * not). So at each such exit we (1) read the registers, (2) let KVM finish its pending access
+ * with immediate_exit = 1 (KVM_RUN returns EINTR without entering the guest), (3) read the
+ * registers again, (4) work out where the instruction starts and how long it is, without
+ * assuming either convention, by decoding, and (5) put the pre-exit registers back with RIP at
+ * the instruction.
+ *
+ * HLT: with the LAPIC in the kernel KVM halts the vCPU itself and never exits. A monitor
+ * thread watches each running vCPU's "blocking" statistic and, once one has been blocked for a
+ * while, kicks its thread with a private real-time signal; the VP then reports HVMSG_X64_HALT
+ * if it is halted with interrupts disabled (nothing can wake it), or goes back into the guest.
+ * The kick never becomes a spurious EINTR: while in RUN_VP all signals are blocked except
+ * inside KVM_RUN (KVM_SET_SIGNAL_MASK installs the caller's mask there), so after an EINTR the
+ * pending set says exactly whose signal it was.
+ */
+#include <cpuid.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "emu_int.h"
+
+#define RFLAGS_IF (1ull << 9)
+#define RFLAGS_VM (1ull << 17)
+#define CR0_PE 1ull
+#define CR0_WP (1ull << 16)
+#define CR0_AM (1ull << 18)
+#define CR0_PG (1ull << 31)
+#define CR4_PSE (1ull << 4)
+#define CR4_PAE (1ull << 5)
+#define CR4_LA57 (1ull << 12)
+#define EFER_LMA (1ull << 10)
+#define PTE_ADDR 0x000FFFFFFFFFF000ull
+
+static pthread_mutex_t kvm_lock = PTHREAD_MUTEX_INITIALIZER;
+static int kvm_fd = -2; /* -2: not opened yet, -1: unavailable */
+static int vcpu_mmap_size;
+static struct kvm_cpuid2 *supported;
+static int cap_readonly, cap_user_msr, cap_idmap;
+static uint32_t xsave_size = 4096, phys_bits;
+static uint64_t xsave_states;
+static long stats_blocking = -2; /* byte offset of "blocking" in the stats file, -1 if none */
+
+/* ------------------------------------------------------------------------------------------ */
+/* opening /dev/kvm (lazily) and what it offers                                                */
+
+int emu_kvm_wanted(void)
+{
+    /* MSHV_LIBVIRT_EMU_KVM=0 forces the no-KVM behaviour (validation only, ENODEV to run). */
+    return emu_env_flag("MSHV_LIBVIRT_EMU_KVM", 1);
+}
+
+static void host_cpuid_defaults(void)
+{
+    unsigned a, b, c, d;
+    phys_bits = 36;
+    if (__get_cpuid(0x80000000, &a, &b, &c, &d) && a >= 0x80000008 && __get_cpuid(0x80000008, &a, &b, &c, &d))
+        phys_bits = a & 0xFF;
+    xsave_states = 3; /* x87 + SSE */
+    if (__get_cpuid_max(0, NULL) >= 0xD) {
+        __cpuid_count(0xD, 0, a, b, c, d);
+        xsave_states = ((uint64_t)d << 32) | a;
+    }
+}
+
+static const struct kvm_cpuid_entry2 *cpuid_find(const struct kvm_cpuid2 *t, uint32_t fn, uint32_t idx)
+{
+    for (uint32_t i = 0; t && i < t->nent; i++) {
+        const struct kvm_cpuid_entry2 *e = &t->entries[i];
+        if (e->function == fn && (!(e->flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX) || e->index == idx))
+            return e;
+    }
+    return NULL;
+}
+
+int emu_kvm_fd(void)
+{
+    pthread_mutex_lock(&kvm_lock);
+    if (kvm_fd == -2) {
+        host_cpuid_defaults();
+        kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+        if (kvm_fd >= 0 && ioctl(kvm_fd, KVM_GET_API_VERSION, 0) != KVM_API_VERSION) {
+            close(kvm_fd);
+            kvm_fd = -1;
+        }
+        if (kvm_fd >= 0) {
+            vcpu_mmap_size = ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
+            for (int n = 128; n <= 4096; n *= 2) {
+                free(supported);
+                supported = calloc(1, sizeof(*supported) + n * sizeof(struct kvm_cpuid_entry2));
+                if (!supported)
+                    break;
+                supported->nent = (uint32_t)n;
+                if (ioctl(kvm_fd, KVM_GET_SUPPORTED_CPUID, supported) == 0)
+                    break;
+                if (errno != E2BIG) {
+                    free(supported);
+                    supported = NULL;
+                    break;
+                }
+            }
+            if (vcpu_mmap_size <= 0 || !supported || ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_SPLIT_IRQCHIP) <= 0 ||
+                ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_IMMEDIATE_EXIT) <= 0) {
+                close(kvm_fd); /* too old to give mshv semantics */
+                kvm_fd = -1;
+            }
+        }
+        if (kvm_fd >= 0) {
+            cap_readonly = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_READONLY_MEM) > 0;
+            cap_user_msr = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_X86_USER_SPACE_MSR) > 0;
+            cap_idmap = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_SET_IDENTITY_MAP_ADDR) > 0;
+            int x2 = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_XSAVE2);
+            xsave_size = x2 > 4096 ? (uint32_t)x2 : 4096;
+            const struct kvm_cpuid_entry2 *e = cpuid_find(supported, 0xD, 0);
+            if (e)
+                xsave_states = ((uint64_t)e->edx << 32) | e->eax;
+            if ((e = cpuid_find(supported, 0x80000008, 0)))
+                phys_bits = e->eax & 0xFF;
+        }
+    }
+    int fd = kvm_fd;
+    pthread_mutex_unlock(&kvm_lock);
+    return fd;
+}
+
+uint32_t emu_kvm_xsave_size(void)
+{
+    if (emu_kvm_wanted())
+        emu_kvm_fd();
+    return xsave_size;
+}
+
+uint64_t emu_kvm_xsave_states(void)
+{
+    if (emu_kvm_wanted())
+        emu_kvm_fd();
+    else if (!phys_bits)
+        host_cpuid_defaults();
+    return xsave_states;
+}
+
+uint32_t emu_kvm_phys_bits(void)
+{
+    if (emu_kvm_wanted())
+        emu_kvm_fd();
+    else if (!phys_bits)
+        host_cpuid_defaults();
+    return phys_bits;
+}
+
+uint64_t emu_kvm_tsc_hz(struct emu_partition *pt)
+{
+    for (int i = 0; i < MSHV_MAX_VPS; i++) {
+        struct emu_vp *vp = emu_partition_vp(pt, (uint32_t)i);
+        if (vp && vp->vcpu_fd >= 0) {
+            int khz = ioctl(vp->vcpu_fd, KVM_GET_TSC_KHZ, 0);
+            return khz > 0 ? (uint64_t)khz * 1000 : 0;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* VM, memory, interrupts                                                                      */
+
+int emu_kvm_vm_create(struct emu_partition *pt)
+{
+    int kvm = emu_kvm_fd(), vm;
+    do
+        vm = ioctl(kvm, KVM_CREATE_VM, 0);
+    while (vm < 0 && errno == EINTR);
+    if (vm < 0)
+        return errno == ENOMEM ? -ENOMEM : -EIO;
+    /* Private pages KVM needs for real-mode guests on VMX; harmless elsewhere. */
+    uint64_t idmap = EMU_KVM_IDENTITY_MAP;
+    if (cap_idmap)
+        ioctl(vm, KVM_SET_IDENTITY_MAP_ADDR, &idmap);
+    ioctl(vm, KVM_SET_TSS_ADDR, (unsigned long)EMU_KVM_TSS);
+    /* LAPIC in the kernel, no PIC/IOAPIC/PIT: the hypervisor's split of work. GSIs below 24
+     * stay reserved for the VMM's IOAPIC routes so level-triggered EOIs exit to us. */
+    struct kvm_enable_cap cap;
+    memset(&cap, 0, sizeof(cap));
+    cap.cap = KVM_CAP_SPLIT_IRQCHIP;
+    cap.args[0] = EMU_IOAPIC_PINS;
+    if (ioctl(vm, KVM_ENABLE_CAP, &cap) < 0) {
+        close(vm);
+        return -EIO;
+    }
+    if (cap_user_msr) {
+        /* Unknown MSRs come to us, so HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION decides. */
+        memset(&cap, 0, sizeof(cap));
+        cap.cap = KVM_CAP_X86_USER_SPACE_MSR;
+        cap.args[0] = KVM_MSR_EXIT_REASON_UNKNOWN;
+        ioctl(vm, KVM_ENABLE_CAP, &cap);
+    }
+    pt->vm_fd = vm;
+    return 0;
+}
+
+int emu_kvm_slot_set(struct emu_partition *pt, struct emu_region *r)
+{
+    struct kvm_userspace_memory_region m;
+    memset(&m, 0, sizeof(m));
+    m.slot = (uint32_t)r->slot;
+    if (!(r->flags & (1u << MSHV_SET_MEM_BIT_WRITABLE)) && cap_readonly)
+        m.flags |= KVM_MEM_READONLY; /* guest writes then exit as MMIO: HVMSG_GPA_INTERCEPT */
+    if (r->dirty)
+        m.flags |= KVM_MEM_LOG_DIRTY_PAGES;
+    m.guest_phys_addr = r->gfn << 12;
+    m.memory_size = r->npages << 12;
+    m.userspace_addr = r->uaddr;
+    if (r->gfn >> 52 || r->npages >> 52)
+        return -EINVAL; /* beyond any guest physical address */
+    return ioctl(pt->vm_fd, KVM_SET_USER_MEMORY_REGION, &m) < 0 ? -errno : 0;
+}
+
+void emu_kvm_slot_delete(struct emu_partition *pt, struct emu_region *r)
+{
+    struct kvm_userspace_memory_region m;
+    memset(&m, 0, sizeof(m));
+    m.slot = (uint32_t)r->slot;
+    ioctl(pt->vm_fd, KVM_SET_USER_MEMORY_REGION, &m);
+}
+
+int emu_kvm_dirty_log(struct emu_partition *pt, struct emu_region *r, uint8_t *bitmap)
+{
+    struct kvm_dirty_log log;
+    memset(&log, 0, sizeof(log));
+    log.slot = (uint32_t)r->slot;
+    log.dirty_bitmap = bitmap;
+    return ioctl(pt->vm_fd, KVM_GET_DIRTY_LOG, &log) < 0 ? -errno : 0;
+}
+
+int emu_kvm_irqfd(struct emu_partition *pt, int efd, uint32_t gsi, int deassign)
+{
+    struct kvm_irqfd q;
+    memset(&q, 0, sizeof(q));
+    q.fd = (uint32_t)efd;
+    q.gsi = gsi;
+    q.flags = deassign ? KVM_IRQFD_FLAG_DEASSIGN : 0;
+    return ioctl(pt->vm_fd, KVM_IRQFD, &q) < 0 ? -errno : 0;
+}
+
+int emu_kvm_ioeventfd(struct emu_partition *pt, const struct emu_ioeventfd *e, int deassign)
+{
+    struct kvm_ioeventfd q;
+    memset(&q, 0, sizeof(q));
+    q.datamatch = e->datamatch;
+    q.addr = e->addr;
+    q.len = e->len;
+    q.fd = e->efd;
+    q.flags = (e->wildcard ? 0 : KVM_IOEVENTFD_FLAG_DATAMATCH) | (deassign ? KVM_IOEVENTFD_FLAG_DEASSIGN : 0);
+    return ioctl(pt->vm_fd, KVM_IOEVENTFD, &q) < 0 ? -errno : 0;
+}
+
+int emu_kvm_routing(struct emu_partition *pt)
+{
+    pthread_mutex_lock(&pt->state);
+    uint32_t n = pt->nroutes;
+    struct kvm_irq_routing *t = calloc(1, sizeof(*t) + n * sizeof(struct kvm_irq_routing_entry));
+    if (!t) {
+        pthread_mutex_unlock(&pt->state);
+        return -ENOMEM;
+    }
+    t->nr = n;
+    for (uint32_t i = 0; i < n; i++) {
+        t->entries[i].gsi = pt->routes[i].gsi;
+        t->entries[i].type = KVM_IRQ_ROUTING_MSI;
+        t->entries[i].u.msi.address_lo = pt->routes[i].address_lo;
+        t->entries[i].u.msi.address_hi = pt->routes[i].address_hi;
+        t->entries[i].u.msi.data = pt->routes[i].data;
+    }
+    pthread_mutex_unlock(&pt->state);
+    int r = ioctl(pt->vm_fd, KVM_SET_GSI_ROUTING, t) < 0 ? -errno : 0;
+    free(t);
+    return r;
+}
+
+int emu_kvm_signal_msi(struct emu_partition *pt, uint32_t addr_lo, uint32_t addr_hi, uint32_t data)
+{
+    struct kvm_msi msi;
+    memset(&msi, 0, sizeof(msi));
+    msi.address_lo = addr_lo;
+    msi.address_hi = addr_hi;
+    msi.data = data;
+    return ioctl(pt->vm_fd, KVM_SIGNAL_MSI, &msi) < 0 ? -errno : 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* vCPUs                                                                                        */
+
+static void stats_locate(int fd)
+{
+    struct kvm_stats_header h;
+    if (pread(fd, &h, sizeof(h), 0) != (ssize_t)sizeof(h) || h.num_desc > 4096 || h.name_size > 256) {
+        stats_blocking = -1;
+        return;
+    }
+    size_t dsz = sizeof(struct kvm_stats_desc) + h.name_size;
+    char *d = malloc(dsz * h.num_desc);
+    stats_blocking = -1;
+    if (d && pread(fd, d, dsz * h.num_desc, h.desc_offset) == (ssize_t)(dsz * h.num_desc)) {
+        for (uint32_t i = 0; i < h.num_desc; i++) {
+            struct kvm_stats_desc *x = (struct kvm_stats_desc *)(d + i * dsz);
+            if (strncmp(x->name, "blocking", h.name_size) == 0) {
+                stats_blocking = (long)h.data_offset + x->offset;
+                break;
+            }
+        }
+    }
+    free(d);
+}
+
+int emu_kvm_vcpu_create(struct emu_vp *vp)
+{
+    struct emu_partition *pt = vp->pt;
+    int fd = ioctl(pt->vm_fd, KVM_CREATE_VCPU, (unsigned long)vp->index);
+    if (fd < 0)
+        return -errno;
+    vp->vcpu_fd = fd;
+    vp->run_size = (size_t)vcpu_mmap_size;
+    vp->run = mmap(NULL, vp->run_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (vp->run == MAP_FAILED) {
+        vp->run = NULL;
+        return -ENOMEM;
+    }
+    /* KVM's supported CPUID, with this VP's APIC id (= VP index, as the hypervisor assigns). */
+    size_t sz = sizeof(*supported) + supported->nent * sizeof(struct kvm_cpuid_entry2);
+    struct kvm_cpuid2 *c = malloc(sz);
+    if (!c)
+        return -ENOMEM;
+    memcpy(c, supported, sz);
+    for (uint32_t i = 0; i < c->nent; i++) {
+        struct kvm_cpuid_entry2 *e = &c->entries[i];
+        if (e->function == 1) {
+            e->ebx = (e->ebx & 0x00FFFFFF) | (vp->index << 24);
+            if (!(pt->pt_flags & (1u << MSHV_PT_BIT_X2APIC)))
+                e->ecx &= ~(1u << 21); /* x2APIC only for X2APIC-capable partitions */
+        }
+        if (e->function == 0xB || e->function == 0x1F)
+            e->edx = vp->index;
+    }
+    int r = ioctl(fd, KVM_SET_CPUID2, c);
+    free(c);
+    if (r < 0)
+        return -EIO;
+    vp->stats_fd = ioctl(fd, KVM_GET_STATS_FD, 0);
+    pthread_mutex_lock(&kvm_lock);
+    if (stats_blocking == -2 && vp->stats_fd >= 0)
+        stats_locate(vp->stats_fd);
+    pthread_mutex_unlock(&kvm_lock);
+    return 0;
+}
+
+void emu_kvm_vcpu_destroy(struct emu_vp *vp)
+{
+    if (vp->run)
+        munmap(vp->run, vp->run_size);
+    if (vp->stats_fd >= 0)
+        close(vp->stats_fd);
+    if (vp->vcpu_fd >= 0)
+        close(vp->vcpu_fd); /* the vCPU itself lives until the VM is closed */
+    vp->run = NULL;
+    vp->stats_fd = vp->vcpu_fd = -1;
+}
+
+int emu_kvm_cpuid(struct emu_vp *vp, uint32_t leaf, uint32_t subleaf, uint32_t out[4])
+{
+    memset(out, 0, 4 * sizeof(uint32_t));
+    struct kvm_cpuid2 *c = calloc(1, sizeof(*c) + 512 * sizeof(struct kvm_cpuid_entry2));
+    if (!c)
+        return -ENOMEM;
+    c->nent = 512;
+    int r = ioctl(vp->vcpu_fd, KVM_GET_CPUID2, c) < 0 ? -errno : 0;
+    const struct kvm_cpuid_entry2 *e = r ? NULL : cpuid_find(c, leaf, subleaf);
+    if (e) {
+        out[0] = e->eax;
+        out[1] = e->ebx;
+        out[2] = e->ecx;
+        out[3] = e->edx;
+    }
+    free(c);
+    return r;
+}
+
+/* hv_local_interrupt_controller_state: 44 u32 fields at the start of the LAPIC state page. */
+static const int lapic_map[] = {
+    0x20, 0x30, 0xD0, 0xE0, 0xF0,                                   /* id, version, ldr, dfr, svr */
+    0x100, 0x110, 0x120, 0x130, 0x140, 0x150, 0x160, 0x170,         /* isr[8] */
+    0x180, 0x190, 0x1A0, 0x1B0, 0x1C0, 0x1D0, 0x1E0, 0x1F0,         /* tmr[8] */
+    0x200, 0x210, 0x220, 0x230, 0x240, 0x250, 0x260, 0x270,         /* irr[8] */
+    0x280, 0x310, 0x300,                                            /* esr, icr_high, icr_low */
+    0x320, 0x330, 0x340, 0x350, 0x360, 0x370, 0x2F0,                /* LVT timer..error, cmci */
+    -1, 0x380, 0x390, 0x3E0, -1,                                    /* error_status, timer, remote_read */
+};
+
+int emu_kvm_get_lapic(struct emu_vp *vp, uint8_t *page)
+{
+    struct kvm_lapic_state st;
+    if (ioctl(vp->vcpu_fd, KVM_GET_LAPIC, &st) < 0)
+        return -EIO;
+    for (size_t i = 0; i < sizeof(lapic_map) / sizeof(lapic_map[0]); i++) {
+        uint32_t v = 0;
+        if (lapic_map[i] >= 0)
+            memcpy(&v, st.regs + lapic_map[i], 4);
+        if (i == 0)
+            v >>= 24; /* the xAPIC ID register keeps the id in bits 31:24 */
+        memcpy(page + 4 * i, &v, 4);
+    }
+    return 0;
+}
+
+int emu_kvm_set_lapic(struct emu_vp *vp, const uint8_t *page)
+{
+    struct kvm_lapic_state st;
+    if (ioctl(vp->vcpu_fd, KVM_GET_LAPIC, &st) < 0)
+        return -EIO;
+    for (size_t i = 0; i < sizeof(lapic_map) / sizeof(lapic_map[0]); i++) {
+        uint32_t v;
+        memcpy(&v, page + 4 * i, 4);
+        if (i == 0)
+            v <<= 24;
+        if (lapic_map[i] >= 0)
+            memcpy(st.regs + lapic_map[i], &v, 4);
+    }
+    return ioctl(vp->vcpu_fd, KVM_SET_LAPIC, &st) < 0 ? -EINVAL : 0;
+}
+
+int emu_kvm_get_xsave(struct emu_vp *vp, uint8_t *buf, uint32_t size)
+{
+    unsigned long req = xsave_size > 4096 ? KVM_GET_XSAVE2 : KVM_GET_XSAVE;
+    uint8_t *x = calloc(1, xsave_size > size ? xsave_size : size);
+    if (!x)
+        return -ENOMEM;
+    int r = ioctl(vp->vcpu_fd, req, x) < 0 ? -EIO : 0;
+    memcpy(buf, x, size);
+    free(x);
+    return r;
+}
+
+int emu_kvm_set_xsave(struct emu_vp *vp, const uint8_t *buf, uint32_t size)
+{
+    uint8_t *x = calloc(1, xsave_size > size ? xsave_size : size);
+    if (!x)
+        return -ENOMEM;
+    memcpy(x, buf, size);
+    int r = ioctl(vp->vcpu_fd, KVM_SET_XSAVE, x) < 0 ? -EINVAL : 0;
+    free(x);
+    return r;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* guest page tables                                                                            */
+
+static int read_entry(struct emu_partition *pt, uint64_t gpa, int size, uint64_t *e)
+{
+    *e = 0;
+    return emu_read_gpa(pt, gpa, e, (size_t)size) == 0;
+}
+
+/* Linear -> guest physical through the VP's paging mode; returns an EMU_GVA_* code. */
+static int walk(struct emu_partition *pt, const struct kvm_sregs *s, uint64_t lin, int write, uint64_t *gpa)
+{
+    uint64_t e;
+    int wp = !!(s->cr0 & CR0_WP);
+    if (!(s->cr0 & CR0_PG)) {
+        *gpa = (s->efer & EFER_LMA) ? lin : (lin & 0xFFFFFFFFull);
+        return EMU_GVA_SUCCESS;
+    }
+    if (s->efer & EFER_LMA) {
+        int levels = (s->cr4 & CR4_LA57) ? 5 : 4;
+        uint64_t table = s->cr3 & PTE_ADDR;
+        for (int lvl = levels; lvl >= 1; lvl--) {
+            int shift = 12 + 9 * (lvl - 1);
+            if (!read_entry(pt, table + ((lin >> shift) & 511) * 8, 8, &e) || !(e & 1))
+                return EMU_GVA_PAGE_NOT_PRESENT;
+            if (write && wp && !(e & 2))
+                return EMU_GVA_PRIVILEGE_VIOLATION;
+            if (lvl == 1 || ((lvl == 2 || lvl == 3) && (e & 0x80))) {
+                uint64_t off = (1ull << shift) - 1;
+                *gpa = (e & PTE_ADDR & ~off) | (lin & off);
+                return EMU_GVA_SUCCESS;
+            }
+            table = e & PTE_ADDR;
+        }
+        return EMU_GVA_PAGE_NOT_PRESENT;
+    }
+    lin &= 0xFFFFFFFFull;
+    if (s->cr4 & CR4_PAE) {
+        if (!read_entry(pt, (s->cr3 & 0xFFFFFFE0ull) + ((lin >> 30) & 3) * 8, 8, &e) || !(e & 1))
+            return EMU_GVA_PAGE_NOT_PRESENT;
+        if (!read_entry(pt, (e & PTE_ADDR) + ((lin >> 21) & 511) * 8, 8, &e) || !(e & 1))
+            return EMU_GVA_PAGE_NOT_PRESENT;
+        if (write && wp && !(e & 2))
+            return EMU_GVA_PRIVILEGE_VIOLATION;
+        if (e & 0x80) {
+            *gpa = (e & PTE_ADDR & ~0x1FFFFFull) | (lin & 0x1FFFFF);
+            return EMU_GVA_SUCCESS;
+        }
+        if (!read_entry(pt, (e & PTE_ADDR) + ((lin >> 12) & 511) * 8, 8, &e) || !(e & 1))
+            return EMU_GVA_PAGE_NOT_PRESENT;
+        if (write && wp && !(e & 2))
+            return EMU_GVA_PRIVILEGE_VIOLATION;
+        *gpa = (e & PTE_ADDR) | (lin & 0xFFF);
+        return EMU_GVA_SUCCESS;
+    }
+    if (!read_entry(pt, (s->cr3 & 0xFFFFF000ull) + ((lin >> 22) & 1023) * 4, 4, &e) || !(e & 1))
+        return EMU_GVA_PAGE_NOT_PRESENT;
+    if (write && wp && !(e & 2))
+        return EMU_GVA_PRIVILEGE_VIOLATION;
+    if ((e & 0x80) && (s->cr4 & CR4_PSE)) {
+        *gpa = (e & 0xFFC00000ull) | (((e >> 13) & 0xFF) << 32) | (lin & 0x3FFFFF);
+        return EMU_GVA_SUCCESS;
+    }
+    if (!read_entry(pt, (e & 0xFFFFF000ull) + ((lin >> 12) & 1023) * 4, 4, &e) || !(e & 1))
+        return EMU_GVA_PAGE_NOT_PRESENT;
+    if (write && wp && !(e & 2))
+        return EMU_GVA_PRIVILEGE_VIOLATION;
+    *gpa = (e & 0xFFFFF000ull) | (lin & 0xFFF);
+    return EMU_GVA_SUCCESS;
+}
+
+int emu_kvm_translate(struct emu_vp *vp, uint64_t gva, int write, uint64_t *gpa)
+{
+    struct kvm_sregs s;
+    if (ioctl(vp->vcpu_fd, KVM_GET_SREGS, &s) < 0)
+        return -1;
+    return walk(vp->pt, &s, gva, write, gpa);
+}
+
+static int cpu_mode(const struct kvm_sregs *s, uint64_t rflags)
+{
+    if (!(s->cr0 & CR0_PE) || (rflags & RFLAGS_VM))
+        return 16;
+    if ((s->efer & EFER_LMA) && s->cs.l)
+        return 64;
+    return s->cs.db ? 32 : 16;
+}
+
+/* Instruction bytes at CS:rip; returns how many could be read (stops at unmapped memory). */
+static int fetch(struct emu_partition *pt, const struct kvm_sregs *s, int mode, uint64_t rip, uint8_t *buf, int n)
+{
+    uint64_t lin = mode == 64 ? rip : ((s->cs.base + rip) & 0xFFFFFFFFull);
+    int got = 0;
+    while (got < n) {
+        uint64_t gpa;
+        int chunk = (int)(EMU_PAGE - ((lin + (uint64_t)got) & (EMU_PAGE - 1)));
+        if (chunk > n - got)
+            chunk = n - got;
+        if (walk(pt, s, lin + (uint64_t)got, 0, &gpa) != EMU_GVA_SUCCESS ||
+            emu_read_gpa(pt, gpa, buf + got, (size_t)chunk) < 0)
+            break;
+        got += chunk;
+    }
+    return got;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* registers                                                                                    */
+
+enum { G_REGS = 1, G_SREGS = 2, G_DREGS = 4, G_FPU = 8, G_XCRS = 16, G_EV = 32 };
+
+void emu_regctx_init(struct emu_regctx *c, struct emu_vp *vp)
+{
+    memset(c, 0, sizeof(*c));
+    c->vp = vp;
+}
+
+static int need(struct emu_regctx *c, unsigned g)
+{
+    static const unsigned long get[] = {KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_DEBUGREGS, KVM_GET_FPU,
+                                        KVM_GET_XCRS, KVM_GET_VCPU_EVENTS};
+    void *dst[] = {&c->regs, &c->sregs, &c->dregs, &c->fpu, &c->xcrs, &c->ev};
+    if (c->have & g)
+        return 1;
+    int i = __builtin_ctz(g);
+    if (ioctl(c->vp->vcpu_fd, get[i], dst[i]) < 0)
+        return 0;
+    c->have |= g;
+    return 1;
+}
+
+static struct hv_x64_segment_register seg_to_hv(const struct kvm_segment *k)
+{
+    struct hv_x64_segment_register h;
+    h.base = k->base;
+    h.limit = k->limit;
+    h.selector = k->selector;
+    h.attributes = (uint16_t)((k->type & 0xF) | (k->s & 1) << 4 | (k->dpl & 3) << 5 |
+                              (k->present && !k->unusable) << 7 | (k->avl & 1) << 12 | (k->l & 1) << 13 |
+                              (k->db & 1) << 14 | (k->g & 1) << 15);
+    return h;
+}
+
+static void seg_from_hv(struct kvm_segment *k, const struct hv_x64_segment_register *h)
+{
+    uint16_t a = h->attributes;
+    memset(k, 0, sizeof(*k));
+    k->base = h->base;
+    k->limit = h->limit;
+    k->selector = h->selector;
+    k->type = a & 0xF;
+    k->s = (a >> 4) & 1;
+    k->dpl = (a >> 5) & 3;
+    k->present = (a >> 7) & 1;
+    k->avl = (a >> 12) & 1;
+    k->l = (a >> 13) & 1;
+    k->db = (a >> 14) & 1;
+    k->g = (a >> 15) & 1;
+    k->unusable = !k->present; /* the hypervisor has no separate "unusable" bit */
+}
+
+static uint32_t msr_of(uint32_t name)
+{
+    switch (name) {
+    case HV_X64_REGISTER_TSC: return 0x10;
+    case HV_X64_REGISTER_KERNEL_GS_BASE: return 0xC0000102;
+    case HV_X64_REGISTER_PAT: return 0x277;
+    case HV_X64_REGISTER_SYSENTER_CS: return 0x174;
+    case HV_X64_REGISTER_SYSENTER_ESP: return 0x175;
+    case HV_X64_REGISTER_SYSENTER_EIP: return 0x176;
+    case HV_X64_REGISTER_STAR: return 0xC0000081;
+    case HV_X64_REGISTER_LSTAR: return 0xC0000082;
+    case HV_X64_REGISTER_CSTAR: return 0xC0000083;
+    case HV_X64_REGISTER_SFMASK: return 0xC0000084;
+    case 0x0008000D: return 0xFE;         /* MSR_MTRR_CAP */
+    case 0x0008000E: return 0x2FF;        /* MSR_MTRR_DEF_TYPE */
+    case 0x00080070: return 0x250;        /* MTRR_FIX64K_00000 */
+    case 0x00080071: return 0x258;        /* MTRR_FIX16K_80000 */
+    case 0x00080072: return 0x259;        /* MTRR_FIX16K_A0000 */
+    case 0x0008007B: return 0xC0000103;   /* TSC_AUX */
+    case 0x00080084: return 0x48;         /* SPEC_CTRL */
+    case 0x00080096: return 0x3B;         /* TSC_ADJUST */
+    }
+    if (name >= 0x00080010 && name <= 0x0008001F)
+        return 0x200 + 2 * (name - 0x00080010); /* MTRR_PHYS_BASE0..15 */
+    if (name >= 0x00080040 && name <= 0x0008004F)
+        return 0x201 + 2 * (name - 0x00080040); /* MTRR_PHYS_MASK0..15 */
+    if (name >= 0x00080073 && name <= 0x0008007A)
+        return 0x268 + (name - 0x00080073); /* MTRR_FIX4K_C0000..F8000 */
+    return 0;
+}
+
+static int msr_rw(struct emu_vp *vp, uint32_t index, uint64_t *v, int write)
+{
+    struct {
+        struct kvm_msrs h;
+        struct kvm_msr_entry e;
+    } m;
+    memset(&m, 0, sizeof(m));
+    m.h.nmsrs = 1;
+    m.e.index = index;
+    m.e.data = write ? *v : 0;
+    if (ioctl(vp->vcpu_fd, write ? KVM_SET_MSRS : KVM_GET_MSRS, &m) != 1)
+        return 0;
+    if (!write)
+        *v = m.e.data;
+    return 1;
+}
+
+/* hv register order RAX RCX RDX RBX RSP RBP RSI RDI R8..R15 RIP RFLAGS -> kvm_regs field */
+static __u64 *gpr_slot(struct kvm_regs *r, uint32_t i)
+{
+    __u64 *t[18] = {&r->rax, &r->rcx, &r->rdx, &r->rbx, &r->rsp, &r->rbp, &r->rsi, &r->rdi, &r->r8,
+                    &r->r9,  &r->r10, &r->r11, &r->r12, &r->r13, &r->r14, &r->r15, &r->rip, &r->rflags};
+    return t[i];
+}
+
+static struct kvm_segment *seg_of(struct kvm_sregs *s, uint32_t name)
+{
+    struct kvm_segment *t[8] = {&s->es, &s->cs, &s->ss, &s->ds, &s->fs, &s->gs, &s->ldt, &s->tr};
+    return t[name - HV_X64_REGISTER_ES];
+}
+
+static __u64 *cr_of(struct kvm_sregs *s, uint32_t name)
+{
+    switch (name & ~0x1000u) { /* INTERMEDIATE_CRx (0x0004100x) alias CRx here: no nesting */
+    case HV_X64_REGISTER_CR0: return &s->cr0;
+    case HV_X64_REGISTER_CR2: return &s->cr2;
+    case HV_X64_REGISTER_CR3: return &s->cr3;
+    case HV_X64_REGISTER_CR4: return &s->cr4;
+    case HV_X64_REGISTER_CR8: return &s->cr8;
+    }
+    return NULL;
+}
+
+static int is_soft(uint32_t name)
+{
+    /* Synthetic registers without a KVM counterpart here (no Hyper-V enlightenments): kept in
+     * software so a VMM can write and read them back. */
+    return name == HV_REGISTER_EXPLICIT_SUSPEND || name == HV_REGISTER_INTERCEPT_SUSPEND || name == 0x3 ||
+           name == 0x00010006 || (name >= 0x00090000 && name <= 0x000AFFFF && name != HV_REGISTER_VP_INDEX &&
+                                  name != 0x00090004);
+}
+
+static struct emu_soft_reg *soft_find(struct emu_vp *vp, uint32_t name, int create)
+{
+    for (int i = 0; i < vp->nsoft; i++)
+        if (vp->soft[i].name == name)
+            return &vp->soft[i];
+    if (!create || vp->nsoft == EMU_SOFT_REGS)
+        return NULL;
+    struct emu_soft_reg *r = &vp->soft[vp->nsoft++];
+    memset(r, 0, sizeof(*r));
+    r->name = name;
+    return r;
+}
+
+/* Pending interruption <-> vcpu events: pending[0], type[3:1], error_code_valid[4], vector[31:16],
+ * error code[63:32]; types 0 external, 2 NMI, 3 exception, 4 software interrupt. */
+static uint64_t pending_get(const struct kvm_vcpu_events *ev)
+{
+    if (ev->exception.injected)
+        return 1 | 3u << 1 | (uint64_t)(ev->exception.has_error_code & 1) << 4 |
+               (uint64_t)ev->exception.nr << 16 | (uint64_t)ev->exception.error_code << 32;
+    if (ev->nmi.injected)
+        return 1 | 2u << 1 | 2ull << 16;
+    if (ev->interrupt.injected)
+        return 1 | (ev->interrupt.soft ? 4u : 0u) << 1 | (uint64_t)ev->interrupt.nr << 16;
+    return 0;
+}
+
+static void pending_set(struct kvm_vcpu_events *ev, uint64_t v)
+{
+    ev->exception.injected = 0;
+    ev->nmi.injected = 0;
+    ev->interrupt.injected = 0;
+    if (!(v & 1))
+        return;
+    uint8_t vec = (uint8_t)(v >> 16);
+    switch ((v >> 1) & 7) {
+    case 2:
+        ev->nmi.injected = 1;
+        break;
+    case 3:
+        ev->exception.injected = 1;
+        ev->exception.nr = vec;
+        ev->exception.has_error_code = (v >> 4) & 1;
+        ev->exception.error_code = (uint32_t)(v >> 32);
+        break;
+    default:
+        ev->interrupt.injected = 1;
+        ev->interrupt.nr = vec;
+        ev->interrupt.soft = ((v >> 1) & 7) == 4;
+    }
+}
+
+uint16_t emu_reg_get(struct emu_regctx *c, uint32_t name, union hv_register_value *out)
+{
+    struct emu_vp *vp = c->vp;
+    __u64 *cr;
+    out->reg128.low_part = out->reg128.high_part = 0;
+    if (name <= HV_X64_REGISTER_RFLAGS && name >= HV_X64_REGISTER_RAX) {
+        if (!need(c, G_REGS))
+            return HV_STATUS_INVALID_VP_STATE;
+        out->reg64 = *gpr_slot(&c->regs, name - HV_X64_REGISTER_RAX);
+        return 0;
+    }
+    if ((cr = cr_of(&c->sregs, name))) {
+        if (!need(c, G_SREGS))
+            return HV_STATUS_INVALID_VP_STATE;
+        out->reg64 = *cr;
+        return 0;
+    }
+    if (name >= HV_X64_REGISTER_ES && name <= HV_X64_REGISTER_TR) {
+        if (!need(c, G_SREGS))
+            return HV_STATUS_INVALID_VP_STATE;
+        out->segment = seg_to_hv(seg_of(&c->sregs, name));
+        return 0;
+    }
+    if (name == HV_X64_REGISTER_IDTR || name == HV_X64_REGISTER_GDTR) {
+        if (!need(c, G_SREGS))
+            return HV_STATUS_INVALID_VP_STATE;
+        struct kvm_dtable *t = name == HV_X64_REGISTER_IDTR ? &c->sregs.idt : &c->sregs.gdt;
+        out->table.limit = t->limit;
+        out->table.base = t->base;
+        return 0;
+    }
+    if (name == HV_X64_REGISTER_EFER || name == HV_X64_REGISTER_APIC_BASE) {
+        if (!need(c, G_SREGS))
+            return HV_STATUS_INVALID_VP_STATE;
+        out->reg64 = name == HV_X64_REGISTER_EFER ? c->sregs.efer : c->sregs.apic_base;
+        return 0;
+    }
+    if (name >= HV_X64_REGISTER_DR0 && name <= HV_X64_REGISTER_DR7) {
+        if (!need(c, G_DREGS))
+            return HV_STATUS_INVALID_VP_STATE;
+        uint32_t i = name - HV_X64_REGISTER_DR0;
+        out->reg64 = i < 4 ? c->dregs.db[i] : i == 4 ? c->dregs.dr6 : c->dregs.dr7;
+        return 0;
+    }
+    if (name == HV_X64_REGISTER_XFEM) {
+        if (!need(c, G_XCRS))
+            return HV_STATUS_INVALID_VP_STATE;
+        for (uint32_t i = 0; i < c->xcrs.nr_xcrs; i++)
+            if (c->xcrs.xcrs[i].xcr == 0)
+                out->reg64 = c->xcrs.xcrs[i].value;
+        return 0;
+    }
+    if (name >= HV_X64_REGISTER_XMM0 && name <= 0x00030019) {
+        if (!need(c, G_FPU))
+            return HV_STATUS_INVALID_VP_STATE;
+        uint32_t i = name - HV_X64_REGISTER_XMM0;
+        if (i < 16) {
+            memcpy(&out->reg128, c->fpu.xmm[i], 16);
+        } else if (i < 24) {
+            memcpy(&out->reg128, c->fpu.fpr[i - 16], 16);
+        } else if (i == 24) { /* FP_CONTROL_STATUS: fcw, fsw, ftw, -, last opcode, last rip */
+            uint8_t *p = (uint8_t *)&out->reg128;
+            memcpy(p, &c->fpu.fcw, 2);
+            memcpy(p + 2, &c->fpu.fsw, 2);
+            p[4] = c->fpu.ftwx;
+            memcpy(p + 6, &c->fpu.last_opcode, 2);
+            memcpy(p + 8, &c->fpu.last_ip, 8);
+        } else { /* XMM_CONTROL_STATUS: last rdp, mxcsr, mxcsr mask */
+            uint8_t *p = (uint8_t *)&out->reg128;
+            uint32_t mask = 0xFFFF;
+            memcpy(p, &c->fpu.last_dp, 8);
+            memcpy(p + 8, &c->fpu.mxcsr, 4);
+            memcpy(p + 12, &mask, 4);
+        }
+        return 0;
+    }
+    if (name == HV_REGISTER_PENDING_INTERRUPTION || name == HV_REGISTER_INTERRUPT_STATE) {
+        if (!need(c, G_EV))
+            return HV_STATUS_INVALID_VP_STATE;
+        out->reg64 = name == HV_REGISTER_PENDING_INTERRUPTION
+                         ? pending_get(&c->ev)
+                         : (uint64_t)(c->ev.interrupt.shadow != 0) | (uint64_t)(c->ev.nmi.masked != 0) << 1;
+        return 0;
+    }
+    if (name == HV_REGISTER_VP_INDEX || name == 0x0008000C /* INITIAL_APIC_ID */) {
+        out->reg64 = vp->index;
+        return 0;
+    }
+    if (name == 0x00090004) { /* TIME_REF_COUNT: 100 ns units */
+        out->reg64 = (emu_now_ns() - vp->pt->created_ns) / 100;
+        return 0;
+    }
+    uint32_t msr = msr_of(name);
+    if (msr) {
+        uint64_t v;
+        if (!msr_rw(vp, msr, &v, 0))
+            return HV_STATUS_INVALID_PARAMETER;
+        out->reg64 = v;
+        return 0;
+    }
+    if (is_soft(name)) {
+        struct emu_soft_reg *r = soft_find(vp, name, 0);
+        if (r)
+            *out = r->value;
+        else if (name == 0x000A0011) /* SVERSION */
+            out->reg64 = 1;
+        return 0;
+    }
+    return HV_STATUS_INVALID_PARAMETER; /* unknown register name */
+}
+
+uint16_t emu_reg_set(struct emu_regctx *c, uint32_t name, const union hv_register_value *in)
+{
+    struct emu_vp *vp = c->vp;
+    __u64 *cr;
+    if (name <= HV_X64_REGISTER_RFLAGS && name >= HV_X64_REGISTER_RAX) {
+        if (!need(c, G_REGS))
+            return HV_STATUS_INVALID_VP_STATE;
+        *gpr_slot(&c->regs, name - HV_X64_REGISTER_RAX) = in->reg64;
+        c->dirty |= G_REGS;
+        if (name == HV_X64_REGISTER_RIP)
+            c->rip_written = 1;
+        return 0;
+    }
+    if ((cr = cr_of(&c->sregs, name))) {
+        if (!need(c, G_SREGS))
+            return HV_STATUS_INVALID_VP_STATE;
+        *cr = in->reg64;
+        c->dirty |= G_SREGS;
+        return 0;
+    }
+    if (name >= HV_X64_REGISTER_ES && name <= HV_X64_REGISTER_TR) {
+        if (!need(c, G_SREGS))
+            return HV_STATUS_INVALID_VP_STATE;
+        seg_from_hv(seg_of(&c->sregs, name), &in->segment);
+        c->dirty |= G_SREGS;
+        return 0;
+    }
+    if (name == HV_X64_REGISTER_IDTR || name == HV_X64_REGISTER_GDTR) {
+        if (!need(c, G_SREGS))
+            return HV_STATUS_INVALID_VP_STATE;
+        struct kvm_dtable *t = name == HV_X64_REGISTER_IDTR ? &c->sregs.idt : &c->sregs.gdt;
+        t->limit = in->table.limit;
+        t->base = in->table.base;
+        c->dirty |= G_SREGS;
+        return 0;
+    }
+    if (name == HV_X64_REGISTER_EFER || name == HV_X64_REGISTER_APIC_BASE) {
+        if (!need(c, G_SREGS))
+            return HV_STATUS_INVALID_VP_STATE;
+        *(name == HV_X64_REGISTER_EFER ? &c->sregs.efer : &c->sregs.apic_base) = in->reg64;
+        c->dirty |= G_SREGS;
+        return 0;
+    }
+    if (name >= HV_X64_REGISTER_DR0 && name <= HV_X64_REGISTER_DR7) {
+        if (!need(c, G_DREGS))
+            return HV_STATUS_INVALID_VP_STATE;
+        uint32_t i = name - HV_X64_REGISTER_DR0;
+        *(i < 4 ? &c->dregs.db[i] : i == 4 ? &c->dregs.dr6 : &c->dregs.dr7) = in->reg64;
+        c->dirty |= G_DREGS;
+        return 0;
+    }
+    if (name == HV_X64_REGISTER_XFEM) {
+        if (!need(c, G_XCRS))
+            return HV_STATUS_INVALID_VP_STATE;
+        uint32_t i;
+        for (i = 0; i < c->xcrs.nr_xcrs && c->xcrs.xcrs[i].xcr != 0; i++) {
+        }
+        if (i == c->xcrs.nr_xcrs) {
+            if (i >= KVM_MAX_XCRS)
+                return HV_STATUS_INVALID_VP_STATE;
+            c->xcrs.nr_xcrs++;
+        }
+        c->xcrs.xcrs[i].xcr = 0;
+        c->xcrs.xcrs[i].value = in->reg64;
+        c->dirty |= G_XCRS;
+        return 0;
+    }
+    if (name >= HV_X64_REGISTER_XMM0 && name <= 0x00030019) {
+        if (!need(c, G_FPU))
+            return HV_STATUS_INVALID_VP_STATE;
+        uint32_t i = name - HV_X64_REGISTER_XMM0;
+        const uint8_t *p = (const uint8_t *)&in->reg128;
+        if (i < 16) {
+            memcpy(c->fpu.xmm[i], p, 16);
+        } else if (i < 24) {
+            memcpy(c->fpu.fpr[i - 16], p, 16);
+        } else if (i == 24) {
+            memcpy(&c->fpu.fcw, p, 2);
+            memcpy(&c->fpu.fsw, p + 2, 2);
+            c->fpu.ftwx = p[4];
+            memcpy(&c->fpu.last_opcode, p + 6, 2);
+            memcpy(&c->fpu.last_ip, p + 8, 8);
+        } else {
+            memcpy(&c->fpu.last_dp, p, 8);
+            memcpy(&c->fpu.mxcsr, p + 8, 4);
+        }
+        c->dirty |= G_FPU;
+        return 0;
+    }
+    if (name == HV_REGISTER_PENDING_INTERRUPTION || name == HV_REGISTER_INTERRUPT_STATE) {
+        if (!need(c, G_EV))
+            return HV_STATUS_INVALID_VP_STATE;
+        if (name == HV_REGISTER_PENDING_INTERRUPTION) {
+            pending_set(&c->ev, in->reg64);
+        } else {
+            c->ev.interrupt.shadow = (in->reg64 & 1) ? KVM_X86_SHADOW_INT_MOV_SS : 0;
+            c->ev.nmi.masked = (in->reg64 >> 1) & 1;
+            c->ev.flags |= KVM_VCPUEVENT_VALID_SHADOW;
+        }
+        c->dirty |= G_EV;
+        return 0;
+    }
+    if (name == HV_REGISTER_VP_INDEX || name == 0x0008000C || name == 0x00090004)
+        return HV_STATUS_INVALID_PARAMETER; /* read-only */
+    uint32_t msr = msr_of(name);
+    if (msr) {
+        uint64_t v = in->reg64;
+        return msr_rw(vp, msr, &v, 1) ? 0 : HV_STATUS_INVALID_REGISTER_VALUE;
+    }
+    if (is_soft(name)) {
+        struct emu_soft_reg *r = soft_find(vp, name, 1);
+        if (!r)
+            return HV_STATUS_INSUFFICIENT_BUFFERS;
+        r->value = *in;
+        return 0;
+    }
+    return HV_STATUS_INVALID_PARAMETER;
+}
+
+uint16_t emu_regctx_flush(struct emu_regctx *c)
+{
+    int fd = c->vp->vcpu_fd;
+    /* Special registers first: mode changes (CR0/CR4/EFER/CS) must be consistent as a set. */
+    if ((c->dirty & G_SREGS) && ioctl(fd, KVM_SET_SREGS, &c->sregs) < 0)
+        return HV_STATUS_INVALID_REGISTER_VALUE;
+    if ((c->dirty & G_XCRS) && ioctl(fd, KVM_SET_XCRS, &c->xcrs) < 0)
+        return HV_STATUS_INVALID_REGISTER_VALUE;
+    if ((c->dirty & G_REGS) && ioctl(fd, KVM_SET_REGS, &c->regs) < 0)
+        return HV_STATUS_INVALID_REGISTER_VALUE;
+    if ((c->dirty & G_FPU) && ioctl(fd, KVM_SET_FPU, &c->fpu) < 0)
+        return HV_STATUS_INVALID_REGISTER_VALUE;
+    if ((c->dirty & G_DREGS) && ioctl(fd, KVM_SET_DEBUGREGS, &c->dregs) < 0)
+        return HV_STATUS_INVALID_REGISTER_VALUE;
+    if ((c->dirty & G_EV) && ioctl(fd, KVM_SET_VCPU_EVENTS, &c->ev) < 0)
+        return HV_STATUS_INVALID_REGISTER_VALUE;
+    if (c->rip_written) {
+        /* With the LAPIC in KVM, application processors start in wait-for-SIPI. A VMM that
+         * sets an AP's RIP explicitly wants it to run from there (the hypervisor starts VPs
+         * from the context the VMM gives them); one that does not leaves it to the guest's
+         * INIT/SIPI, which KVM handles. (Our inference of the hypervisor's behaviour.) */
+        struct kvm_mp_state mp;
+        if (ioctl(fd, KVM_GET_MP_STATE, &mp) == 0 &&
+            (mp.mp_state == KVM_MP_STATE_UNINITIALIZED || mp.mp_state == KVM_MP_STATE_INIT_RECEIVED)) {
+            mp.mp_state = KVM_MP_STATE_RUNNABLE;
+            ioctl(fd, KVM_SET_MP_STATE, &mp);
+        }
+    }
+    c->dirty = 0;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* the halt monitor and the kick signal                                                         */
+
+static pthread_mutex_t mon_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t mon_cond = PTHREAD_COND_INITIALIZER;
+static struct emu_vp *mon_list;
+static int mon_started;
+static int kick_sig = 0; /* 0: not chosen yet, -1: none available */
+
+#define MON_PERIOD_NS 10000000ull        /* scan every 10 ms */
+#define MON_REKICK_NS 100000000ull       /* at most one kick per 100 ms per VP */
+
+static void kick_handler(int sig)
+{
+    (void)sig; /* consumed with sigtimedwait; a stray delivery must not kill the process */
+}
+
+static int kick_signal(void)
+{
+    pthread_mutex_lock(&mon_lock);
+    if (kick_sig == 0) {
+        kick_sig = -1;
+        const char *env = getenv("MSHV_LIBVIRT_EMU_KICK_SIGNAL");
+        int want = env ? atoi(env) : 0;
+        for (int s = want ? want : SIGRTMAX - 1; s >= SIGRTMIN + 2; s = want ? 0 : s - 1) {
+            struct sigaction old, sa;
+            if (sigaction(s, NULL, &old) == 0 && old.sa_handler == SIG_DFL && !(old.sa_flags & SA_SIGINFO)) {
+                memset(&sa, 0, sizeof(sa));
+                sa.sa_handler = kick_handler;
+                sigemptyset(&sa.sa_mask);
+                if (sigaction(s, &sa, NULL) == 0) {
+                    kick_sig = s;
+                    break;
+                }
+            }
+            if (want)
+                break;
+        }
+    }
+    int s = kick_sig;
+    pthread_mutex_unlock(&mon_lock);
+    return s;
+}
+
+static int read_blocking(struct emu_vp *vp)
+{
+    uint64_t v;
+    if (vp->stats_fd < 0 || stats_blocking < 0)
+        return -1;
+    if (pread(vp->stats_fd, &v, sizeof(v), stats_blocking) != (ssize_t)sizeof(v))
+        return -1;
+    return v != 0;
+}
+
+static void *monitor(void *arg)
+{
+    (void)arg;
+    struct timespec period = {0, (long)MON_PERIOD_NS};
+    pthread_mutex_lock(&mon_lock);
+    for (;;) {
+        while (!mon_list)
+            pthread_cond_wait(&mon_cond, &mon_lock);
+        uint64_t now = emu_now_ns();
+        for (struct emu_vp *vp = mon_list; vp; vp = vp->mon_next) {
+            int b = read_blocking(vp); /* -1: unknown, so poll as if blocked */
+            vp->blocked_scans = b == 0 ? 0 : vp->blocked_scans + 1;
+            if (vp->blocked_scans >= 2 && now - vp->last_kick_ns >= MON_REKICK_NS && kick_sig > 0) {
+                vp->last_kick_ns = now;
+                syscall(SYS_tgkill, getpid(), vp->tid, kick_sig);
+            }
+        }
+        pthread_mutex_unlock(&mon_lock);
+        nanosleep(&period, NULL);
+        pthread_mutex_lock(&mon_lock);
+    }
+    return NULL;
+}
+
+static void mon_enter(struct emu_vp *vp)
+{
+    pthread_mutex_lock(&mon_lock);
+    vp->tid = (pid_t)syscall(SYS_gettid);
+    vp->blocked_scans = 0;
+    vp->last_kick_ns = 0;
+    __atomic_store_n(&vp->in_run, 1, __ATOMIC_RELEASE);
+    vp->mon_next = mon_list;
+    mon_list = vp;
+    if (!mon_started) {
+        pthread_t t;
+        pthread_attr_t at;
+        sigset_t all, old;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&at, 64 * 1024);
+        sigfillset(&all); /* the monitor never takes anyone's signals */
+        pthread_sigmask(SIG_BLOCK, &all, &old);
+        mon_started = pthread_create(&t, &at, monitor, NULL) == 0;
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        pthread_attr_destroy(&at);
+    }
+    pthread_cond_signal(&mon_cond);
+    pthread_mutex_unlock(&mon_lock);
+}
+
+static void mon_leave(struct emu_vp *vp)
+{
+    pthread_mutex_lock(&mon_lock);
+    for (struct emu_vp **p = &mon_list; *p; p = &(*p)->mon_next)
+        if (*p == vp) {
+            *p = vp->mon_next;
+            break;
+        }
+    __atomic_store_n(&vp->in_run, 0, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&mon_lock);
+}
+
+int emu_kvm_vp_running(struct emu_vp *vp)
+{
+    return __atomic_load_n(&vp->in_run, __ATOMIC_ACQUIRE);
+}
+
+static int take_kick(void)
+{
+    if (kick_sig <= 0)
+        return 0;
+    sigset_t s;
+    struct timespec zero = {0, 0};
+    int got = 0;
+    sigemptyset(&s);
+    sigaddset(&s, kick_sig);
+    while (sigtimedwait(&s, NULL, &zero) == kick_sig)
+        got = 1;
+    return got;
+}
+
+/* Is a signal pending that the caller's mask lets through (i.e. one meant to kick us)? */
+static int caller_signal_pending(const sigset_t *caller)
+{
+    sigset_t p;
+    if (sigpending(&p) < 0)
+        return 1;
+    for (int s = 1; s < 65; s++)
+        if (s != kick_sig && sigismember(&p, s) == 1 && sigismember(caller, s) != 1)
+            return 1;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* exits -> hv_message                                                                          */
+
+static void fill_header(struct hv_x64_intercept_message_header *h, struct emu_vp *vp, const struct kvm_regs *r,
+                        const struct kvm_sregs *s, uint64_t rip, int len, int access)
+{
+    int pe = !!(s->cr0 & CR0_PE);
+    int cpl = !pe ? 0 : (r->rflags & RFLAGS_VM) ? 3 : (s->ss.dpl & 3);
+    h->vp_index = vp->index;
+    h->instruction_length_cr8 = (uint8_t)((len & 0xF) | ((s->cr8 & 0xF) << 4));
+    h->intercept_access_type = (uint8_t)access;
+    /* execution_state: cpl[1:0] cr0_pe[2] cr0_am[3] efer_lma[4] */
+    h->execution_state = (uint16_t)(cpl | pe << 2 | !!(s->cr0 & CR0_AM) << 3 | !!(s->efer & EFER_LMA) << 4);
+    h->cs_segment = seg_to_hv(&s->cs);
+    h->rip = rip;
+    h->rflags = r->rflags;
+}
+
+static void set_type(struct hv_message *msg, uint32_t type, size_t payload)
+{
+    msg->header.message_type = type;
+    msg->header.payload_size = (uint8_t)payload;
+    msg->header.message_flags = 0;
+    msg->header.sender = 0;
+}
+
+/* Let KVM finish the access it is waiting to complete, without entering the guest. Further
+ * exits on the way (the write half of a read-modify-write, the next chunk of a string I/O)
+ * are completed the same way: the VMM will emulate the whole instruction itself. */
+static int complete_pending(struct emu_vp *vp)
+{
+    struct kvm_run *run = vp->run;
+    for (int i = 0; i < 256; i++) {
+        run->immediate_exit = 1;
+        int r = ioctl(vp->vcpu_fd, KVM_RUN, 0);
+        int e = errno;
+        run->immediate_exit = 0;
+        if (r < 0 && e == EINTR)
+            return 0;
+        if (r < 0 && e != EAGAIN)
+            return -1;
+        if (r == 0 && run->exit_reason == KVM_EXIT_IO && run->io.direction == KVM_EXIT_IO_IN)
+            memset((uint8_t *)run + run->io.data_offset, 0, (size_t)run->io.size * run->io.count);
+        else if (r == 0 && run->exit_reason == KVM_EXIT_MMIO && !run->mmio.is_write)
+            memset(run->mmio.data, 0, sizeof(run->mmio.data));
+        else if (r == 0 && run->exit_reason != KVM_EXIT_IO && run->exit_reason != KVM_EXIT_MMIO)
+            return 0; /* nothing left pending */
+    }
+    return -1;
+}
+
+static void gprs(const struct kvm_regs *r, uint64_t g[16])
+{
+    uint64_t t[16] = {r->rax, r->rcx, r->rdx, r->rbx, r->rsp, r->rbp, r->rsi, r->rdi,
+                      r->r8, r->r9, r->r10, r->r11, r->r12, r->r13, r->r14, r->r15};
+    memcpy(g, t, sizeof(t));
+}
+
+static int io_exit(struct emu_vp *vp, struct hv_message *msg)
+{
+    struct kvm_run *run = vp->run;
+    struct kvm_regs r0, r1;
+    struct kvm_sregs s;
+    int is_in = run->io.direction == KVM_EXIT_IO_IN, size = run->io.size;
+    uint16_t port = run->io.port;
+    if (is_in)
+        memset((uint8_t *)run + run->io.data_offset, 0, (size_t)size * run->io.count);
+    if (ioctl(vp->vcpu_fd, KVM_GET_REGS, &r0) < 0 || ioctl(vp->vcpu_fd, KVM_GET_SREGS, &s) < 0 ||
+        complete_pending(vp) < 0 || ioctl(vp->vcpu_fd, KVM_GET_REGS, &r1) < 0)
+        return -EIO;
+    int mode = cpu_mode(&s, r0.rflags);
+    uint8_t b[16] = {0};
+    struct emu_insn in;
+    uint64_t start = r0.rip;
+    int len = 0;
+    uint64_t delta = r1.rip - r0.rip;
+    int n = fetch(vp->pt, &s, mode, r0.rip, b, 15);
+    memset(&in, 0, sizeof(in));
+    if (delta >= 1 && delta <= (uint64_t)n && emu_decode(b, (int)delta, mode, &in) == (int)delta &&
+        emu_insn_is_io(&in, is_in, port, size, r0.rdx)) {
+        len = (int)delta; /* KVM left RIP at the instruction and advanced it on completion */
+    } else if (emu_decode(b, n, mode, &in) > 0 && in.rep && emu_insn_is_io(&in, is_in, port, size, r0.rdx)) {
+        len = in.len; /* a REP INS/OUTS with iterations left: still at the instruction */
+    } else {
+        /* RIP was already past the instruction at the exit: find the I/O instruction that ends
+         * exactly there (shortest match; a redundant prefix before it would only change the
+         * reported start, not where the VMM resumes). */
+        for (int l = 1; l <= 15 && !len; l++) {
+            uint8_t c[15];
+            if (fetch(vp->pt, &s, mode, r0.rip - (uint64_t)l, c, l) == l && emu_decode(c, l, mode, &in) == l &&
+                emu_insn_is_io(&in, is_in, port, size, r0.rdx)) {
+                start = r0.rip - (uint64_t)l;
+                len = l;
+            }
+        }
+        if (!len && emu_decode(b, n, mode, &in) > 0 && emu_insn_is_io(&in, is_in, port, size, r0.rdx))
+            len = in.len;
+    }
+    /* Back to the state before the instruction, as the hypervisor leaves it. */
+    struct kvm_regs back = r0;
+    back.rip = start;
+    if (ioctl(vp->vcpu_fd, KVM_SET_REGS, &back) < 0)
+        return -EIO;
+    struct hv_x64_io_port_intercept_message *m = (void *)msg->payload;
+    memset(m, 0, sizeof(*m));
+    fill_header(&m->header, vp, &r0, &s, start, len, is_in ? HV_INTERCEPT_ACCESS_READ : HV_INTERCEPT_ACCESS_WRITE);
+    int string = len && (in.opcode & 0xFC) == 0x6C && in.map == 1;
+    m->port_number = port;
+    m->access_info = (uint8_t)(size | string << 3 | (string && in.rep) << 4);
+    m->rax = r0.rax;
+    m->instruction_byte_count = (uint8_t)fetch(vp->pt, &s, mode, start, m->instruction_bytes, 16);
+    m->ds_segment = seg_to_hv(&s.ds);
+    m->es_segment = seg_to_hv(&s.es);
+    m->rcx = r0.rcx;
+    m->rsi = r0.rsi;
+    m->rdi = r0.rdi;
+    set_type(msg, HVMSG_X64_IO_PORT_INTERCEPT, sizeof(*m));
+    return 0;
+}
+
+static int mmio_exit(struct emu_vp *vp, struct hv_message *msg)
+{
+    struct kvm_run *run = vp->run;
+    struct kvm_regs r0, r1;
+    struct kvm_sregs s;
+    uint64_t gpa = run->mmio.phys_addr;
+    int is_write = run->mmio.is_write;
+    if (!is_write)
+        memset(run->mmio.data, 0, sizeof(run->mmio.data));
+    if (ioctl(vp->vcpu_fd, KVM_GET_REGS, &r0) < 0 || ioctl(vp->vcpu_fd, KVM_GET_SREGS, &s) < 0 ||
+        complete_pending(vp) < 0 || ioctl(vp->vcpu_fd, KVM_GET_REGS, &r1) < 0)
+        return -EIO;
+    int mode = cpu_mode(&s, r0.rflags);
+    uint64_t g[16], start = r0.rip, lin = 0;
+    int len = 0, have_lin = 0;
+    struct emu_insn in;
+    uint8_t b[16] = {0};
+    gprs(&r0, g);
+    uint64_t delta = r1.rip - r0.rip;
+    int n = fetch(vp->pt, &s, mode, r0.rip, b, 15);
+    if (delta >= 1 && delta <= (uint64_t)n && emu_decode(b, (int)delta, mode, &in) == (int)delta) {
+        len = (int)delta; /* at the instruction; completion moved RIP past it */
+        have_lin = emu_insn_linear(&in, g, &s, start + (uint64_t)len, &lin);
+    } else if (is_write) {
+        /* RIP already past a memory write: the instruction ending at RIP whose memory operand
+         * addresses the faulting GPA; failing that, the shortest memory write ending there. */
+        int fallback = 0;
+        for (int l = 1; l <= 15 && !len; l++) {
+            uint8_t c[15];
+            uint64_t x;
+            if (fetch(vp->pt, &s, mode, r0.rip - (uint64_t)l, c, l) != l || emu_decode(c, l, mode, &in) != l ||
+                !emu_insn_writes_mem(&in))
+                continue;
+            if (!fallback)
+                fallback = l;
+            if (emu_insn_linear(&in, g, &s, r0.rip, &x) && (x & (EMU_PAGE - 1)) == (gpa & (EMU_PAGE - 1))) {
+                len = l;
+                lin = x;
+                have_lin = 1;
+            }
+        }
+        if (!len && fallback)
+            len = fallback;
+        if (len)
+            start = r0.rip - (uint64_t)len;
+    }
+    if (!len && emu_decode(b, n, mode, &in) > 0) {
+        len = in.len; /* e.g. a string instruction with iterations left */
+        have_lin = emu_insn_linear(&in, g, &s, start + (uint64_t)len, &lin);
+    }
+    struct kvm_regs back = r0;
+    back.rip = start;
+    if (ioctl(vp->vcpu_fd, KVM_SET_REGS, &back) < 0)
+        return -EIO;
+    struct hv_x64_memory_intercept_message *m = (void *)msg->payload;
+    memset(m, 0, sizeof(*m));
+    fill_header(&m->header, vp, &r0, &s, start, len, is_write ? HV_INTERCEPT_ACCESS_WRITE : HV_INTERCEPT_ACCESS_READ);
+    m->cache_type = 0; /* uncached, as for device memory */
+    m->instruction_byte_count = (uint8_t)fetch(vp->pt, &s, mode, start, m->instruction_bytes, 16);
+    if (have_lin) {
+        uint64_t x;
+        m->guest_virtual_address = lin;
+        m->memory_access_info = 1; /* gva_valid */
+        if (walk(vp->pt, &s, lin, is_write, &x) == EMU_GVA_SUCCESS && (x >> 12) == (gpa >> 12))
+            m->memory_access_info |= 2; /* gva_gpa_valid */
+    }
+    m->guest_physical_address = gpa;
+    uint64_t hva, avail;
+    /* A write to a read-only region is a GPA intercept; anything else has no mapping. */
+    set_type(msg, emu_gpa_lookup(vp->pt, gpa, &hva, &avail, NULL) ? HVMSG_GPA_INTERCEPT : HVMSG_UNMAPPED_GPA,
+             sizeof(*m));
+    return 0;
+}
+
+static int header_only(struct emu_vp *vp, struct hv_message *msg, uint32_t type, int halt)
+{
+    struct kvm_regs r;
+    struct kvm_sregs s;
+    if (ioctl(vp->vcpu_fd, KVM_GET_REGS, &r) < 0 || ioctl(vp->vcpu_fd, KVM_GET_SREGS, &s) < 0)
+        return -EIO;
+    uint64_t rip = r.rip;
+    int len = 0;
+    if (halt) {
+        /* KVM has moved past HLT; report the HLT itself, as an intercept would. */
+        int mode = cpu_mode(&s, r.rflags);
+        uint8_t op = 0;
+        if (fetch(vp->pt, &s, mode, rip - 1, &op, 1) == 1 && op == 0xF4) {
+            rip -= 1;
+            len = 1;
+        }
+    }
+    struct hv_x64_halt_message *m = (void *)msg->payload;
+    memset(m, 0, sizeof(*m));
+    fill_header(&m->header, vp, &r, &s, rip, len, HV_INTERCEPT_ACCESS_READ);
+    set_type(msg, type, sizeof(*m));
+    return 0;
+}
+
+/* HLT with interrupts off: nothing but NMI/INIT can wake the VP. */
+static int halted_for_good(struct emu_vp *vp, struct hv_message *msg)
+{
+    struct kvm_mp_state mp;
+    struct kvm_regs r;
+    if (ioctl(vp->vcpu_fd, KVM_GET_MP_STATE, &mp) < 0 || mp.mp_state != KVM_MP_STATE_HALTED)
+        return 0;
+    if (ioctl(vp->vcpu_fd, KVM_GET_REGS, &r) < 0 || (r.rflags & RFLAGS_IF))
+        return 0;
+    return header_only(vp, msg, HVMSG_X64_HALT, 1) == 0;
+}
+
+static void eoi_resample(struct emu_partition *pt, uint8_t vector)
+{
+    /* Level-triggered routes whose vector was just EOIed: tell their resamplers. */
+    uint64_t one = 1;
+    pthread_mutex_lock(&pt->state);
+    for (size_t i = 0; i < pt->nirqfds; i++) {
+        if (pt->irqfds[i].resamplefd < 0)
+            continue;
+        for (uint32_t k = 0; k < pt->nroutes; k++)
+            if (pt->routes[k].gsi == pt->irqfds[i].gsi && (pt->routes[k].data & 0xFF) == vector &&
+                (pt->routes[k].data & (1u << 15))) {
+                ssize_t w = write(pt->irqfds[i].resamplefd, &one, sizeof(one));
+                (void)w;
+            }
+    }
+    pthread_mutex_unlock(&pt->state);
+}
+
+/* 1: keep running, 0: message ready, <0: -errno */
+static int handle_exit(struct emu_vp *vp, struct hv_message *msg)
+{
+    struct kvm_run *run = vp->run;
+    switch (run->exit_reason) {
+    case KVM_EXIT_IO:
+        return io_exit(vp, msg);
+    case KVM_EXIT_MMIO:
+        return mmio_exit(vp, msg);
+    case KVM_EXIT_HLT: /* only without an in-kernel LAPIC */
+        return header_only(vp, msg, HVMSG_X64_HALT, 1);
+    case KVM_EXIT_SHUTDOWN: /* triple fault */
+        return header_only(vp, msg, HVMSG_UNRECOVERABLE_EXCEPTION, 0);
+    case KVM_EXIT_IOAPIC_EOI: {
+        struct hv_x64_apic_eoi_message *m = (void *)msg->payload;
+        memset(m, 0, sizeof(*m));
+        m->vp_index = vp->index;
+        m->interrupt_vector = run->eoi.vector;
+        eoi_resample(vp->pt, run->eoi.vector);
+        set_type(msg, HVMSG_X64_APIC_EOI, sizeof(*m));
+        return 0;
+    }
+    case KVM_EXIT_X86_RDMSR:
+    case KVM_EXIT_X86_WRMSR: {
+        /* An MSR KVM does not implement: HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION. */
+        int fault = vp->pt->prop_msr_action == 0;
+        run->msr.error = (uint8_t)fault; /* 1: KVM injects #GP */
+        if (run->exit_reason == KVM_EXIT_X86_RDMSR)
+            run->msr.data = 0;
+        return 1;
+    }
+    case KVM_EXIT_IRQ_WINDOW_OPEN:
+        return 1;
+    default:
+        return -EIO; /* emulation failure, failed entry, ...: the VP state is kept */
+    }
+}
+
+long emu_kvm_run(struct emu_vp *vp, struct hv_message *msg)
+{
+    sigset_t all, caller;
+    int ks = kick_signal();
+    sigfillset(&all);
+    static const int sync_sigs[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS, SIGABRT};
+    for (size_t i = 0; i < sizeof(sync_sigs) / sizeof(sync_sigs[0]); i++)
+        sigdelset(&all, sync_sigs[i]);
+    pthread_sigmask(SIG_BLOCK, &all, &caller);
+    /* Inside KVM_RUN the caller's own mask applies, with our kick signal let through. */
+    uint64_t kmask;
+    memcpy(&kmask, &caller, sizeof(kmask));
+    if (ks > 0)
+        kmask &= ~(1ull << (ks - 1));
+    if (!vp->sigmask_valid || vp->sigmask != kmask) {
+        struct {
+            struct kvm_signal_mask h;
+            uint64_t set;
+        } sm;
+        sm.h.len = 8;
+        sm.set = kmask;
+        if (ioctl(vp->vcpu_fd, KVM_SET_SIGNAL_MASK, &sm) == 0) {
+            vp->sigmask = kmask;
+            vp->sigmask_valid = 1;
+        }
+    }
+    mon_enter(vp);
+    long rc;
+    for (;;) {
+        vp->run->immediate_exit = 0;
+        int r = ioctl(vp->vcpu_fd, KVM_RUN, 0);
+        if (r < 0) {
+            int e = errno;
+            if (e == EINTR) {
+                int ours = take_kick();
+                if (caller_signal_pending(&caller) || !ours) {
+                    rc = -EINTR; /* somebody kicked the VP: let their handler run */
+                    break;
+                }
+                if (halted_for_good(vp, msg)) {
+                    rc = 0;
+                    break;
+                }
+                continue;
+            }
+            if (e == EAGAIN)
+                continue; /* an AP left wait-for-SIPI: keep going */
+            rc = -EIO;
+            break;
+        }
+        rc = handle_exit(vp, msg);
+        if (rc != 1)
+            break;
+    }
+    mon_leave(vp);
+    take_kick(); /* a kick that raced with our exit */
+    pthread_sigmask(SIG_SETMASK, &caller, NULL);
+    return rc;
+}
