@@ -438,3 +438,90 @@ int emu_insn_linear(const struct emu_insn *in, const uint64_t gpr[16], const str
         *lin &= 0xFFFFFFFFull;
     return 1;
 }
+
+/* Size in bytes of the memory operand, 0 if unknown (only what a candidate check needs). */
+int emu_insn_mem_size(const struct emu_insn *in)
+{
+    int op = in->opcode, os = in->opsize;
+    if (in->map == 1) {
+        if (op < 0x40 && (op & 7) < 4)
+            return (op & 1) ? os : 1;
+        switch (op) {
+        case 0x80: case 0x82: case 0x84: case 0x86: case 0x88: case 0x8A: case 0xC0: case 0xC6:
+        case 0xD0: case 0xD2: case 0xF6: case 0xFE: case 0xA0: case 0xA2: case 0xA4: case 0xA6:
+        case 0xAA: case 0xAC: case 0xAE: case 0x6C: case 0x6E:
+            return 1;
+        case 0x81: case 0x83: case 0x85: case 0x87: case 0x89: case 0x8B: case 0xC1: case 0xC7:
+        case 0xD1: case 0xD3: case 0xF7: case 0xA1: case 0xA3: case 0xA5: case 0xA7: case 0xAB:
+        case 0xAD: case 0xAF: case 0x69: case 0x6B:
+            return os;
+        case 0x6D: case 0x6F:
+            return os == 2 ? 2 : 4;
+        case 0x8C: case 0x8E:
+            return 2;
+        case 0x63:
+            return 4;
+        case 0xFF:
+            return ((in->modrm >> 3) & 7) < 2 ? os : 0;
+        }
+        return 0;
+    }
+    if (in->map == 2) {
+        switch (op) {
+        case 0xB6: case 0xBE: case 0xB0: case 0xC0:
+            return 1;
+        case 0xB7: case 0xBF:
+            return 2;
+        case 0xB1: case 0xC1: case 0xA3: case 0xAB: case 0xB3: case 0xBB: case 0xBA: case 0xA4:
+        case 0xA5: case 0xAC: case 0xAD: case 0xC3:
+            return os;
+        case 0x13: case 0x17: case 0xD6:
+            return 8;
+        case 0x6E: case 0x7E:
+            return (in->rex & 8) ? 8 : 4;
+        case 0x10: case 0x11: case 0x28: case 0x29: case 0x2B: case 0x6F: case 0x7F: case 0xE7:
+            return 16;
+        }
+        if (op >= 0x90 && op <= 0x9F)
+            return 1;
+    }
+    return 0;
+}
+
+/* Value a plain MOV store writes, from the registers as they are (a store changes none of
+ * them but RIP); 0 if the instruction is not one whose value we can tell. */
+int emu_insn_store_value(const struct emu_insn *in, const uint64_t gpr[16], uint64_t *value)
+{
+    int reg = ((in->modrm >> 3) & 7) | ((in->rex & 4) << 1), os = in->opsize;
+    uint64_t v;
+    if (in->map != 1)
+        return 0;
+    switch (in->opcode) {
+    case 0x88:
+        if (!in->rex && reg >= 4 && reg < 8)
+            v = gpr[reg - 4] >> 8; /* AH CH DH BH */
+        else
+            v = gpr[reg];
+        *value = v & 0xFF;
+        return 1;
+    case 0x89:
+        v = gpr[reg];
+        break;
+    case 0xA2:
+        *value = gpr[0] & 0xFF;
+        return 1;
+    case 0xA3:
+        v = gpr[0];
+        break;
+    case 0xC6:
+        *value = in->imm & 0xFF;
+        return 1;
+    case 0xC7:
+        v = os == 2 ? (in->imm & 0xFFFF) : (uint64_t)(int64_t)(int32_t)(uint32_t)in->imm;
+        break;
+    default:
+        return 0;
+    }
+    *value = os == 8 ? v : v & ((1ull << (8 * os)) - 1);
+    return 1;
+}

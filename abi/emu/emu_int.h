@@ -225,6 +225,10 @@ EMU_LOCAL int emu_decode(const uint8_t *b, int n, int mode, struct emu_insn *in)
 EMU_LOCAL int emu_insn_is_io(const struct emu_insn *in, int is_in, uint16_t port, int size, uint64_t rdx);
 /* 1 if the instruction may write memory through its memory operand. */
 EMU_LOCAL int emu_insn_writes_mem(const struct emu_insn *in);
+/* Size of the memory operand in bytes, 0 if unknown. */
+EMU_LOCAL int emu_insn_mem_size(const struct emu_insn *in);
+/* The value a MOV store writes (1), or 0 if not a store whose value is known. */
+EMU_LOCAL int emu_insn_store_value(const struct emu_insn *in, const uint64_t gpr[16], uint64_t *value);
 /* Linear address of the memory operand (next_rip: address after the instruction). */
 EMU_LOCAL int emu_insn_linear(const struct emu_insn *in, const uint64_t gpr[16], const struct kvm_sregs *s,
                               uint64_t next_rip, uint64_t *lin);

@@ -68,6 +68,8 @@ static uint32_t xsave_size = 4096, phys_bits;
 static uint64_t xsave_states;
 static long stats_blocking = -2; /* byte offset of "blocking" in the stats file, -1 if none */
 
+static int msr_rw(struct emu_vp *vp, uint32_t index, uint64_t *v, int write);
+
 /* ------------------------------------------------------------------------------------------ */
 /* opening /dev/kvm (lazily) and what it offers                                                */
 
@@ -154,7 +156,11 @@ uint32_t emu_kvm_xsave_size(void)
 {
     if (emu_kvm_wanted())
         emu_kvm_fd();
-    return xsave_size;
+    /* Test hook: a larger HV_PARTITION_PROPERTY_MAX_XSAVE_DATA_SIZE (as on AVX-512/AMX hosts),
+     * so the "buffer too small" path of MSHV_GET/SET_VP_STATE can be exercised anywhere. */
+    const char *env = getenv("MSHV_LIBVIRT_EMU_XSAVE_SIZE");
+    long v = env ? strtol(env, NULL, 0) : 0;
+    return v > (long)xsave_size && v <= (1 << 20) ? (uint32_t)v : xsave_size;
 }
 
 uint64_t emu_kvm_xsave_states(void)
@@ -371,6 +377,16 @@ int emu_kvm_vcpu_create(struct emu_vp *vp)
     free(c);
     if (r < 0)
         return -EIO;
+    /* Measured on kvm-pvm hosts: KVM rebuilds its APIC-id map while creating a vCPU but before
+     * that vCPU is online, so the newest vCPU is missing from the map and interrupts aimed at
+     * it (MSIs, INIT/SIPI, fixed IPIs) are dropped until something dirties the map. Toggling
+     * the APIC-base enable bit (reset state either way) does. */
+    uint64_t base;
+    if (msr_rw(vp, 0x1B, &base, 0) && (base & 0x800)) {
+        uint64_t off = base & ~0x800ull;
+        msr_rw(vp, 0x1B, &off, 1);
+        msr_rw(vp, 0x1B, &base, 1);
+    }
     vp->stats_fd = ioctl(fd, KVM_GET_STATS_FD, 0);
     pthread_mutex_lock(&kvm_lock);
     if (stats_blocking == -2 && vp->stats_fd >= 0)
@@ -1239,6 +1255,58 @@ static void gprs(const struct kvm_regs *r, uint64_t g[16])
     memcpy(g, t, sizeof(t));
 }
 
+static uint64_t with_adsize(uint64_t old, uint64_t v, int adsize)
+{
+    if (adsize == 8)
+        return v;
+    if (adsize == 4)
+        return v & 0xFFFFFFFFull;
+    return (old & ~0xFFFFull) | (v & 0xFFFF);
+}
+
+/* 1 if the bytes at DS:rsi (for this OUTS) are exactly what KVM handed over. */
+static int outs_source_is(struct emu_vp *vp, const struct kvm_sregs *s, const struct emu_insn *in,
+                          const struct kvm_regs *r, uint64_t rsi, const uint8_t *data, size_t n)
+{
+    uint64_t g[16], lin, gpa;
+    uint8_t cur[512];
+    gprs(r, g);
+    g[6] = rsi;
+    if (!emu_insn_linear(in, g, s, 0, &lin))
+        return 0;
+    for (size_t done = 0; done < n;) {
+        size_t chunk = EMU_PAGE - ((lin + done) & (EMU_PAGE - 1));
+        chunk = chunk < n - done ? chunk : n - done;
+        if (walk(vp->pt, s, lin + done, 0, &gpa) != EMU_GVA_SUCCESS || emu_read_gpa(vp->pt, gpa, cur + done, chunk))
+            return 0;
+        done += chunk;
+    }
+    return memcmp(cur, data, n) == 0;
+}
+
+/* OUTS hands its data to KVM as a write: by the exit KVM has already stepped RSI (and RCX for
+ * REP) over the iterations it passes on, whether or not RIP moved. Step them back so the VP is
+ * where the instruction began. When RIP still points at the instruction (a REP with iterations
+ * left) the data tells which it was: it came either from before RSI or from RSI. */
+static void outs_undo(struct emu_vp *vp, const struct kvm_sregs *s, const struct emu_insn *in,
+                      const struct kvm_regs *r0, struct kvm_regs *back, uint64_t start, int size,
+                      uint32_t count, const uint8_t *data, size_t dlen)
+{
+    uint64_t step = (uint64_t)size * count;
+    uint64_t before = (r0->rflags & (1ull << 10)) ? r0->rsi + step : r0->rsi - step; /* DF */
+    int advanced = 1;
+    if (start == r0->rip) {
+        int was = outs_source_is(vp, s, in, r0, before, data, dlen);
+        int is = outs_source_is(vp, s, in, r0, r0->rsi, data, dlen);
+        advanced = was || !is;
+    }
+    if (!advanced)
+        return;
+    back->rsi = with_adsize(r0->rsi, before, in->adsize);
+    if (in->rep)
+        back->rcx = with_adsize(r0->rcx, r0->rcx + count, in->adsize);
+}
+
 static int io_exit(struct emu_vp *vp, struct hv_message *msg)
 {
     struct kvm_run *run = vp->run;
@@ -1246,8 +1314,12 @@ static int io_exit(struct emu_vp *vp, struct hv_message *msg)
     struct kvm_sregs s;
     int is_in = run->io.direction == KVM_EXIT_IO_IN, size = run->io.size;
     uint16_t port = run->io.port;
+    uint32_t count = run->io.count;
+    uint8_t data[512];
+    size_t dlen = (size_t)size * count < sizeof(data) ? (size_t)size * count : sizeof(data);
+    memcpy(data, (uint8_t *)run + run->io.data_offset, dlen);
     if (is_in)
-        memset((uint8_t *)run + run->io.data_offset, 0, (size_t)size * run->io.count);
+        memset((uint8_t *)run + run->io.data_offset, 0, (size_t)size * count);
     if (ioctl(vp->vcpu_fd, KVM_GET_REGS, &r0) < 0 || ioctl(vp->vcpu_fd, KVM_GET_SREGS, &s) < 0 ||
         complete_pending(vp) < 0 || ioctl(vp->vcpu_fd, KVM_GET_REGS, &r1) < 0)
         return -EIO;
@@ -1282,12 +1354,15 @@ static int io_exit(struct emu_vp *vp, struct hv_message *msg)
     /* Back to the state before the instruction, as the hypervisor leaves it. */
     struct kvm_regs back = r0;
     back.rip = start;
+    int string = len && (in.opcode & 0xFC) == 0x6C && in.map == 1;
+    if (string && !is_in)
+        outs_undo(vp, &s, &in, &r0, &back, start, size, count, data, dlen);
     if (ioctl(vp->vcpu_fd, KVM_SET_REGS, &back) < 0)
         return -EIO;
+    r0 = back; /* the message shows the VP as it now is */
     struct hv_x64_io_port_intercept_message *m = (void *)msg->payload;
     memset(m, 0, sizeof(*m));
     fill_header(&m->header, vp, &r0, &s, start, len, is_in ? HV_INTERCEPT_ACCESS_READ : HV_INTERCEPT_ACCESS_WRITE);
-    int string = len && (in.opcode & 0xFC) == 0x6C && in.map == 1;
     m->port_number = port;
     m->access_info = (uint8_t)(size | string << 3 | (string && in.rep) << 4);
     m->rax = r0.rax;
@@ -1325,27 +1400,46 @@ static int mmio_exit(struct emu_vp *vp, struct hv_message *msg)
         len = (int)delta; /* at the instruction; completion moved RIP past it */
         have_lin = emu_insn_linear(&in, g, &s, start + (uint64_t)len, &lin);
     } else if (is_write) {
-        /* RIP already past a memory write: the instruction ending at RIP whose memory operand
-         * addresses the faulting GPA; failing that, the shortest memory write ending there. */
-        int fallback = 0;
-        for (int l = 1; l <= 15 && !len; l++) {
+        /* RIP already past a memory write: among the byte ranges that end exactly at RIP and
+         * decode to one memory-writing instruction, keep the one whose operand addresses the
+         * faulting GPA with the access's size and, for a plain MOV, the value written. x86 is
+         * dense ("00 00" is a valid store), so every check counts. */
+        uint64_t data = 0;
+        memcpy(&data, run->mmio.data, sizeof(data));
+        if (run->mmio.len < 8)
+            data &= (1ull << (8 * run->mmio.len)) - 1;
+        int best = 0, best_score = -1, best_ea = 0;
+        uint64_t best_lin = 0;
+        for (int l = 1; l <= 15; l++) {
             uint8_t c[15];
-            uint64_t x;
-            if (fetch(vp->pt, &s, mode, r0.rip - (uint64_t)l, c, l) != l || emu_decode(c, l, mode, &in) != l ||
-                !emu_insn_writes_mem(&in))
+            uint64_t x = 0, v;
+            struct emu_insn t;
+            if (fetch(vp->pt, &s, mode, r0.rip - (uint64_t)l, c, l) != l || emu_decode(c, l, mode, &t) != l ||
+                !emu_insn_writes_mem(&t))
                 continue;
-            if (!fallback)
-                fallback = l;
-            if (emu_insn_linear(&in, g, &s, r0.rip, &x) && (x & (EMU_PAGE - 1)) == (gpa & (EMU_PAGE - 1))) {
-                len = l;
-                lin = x;
-                have_lin = 1;
+            int size = emu_insn_mem_size(&t), score = 0;
+            if (size && size != (int)run->mmio.len && !(size > 8 && run->mmio.len == 8))
+                continue;
+            score += size ? 2 : 1;
+            if (emu_insn_store_value(&t, g, &v)) {
+                if (v != data)
+                    continue;
+                score += 2;
+            } else {
+                score += 1;
+            }
+            int ea = emu_insn_linear(&t, g, &s, r0.rip, &x) && (x & (EMU_PAGE - 1)) == (gpa & (EMU_PAGE - 1));
+            if (ea > best_ea || (ea == best_ea && score > best_score)) {
+                best = l, best_score = score, best_ea = ea, best_lin = x;
+                in = t;
             }
         }
-        if (!len && fallback)
-            len = fallback;
-        if (len)
+        if (best) {
+            len = best;
             start = r0.rip - (uint64_t)len;
+            lin = best_lin;
+            have_lin = best_ea;
+        }
     }
     if (!len && emu_decode(b, n, mode, &in) > 0) {
         len = in.len; /* e.g. a string instruction with iterations left */
@@ -1482,13 +1576,12 @@ long emu_kvm_run(struct emu_vp *vp, struct hv_message *msg)
     if (ks > 0)
         kmask &= ~(1ull << (ks - 1));
     if (!vp->sigmask_valid || vp->sigmask != kmask) {
-        struct {
-            struct kvm_signal_mask h;
-            uint64_t set;
-        } sm;
-        sm.h.len = 8;
-        sm.set = kmask;
-        if (ioctl(vp->vcpu_fd, KVM_SET_SIGNAL_MASK, &sm) == 0) {
+        /* struct kvm_signal_mask is {u32 len; u8 sigset[]}: the set starts at byte 4. */
+        uint8_t sm[sizeof(struct kvm_signal_mask) + sizeof(kmask)];
+        struct kvm_signal_mask h = {sizeof(kmask)};
+        memcpy(sm, &h, sizeof(h));
+        memcpy(sm + sizeof(h), &kmask, sizeof(kmask));
+        if (ioctl(vp->vcpu_fd, KVM_SET_SIGNAL_MASK, sm) == 0) {
             vp->sigmask = kmask;
             vp->sigmask_valid = 1;
         }

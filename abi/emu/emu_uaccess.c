@@ -120,9 +120,24 @@ int emu_vma_present(uint64_t addr)
     return mincore((void *)(uintptr_t)(addr & ~(EMU_PAGE - 1)), EMU_PAGE, &v) == 0;
 }
 
-/* What pinning every page would find: no hole anywhere in [addr, addr + size). */
+/* What pin_user_pages_fast(FOLL_WRITE) over the range would find. MADV_POPULATE_WRITE faults
+ * every page in writable, exactly as pinning does (so holes, PROT_READ and PROT_NONE all fail
+ * and RAM gets populated, as the kernel's pinning populates it). Where that advice is unknown
+ * (before 5.14) only holes are detected, with mincore(). */
 int emu_range_mapped(uint64_t addr, uint64_t size)
 {
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+    static int populate = -1; /* does this kernel know MADV_POPULATE_WRITE? */
+    if (populate < 0) {
+        void *p = mmap(NULL, EMU_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        populate = p != MAP_FAILED && madvise(p, EMU_PAGE, MADV_POPULATE_WRITE) == 0;
+        if (p != MAP_FAILED)
+            munmap(p, EMU_PAGE);
+    }
+    if (populate) /* EINVAL now means an unwritable (or I/O) mapping in the range */
+        return madvise((void *)(uintptr_t)addr, size, MADV_POPULATE_WRITE) == 0;
     static const uint64_t chunk = 4096 * EMU_PAGE;
     unsigned char *vec = malloc(4096);
     if (!vec)
