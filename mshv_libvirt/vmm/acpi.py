@@ -1,0 +1,154 @@
+"""The minimal ACPI table set a Linux guest needs on this machine, built as bytes.
+
+    RSDP (rev 2) -> XSDT -> FADT -> DSDT (only ``\\_S5``) and FACS
+                         -> MADT (one LAPIC per vCPU, one IOAPIC, SCI override)
+
+What Linux takes from each:
+* MADT: CPUs to bring up and where the IOAPIC is. ``PCAT_COMPAT`` is clear because there is no
+  8259 pair, so Linux never routes anything through a legacy PIC.
+* FADT: the PM1a event/control blocks and PM timer on I/O ports (our ``acpi_pm`` device), the SCI
+  line, the reset register (0xCF9, value 6), the fixed power button (``PWR_BUTTON`` flag clear),
+  "no CMOS RTC" and "8042 present" boot-architecture flags. ``SMI_CMD`` is 0: ACPI mode is always on.
+* DSDT: ``\\_S5 = Package {5, 5, 0, 0}``; Linux's poweroff writes ``SLP_TYP=5 | SLP_EN`` to PM1a_CNT.
+The SCI is declared edge-triggered, active high (interrupt source override) so it never depends on
+the IOAPIC seeing EOIs.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from . import layout
+
+OEM_ID = b"MSHVLV"
+OEM_TABLE_ID = b"MSHVLIBV"
+CREATOR_ID = b"MSHV"
+
+SCI_IRQ = 9
+PM1A_EVT_PORT = 0x600
+PM1_EVT_LEN = 4
+PM1A_CNT_PORT = 0x604
+PM1_CNT_LEN = 2
+PM_TMR_PORT = 0x608
+PM_TMR_LEN = 4
+RESET_PORT = 0xCF9
+RESET_VALUE = 0x06
+SLP_TYP_S5 = 5
+
+# FADT flags
+FADT_WBINVD = 1 << 0
+FADT_C1_SUPPORTED = 1 << 2
+FADT_SLP_BUTTON = 1 << 5  # set = no fixed-feature sleep button
+FADT_TMR_VAL_EXT = 1 << 8  # 32-bit PM timer
+FADT_RESET_REG_SUP = 1 << 10
+# IA-PC boot architecture flags
+BOOT_ARCH_8042 = 1 << 1
+BOOT_ARCH_NO_VGA = 1 << 2
+BOOT_ARCH_NO_CMOS_RTC = 1 << 5
+
+GAS_SYSTEM_IO = 1
+
+
+def checksum(data: bytes | bytearray) -> int:
+    """The byte that makes ``data`` sum to zero mod 256."""
+    return (-sum(data)) & 0xFF
+
+
+def _table(signature: bytes, revision: int, body: bytes) -> bytes:
+    length = 36 + len(body)
+    header = struct.pack(
+        "<4sIBB6s8sI4sI", signature, length, revision, 0, OEM_ID, OEM_TABLE_ID, 1, CREATOR_ID, 1
+    )
+    table = bytearray(header + body)
+    table[9] = checksum(table)
+    return bytes(table)
+
+
+def _gas(port: int, width_bits: int, access_size: int) -> bytes:
+    return struct.pack("<BBBBQ", GAS_SYSTEM_IO, width_bits, 0, access_size, port)
+
+
+def dsdt() -> bytes:
+    # Name (_S5_, Package (4) {5, 5, 0, 0}): NameOp, NameSeg, PackageOp, PkgLength (counts itself),
+    # NumElements, BytePrefix 5, BytePrefix 5, ZeroOp, ZeroOp.
+    aml = b"\x08_S5_\x12\x08\x04\x0a" + bytes([SLP_TYP_S5]) + b"\x0a" + bytes([SLP_TYP_S5]) + b"\x00\x00"
+    return _table(b"DSDT", 2, aml)
+
+
+def facs() -> bytes:
+    # signature, length, hardware signature, waking vector, global lock, flags, x waking vector, version
+    return struct.pack("<4sIIIIIQB", b"FACS", 64, 0, 0, 0, 0, 0, 2).ljust(64, b"\0")
+
+
+def fadt(dsdt_addr: int, facs_addr: int) -> bytes:
+    body = bytearray(276 - 36)
+
+    def put(offset: int, fmt: str, *values: int) -> None:
+        struct.pack_into(fmt, body, offset - 36, *values)
+
+    def put_bytes(offset: int, data: bytes) -> None:
+        body[offset - 36 : offset - 36 + len(data)] = data
+
+    put(36, "<II", facs_addr, dsdt_addr)
+    put(45, "<BH", 0, SCI_IRQ)  # preferred PM profile: unspecified; SCI_INT
+    put(56, "<II", PM1A_EVT_PORT, 0)
+    put(64, "<II", PM1A_CNT_PORT, 0)
+    put(76, "<I", PM_TMR_PORT)
+    put(88, "<BBBB", PM1_EVT_LEN, PM1_CNT_LEN, 0, PM_TMR_LEN)
+    put(96, "<HH", 101, 1001)  # C2/C3 latencies above the limits: "not supported"
+    put(109, "<H", BOOT_ARCH_8042 | BOOT_ARCH_NO_VGA | BOOT_ARCH_NO_CMOS_RTC)
+    put(112, "<I", FADT_WBINVD | FADT_C1_SUPPORTED | FADT_SLP_BUTTON | FADT_TMR_VAL_EXT | FADT_RESET_REG_SUP)
+    put_bytes(116, _gas(RESET_PORT, 8, 1))
+    put(128, "<B", RESET_VALUE)
+    put(131, "<B", 1)  # FADT minor version (6.1)
+    put(132, "<QQ", facs_addr, dsdt_addr)
+    put_bytes(148, _gas(PM1A_EVT_PORT, PM1_EVT_LEN * 8, 2))
+    put_bytes(172, _gas(PM1A_CNT_PORT, PM1_CNT_LEN * 8, 2))
+    put_bytes(208, _gas(PM_TMR_PORT, PM_TMR_LEN * 8, 3))
+    return _table(b"FACP", 6, bytes(body))
+
+
+def madt(vcpus: int, ioapic_id: int) -> bytes:
+    body = struct.pack("<II", layout.LAPIC_ADDR, 0)  # flags: no PCAT_COMPAT (no 8259s)
+    for i in range(vcpus):
+        body += struct.pack("<BBBBI", 0, 8, i, i, 1)  # processor local APIC, enabled
+    body += struct.pack("<BBBBII", 1, 12, ioapic_id, 0, layout.IOAPIC_ADDR, 0)
+    # SCI: ISA IRQ 9 -> GSI 9, active high (01), edge (01 << 2).
+    body += struct.pack("<BBBBIH", 2, 10, 0, SCI_IRQ, SCI_IRQ, 0x5)
+    return _table(b"APIC", 5, body)
+
+
+@dataclass(frozen=True)
+class AcpiTables:
+    rsdp_addr: int
+    blob: bytes  # to be written at rsdp_addr
+
+
+def build_tables(vcpus: int, *, base: int = layout.ACPI_START, ioapic_id: int | None = None) -> AcpiTables:
+    """Lay the tables out back to back from ``base`` (16-byte aligned; FACS 64-byte aligned)."""
+    if vcpus < 1 or vcpus > 254:
+        raise ValueError("vcpus must be between 1 and 254")
+    apic_id = vcpus if ioapic_id is None else ioapic_id  # distinct from every LAPIC id
+    blob = bytearray()
+
+    def place(data: bytes, align: int = 16) -> int:
+        blob.extend(b"\0" * (-len(blob) % align))
+        addr = base + len(blob)
+        blob.extend(data)
+        return addr
+
+    rsdp_len = 36
+    place(b"\0" * rsdp_len)  # patched below once the XSDT address is known
+    facs_addr = place(facs(), 64)
+    dsdt_addr = place(dsdt())
+    fadt_addr = place(fadt(dsdt_addr, facs_addr))
+    madt_addr = place(madt(vcpus, apic_id))
+    xsdt_addr = place(_table(b"XSDT", 1, struct.pack("<QQ", fadt_addr, madt_addr)))
+    rsdp = bytearray(struct.pack("<8sB6sBIIQBxxx", b"RSD PTR ", 0, OEM_ID, 2, 0, rsdp_len, xsdt_addr, 0))
+    rsdp[8] = checksum(rsdp[:20])
+    rsdp[32] = checksum(rsdp)
+    blob[0:rsdp_len] = rsdp
+    if base + len(blob) > layout.ACPI_END:
+        raise ValueError("ACPI tables do not fit below 1 MiB")
+    return AcpiTables(base, bytes(blob))

@@ -1,0 +1,452 @@
+"""Build a running VM from a :class:`VmmConfig`: the default recipe, composed of reusable steps.
+
+    open_hypervisor -> create_partition -> initialize -> set_properties -> map_memory
+    -> attach_devices -> load_kernel -> write_platform_tables -> create_vps
+    -> set_boot_registers -> start_vcpus (paused when requested)
+
+(set_properties follows initialize as in QEMU and Cloud Hypervisor: the property we set,
+UNIMPLEMENTED_MSR_ACTION, is one they set on the initialized partition; we need no early ones.)
+
+Each step is a small function with its own :class:`BuildError` subclass whose docstring is the
+message. Everything a step creates is registered on an ``ExitStack``: when a later step fails, the
+stack unwinds (vCPU threads stop, fds close, memory is unmapped) before the error propagates; on
+success the stack moves into the :class:`Vm`, whose ``close()`` tears it down. Other VM flavours
+can be built by composing the same steps differently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mshv_libvirt.hv import (
+    GuestMemory,
+    MshvError,
+    MshvSystem,
+    MsiRoute,
+    PartitionFd,
+    Reg,
+    RegisterValue,
+    Segment,
+    TableRegister,
+    VpFd,
+)
+
+from . import acpi, layout, loader, mptable
+from .config import VmmConfig
+from .devices.acpi_pm import BLOCK_SIZE as PM_BLOCK_SIZE
+from .devices.acpi_pm import AcpiPm
+from .devices.bus import Bus
+from .devices.i8042 import I8042
+from .devices.ioapic import MMIO_SIZE as IOAPIC_MMIO_SIZE
+from .devices.ioapic import IoApic, MsiMessage
+from .devices.serial import Serial16550
+from .vcpu import ExitGate, ExitHandler, VcpuEvent, VcpuThread, VmExit, VmExitKind
+
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+I8042_PORT = 0x60
+IOAPIC_PINS = 24
+
+
+class BuildError(Exception):
+    """Building the VM failed."""
+
+    def __init__(self, detail: str = "") -> None:
+        message = (self.__doc__ or "").strip().rstrip(".")
+        super().__init__(f"{message}: {detail}" if detail else message)
+        self.detail = detail
+
+
+class OpenHypervisorError(BuildError):
+    """Cannot open the hypervisor device."""
+
+
+class CreatePartitionError(BuildError):
+    """Cannot create the partition."""
+
+
+class SetPropertiesError(BuildError):
+    """Cannot set the partition properties."""
+
+
+class InitializePartitionError(BuildError):
+    """Cannot initialize the partition."""
+
+
+class MapMemoryError(BuildError):
+    """Cannot map guest memory."""
+
+
+class AttachDevicesError(BuildError):
+    """Cannot attach the platform devices."""
+
+
+class LoadKernelError(BuildError):
+    """Cannot load the kernel."""
+
+
+class PlatformTablesError(BuildError):
+    """Cannot write the platform tables."""
+
+
+class CreateVpsError(BuildError):
+    """Cannot create the virtual processors."""
+
+
+class BootRegistersError(BuildError):
+    """Cannot set the boot registers."""
+
+
+class StartVcpusError(BuildError):
+    """Cannot start the vCPU threads."""
+
+
+@dataclass
+class GuestRam:
+    """Guest RAM: one GuestMemory per range of the memory map."""
+
+    regions: list[tuple[layout.RamRange, GuestMemory]]
+
+    def _locate(self, gpa: int, size: int) -> tuple[GuestMemory, int]:
+        for r, mem in self.regions:
+            if r.gpa <= gpa and gpa + size <= r.end:
+                return mem, gpa - r.gpa
+        raise ValueError(f"guest range {gpa:#x}+{size:#x} is not RAM")
+
+    def write(self, gpa: int, data: bytes) -> None:
+        mem, offset = self._locate(gpa, len(data))
+        mem.write(offset, data)
+
+    def read(self, gpa: int, size: int) -> bytes:
+        mem, offset = self._locate(gpa, size)
+        return mem.read(offset, size)
+
+    @property
+    def ranges(self) -> list[layout.RamRange]:
+        return [r for r, _ in self.regions]
+
+
+class IrqfdSink:
+    """IOAPIC pins -> MSIs: one eventfd per pin bound with irqfd to GSI = pin; the routing table
+    follows the redirection entries, so firing a pin is a single eventfd write from any thread."""
+
+    def __init__(self, partition: PartitionFd, pins: int = IOAPIC_PINS) -> None:
+        self._partition = partition
+        self._routes: dict[int, MsiRoute] = {}
+        self._fds: list[int] = []
+        try:
+            partition.set_msi_routing([])
+            for pin in range(pins):
+                fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self._fds.append(fd)
+                partition.irqfd(fd, pin)
+        except BaseException:
+            self.close()
+            raise
+
+    def route(self, pin: int, msi: MsiMessage | None) -> None:
+        if msi is None:
+            self._routes.pop(pin, None)
+        else:
+            self._routes[pin] = MsiRoute(pin, msi.address_lo, msi.address_hi, msi.data)
+        self._partition.set_msi_routing(sorted(self._routes.values(), key=lambda r: r.gsi))
+
+    def fire(self, pin: int) -> None:
+        if pin in self._routes:
+            os.eventfd_write(self._fds[pin], 1)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = []
+
+
+@dataclass
+class Platform:
+    pio: Bus
+    mmio: Bus
+    serial: Serial16550
+    ioapic: IoApic
+    i8042: I8042
+    acpi_pm: AcpiPm | None
+
+
+@dataclass
+class Vm:
+    """A built VM. Owns every resource through ``resources``; ``close()`` releases them in order."""
+
+    config: VmmConfig
+    system: MshvSystem
+    partition: PartitionFd
+    ram: GuestRam
+    platform: Platform
+    kernel: loader.KernelImage
+    vps: list[VpFd]
+    vcpus: list[VcpuThread]
+    resources: contextlib.ExitStack = field(repr=False)
+
+    def close(self) -> None:
+        self.resources.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps
+
+
+HypervisorMode = Literal["auto", "kernel", "emulated"]
+
+
+def open_hypervisor(mode: HypervisorMode = "auto") -> MshvSystem:
+    try:
+        return MshvSystem.open(mode=mode)
+    except (MshvError, OSError) as err:
+        raise OpenHypervisorError(str(err)) from err
+
+
+def create_partition(system: MshvSystem) -> PartitionFd:
+    try:
+        return system.create_partition()
+    except (MshvError, OSError) as err:
+        raise CreatePartitionError(str(err)) from err
+
+
+# Unimplemented MSRs: ignore writes, read as zero (what QEMU and Cloud Hypervisor choose) rather
+# than injecting #GP into guests that probe model-specific MSRs without rdmsr_safe.
+HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION = 0x00050017
+UNIMPLEMENTED_MSR_IGNORE_WRITE_READ_ZERO = 1
+
+
+def set_properties(partition: PartitionFd) -> None:
+    # No synthetic (Hyper-V enlightenment) features: the guest sees a plain PC with a LAPIC, so
+    # the same guest configuration runs on /dev/mshv and on the emulated device.
+    try:
+        partition.set_property(
+            HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION, UNIMPLEMENTED_MSR_IGNORE_WRITE_READ_ZERO
+        )
+    except (MshvError, OSError) as err:
+        raise SetPropertiesError(str(err)) from err
+
+
+def initialize(partition: PartitionFd) -> None:
+    try:
+        partition.initialize()
+    except (MshvError, OSError) as err:
+        raise InitializePartitionError(str(err)) from err
+
+
+def map_memory(partition: PartitionFd, memory_bytes: int) -> GuestRam:
+    regions: list[tuple[layout.RamRange, GuestMemory]] = []
+    try:
+        for r in layout.ram_ranges(memory_bytes):
+            mem = GuestMemory(r.size)
+            regions.append((r, mem))
+            partition.map_memory(r.gpa // layout.PAGE_SIZE, mem, writable=True, executable=True)
+    except (MshvError, OSError, ValueError) as err:
+        for _, mem in regions:
+            mem.close()
+        raise MapMemoryError(str(err)) from err
+    return GuestRam(regions)
+
+
+def attach_devices(
+    partition: PartitionFd,
+    config: VmmConfig,
+    console_write: Callable[[bytes], object],
+    on_vm_exit: Callable[[VmExit], None],
+    resources: contextlib.ExitStack,
+) -> Platform:
+    try:
+        sink = IrqfdSink(partition)
+    except (MshvError, OSError) as err:
+        raise AttachDevicesError(f"interrupt routing: {err}") from err
+    resources.callback(sink.close)
+    ioapic = IoApic(sink, ioapic_id=config.vcpus)
+    pio = Bus("port I/O")
+    mmio_bus = Bus("MMIO")
+    serial = Serial16550(console_write, lambda level: ioapic.set_irq(COM1_IRQ, level))
+
+    def reset() -> None:
+        on_vm_exit(VmExit(VmExitKind.REBOOT, "guest reset"))
+
+    def poweroff() -> None:
+        on_vm_exit(VmExit(VmExitKind.SHUTDOWN, "guest powered off (ACPI S5)"))
+
+    i8042 = I8042(reset, ioapic.set_irq)
+    pio.register(COM1_PORT, 8, serial)
+    pio.register(I8042_PORT, 5, i8042)
+    mmio_bus.register(layout.IOAPIC_ADDR, IOAPIC_MMIO_SIZE, ioapic)
+    pm: AcpiPm | None = None
+    if config.acpi:
+        pm = AcpiPm(poweroff, reset, lambda level: ioapic.set_irq(acpi.SCI_IRQ, level))
+        pio.register(acpi.PM1A_EVT_PORT, PM_BLOCK_SIZE, pm)
+        pio.register(acpi.RESET_PORT, 1, pm.reset_register)
+    return Platform(pio, mmio_bus, serial, ioapic, i8042, pm)
+
+
+def load_kernel(ram: GuestRam, config: VmmConfig) -> loader.KernelImage:
+    try:
+        image = loader.load_kernel_image(
+            Path(config.kernel).read_bytes(), host_decompress=config.host_decompress
+        )
+        for seg in image.segments:
+            ram.write(seg.gpa, seg.data)
+            if seg.mem_size > len(seg.data):
+                ram.write(seg.gpa + len(seg.data), bytes(seg.mem_size - len(seg.data)))
+        initrd: tuple[int, int] | None = None
+        if config.initrd:
+            data = Path(config.initrd).read_bytes()
+            addr = loader.place_initrd(image.header, ram.ranges, len(data), image.end)
+            ram.write(addr, data)
+            initrd = (addr, len(data))
+        ram.write(layout.CMDLINE_ADDR, loader.encode_cmdline(image.header, config.cmdline))
+        boot_params = loader.build_boot_params(
+            image.header,
+            cmdline_addr=layout.CMDLINE_ADDR,
+            e820=loader.e820_map(ram.ranges),
+            initrd=initrd,
+            rsdp_addr=layout.ACPI_START if config.acpi else 0,
+        )
+        ram.write(layout.BOOT_PARAMS_ADDR, boot_params)
+        pt_addr, tables = layout.identity_page_tables()
+        ram.write(pt_addr, tables)
+        ram.write(layout.GDT_ADDR, layout.gdt_bytes())
+    except (OSError, ValueError, loader.LoaderError) as err:
+        raise LoadKernelError(str(err)) from err
+    return image
+
+
+def write_platform_tables(ram: GuestRam, config: VmmConfig) -> None:
+    """ACPI tables (when enabled) at 0xE0000 and an MP table at 0xF0000 (always: it costs nothing
+    and serves ``acpi=off`` guests)."""
+    try:
+        mp = mptable.build_mptable(config.vcpus, ioapic_id=config.vcpus)
+        if mptable.MP_TABLE_ADDR + len(mp) > layout.ACPI_END:
+            raise ValueError("MP table does not fit below 1 MiB")
+        ram.write(mptable.MP_TABLE_ADDR, mp)
+        if config.acpi:
+            tables = acpi.build_tables(config.vcpus, base=layout.ACPI_START, ioapic_id=config.vcpus)
+            if tables.rsdp_addr + len(tables.blob) > mptable.MP_TABLE_ADDR:
+                raise ValueError("ACPI tables overlap the MP table")
+            ram.write(tables.rsdp_addr, tables.blob)
+    except ValueError as err:
+        raise PlatformTablesError(str(err)) from err
+
+
+def create_vps(partition: PartitionFd, count: int, resources: contextlib.ExitStack) -> list[VpFd]:
+    vps: list[VpFd] = []
+    try:
+        for i in range(count):
+            vp = partition.create_vp(i)
+            resources.callback(vp.close)
+            vps.append(vp)
+    except (MshvError, OSError) as err:
+        raise CreateVpsError(f"vCPU {len(vps)}: {err}") from err
+    return vps
+
+
+def boot_registers(entry: int) -> dict[int, RegisterValue]:
+    """64-bit boot protocol state: long mode, paging on the identity map, RSI = boot_params."""
+    code = Segment(0, 0xFFFFFFFF, layout.BOOT_CS, layout.CODE64_ATTRIBUTES)
+    data = Segment(0, 0xFFFFFFFF, layout.BOOT_DS, layout.DATA_ATTRIBUTES)
+    return {
+        Reg.CR0: layout.BOOT_CR0,
+        Reg.CR3: layout.PML4_ADDR,
+        Reg.CR4: layout.BOOT_CR4,
+        Reg.EFER: layout.BOOT_EFER,
+        Reg.GDTR: TableRegister(layout.GDT_ADDR, len(layout.gdt_bytes()) - 1),
+        Reg.IDTR: TableRegister(0, 0),
+        Reg.CS: code,
+        Reg.DS: data,
+        Reg.ES: data,
+        Reg.FS: data,
+        Reg.GS: data,
+        Reg.SS: data,
+        Reg.RFLAGS: layout.RFLAGS_RESERVED,
+        Reg.RIP: entry,
+        Reg.RSP: layout.BOOT_STACK_TOP,
+        Reg.RSI: layout.BOOT_PARAMS_ADDR,
+        Reg.RBP: 0,
+        Reg.RDI: 0,
+        Reg.RBX: 0,
+    }
+
+
+def set_boot_registers(vps: Sequence[VpFd], entry: int) -> None:
+    # Only the bootstrap processor starts at the kernel; the others wait for INIT/SIPI from it.
+    try:
+        vps[0].set_registers(boot_registers(entry))
+    except (MshvError, OSError) as err:
+        raise BootRegistersError(str(err)) from err
+
+
+def start_vcpus(
+    vps: Sequence[VpFd],
+    handler: ExitHandler,
+    on_vm_exit: Callable[[VmExit], None],
+    paused: bool,
+    resources: contextlib.ExitStack,
+) -> list[VcpuThread]:
+    threads: list[VcpuThread] = []
+
+    def stop_all() -> None:
+        for t in threads:
+            t.request(VcpuEvent.FINISH)
+        for t in threads:
+            t.join(5)
+
+    resources.callback(stop_all)
+    try:
+        for i, vp in enumerate(vps):
+            t = VcpuThread(i, vp, handler, on_vm_exit)
+            t.start(paused)
+            threads.append(t)
+    except (RuntimeError, OSError) as err:
+        raise StartVcpusError(str(err)) from err
+    return threads
+
+
+# --------------------------------------------------------------------------------------------------
+# The default recipe
+
+
+def build_vm(
+    config: VmmConfig,
+    console_write: Callable[[bytes], object],
+    on_vm_exit: Callable[[VmExit], None],
+    *,
+    mode: HypervisorMode = "auto",
+    paused: bool | None = None,
+) -> Vm:
+    gate = ExitGate(on_vm_exit)
+    with contextlib.ExitStack() as resources:
+        system = open_hypervisor(mode)
+        resources.callback(system.close)
+        partition = create_partition(system)
+        memory: list[GuestMemory] = []
+
+        def close_partition() -> None:
+            partition.close()  # drops the mappings first, then the host memory can go
+            for mem in memory:
+                mem.close()
+
+        resources.callback(close_partition)
+        initialize(partition)
+        set_properties(partition)
+        ram = map_memory(partition, config.memory_bytes)
+        memory.extend(mem for _, mem in ram.regions)
+        platform = attach_devices(partition, config, console_write, gate, resources)
+        kernel = load_kernel(ram, config)
+        write_platform_tables(ram, config)
+        vps = create_vps(partition, config.vcpus, resources)
+        set_boot_registers(vps, kernel.entry)
+        handler = ExitHandler(platform.pio, platform.mmio, gate, platform.ioapic.end_of_interrupt)
+        start_paused = config.start_paused if paused is None else paused
+        vcpus = start_vcpus(vps, handler, gate, start_paused, resources)
+        return Vm(config, system, partition, ram, platform, kernel, vps, vcpus, resources.pop_all())
+    raise AssertionError("unreachable")  # pragma: no cover  (ExitStack does not swallow errors)

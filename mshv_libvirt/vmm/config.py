@@ -1,0 +1,83 @@
+"""The VMM's configuration file (written by the driver; format in docs/DESIGN.md), parsed and validated."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ON_REBOOT = ("restart", "destroy")
+
+
+class ConfigError(ValueError):
+    """The VMM configuration is invalid (the message names the field)."""
+
+
+@dataclass(frozen=True)
+class VmmConfig:
+    name: str
+    uuid: str
+    memory_bytes: int
+    vcpus: int
+    kernel: str
+    initrd: str | None = None
+    cmdline: str = "console=ttyS0"
+    acpi: bool = True
+    on_reboot: str = "restart"
+    start_paused: bool = False
+    control_socket: str | None = None
+    pidfile: str | None = None
+    exit_file: str | None = None
+    serial_log: str | None = None
+    # Decompress the bzImage payload on the host and enter the kernel's own startup_64 (see loader.py).
+    host_decompress: bool = True
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> VmmConfig:
+        def get(
+            key: str, kind: type | tuple[type, ...], default: Any = ..., *, optional: bool = False
+        ) -> Any:
+            if key not in raw or (optional and raw[key] is None):
+                if default is ...:
+                    raise ConfigError(f"config field {key!r} is required")
+                return default
+            value = raw[key]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ConfigError(f"config field {key!r} has the wrong type")
+            return value
+
+        cfg = cls(
+            name=get("name", str),
+            uuid=get("uuid", str, ""),
+            memory_bytes=get("memory_bytes", int),
+            vcpus=get("vcpus", int, 1),
+            kernel=get("kernel", str),
+            initrd=get("initrd", str, None, optional=True),
+            cmdline=get("cmdline", str, "console=ttyS0", optional=True),
+            acpi=get("acpi", bool, True),
+            on_reboot=get("on_reboot", str, "restart"),
+            start_paused=get("start_paused", bool, False),
+            control_socket=get("control_socket", str, None, optional=True),
+            pidfile=get("pidfile", str, None, optional=True),
+            exit_file=get("exit_file", str, None, optional=True),
+            serial_log=get("serial_log", str, None, optional=True),
+            host_decompress=get("host_decompress", bool, True),
+        )
+        if cfg.memory_bytes < 16 << 20 or cfg.memory_bytes % 4096:
+            raise ConfigError("config field 'memory_bytes' must be a multiple of 4 KiB and at least 16 MiB")
+        if not 1 <= cfg.vcpus <= 254:
+            raise ConfigError("config field 'vcpus' must be between 1 and 254")
+        if cfg.on_reboot not in ON_REBOOT:
+            raise ConfigError(f"config field 'on_reboot' must be one of {', '.join(ON_REBOOT)}")
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> VmmConfig:
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot read config {path}: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError("config must be a JSON object")
+        return cls.from_dict(raw)

@@ -1,0 +1,1 @@
+"""Platform devices as pure register models: bytes and callbacks in, no sockets, ttys or fds."""

@@ -1,0 +1,271 @@
+"""The VMM process: one running domain, its console, its control socket and its lifecycle.
+
+The main thread runs a selector loop over the control socket and its clients, the console pty
+and a wakeup pipe; vCPU threads only run guest code and post :class:`VmExit` records. Lifecycle
+decisions (stop the vCPUs, rebuild for a reboot, write the exit file, leave) are taken here, in one
+thread, so they never race each other.
+
+Exit file reasons: ``shutdown`` (guest powered off or halted), ``reboot`` (guest reset with
+on_reboot=destroy), ``crash`` (triple fault), ``destroyed`` (destroy command or SIGTERM/SIGINT),
+``error`` (the VMM itself failed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import selectors
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import builder
+from .config import VmmConfig
+from .console import Console
+from .control import CommandError, ControlServer, JsonObject
+from .files import write_atomically
+from .vcpu import VcpuEvent, VmExit, VmExitKind, install_kick_handler
+
+log = logging.getLogger(__name__)
+
+BuildFn = Callable[[VmmConfig, Callable[[bytes], object], Callable[[VmExit], None], bool], builder.Vm]
+
+
+def _default_build(
+    config: VmmConfig, write: Callable[[bytes], object], on_exit: Callable[[VmExit], None], paused: bool
+) -> builder.Vm:
+    return builder.build_vm(config, write, on_exit, paused=paused)
+
+
+class Vmm:
+    def __init__(self, config: VmmConfig, build: BuildFn = _default_build) -> None:
+        self.config = config
+        self._build = build
+        self._selector = selectors.DefaultSelector()
+        self._exits: queue.SimpleQueue[tuple[int, VmExit]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._vm: builder.Vm | None = None
+        self._console: Console | None = None
+        self._control: ControlServer | None = None
+        self._paused = False
+        self._reboot_on_shutdown = False  # set by the "reboot" command (ACPI-driven reboot)
+        self._finish: tuple[str, str] | None = None
+        self._console_watched = False
+        self._generation = 0  # bumps at every rebuild so stale exits from an old VM are ignored
+        self.boots = 0
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _post_exit(self, generation: int) -> Callable[[VmExit], None]:
+        def post(exit_: VmExit) -> None:
+            if generation == self._generation:
+                self._exits.put((generation, exit_))
+                with contextlib.suppress(BlockingIOError):
+                    os.write(self._wake_w, b"x")
+
+        return post
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        log.info("event %s %s", event, fields)
+        if self._control is not None:
+            self._control.broadcast({"event": event, **fields})
+
+    def _start_vm(self, paused: bool) -> None:
+        assert self._console is not None
+        self._generation += 1
+        self._vm = self._build(self.config, self._console.write, self._post_exit(self._generation), paused)
+        self._paused = paused
+        self.boots += 1
+
+    def _stop_vm(self) -> None:
+        vm, self._vm = self._vm, None
+        if vm is not None:
+            self._generation += 1  # exits still in flight belong to the old VM
+            vm.close()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _set_paused(self, paused: bool) -> None:
+        vm = self._vm
+        if vm is None:
+            raise CommandError("domain is not running")
+        if paused == self._paused:
+            return
+        event = VcpuEvent.PAUSE if paused else VcpuEvent.RESUME
+        try:
+            for t in vm.vcpus:
+                t.request(event)  # every answer is fine: PAUSED/RESUMED, or FINISHED if it died
+        except TimeoutError as err:
+            raise CommandError(f"operation failed: {err}") from err
+        self._paused = paused
+        self._emit("paused" if paused else "resumed")
+
+    def _reboot(self, detail: str) -> None:
+        if self.config.on_reboot == "destroy":
+            self._emit("reboot", detail=detail)
+            self._finish = ("reboot", detail)
+            return
+        self._stop_vm()
+        self._reboot_on_shutdown = False
+        self._start_vm(paused=False)
+        self._emit("reboot", detail=detail)
+
+    def _handle_vm_exit(self, exit_: VmExit) -> None:
+        if self._vm is None or self._finish is not None:
+            return
+        log.info("vm exit %s: %s", exit_.kind.value, exit_.detail)
+        if exit_.kind is VmExitKind.SHUTDOWN and self._reboot_on_shutdown:
+            self._reboot("reboot requested by the host")
+        elif exit_.kind is VmExitKind.SHUTDOWN:
+            self._emit("shutdown", detail=exit_.detail)
+            self._finish = ("shutdown", exit_.detail)
+        elif exit_.kind is VmExitKind.REBOOT:
+            self._reboot(exit_.detail)
+        elif exit_.kind is VmExitKind.CRASH:
+            self._emit("crashed", detail=exit_.detail)
+            self._finish = ("crash", exit_.detail)
+        else:
+            self._emit("crashed", detail=exit_.detail)
+            self._finish = ("error", exit_.detail)
+
+    def _press_power_button(self) -> None:
+        vm = self._vm
+        if vm is None:
+            raise CommandError("domain is not running")
+        if vm.platform.acpi_pm is None:
+            raise CommandError("the guest has no ACPI power button (acpi is disabled)")
+        vm.platform.acpi_pm.press_power_button()
+
+    def status(self) -> JsonObject:
+        vm = self._vm
+        return {
+            "state": "paused" if self._paused else "running",
+            "pty": self._console.pty_path if self._console else None,
+            "vcpus": self.config.vcpus,
+            "cpu_time_ns": time.process_time_ns(),
+            "memory_kib": self.config.memory_bytes // 1024,
+            "boots": self.boots,
+            "backend": vm.system.backend if vm is not None else None,
+            "vcpu_threads": [t.thread.native_id for t in vm.vcpus if t.thread] if vm else [],
+            "exits": sum(t.exits for t in vm.vcpus) if vm else 0,
+        }
+
+    def handle_command(self, cmd: str, request: JsonObject) -> JsonObject:
+        if self._finish is not None:
+            raise CommandError("domain is shutting down")
+        if cmd == "status":
+            return self.status()
+        if cmd == "pause":
+            self._set_paused(True)
+        elif cmd == "resume":
+            self._set_paused(False)
+        elif cmd == "shutdown":
+            self._press_power_button()
+        elif cmd == "reboot":
+            self._press_power_button()
+            self._reboot_on_shutdown = True
+        elif cmd == "reset":
+            self._reboot_on_shutdown = False
+            self._stop_vm()
+            self._start_vm(paused=self._paused)  # like a reset button: a paused VM stays paused
+            self._emit("reboot", detail="reset")
+        elif cmd == "destroy":
+            self._finish = ("destroyed", "destroyed by the host")
+        else:
+            raise CommandError(f"unknown command {cmd!r}")
+        return {"state": "paused" if self._paused else "running"}
+
+    # -- main loop -------------------------------------------------------------------------------
+    def _console_input(self, _mask: int) -> None:
+        vm, console = self._vm, self._console
+        if vm is None or console is None:
+            return
+        room = vm.platform.serial.rx_space()
+        if room == 0:
+            # The guest has not drained its FIFO: stop watching the pty (it stays readable, the
+            # loop would spin) until _rearm_console sees room again; the bytes wait in the pty.
+            self._selector.unregister(console.fileno())
+            self._console_watched = False
+            return
+        data = console.read_input(room)
+        if data:
+            vm.platform.serial.enqueue_input(data)
+
+    def _rearm_console(self) -> None:
+        vm, console = self._vm, self._console
+        if self._console_watched or vm is None or console is None or vm.platform.serial.rx_space() == 0:
+            return
+        self._selector.register(console.fileno(), selectors.EVENT_READ, self._console_input)
+        self._console_watched = True
+
+    def _drain_wakeups(self, _mask: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 4096)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._finish = ("destroyed", f"terminated by signal {signal.Signals(signum).name}")
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"s")
+
+    def run(self) -> int:
+        """Run until the domain ends; returns the process exit status."""
+        install_kick_handler()
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the daemon's session going away is not ours
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        cfg = self.config
+        if cfg.pidfile:
+            write_atomically(cfg.pidfile, f"{os.getpid()}\n".encode())
+        reason, detail = "error", "VMM did not start"
+        try:
+            self._console = Console(cfg.serial_log)
+            if cfg.control_socket:
+                self._control = ControlServer(cfg.control_socket, self.handle_command, self._selector)
+            self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
+            self._selector.register(self._console.fileno(), selectors.EVENT_READ, self._console_input)
+            self._console_watched = True
+            self._start_vm(paused=cfg.start_paused)
+            while self._finish is None:
+                for key, mask in self._selector.select(timeout=0.05):
+                    key.data(mask)
+                self._rearm_console()
+                while self._finish is None:
+                    try:
+                        generation, exit_ = self._exits.get_nowait()
+                    except queue.Empty:
+                        break
+                    if generation == self._generation:  # else it came from a VM already torn down
+                        self._handle_vm_exit(exit_)
+            reason, detail = self._finish
+        except builder.BuildError as err:
+            reason, detail = "error", str(err)
+            log.error("%s", err)
+        except Exception as err:
+            reason, detail = "error", f"{type(err).__name__}: {err}"
+            log.exception("VMM failed")
+        finally:
+            try:
+                self._stop_vm()
+            except Exception:
+                log.exception("teardown failed")
+            if cfg.exit_file:
+                write_atomically(cfg.exit_file, json.dumps({"reason": reason, "detail": detail}).encode())
+            if self._control is not None:
+                self._control.flush_all()
+                self._control.close()
+            if self._console is not None:
+                self._console.close()
+            if cfg.pidfile:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(cfg.pidfile)
+        return 0 if reason in ("shutdown", "reboot", "destroyed") else 1
+
+
+def run_in_thread_safe_main(config: VmmConfig) -> int:
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("the VMM must run in the main thread (it installs signal handlers)")
+    return Vmm(config).run()

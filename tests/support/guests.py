@@ -1,0 +1,585 @@
+"""Test guests, built at test time.
+
+``build_tiny_guest``: a few hundred bytes of our own x86-64 assembly, assembled with GNU as/ld and
+wrapped in a real bzImage (setup header "HdrS", protocol 2.15, XLF_KERNEL_64, 64-bit entry at +0x200
+of the protected-mode part), so it boots through exactly the loader Linux uses. Behaviour:
+
+* prints ``TINY-GUEST-UP cmdline=<the command line from boot_params>`` on COM1;
+* starts the other vCPUs with INIT-SIPI through the LAPIC (a real-mode trampoline at 0x3000 takes
+  them to long mode); each prints ``TINY-AP-UP <apic id>`` and idles in ``sti; hlt``;
+* loops: echo bytes typed on COM1; ``q`` ACPI S5 poweroff, ``r`` i8042 0xFE reset, ``c`` triple
+  fault (empty IDT + ud2), ``b`` 20000 ``out`` to port 0x80 then ``BENCH-DONE``, ``i`` prints
+  ``TINY-IOAPIC-VERSION <hex>`` read from the IOAPIC by MMIO (a store, then a load); polls PM1_STS for
+  the power button (prints ``TINY-GUEST-POWERBUTTON`` and powers off); between polls it sleeps on
+  the LAPIC timer (one-shot, vector 0x40) with ``sti; hlt``.
+
+``build_linux_guest``: Debian's linux-image-amd64 bzImage plus a busybox-static initramfs made here.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import lzma
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+TINY_BANNER = "TINY-GUEST-UP"
+TINY_AP_BANNER = "TINY-AP-UP"
+TINY_POWERBUTTON = "TINY-GUEST-POWERBUTTON"
+TINY_BENCH_DONE = "BENCH-DONE"
+TINY_BENCH_EXITS = 20000
+LINUX_MARKER = "MSHV-GUEST-READY"
+LINUX_POWERBUTTON = "MSHV-GUEST-POWERBUTTON"
+# Measured on kvm-pvm hosts (no VMX): the host emulates the guest's CPL0 code instruction by
+# instruction and its emulator lacks these instructions (see tests/vmm/test_linux_guest.py), so the
+# kernel is told not to use them. Harmless elsewhere: it only hides CPU features from the kernel.
+KVM_PVM_UNEMULATED = (
+    "cx16 xsave smap popcnt movbe bmi1 bmi2 abm ssse3 sse4_2 sse4_1 aes pclmulqdq sha_ni avx avx2 fma f16c"
+)
+KVM_PVM_CLEARCPUID = "clearcpuid=" + KVM_PVM_UNEMULATED.replace(" ", ",")
+
+TINY_ASM = r"""
+    .set COM1, 0x3f8
+    .set PM1_STS, 0x600
+    .set PM1_CNT, 0x604
+    .set SLP_S5, (5 << 10) | (1 << 13)
+    .set LAPIC, 0xfee00000
+    .set TRAMP, 0x3000
+    .set TIMER_VECTOR, 0x40
+    .set BENCH_EXITS, {bench_exits}
+
+    .text
+    .code32
+start32:                        /* 32-bit entry (code32_start): unsupported, stop */
+    ud2
+    .org 0x200
+    .code64
+start64:                        /* boot protocol 64-bit entry: RSI = boot_params */
+    cli
+    lea stack_top(%rip), %rsp
+    mov %rsi, %r15
+    call setup_idt
+    call lapic_enable
+    lea banner(%rip), %rsi
+    call puts
+    mov 0x228(%r15), %esi       /* boot_params.hdr.cmd_line_ptr */
+    call puts
+    mov $'\n', %al
+    call putc
+    call start_aps
+
+main_loop:
+    mov $COM1+5, %dx
+    in %dx, %al
+    test $1, %al
+    jz 2f
+    mov $COM1, %dx
+    in %dx, %al
+    cmp $'q', %al
+    je poweroff
+    cmp $'r', %al
+    je reboot
+    cmp $'c', %al
+    je crash
+    cmp $'b', %al
+    je bench
+    cmp $'i', %al
+    je ioapic_version
+    call lock_print
+    call putc
+    movb $0, print_lock(%rip)
+    jmp main_loop
+2:  mov $PM1_STS, %dx
+    in %dx, %ax
+    test $0x100, %ax
+    jnz powerbutton
+    call sleep_tick
+    jmp main_loop
+
+powerbutton:
+    lea pwrbtn_msg(%rip), %rsi
+    call puts
+poweroff:
+    mov $PM1_CNT, %dx
+    mov $SLP_S5, %ax
+    out %ax, %dx
+    jmp poweroff                /* not reached once the VMM acts */
+
+reboot:
+    mov $0xfe, %al
+    out %al, $0x64
+    jmp reboot
+
+crash:                          /* empty IDT: #UD -> #GP -> #DF -> triple fault */
+    lidt null_idtr(%rip)
+    ud2
+
+bench:
+    mov $BENCH_EXITS, %ecx
+1:  out %al, $0x80
+    dec %ecx
+    jnz 1b
+    lea bench_msg(%rip), %rsi
+    call puts
+    jmp main_loop
+
+ioapic_version:                 /* MMIO through the VMM's IOAPIC: select VER, read the window */
+    call lock_print
+    lea ioapic_msg(%rip), %rsi
+    call puts
+    mov $0xfec00000, %eax
+    movl $1, (%rax)
+    mov 0x10(%rax), %ebx
+    call puthex32
+    mov $'\n', %al
+    call putc
+    movb $0, print_lock(%rip)
+    jmp main_loop
+
+/* one LAPIC timer period, then back (one-shot, divide by 1) */
+sleep_tick:
+    mov $LAPIC, %eax
+    movl $TIMER_VECTOR, 0x320(%rax)
+    movl $0xb, 0x3e0(%rax)
+    movl $2000000, 0x380(%rax)
+    sti
+    hlt
+    cli
+    ret
+
+lapic_enable:
+    mov $LAPIC, %eax
+    movl $0x1ff, 0xf0(%rax)     /* software enable, spurious vector 0xff */
+    movl $0, 0x80(%rax)         /* TPR 0 */
+    ret
+
+/* INIT + SIPI to all but self; APs arrive at ap_main */
+start_aps:
+    lea tramp_start(%rip), %rsi
+    mov $TRAMP, %edi
+    mov $(tramp_end - tramp_start), %ecx
+    rep movsb
+    mov $LAPIC, %eax
+    movl $0, 0x310(%rax)
+    movl $0x000c4500, 0x300(%rax)       /* INIT, assert, all excluding self */
+    movl $0x000c4600 | (TRAMP >> 12), 0x300(%rax) /* SIPI vector 0x03 */
+    ret
+
+ap_main:
+    mov $LAPIC, %eax
+    mov 0x20(%rax), %ebx
+    shr $24, %ebx                        /* APIC id */
+    mov %ebx, %eax
+    shl $12, %eax
+    lea ap_stacks(%rip), %rsp
+    add %rax, %rsp
+    add $4096, %rsp
+    lidt idtr(%rip)
+    call lapic_enable
+    call lock_print
+    lea ap_msg(%rip), %rsi
+    call puts
+    mov %bl, %al
+    add $'0', %al
+    call putc
+    mov $'\n', %al
+    call putc
+    movb $0, print_lock(%rip)
+2:  sti
+    hlt
+    jmp 2b
+
+lock_print:                     /* spin on print_lock; preserves al */
+    push %rax
+1:  mov $1, %al
+    xchg %al, print_lock(%rip)
+    test %al, %al
+    jnz 1b
+    pop %rax
+    ret
+
+putc:                           /* al -> COM1 */
+    push %rax
+    mov $COM1+5, %dx
+1:  in %dx, %al
+    test $0x20, %al
+    jz 1b
+    pop %rax
+    mov $COM1, %dx
+    out %al, %dx
+    ret
+
+puthex32:                       /* ebx as 8 hex digits */
+    mov $8, %ecx
+1:  rol $4, %ebx
+    mov %bl, %al
+    and $0xf, %al
+    add $'0', %al
+    cmp $'9', %al
+    jbe 2f
+    add $('a' - '9' - 1), %al
+2:  push %rcx
+    call putc
+    pop %rcx
+    dec %ecx
+    jnz 1b
+    ret
+
+puts:                           /* NUL-terminated string at rsi */
+1:  lodsb
+    test %al, %al
+    jz 2f
+    call putc
+    jmp 1b
+2:  ret
+
+setup_idt:
+    lea idt(%rip), %rdi
+    lea timer_isr(%rip), %rax
+    mov $TIMER_VECTOR, %ecx
+    call set_gate
+    lea spurious_isr(%rip), %rax
+    mov $0xff, %ecx
+    call set_gate
+    lea idt(%rip), %rax
+    mov %rax, idtr+2(%rip)
+    lidt idtr(%rip)
+    ret
+
+set_gate:                       /* vector ecx -> handler rax (64-bit interrupt gate) */
+    shl $4, %ecx
+    mov %ax, (%rdi,%rcx)
+    movw $0x10, 2(%rdi,%rcx)
+    movw $0x8e00, 4(%rdi,%rcx)
+    shr $16, %rax
+    mov %ax, 6(%rdi,%rcx)
+    shr $16, %rax
+    mov %eax, 8(%rdi,%rcx)
+    movl $0, 12(%rdi,%rcx)
+    ret
+
+timer_isr:
+    push %rax
+    mov $LAPIC, %eax
+    movl $0, 0xb0(%rax)         /* EOI */
+    pop %rax
+    iretq
+spurious_isr:
+    iretq
+
+/* AP trampoline, copied to TRAMP: real mode -> protected mode -> long mode */
+    .code16
+tramp_start:
+    cli
+    mov %cs, %ax
+    mov %ax, %ds
+    lgdtl tramp_gdt_desc - tramp_start
+    mov %cr0, %eax
+    or $1, %eax
+    mov %eax, %cr0
+    ljmpl $0x08, $TRAMP + (tramp32 - tramp_start)
+    .code32
+tramp32:
+    mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    mov %cr4, %eax
+    or $0x20, %eax              /* PAE */
+    mov %eax, %cr4
+    mov $0x9000, %eax           /* the VMM's identity map */
+    mov %eax, %cr3
+    mov $0xc0000080, %ecx
+    rdmsr
+    or $0x100, %eax             /* EFER.LME */
+    wrmsr
+    mov %cr0, %eax
+    or $0x80000000, %eax
+    mov %eax, %cr0
+    ljmpl $0x18, $TRAMP + (tramp64 - tramp_start)
+    .code64
+tramp64:
+    movabs $ap_main, %rax
+    jmp *%rax
+    .p2align 3
+tramp_gdt:
+    .quad 0
+    .quad 0x00cf9a000000ffff    /* 0x08 32-bit code */
+    .quad 0x00cf92000000ffff    /* 0x10 data */
+    .quad 0x00af9a000000ffff    /* 0x18 64-bit code */
+tramp_gdt_desc:
+    .word tramp_gdt_desc - tramp_gdt - 1
+    .long TRAMP + (tramp_gdt - tramp_start)
+tramp_end:
+
+    .data
+banner:     .asciz "TINY-GUEST-UP cmdline="
+ap_msg:     .asciz "TINY-AP-UP "
+ioapic_msg: .asciz "TINY-IOAPIC-VERSION "
+pwrbtn_msg: .asciz "TINY-GUEST-POWERBUTTON\n"
+bench_msg:  .asciz "BENCH-DONE\n"
+    .p2align 4
+idtr:       .word 256 * 16 - 1
+            .quad 0
+null_idtr:  .word 0
+            .quad 0
+print_lock: .byte 0
+
+    .bss
+    .p2align 12
+idt:        .skip 4096
+ap_stacks:  .skip 4096 * 8
+            .skip 8192
+stack_top:
+"""
+
+LINKER_SCRIPT = """
+ENTRY(start64)
+SECTIONS {
+  . = 0x100000;
+  .text : { *(.text) }
+  .data : { *(.data) *(.rodata*) }
+  .bss : { *(.bss) *(COMMON) }
+  _end = .;
+  /DISCARD/ : { *(.note*) *(.comment) *(.eh_frame) }
+}
+"""
+
+SETUP_SECTS = 1
+
+
+class GuestUnavailable(RuntimeError):
+    """A test guest cannot be built on this host (the message says why)."""
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    try:
+        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
+    except FileNotFoundError as err:
+        raise GuestUnavailable(f"{cmd[0]} is not installed") from err
+    except subprocess.CalledProcessError as err:
+        raise GuestUnavailable(f"{' '.join(cmd)} failed: {err.stderr.strip()}") from err
+
+
+def wrap_bzimage(protected_mode: bytes, *, init_size: int) -> bytes:
+    """A bzImage: boot sector + one setup sector holding the header, then the 64-bit code."""
+    setup = bytearray(512 * (SETUP_SECTS + 1))
+    syssize = (len(protected_mode) + 15) // 16
+    setup[0x1F1] = SETUP_SECTS
+    struct.pack_into("<I", setup, 0x1F4, syssize)
+    struct.pack_into("<H", setup, 0x1FE, 0xAA55)
+    setup[0x200:0x202] = b"\xeb\x66"  # jmp over the header; also says where the header ends (0x268)
+    setup[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", setup, 0x206, 0x020F)  # protocol 2.15
+    setup[0x211] = 0x01  # LOADED_HIGH
+    struct.pack_into("<I", setup, 0x214, 0x100000)  # code32_start
+    struct.pack_into("<I", setup, 0x22C, 0x7FFFFFFF)  # initrd_addr_max
+    struct.pack_into("<I", setup, 0x230, 0x200000)  # kernel_alignment
+    struct.pack_into("<H", setup, 0x236, 0x0001)  # xloadflags: XLF_KERNEL_64
+    struct.pack_into("<I", setup, 0x238, 2047)  # cmdline_size
+    struct.pack_into("<Q", setup, 0x258, 0x100000)  # pref_address
+    struct.pack_into("<I", setup, 0x260, init_size)
+    return bytes(setup) + protected_mode
+
+
+def build_tiny_guest(tmp_path: Path) -> Path:
+    """Assemble the tiny guest and return the path of its bzImage."""
+    work = Path(tmp_path) / "tiny-guest"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "tiny.S").write_text(TINY_ASM.replace("{bench_exits}", str(TINY_BENCH_EXITS)))
+    (work / "tiny.ld").write_text(LINKER_SCRIPT)
+    _run(["as", "--64", "-o", "tiny.o", "tiny.S"], work)
+    _run(["ld", "-m", "elf_x86_64", "-nostdlib", "-T", "tiny.ld", "-o", "tiny.elf", "tiny.o"], work)
+    _run(["objcopy", "-O", "binary", "-j", ".text", "-j", ".data", "tiny.elf", "tiny.bin"], work)
+    end = _symbol(work / "tiny.elf", "_end")
+    body = (work / "tiny.bin").read_bytes()
+    image = wrap_bzimage(body, init_size=(end - 0x100000 + 0xFFF) & ~0xFFF)
+    out = work / "bzImage"
+    out.write_bytes(image)
+    return out
+
+
+def _symbol(elf: Path, name: str) -> int:
+    out = subprocess.run(["nm", str(elf)], check=True, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[2] == name:
+            return int(parts[0], 16)
+    raise GuestUnavailable(f"symbol {name} missing from {elf}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Linux guest
+
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mshv-libvirt"
+
+INIT_SCRIPT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+for m in /lib/modules/*.ko; do [ -e "$m" ] && insmod "$m"; done
+mkdir -p /etc/acpi/PWRF
+printf '#!/bin/sh\\necho {powerbutton} > /dev/ttyS0\\npoweroff -f\\n' > /etc/acpi/PWRF/00000080
+chmod +x /etc/acpi/PWRF/00000080
+acpid -c /etc/acpi
+echo {marker}
+{then}
+"""
+INIT_SHELL = "exec setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1'"
+INIT_POWEROFF = "poweroff -f"
+
+
+def _find_kernel_package() -> str:
+    """The versioned linux-image package linux-image-amd64 depends on."""
+    try:
+        out = subprocess.run(
+            ["apt-cache", "depends", "linux-image-amd64"], check=True, capture_output=True, text=True
+        ).stdout
+    except (FileNotFoundError, subprocess.CalledProcessError) as err:
+        raise GuestUnavailable(f"apt-cache cannot resolve linux-image-amd64: {err}") from err
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Depends:") and "linux-image-" in line:
+            return line.split()[-1]
+    raise GuestUnavailable("linux-image-amd64 names no kernel package")
+
+
+@dataclass(frozen=True)
+class DebianKernel:
+    vmlinuz: Path
+    modules: tuple[Path, ...]  # the power-button path: button.ko and evdev.ko (modules in Debian)
+
+
+GUEST_MODULES = ("kernel/drivers/acpi/button.ko", "kernel/drivers/input/evdev.ko")
+
+
+def debian_kernel() -> DebianKernel:
+    """Debian's vmlinuz (+ the modules the guest needs), fetched once into the cache with
+    ``apt-get download`` + ``dpkg-deb -x``. ``MSHV_LIBVIRT_TEST_KERNEL`` overrides (no modules)."""
+    override = os.environ.get("MSHV_LIBVIRT_TEST_KERNEL")
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise GuestUnavailable(f"MSHV_LIBVIRT_TEST_KERNEL={override} does not exist")
+        return DebianKernel(path, ())
+    package = _find_kernel_package()
+    cache = CACHE_DIR / package
+    vmlinuz = cache / "vmlinuz"
+    if not vmlinuz.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            _run(["apt-get", "download", package], Path(tmp))
+            debs = list(Path(tmp).glob("*.deb"))
+            if not debs:
+                raise GuestUnavailable(f"apt-get download {package} produced no .deb")
+            root = Path(tmp) / "root"
+            _run(["dpkg-deb", "-x", str(debs[0]), str(root)], Path(tmp))
+            kernels = sorted((root / "boot").glob("vmlinuz-*"))
+            if not kernels:
+                raise GuestUnavailable(f"{package} contains no /boot/vmlinuz-*")
+            for rel in GUEST_MODULES:
+                found = list((root / "lib" / "modules").glob(f"*/{rel}*"))
+                if found:
+                    data = found[0].read_bytes()
+                    if found[0].suffix == ".xz":
+                        data = lzma.decompress(data)
+                    (cache / Path(rel).name).write_bytes(data)
+            shutil.copyfile(kernels[-1], cache / "vmlinuz.tmp")
+            os.replace(cache / "vmlinuz.tmp", vmlinuz)  # last: its presence means the cache is complete
+    modules = tuple(cache / Path(rel).name for rel in GUEST_MODULES if (cache / Path(rel).name).exists())
+    return DebianKernel(vmlinuz, modules)
+
+
+def _cpio_newc(entries: list[tuple[str, int, bytes, int]]) -> bytes:
+    """A newc cpio archive of (name, mode, data, rdev); rdev = major << 8 | minor for device nodes."""
+    out = io.BytesIO()
+    ino = 1
+    for name, mode, data, rdev in [*entries, ("TRAILER!!!", 0, b"", 0)]:
+        encoded = name.encode() + b"\0"
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev >> 8, rdev & 0xFF, len(encoded), 0]
+        out.write(b"070701" + b"".join(b"%08X" % f for f in fields) + encoded)
+        out.write(b"\0" * (-(110 + len(encoded)) % 4))
+        out.write(data)
+        out.write(b"\0" * (-len(data) % 4))
+        ino += 1
+    return out.getvalue()
+
+
+def _is_static_elf(data: bytes) -> bool:
+    """An x86-64 ELF executable without a PT_INTERP program header."""
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        return False
+    (phoff,) = struct.unpack_from("<Q", data, 32)
+    phentsize, phnum = struct.unpack_from("<HH", data, 54)
+    return all(struct.unpack_from("<I", data, phoff + i * phentsize)[0] != 3 for i in range(phnum))
+
+
+def build_initramfs(
+    dest: Path, *, marker: str = LINUX_MARKER, poweroff: bool = False, modules: tuple[Path, ...] = ()
+) -> Path:
+    """gzip'd newc initramfs: static busybox and an /init that prints ``marker``, then runs a shell on
+    ttyS0 (busybox acpid powers off on the ACPI power button) -- or powers off at once (``poweroff``)."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        raise GuestUnavailable("busybox (static) is not installed")
+    data = Path(busybox).read_bytes()
+    if not _is_static_elf(data):
+        raise GuestUnavailable(f"{busybox} is dynamically linked; install busybox-static")
+    d = stat.S_IFDIR | 0o755
+    entries = [
+        ("bin", d, b"", 0),
+        ("dev", d, b"", 0),
+        ("etc", d, b"", 0),
+        ("proc", d, b"", 0),
+        ("sys", d, b"", 0),
+        ("bin/busybox", stat.S_IFREG | 0o755, data, 0),
+        ("init", stat.S_IFREG | 0o755, _init_script(marker, poweroff), 0),
+        ("dev/console", stat.S_IFCHR | 0o600, b"", (5 << 8) | 1),
+        ("dev/ttyS0", stat.S_IFCHR | 0o600, b"", (4 << 8) | 64),
+        ("lib", d, b"", 0),
+        ("lib/modules", d, b"", 0),
+        *((f"lib/modules/{m.name}", stat.S_IFREG | 0o644, m.read_bytes(), 0) for m in modules),
+    ]
+    archive = _cpio_newc(entries)
+    dest.write_bytes(gzip.compress(archive, compresslevel=6, mtime=0))
+    return dest
+
+
+def _init_script(marker: str, poweroff: bool) -> bytes:
+    then = INIT_POWEROFF if poweroff else INIT_SHELL
+    script = INIT_SCRIPT.replace("{marker}", marker).replace("{then}", then)
+    return script.replace("{powerbutton}", LINUX_POWERBUTTON).encode()
+
+
+def build_linux_guest(tmp_path: Path, *, poweroff: bool = False) -> tuple[Path, Path]:
+    """(kernel, initrd): Debian's kernel and a busybox initramfs built now."""
+    kernel = debian_kernel()
+    initrd = build_initramfs(Path(tmp_path) / "initrd.gz", poweroff=poweroff, modules=kernel.modules)
+    return kernel.vmlinuz, initrd
+
+
+__all__ = [
+    "KVM_PVM_CLEARCPUID",
+    "LINUX_MARKER",
+    "LINUX_POWERBUTTON",
+    "TINY_AP_BANNER",
+    "TINY_BANNER",
+    "TINY_BENCH_DONE",
+    "TINY_BENCH_EXITS",
+    "TINY_POWERBUTTON",
+    "DebianKernel",
+    "GuestUnavailable",
+    "build_initramfs",
+    "build_linux_guest",
+    "build_tiny_guest",
+    "debian_kernel",
+    "wrap_bzimage",
+]

@@ -1,0 +1,179 @@
+"""Lifecycle decisions of the VMM process, with the build step replaced by a fake (no hypervisor)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from mshv_libvirt.vmm.config import VmmConfig
+from mshv_libvirt.vmm.control import CommandError
+from mshv_libvirt.vmm.runtime import Vmm
+from mshv_libvirt.vmm.vcpu import ResponseKind, VcpuEvent, VcpuResponse, VmExit, VmExitKind
+
+
+class FakeThread:
+    def __init__(self) -> None:
+        self.events: list[VcpuEvent] = []
+        self.exits = 0
+        self.thread = None
+
+    def request(self, event: VcpuEvent, timeout: float = 10.0) -> VcpuResponse:
+        self.events.append(event)
+        kind = {VcpuEvent.PAUSE: ResponseKind.PAUSED, VcpuEvent.RESUME: ResponseKind.RESUMED}
+        return VcpuResponse(kind.get(event, ResponseKind.FINISHED))
+
+
+class FakePm:
+    def __init__(self) -> None:
+        self.presses = 0
+
+    def press_power_button(self) -> None:
+        self.presses += 1
+
+
+@dataclass
+class FakePlatform:
+    acpi_pm: FakePm | None = field(default_factory=FakePm)
+
+
+@dataclass
+class FakeSystem:
+    backend: str = "fake"
+
+
+@dataclass
+class FakeVm:
+    on_exit: Callable[[VmExit], None]
+    paused: bool
+    vcpus: list[FakeThread] = field(default_factory=lambda: [FakeThread(), FakeThread()])
+    platform: FakePlatform = field(default_factory=FakePlatform)
+    system: FakeSystem = field(default_factory=FakeSystem)
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeConsole:
+    pty_path = "/dev/pts/99"
+
+    def write(self, data: bytes) -> None:
+        pass
+
+
+class Harness:
+    def __init__(self, **config: Any) -> None:
+        self.vms: list[FakeVm] = []
+        cfg = VmmConfig.from_dict({"name": "t", "memory_bytes": 64 << 20, "kernel": "/k", "vcpus": 2, **config})
+        self.vmm = Vmm(cfg, self.build)  # type: ignore[arg-type]
+        self.events: list[dict[str, Any]] = []
+        self.vmm._emit = lambda event, **f: self.events.append({"event": event, **f})  # type: ignore[method-assign]
+        self.vmm._console = FakeConsole()  # type: ignore[assignment]
+        self.vmm._start_vm(paused=cfg.start_paused)
+
+    def build(self, config: VmmConfig, write: Any, on_exit: Callable[[VmExit], None], paused: bool) -> FakeVm:
+        vm = FakeVm(on_exit, paused)
+        self.vms.append(vm)
+        return vm
+
+    def guest_exit(self, kind: VmExitKind, detail: str = "d") -> None:
+        """What a vCPU thread does: post through the VM's callback; then the main loop drains."""
+        self.vms[-1].on_exit(VmExit(kind, detail))
+        while not self.vmm._exits.empty():
+            generation, exit_ = self.vmm._exits.get_nowait()
+            if generation == self.vmm._generation:
+                self.vmm._handle_vm_exit(exit_)
+
+
+def test_pause_resume_reach_every_vcpu_and_emit_events() -> None:
+    h = Harness()
+    assert h.vmm.handle_command("pause", {}) == {"state": "paused"}
+    assert h.vmm.handle_command("pause", {}) == {"state": "paused"}  # no second round
+    assert h.vmm.handle_command("resume", {}) == {"state": "running"}
+    assert [t.events for t in h.vms[0].vcpus] == [[VcpuEvent.PAUSE, VcpuEvent.RESUME]] * 2
+    assert [e["event"] for e in h.events] == ["paused", "resumed"]
+    status = h.vmm.handle_command("status", {})
+    assert status["state"] == "running" and status["vcpus"] == 2 and status["pty"] == "/dev/pts/99"
+
+
+def test_guest_poweroff_finishes_with_shutdown() -> None:
+    h = Harness()
+    h.guest_exit(VmExitKind.SHUTDOWN, "S5")
+    assert h.vmm._finish == ("shutdown", "S5")
+    assert h.events == [{"event": "shutdown", "detail": "S5"}]
+    with pytest.raises(CommandError, match="shutting down"):
+        h.vmm.handle_command("status", {})
+
+
+def test_guest_reset_restarts_or_exits_per_on_reboot() -> None:
+    h = Harness()
+    h.guest_exit(VmExitKind.REBOOT, "guest reset")
+    assert len(h.vms) == 2 and h.vms[0].closed and not h.vms[1].paused
+    assert h.vmm._finish is None and h.vmm.boots == 2
+    assert h.events == [{"event": "reboot", "detail": "guest reset"}]
+    h = Harness(on_reboot="destroy")
+    h.guest_exit(VmExitKind.REBOOT, "guest reset")
+    assert len(h.vms) == 1 and h.vmm._finish == ("reboot", "guest reset")
+
+
+def test_exits_from_a_torn_down_vm_are_ignored() -> None:
+    h = Harness()
+    old = h.vms[0]
+    h.vmm.handle_command("reset", {})
+    old.on_exit(VmExit(VmExitKind.CRASH, "late"))  # the old VM's vCPU was still finishing
+    assert h.vmm._exits.empty()
+    assert h.vmm._finish is None and len(h.vms) == 2
+
+
+def test_reboot_command_turns_the_next_poweroff_into_a_restart() -> None:
+    h = Harness()
+    h.vmm.handle_command("reboot", {})
+    assert h.vms[0].platform.acpi_pm is not None and h.vms[0].platform.acpi_pm.presses == 1
+    h.guest_exit(VmExitKind.SHUTDOWN, "S5")
+    assert len(h.vms) == 2 and h.vmm._finish is None
+    h.guest_exit(VmExitKind.SHUTDOWN, "S5")  # the flag does not stick to the new boot
+    assert h.vmm._finish == ("shutdown", "S5")
+
+
+def test_crash_error_destroy_and_no_acpi() -> None:
+    h = Harness()
+    h.guest_exit(VmExitKind.CRASH, "triple fault")
+    assert h.vmm._finish == ("crash", "triple fault") and h.events[-1]["event"] == "crashed"
+    h = Harness()
+    h.guest_exit(VmExitKind.ERROR, "vCPU 0: boom")
+    assert h.vmm._finish == ("error", "vCPU 0: boom")
+    h = Harness()
+    h.vmm.handle_command("destroy", {})
+    assert h.vmm._finish == ("destroyed", "destroyed by the host")
+    h = Harness(acpi=False)
+    h.vms[0].platform.acpi_pm = None
+    with pytest.raises(CommandError, match="no ACPI power button"):
+        h.vmm.handle_command("shutdown", {})
+    with pytest.raises(CommandError, match="unknown command"):
+        h.vmm.handle_command("explode", {})
+
+
+def test_start_paused() -> None:
+    h = Harness(start_paused=True)
+    assert h.vms[0].paused and h.vmm.handle_command("status", {})["state"] == "paused"
+    h.vmm.handle_command("resume", {})
+    assert h.events == [{"event": "resumed"}]
+
+
+def test_reset_keeps_a_paused_vm_paused_and_stuck_vcpus_are_reported() -> None:
+    h = Harness()
+    h.vmm.handle_command("pause", {})
+    h.vmm.handle_command("reset", {})
+    assert len(h.vms) == 2 and h.vms[1].paused
+    assert h.vmm.handle_command("status", {})["state"] == "paused"
+
+    def stuck(event: VcpuEvent, timeout: float = 10.0) -> VcpuResponse:
+        raise TimeoutError("vCPU 0 did not answer resume")
+
+    h.vms[1].vcpus[0].request = stuck  # type: ignore[method-assign]
+    with pytest.raises(CommandError, match="operation failed: vCPU 0 did not answer resume"):
+        h.vmm.handle_command("resume", {})
+    assert h.vmm.handle_command("status", {})["state"] == "paused"
