@@ -55,8 +55,12 @@ def test_cli_fails_when_a_recorded_offset_changes(tmp_path: Path) -> None:
         (lambda m: m["ioctls"].__setitem__("MSHV_RUN_VP", 0x8100B8FF), "ioctl MSHV_RUN_VP changed"),
         (lambda m: m["ioctls"].__setitem__("MSHV_OLD_CALL", 0x1234), "ioctl MSHV_OLD_CALL disappeared"),
         (lambda m: m["structs"]["struct mshv_root_hvcall"].__setitem__("size", 24), "size changed from 24"),
-        (lambda m: m["structs"]["struct mshv_create_vp"]["fields"].__setitem__(
-            "gone", {"offset": 4, "size": 4, "type": "uint32_t"}), "mshv_create_vp.gone disappeared"),
+        (
+            lambda m: m["structs"]["struct mshv_create_vp"]["fields"].__setitem__(
+                "gone", {"offset": 4, "size": 4, "type": "uint32_t"}
+            ),
+            "mshv_create_vp.gone disappeared",
+        ),
         (lambda m: m["constants"].__setitem__("MSHV_SET_MEM_FLAGS_MASK", 3), "MSHV_SET_MEM_FLAGS_MASK changed"),
     ],
 )
