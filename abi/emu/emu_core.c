@@ -62,7 +62,7 @@ static struct emu_partition *handle_partition(const struct handle *h)
 /* Is fd still the file we handed out? Callers hold tab_lock. */
 static int fresh(int fd, const struct handle *h)
 {
-    long r = syscall(SYS_kcmp, (long)getpid(), (long)getpid(), (long)KCMP_FILE, (long)fd, (long)h->shadow);
+    long r = syscall(SYS_kcmp, (long)emu_self(), (long)emu_self(), (long)KCMP_FILE, (long)fd, (long)h->shadow);
     if (r >= 0)
         return r == 0;
     return errno != EBADF; /* kcmp filtered or absent: trust the table */

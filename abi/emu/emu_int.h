@@ -7,6 +7,33 @@
  *            emu_kvm.c       KVM backing: VM, memslots, vCPUs, registers, exits
  *            emu_decode.c    just enough x86 decoding to find an intercepted instruction
  *            emu_uaccess.c   copy_{from,to}_user that fail with EFAULT instead of crashing
+ *
+ * Generation mirrored: 6.15-6.18 (shared/reference/mshv-abi.md §5), plus 6.19's v2
+ * create-partition behind MSHV_PT_BIT_CPU_AND_XSAVE_FEATURES (mask 0xF). So: ROOT_HVCALL on
+ * /dev/mshv is ENOTTY; the 6.15 allow-list (no GET_PARTITION_PROPERTY_EX); the 6.15 endpoint
+ * overlap test in GPA and user space; duplicate gsi 0 accepted; unmap miss is EINVAL.
+ *
+ * Hypervisor answers we had to infer or choose (the kernel only forwards them):
+ *   - CREATE_VP / mapping memory before INITIALIZE: INVALID_PARTITION_STATE -> EIO.
+ *   - GPAP bitmap / GET_GPA_PAGES_ACCESS_STATES with tracking off: INVALID_PARTITION_STATE -> EIO;
+ *     "accessed" = written or explicitly set (KVM only logs writes); unmapped GPAs read clean.
+ *   - registers of a VP that is inside RUN_VP: INVALID_VP_STATE; read-only properties:
+ *     ACCESS_DENIED; "early" properties after INITIALIZE: INVALID_PARTITION_STATE; SynIC calls
+ *     (no SynIC emulated): INVALID_VP_STATE.
+ *   - an AP whose RIP the VMM sets leaves wait-for-SIPI; one never given a context waits for
+ *     the guest's INIT/SIPI (handled by KVM's LAPIC).
+ *   - HVMSG_X64_HALT only for HLT with interrupts off (nothing can wake it); HLT with IF set
+ *     waits in the kernel for the interrupt, as with the hypervisor's LAPIC.
+ * Deviations forced by KVM:
+ *   - a GPA range strictly containing an old region passes the 6.15 check but the memslot is
+ *     refused (EEXIST); no register page (mmap pgoff 0 -> ENODEV, as for SNP partitions);
+ *     XSAVE state is KVM's standard-format image, not the hypervisor's compacted one.
+ *   - irqfd resamplers: KVM only resamples with a full in-kernel irqchip, so resamplefds are
+ *     signalled from the EOI exit of level-triggered routes (GSI < 24).
+ *   - TIME_FREEZE is recorded, not enforced; INSTALL_INTERCEPT is accepted, but only I/O-port
+ *     and unmapped-GPA intercepts are ever delivered.
+ *   - after a string IN the VMM emulates, KVM has already stored zeros at ES:rDI (overwritten
+ *     when the VMM completes the instruction).
  */
 #ifndef MSHV_LIBVIRT_EMU_INT_H
 #define MSHV_LIBVIRT_EMU_INT_H
@@ -78,6 +105,8 @@ struct emu_vp {
     struct kvm_run *run;
     size_t run_size;
     int stats_fd;               /* KVM binary stats ("blocking"), -1 if unavailable */
+    int sync_regs;              /* KVM copies regs/sregs into kvm_run at every exit */
+    int started;                /* known to be past wait-for-SIPI */
     int msg_fd;                 /* memfd behind the intercept-message page (mmap pgoff 1) */
     struct hv_message *msg_page;
     uint8_t *state[MSHV_VP_STATE_COUNT]; /* software VP state pages (no hardware equivalent) */
@@ -87,6 +116,7 @@ struct emu_vp {
     int in_run;
     pid_t tid;
     int blocked_scans;
+    int kicked;                 /* the monitor sent a kick during this RUN_VP */
     uint64_t last_kick_ns;
     struct emu_vp *mon_next;
     int sigmask_valid;
@@ -128,6 +158,7 @@ EMU_LOCAL int emu_nonzero(const void *p, size_t n);
 EMU_LOCAL int emu_eventfd_check(int fd);
 EMU_LOCAL int emu_same_file(int a, int b);
 EMU_LOCAL uint64_t emu_now_ns(void);
+EMU_LOCAL pid_t emu_self(void);
 EMU_LOCAL int emu_env_flag(const char *name, int dflt);
 
 /* ---- emu_core.c ---- */

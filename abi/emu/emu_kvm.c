@@ -63,7 +63,7 @@ static pthread_mutex_t kvm_lock = PTHREAD_MUTEX_INITIALIZER;
 static int kvm_fd = -2; /* -2: not opened yet, -1: unavailable */
 static int vcpu_mmap_size;
 static struct kvm_cpuid2 *supported;
-static int cap_readonly, cap_user_msr, cap_idmap;
+static int cap_readonly, cap_user_msr, cap_idmap, cap_sync_regs;
 static uint32_t xsave_size = 4096, phys_bits;
 static uint64_t xsave_states;
 static long stats_blocking = -2; /* byte offset of "blocking" in the stats file, -1 if none */
@@ -138,6 +138,9 @@ int emu_kvm_fd(void)
             cap_readonly = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_READONLY_MEM) > 0;
             cap_user_msr = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_X86_USER_SPACE_MSR) > 0;
             cap_idmap = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_SET_IDENTITY_MAP_ADDR) > 0;
+            int sync = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_SYNC_REGS);
+            cap_sync_regs = sync > 0 && (sync & (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS)) ==
+                                            (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS);
             int x2 = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_XSAVE2);
             xsave_size = x2 > 4096 ? (uint32_t)x2 : 4096;
             const struct kvm_cpuid_entry2 *e = cpuid_find(supported, 0xD, 0);
@@ -387,6 +390,11 @@ int emu_kvm_vcpu_create(struct emu_vp *vp)
         msr_rw(vp, 0x1B, &off, 1);
         msr_rw(vp, 0x1B, &base, 1);
     }
+    if (cap_sync_regs) {
+        /* Registers arrive with every exit in kvm_run: two ioctls fewer per intercept. */
+        vp->run->kvm_valid_regs = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS;
+        vp->sync_regs = 1;
+    }
     vp->stats_fd = ioctl(fd, KVM_GET_STATS_FD, 0);
     pthread_mutex_lock(&kvm_lock);
     if (stats_blocking == -2 && vp->stats_fd >= 0)
@@ -596,6 +604,49 @@ static int fetch(struct emu_partition *pt, const struct kvm_sregs *s, int mode, 
         got += chunk;
     }
     return got;
+}
+
+/* The bytes around RIP an exit needs, read once: up to 15 before it (a candidate start when
+ * KVM already moved RIP past the instruction) and 16 from it. */
+struct code_window {
+    uint8_t b[31];
+    int back;                   /* valid bytes before RIP: b[15 - back] .. b[14] */
+    int fwd;                    /* valid bytes from RIP: b[15] .. b[15 + fwd - 1] */
+};
+
+static void fetch_window(struct emu_partition *pt, const struct kvm_sregs *s, int mode, uint64_t rip,
+                         struct code_window *w)
+{
+    uint64_t mask = mode == 64 ? ~0ull : 0xFFFFFFFFull;
+    uint64_t lo = ((mode == 64 ? rip : s->cs.base + rip) - 15) & mask;
+    uint8_t ok[31] = {0};
+    memset(w, 0, sizeof(*w));
+    /* one page walk per page touched (normally one), instead of one per byte range */
+    for (int i = 0; i < 31;) {
+        uint64_t lin = (lo + (uint64_t)i) & mask, gpa;
+        int chunk = (int)(EMU_PAGE - (lin & (EMU_PAGE - 1)));
+        chunk = chunk < 31 - i ? chunk : 31 - i;
+        if (walk(pt, s, lin, 0, &gpa) == EMU_GVA_SUCCESS && emu_read_gpa(pt, gpa, w->b + i, (size_t)chunk) == 0)
+            memset(ok + i, 1, (size_t)chunk);
+        i += chunk;
+    }
+    while (w->fwd < 16 && ok[15 + w->fwd])
+        w->fwd++;
+    while (w->back < 15 && ok[14 - w->back])
+        w->back++;
+}
+
+/* The instruction bytes starting `before` bytes ahead of RIP. */
+static const uint8_t *win_at(const struct code_window *w, int before)
+{
+    return w->b + 15 - before;
+}
+
+/* How many message bytes are known for an instruction starting `before` bytes ahead of RIP. */
+static int win_count(const struct code_window *w, int before)
+{
+    int n = before + w->fwd;
+    return n < 16 ? n : 16;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1034,7 +1085,7 @@ uint16_t emu_regctx_flush(struct emu_regctx *c)
         return HV_STATUS_INVALID_REGISTER_VALUE;
     if ((c->dirty & G_EV) && ioctl(fd, KVM_SET_VCPU_EVENTS, &c->ev) < 0)
         return HV_STATUS_INVALID_REGISTER_VALUE;
-    if (c->rip_written) {
+    if (c->rip_written && !c->vp->started) {
         /* With the LAPIC in KVM, application processors start in wait-for-SIPI. A VMM that
          * sets an AP's RIP explicitly wants it to run from there (the hypervisor starts VPs
          * from the context the VMM gives them); one that does not leaves it to the guest's
@@ -1045,6 +1096,7 @@ uint16_t emu_regctx_flush(struct emu_regctx *c)
             mp.mp_state = KVM_MP_STATE_RUNNABLE;
             ioctl(fd, KVM_SET_MP_STATE, &mp);
         }
+        c->vp->started = 1;
     }
     c->dirty = 0;
     return 0;
@@ -1118,7 +1170,8 @@ static void *monitor(void *arg)
             vp->blocked_scans = b == 0 ? 0 : vp->blocked_scans + 1;
             if (vp->blocked_scans >= 2 && now - vp->last_kick_ns >= MON_REKICK_NS && kick_sig > 0) {
                 vp->last_kick_ns = now;
-                syscall(SYS_tgkill, getpid(), vp->tid, kick_sig);
+                vp->kicked = 1;
+                syscall(SYS_tgkill, emu_self(), vp->tid, kick_sig);
             }
         }
         pthread_mutex_unlock(&mon_lock);
@@ -1131,7 +1184,11 @@ static void *monitor(void *arg)
 static void mon_enter(struct emu_vp *vp)
 {
     pthread_mutex_lock(&mon_lock);
-    vp->tid = (pid_t)syscall(SYS_gettid);
+    static __thread pid_t tid;
+    if (!tid)
+        tid = (pid_t)syscall(SYS_gettid);
+    vp->tid = tid;
+    vp->kicked = 0;
     vp->blocked_scans = 0;
     vp->last_kick_ns = 0;
     __atomic_store_n(&vp->in_run, 1, __ATOMIC_RELEASE);
@@ -1221,6 +1278,17 @@ static void set_type(struct hv_message *msg, uint32_t type, size_t payload)
     msg->header.payload_size = (uint8_t)payload;
     msg->header.message_flags = 0;
     msg->header.sender = 0;
+}
+
+/* Registers as they were at the exit. */
+static int exit_regs(struct emu_vp *vp, struct kvm_regs *r, struct kvm_sregs *s)
+{
+    if (vp->sync_regs) {
+        memcpy(r, &vp->run->s.regs.regs, sizeof(*r));
+        memcpy(s, &vp->run->s.regs.sregs, sizeof(*s));
+        return 0;
+    }
+    return ioctl(vp->vcpu_fd, KVM_GET_REGS, r) < 0 || ioctl(vp->vcpu_fd, KVM_GET_SREGS, s) < 0 ? -1 : 0;
 }
 
 /* Let KVM finish the access it is waiting to complete, without entering the guest. Further
@@ -1320,35 +1388,33 @@ static int io_exit(struct emu_vp *vp, struct hv_message *msg)
     memcpy(data, (uint8_t *)run + run->io.data_offset, dlen);
     if (is_in)
         memset((uint8_t *)run + run->io.data_offset, 0, (size_t)size * count);
-    if (ioctl(vp->vcpu_fd, KVM_GET_REGS, &r0) < 0 || ioctl(vp->vcpu_fd, KVM_GET_SREGS, &s) < 0 ||
-        complete_pending(vp) < 0 || ioctl(vp->vcpu_fd, KVM_GET_REGS, &r1) < 0)
+    if (exit_regs(vp, &r0, &s) < 0 || complete_pending(vp) < 0 || ioctl(vp->vcpu_fd, KVM_GET_REGS, &r1) < 0)
         return -EIO;
     int mode = cpu_mode(&s, r0.rflags);
-    uint8_t b[16] = {0};
+    struct code_window w;
     struct emu_insn in;
     uint64_t start = r0.rip;
-    int len = 0;
+    int len = 0, before = 0;
     uint64_t delta = r1.rip - r0.rip;
-    int n = fetch(vp->pt, &s, mode, r0.rip, b, 15);
+    fetch_window(vp->pt, &s, mode, r0.rip, &w);
     memset(&in, 0, sizeof(in));
-    if (delta >= 1 && delta <= (uint64_t)n && emu_decode(b, (int)delta, mode, &in) == (int)delta &&
+    if (delta >= 1 && delta <= (uint64_t)w.fwd && emu_decode(win_at(&w, 0), (int)delta, mode, &in) == (int)delta &&
         emu_insn_is_io(&in, is_in, port, size, r0.rdx)) {
         len = (int)delta; /* KVM left RIP at the instruction and advanced it on completion */
-    } else if (emu_decode(b, n, mode, &in) > 0 && in.rep && emu_insn_is_io(&in, is_in, port, size, r0.rdx)) {
+    } else if (emu_decode(win_at(&w, 0), w.fwd, mode, &in) > 0 && in.rep &&
+               emu_insn_is_io(&in, is_in, port, size, r0.rdx)) {
         len = in.len; /* a REP INS/OUTS with iterations left: still at the instruction */
     } else {
         /* RIP was already past the instruction at the exit: find the I/O instruction that ends
          * exactly there (shortest match; a redundant prefix before it would only change the
          * reported start, not where the VMM resumes). */
-        for (int l = 1; l <= 15 && !len; l++) {
-            uint8_t c[15];
-            if (fetch(vp->pt, &s, mode, r0.rip - (uint64_t)l, c, l) == l && emu_decode(c, l, mode, &in) == l &&
-                emu_insn_is_io(&in, is_in, port, size, r0.rdx)) {
-                start = r0.rip - (uint64_t)l;
+        for (int l = 1; l <= w.back && !len; l++)
+            if (emu_decode(win_at(&w, l), l, mode, &in) == l && emu_insn_is_io(&in, is_in, port, size, r0.rdx)) {
                 len = l;
+                before = l;
+                start = r0.rip - (uint64_t)l;
             }
-        }
-        if (!len && emu_decode(b, n, mode, &in) > 0 && emu_insn_is_io(&in, is_in, port, size, r0.rdx))
+        if (!len && emu_decode(win_at(&w, 0), w.fwd, mode, &in) > 0 && emu_insn_is_io(&in, is_in, port, size, r0.rdx))
             len = in.len;
     }
     /* Back to the state before the instruction, as the hypervisor leaves it. */
@@ -1366,7 +1432,8 @@ static int io_exit(struct emu_vp *vp, struct hv_message *msg)
     m->port_number = port;
     m->access_info = (uint8_t)(size | string << 3 | (string && in.rep) << 4);
     m->rax = r0.rax;
-    m->instruction_byte_count = (uint8_t)fetch(vp->pt, &s, mode, start, m->instruction_bytes, 16);
+    m->instruction_byte_count = (uint8_t)win_count(&w, before);
+    memcpy(m->instruction_bytes, win_at(&w, before), m->instruction_byte_count);
     m->ds_segment = seg_to_hv(&s.ds);
     m->es_segment = seg_to_hv(&s.es);
     m->rcx = r0.rcx;
@@ -1381,22 +1448,26 @@ static int mmio_exit(struct emu_vp *vp, struct hv_message *msg)
     struct kvm_run *run = vp->run;
     struct kvm_regs r0, r1;
     struct kvm_sregs s;
-    uint64_t gpa = run->mmio.phys_addr;
+    uint64_t gpa = run->mmio.phys_addr, data = 0;
     int is_write = run->mmio.is_write;
+    uint32_t mlen = run->mmio.len;
+    memcpy(&data, run->mmio.data, sizeof(data)); /* before completing overwrites kvm_run */
+    if (mlen < 8)
+        data &= (1ull << (8 * mlen)) - 1;
     if (!is_write)
         memset(run->mmio.data, 0, sizeof(run->mmio.data));
-    if (ioctl(vp->vcpu_fd, KVM_GET_REGS, &r0) < 0 || ioctl(vp->vcpu_fd, KVM_GET_SREGS, &s) < 0 ||
-        complete_pending(vp) < 0 || ioctl(vp->vcpu_fd, KVM_GET_REGS, &r1) < 0)
+    if (exit_regs(vp, &r0, &s) < 0 || complete_pending(vp) < 0 || ioctl(vp->vcpu_fd, KVM_GET_REGS, &r1) < 0)
         return -EIO;
     int mode = cpu_mode(&s, r0.rflags);
     uint64_t g[16], start = r0.rip, lin = 0;
-    int len = 0, have_lin = 0;
+    int len = 0, have_lin = 0, before = 0;
     struct emu_insn in;
-    uint8_t b[16] = {0};
+    struct code_window w;
     gprs(&r0, g);
     uint64_t delta = r1.rip - r0.rip;
-    int n = fetch(vp->pt, &s, mode, r0.rip, b, 15);
-    if (delta >= 1 && delta <= (uint64_t)n && emu_decode(b, (int)delta, mode, &in) == (int)delta) {
+    fetch_window(vp->pt, &s, mode, r0.rip, &w);
+    memset(&in, 0, sizeof(in));
+    if (delta >= 1 && delta <= (uint64_t)w.fwd && emu_decode(win_at(&w, 0), (int)delta, mode, &in) == (int)delta) {
         len = (int)delta; /* at the instruction; completion moved RIP past it */
         have_lin = emu_insn_linear(&in, g, &s, start + (uint64_t)len, &lin);
     } else if (is_write) {
@@ -1404,21 +1475,15 @@ static int mmio_exit(struct emu_vp *vp, struct hv_message *msg)
          * decode to one memory-writing instruction, keep the one whose operand addresses the
          * faulting GPA with the access's size and, for a plain MOV, the value written. x86 is
          * dense ("00 00" is a valid store), so every check counts. */
-        uint64_t data = 0;
-        memcpy(&data, run->mmio.data, sizeof(data));
-        if (run->mmio.len < 8)
-            data &= (1ull << (8 * run->mmio.len)) - 1;
         int best = 0, best_score = -1, best_ea = 0;
         uint64_t best_lin = 0;
-        for (int l = 1; l <= 15; l++) {
-            uint8_t c[15];
+        for (int l = 1; l <= w.back; l++) {
             uint64_t x = 0, v;
             struct emu_insn t;
-            if (fetch(vp->pt, &s, mode, r0.rip - (uint64_t)l, c, l) != l || emu_decode(c, l, mode, &t) != l ||
-                !emu_insn_writes_mem(&t))
+            if (emu_decode(win_at(&w, l), l, mode, &t) != l || !emu_insn_writes_mem(&t))
                 continue;
             int size = emu_insn_mem_size(&t), score = 0;
-            if (size && size != (int)run->mmio.len && !(size > 8 && run->mmio.len == 8))
+            if (size && size != (int)mlen && !(size > 8 && mlen == 8))
                 continue;
             score += size ? 2 : 1;
             if (emu_insn_store_value(&t, g, &v)) {
@@ -1436,12 +1501,13 @@ static int mmio_exit(struct emu_vp *vp, struct hv_message *msg)
         }
         if (best) {
             len = best;
+            before = best;
             start = r0.rip - (uint64_t)len;
             lin = best_lin;
             have_lin = best_ea;
         }
     }
-    if (!len && emu_decode(b, n, mode, &in) > 0) {
+    if (!len && emu_decode(win_at(&w, 0), w.fwd, mode, &in) > 0) {
         len = in.len; /* e.g. a string instruction with iterations left */
         have_lin = emu_insn_linear(&in, g, &s, start + (uint64_t)len, &lin);
     }
@@ -1453,7 +1519,8 @@ static int mmio_exit(struct emu_vp *vp, struct hv_message *msg)
     memset(m, 0, sizeof(*m));
     fill_header(&m->header, vp, &r0, &s, start, len, is_write ? HV_INTERCEPT_ACCESS_WRITE : HV_INTERCEPT_ACCESS_READ);
     m->cache_type = 0; /* uncached, as for device memory */
-    m->instruction_byte_count = (uint8_t)fetch(vp->pt, &s, mode, start, m->instruction_bytes, 16);
+    m->instruction_byte_count = (uint8_t)win_count(&w, before);
+    memcpy(m->instruction_bytes, win_at(&w, before), m->instruction_byte_count);
     if (have_lin) {
         uint64_t x;
         m->guest_virtual_address = lin;
@@ -1610,12 +1677,14 @@ long emu_kvm_run(struct emu_vp *vp, struct hv_message *msg)
             rc = -EIO;
             break;
         }
+        vp->started = 1; /* it ran guest code: no longer waiting for SIPI */
         rc = handle_exit(vp, msg);
         if (rc != 1)
             break;
     }
     mon_leave(vp);
-    take_kick(); /* a kick that raced with our exit */
+    if (vp->kicked)
+        take_kick(); /* a kick that raced with our exit */
     pthread_sigmask(SIG_SETMASK, &caller, NULL);
     return rc;
 }

@@ -23,6 +23,29 @@
 #include "emu_int.h"
 
 static int pvm_usable = 1;          /* cleared if process_vm_* is unavailable here */
+static pid_t cached_pid;            /* getpid() is a system call every time in glibc */
+static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
+
+static void forget_pid(void)
+{
+    cached_pid = 0; /* a forked child must address itself, not its parent */
+}
+
+static void pid_init(void)
+{
+    pthread_atfork(NULL, NULL, forget_pid);
+}
+
+pid_t emu_self(void)
+{
+    pthread_once(&pid_once, pid_init);
+    pid_t p = __atomic_load_n(&cached_pid, __ATOMIC_RELAXED);
+    if (!p) {
+        p = getpid();
+        __atomic_store_n(&cached_pid, p, __ATOMIC_RELAXED);
+    }
+    return p;
+}
 static pthread_mutex_t pipe_lock = PTHREAD_MUTEX_INITIALIZER;
 static int probe_pipe[2] = {-1, -1};
 
@@ -80,7 +103,7 @@ int emu_copy_from_user(void *dst, uint64_t src, size_t n)
     if (pvm_usable) {
         struct iovec local = {dst, n};
         struct iovec remote = {(void *)(uintptr_t)src, n};
-        ssize_t r = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+        ssize_t r = process_vm_readv(emu_self(), &local, 1, &remote, 1, 0);
         if (r == (ssize_t)n)
             return 0;
         if (r >= 0 || (errno != ENOSYS && errno != EPERM))
@@ -101,7 +124,7 @@ int emu_copy_to_user(uint64_t dst, const void *src, size_t n)
          * force writes). */
         struct iovec local = {(void *)src, n};
         struct iovec remote = {(void *)(uintptr_t)dst, n};
-        ssize_t r = process_vm_writev(getpid(), &local, 1, &remote, 1, 0);
+        ssize_t r = process_vm_writev(emu_self(), &local, 1, &remote, 1, 0);
         if (r == (ssize_t)n)
             return 0;
         if (r >= 0 || (errno != ENOSYS && errno != EPERM))
@@ -202,7 +225,7 @@ static long eventfd_id(int fd)
  * file (dup), which kcmp(KCMP_FILE) answers exactly. */
 int emu_same_file(int a, int b)
 {
-    long r = syscall(SYS_kcmp, (long)getpid(), (long)getpid(), (long)KCMP_FILE, (long)a, (long)b);
+    long r = syscall(SYS_kcmp, (long)emu_self(), (long)emu_self(), (long)KCMP_FILE, (long)a, (long)b);
     if (r >= 0)
         return r == 0;
     long ia = eventfd_id(a), ib = eventfd_id(b);

@@ -57,9 +57,7 @@ def checksum(data: bytes | bytearray) -> int:
 
 def _table(signature: bytes, revision: int, body: bytes) -> bytes:
     length = 36 + len(body)
-    header = struct.pack(
-        "<4sIBB6s8sI4sI", signature, length, revision, 0, OEM_ID, OEM_TABLE_ID, 1, CREATOR_ID, 1
-    )
+    header = struct.pack("<4sIBB6s8sI4sI", signature, length, revision, 0, OEM_ID, OEM_TABLE_ID, 1, CREATOR_ID, 1)
     table = bytearray(header + body)
     table[9] = checksum(table)
     return bytes(table)

@@ -226,9 +226,7 @@ def set_properties(partition: PartitionFd) -> None:
     # No synthetic (Hyper-V enlightenment) features: the guest sees a plain PC with a LAPIC, so
     # the same guest configuration runs on /dev/mshv and on the emulated device.
     try:
-        partition.set_property(
-            HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION, UNIMPLEMENTED_MSR_IGNORE_WRITE_READ_ZERO
-        )
+        partition.set_property(HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION, UNIMPLEMENTED_MSR_IGNORE_WRITE_READ_ZERO)
     except (MshvError, OSError) as err:
         raise SetPropertiesError(str(err)) from err
 
@@ -291,9 +289,7 @@ def attach_devices(
 
 def load_kernel(ram: GuestRam, config: VmmConfig) -> loader.KernelImage:
     try:
-        image = loader.load_kernel_image(
-            Path(config.kernel).read_bytes(), host_decompress=config.host_decompress
-        )
+        image = loader.load_kernel_image(Path(config.kernel).read_bytes(), host_decompress=config.host_decompress)
         for seg in image.segments:
             ram.write(seg.gpa, seg.data)
             if seg.mem_size > len(seg.data):

@@ -35,9 +35,7 @@ class VmmConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> VmmConfig:
-        def get(
-            key: str, kind: type | tuple[type, ...], default: Any = ..., *, optional: bool = False
-        ) -> Any:
+        def get(key: str, kind: type | tuple[type, ...], default: Any = ..., *, optional: bool = False) -> Any:
             if key not in raw or (optional and raw[key] is None):
                 if default is ...:
                     raise ConfigError(f"config field {key!r} is required")

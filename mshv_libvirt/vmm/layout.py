@@ -101,9 +101,7 @@ def identity_page_tables() -> tuple[int, bytes]:
     present_rw = 0x3
     large = 0x80
     pml4 = struct.pack("<Q", PDPT_ADDR | present_rw).ljust(PAGE_SIZE, b"\0")
-    pdpt = struct.pack("<4Q", *(PD_ADDR + i * PAGE_SIZE | present_rw for i in range(4))).ljust(
-        PAGE_SIZE, b"\0"
-    )
+    pdpt = struct.pack("<4Q", *(PD_ADDR + i * PAGE_SIZE | present_rw for i in range(4))).ljust(PAGE_SIZE, b"\0")
     pds = struct.pack("<2048Q", *((i << 21) | present_rw | large for i in range(2048)))
     assert PDPT_ADDR == PML4_ADDR + PAGE_SIZE and PD_ADDR == PDPT_ADDR + PAGE_SIZE
     return PML4_ADDR, pml4 + pdpt + pds

@@ -178,9 +178,7 @@ def parse_elf_segments(elf: bytes) -> tuple[int, tuple[Segment, ...]] | None:
         base = e_phoff + i * e_phentsize
         if base + 56 > len(elf):
             return None
-        p_type, _flags, p_offset, _vaddr, p_paddr, p_filesz, p_memsz = struct.unpack_from(
-            "<IIQQQQQ", elf, base
-        )
+        p_type, _flags, p_offset, _vaddr, p_paddr, p_filesz, p_memsz = struct.unpack_from("<IIQQQQQ", elf, base)
         if p_type != 1:  # PT_LOAD
             continue
         if p_offset + p_filesz > len(elf) or p_memsz < p_filesz:

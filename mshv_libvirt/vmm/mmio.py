@@ -88,9 +88,7 @@ def _modrm_length(code: bytes, pos: int) -> tuple[int, int, int]:
 def decode(code: bytes) -> MmioInstruction:
     pos = 0
     opsize16 = False
-    while pos < len(code) and (
-        code[pos] in SEGMENT_PREFIXES or code[pos] in (OPSIZE_PREFIX, ADDRSIZE_PREFIX)
-    ):
+    while pos < len(code) and (code[pos] in SEGMENT_PREFIXES or code[pos] in (OPSIZE_PREFIX, ADDRSIZE_PREFIX)):
         opsize16 |= code[pos] == OPSIZE_PREFIX
         pos += 1
     rex = 0
@@ -112,9 +110,7 @@ def decode(code: bytes) -> MmioInstruction:
 
     if op == 0x0F:
         if pos >= len(code) or code[pos] not in (0xB6, 0xB7):
-            raise DecodeError(
-                f"unsupported MMIO instruction 0f {code[pos]:02x}" if pos < len(code) else "truncated"
-            )
+            raise DecodeError(f"unsupported MMIO instruction 0f {code[pos]:02x}" if pos < len(code) else "truncated")
         size = 1 if code[pos] == 0xB6 else 2
         pos += 1
         _, reg, n = _modrm_length(code, pos)

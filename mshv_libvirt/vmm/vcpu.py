@@ -144,9 +144,7 @@ def install_kick_handler() -> None:
 class ExitHandler:
     """Completes intercepts against the platform's buses; reports VM-level exits through ``gate``."""
 
-    def __init__(
-        self, pio: Bus, mmio_bus: Bus, gate: ExitGate, on_eoi: Callable[[int], None] | None = None
-    ) -> None:
+    def __init__(self, pio: Bus, mmio_bus: Bus, gate: ExitGate, on_eoi: Callable[[int], None] | None = None) -> None:
         self.pio = pio
         self.mmio = mmio_bus
         self._gate = gate
@@ -236,9 +234,7 @@ class ExitHandler:
 
 
 class VcpuThread:
-    def __init__(
-        self, index: int, vp: Vp, handler: ExitHandler, on_vm_exit: Callable[[VmExit], None]
-    ) -> None:
+    def __init__(self, index: int, vp: Vp, handler: ExitHandler, on_vm_exit: Callable[[VmExit], None]) -> None:
         self.index = index
         self.vp = vp
         self._handler = handler

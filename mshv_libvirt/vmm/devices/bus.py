@@ -31,13 +31,9 @@ class Bus:
             raise ValueError("bus range must not be empty")
         i = bisect.bisect_left(self._starts, base)
         if i < len(self._entries) and self._entries[i][0] < base + length:
-            raise BusConflictError(
-                f"{self.name} range {base:#x}+{length:#x} overlaps {self._entries[i][0]:#x}"
-            )
+            raise BusConflictError(f"{self.name} range {base:#x}+{length:#x} overlaps {self._entries[i][0]:#x}")
         if i > 0 and self._entries[i - 1][0] + self._entries[i - 1][1] > base:
-            raise BusConflictError(
-                f"{self.name} range {base:#x}+{length:#x} overlaps {self._entries[i - 1][0]:#x}"
-            )
+            raise BusConflictError(f"{self.name} range {base:#x}+{length:#x} overlaps {self._entries[i - 1][0]:#x}")
         self._starts.insert(i, base)
         self._entries.insert(i, (base, length, device))
 

@@ -49,9 +49,7 @@ KBD_IRQ = 1
 
 
 class I8042:
-    def __init__(
-        self, on_reset: Callable[[], None], set_irq: Callable[[int, bool], None] | None = None
-    ) -> None:
+    def __init__(self, on_reset: Callable[[], None], set_irq: Callable[[int, bool], None] | None = None) -> None:
         self._on_reset = on_reset
         self._set_irq = set_irq
         self._lock = threading.RLock()

@@ -66,9 +66,7 @@ RX_FIFO_SIZE = 64  # deeper than a 16550A's 16 so pasted input is not dropped wh
 
 
 class Serial16550:
-    def __init__(
-        self, write: Callable[[bytes], object], set_irq: Callable[[bool], None] | None = None
-    ) -> None:
+    def __init__(self, write: Callable[[bytes], object], set_irq: Callable[[bool], None] | None = None) -> None:
         self._write = write
         self._set_irq = set_irq
         self._lock = threading.RLock()
