@@ -1,0 +1,21 @@
+"""Domain definitions: XML parsing, validation and canonical formatting."""
+
+from mshv_libvirt.domain.xml import (
+    LIBVIRT_DOMAIN_SCHEMA,
+    MAX_VCPUS,
+    MAX_XML_BYTES,
+    CharDevice,
+    DomainConfig,
+    format_domain_xml,
+    parse_domain_xml,
+)
+
+__all__ = [
+    "LIBVIRT_DOMAIN_SCHEMA",
+    "MAX_VCPUS",
+    "MAX_XML_BYTES",
+    "CharDevice",
+    "DomainConfig",
+    "format_domain_xml",
+    "parse_domain_xml",
+]
