@@ -833,7 +833,7 @@ _xml_text = st.text(
     name=_xml_text.filter(lambda s: s.strip() != "" and "/" not in s and "\n" not in s),
     title=_xml_text.filter(lambda s: "\n" not in s),
     description=_xml_text,
-    memory=st.integers(min_value=1, max_value=1 << 40),
+    memory=st.integers(min_value=1, max_value=1 << 20),
     unit=st.sampled_from(["b", "KiB", "k", "KB", "MiB", "M", "MB", "GiB", "GB"]),
     vcpus=st.integers(min_value=1, max_value=254),
     cmdline=_xml_text,
