@@ -13,6 +13,7 @@ class ErrorCode(IntEnum):
     INTERNAL_ERROR = 1
     NO_MEMORY = 2
     NO_SUPPORT = 3
+    NO_CONNECT = 5
     INVALID_ARG = 8
     OPERATION_FAILED = 9
     XML_ERROR = 27

@@ -1,0 +1,548 @@
+"""The domain manager: defined/running domains, the lifecycle table applied, VMM processes supervised.
+
+Every state change goes through ``lifecycle.transition``; this module only carries out the table's
+action (spawn, pause, kill ... the VMM) and then publishes the table's events, so what clients see
+is exactly the table. Operations on one domain are serialized by that domain's lock; the domain
+table itself is only mutated on the event loop thread, between awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mshv_libvirt.domain import DomainConfig, format_domain_xml, parse_domain_xml
+from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_operation, no_domain
+from mshv_libvirt.lifecycle import (
+    Action,
+    DefinedDetail,
+    Event,
+    Input,
+    PausedReason,
+    RunningReason,
+    ShutoffReason,
+    State,
+    Status,
+    Transition,
+    policy_input,
+    transition,
+)
+from mshv_libvirt.lifecycle.states import UndefinedDetail, lookup
+
+from .store import ConfigStore, remove_durable, write_atomic
+from .vmm_client import VmmError, VmmFiles, VmmHandle, pid_alive
+
+log = logging.getLogger(__name__)
+
+SHUTOFF_UNKNOWN = Status(State.SHUTOFF, ShutoffReason.UNKNOWN)
+
+
+@dataclass(frozen=True)
+class DomainEvent:
+    kind: str  # "lifecycle" | "reboot"
+    name: str
+    uuid: bytes
+    id: int
+    event: int = 0
+    detail: int = 0
+
+
+@dataclass
+class Domain:
+    name: str
+    uuid: uuidlib.UUID
+    persistent: DomainConfig | None  # None: transient (exists only while running)
+    live: DomainConfig | None = None  # the config the VMM runs with
+    id: int = -1
+    status: Status = SHUTOFF_UNKNOWN
+    vmm: VmmHandle | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    console_owner: object | None = None
+    removed: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.status.state is not State.SHUTOFF
+
+    @property
+    def config(self) -> DomainConfig:
+        cfg = self.live if self.active and self.live is not None else self.persistent
+        assert cfg is not None
+        return cfg
+
+
+@dataclass(frozen=True)
+class Paths:
+    config_dir: Path
+    run_dir: Path
+    log_dir: Path
+
+    @classmethod
+    def system(cls) -> Paths:
+        return cls(Path("/etc/libvirt/mshv"), Path("/run/libvirt/mshv"), Path("/var/log/libvirt/mshv"))
+
+    @classmethod
+    def session(cls) -> Paths:
+        home = Path.home()
+        config = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "libvirt" / "mshv"
+        runtime = os.environ.get("XDG_RUNTIME_DIR") or str(Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache"))
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache")
+        return cls(config, Path(runtime) / "libvirt" / "mshv" / "run", cache / "libvirt" / "mshv" / "log")
+
+
+Listener = Callable[[DomainEvent], None]
+
+
+def _failed(detail: str) -> VirtError:
+    return VirtError(ErrorCode.OPERATION_FAILED, detail, ErrorDomain.DOMAIN)
+
+
+class DomainManager:
+    def __init__(self, paths: Paths, *, autostart: bool = True) -> None:
+        self.paths = paths
+        self.store = ConfigStore(paths.config_dir)
+        self._domains: dict[str, Domain] = {}
+        self._listeners: list[Listener] = []
+        self._next_id = 1
+        self._autostart = autostart
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- start-up ---------------------------------------------------------------------------------
+    async def load(self) -> None:
+        """Read defined domains, re-attach to still-running VMMs, then autostart."""
+        self.store.ensure()
+        self.paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.paths.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for name, xml in self.store.load_all().items():
+            try:
+                cfg = parse_domain_xml(xml)
+            except VirtError as err:
+                log.error("ignoring unreadable config %s: %s", self.store.path(name), err)
+                continue
+            if cfg.name != name:
+                log.error("ignoring %s: it defines domain %r", self.store.path(name), cfg.name)
+                continue
+            self._domains[name] = Domain(name, cfg.uuid, cfg)
+        for record in sorted(self.paths.run_dir.glob("*.json")):
+            await self._reattach(record)
+        if self._autostart:
+            for dom in list(self._domains.values()):
+                if dom.persistent is not None and not dom.active and self.store.autostart(dom.name):
+                    try:
+                        await self.start(dom, paused=False)
+                    except VirtError as err:
+                        log.error("autostart of %s failed: %s", dom.name, err)
+
+    async def _reattach(self, record: Path) -> None:
+        try:
+            raw = json.loads(record.read_text())
+            name, pid, dom_id = str(raw["name"]), int(raw["pid"]), int(raw["id"])
+            live = parse_domain_xml(str(raw["xml"]))
+            status = Status(State(int(raw["state"])), int(raw["reason"]))
+        except (OSError, ValueError, KeyError, TypeError, VirtError) as err:
+            log.error("ignoring unreadable runtime record %s: %s", record, err)
+            remove_durable(record)
+            return
+        dom = self._domains.get(name)
+        if dom is None:
+            dom = Domain(name, live.uuid, None)
+            self._domains[name] = dom
+        dom.live, dom.id, dom.status = live, dom_id, status
+        self._next_id = max(self._next_id, dom_id + 1)
+        files = self._files(name)
+        handle: VmmHandle | None = None
+        if pid_alive(pid):
+            try:
+                handle = await VmmHandle.attach(name, files, pid)
+                st = await handle.request("status")
+                if st.get("state") == "paused" and status.state is State.RUNNING:
+                    dom.status = Status(State.PAUSED, PausedReason.UNKNOWN)
+                elif st.get("state") == "running" and status.state is State.PAUSED:
+                    dom.status = Status(State.RUNNING, RunningReason.UNPAUSED)
+            except VmmError as err:
+                log.warning("cannot re-attach to %s (pid %d): %s", name, pid, err)
+                handle = None
+        if handle is not None:
+            self._adopt(dom, handle)
+            log.info("re-attached to %s (pid %d)", name, pid)
+            return
+        # It ended while no daemon watched: account for it exactly as if we had seen it.
+        dom.vmm = None
+        async with dom.lock:
+            await self._vmm_ended(dom, files)
+
+    # -- events -----------------------------------------------------------------------------------
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Listener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def _emit(self, dom: Domain, kind: str, event: int = 0, detail: int = 0) -> None:
+        ev = DomainEvent(kind, dom.name, dom.uuid.bytes, dom.id, int(event), int(detail))
+        for listener in list(self._listeners):
+            try:
+                listener(ev)
+            except Exception:
+                log.exception("event listener failed")
+
+    # -- lookup -----------------------------------------------------------------------------------
+    def domains(self) -> list[Domain]:
+        return [d for d in self._domains.values() if not d.removed]
+
+    def by_name(self, name: str) -> Domain:
+        dom = self._domains.get(name)
+        if dom is None or dom.removed:
+            raise no_domain(f"no domain with matching name '{name}'")
+        return dom
+
+    def by_uuid(self, raw: bytes) -> Domain:
+        want = uuidlib.UUID(bytes=raw)
+        for dom in self.domains():
+            if dom.uuid == want:
+                return dom
+        raise no_domain(f"no domain with matching uuid '{want}'")
+
+    def by_id(self, dom_id: int) -> Domain:
+        for dom in self.domains():
+            if dom.active and dom.id == dom_id:
+                return dom
+        raise no_domain(f"no domain with matching id {dom_id}")
+
+    def resolve(self, name: str, raw_uuid: bytes) -> Domain:
+        """The domain a client's remote_nonnull_domain names (uuid first, as libvirt's drivers do)."""
+        try:
+            dom = self.by_uuid(raw_uuid)
+        except VirtError:
+            raise no_domain(f"no domain with matching uuid '{uuidlib.UUID(bytes=raw_uuid)}' ({name})") from None
+        return dom
+
+    # -- define / undefine ------------------------------------------------------------------------
+    def _check_unique(self, cfg: DomainConfig) -> Domain | None:
+        existing = self._domains.get(cfg.name)
+        if existing is not None and not existing.removed:
+            if existing.uuid != cfg.uuid:
+                raise VirtError(
+                    ErrorCode.OPERATION_FAILED,
+                    f"domain '{cfg.name}' already exists with uuid {existing.uuid}",
+                    ErrorDomain.DOMAIN,
+                )
+            return existing
+        for dom in self.domains():
+            if dom.uuid == cfg.uuid:
+                raise VirtError(
+                    ErrorCode.OPERATION_FAILED,
+                    f"domain '{dom.name}' is already defined with uuid {cfg.uuid}",
+                    ErrorDomain.DOMAIN,
+                )
+        return None
+
+    async def define(self, xml: str) -> Domain:
+        cfg = parse_domain_xml(xml, check_libvirt_schema=False)
+        existing = self._check_unique(cfg)
+        if existing is None:
+            dom = Domain(cfg.name, cfg.uuid, cfg)
+            self._domains[cfg.name] = dom
+            try:
+                await asyncio.to_thread(self.store.save, cfg.name, cfg.xml)
+            except OSError as err:
+                self._domains.pop(cfg.name, None)
+                raise _failed(f"cannot save config of '{cfg.name}': {err}") from err
+            self._emit(dom, "lifecycle", Event.DEFINED, DefinedDetail.ADDED)
+            return dom
+        dom = existing
+        async with dom.lock:
+            await asyncio.to_thread(self.store.save, cfg.name, cfg.xml)
+            dom.persistent = cfg
+            if not dom.active:
+                dom.live = None
+            self._write_record(dom)
+        self._emit(dom, "lifecycle", Event.DEFINED, DefinedDetail.UPDATED)
+        return dom
+
+    async def undefine(self, dom: Domain) -> None:
+        async with dom.lock:
+            if dom.removed:
+                raise no_domain(f"no domain with matching name '{dom.name}'")
+            if dom.persistent is None:
+                raise invalid_operation("cannot undefine transient domain")
+            await asyncio.to_thread(self.store.delete, dom.name)
+            if dom.active:
+                dom.live = dom.live or dom.persistent
+                dom.persistent = None  # keeps running as a transient domain
+                self._write_record(dom)
+            else:
+                dom.removed = True
+                self._domains.pop(dom.name, None)
+        self._emit(dom, "lifecycle", Event.UNDEFINED, UndefinedDetail.REMOVED)
+
+    def autostart(self, dom: Domain) -> bool:
+        return dom.persistent is not None and self.store.autostart(dom.name)
+
+    async def set_autostart(self, dom: Domain, on: bool) -> None:
+        if dom.persistent is None:
+            raise invalid_operation("cannot set autostart for transient domain")
+        await asyncio.to_thread(self.store.set_autostart, dom.name, on)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def create_transient(self, xml: str, paused: bool) -> Domain:
+        cfg = parse_domain_xml(xml)
+        existing = self._check_unique(cfg)
+        if existing is not None:
+            if existing.active:
+                raise invalid_operation(f"domain '{cfg.name}' is already active")
+            async with existing.lock:
+                existing.live = cfg
+            await self.start(existing, paused, live=cfg)
+            return existing
+        dom = Domain(cfg.name, cfg.uuid, None, live=cfg)
+        self._domains[cfg.name] = dom
+        try:
+            await self.start(dom, paused, live=cfg)
+        except BaseException:
+            if not dom.active:
+                self._domains.pop(cfg.name, None)
+                dom.removed = True
+            raise
+        return dom
+
+    async def start(self, dom: Domain, paused: bool, live: DomainConfig | None = None) -> None:
+        async with dom.lock:
+            if dom.removed:
+                raise no_domain(f"no domain with matching name '{dom.name}'")
+            t = transition(dom.status.state, Input.START_PAUSED if paused else Input.START)
+            dom.live = live or dom.persistent
+            await self._spawn(dom, paused=t.action is Action.SPAWN_VMM_PAUSED)
+            self._commit(dom, t)
+
+    async def suspend(self, dom: Domain) -> None:
+        await self._user_op(dom, Input.SUSPEND)
+
+    async def resume(self, dom: Domain) -> None:
+        await self._user_op(dom, Input.RESUME)
+
+    async def shutdown(self, dom: Domain) -> None:
+        await self._user_op(dom, Input.SHUTDOWN)
+
+    async def reboot(self, dom: Domain) -> None:
+        await self._user_op(dom, Input.REBOOT)
+
+    async def destroy(self, dom: Domain) -> None:
+        await self._user_op(dom, Input.DESTROY)
+
+    async def _user_op(self, dom: Domain, inp: Input) -> None:
+        async with dom.lock:
+            if dom.removed:
+                raise no_domain(f"no domain with matching name '{dom.name}'")
+            t = transition(dom.status.state, inp)
+            await self._act(dom, t)
+            self._commit(dom, t)
+
+    async def _act(self, dom: Domain, t: Transition) -> None:
+        handle = dom.vmm
+        try:
+            if t.action is Action.PAUSE_VMM and handle is not None:
+                await handle.request("pause")
+            elif t.action is Action.RESUME_VMM and handle is not None:
+                await handle.request("resume")
+            elif t.action is Action.REQUEST_SHUTDOWN and handle is not None:
+                await handle.request("shutdown")
+            elif t.action is Action.REQUEST_REBOOT and handle is not None:
+                await handle.request("reboot")
+            elif t.action is Action.KILL_VMM:
+                dom.vmm = None  # the exit watcher must not account for this exit again
+                if handle is not None:
+                    await handle.kill()
+                self._files(dom.name).remove_runtime()
+            elif t.action in (Action.SPAWN_VMM, Action.SPAWN_VMM_PAUSED):
+                await self._spawn(dom, paused=t.action is Action.SPAWN_VMM_PAUSED)
+        except VmmError as err:
+            raise _failed(str(err)) from err
+
+    def _commit(self, dom: Domain, t: Transition) -> None:
+        """Record the table's new status, persist the runtime record and publish the table's events."""
+        dom.status = t.next_status(dom.status)
+        if not dom.active:
+            dom.live = None
+            dom.console_owner = None
+        for event, detail in t.events:
+            if event is Event.STARTED:
+                pass
+            self._emit(dom, "lifecycle", event, detail)
+        if t.reboot_event:
+            self._emit(dom, "reboot")
+        if not dom.active:
+            dom.id = -1
+            remove_durable(self._record_path(dom.name))
+            if dom.persistent is None:
+                dom.removed = True
+                self._domains.pop(dom.name, None)
+        else:
+            self._write_record(dom)
+
+    # -- VMM processes ----------------------------------------------------------------------------
+    def _files(self, name: str) -> VmmFiles:
+        return VmmFiles.for_domain(self.paths.run_dir, self.paths.log_dir, name)
+
+    def _record_path(self, name: str) -> Path:
+        return self.paths.run_dir / f"{name}.json"
+
+    def _write_record(self, dom: Domain) -> None:
+        if not dom.active or dom.vmm is None or dom.live is None:
+            return
+        record = {
+            "name": dom.name,
+            "uuid": str(dom.uuid),
+            "id": dom.id,
+            "pid": dom.vmm.pid,
+            "state": int(dom.status.state),
+            "reason": int(dom.status.reason),
+            "xml": dom.live.xml,
+        }
+        write_atomic(self._record_path(dom.name), json.dumps(record).encode())
+
+    def _vmm_config(self, dom: Domain, cfg: DomainConfig, paused: bool) -> dict[str, Any]:
+        if cfg.kernel is None:
+            raise VirtError(
+                ErrorCode.CONFIG_UNSUPPORTED,
+                f"domain '{dom.name}' has no <os><kernel>: the mshv driver boots a Linux kernel image directly",
+                ErrorDomain.DOMAIN,
+            )
+        files = self._files(dom.name)
+        return {
+            "name": dom.name,
+            "uuid": str(dom.uuid),
+            "memory_bytes": cfg.current_memory_kib * 1024,
+            "vcpus": cfg.vcpus,
+            "kernel": cfg.kernel,
+            "initrd": cfg.initrd,
+            "cmdline": cfg.cmdline or "",
+            "acpi": cfg.acpi,
+            # The VMM reboots in place only under on_reboot=restart; otherwise it exits with reason
+            # "reboot" and the lifecycle table decides (destroy/preserve).
+            "on_reboot": "restart" if cfg.on_reboot == "restart" else "destroy",
+            "start_paused": paused,
+            "control_socket": str(files.control),
+            "pidfile": str(files.pidfile),
+            "exit_file": str(files.exit_file),
+            "serial_log": str(files.serial_log),
+        }
+
+    async def _spawn(self, dom: Domain, paused: bool) -> None:
+        cfg = dom.live or dom.persistent
+        assert cfg is not None
+        vmm_config = self._vmm_config(dom, cfg, paused)
+        files = self._files(dom.name)
+        try:
+            handle = await VmmHandle.spawn(dom.name, files, vmm_config)
+        except VmmError as err:
+            files.remove_runtime()
+            raise _failed(f"domain '{dom.name}' failed to start: {err}") from err
+        dom.id = self._next_id
+        self._next_id += 1
+        self._adopt(dom, handle)
+
+    def _adopt(self, dom: Domain, handle: VmmHandle) -> None:
+        dom.vmm = handle
+        handle.on_event = lambda ev: self._on_vmm_event(dom, handle, ev)
+        task = asyncio.create_task(self._watch(dom, handle))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_vmm_event(self, dom: Domain, handle: VmmHandle, ev: dict[str, Any]) -> None:
+        # Only an in-place reboot needs handling here; every ending is taken from the exit file.
+        if ev.get("event") == "reboot" and dom.vmm is handle and dom.config.on_reboot == "restart":
+            task = asyncio.create_task(self._guest_input(dom, handle, Input.GUEST_REBOOT_RESTART))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _guest_input(self, dom: Domain, handle: VmmHandle, inp: Input) -> None:
+        async with dom.lock:
+            if dom.vmm is not handle:
+                return
+            t = lookup(dom.status.state, inp)
+            if isinstance(t, Transition):
+                self._commit(dom, t)
+
+    async def _watch(self, dom: Domain, handle: VmmHandle) -> None:
+        await handle.exited
+        async with dom.lock:
+            if dom.vmm is not handle:
+                return  # destroyed or restarted by us: already accounted for
+            dom.vmm = None
+            await self._vmm_ended(dom, handle.files)
+
+    async def _vmm_ended(self, dom: Domain, files: VmmFiles) -> None:
+        """The VMM is gone: turn its exit report (or its absence) into a lifecycle input."""
+        info = files.read_exit() or {}
+        reason = info.get("reason")
+        cfg = dom.config
+        if reason == "shutdown":
+            inp = policy_input("poweroff", cfg.on_poweroff)
+        elif reason == "reboot":
+            inp = policy_input("reboot", cfg.on_reboot)
+        elif reason == "crash":
+            inp = policy_input("crash", cfg.on_crash)
+        elif reason == "destroyed":
+            inp = Input.DESTROY  # someone else stopped it (e.g. SIGTERM): libvirt reports it destroyed
+        else:
+            inp = Input.VMM_DIED
+        if info.get("detail"):
+            log.info("domain %s ended: %s (%s)", dom.name, reason, info.get("detail"))
+        else:
+            log.warning("domain %s: VMM ended without an exit report", dom.name)
+        out = lookup(dom.status.state, inp)
+        if not isinstance(out, Transition):
+            out = transition(dom.status.state, Input.VMM_DIED)
+        files.remove_runtime()
+        if out.action is Action.RESTART_VMM:
+            restarted = Transition(out.status, out.events, Action.NONE, out.reboot_event)
+            try:
+                await self._spawn(dom, paused=False)
+            except VirtError as err:
+                log.error("restart of %s failed: %s", dom.name, err)
+                # Booting again failed: the domain is off; report it as failed.
+                self._commit(dom, transition(dom.status.state, Input.VMM_DIED))
+                return
+            self._commit(dom, restarted)
+            return
+        self._commit(dom, out)
+
+    # -- queries ----------------------------------------------------------------------------------
+    async def info(self, dom: Domain) -> tuple[int, int, int, int, int]:
+        """(state, max memory KiB, memory KiB, vcpus, cpu time ns) like virDomainGetInfo."""
+        cfg = dom.config
+        cpu = 0
+        handle = dom.vmm
+        if dom.active and handle is not None:
+            with contextlib.suppress(VmmError):
+                st = await handle.request("status", timeout=5.0)
+                cpu = int(st.get("cpu_time_ns", 0))
+        return int(dom.status.state), cfg.memory_kib, cfg.current_memory_kib, cfg.vcpus, cpu
+
+    def xml(self, dom: Domain, inactive: bool) -> str:
+        if inactive and dom.persistent is not None:
+            return format_domain_xml(dom.persistent)
+        cfg = dom.config
+        return format_domain_xml(cfg, domain_id=dom.id if dom.active else None)
+
+    def console_pty(self, dom: Domain) -> str:
+        if not dom.active or dom.vmm is None:
+            raise invalid_operation("domain is not running")
+        if dom.vmm.pty is None:
+            raise _failed("the domain has no serial console")
+        return dom.vmm.pty
+
+    async def close(self) -> None:
+        """Stop watching (VMMs keep running: they are not tied to the daemon)."""
+        for task in list(self._tasks):
+            task.cancel()
