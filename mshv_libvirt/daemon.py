@@ -1,0 +1,147 @@
+"""virtmshvd: the mshv driver daemon, speaking libvirt's remote protocol on UNIX sockets.
+
+``virtmshvd`` (root: system instance, /run/libvirt/virtmshvd-sock + -sock-ro; other users: session
+instance, $XDG_RUNTIME_DIR/libvirt/virtmshvd-sock). libvirt's client autostarts a session daemon as
+``virtmshvd --timeout=120``; systemd socket activation (LISTEN_FDS) is honoured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from mshv_libvirt.driver.manager import DomainManager, Paths
+from mshv_libvirt.rpc.server import Daemon, Listener
+
+log = logging.getLogger("virtmshvd")
+
+SYSTEM_SOCKET = Path("/run/libvirt/virtmshvd-sock")
+SYSTEM_SOCKET_RO = Path("/run/libvirt/virtmshvd-sock-ro")
+SD_LISTEN_FDS_START = 3
+
+
+def session_socket() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    )
+    return Path(runtime) / "libvirt" / "virtmshvd-sock"
+
+
+def _systemd_fds() -> list[int]:
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
+
+
+def build_listeners(args: argparse.Namespace, system: bool) -> list[Listener]:
+    inherited = _systemd_fds()
+    if inherited:
+        import socket
+
+        out = []
+        for fd in inherited:
+            path = socket.socket(fileno=os.dup(fd)).getsockname()
+            p = Path(path if isinstance(path, str) else "")
+            out.append(Listener(p, p.name.endswith("-ro"), 0, inherited_fd=fd))
+        return out
+    if args.socket:
+        rw = Path(args.socket)
+        return [Listener(rw, False, 0o600), Listener(rw.with_name(rw.name + "-ro"), True, 0o666)]
+    if system:
+        return [Listener(SYSTEM_SOCKET, False, 0o600), Listener(SYSTEM_SOCKET_RO, True, 0o666)]
+    return [Listener(session_socket(), False, 0o600)]
+
+
+def _daemonize() -> None:
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+async def _serve(args: argparse.Namespace, system: bool) -> int:
+    paths = Paths.system() if system else Paths.session()
+    paths = Paths(
+        Path(args.config_dir) if args.config_dir else paths.config_dir,
+        Path(args.run_dir) if args.run_dir else paths.run_dir,
+        Path(args.log_dir) if args.log_dir else (Path(args.run_dir) if args.run_dir else paths.log_dir),
+    )
+    if not system:
+        session_socket().parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    manager = DomainManager(paths, autostart=not args.no_autostart)
+    await manager.load()
+    daemon = Daemon(manager, "mshv:///system" if system else "mshv:///session")
+    await daemon.listen(build_listeners(args, system))
+    if args.pidfile:
+        Path(args.pidfile).write_text(f"{os.getpid()}\n")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            if args.timeout and daemon.clients == 0 and not any(d.active for d in manager.domains()):
+                if loop.time() - daemon.last_activity > args.timeout:
+                    log.info("idle for %d s: exiting", args.timeout)
+                    break
+            elif daemon.clients:
+                daemon.last_activity = loop.time()
+    finally:
+        await daemon.close()
+        await manager.close()  # running VMs keep running; a restarted daemon re-attaches
+        if args.pidfile:
+            with contextlib.suppress(FileNotFoundError):
+                Path(args.pidfile).unlink()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="virtmshvd", description="libvirt driver daemon for /dev/mshv")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--system", action="store_true", help="system instance (default for root)")
+    mode.add_argument("--session", action="store_true", help="per-user instance (default for other users)")
+    parser.add_argument("--socket", help="listen on this socket path (and PATH-ro, read-only) instead")
+    parser.add_argument("--config-dir", help="where defined domains are kept")
+    parser.add_argument("--run-dir", help="where runtime state of running domains is kept")
+    parser.add_argument("--log-dir", help="VMM logs and serial logs")
+    parser.add_argument("-t", "--timeout", type=int, default=0, help="exit after N idle seconds")
+    parser.add_argument("-d", "--daemon", action="store_true", help="run in the background")
+    parser.add_argument("-p", "--pidfile")
+    parser.add_argument("--no-autostart", action="store_true", help="do not start autostart domains")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    system = args.system or (not args.session and os.geteuid() == 0)
+    if args.daemon:
+        _daemonize()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s virtmshvd[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return asyncio.run(_serve(args, system))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

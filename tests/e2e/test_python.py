@@ -1,0 +1,136 @@
+"""libvirt-python (the real binding, with its default event loop) against virtmshvd."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, wait_for
+
+libvirt = pytest.importorskip("libvirt")
+
+_loop_started = False
+
+
+def _event_loop() -> None:
+    global _loop_started
+    if _loop_started:
+        return
+    libvirt.virEventRegisterDefaultImpl()
+
+    def run() -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    threading.Thread(target=run, daemon=True, name="libvirt-events").start()
+    _loop_started = True
+
+
+@pytest.fixture
+def conn(daemon: DaemonProcess) -> Iterator[object]:
+    _event_loop()
+    c = libvirt.open(daemon.uri)
+    yield c
+    c.close()
+
+
+def test_list_info_state(kvm: None, conn: object, daemon: DaemonProcess, tiny_kernel: Path) -> None:
+    c = conn
+    assert c.getType() == "MSHV"  # type: ignore[attr-defined]
+    dom = c.defineXML(domain_xml("py1", tiny_kernel, vcpus=2, memory_mib=32))  # type: ignore[attr-defined]
+    assert [d.name() for d in c.listAllDomains()] == ["py1"]  # type: ignore[attr-defined]
+    assert dom.state() == [libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_UNKNOWN]
+    assert dom.info()[:4] == [libvirt.VIR_DOMAIN_SHUTOFF, 32768, 32768, 2]
+    assert dom.ID() == -1 and dom.isPersistent() == 1 and dom.isActive() == 0
+    dom.create()
+    assert dom.ID() >= 1
+    assert dom.state() == [libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED]
+    state, max_mem, mem, vcpus, cpu_ns = dom.info()
+    assert (state, max_mem, mem, vcpus) == (libvirt.VIR_DOMAIN_RUNNING, 32768, 32768, 2) and cpu_ns > 0
+    active = c.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)  # type: ignore[attr-defined]
+    assert [d.name() for d in active] == ["py1"]
+    assert c.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_SHUTOFF) == []  # type: ignore[attr-defined]
+    assert c.lookupByID(dom.ID()).name() == "py1"  # type: ignore[attr-defined]
+    assert c.lookupByUUIDString(dom.UUIDString()).name() == "py1"  # type: ignore[attr-defined]
+    dom.destroy()
+    assert dom.state() == [libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED]
+    dom.undefine()
+
+
+def test_errors_are_libvirt_errors(conn: object) -> None:
+    c = conn
+    with pytest.raises(libvirt.libvirtError) as exc:
+        c.lookupByName("nope")  # type: ignore[attr-defined]
+    assert exc.value.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+    assert "Domain not found: no domain with matching name 'nope'" in str(exc.value)
+    with pytest.raises(libvirt.libvirtError) as exc:
+        c.defineXML("<domain type='kvm'><name>k</name><memory>65536</memory><os><type>hvm</type></os></domain>")  # type: ignore[attr-defined]
+    assert exc.value.get_error_code() == libvirt.VIR_ERR_CONFIG_UNSUPPORTED
+    # An API we do not implement reaches the client as "not supported", so callers fall back.
+    with pytest.raises(libvirt.libvirtError) as exc:
+        c.listAllNetworks()  # type: ignore[attr-defined]
+    assert exc.value.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT
+
+
+def test_lifecycle_event_callbacks(kvm: None, conn: object, daemon: DaemonProcess, tiny_kernel: Path) -> None:
+    c = conn
+    seen: list[tuple[str, int, int]] = []
+    lock = threading.Lock()
+
+    def cb(_conn: object, dom: object, event: int, detail: int, _opaque: object) -> None:
+        with lock:
+            seen.append((dom.name(), event, detail))  # type: ignore[attr-defined]
+
+    cb_id = c.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, cb, None)  # type: ignore[attr-defined]
+    try:
+        dom = c.defineXML(domain_xml("ev1", tiny_kernel))  # type: ignore[attr-defined]
+        dom.create()
+        dom.suspend()
+        dom.resume()
+        dom.shutdown()  # ACPI power button: the tiny guest powers off
+        wait_for(lambda: dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF)
+        dom.undefine()
+        E = libvirt
+        expected = [
+            ("ev1", E.VIR_DOMAIN_EVENT_DEFINED, E.VIR_DOMAIN_EVENT_DEFINED_ADDED),
+            ("ev1", E.VIR_DOMAIN_EVENT_STARTED, E.VIR_DOMAIN_EVENT_STARTED_BOOTED),
+            ("ev1", E.VIR_DOMAIN_EVENT_SUSPENDED, E.VIR_DOMAIN_EVENT_SUSPENDED_PAUSED),
+            ("ev1", E.VIR_DOMAIN_EVENT_RESUMED, E.VIR_DOMAIN_EVENT_RESUMED_UNPAUSED),
+            ("ev1", E.VIR_DOMAIN_EVENT_SHUTDOWN, E.VIR_DOMAIN_EVENT_SHUTDOWN_FINISHED),
+            ("ev1", E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN),
+            ("ev1", E.VIR_DOMAIN_EVENT_UNDEFINED, E.VIR_DOMAIN_EVENT_UNDEFINED_REMOVED),
+        ]
+        wait_for(lambda: len(seen) >= len(expected))
+        time.sleep(0.2)
+        assert seen == expected
+    finally:
+        c.domainEventDeregisterAny(cb_id)  # type: ignore[attr-defined]
+
+
+def test_virsh_event_loop_sees_other_clients_changes(
+    kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    watcher = PtyProcess(["virsh", "-c", daemon.uri, "event", "--all", "--loop"])
+    try:
+        time.sleep(0.5)  # let it register its 27 callbacks (only lifecycle and reboot are accepted)
+        xml = tmp_path / "w.xml"
+        xml.write_text(domain_xml("w1", tiny_kernel))
+        virsh(daemon.uri, "define", str(xml))
+        virsh(daemon.uri, "start", "w1")
+        virsh(daemon.uri, "reboot", "w1")
+        watcher.read_until(b"event 'reboot' for domain 'w1'")
+        virsh(daemon.uri, "destroy", "w1")
+        out = watcher.read_until(b"Stopped Destroyed").decode()
+        lines = [ln.strip() for ln in out.splitlines() if ln.startswith("event")]
+        assert lines == [
+            "event 'lifecycle' for domain 'w1': Defined Added",
+            "event 'lifecycle' for domain 'w1': Started Booted",
+            "event 'reboot' for domain 'w1'",
+            "event 'lifecycle' for domain 'w1': Stopped Destroyed",
+        ]
+    finally:
+        watcher.kill()

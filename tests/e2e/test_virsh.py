@@ -1,0 +1,239 @@
+"""The real virsh binary against a real virtmshvd, booting the tiny guest on the emulated device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, wait_for
+from tests.support.guests import TINY_BANNER, TINY_POWERBUTTON
+
+pytestmark = pytest.mark.virsh
+
+
+def serial_log(d: DaemonProcess, name: str) -> str:
+    path = d.run_dir / f"{name}.serial.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def define(d: DaemonProcess, tmp_path: Path, name: str, kernel: Path, **kw: object) -> Path:
+    xml = tmp_path / f"{name}.xml"
+    xml.write_text(domain_xml(name, kernel, **kw))  # type: ignore[arg-type]
+    out = virsh(d.uri, "define", str(xml)).stdout
+    assert f"Domain '{name}' defined" in out
+    return xml
+
+
+def test_connection_commands(daemon: DaemonProcess) -> None:
+    out = virsh(daemon.uri, "version").stdout
+    assert "Using API: MSHV 9.0.0" in out and "Running hypervisor: MSHV" in out
+    assert virsh(daemon.uri, "uri").stdout.strip() == daemon.uri
+    import socket
+
+    assert virsh(daemon.uri, "hostname").stdout.strip() == socket.gethostname()
+    info = virsh(daemon.uri, "nodeinfo").stdout
+    assert "CPU(s):" in info and "Memory size:" in info
+    caps = virsh(daemon.uri, "capabilities").stdout
+    assert "<domain type='hyperv'/>" in caps and "<os_type>hvm</os_type>" in caps
+    dcaps = virsh(daemon.uri, "domcapabilities").stdout
+    assert "<domain>hyperv</domain>" in dcaps
+    assert virsh(daemon.uri, "list", "--all", "--name").stdout.strip() == ""
+
+
+def test_unknown_uri_is_refused(daemon: DaemonProcess) -> None:
+    res = virsh(f"mshv+unix:///other?socket={daemon.socket}", "list", check=False)
+    assert res.returncode != 0
+    assert "no connection driver available for mshv:///other" in res.stderr
+
+
+def test_define_start_info_suspend_resume_destroy_undefine(
+    kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    define(daemon, tmp_path, "vm1", tiny_kernel, vcpus=2, memory_mib=64)
+    assert "vm1" in virsh(daemon.uri, "list", "--all", "--name").stdout
+    assert virsh(daemon.uri, "list", "--name").stdout.strip() == ""  # honours the ACTIVE flag
+    assert virsh(daemon.uri, "domstate", "--reason", "vm1").stdout.strip() == "shut off (unknown)"
+
+    assert "Domain 'vm1' started" in virsh(daemon.uri, "start", "vm1").stdout
+    wait_for(lambda: TINY_BANNER in serial_log(daemon, "vm1"))
+    assert virsh(daemon.uri, "domstate", "--reason", "vm1").stdout.strip() == "running (booted)"
+    info = dict(
+        (k.strip(), v.strip())
+        for k, v in (ln.split(":", 1) for ln in virsh(daemon.uri, "dominfo", "vm1").stdout.splitlines() if ":" in ln)
+    )
+    assert info["State"] == "running" and info["CPU(s)"] == "2" and info["Max memory"] == "65536 KiB"
+    assert info["Persistent"] == "yes" and info["Id"] == "1"
+    assert "id='1'" in virsh(daemon.uri, "dumpxml", "vm1").stdout
+    assert "id=" not in virsh(daemon.uri, "dumpxml", "--inactive", "vm1").stdout.splitlines()[0]
+
+    virsh(daemon.uri, "suspend", "vm1")
+    assert virsh(daemon.uri, "domstate", "--reason", "vm1").stdout.strip() == "paused (user)"
+    virsh(daemon.uri, "resume", "vm1")
+    assert virsh(daemon.uri, "domstate", "--reason", "vm1").stdout.strip() == "running (unpaused)"
+
+    res = virsh(daemon.uri, "start", "vm1", check=False)
+    assert res.returncode != 0 and "Domain is already active" in res.stderr  # virsh checks this itself
+
+    virsh(daemon.uri, "destroy", "vm1")
+    assert virsh(daemon.uri, "domstate", "--reason", "vm1").stdout.strip() == "shut off (destroyed)"
+    assert daemon.vmm_pids() == []
+    res = virsh(daemon.uri, "suspend", "vm1", check=False)
+    assert "Requested operation is not valid: domain is not running" in res.stderr
+
+    virsh(daemon.uri, "undefine", "vm1")
+    assert virsh(daemon.uri, "list", "--all", "--name").stdout.strip() == ""
+    assert not (daemon.config_dir / "vm1.xml").exists()
+    res = virsh(daemon.uri, "dominfo", "vm1", check=False)
+    assert "failed to get domain 'vm1'" in res.stderr
+
+
+def test_guest_shutdown_via_acpi_button(kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path) -> None:
+    define(daemon, tmp_path, "vm2", tiny_kernel)
+    virsh(daemon.uri, "start", "vm2")
+    wait_for(lambda: TINY_BANNER in serial_log(daemon, "vm2"))
+    virsh(daemon.uri, "shutdown", "vm2")
+    wait_for(lambda: "shut off" in virsh(daemon.uri, "domstate", "vm2").stdout)
+    assert virsh(daemon.uri, "domstate", "--reason", "vm2").stdout.strip() == "shut off (shutdown)"
+    assert TINY_POWERBUTTON in serial_log(daemon, "vm2")
+    assert not (daemon.run_dir / "vm2.json").exists()
+
+
+def test_reboot_keeps_running_and_boots_again(
+    kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    define(daemon, tmp_path, "vm3", tiny_kernel)
+    virsh(daemon.uri, "start", "vm3")
+    wait_for(lambda: serial_log(daemon, "vm3").count(TINY_BANNER) == 1)
+    virsh(daemon.uri, "reboot", "vm3")
+    wait_for(lambda: serial_log(daemon, "vm3").count(TINY_BANNER) == 2)
+    assert virsh(daemon.uri, "domstate", "vm3").stdout.strip() == "running"
+    virsh(daemon.uri, "destroy", "vm3")
+
+
+def test_autostart_and_start_paused(kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path) -> None:
+    define(daemon, tmp_path, "vm4", tiny_kernel)
+    virsh(daemon.uri, "autostart", "vm4")
+    assert (daemon.config_dir / "autostart" / "vm4.xml").is_symlink()
+    assert "Autostart:      enable" in virsh(daemon.uri, "dominfo", "vm4").stdout
+    assert "vm4" in virsh(daemon.uri, "list", "--all", "--autostart", "--name").stdout
+    virsh(daemon.uri, "autostart", "--disable", "vm4")
+    assert not (daemon.config_dir / "autostart" / "vm4.xml").exists()
+
+    virsh(daemon.uri, "start", "--paused", "vm4")
+    assert virsh(daemon.uri, "domstate", "--reason", "vm4").stdout.strip() == "paused (user)"
+    assert TINY_BANNER not in serial_log(daemon, "vm4")
+    virsh(daemon.uri, "resume", "vm4")
+    wait_for(lambda: TINY_BANNER in serial_log(daemon, "vm4"))
+    virsh(daemon.uri, "destroy", "vm4")
+
+
+def test_console_is_bidirectional(kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path) -> None:
+    define(daemon, tmp_path, "vmc", tiny_kernel)
+    virsh(daemon.uri, "start", "vmc")
+    con = PtyProcess(["virsh", "-c", daemon.uri, "console", "vmc"])
+    try:
+        con.read_until(b"Escape character is")
+        con.read_until(TINY_BANNER.encode())
+        con.write(b"HELLO-MSHV-42")
+        con.read_until(b"HELLO-MSHV-42")  # echoed back by the guest through the 16550
+        con.write(b"q")  # the tiny guest powers off: the console ends with the domain
+        assert con.wait() == 0
+    finally:
+        con.kill()
+    wait_for(lambda: "shut off" in virsh(daemon.uri, "domstate", "vmc").stdout)
+
+
+def test_console_refuses_a_second_session(kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path) -> None:
+    define(daemon, tmp_path, "vmd", tiny_kernel)
+    virsh(daemon.uri, "start", "vmd")
+    first = PtyProcess(["virsh", "-c", daemon.uri, "console", "vmd"])
+    try:
+        first.read_until(b"Escape character is")
+        second = PtyProcess(["virsh", "-c", daemon.uri, "console", "vmd"])
+        second.wait()
+        assert b"Active console session exists for this domain" in second.output
+        forced = PtyProcess(["virsh", "-c", daemon.uri, "console", "--force", "vmd"])
+        try:
+            forced.read_until(b"Escape character is")
+            first.wait()  # the old session was ended
+            forced.write(b"\x1d")  # Ctrl+]
+            assert forced.wait() == 0
+        finally:
+            forced.kill()
+    finally:
+        first.kill()
+    virsh(daemon.uri, "destroy", "vmd")
+
+
+def test_define_rejects_unsupported_xml(daemon: DaemonProcess, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.xml"
+    bad.write_text(
+        "<domain type='hyperv'><name>bad</name><memory>65536</memory><os><type>hvm</type></os>"
+        "<devices><disk type='file' device='disk'><source file='/x'/><target dev='vda'/></disk></devices></domain>"
+    )
+    res = virsh(daemon.uri, "define", str(bad), check=False)
+    assert res.returncode != 0
+    assert "unsupported configuration" in res.stderr and "disk" in res.stderr
+    bad.write_text("<domain type='hyperv'><name>x</name>")
+    res = virsh(daemon.uri, "define", str(bad), check=False)
+    assert res.returncode != 0 and "XML error" in res.stderr
+    assert virsh(daemon.uri, "list", "--all", "--name").stdout.strip() == ""
+
+
+def test_start_without_kernel_fails_clearly(daemon: DaemonProcess, tmp_path: Path) -> None:
+    xml = tmp_path / "nok.xml"
+    xml.write_text(
+        "<domain type='hyperv'><name>nok</name><memory unit='MiB'>64</memory><os><type>hvm</type></os></domain>"
+    )
+    virsh(daemon.uri, "define", str(xml))
+    res = virsh(daemon.uri, "start", "nok", check=False)
+    assert res.returncode != 0 and "has no <os><kernel>" in res.stderr
+    assert virsh(daemon.uri, "domstate", "nok").stdout.strip() == "shut off"
+
+
+def test_redefine_while_running_applies_at_next_boot(
+    kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    uuid = "4a1c5e0e-8d39-4a47-9d5b-0a4c2b8f1e11"
+    define(daemon, tmp_path, "vmr", tiny_kernel, cmdline="console=ttyS0 first", uuid=uuid)
+    virsh(daemon.uri, "start", "vmr")
+    define(daemon, tmp_path, "vmr", tiny_kernel, cmdline="console=ttyS0 second", uuid=uuid)
+    assert "first" in virsh(daemon.uri, "dumpxml", "vmr").stdout
+    assert "second" in virsh(daemon.uri, "dumpxml", "--inactive", "vmr").stdout
+    virsh(daemon.uri, "destroy", "vmr")
+    assert "second" in virsh(daemon.uri, "dumpxml", "vmr").stdout
+
+
+def test_undefine_running_domain_makes_it_transient(
+    kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    define(daemon, tmp_path, "vmt", tiny_kernel)
+    virsh(daemon.uri, "start", "vmt")
+    virsh(daemon.uri, "undefine", "vmt")
+    assert "Persistent:     no" in virsh(daemon.uri, "dominfo", "vmt").stdout
+    virsh(daemon.uri, "destroy", "vmt")
+    assert virsh(daemon.uri, "list", "--all", "--name").stdout.strip() == ""
+
+
+def test_name_and_uuid_conflicts_are_refused(daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path) -> None:
+    uuid = "0f8b7f62-3f54-4d0e-a0f8-3c1f0f6f2a01"
+    define(daemon, tmp_path, "one", tiny_kernel, uuid=uuid)
+    other = tmp_path / "other.xml"
+    other.write_text(domain_xml("one", tiny_kernel))  # same name, new uuid
+    res = virsh(daemon.uri, "define", str(other), check=False)
+    assert f"domain 'one' already exists with uuid {uuid}" in res.stderr
+    other.write_text(domain_xml("two", tiny_kernel, uuid=uuid))  # same uuid, new name
+    res = virsh(daemon.uri, "define", str(other), check=False)
+    assert f"domain 'one' is already defined with uuid {uuid}" in res.stderr
+    assert virsh(daemon.uri, "list", "--all", "--name").stdout.split() == ["one"]
+
+
+def test_create_transient(kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path) -> None:
+    xml = tmp_path / "tr.xml"
+    xml.write_text(domain_xml("tr", tiny_kernel))
+    assert "Domain 'tr' created" in virsh(daemon.uri, "create", str(xml)).stdout
+    assert "Persistent:     no" in virsh(daemon.uri, "dominfo", "tr").stdout
+    assert not (daemon.config_dir / "tr.xml").exists()
+    virsh(daemon.uri, "destroy", "tr")
+    assert virsh(daemon.uri, "list", "--all", "--name").stdout.strip() == ""

@@ -1,0 +1,225 @@
+"""A real virtmshvd on a temporary socket, and the real clients that talk to it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VIRSH = "virsh"
+
+
+@dataclass
+class DaemonProcess:
+    root: Path
+    extra_args: tuple[str, ...] = ()
+    proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "sock"
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "etc"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "daemon.log"
+
+    @property
+    def uri(self) -> str:
+        return f"mshv+unix:///system?socket={self.socket}"
+
+    @property
+    def ro_uri(self) -> str:
+        return f"mshv+unix:///system?socket={self.socket}-ro"
+
+    def start(self, timeout: float = 20.0) -> DaemonProcess:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        log = open(self.log, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mshv_libvirt.daemon",
+                "--session",
+                "--socket",
+                str(self.socket),
+                "--config-dir",
+                str(self.config_dir),
+                "--run-dir",
+                str(self.run_dir),
+                "-v",
+                *self.extra_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not self.socket.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"virtmshvd exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"virtmshvd did not listen within {timeout} s:\n{self.log.read_text()}")
+            time.sleep(0.02)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up at all, like a crash."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def vmm_pids(self) -> list[int]:
+        pids = []
+        for pidfile in self.run_dir.glob("*.pid"):
+            with contextlib.suppress(ValueError, OSError):
+                pids.append(int(pidfile.read_text()))
+        return pids
+
+    def destroy_all_vmms(self) -> None:
+        """Test clean-up: no VMM may outlive its test."""
+        for pid in self.vmm_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def virsh(uri: str, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(
+        [VIRSH, "-c", uri, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+    if check and res.returncode != 0:
+        raise AssertionError(f"virsh {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+class PtyProcess:
+    """A client that insists on a terminal (``virsh console``), run on a pty we drive."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # child
+            try:
+                os.execvp(argv[0], argv)
+            finally:
+                os._exit(127)
+        self.output = b""
+        self.status: int | None = None
+
+    def read_until(self, marker: bytes, timeout: float = 30.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        while marker not in self.output:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{marker!r} not seen within {timeout} s; output: {self.output!r}")
+            r, _, _ = select.select([self.fd], [], [], min(left, 0.2))
+            if r:
+                try:
+                    chunk = os.read(self.fd, 4096)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    if marker not in self.output:
+                        raise AssertionError(f"EOF before {marker!r}; output: {self.output!r}")
+                    break
+                self.output += chunk
+        return self.output
+
+    def write(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                r, _, _ = select.select([self.fd], [], [], 0.1)
+                if r:
+                    self.output += os.read(self.fd, 4096)
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.status = os.waitstatus_to_exitcode(status)
+                os.close(self.fd)
+                return self.status
+        raise AssertionError(f"process did not exit; output: {self.output!r}")
+
+    def kill(self) -> None:
+        if self.status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.status = -9
+
+
+def domain_xml(
+    name: str,
+    kernel: Path,
+    *,
+    memory_mib: int = 64,
+    vcpus: int = 1,
+    cmdline: str = "console=ttyS0",
+    extra: str = "",
+    uuid: str | None = None,
+) -> str:
+    uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
+    return f"""<domain type='hyperv'>
+  <name>{name}</name>{uuid_el}
+  <memory unit='MiB'>{memory_mib}</memory>
+  <vcpu>{vcpus}</vcpu>
+  <os><type arch='x86_64'>hvm</type><kernel>{kernel}</kernel><cmdline>{cmdline}</cmdline></os>
+  <features><acpi/><apic/></features>
+  {extra}
+  <devices><serial type='pty'/></devices>
+</domain>
+"""
+
+
+def wait_for(predicate: object, timeout: float = 20.0, interval: float = 0.05) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def running_daemon(root: Path, *extra_args: str) -> Iterator[DaemonProcess]:
+    d = DaemonProcess(root, tuple(extra_args)).start()
+    try:
+        yield d
+    finally:
+        d.stop()
+        d.destroy_all_vmms()
