@@ -15,8 +15,7 @@ try:
     from mshv_libvirt._mshv import ffi, lib
 except ImportError as exc:  # pragma: no cover - depends on how the package was installed
     raise ImportError(
-        "mshv_libvirt._mshv is not built: run `pip install -e .` (or `pip install .`) "
-        "to compile the cffi module"
+        "mshv_libvirt._mshv is not built: run `pip install -e .` (or `pip install .`) to compile the cffi module"
     ) from exc
 
 # A stale build would read structs with the wrong layout; refuse it loudly instead.

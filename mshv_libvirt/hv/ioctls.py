@@ -31,8 +31,4 @@ MSHV_SET_VP_STATE = _ffi.const("MSHV_SET_VP_STATE")  # 6.15
 
 # deprecated: none yet
 
-NAMES = {
-    name: value
-    for name, value in globals().items()
-    if name.startswith("MSHV_") and isinstance(value, int)
-}
+NAMES = {name: value for name, value in globals().items() if name.startswith("MSHV_") and isinstance(value, int)}

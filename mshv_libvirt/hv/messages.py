@@ -209,8 +209,14 @@ class HvMessage:
                 mtype,
                 kind,
                 header,
-                _msr=Msr(int(r.msr_number), header.access_type == 1, int(r.rax), int(r.rdx), header.rip,
-                         header.instruction_length),
+                _msr=Msr(
+                    int(r.msr_number),
+                    header.access_type == 1,
+                    int(r.rax),
+                    int(r.rdx),
+                    header.rip,
+                    header.instruction_length,
+                ),
                 raw=raw,
             )
         return cls(mtype, kind, header, raw=raw)

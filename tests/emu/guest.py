@@ -49,36 +49,36 @@ DATA64 = Seg(0, 0xFFFFFFFF, 0x10, 0xC093)
 
 
 def mov_ebx(imm: int) -> bytes:
-    return b"\xBB" + struct.pack("<I", imm)
+    return b"\xbb" + struct.pack("<I", imm)
 
 
 def mov_eax(imm: int) -> bytes:
-    return b"\xB8" + struct.pack("<I", imm)
+    return b"\xb8" + struct.pack("<I", imm)
 
 
 def mov_dx(port: int) -> bytes:
-    return b"\x66\xBA" + struct.pack("<H", port)
+    return b"\x66\xba" + struct.pack("<H", port)
 
 
 def mov_al(imm: int) -> bytes:
-    return b"\xB0" + bytes([imm])
+    return b"\xb0" + bytes([imm])
 
 
-OUT_DX_AL = b"\xEE"
-OUT_DX_AX = b"\x66\xEF"
-OUT_DX_EAX = b"\xEF"
-IN_AL_DX = b"\xEC"
-IN_EAX_DX = b"\xED"
-HLT = b"\xF4"
-CLI = b"\xFA"
-STI = b"\xFB"
-JMP_SELF = b"\xEB\xFE"
-UD2 = b"\x0F\x0B"
-IRETQ = b"\x48\xCF"
+OUT_DX_AL = b"\xee"
+OUT_DX_AX = b"\x66\xef"
+OUT_DX_EAX = b"\xef"
+IN_AL_DX = b"\xec"
+IN_EAX_DX = b"\xed"
+HLT = b"\xf4"
+CLI = b"\xfa"
+STI = b"\xfb"
+JMP_SELF = b"\xeb\xfe"
+UD2 = b"\x0f\x0b"
+IRETQ = b"\x48\xcf"
 
 
 def out_imm(port: int) -> bytes:
-    return b"\xE6" + bytes([port])
+    return b"\xe6" + bytes([port])
 
 
 def idt_gate(handler: int) -> bytes:
@@ -155,12 +155,20 @@ class Guest:
 
     def long_mode(self, index: int = 0, rip: int = CODE, **extra: Any) -> None:
         regs: dict[int, Any] = {
-            R.HV_X64_REGISTER_CR0: 0x80050033, R.HV_X64_REGISTER_CR3: 0x1000,
-            R.HV_X64_REGISTER_CR4: 0x20, R.HV_X64_REGISTER_EFER: 0x500,
-            R.HV_X64_REGISTER_CS: CODE64, R.HV_X64_REGISTER_DS: DATA64, R.HV_X64_REGISTER_ES: DATA64,
-            R.HV_X64_REGISTER_SS: DATA64, R.HV_X64_REGISTER_FS: DATA64, R.HV_X64_REGISTER_GS: DATA64,
-            R.HV_X64_REGISTER_GDTR: Table(0x500, 23), R.HV_X64_REGISTER_IDTR: Table(IDT, 0xFFF),
-            R.HV_X64_REGISTER_RFLAGS: 2, R.HV_X64_REGISTER_RSP: 0x8000 - 0x800 * index,
+            R.HV_X64_REGISTER_CR0: 0x80050033,
+            R.HV_X64_REGISTER_CR3: 0x1000,
+            R.HV_X64_REGISTER_CR4: 0x20,
+            R.HV_X64_REGISTER_EFER: 0x500,
+            R.HV_X64_REGISTER_CS: CODE64,
+            R.HV_X64_REGISTER_DS: DATA64,
+            R.HV_X64_REGISTER_ES: DATA64,
+            R.HV_X64_REGISTER_SS: DATA64,
+            R.HV_X64_REGISTER_FS: DATA64,
+            R.HV_X64_REGISTER_GS: DATA64,
+            R.HV_X64_REGISTER_GDTR: Table(0x500, 23),
+            R.HV_X64_REGISTER_IDTR: Table(IDT, 0xFFF),
+            R.HV_X64_REGISTER_RFLAGS: 2,
+            R.HV_X64_REGISTER_RSP: 0x8000 - 0x800 * index,
             R.HV_X64_REGISTER_RIP: rip,
         }
         regs.update({getattr(R, "HV_X64_REGISTER_" + k.upper()): v for k, v in extra.items()})

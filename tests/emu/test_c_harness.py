@@ -11,8 +11,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = [ROOT / "tests" / "emu" / "c" / "emu_smoke.c", *sorted((ROOT / "abi" / "emu").glob("*.c"))]
-FLAGS = ["-O1", "-g", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE", f"-I{ROOT / 'abi' / 'include'}",
-         f"-I{ROOT / 'abi' / 'emu'}"]
+FLAGS = [
+    "-O1",
+    "-g",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-D_GNU_SOURCE",
+    f"-I{ROOT / 'abi' / 'include'}",
+    f"-I{ROOT / 'abi' / 'emu'}",
+]
 SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
 
 

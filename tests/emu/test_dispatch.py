@@ -96,8 +96,12 @@ def test_known_number_on_the_wrong_fd_is_enotty(handles, kind: str, name: str) -
 
 
 # 0xC010B801 has the value of MSHV_GET_VP_STATE: foreign only on the other fds.
-FOREIGN_ON = [(kind, n) for kind in ("dev", "partition", "vp") for n in FOREIGN
-              if n not in {getattr(lib, name) for name in ALLOWED[kind]}]
+FOREIGN_ON = [
+    (kind, n)
+    for kind in ("dev", "partition", "vp")
+    for n in FOREIGN
+    if n not in {getattr(lib, name) for name in ALLOWED[kind]}
+]
 
 
 @pytest.mark.parametrize("kind,number", FOREIGN_ON, ids=lambda v: hex(v) if isinstance(v, int) else v)

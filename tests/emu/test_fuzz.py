@@ -52,8 +52,16 @@ ALLOWED = {
 }
 VALID_ON = {
     "dev": {"MSHV_CREATE_PARTITION"},
-    "partition": {"MSHV_INITIALIZE_PARTITION", "MSHV_CREATE_VP", "MSHV_SET_GUEST_MEMORY", "MSHV_IRQFD",
-                  "MSHV_IOEVENTFD", "MSHV_SET_MSI_ROUTING", "MSHV_GET_GPAP_ACCESS_BITMAP", "MSHV_ROOT_HVCALL"},
+    "partition": {
+        "MSHV_INITIALIZE_PARTITION",
+        "MSHV_CREATE_VP",
+        "MSHV_SET_GUEST_MEMORY",
+        "MSHV_IRQFD",
+        "MSHV_IOEVENTFD",
+        "MSHV_SET_MSI_ROUTING",
+        "MSHV_GET_GPAP_ACCESS_BITMAP",
+        "MSHV_ROOT_HVCALL",
+    },
     "vp": {"MSHV_RUN_VP", "MSHV_GET_VP_STATE", "MSHV_SET_VP_STATE", "MSHV_ROOT_HVCALL"},
 }
 HVCALLS = [0x44, 0x45, 0x4D, 0x50, 0x51, 0x52, 0x56, 0x91, 0x94, 0xC0, 0xC1, 0xC9, 0xF4]
@@ -85,12 +93,23 @@ class Arena:
         if r < 0.45:
             p = self.rw.addr + self.rng.randrange(0, 44) * PAGE
             return p if aligned or self.rng.random() < 0.5 else p + self.rng.randrange(1, PAGE)
-        return self.rng.choice([0, self.ro.addr, self.hole, KERNEL_ADDR, 0x1000, 8,
-                                KERNEL_ADDR + self.rng.randrange(1 << 30) * PAGE, 2**64 - PAGE])
+        return self.rng.choice(
+            [
+                0,
+                self.ro.addr,
+                self.hole,
+                KERNEL_ADDR,
+                0x1000,
+                8,
+                KERNEL_ADDR + self.rng.randrange(1 << 30) * PAGE,
+                2**64 - PAGE,
+            ]
+        )
 
     def fd(self, handles: list[int]) -> int:
-        return self.rng.choice([-1, self.efd, self.efd, self.rfd, self.closed_fd, self.rng.randrange(-5, 2**31),
-                                *handles])
+        return self.rng.choice(
+            [-1, self.efd, self.efd, self.rfd, self.closed_fd, self.rng.randrange(-5, 2**31), *handles]
+        )
 
     def close(self) -> None:
         for fd in (self.efd, self.rfd, self.wfd):
@@ -125,8 +144,12 @@ def sanitize(name: str, data: bytes, a: Arena) -> bytes:
         if off + 8 > len(out):
             continue
         (p,) = struct.unpack_from("<Q", out, off)
-        safe = (p < 0x10000 or p >= 0x8000_0000_0000 or a.rw.addr <= p < a.rw.addr + 45 * PAGE
-                or a.ro.addr <= p < a.ro.addr + PAGE)
+        safe = (
+            p < 0x10000
+            or p >= 0x8000_0000_0000
+            or a.rw.addr <= p < a.rw.addr + 45 * PAGE
+            or a.ro.addr <= p < a.ro.addr + PAGE
+        )
         if not safe:
             struct.pack_into("<Q", out, off, KERNEL_ADDR | (p & 0xFFFFFFFF))
     return bytes(out)
@@ -142,38 +165,91 @@ def _make_arg(name: str, rng: random.Random, a: Arena, handles: list[int]) -> by
         return rng.randbytes(rng.choice([4, 16, 32, 64, 300]))
     pg = lambda: rng.choice([1, 2, 4, 16, 0, 3]) * PAGE + rng.choice([0, 0, 0, 1, 2048])  # noqa: E731
     if name == "MSHV_CREATE_PARTITION":
-        d = struct.pack("<QQH6s2Q16sQ", rng.choice([7, 0, 15, 8, 1 << rng.randrange(64)]), rng.choice([0, 0, 1]),
-                        rng.choice([2, 2, 0, 3]), bytes(6), rng.getrandbits(64), rng.getrandbits(64), bytes(16),
-                        rng.getrandbits(64))
+        d = struct.pack(
+            "<QQH6s2Q16sQ",
+            rng.choice([7, 0, 15, 8, 1 << rng.randrange(64)]),
+            rng.choice([0, 0, 1]),
+            rng.choice([2, 2, 0, 3]),
+            bytes(6),
+            rng.getrandbits(64),
+            rng.getrandbits(64),
+            bytes(16),
+            rng.getrandbits(64),
+        )
     elif name == "MSHV_CREATE_VP":
         d = struct.pack("<I", rng.choice([0, 1, 2, 255, 256, rng.getrandbits(32)]))
     elif name == "MSHV_SET_GUEST_MEMORY":
-        d = struct.pack("<QQQB7s", pg(), rng.choice([0, 0x100, 0x10000, rng.getrandbits(52), rng.getrandbits(64)]),
-                        a.ptr(aligned=rng.random() < 0.8), rng.randrange(8), bytes(7))
+        d = struct.pack(
+            "<QQQB7s",
+            pg(),
+            rng.choice([0, 0x100, 0x10000, rng.getrandbits(52), rng.getrandbits(64)]),
+            a.ptr(aligned=rng.random() < 0.8),
+            rng.randrange(8),
+            bytes(7),
+        )
     elif name == "MSHV_IRQFD":
-        d = struct.pack("<iiII", a.fd(handles), a.fd(handles), rng.choice([0, 5, 23, 4095, rng.getrandbits(32)]),
-                        rng.choice([0, 1, 2, 3, 4]))
+        d = struct.pack(
+            "<iiII",
+            a.fd(handles),
+            a.fd(handles),
+            rng.choice([0, 5, 23, 4095, rng.getrandbits(32)]),
+            rng.choice([0, 1, 2, 3, 4]),
+        )
     elif name == "MSHV_IOEVENTFD":
-        d = struct.pack("<QQIiI4s", rng.getrandbits(64), rng.choice([0xFEB00000, 2**64 - 2, rng.getrandbits(64)]),
-                        rng.choice([0, 1, 2, 4, 8, 3]), a.fd(handles), rng.randrange(8), bytes(4))
+        d = struct.pack(
+            "<QQIiI4s",
+            rng.getrandbits(64),
+            rng.choice([0xFEB00000, 2**64 - 2, rng.getrandbits(64)]),
+            rng.choice([0, 1, 2, 4, 8, 3]),
+            a.fd(handles),
+            rng.randrange(8),
+            bytes(4),
+        )
     elif name == "MSHV_SET_MSI_ROUTING":
         n = rng.choice([0, 1, 3, 8, 5000])
         d = struct.pack("<II", n, 0) + b"".join(
-            struct.pack("<IIII", rng.choice([0, 1, 5, 4096]), 0xFEE00000 | rng.randrange(256) << 12,
-                        rng.choice([0, 0, 1]), rng.getrandbits(16)) for _ in range(min(n, 16)))
+            struct.pack(
+                "<IIII",
+                rng.choice([0, 1, 5, 4096]),
+                0xFEE00000 | rng.randrange(256) << 12,
+                rng.choice([0, 0, 1]),
+                rng.getrandbits(16),
+            )
+            for _ in range(min(n, 16))
+        )
     elif name == "MSHV_GET_GPAP_ACCESS_BITMAP":
-        d = struct.pack("<BB6sQQQ", rng.randrange(3), rng.randrange(4), bytes(6),
-                        rng.choice([0, 1, 64, 4096, 2**40]), rng.getrandbits(20), a.ptr())
+        d = struct.pack(
+            "<BB6sQQQ",
+            rng.randrange(3),
+            rng.randrange(4),
+            bytes(6),
+            rng.choice([0, 1, 64, 4096, 2**40]),
+            rng.getrandbits(20),
+            a.ptr(),
+        )
     elif name == "MSHV_ROOT_HVCALL":
         in_ptr, out_ptr = a.ptr(), a.ptr()
         if a.rw.addr <= in_ptr < a.rw.addr + 44 * PAGE:  # give the hypercall real input
             a.rw.write(in_ptr - a.rw.addr, _mutate(rng, bytearray(_hv_input(rng))))
-        d = struct.pack("<HHHHH6sQQ", rng.choice([*HVCALLS, 0, 78, rng.getrandbits(16)]),
-                        rng.choice([0, 0, 1, 2, 300]), rng.choice([8, 16, 24, 32, 48, 4096, 4097, 0, 7]),
-                        rng.choice([0, 8, 16, 64, 4096, 5000]), 0, bytes(6), in_ptr, out_ptr)
+        d = struct.pack(
+            "<HHHHH6sQQ",
+            rng.choice([*HVCALLS, 0, 78, rng.getrandbits(16)]),
+            rng.choice([0, 0, 1, 2, 300]),
+            rng.choice([8, 16, 24, 32, 48, 4096, 4097, 0, 7]),
+            rng.choice([0, 8, 16, 64, 4096, 5000]),
+            0,
+            bytes(6),
+            in_ptr,
+            out_ptr,
+        )
     elif name in ("MSHV_GET_VP_STATE", "MSHV_SET_VP_STATE"):
-        d = struct.pack("<B3sIQ", rng.randrange(6), bytes(3), rng.choice([PAGE, 2 * PAGE, 0, 200, 3 * PAGE]),
-                        a.ptr(aligned=rng.random() < 0.8))
+        d = struct.pack(
+            "<B3sIQ",
+            rng.randrange(6),
+            bytes(3),
+            rng.choice([PAGE, 2 * PAGE, 0, 200, 3 * PAGE]),
+            a.ptr(aligned=rng.random() < 0.8),
+        )
     else:
         d = rng.randbytes(256)
     return bytes(_mutate(rng, bytearray(d)))
@@ -181,8 +257,9 @@ def _make_arg(name: str, rng: random.Random, a: Arena, handles: list[int]) -> by
 
 def _hv_input(rng: random.Random) -> bytes:
     hdr = struct.pack("<QIBBH", 0, rng.choice([0, 1, 300]), 0, 0, 0)
-    body = b"".join(struct.pack("<IIQ", 0x00020000 + rng.randrange(0x90000), 0, 0) + rng.randbytes(16)
-                    for _ in range(4))
+    body = b"".join(
+        struct.pack("<IIQ", 0x00020000 + rng.randrange(0x90000), 0, 0) + rng.randbytes(16) for _ in range(4)
+    )
     return hdr + body
 
 
@@ -283,8 +360,19 @@ def test_fuzz_pure_noise_never_crashes(kind: str) -> None:
             r = ioctl(fd, number, mem.addr)
             if r >= 0 and number in (lib.MSHV_CREATE_PARTITION, lib.MSHV_CREATE_VP):
                 close(r)
-            assert r >= 0 or -r in {E.ENOTTY, E.EFAULT, E.EINVAL, E.EBADF, E.EIO, E.EOPNOTSUPP, E.ENOMEM,
-                                     E.EEXIST, E.ENOENT, E.EBUSY, E.ENODEV}, (hex(number), r)
+            assert r >= 0 or -r in {
+                E.ENOTTY,
+                E.EFAULT,
+                E.EINVAL,
+                E.EBADF,
+                E.EIO,
+                E.EOPNOTSUPP,
+                E.ENOMEM,
+                E.EEXIST,
+                E.ENOENT,
+                E.EBUSY,
+                E.ENODEV,
+            }, (hex(number), r)
     finally:
         mem.close()
         close(vp)

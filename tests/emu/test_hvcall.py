@@ -178,8 +178,10 @@ def test_struct_not_writable(pt: int) -> None:
 
 def test_unwritable_output(pt: int) -> None:
     inp = buf(struct.pack("<QII", 0, PROP_MSR_ACTION, 0))
-    arg = ffi.new("struct mshv_root_hvcall *", {"code": GET_PROP, "in_sz": 16, "out_sz": 8,
-                                                  "in_ptr": addr_of(inp), "out_ptr": unmapped_addr()})
+    arg = ffi.new(
+        "struct mshv_root_hvcall *",
+        {"code": GET_PROP, "in_sz": 16, "out_sz": 8, "in_ptr": addr_of(inp), "out_ptr": unmapped_addr()},
+    )
     assert ioctl(pt, lib.MSHV_ROOT_HVCALL, arg) == -errno.EFAULT
     assert arg.status == 0  # the struct was still written back first
 
@@ -197,8 +199,10 @@ def test_callers_input_is_not_modified(pt: int) -> None:
     data = struct.pack("<QII", 0xDEADBEEF, PROP_MSR_ACTION, 0)
     inp = buf(data)
     out = ffi.new("char[]", 8)
-    arg = ffi.new("struct mshv_root_hvcall *", {"code": GET_PROP, "in_sz": 16, "out_sz": 8,
-                                                  "in_ptr": addr_of(inp), "out_ptr": addr_of(out)})
+    arg = ffi.new(
+        "struct mshv_root_hvcall *",
+        {"code": GET_PROP, "in_sz": 16, "out_sz": 8, "in_ptr": addr_of(inp), "out_ptr": addr_of(out)},
+    )
     assert ioctl(pt, lib.MSHV_ROOT_HVCALL, arg) == 0
     assert bytes(ffi.buffer(inp, 16)) == data
 
@@ -218,8 +222,7 @@ def test_reps_on_a_simple_call(pt: int) -> None:
     assert (h.rc, h.status, h.reps) == (-errno.EINVAL, HV_STATUS_INVALID_HYPERCALL_INPUT, 0)
 
 
-@pytest.mark.parametrize("code,value", [(PROP_MSR_ACTION, 2), (PROP_TIME_FREEZE, 7),
-                                        (0x00050005, 2)])
+@pytest.mark.parametrize("code,value", [(PROP_MSR_ACTION, 2), (PROP_TIME_FREEZE, 7), (0x00050005, 2)])
 def test_property_value_out_of_range(pt: int, code: int, value: int) -> None:
     h = set_property(pt, code, value)
     assert (h.rc, h.status) == (-errno.EIO, HV_STATUS_PROPERTY_VALUE_OUT_OF_RANGE)
@@ -295,16 +298,24 @@ class TestRegisters:
     def test_segments_and_tables(self, vp: int) -> None:
         code = Seg(0, 0xFFFFFFFF, 0x08, 0xA09B)
         data = Seg(0, 0xFFFFFFFF, 0x10, 0xC093)
-        regs = {R.HV_X64_REGISTER_CR0: 0x80050033, R.HV_X64_REGISTER_CR3: 0x1000, R.HV_X64_REGISTER_CR4: 0x20,
-                R.HV_X64_REGISTER_EFER: 0x500, R.HV_X64_REGISTER_CS: code, R.HV_X64_REGISTER_DS: data,
-                R.HV_X64_REGISTER_SS: data, R.HV_X64_REGISTER_GDTR: Table(0x500, 23),
-                R.HV_X64_REGISTER_IDTR: Table(0x5000, 0xFFF)}
+        regs = {
+            R.HV_X64_REGISTER_CR0: 0x80050033,
+            R.HV_X64_REGISTER_CR3: 0x1000,
+            R.HV_X64_REGISTER_CR4: 0x20,
+            R.HV_X64_REGISTER_EFER: 0x500,
+            R.HV_X64_REGISTER_CS: code,
+            R.HV_X64_REGISTER_DS: data,
+            R.HV_X64_REGISTER_SS: data,
+            R.HV_X64_REGISTER_GDTR: Table(0x500, 23),
+            R.HV_X64_REGISTER_IDTR: Table(0x5000, 0xFFF),
+        }
         h = set_regs(vp, 0, regs)
         assert (h.rc, h.status) == (0, 0)
         assert get_seg(vp, 0, R.HV_X64_REGISTER_CS) == code
         assert get_seg(vp, 0, R.HV_X64_REGISTER_SS) == data
-        cr0, cr3, cr4, efer = get_regs(vp, 0, [R.HV_X64_REGISTER_CR0, R.HV_X64_REGISTER_CR3,
-                                               R.HV_X64_REGISTER_CR4, R.HV_X64_REGISTER_EFER])
+        cr0, cr3, cr4, efer = get_regs(
+            vp, 0, [R.HV_X64_REGISTER_CR0, R.HV_X64_REGISTER_CR3, R.HV_X64_REGISTER_CR4, R.HV_X64_REGISTER_EFER]
+        )
         assert (cr0 & 0x80000001, cr3, cr4 & 0x20, efer & 0x500) == (0x80000001, 0x1000, 0x20, 0x500)
         raw = get_regs_raw(vp, 0, [R.HV_X64_REGISTER_GDTR, R.HV_X64_REGISTER_IDTR]).out
         assert struct.unpack_from("<HHHHQ", raw, 0)[3:] == (23, 0x500)
@@ -315,24 +326,27 @@ class TestRegisters:
         assert (cs.selector, cs.base, cs.attributes & 0x80) == (0xF000, 0xFFFF0000, 0x80)
         assert get_regs(vp, 0, [R.HV_X64_REGISTER_RIP]) == [0xFFF0]
 
-    @pytest.mark.parametrize("name,value", [
-        (0x00080004, 0x0007040600070406),   # PAT
-        (0x00080002, 0xFFFF888000000000),   # KERNEL_GS_BASE
-        (0x00080008, 0x0023001000000000),   # STAR
-        (0x00080009, 0xFFFFFFFF81000000),   # LSTAR
-        (0x0008000A, 0xFFFFFFFF81000100),   # CSTAR
-        (0x0008000B, 0x47700),              # SFMASK
-        (0x00080005, 0x10),                 # SYSENTER_CS
-        (0x00080006, 0xFFFFFFFF81000200),   # SYSENTER_EIP
-        (0x00080007, 0xFFFF888000010000),   # SYSENTER_ESP
-        (0x00050000, 0x1000),               # DR0
-        (0x00050003, 0x4000),               # DR3
-        (0x00050005, 0x401),                # DR7
-        (0x00040001, 0xDEAD000),            # CR2
-        (0x00040004, 5),                    # CR8
-        (0x00030003, 0x0123456789ABCDEF0011223344556677),  # XMM3
-        (0x00090002, 0x8100000000000000),   # GUEST_OS_ID (kept in software)
-    ])
+    @pytest.mark.parametrize(
+        "name,value",
+        [
+            (0x00080004, 0x0007040600070406),  # PAT
+            (0x00080002, 0xFFFF888000000000),  # KERNEL_GS_BASE
+            (0x00080008, 0x0023001000000000),  # STAR
+            (0x00080009, 0xFFFFFFFF81000000),  # LSTAR
+            (0x0008000A, 0xFFFFFFFF81000100),  # CSTAR
+            (0x0008000B, 0x47700),  # SFMASK
+            (0x00080005, 0x10),  # SYSENTER_CS
+            (0x00080006, 0xFFFFFFFF81000200),  # SYSENTER_EIP
+            (0x00080007, 0xFFFF888000010000),  # SYSENTER_ESP
+            (0x00050000, 0x1000),  # DR0
+            (0x00050003, 0x4000),  # DR3
+            (0x00050005, 0x401),  # DR7
+            (0x00040001, 0xDEAD000),  # CR2
+            (0x00040004, 5),  # CR8
+            (0x00030003, 0x0123456789ABCDEF0011223344556677),  # XMM3
+            (0x00090002, 0x8100000000000000),  # GUEST_OS_ID (kept in software)
+        ],
+    )
     def test_register_round_trip(self, vp: int, name: int, value: int) -> None:
         h = set_regs(vp, 0, {name: value})
         assert (h.rc, h.status) == (0, 0)
@@ -385,10 +399,16 @@ class TestRegisters:
             close(a)
             close(b)
 
-    @pytest.mark.parametrize("vtl,z8,z16,status", [
-        (0, 1, 0, HV_STATUS_INVALID_HYPERCALL_INPUT), (0, 0, 1, HV_STATUS_INVALID_HYPERCALL_INPUT),
-        (0x11, 0, 0, HV_STATUS_INVALID_PARAMETER), (0x20, 0, 0, HV_STATUS_INVALID_PARAMETER),
-        (0x10, 0, 0, 0)])
+    @pytest.mark.parametrize(
+        "vtl,z8,z16,status",
+        [
+            (0, 1, 0, HV_STATUS_INVALID_HYPERCALL_INPUT),
+            (0, 0, 1, HV_STATUS_INVALID_HYPERCALL_INPUT),
+            (0x11, 0, 0, HV_STATUS_INVALID_PARAMETER),
+            (0x20, 0, 0, HV_STATUS_INVALID_PARAMETER),
+            (0x10, 0, 0, 0),
+        ],
+    )
     def test_register_call_header(self, vp: int, vtl: int, z8: int, z16: int, status: int) -> None:
         data = struct.pack("<QIBBH", 0, 0, vtl, z8, z16) + struct.pack("<I", R.HV_X64_REGISTER_RAX)
         assert hvcall(vp, 0x50, data, 16, 1).status == status
@@ -423,10 +443,21 @@ class TestRegisters:
         result, gpa_page = struct.unpack("<QQ", h.out)
         assert gpa_page == 0x123 and result == 4  # identity, but nothing mapped there: GPA_UNMAPPED
 
-    @pytest.mark.parametrize("control,vector,status", [
-        (0, 0x30, 0), (1, 0x30, 0), (4, 0, 0), (5, 0, 0), (6, 0x10, 0), (1 << 32, 0x30, 0),
-        (3, 0x30, HV_STATUS_INVALID_PARAMETER), (8, 0x30, HV_STATUS_INVALID_PARAMETER),
-        (0, 0x100, HV_STATUS_INVALID_PARAMETER), (1 << 40, 0x30, HV_STATUS_INVALID_HYPERCALL_INPUT)])
+    @pytest.mark.parametrize(
+        "control,vector,status",
+        [
+            (0, 0x30, 0),
+            (1, 0x30, 0),
+            (4, 0, 0),
+            (5, 0, 0),
+            (6, 0x10, 0),
+            (1 << 32, 0x30, 0),
+            (3, 0x30, HV_STATUS_INVALID_PARAMETER),
+            (8, 0x30, HV_STATUS_INVALID_PARAMETER),
+            (0, 0x100, HV_STATUS_INVALID_PARAMETER),
+            (1 << 40, 0x30, HV_STATUS_INVALID_HYPERCALL_INPUT),
+        ],
+    )
     def test_assert_virtual_interrupt(self, vp: int, ipt: int, control: int, vector: int, status: int) -> None:
         data = struct.pack("<QQQIBBH", 0, control, 0, vector, 0, 0, 0)
         assert hvcall(ipt, 0x94, data).status == status

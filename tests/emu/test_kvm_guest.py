@@ -136,10 +136,16 @@ def test_out_then_continue(guest: Guest) -> None:
     assert msg.type == lib.HVMSG_X64_HALT
 
 
-@pytest.mark.parametrize("insn,size,port,length", [
-    (OUT_DX_AX, 2, 0x3F8, 2), (OUT_DX_EAX, 4, 0x3F8, 1), (out_imm(0x80), 1, 0x80, 2),
-    (b"\xE7\x70", 4, 0x70, 2), (b"\x66\xE7\x70", 2, 0x70, 3),
-])
+@pytest.mark.parametrize(
+    "insn,size,port,length",
+    [
+        (OUT_DX_AX, 2, 0x3F8, 2),
+        (OUT_DX_EAX, 4, 0x3F8, 1),
+        (out_imm(0x80), 1, 0x80, 2),
+        (b"\xe7\x70", 4, 0x70, 2),
+        (b"\x66\xe7\x70", 2, 0x70, 3),
+    ],
+)
 def test_out_forms(guest: Guest, insn: bytes, size: int, port: int, length: int) -> None:
     guest.load(CODE, mov_dx(0x3F8) + insn + CLI + HLT)
     guest.long_mode(rax=0xA1B2C3D4)
@@ -150,9 +156,17 @@ def test_out_forms(guest: Guest, insn: bytes, size: int, port: int, length: int)
 
 
 def test_in_with_rax_completion(guest: Guest) -> None:
-    code = (mov_ebx(DATA) + mov_dx(0x3FD) + mov_eax(0x11223344) + IN_AL_DX
-            + b"\x89\x03"  # mov [rbx], eax
-            + mov_dx(0x3F9) + OUT_DX_AL + CLI + HLT)
+    code = (
+        mov_ebx(DATA)
+        + mov_dx(0x3FD)
+        + mov_eax(0x11223344)
+        + IN_AL_DX
+        + b"\x89\x03"  # mov [rbx], eax
+        + mov_dx(0x3F9)
+        + OUT_DX_AL
+        + CLI
+        + HLT
+    )
     guest.load(CODE, code)
     guest.long_mode()
     msg = guest.run()
@@ -180,8 +194,9 @@ def test_in_eax(guest: Guest) -> None:
 
 def test_string_out_is_reported_as_such(guest: Guest) -> None:
     guest.load(DATA, b"xyz")
-    guest.load(CODE, mov_dx(0x3F8) + b"\xBE" + struct.pack("<I", DATA) + b"\xB9\x03\x00\x00\x00"
-               + b"\xF3\x6E" + CLI + HLT)  # mov esi, DATA; mov ecx, 3; rep outsb
+    guest.load(
+        CODE, mov_dx(0x3F8) + b"\xbe" + struct.pack("<I", DATA) + b"\xb9\x03\x00\x00\x00" + b"\xf3\x6e" + CLI + HLT
+    )  # mov esi, DATA; mov ecx, 3; rep outsb
     guest.long_mode()
     msg = guest.run()
     io = msg.io
@@ -189,7 +204,10 @@ def test_string_out_is_reported_as_such(guest: Guest) -> None:
     assert int(io.header.rip) == CODE + 14 and msg.length == 2
     assert (int(io.rsi), int(io.rcx)) == (DATA, 3)
     assert guest.regs(0, lib.HV_X64_REGISTER_RIP, lib.HV_X64_REGISTER_RSI, lib.HV_X64_REGISTER_RCX) == [
-        CODE + 14, DATA, 3]
+        CODE + 14,
+        DATA,
+        3,
+    ]
 
 
 # ---- MMIO -----------------------------------------------------------------------------------
@@ -204,18 +222,21 @@ def expect_mmio(msg: Msg, gpa: int, access: int, rip: int, length: int, insn: by
     assert msg.bytes_(mem.instruction_bytes, len(insn)) == insn
 
 
-@pytest.mark.parametrize("insn,gpa", [
-    (b"\x89\x03", MMIO),                                   # mov [rbx], eax
-    (b"\x88\x03", MMIO),                                   # mov [rbx], al
-    (b"\x89\x4B\x10", MMIO + 0x10),                        # mov [rbx+0x10], ecx
-    (b"\xC7\x03\x0D\xF0\xFE\xCA", MMIO),                   # mov dword [rbx], 0xCAFEF00D
-    (b"\xC6\x43\x01\x42", MMIO + 1),                       # mov byte [rbx+1], 0x42
-    (b"\x48\x89\x0B", MMIO),                               # mov [rbx], rcx
-    (b"\x66\x89\x03", MMIO),                               # mov [rbx], ax
-    (b"\xC7\x00\x00\x00\x00\x00", MMIO),                   # mov dword [rax], 0 ("00 00" is a store too)
-    (b"\x89\x83\x00\x10\x00\x00", MMIO + 0x1000),          # mov [rbx+0x1000], eax
-    (b"\x89\x04\x8B", MMIO + 0x20),                        # mov [rbx+rcx*4], eax (SIB)
-])
+@pytest.mark.parametrize(
+    "insn,gpa",
+    [
+        (b"\x89\x03", MMIO),  # mov [rbx], eax
+        (b"\x88\x03", MMIO),  # mov [rbx], al
+        (b"\x89\x4b\x10", MMIO + 0x10),  # mov [rbx+0x10], ecx
+        (b"\xc7\x03\x0d\xf0\xfe\xca", MMIO),  # mov dword [rbx], 0xCAFEF00D
+        (b"\xc6\x43\x01\x42", MMIO + 1),  # mov byte [rbx+1], 0x42
+        (b"\x48\x89\x0b", MMIO),  # mov [rbx], rcx
+        (b"\x66\x89\x03", MMIO),  # mov [rbx], ax
+        (b"\xc7\x00\x00\x00\x00\x00", MMIO),  # mov dword [rax], 0 ("00 00" is a store too)
+        (b"\x89\x83\x00\x10\x00\x00", MMIO + 0x1000),  # mov [rbx+0x1000], eax
+        (b"\x89\x04\x8b", MMIO + 0x20),  # mov [rbx+rcx*4], eax (SIB)
+    ],
+)
 def test_mmio_write(guest: Guest, insn: bytes, gpa: int) -> None:
     prologue = mov_ebx(MMIO) + mov_eax(MMIO)
     guest.load(CODE, prologue + insn + CLI + HLT)
@@ -231,12 +252,15 @@ def test_mmio_write(guest: Guest, insn: bytes, gpa: int) -> None:
     assert guest.run().type == lib.HVMSG_X64_HALT
 
 
-@pytest.mark.parametrize("insn,dest,value", [
-    (b"\x8B\x0B", lib.HV_X64_REGISTER_RCX, 0x55667788),      # mov ecx, [rbx]
-    (b"\x8A\x0B", lib.HV_X64_REGISTER_RCX, 0x77),            # mov cl, [rbx]
-    (b"\x48\x8B\x53\x08", lib.HV_X64_REGISTER_RDX, 2**63 + 5),  # mov rdx, [rbx+8]
-    (b"\x0F\xB7\x33", lib.HV_X64_REGISTER_RSI, 0xBEEF),      # movzx esi, word [rbx]
-])
+@pytest.mark.parametrize(
+    "insn,dest,value",
+    [
+        (b"\x8b\x0b", lib.HV_X64_REGISTER_RCX, 0x55667788),  # mov ecx, [rbx]
+        (b"\x8a\x0b", lib.HV_X64_REGISTER_RCX, 0x77),  # mov cl, [rbx]
+        (b"\x48\x8b\x53\x08", lib.HV_X64_REGISTER_RDX, 2**63 + 5),  # mov rdx, [rbx+8]
+        (b"\x0f\xb7\x33", lib.HV_X64_REGISTER_RSI, 0xBEEF),  # movzx esi, word [rbx]
+    ],
+)
 def test_mmio_read_with_destination_completion(guest: Guest, insn: bytes, dest: int, value: int) -> None:
     prologue = mov_ebx(MMIO)
     guest.load(CODE, prologue + insn + CLI + HLT)
@@ -259,17 +283,23 @@ def _name(reg: int) -> str:
 
 
 def test_mmio_write_then_read_then_use(guest: Guest) -> None:
-    code = (mov_ebx(MMIO) + b"\xC7\x03\x78\x56\x34\x12"   # mov dword [rbx], 0x12345678
-            + b"\x8B\x0B"                                  # mov ecx, [rbx]
-            + b"\x89\xC8"                                  # mov eax, ecx
-            + mov_dx(0x3F8) + OUT_DX_EAX + CLI + HLT)
+    code = (
+        mov_ebx(MMIO)
+        + b"\xc7\x03\x78\x56\x34\x12"  # mov dword [rbx], 0x12345678
+        + b"\x8b\x0b"  # mov ecx, [rbx]
+        + b"\x89\xc8"  # mov eax, ecx
+        + mov_dx(0x3F8)
+        + OUT_DX_EAX
+        + CLI
+        + HLT
+    )
     guest.load(CODE, code)
     guest.long_mode()
     w = guest.run()
-    expect_mmio(w, MMIO, WRITE, CODE + 5, 6, b"\xC7\x03\x78\x56\x34\x12")
+    expect_mmio(w, MMIO, WRITE, CODE + 5, 6, b"\xc7\x03\x78\x56\x34\x12")
     guest.complete(w)
     r = guest.run()
-    expect_mmio(r, MMIO, READ, CODE + 11, 2, b"\x8B\x0B")
+    expect_mmio(r, MMIO, READ, CODE + 11, 2, b"\x8b\x0b")
     guest.complete(r, rcx=0x12345678)
     o = guest.run()
     expect_io(o, 0x3F8, WRITE, 4, CODE + 19, 1)
@@ -281,7 +311,7 @@ def test_write_to_read_only_memory_is_a_gpa_intercept(guest: Guest) -> None:
     rom.write(0, struct.pack("<I", 0xC0DE))
     try:
         assert set_memory(guest.pt, PAGE, 0x400, rom.addr, flags=0) == 0  # readable only
-        code = mov_ebx(0x400000) + b"\x8B\x0B" + b"\x89\x03" + CLI + HLT  # mov ecx,[rbx]; mov [rbx],eax
+        code = mov_ebx(0x400000) + b"\x8b\x0b" + b"\x89\x03" + CLI + HLT  # mov ecx,[rbx]; mov [rbx],eax
         guest.load(CODE, code)
         guest.long_mode()
         msg = guest.run()
@@ -361,8 +391,8 @@ def test_two_vps_run_concurrently() -> None:
     g = Guest(nvps=2)
     try:
         # VP0 spins until VP1 sets a flag: only possible if both run at the same time.
-        vp0 = mov_ebx(DATA) + b"\x80\x3B\x01\x75\xFB" + mov_dx(0x500) + OUT_DX_AL + CLI + HLT
-        vp1 = mov_ebx(DATA) + b"\xC6\x03\x01" + mov_dx(0x501) + OUT_DX_AL + CLI + HLT
+        vp0 = mov_ebx(DATA) + b"\x80\x3b\x01\x75\xfb" + mov_dx(0x500) + OUT_DX_AL + CLI + HLT
+        vp1 = mov_ebx(DATA) + b"\xc6\x03\x01" + mov_dx(0x501) + OUT_DX_AL + CLI + HLT
         g.load(CODE, vp0)
         g.load(CODE + 0x100, vp1)
         g.long_mode(0)
@@ -462,12 +492,12 @@ HANDLER = 0x11000
 def interrupt_guest(g: Guest, eoi: bool) -> None:
     """Handler for vectors 0x40-0x42: OUT the vector's port, optional EOI, IRETQ.
     Main: enable the LAPIC (SVR), STI, HLT loop."""
-    eoi_code = mov_eax(0xFEE000B0) + b"\xC7\x00\x00\x00\x00\x00" if eoi else b""
+    eoi_code = mov_eax(0xFEE000B0) + b"\xc7\x00\x00\x00\x00\x00" if eoi else b""
     for i, vec in enumerate((0x40, 0x41, 0x42)):
         h = HANDLER + 0x100 * i
         g.load(h, mov_dx(0x600 + vec) + OUT_DX_AL + eoi_code + IRETQ)
         g.set_gate(vec, h)
-    main = mov_eax(0xFEE000F0) + b"\xC7\x00\xFF\x01\x00\x00" + STI + HLT + b"\xEB\xFD"
+    main = mov_eax(0xFEE000F0) + b"\xc7\x00\xff\x01\x00\x00" + STI + HLT + b"\xeb\xfd"
     g.load(CODE, main)
     g.long_mode()
 
@@ -558,7 +588,7 @@ def test_dirty_pages_are_tracked(guest: Guest) -> None:
 
 def test_unimplemented_msr_action(guest: Guest) -> None:
     # rdmsr of an MSR nobody implements: #GP with FAULT (0), zero with IGNORE (1).
-    guest.load(CODE, b"\xB9\x34\x12\x00\x00" + b"\x0F\x32" + mov_dx(0x3F8) + OUT_DX_EAX + CLI + HLT)
+    guest.load(CODE, b"\xb9\x34\x12\x00\x00" + b"\x0f\x32" + mov_dx(0x3F8) + OUT_DX_EAX + CLI + HLT)
     assert set_property(guest.pt, 0x00050017, 1).status == 0
     guest.long_mode(rax=0xFFFF, rdx=0xFFFF)
     msg = guest.run()

@@ -121,8 +121,7 @@ def test_too_small_buffer(monkeypatch: pytest.MonkeyPatch, ipt: int, page: Mem, 
 @pytest.mark.parametrize("which", [GET, SET])
 @pytest.mark.parametrize("kind", [LAPIC, SIMP, SIEFP, XSAVE])
 def test_unmapped_buffer_fails_pinning(vp: int, which: str, kind: int) -> None:
-    assert state(vp, which, kind, PAGE, unmapped_addr()) == (-errno.EFAULT, PAGE if kind != XSAVE
-                                                               else xsave_size(vp))
+    assert state(vp, which, kind, PAGE, unmapped_addr()) == (-errno.EFAULT, PAGE if kind != XSAVE else xsave_size(vp))
 
 
 @pytest.mark.parametrize("which", [GET, SET])
