@@ -27,6 +27,7 @@ from .protocol import (
     STREAM_CHUNK,
     STRING_MAX,
     Call,
+    LocalProtocolError,
     RemoteError,
     ServerConnection,
     Status,
@@ -149,7 +150,10 @@ class Session:
         except Exception as err:  # a bug: report it and keep serving
             log.exception("procedure %d failed", call.proc)
             return self.conn.send_error(call, RemoteError(ErrorCode.INTERNAL_ERROR, 0, f"internal error: {err}"))
-        return self.conn.send_reply(call, payload)
+        try:
+            return self.conn.send_reply(call, payload)
+        except LocalProtocolError as err:  # e.g. a reply larger than a packet: the client gets an error
+            return self.conn.send_error(call, RemoteError(ErrorCode.INTERNAL_ERROR, 0, f"internal error: {err}"))
 
     def _open_console_call(self, call: Call, u: Unpacker) -> bytes:
         dom = self.lookup(u)
@@ -299,7 +303,8 @@ async def connect_open(s: Session, u: Unpacker) -> bytes:
     name = u.opt_string(STRING_MAX)
     flags = u.uint()
     u.done()
-    _bad_flags(flags, 1 | 2, "virConnectOpen")  # VIR_CONNECT_RO, VIR_CONNECT_NO_ALIASES
+    # Only VIR_CONNECT_RO (1) matters here; clients also pass flags meant for their own side (a
+    # session open sends 0x4), which libvirtd ignores too.
     s.daemon.check_uri(name)
     if flags & 1:
         s.readonly = True

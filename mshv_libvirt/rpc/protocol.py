@@ -27,6 +27,10 @@ HEADER_SIZE = HEADER.size  # 28 including the length word
 MAX_PACKET = (4 << 20) + 4096
 STRING_MAX = 4 << 20  # REMOTE_STRING_MAX
 STREAM_CHUNK = 256 * 1024  # at most VIR_NET_MESSAGE_LEGACY_PAYLOAD_MAX per stream packet
+# Error messages often quote client input (a name, a whole XML document). libvirt formats them into
+# 1024 bytes (VIR_ERROR_MAX_LENGTH); we allow more, but never so much that the reply could exceed
+# REMOTE_STRING_MAX (which clients reject) or make an error reply cost more than the call.
+ERROR_MESSAGE_MAX = 8192
 
 
 class MessageType(enum.IntEnum):
@@ -131,7 +135,7 @@ class RemoteError:
         p = Packer()
         p.int(self.code)
         p.int(self.domain)
-        p.opt_string(self.message)
+        p.opt_string(truncate_message(self.message))
         p.int(self.level)
         p.uint(0)  # dom: NULL
         p.opt_string(None)  # str1..str3
@@ -141,6 +145,14 @@ class RemoteError:
         p.int(0)
         p.uint(0)  # net: NULL
         return p.getvalue()
+
+
+def truncate_message(message: str, limit: int = ERROR_MESSAGE_MAX) -> str:
+    """``message`` cut to at most ``limit`` UTF-8 bytes (on a character boundary), marked as cut."""
+    raw = message.encode(errors="replace")  # a lone surrogate (from a file name, say) becomes "?"
+    if len(raw) <= limit:
+        return raw.decode()
+    return raw[: limit - 3].decode(errors="ignore") + "..."
 
 
 def unknown_procedure(proc: int) -> RemoteError:
@@ -157,6 +169,11 @@ class ServerConnection:
         self.state = ConnState.OPEN
         self._buf = bytearray()
         self._eof = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet turned into events (a partial packet, mostly)."""
+        return len(self._buf)
 
     # -- input -----------------------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:

@@ -37,6 +37,14 @@ log = logging.getLogger(__name__)
 MAX_CALLS_IN_FLIGHT = 16  # per connection, like libvirtd's max_client_requests (bounded work per client)
 MAX_WRITE_BUFFER = 32 << 20  # a client that stops reading is dropped rather than growing our memory
 MAX_CLIENTS = 512
+# The read-only socket is world-accessible (0666): its clients may take at most half the slots, so
+# they can never lock the owner out of the read-write socket.
+MAX_RO_CLIENTS = MAX_CLIENTS // 2
+# Partial packets are buffered until complete (up to MAX_PACKET each). A client may always buffer
+# SMALL_BUFFER; beyond that all clients share MAX_BUFFERED_TOTAL, and a client that would exceed it
+# is dropped, so many clients stalling mid-packet cannot make us grow without bound.
+SMALL_BUFFER = 256 << 10
+MAX_BUFFERED_TOTAL = 96 << 20
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,8 @@ class Daemon:
         self._servers: list[asyncio.base_events.Server] = []
         self._clients: set[asyncio.Task[None]] = set()
         self.clients = 0
+        self.ro_clients = 0
+        self.buffered = 0  # bytes above SMALL_BUFFER held in partial packets, over all clients
         self.last_activity = asyncio.get_event_loop().time()
 
     def check_uri(self, name: str | None) -> None:
@@ -111,12 +121,15 @@ class Daemon:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, readonly: bool) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._clients) >= MAX_CLIENTS:
+        if len(self._clients) >= MAX_CLIENTS or (readonly and self.ro_clients >= MAX_RO_CLIENTS):
+            log.warning("refusing a client: too many connections")
             writer.close()
             return
         self._clients.add(task)
         self.clients += 1
+        self.ro_clients += readonly
         conn = ServerConnection()
+        charged = 0  # this client's share of self.buffered
         transport = writer.transport
 
         def send(data: bytes) -> None:
@@ -145,6 +158,13 @@ class Daemon:
                 except (ConnectionError, OSError):
                     data = b""
                 conn.receive_data(data)
+                extra = max(0, conn.buffered - SMALL_BUFFER)
+                if extra > charged and self.buffered + extra - charged > MAX_BUFFERED_TOTAL:
+                    log.warning("dropping a client: partial packets of all clients exceed the memory limit")
+                    transport.abort()
+                    break
+                self.buffered += extra - charged
+                charged = extra
                 while True:
                     event = conn.next_event()
                     if event is NEED_DATA or isinstance(event, ConnectionClosed):
@@ -158,6 +178,9 @@ class Daemon:
                         t.add_done_callback(calls.discard)
                     elif isinstance(event, StreamPacket):
                         session.stream_packet(event)
+                extra = max(0, conn.buffered - SMALL_BUFFER)
+                self.buffered += extra - charged
+                charged = extra
                 if not data or transport.is_closing():
                     break
                 await writer.drain()
@@ -166,6 +189,8 @@ class Daemon:
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
+            self.buffered -= charged
+            charged = 0
             for t in list(calls):
                 if not t.done():
                     with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -174,4 +199,5 @@ class Daemon:
             writer.close()
             self._clients.discard(task)
             self.clients -= 1
+            self.ro_clients -= readonly
             self.last_activity = asyncio.get_event_loop().time()

@@ -1,0 +1,555 @@
+"""Security and limits of a real virtmshvd: the read-only socket, socket modes, packet and string
+limits, and clients that stall, flood or send hostile packets (none may hurt the other clients)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from mshv_libvirt.rpc.protocol import HEADER, HEADER_SIZE, MAX_PACKET, REMOTE_PROGRAM, STRING_MAX
+from mshv_libvirt.rpc.xdr import Packer, Unpacker
+from tests.support.daemon import DaemonProcess, domain_xml, virsh
+
+pytestmark = pytest.mark.virsh
+
+PROC_OPEN, PROC_LOOKUP_BY_NAME, PROC_LIST_DOMAINS, PROC_LIST_DEFINED = 1, 23, 37, 21
+PROC_GET_HOSTNAME, PROC_AUTH_LIST, PROC_DEFINE_XML = 59, 66, 11
+CALL, REPLY = 0, 1
+OK, ERROR = 0, 1
+
+
+class ServerClosed(Exception):
+    pass
+
+
+class RawClient:
+    """A bare-socket libvirt RPC client that can send anything, well-formed or not."""
+
+    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(str(path))
+                break
+            except BlockingIOError:  # the listen backlog is full for a moment: the daemon is busy accepting
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        self.serial = 0
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def packet(
+        self,
+        proc: int,
+        payload: bytes = b"",
+        *,
+        prog: int = REMOTE_PROGRAM,
+        vers: int = 1,
+        mtype: int = CALL,
+        status: int = OK,
+        serial: int | None = None,
+    ) -> tuple[bytes, int]:
+        if serial is None:
+            serial = self.serial
+            self.serial += 1
+        return HEADER.pack(HEADER_SIZE + len(payload), prog, vers, proc, mtype, serial, status) + payload, serial
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def call(self, proc: int, payload: bytes = b"", **kw: int) -> int:
+        data, serial = self.packet(proc, payload, **kw)
+        self.send(data)
+        return serial
+
+    def _exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ServerClosed
+            buf += chunk
+        return bytes(buf)
+
+    def recv(self) -> tuple[tuple[int, ...], bytes]:
+        """(header fields, payload) of the next packet; ServerClosed on EOF."""
+        try:
+            head = self._exact(HEADER_SIZE)
+        except ConnectionResetError as err:
+            raise ServerClosed from err
+        fields = HEADER.unpack(head)
+        return fields, self._exact(fields[0] - HEADER_SIZE)
+
+    def reply(self, serial: int) -> tuple[int, bytes]:
+        """(status, payload) of the reply to ``serial`` (events in between are skipped)."""
+        while True:
+            fields, payload = self.recv()
+            if fields[4] == REPLY and fields[5] == serial:
+                return fields[6], payload
+
+    def roundtrip(self, proc: int, payload: bytes = b"") -> tuple[int, bytes]:
+        return self.reply(self.call(proc, payload))
+
+    def handshake(self) -> None:
+        status, _ = self.roundtrip(PROC_AUTH_LIST)
+        assert status == OK
+        p = Packer()
+        p.opt_string("mshv:///system")
+        p.uint(0)
+        status, _ = self.roundtrip(PROC_OPEN, p.getvalue())
+        assert status == OK
+
+    def closed_by_server(self, timeout: float = 10.0) -> bool:
+        """True when the server closes the connection (reading and dropping anything before EOF)."""
+        self.sock.settimeout(timeout)
+        try:
+            while self.sock.recv(1 << 16):
+                pass
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+        return True
+
+
+def error_message(payload: bytes) -> tuple[int, str]:
+    u = Unpacker(payload)
+    code = u.int()
+    u.int()
+    return code, u.opt_string(STRING_MAX) or ""
+
+
+def hostname_ok(c: RawClient) -> bool:
+    status, payload = c.roundtrip(PROC_GET_HOSTNAME)
+    return status == OK and Unpacker(payload).string(1024) == socket.gethostname()
+
+
+@contextlib.contextmanager
+def raw(path: Path, *, handshake: bool = True) -> Iterator[RawClient]:
+    c = RawClient(path)
+    try:
+        if handshake:
+            c.handshake()
+        yield c
+    finally:
+        c.close()
+
+
+def rss_kib(d: DaemonProcess) -> int:
+    assert d.proc is not None
+    for line in Path(f"/proc/{d.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def check_serving(d: DaemonProcess, conn: libvirt.virConnect | None = None) -> None:
+    assert d.alive()
+    c = conn if conn is not None else libvirt.open(d.uri)
+    try:
+        c.listAllDomains()
+        assert c.getHostname() == socket.gethostname()
+    finally:
+        if conn is None:
+            c.close()
+
+
+def define_dummy(d: DaemonProcess, tmp_path: Path, name: str) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"\0" * 4096)
+    conn = libvirt.open(d.uri)
+    try:
+        conn.defineXML(domain_xml(name, kernel))
+    finally:
+        conn.close()
+
+
+# ---- (a) the read-only socket and the read-only connect flag -------------------------------------
+
+
+def test_readonly_socket_allows_reads_refuses_writes(daemon: DaemonProcess, tmp_path: Path) -> None:
+    define_dummy(daemon, tmp_path, "rovm")
+    ro = daemon.ro_uri
+    assert "rovm" in virsh(ro, "list", "--all", "--name").stdout
+    assert "shut off" in virsh(ro, "dominfo", "rovm").stdout
+    assert "<name>rovm</name>" in virsh(ro, "dumpxml", "rovm").stdout
+    assert virsh(ro, "domstate", "rovm").stdout.strip() == "shut off"
+
+    xml = tmp_path / "other.xml"
+    xml.write_text(domain_xml("other", tmp_path / "vmlinuz"))
+    for args in (
+        ("define", str(xml)),
+        ("start", "rovm"),
+        ("destroy", "rovm"),
+        ("undefine", "rovm"),
+        ("autostart", "rovm"),
+        ("autostart", "--disable", "rovm"),
+        ("shutdown", "rovm"),
+    ):
+        res = virsh(ro, *args, check=False)
+        assert res.returncode != 0, args
+        assert "operation forbidden" in res.stderr and "read only" in res.stderr, (args, res.stderr)
+
+    # Nothing changed: still defined, not started, not autostarted, and "other" was never defined.
+    names = virsh(daemon.uri, "list", "--all", "--name").stdout.split()
+    assert names == ["rovm"]
+    assert "Autostart:      disable" in virsh(daemon.uri, "dominfo", "rovm").stdout
+
+
+def test_readonly_flag_on_rw_socket_is_enforced(daemon: DaemonProcess, tmp_path: Path) -> None:
+    define_dummy(daemon, tmp_path, "flagvm")
+    conn = libvirt.openReadOnly(daemon.uri)
+    try:
+        dom = conn.lookupByName("flagvm")
+        assert dom.info()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+        assert "<name>flagvm</name>" in dom.XMLDesc()
+        attempts = (
+            lambda: conn.defineXML(domain_xml("x", tmp_path / "vmlinuz")),
+            dom.create,
+            dom.destroy,
+            dom.undefine,
+            lambda: dom.setAutostart(1),
+            dom.suspend,
+        )
+        for attempt in attempts:
+            with pytest.raises(libvirt.libvirtError) as exc:
+                attempt()
+            assert exc.value.get_error_code() == libvirt.VIR_ERR_OPERATION_DENIED
+            assert "read only" in str(exc.value)
+    finally:
+        conn.close()
+    assert [d.name() for d in libvirt.open(daemon.uri).listAllDomains()] == ["flagvm"]
+
+
+def test_readonly_socket_refuses_writes_raw(daemon: DaemonProcess) -> None:
+    """Straight from the wire: a CONNECT_OPEN without the RO flag on -sock-ro is still read-only,
+    and re-opening after CONNECT_CLOSE does not drop that."""
+    ro_sock = Path(f"{daemon.socket}-ro")
+    with raw(ro_sock) as c:
+        p = Packer()
+        p.string("<domain/>")
+        status, payload = c.roundtrip(PROC_DEFINE_XML, p.getvalue())
+        assert status == ERROR
+        code, msg = error_message(payload)
+        assert code == libvirt.VIR_ERR_OPERATION_DENIED and "read only" in msg
+        assert c.roundtrip(2)[0] == OK  # CONNECT_CLOSE
+        c.handshake()
+        status, payload = c.roundtrip(PROC_DEFINE_XML, p.getvalue())
+        assert status == ERROR and error_message(payload)[0] == libvirt.VIR_ERR_OPERATION_DENIED
+
+
+def test_readonly_connect_flag_is_enforced_by_the_daemon(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """libvirt's client library refuses writes on a read-only connection by itself; the daemon must
+    not rely on that: a raw CONNECT_OPEN with VIR_CONNECT_RO on the read-write socket is read-only."""
+    define_dummy(daemon, tmp_path, "rawro")
+    with raw(daemon.socket, handshake=False) as c:
+        assert c.roundtrip(PROC_AUTH_LIST)[0] == OK
+        p = Packer()
+        p.opt_string("mshv:///system")
+        p.uint(1)  # VIR_CONNECT_RO
+        assert c.roundtrip(PROC_OPEN, p.getvalue())[0] == OK
+        x = Packer()
+        x.string(domain_xml("rawro2", tmp_path / "vmlinuz"))
+        status, payload = c.roundtrip(PROC_DEFINE_XML, x.getvalue())
+        assert status == ERROR and error_message(payload)[0] == libvirt.VIR_ERR_OPERATION_DENIED
+        # Re-opening without the flag after CONNECT_CLOSE does not make it writable.
+        assert c.roundtrip(2)[0] == OK
+        c.handshake()
+        status, payload = c.roundtrip(PROC_DEFINE_XML, x.getvalue())
+        assert status == ERROR and error_message(payload)[0] == libvirt.VIR_ERR_OPERATION_DENIED
+        assert hostname_ok(c)
+    assert [d.name() for d in libvirt.open(daemon.uri).listAllDomains()] == ["rawro"]
+
+
+# ---- (b) socket permissions ----------------------------------------------------------------------
+
+
+def test_socket_modes(daemon: DaemonProcess) -> None:
+    rw = daemon.socket.stat()
+    ro = Path(f"{daemon.socket}-ro").stat()
+    assert stat.S_ISSOCK(rw.st_mode) and stat.S_ISSOCK(ro.st_mode)
+    assert stat.S_IMODE(rw.st_mode) == 0o600
+    assert stat.S_IMODE(ro.st_mode) == 0o666
+    assert rw.st_uid == os.getuid() == ro.st_uid
+
+
+# ---- (c) packet limits ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [MAX_PACKET + 1, 0xFFFFFFFF, 0, 27])
+def test_bad_packet_length_closes_only_that_connection(daemon: DaemonProcess, length: int) -> None:
+    other = libvirt.open(daemon.uri)
+    try:
+        with raw(daemon.socket) as c:
+            c.send(struct.pack(">I", length) + bytes(HEADER_SIZE - 4))
+            assert c.closed_by_server()
+        check_serving(daemon, other)
+    finally:
+        other.close()
+
+
+def test_oversized_real_packet_closes_connection(daemon: DaemonProcess) -> None:
+    other = libvirt.open(daemon.uri)
+    try:
+        with raw(daemon.socket) as c:
+            p = Packer()
+            p.string("a" * (MAX_PACKET + 16))
+            data, _ = c.packet(PROC_LOOKUP_BY_NAME, p.getvalue())
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                c.send(data)
+            assert c.closed_by_server()
+        check_serving(daemon, other)
+    finally:
+        other.close()
+
+
+# ---- (d) string and list limits: an error reply, and the connection survives ---------------------
+
+
+def test_string_and_list_limits_get_error_replies(daemon: DaemonProcess) -> None:
+    with raw(daemon.socket) as c:
+        # A real string one byte above REMOTE_STRING_MAX (the packet itself is within MAX_PACKET).
+        p = Packer()
+        p.string("n" * (STRING_MAX + 1))
+        status, payload = c.roundtrip(PROC_LOOKUP_BY_NAME, p.getvalue())
+        assert status == ERROR
+        code, msg = error_message(payload)
+        assert code == libvirt.VIR_ERR_RPC and "exceeds the limit" in msg
+        assert hostname_ok(c)
+
+        # A length word far beyond the data and the limit.
+        status, payload = c.roundtrip(PROC_LOOKUP_BY_NAME, struct.pack(">I", 0xFFFFFFF0) + b"abcd")
+        assert status == ERROR and "exceeds the limit" in error_message(payload)[1]
+        # A length word within the limit but beyond the packet.
+        status, payload = c.roundtrip(PROC_LOOKUP_BY_NAME, struct.pack(">I", 1 << 20) + b"abcd")
+        assert status == ERROR and "end of data" in error_message(payload)[1]
+
+        # List requests above REMOTE_DOMAIN_LIST_MAX, and negative ones.
+        for proc in (PROC_LIST_DOMAINS, PROC_LIST_DEFINED):
+            for n in (16385, 1 << 30, -1):
+                status, payload = c.roundtrip(proc, struct.pack(">i", n))
+                assert status == ERROR, (proc, n)
+                code, msg = error_message(payload)
+                assert code == libvirt.VIR_ERR_RPC and "REMOTE_DOMAIN_LIST_MAX" in msg
+        status, _ = c.roundtrip(PROC_LIST_DOMAINS, struct.pack(">i", 16384))
+        assert status == OK
+
+        # A lookup of the longest legal name: the error reply (which quotes it) must still be sent.
+        p = Packer()
+        p.string("m" * STRING_MAX)
+        status, payload = c.roundtrip(PROC_LOOKUP_BY_NAME, p.getvalue())
+        assert status == ERROR and error_message(payload)[0] == libvirt.VIR_ERR_NO_DOMAIN
+        assert hostname_ok(c)
+    check_serving(daemon)
+
+
+def test_huge_error_messages_are_bounded(daemon: DaemonProcess) -> None:
+    """Errors that quote client input (a 4 MiB name, a 4 MiB garbage XML) still fit in a reply."""
+    with raw(daemon.socket) as c:
+        for proc, text in ((PROC_DEFINE_XML, "<" * STRING_MAX), (PROC_DEFINE_XML, "<domain>" + "é" * (1 << 20))):
+            p = Packer()
+            p.string(text)
+            status, payload = c.roundtrip(proc, p.getvalue())
+            assert status == ERROR
+            assert len(payload) <= MAX_PACKET
+        assert hostname_ok(c)
+    check_serving(daemon)
+    assert "Traceback" not in daemon.log.read_text(errors="replace")
+
+
+# ---- (e) a stalled client blocks nobody ----------------------------------------------------------
+
+
+def test_half_packet_stall_does_not_block_others(daemon: DaemonProcess) -> None:
+    stallers = []
+    try:
+        for cut in (3, 10, HEADER_SIZE + 2):
+            c = RawClient(daemon.socket)
+            c.handshake()
+            p = Packer()
+            p.string("x" * 1000)
+            data, _ = c.packet(PROC_LOOKUP_BY_NAME, p.getvalue())
+            c.send(data[:cut])
+            stallers.append(c)
+        # An unopened connection that stalls after a header announcing a 4 MiB packet.
+        c = RawClient(daemon.socket)
+        c.send(struct.pack(">I", MAX_PACKET) + bytes(20))
+        stallers.append(c)
+
+        conn = libvirt.open(daemon.uri)
+        try:
+            start = time.monotonic()
+            for _ in range(20):
+                check_serving(daemon, conn)
+            assert time.monotonic() - start < 5
+        finally:
+            conn.close()
+        assert "vms" not in virsh(daemon.ro_uri, "list", "--all", "--name").stdout
+        # The stalled clients finish their packets later and are answered normally.
+        for c in stallers[:3]:
+            p = Packer()
+            p.string("x" * 1000)
+            data, serial = c.packet(PROC_LOOKUP_BY_NAME, p.getvalue(), serial=c.serial - 1)
+            cut = {0: 3, 1: 10, 2: HEADER_SIZE + 2}[stallers.index(c)]
+            c.send(data[cut:])
+            status, payload = c.reply(serial)
+            assert status == ERROR and error_message(payload)[0] == libvirt.VIR_ERR_NO_DOMAIN
+            assert hostname_ok(c)
+    finally:
+        for c in stallers:
+            c.close()
+    check_serving(daemon)
+
+
+# ---- (f) a client that floods calls and never reads -----------------------------------------------
+
+
+def _flood(c: RawClient, packet: bytes, seconds: float) -> int:
+    """Send ``packet`` repeatedly without reading; stop when the kernel buffers stay full."""
+    c.sock.setblocking(False)
+    sent = 0
+    view = b""
+    deadline = time.monotonic() + seconds
+    stuck_since: float | None = None
+    while time.monotonic() < deadline:
+        if not view:
+            view = packet
+        try:
+            n = c.sock.send(view)
+        except BlockingIOError:
+            now = time.monotonic()
+            stuck_since = stuck_since or now
+            if now - stuck_since > 0.5:
+                break
+            time.sleep(0.01)
+            continue
+        stuck_since = None
+        sent += n
+        view = view[n:]
+    return sent
+
+
+def test_flooding_client_is_bounded_and_blocks_nobody(daemon: DaemonProcess) -> None:
+    conn = libvirt.open(daemon.uri)
+    floods: list[RawClient] = []
+    try:
+        base = rss_kib(daemon)
+        # Small calls (cheap replies), and calls whose error replies quote a 1 MiB name.
+        small = RawClient(daemon.socket)
+        small.handshake()
+        floods.append(small)
+        pkt, _ = small.packet(PROC_GET_HOSTNAME, serial=7)
+        small_bytes = _flood(small, pkt * 256, 3.0)
+
+        big = RawClient(daemon.socket)
+        big.handshake()
+        floods.append(big)
+        p = Packer()
+        p.string("q" * (1 << 20))
+        pkt, _ = big.packet(PROC_LOOKUP_BY_NAME, p.getvalue(), serial=9)
+        big_bytes = _flood(big, pkt, 6.0)
+
+        start = time.monotonic()
+        for _ in range(10):
+            check_serving(daemon, conn)
+        latency = (time.monotonic() - start) / 10
+        assert "Domain" not in virsh(daemon.uri, "list", "--all", "--name").stdout
+        peak = rss_kib(daemon)
+        print(
+            f"flood: small {small_bytes} B, big {big_bytes} B sent unread; RSS {base} -> {peak} KiB; "
+            f"other client call latency {latency * 1000:.1f} ms"
+        )
+        assert peak < 300 * 1024
+        assert latency < 1.0
+    finally:
+        for c in floods:
+            c.close()
+    check_serving(daemon, conn)
+    conn.close()
+    time.sleep(0.5)
+    check_serving(daemon)
+    assert "Traceback" not in daemon.log.read_text(errors="replace")
+
+
+def test_many_stalled_large_packets_keep_memory_bounded(daemon: DaemonProcess) -> None:
+    """The read-only socket is world-accessible: clients that each park almost a whole MAX_PACKET
+    there must not add up to unbounded memory (they are dropped beyond a shared budget)."""
+    base = rss_kib(daemon)
+    chunk = struct.pack(">I", MAX_PACKET) + bytes(MAX_PACKET - 4096)
+    clients: list[RawClient] = []
+    dropped = 0
+    try:
+        for _ in range(60):
+            c = RawClient(Path(f"{daemon.socket}-ro"))
+            clients.append(c)
+            try:
+                c.send(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                dropped += 1
+        time.sleep(0.3)
+        peak = rss_kib(daemon)
+        print(f"60 clients x {len(chunk) >> 20} MiB partial packets: {dropped} dropped, RSS {base} -> {peak} KiB")
+        assert dropped > 0
+        assert peak < 300 * 1024
+        check_serving(daemon)
+        assert virsh(daemon.ro_uri, "list", "--all", "--name").returncode == 0
+    finally:
+        for c in clients:
+            c.close()
+    check_serving(daemon)
+
+
+def _eof_now(c: RawClient) -> bool:
+    c.sock.setblocking(False)
+    try:
+        return c.sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+    except (BlockingIOError, TimeoutError):
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_readonly_clients_cannot_take_every_slot(daemon: DaemonProcess) -> None:
+    from mshv_libvirt.rpc.server import MAX_CLIENTS, MAX_RO_CLIENTS
+
+    clients = [RawClient(Path(f"{daemon.socket}-ro")) for _ in range(MAX_RO_CLIENTS + 20)]
+    try:
+        # The surplus read-only clients are refused; the owner's socket still has room.
+        deadline = time.monotonic() + 10
+        while (refused := sum(map(_eof_now, clients))) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert refused == 20
+        assert MAX_CLIENTS - MAX_RO_CLIENTS > 100
+        check_serving(daemon)
+    finally:
+        for c in clients:
+            c.close()
+    time.sleep(0.2)
+    with raw(Path(f"{daemon.socket}-ro")) as c:
+        assert hostname_ok(c)
+
+
+def test_many_connections_then_still_serving(daemon: DaemonProcess) -> None:
+    clients = [RawClient(daemon.socket) for _ in range(100)]
+    try:
+        for c in clients[::10]:
+            c.handshake()
+        check_serving(daemon)
+    finally:
+        for c in clients:
+            c.close()
+    check_serving(daemon)
