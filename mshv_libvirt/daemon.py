@@ -64,16 +64,21 @@ def build_listeners(args: argparse.Namespace, system: bool) -> list[Listener]:
     return [Listener(session_socket(), False, 0o600)]
 
 
-def _daemonize() -> None:
+def _daemonize(log_file: Path) -> None:
+    """Classic double fork; stdout/stderr go to the log file so no caller's pipe is held open."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     if os.fork() > 0:
         os._exit(0)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1):
-        os.dup2(devnull, fd)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
     os.close(devnull)
+    os.close(log_fd)
 
 
 async def _serve(args: argparse.Namespace, system: bool) -> int:
@@ -132,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     system = args.system or (not args.session and os.geteuid() == 0)
     if args.daemon:
-        _daemonize()
+        default_log = (Paths.system() if system else Paths.session()).log_dir.parent / "virtmshvd.log"
+        _daemonize(Path(args.log_dir) / "virtmshvd.log" if args.log_dir else default_log)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s virtmshvd[%(process)d] %(levelname)s %(name)s: %(message)s",

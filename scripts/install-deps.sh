@@ -9,8 +9,10 @@ packages=(
     libvirt-clients python3-libvirt virtinst
     # test guests: busybox initramfs, Debian kernel unpacking, peers for benchmarks
     busybox-static cpio xz-utils zstd kmod qemu-system-x86 util-linux
-    # virt-manager smoke test under a virtual screen
-    xvfb
+    # virt-manager under a virtual screen (the tests set GSETTINGS_BACKEND=memory, NO_AT_BRIDGE=1)
+    virt-manager xvfb
+    # systemd-analyze verifies the shipped units
+    systemd
     # test runner
     tox
 )
