@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs mshv-libvirt on a Debian 12 machine and starts the system daemon virtmshvd.
 #
-#   sudo scripts/install.sh
+#   scripts/install.sh     (as root)
 #
 # Afterwards `virsh -c mshv:///system list --all` works with no client configuration. Where
 # /dev/mshv does not exist the daemon runs VMs on the built-in emulated device (KVM-backed when

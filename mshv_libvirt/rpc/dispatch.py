@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from mshv_libvirt.domain import MAX_VCPUS, parse_domain_xml
 from mshv_libvirt.driver.manager import Domain, DomainEvent, DomainManager
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError
+from mshv_libvirt.lifecycle import State
 
 from . import host
 from .protocol import (
@@ -436,26 +437,23 @@ async def node_get_security_model(s: Session, u: Unpacker) -> bytes:
 # ---- listing and lookup ----------------------------------------------------------------------------------
 
 
+_STATE_FILTER = {State.RUNNING: LIST_RUNNING, State.PAUSED: LIST_PAUSED, State.SHUTOFF: LIST_SHUTOFF}
+
+
 def _matches(s: Session, dom: Domain, flags: int) -> bool:
-    def pair(a: int, b: int, is_a: bool) -> bool:
-        if not flags & (a | b):
-            return True
-        return bool(flags & a) if is_a else bool(flags & b)
-
-    state = dom.status.state
-    if not pair(LIST_ACTIVE, LIST_INACTIVE, dom.active):
+    """virConnectListAllDomains filtering; each group of flags only filters when one of its flags is set."""
+    if flags & (LIST_ACTIVE | LIST_INACTIVE) and not flags & (LIST_ACTIVE if dom.active else LIST_INACTIVE):
         return False
-    if not pair(LIST_PERSISTENT, LIST_TRANSIENT, dom.persistent is not None):
+    persistent = dom.persistent is not None
+    if flags & (LIST_PERSISTENT | LIST_TRANSIENT) and not flags & (LIST_PERSISTENT if persistent else LIST_TRANSIENT):
         return False
-    if flags & (LIST_RUNNING | LIST_PAUSED | LIST_SHUTOFF | LIST_OTHER):
-        from mshv_libvirt.lifecycle import State
-
-        kind = {State.RUNNING: LIST_RUNNING, State.PAUSED: LIST_PAUSED, State.SHUTOFF: LIST_SHUTOFF}.get(
-            state, LIST_OTHER
-        )
-        if not flags & kind:
-            return False
-    if not pair(LIST_AUTOSTART, LIST_NO_AUTOSTART, s.manager.autostart(dom)):
+    if flags & (LIST_RUNNING | LIST_PAUSED | LIST_SHUTOFF | LIST_OTHER) and not flags & _STATE_FILTER.get(
+        dom.status.state, LIST_OTHER
+    ):
+        return False
+    # Autostart is a filesystem check: only made when asked for.
+    autostart_filter = flags & (LIST_AUTOSTART | LIST_NO_AUTOSTART)
+    if autostart_filter and not flags & (LIST_AUTOSTART if s.manager.autostart(dom) else LIST_NO_AUTOSTART):
         return False
     # No managed save, snapshots or checkpoints exist: the "has" filters select nothing.
     return not (flags & (LIST_MANAGEDSAVE | LIST_SNAPSHOT | LIST_HAS_CHECKPOINT))
