@@ -19,6 +19,8 @@ import threading
 import pytest
 from mshv_libvirt._mshv import lib
 
+from tests.support.report import write_report
+
 from .emutil import (
     KERNEL_ADDR,
     PAGE,
@@ -340,6 +342,15 @@ def test_fuzz_every_ioctl_on_every_fd() -> None:
         arena.close()
     # the generator reaches both outcomes
     assert counts["ok"] > ITERATIONS // 20 and counts["err"] > ITERATIONS // 5, counts
+    write_report(
+        "emu_ioctl_fuzz",
+        {
+            "ioctls_tried": ITERATIONS,
+            "accepted": counts["ok"],
+            "refused_with_kernel_errno": counts["err"],
+            "enotty_wrong_fd_or_unknown": ITERATIONS - counts["ok"] - counts["err"],
+        },
+    )
 
 
 @pytest.mark.parametrize("kind", ["dev", "partition", "vp"])
