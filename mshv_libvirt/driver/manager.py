@@ -37,8 +37,8 @@ from mshv_libvirt.lifecycle import (
 )
 from mshv_libvirt.lifecycle.states import UndefinedDetail, lookup
 
-from .store import ConfigStore, remove_durable, write_atomic
-from .vmm_client import VmmError, VmmFiles, VmmHandle, pid_alive
+from .store import ConfigStore, remove_durable, sweep_temporaries, write_atomic
+from .vmm_client import VmmError, VmmFiles, VmmHandle, find_vmm_processes, is_our_vmm, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,11 @@ class DomainManager:
                 log.error("ignoring %s: it defines domain %r", self.store.path(name), cfg.name)
                 continue
             self._domains[name] = Domain(name, cfg.uuid, cfg)
-        for record in sorted(self.paths.run_dir.glob("*.json")):
+        sweep_temporaries(self.paths.run_dir)
+        records = sorted(p for p in self.paths.run_dir.glob("*.json") if not p.name.endswith(".vmm.json"))
+        for record in records:
             await self._reattach(record)
+        await self._reap_orphans()
         if self._autostart:
             for dom in list(self._domains.values()):
                 if dom.persistent is not None and not dom.active and self.store.autostart(dom.name):
@@ -141,10 +144,31 @@ class DomainManager:
                     except VirtError as err:
                         log.error("autostart of %s failed: %s", dom.name, err)
 
+    async def _reap_orphans(self) -> None:
+        """VMMs no runtime record accounts for: a daemon killed while one was still starting.
+
+        The client never saw that start succeed, so the domain stays shut off: stop the VMM and
+        remove its files rather than leave a VM running behind the domain's back (where the next
+        start would put a second VMM next to it).
+        """
+        for name, pid in find_vmm_processes(self.paths.run_dir):
+            dom = self._domains.get(name)
+            if dom is not None and dom.vmm is not None and dom.vmm.pid == pid:
+                continue
+            log.warning("stopping VMM pid %d of %s: it has no runtime record (start never completed)", pid, name)
+            await VmmHandle.reap(name, self._files(name), pid)
+        active = {d.name for d in self._domains.values() if d.active}
+        for suffix in (".pid", ".vmm.json", ".ctl", ".exit"):
+            for leftover in self.paths.run_dir.glob(f"*{suffix}"):
+                name = leftover.name[: -len(suffix)]
+                if name not in active:
+                    self._files(name).remove_runtime()
+
     async def _reattach(self, record: Path) -> None:
         try:
             raw = json.loads(record.read_text())
-            name, pid, dom_id = str(raw["name"]), int(raw["pid"]), int(raw["id"])
+            name, dom_id = str(raw["name"]), int(raw["id"])
+            pid = int(raw["pid"]) if raw.get("pid") is not None else None
             live = parse_domain_xml(str(raw["xml"]))
             status = Status(State(int(raw["state"])), int(raw["reason"]))
         except (OSError, ValueError, KeyError, TypeError, VirtError) as err:
@@ -158,8 +182,11 @@ class DomainManager:
         dom.live, dom.id, dom.status = live, dom_id, status
         self._next_id = max(self._next_id, dom_id + 1)
         files = self._files(name)
+        if pid is None and status.state in (State.SHUTDOWN, State.CRASHED):
+            log.info("%s is preserved (%s) with no VMM", name, status.state.name.lower())
+            return  # a preserved domain whose VMM is already gone: nothing to attach to
         handle: VmmHandle | None = None
-        if pid_alive(pid):
+        if pid is not None and pid > 0 and pid_alive(pid) and is_our_vmm(pid, files):
             try:
                 handle = await VmmHandle.attach(name, files, pid)
                 st = await handle.request("status")
@@ -170,6 +197,10 @@ class DomainManager:
             except VmmError as err:
                 log.warning("cannot re-attach to %s (pid %d): %s", name, pid, err)
                 handle = None
+                if pid_alive(pid):
+                    # Alive but not answering: it cannot be managed, and a second VMM must never be
+                    # started next to it. Stop it; its ending is accounted for below.
+                    await VmmHandle.reap(name, files, pid)
         if handle is not None:
             self._adopt(dom, handle)
             log.info("re-attached to %s (pid %d)", name, pid)
@@ -248,26 +279,40 @@ class DomainManager:
 
     async def define(self, xml: str) -> Domain:
         cfg = parse_domain_xml(xml, check_libvirt_schema=False)
-        existing = self._check_unique(cfg)
-        if existing is None:
-            dom = Domain(cfg.name, cfg.uuid, cfg)
-            self._domains[cfg.name] = dom
-            try:
-                await asyncio.to_thread(self.store.save, cfg.name, cfg.xml)
-            except OSError as err:
-                self._domains.pop(cfg.name, None)
-                raise _failed(f"cannot save config of '{cfg.name}': {err}") from err
-            self._emit(dom, "lifecycle", Event.DEFINED, DefinedDetail.ADDED)
+        while True:
+            existing = self._check_unique(cfg)
+            if existing is None:
+                dom = Domain(cfg.name, cfg.uuid, cfg)
+                # Hold the new domain's lock while its file is written: an undefine (or a redefine)
+                # that finds it in the table meanwhile must wait, or it would act on a file not yet
+                # there and leave a config behind for a domain no longer defined.
+                async with dom.lock:
+                    self._domains[cfg.name] = dom
+                    try:
+                        await asyncio.to_thread(self.store.save, cfg.name, cfg.xml)
+                    except OSError as err:
+                        dom.removed = True
+                        if self._domains.get(cfg.name) is dom:
+                            del self._domains[cfg.name]
+                        raise _failed(f"cannot save config of '{cfg.name}': {err}") from err
+                self._emit(dom, "lifecycle", Event.DEFINED, DefinedDetail.ADDED)
+                return dom
+            dom = existing
+            async with dom.lock:
+                if dom.removed:
+                    continue  # undefined while we waited: define it anew
+                try:
+                    await asyncio.to_thread(self.store.save, cfg.name, cfg.xml)
+                except OSError as err:
+                    raise _failed(f"cannot save config of '{cfg.name}': {err}") from err
+                # A running transient domain made persistent is "added", as in libvirt's QEMU driver.
+                detail = DefinedDetail.ADDED if dom.persistent is None else DefinedDetail.UPDATED
+                dom.persistent = cfg
+                if not dom.active:
+                    dom.live = None
+                self._write_record(dom)
+            self._emit(dom, "lifecycle", Event.DEFINED, detail)
             return dom
-        dom = existing
-        async with dom.lock:
-            await asyncio.to_thread(self.store.save, cfg.name, cfg.xml)
-            dom.persistent = cfg
-            if not dom.active:
-                dom.live = None
-            self._write_record(dom)
-        self._emit(dom, "lifecycle", Event.DEFINED, DefinedDetail.UPDATED)
-        return dom
 
     async def undefine(self, dom: Domain) -> None:
         async with dom.lock:
@@ -275,14 +320,16 @@ class DomainManager:
                 raise no_domain(f"no domain with matching name '{dom.name}'")
             if dom.persistent is None:
                 raise invalid_operation("cannot undefine transient domain")
-            await asyncio.to_thread(self.store.delete, dom.name)
+            try:
+                await asyncio.to_thread(self.store.delete, dom.name)
+            except OSError as err:
+                raise _failed(f"cannot delete config of '{dom.name}': {err}") from err
             if dom.active:
                 dom.live = dom.live or dom.persistent
                 dom.persistent = None  # keeps running as a transient domain
                 self._write_record(dom)
             else:
-                dom.removed = True
-                self._domains.pop(dom.name, None)
+                self._forget(dom)
         self._emit(dom, "lifecycle", Event.UNDEFINED, UndefinedDetail.REMOVED)
 
     def autostart(self, dom: Domain) -> bool:
@@ -384,10 +431,14 @@ class DomainManager:
             dom.id = -1
             remove_durable(self._record_path(dom.name))
             if dom.persistent is None:
-                dom.removed = True
-                self._domains.pop(dom.name, None)
+                self._forget(dom)
         else:
             self._write_record(dom)
+
+    def _forget(self, dom: Domain) -> None:
+        dom.removed = True
+        if self._domains.get(dom.name) is dom:
+            del self._domains[dom.name]
 
     # -- VMM processes ----------------------------------------------------------------------------
     def _files(self, name: str) -> VmmFiles:
@@ -396,16 +447,23 @@ class DomainManager:
     def _record_path(self, name: str) -> Path:
         return self.paths.run_dir / f"{name}.json"
 
-    def _write_record(self, dom: Domain) -> None:
-        if not dom.active or dom.vmm is None or dom.live is None:
+    def _write_record(self, dom: Domain, status: Status | None = None) -> None:
+        """Persist what a restarted daemon needs to take the running domain over again.
+
+        A preserved domain (SHUTDOWN/CRASHED) may have no VMM left: its record has no pid.
+        """
+        status = status or dom.status
+        if status.state is State.SHUTOFF or dom.live is None:
+            return
+        if dom.vmm is None and status.state not in (State.SHUTDOWN, State.CRASHED):
             return
         record = {
             "name": dom.name,
             "uuid": str(dom.uuid),
             "id": dom.id,
-            "pid": dom.vmm.pid,
-            "state": int(dom.status.state),
-            "reason": int(dom.status.reason),
+            "pid": dom.vmm.pid if dom.vmm is not None else None,
+            "state": int(status.state),
+            "reason": int(status.reason),
             "xml": dom.live.xml,
         }
         write_atomic(self._record_path(dom.name), json.dumps(record).encode())
@@ -450,6 +508,10 @@ class DomainManager:
         dom.id = self._next_id
         self._next_id += 1
         self._adopt(dom, handle)
+        # Record the VMM at once: a daemon killed before the caller commits the transition must still
+        # find (and re-attach to) this VMM. The status is the one the spawn transitions lead to.
+        provisional = Status(State.PAUSED, PausedReason.USER) if paused else Status(State.RUNNING, RunningReason.BOOTED)
+        self._write_record(dom, provisional)
 
     def _adopt(self, dom: Domain, handle: VmmHandle) -> None:
         dom.vmm = handle

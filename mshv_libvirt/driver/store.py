@@ -8,10 +8,19 @@ Leftover temporaries from such a crash are ignored and swept on load.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import threading
 from pathlib import Path
 
 TMP_MARK = ".tmp-"
+
+_tmp_serial = itertools.count()
+
+
+def _tmp_sibling(path: Path) -> Path:
+    """A temporary next to ``path`` that no other writer (process or thread) can be using."""
+    return path.with_name(f"{TMP_MARK}{path.name}.{os.getpid()}.{threading.get_native_id()}.{next(_tmp_serial)}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -23,17 +32,29 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    tmp = path.with_name(f"{TMP_MARK}{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    tmp = _tmp_sibling(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     _fsync_dir(path.parent)
+
+
+def sweep_temporaries(directory: Path) -> None:
+    """Remove the temporaries a crash in the middle of :func:`write_atomic` left behind."""
+    for tmp in directory.glob(f"{TMP_MARK}*"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def remove_durable(path: Path) -> None:
@@ -59,9 +80,8 @@ class ConfigStore:
         out: dict[str, str] = {}
         for entry in sorted(self.dir.glob("*.xml")):
             out[entry.name[: -len(".xml")]] = entry.read_text()
-        for tmp in self.dir.glob(f"{TMP_MARK}*"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        sweep_temporaries(self.dir)
+        sweep_temporaries(self.autostart_dir)
         return out
 
     def save(self, name: str, xml: str) -> None:
@@ -79,11 +99,14 @@ class ConfigStore:
         if on:
             if not link.is_symlink():
                 self.autostart_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                tmp = link.with_name(f"{TMP_MARK}{link.name}")
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
+                tmp = _tmp_sibling(link)
                 tmp.symlink_to(self.path(name))
-                os.replace(tmp, link)
+                try:
+                    os.replace(tmp, link)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+                    raise
                 _fsync_dir(self.autostart_dir)
         else:
             remove_durable(link)

@@ -79,6 +79,57 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def is_our_vmm(pid: int, files: VmmFiles) -> bool:
+    """Whether ``pid`` is a VMM started for this domain's ``files.config`` (not a recycled pid).
+
+    The config is matched by file name only: a daemon restarted with another spelling of the same
+    run dir (a symlink, a relative path) must still recognise its VMMs rather than stop them.
+    """
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if b"mshv_libvirt.vmm" not in argv:
+        return False
+    want = os.fsencode(files.config.name)
+    return any(arg == want or arg.endswith(b"/" + want) for arg in argv)
+
+
+def find_vmm_processes(run_dir: Path) -> list[tuple[str, int]]:
+    """(domain name, pid) of every live VMM process whose ``--config`` lies in ``run_dir``.
+
+    Found in /proc rather than through pidfiles: a VMM killed-over during start-up may not have
+    written its pidfile yet, and must still be found.
+    """
+    out: list[tuple[str, int]] = []
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        return out
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mshv_libvirt.vmm" not in argv:
+            continue
+        for i, arg in enumerate(argv[:-1]):
+            if arg != b"--config":
+                continue
+            config = Path(os.fsdecode(argv[i + 1]))
+            if not config.name.endswith(".vmm.json"):
+                continue
+            try:
+                same = config.parent == run_dir or os.path.samefile(config.parent, run_dir)
+            except OSError:
+                same = False
+            if same and pid_alive(int(entry.name)):
+                out.append((config.name[: -len(".vmm.json")], int(entry.name)))
+    return out
+
+
 class VmmHandle:
     """A connected VMM. ``on_event`` receives pushed events; ``exited`` resolves when it is gone."""
 
@@ -218,6 +269,19 @@ class VmmHandle:
         return result if isinstance(result, dict) else {}
 
     # -- ending ----------------------------------------------------------------------------------
+    @staticmethod
+    async def reap(name: str, files: VmmFiles, pid: int, grace: float = 5.0) -> None:
+        """Stop a VMM we hold no connection to: SIGTERM (it reports "destroyed"), then SIGKILL."""
+        loop = asyncio.get_running_loop()
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+            deadline = loop.time() + wait
+            while pid_alive(pid) and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+            if not pid_alive(pid):
+                return
+
     async def wait_exit(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(asyncio.shield(self.exited), timeout)
