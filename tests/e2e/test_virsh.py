@@ -133,7 +133,7 @@ def test_console_is_bidirectional(kvm: None, daemon: DaemonProcess, tiny_kernel:
     virsh(daemon.uri, "start", "vmc")
     con = PtyProcess(["virsh", "-c", daemon.uri, "console", "vmc"])
     try:
-        con.read_until(b"Escape character is")
+        con.wait_console_ready()
         con.read_until(TINY_BANNER.encode())
         con.write(b"HELLO-MSHV-42")
         con.read_until(b"HELLO-MSHV-42")  # echoed back by the guest through the 16550
@@ -155,7 +155,7 @@ def test_console_refuses_a_second_session(kvm: None, daemon: DaemonProcess, tiny
         assert b"Active console session exists for this domain" in second.output
         forced = PtyProcess(["virsh", "-c", daemon.uri, "console", "--force", "vmd"])
         try:
-            forced.read_until(b"Escape character is")
+            forced.wait_console_ready()
             first.wait()  # the old session was ended
             forced.write(b"\x1d")  # Ctrl+]
             assert forced.wait() == 0

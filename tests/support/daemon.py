@@ -108,8 +108,16 @@ class DaemonProcess:
         return pids
 
     def destroy_all_vmms(self) -> None:
-        """Test clean-up: no VMM may outlive its test."""
-        for pid in self.vmm_pids():
+        """Test clean-up: no VMM may outlive its test (also those that never wrote a pidfile)."""
+        pids = set(self.vmm_pids())
+        marker = str(self.run_dir).encode()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    cmdline = (entry / "cmdline").read_bytes()
+                    if b"mshv_libvirt.vmm" in cmdline and marker in cmdline:
+                        pids.add(int(entry.name))
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -157,6 +165,12 @@ class PtyProcess:
 
     def write(self, data: bytes) -> None:
         os.write(self.fd, data)
+
+    def wait_console_ready(self, timeout: float = 30.0) -> None:
+        """``virsh console`` prints its banner, then switches the terminal to raw mode and drops what was
+        typed before; wait for the banner and give it a moment so keystrokes are not lost."""
+        self.read_until(b"Escape character is", timeout)
+        time.sleep(0.5)
 
     def wait(self, timeout: float = 30.0) -> int:
         deadline = time.monotonic() + timeout

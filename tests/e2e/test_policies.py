@@ -1,0 +1,246 @@
+"""on_poweroff / on_reboot / on_crash carried out by the real daemon, for guests that really do it.
+
+The tiny guest powers off on ``q``, resets through the i8042 on ``r`` and triple-faults on ``c``
+(typed on its console through ``virsh console``); the daemon must follow the lifecycle table:
+state, reason and the lifecycle events a libvirt-python client receives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, wait_for
+from tests.support.guests import TINY_BANNER
+
+libvirt = pytest.importorskip("libvirt")
+
+pytestmark = pytest.mark.virsh
+
+RUNTIME_SUFFIXES = (".json", ".ctl", ".pid", ".exit", ".vmm.json")
+E = libvirt
+BOOTED = (E.VIR_DOMAIN_EVENT_STARTED, E.VIR_DOMAIN_EVENT_STARTED_BOOTED)
+PANICKED = (E.VIR_DOMAIN_EVENT_CRASHED, E.VIR_DOMAIN_EVENT_CRASHED_PANICKED)
+STOPPED_CRASHED = (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_CRASHED)
+SHUTDOWN_FINISHED = (E.VIR_DOMAIN_EVENT_SHUTDOWN, E.VIR_DOMAIN_EVENT_SHUTDOWN_FINISHED)
+STOPPED_SHUTDOWN = (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN)
+STOPPED_DESTROYED = (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_DESTROYED)
+
+
+def serial_log(d: DaemonProcess, name: str) -> str:
+    path = d.run_dir / f"{name}.serial.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def domstate(d: DaemonProcess, name: str) -> str:
+    return virsh(d.uri, "domstate", "--reason", name).stdout.strip()
+
+
+def stale_files(d: DaemonProcess, name: str) -> list[str]:
+    return [f"{name}{s}" for s in RUNTIME_SUFFIXES if (d.run_dir / f"{name}{s}").exists()]
+
+
+class Events:
+    """Lifecycle events of one domain, as a libvirt-python client receives them."""
+
+    def __init__(self, uri: str) -> None:
+        from tests.e2e.test_python import _event_loop  # one default event loop per process, shared
+
+        _event_loop()
+        self.uri = uri
+        self._lock = threading.Lock()
+        self._seen: list[tuple[str, int, int]] = []
+        self._connect()
+
+    def _connect(self) -> None:
+        self.conn = libvirt.open(self.uri)
+        self._cb = self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_event, None)
+
+    def reconnect(self) -> None:
+        """After a daemon restart: a new connection; what was seen so far is forgotten."""
+        self.close()
+        with self._lock:
+            self._seen.clear()
+        self._connect()
+
+    def _on_event(self, _conn: object, dom: Any, event: int, detail: int, _opaque: object) -> None:
+        with self._lock:
+            self._seen.append((dom.name(), event, detail))
+
+    def of(self, name: str) -> list[tuple[int, int]]:
+        with self._lock:
+            return [(ev, det) for n, ev, det in self._seen if n == name]
+
+    def wait(self, name: str, expected: list[tuple[int, int]]) -> None:
+        try:
+            wait_for(lambda: len(self.of(name)) >= len(expected), timeout=10)
+        except AssertionError:
+            raise AssertionError(f"events of {name}: {self.of(name)}, expected {expected}") from None
+        time.sleep(0.2)  # nothing more may follow
+        assert self.of(name) == expected
+
+    def close(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self.conn.domainEventDeregisterAny(self._cb)
+        with contextlib.suppress(libvirt.libvirtError):
+            self.conn.close()
+
+
+@pytest.fixture
+def events(daemon: DaemonProcess) -> Iterator[Events]:
+    ev = Events(daemon.uri)
+    yield ev
+    ev.close()
+
+
+def start_with_policy(d: DaemonProcess, tmp_path: Path, kernel: Path, name: str, **policy: str) -> None:
+    extra = "".join(f"<on_{kind}>{action}</on_{kind}>" for kind, action in policy.items())
+    xml = tmp_path / f"{name}.xml"
+    xml.write_text(domain_xml(name, kernel, extra=extra))
+    virsh(d.uri, "define", str(xml))
+    inactive = virsh(d.uri, "dumpxml", "--inactive", name).stdout
+    for kind, action in policy.items():
+        assert f"<on_{kind}>{action}</on_{kind}>" in inactive
+    virsh(d.uri, "start", name)
+    wait_for(lambda: TINY_BANNER in serial_log(d, name))
+
+
+def type_on_console(d: DaemonProcess, name: str, key: bytes) -> PtyProcess:
+    con = PtyProcess(["virsh", "-c", d.uri, "console", name])
+    con.read_until(b"Escape character is")
+    # virsh switches the terminal to raw mode with TCSAFLUSH right after that line: input typed
+    # before that is discarded, so give it a moment.
+    time.sleep(0.5)
+    con.write(key)
+    return con
+
+
+def act(d: DaemonProcess, name: str, key: bytes, until: str) -> None:
+    """Type ``key`` on the domain's console, wait until ``virsh domstate --reason`` says ``until``."""
+    con = type_on_console(d, name, key)
+    try:
+        wait_for(lambda: domstate(d, name) == until, timeout=15)
+    finally:
+        con.kill()
+
+
+def test_on_crash_destroy(kvm: None, daemon: DaemonProcess, events: Events, tiny_kernel: Path, tmp_path: Path) -> None:
+    start_with_policy(daemon, tmp_path, tiny_kernel, "crd", crash="destroy")
+    act(daemon, "crd", b"c", "shut off (crashed)")
+    events.wait(
+        "crd", [(E.VIR_DOMAIN_EVENT_DEFINED, E.VIR_DOMAIN_EVENT_DEFINED_ADDED), BOOTED, PANICKED, STOPPED_CRASHED]
+    )
+    assert stale_files(daemon, "crd") == []
+    assert daemon.vmm_pids() == []
+
+
+def test_on_crash_restart(kvm: None, daemon: DaemonProcess, events: Events, tiny_kernel: Path, tmp_path: Path) -> None:
+    start_with_policy(daemon, tmp_path, tiny_kernel, "crr", crash="restart")
+    pid = int((daemon.run_dir / "crr.pid").read_text())
+    con = type_on_console(daemon, "crr", b"c")
+    try:
+        wait_for(lambda: serial_log(daemon, "crr").count(TINY_BANNER) == 2, timeout=15)
+    finally:
+        con.kill()
+    assert domstate(daemon, "crr") == "running (booted)"
+    events.wait("crr", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, PANICKED, STOPPED_CRASHED, BOOTED])
+    wait_for(lambda: (daemon.run_dir / "crr.pid").exists())
+    assert int((daemon.run_dir / "crr.pid").read_text()) != pid  # a new VMM
+    # the restarted domain is fully managed: console and destroy work
+    con = type_on_console(daemon, "crr", b"ECHO-AFTER-CRASH")
+    try:
+        con.read_until(b"ECHO-AFTER-CRASH")
+    finally:
+        con.kill()
+    virsh(daemon.uri, "destroy", "crr")
+    assert domstate(daemon, "crr") == "shut off (destroyed)"
+    assert stale_files(daemon, "crr") == []
+
+
+def test_on_poweroff_restart(
+    kvm: None, daemon: DaemonProcess, events: Events, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    start_with_policy(daemon, tmp_path, tiny_kernel, "por", poweroff="restart")
+    con = type_on_console(daemon, "por", b"q")
+    try:
+        wait_for(lambda: serial_log(daemon, "por").count(TINY_BANNER) == 2, timeout=15)
+    finally:
+        con.kill()
+    assert domstate(daemon, "por") == "running (booted)"
+    events.wait("por", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, SHUTDOWN_FINISHED, STOPPED_SHUTDOWN, BOOTED])
+    virsh(daemon.uri, "destroy", "por")
+    assert stale_files(daemon, "por") == []
+
+
+def test_on_reboot_destroy(kvm: None, daemon: DaemonProcess, events: Events, tiny_kernel: Path, tmp_path: Path) -> None:
+    start_with_policy(daemon, tmp_path, tiny_kernel, "rbd", reboot="destroy")
+    act(daemon, "rbd", b"r", "shut off (shutdown)")
+    events.wait("rbd", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, SHUTDOWN_FINISHED, STOPPED_SHUTDOWN])
+    assert serial_log(daemon, "rbd").count(TINY_BANNER) == 1
+    assert stale_files(daemon, "rbd") == []
+
+
+def test_on_reboot_restart_reboots_in_place(
+    kvm: None, daemon: DaemonProcess, events: Events, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    start_with_policy(daemon, tmp_path, tiny_kernel, "rbr", reboot="restart")
+    pid = int((daemon.run_dir / "rbr.pid").read_text())
+    con = type_on_console(daemon, "rbr", b"r")
+    try:
+        con.read_until(TINY_BANNER.encode() * 1)  # the console stays attached across an in-place reboot
+        wait_for(lambda: serial_log(daemon, "rbr").count(TINY_BANNER) == 2, timeout=15)
+    finally:
+        con.kill()
+    assert domstate(daemon, "rbr") == "running (booted)"
+    assert int((daemon.run_dir / "rbr.pid").read_text()) == pid
+    events.wait("rbr", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED])  # QEMU sends only a reboot event
+    virsh(daemon.uri, "destroy", "rbr")
+
+
+@pytest.mark.parametrize(
+    ("policy", "key", "state", "expected"),
+    [
+        ({"crash": "preserve"}, b"c", "crashed (panicked)", [PANICKED]),
+        ({"poweroff": "preserve"}, b"q", "in shutdown (unknown)", [SHUTDOWN_FINISHED]),
+        ({"reboot": "preserve"}, b"r", "in shutdown (unknown)", [SHUTDOWN_FINISHED]),
+    ],
+    ids=["crash", "poweroff", "reboot"],
+)
+def test_preserve(
+    kvm: None,
+    daemon: DaemonProcess,
+    events: Events,
+    tiny_kernel: Path,
+    tmp_path: Path,
+    policy: dict[str, str],
+    key: bytes,
+    state: str,
+    expected: list[tuple[int, int]],
+) -> None:
+    name = "pre-" + next(iter(policy))
+    start_with_policy(daemon, tmp_path, tiny_kernel, name, **policy)
+    act(daemon, name, key, state)
+    head = [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED]
+    events.wait(name, head + expected)
+    assert name in virsh(daemon.uri, "list", "--name").stdout.split()  # still active
+    for refused in ("start", "suspend", "resume", "shutdown", "reboot"):
+        res = virsh(daemon.uri, refused, name, check=False)
+        assert res.returncode != 0, refused
+
+    # A daemon restart keeps the preserved state.
+    daemon.kill()
+    daemon.start()
+    events.reconnect()
+    assert domstate(daemon, name) == state
+
+    virsh(daemon.uri, "destroy", name)
+    assert domstate(daemon, name) == "shut off (destroyed)"
+    events.wait(name, [STOPPED_DESTROYED])
+    assert stale_files(daemon, name) == []
+    assert daemon.vmm_pids() == []
