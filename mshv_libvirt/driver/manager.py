@@ -105,11 +105,52 @@ def _failed(detail: str) -> VirtError:
     return VirtError(ErrorCode.OPERATION_FAILED, detail, ErrorDomain.DOMAIN)
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_ns(pid: int) -> int:
+    """utime + stime of a process from /proc/<pid>/stat, in ns (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // _CLOCK_TICKS
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+class DomainTable(dict[str, "Domain"]):
+    """Domains by name, with a uuid index kept in step (lookups by uuid are on every RPC's path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_uuid: dict[bytes, Domain] = {}
+
+    def __setitem__(self, name: str, dom: Domain) -> None:
+        old = self.get(name)
+        if old is not None:
+            self.by_uuid.pop(old.uuid.bytes, None)
+        super().__setitem__(name, dom)
+        self.by_uuid[dom.uuid.bytes] = dom
+
+    def __delitem__(self, name: str) -> None:
+        dom = self[name]
+        super().__delitem__(name)
+        if self.by_uuid.get(dom.uuid.bytes) is dom:
+            del self.by_uuid[dom.uuid.bytes]
+
+    def pop(self, name: str, default: Any = None) -> Any:
+        if name not in self:
+            return default
+        dom = self[name]
+        del self[name]
+        return dom
+
+
 class DomainManager:
     def __init__(self, paths: Paths, *, autostart: bool = True) -> None:
         self.paths = paths
         self.store = ConfigStore(paths.config_dir)
-        self._domains: dict[str, Domain] = {}
+        self._domains = DomainTable()
         self._listeners: list[Listener] = []
         self._next_id = 1
         self._autostart = autostart
@@ -238,9 +279,9 @@ class DomainManager:
 
     def by_uuid(self, raw: bytes) -> Domain:
         want = uuidlib.UUID(bytes=raw)
-        for dom in self.domains():
-            if dom.uuid == want:
-                return dom
+        dom = self._domains.by_uuid.get(raw)
+        if dom is not None and not dom.removed:
+            return dom
         raise no_domain(f"no domain with matching uuid '{want}'")
 
     def by_id(self, dom_id: int) -> Domain:
@@ -580,15 +621,12 @@ class DomainManager:
         self._commit(dom, out)
 
     # -- queries ----------------------------------------------------------------------------------
-    async def info(self, dom: Domain) -> tuple[int, int, int, int, int]:
+    def info(self, dom: Domain) -> tuple[int, int, int, int, int]:
         """(state, max memory KiB, memory KiB, vcpus, cpu time ns) like virDomainGetInfo."""
         cfg = dom.config
-        cpu = 0
         handle = dom.vmm
-        if dom.active and handle is not None:
-            with contextlib.suppress(VmmError):
-                st = await handle.request("status", timeout=5.0)
-                cpu = int(st.get("cpu_time_ns", 0))
+        # CPU time of the VMM process (all its vCPU threads), as libvirt reads it for QEMU: no round trip.
+        cpu = process_cpu_ns(handle.pid) if dom.active and handle is not None else 0
         return int(dom.status.state), cfg.memory_kib, cfg.current_memory_kib, cfg.vcpus, cpu
 
     def xml(self, dom: Domain, inactive: bool) -> str:

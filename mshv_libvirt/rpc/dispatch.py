@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import socket
@@ -91,13 +92,14 @@ class ConsoleStream:
     finished: bool = False
 
 
-Handler = Callable[["Session", Unpacker], Awaitable[bytes]]
+Handler = Callable[["Session", Unpacker], bytes | Awaitable[bytes]]
 
 
 @dataclass(frozen=True)
 class Procedure:
     handler: Handler
     readonly: bool  # allowed on the read-only socket
+    is_async: bool  # may wait (for a VMM, the disk): run as a task; others answer inline
 
 
 PROCEDURES: dict[int, Procedure] = {}
@@ -105,7 +107,7 @@ PROCEDURES: dict[int, Procedure] = {}
 
 def proc(number: int, *, readonly: bool = False) -> Callable[[Handler], Handler]:
     def register(fn: Handler) -> Handler:
-        PROCEDURES[number] = Procedure(fn, readonly)
+        PROCEDURES[number] = Procedure(fn, readonly, inspect.iscoroutinefunction(fn))
         return fn
 
     return register
@@ -125,36 +127,71 @@ class Session:
         self._subscribed = False
 
     # -- calls ------------------------------------------------------------------------------------
+    def dispatch_inline(self, call: Call) -> bytes | None:
+        """The reply to a call that can be answered without waiting, or None: then ``dispatch`` it as a task.
+
+        Most calls (lookups, state, XML, lists) never wait; answering them in the read loop saves a task
+        and an event-loop iteration per call.
+        """
+        entry = PROCEDURES.get(call.proc)
+        if entry is not None and entry.is_async:
+            return None
+        return self._run(call, entry, None)
+
     async def dispatch(self, call: Call) -> bytes:
         """The reply packet for one call (never raises for client mistakes)."""
         entry = PROCEDURES.get(call.proc)
+        payload: bytes | None = None
+        if entry is not None and entry.is_async:
+            try:
+                checked = self._check(call, entry)
+                if checked is not None:
+                    result = entry.handler(self, checked)
+                    assert not isinstance(result, bytes)
+                    payload = await result
+            except Exception as err:
+                return self._error_reply(call, err)
+        return self._run(call, entry, payload)
+
+    def _check(self, call: Call, entry: Procedure) -> Unpacker | None:
+        if not self.opened and call.proc not in (1, 60, 66):
+            raise VirtError(ErrorCode.INTERNAL_ERROR, "connection not open", ErrorDomain.RPC)
+        if self.readonly and not entry.readonly:
+            raise _denied(call.proc)
+        return Unpacker(call.payload)
+
+    def _run(self, call: Call, entry: Procedure | None, payload: bytes | None) -> bytes:
         if call.prog != REMOTE_PROGRAM or call.vers != PROTOCOL_VERSION:
             return self.conn.send_error(
                 call, RemoteError(39, 7, f"cannot find program {call.prog} version {call.vers}")
             )
         if call.with_fds or entry is None:
             return self.conn.send_error(call, RemoteError(39, 7, f"unknown procedure: {call.proc}"))
-        try:
-            if not self.opened and call.proc not in (1, 60, 66):
-                raise VirtError(ErrorCode.INTERNAL_ERROR, "connection not open", ErrorDomain.RPC)
-            if self.readonly and not entry.readonly:
-                raise _denied(call.proc)
-            u = Unpacker(call.payload)
-            if call.proc == PROC_OPEN_CONSOLE:
-                return self._open_console_call(call, u)
-            payload = await entry.handler(self, u)
-        except XdrError as err:
-            error = RemoteError(ErrorCode.RPC, ErrorDomain.RPC, f"Unable to decode message payload: {err}")
-            return self.conn.send_error(call, error)
-        except VirtError as err:
-            return self.conn.send_error(call, RemoteError(err.code, err.domain, err.message))
-        except Exception as err:  # a bug: report it and keep serving
-            log.exception("procedure %d failed", call.proc)
-            return self.conn.send_error(call, RemoteError(ErrorCode.INTERNAL_ERROR, 0, f"internal error: {err}"))
+        if payload is None:
+            try:
+                u = self._check(call, entry)
+                assert u is not None
+                if call.proc == PROC_OPEN_CONSOLE:
+                    return self._open_console_call(call, u)
+                result = entry.handler(self, u)
+                assert isinstance(result, bytes)
+                payload = result
+            except Exception as err:
+                return self._error_reply(call, err)
         try:
             return self.conn.send_reply(call, payload)
         except LocalProtocolError as err:  # e.g. a reply larger than a packet: the client gets an error
             return self.conn.send_error(call, RemoteError(ErrorCode.INTERNAL_ERROR, 0, f"internal error: {err}"))
+
+    def _error_reply(self, call: Call, err: Exception) -> bytes:
+        if isinstance(err, XdrError):
+            error = RemoteError(ErrorCode.RPC, ErrorDomain.RPC, f"Unable to decode message payload: {err}")
+        elif isinstance(err, VirtError):
+            error = RemoteError(err.code, err.domain, err.message)
+        else:  # a bug: report it and keep serving
+            log.error("procedure %d failed", call.proc, exc_info=err)
+            error = RemoteError(ErrorCode.INTERNAL_ERROR, 0, f"internal error: {err}")
+        return self.conn.send_error(call, error)
 
     def _open_console_call(self, call: Call, u: Unpacker) -> bytes:
         dom = self.lookup(u)
@@ -282,7 +319,7 @@ class Session:
 
 
 @proc(66, readonly=True)
-async def auth_list(s: Session, u: Unpacker) -> bytes:
+def auth_list(s: Session, u: Unpacker) -> bytes:
     u.done()
     p = Packer()
     p.uint(1)
@@ -291,7 +328,7 @@ async def auth_list(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(60, readonly=True)
-async def supports_feature(s: Session, u: Unpacker) -> bytes:
+def supports_feature(s: Session, u: Unpacker) -> bytes:
     feature = u.int()
     u.done()
     p = Packer()
@@ -300,7 +337,7 @@ async def supports_feature(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(1, readonly=True)
-async def connect_open(s: Session, u: Unpacker) -> bytes:
+def connect_open(s: Session, u: Unpacker) -> bytes:
     name = u.opt_string(STRING_MAX)
     flags = u.uint()
     u.done()
@@ -317,7 +354,7 @@ async def connect_open(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(2, readonly=True)
-async def connect_close(s: Session, u: Unpacker) -> bytes:
+def connect_close(s: Session, u: Unpacker) -> bytes:
     u.done()
     s.close()
     s.opened = False
@@ -325,13 +362,13 @@ async def connect_close(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(360, readonly=True)
-async def register_close_callback(s: Session, u: Unpacker) -> bytes:
+def register_close_callback(s: Session, u: Unpacker) -> bytes:
     u.done()
     return b""
 
 
 @proc(361, readonly=True)
-async def unregister_close_callback(s: Session, u: Unpacker) -> bytes:
+def unregister_close_callback(s: Session, u: Unpacker) -> bytes:
     u.done()
     return b""
 
@@ -355,19 +392,19 @@ def _uhyper(value: int) -> bytes:
 
 
 @proc(3, readonly=True)
-async def get_type(s: Session, u: Unpacker) -> bytes:
+def get_type(s: Session, u: Unpacker) -> bytes:
     u.done()
     return _string("MSHV")
 
 
 @proc(4, readonly=True)
-async def get_version(s: Session, u: Unpacker) -> bytes:
+def get_version(s: Session, u: Unpacker) -> bytes:
     u.done()
     return _uhyper(host.hypervisor_version())
 
 
 @proc(157, readonly=True)
-async def get_lib_version(s: Session, u: Unpacker) -> bytes:
+def get_lib_version(s: Session, u: Unpacker) -> bytes:
     u.done()
     # The libvirt API level we implement (the wire protocol of libvirt 9.0.0); clients gate
     # features on this number, not on our package version.
@@ -375,26 +412,26 @@ async def get_lib_version(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(59, readonly=True)
-async def get_hostname(s: Session, u: Unpacker) -> bytes:
+def get_hostname(s: Session, u: Unpacker) -> bytes:
     u.done()
     return _string(socket.gethostname())
 
 
 @proc(110, readonly=True)
-async def get_uri(s: Session, u: Unpacker) -> bytes:
+def get_uri(s: Session, u: Unpacker) -> bytes:
     u.done()
     return _string(s.daemon.uri)
 
 
 @proc(5, readonly=True)
-async def get_max_vcpus(s: Session, u: Unpacker) -> bytes:
+def get_max_vcpus(s: Session, u: Unpacker) -> bytes:
     u.opt_string(STRING_MAX)
     u.done()
     return _int(MAX_VCPUS)
 
 
 @proc(6, readonly=True)
-async def node_get_info(s: Session, u: Unpacker) -> bytes:
+def node_get_info(s: Session, u: Unpacker) -> bytes:
     u.done()
     info = host.node_info()
     p = Packer()
@@ -408,13 +445,13 @@ async def node_get_info(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(7, readonly=True)
-async def get_capabilities(s: Session, u: Unpacker) -> bytes:
+def get_capabilities(s: Session, u: Unpacker) -> bytes:
     u.done()
     return _string(host.capabilities_xml())
 
 
 @proc(342, readonly=True)
-async def get_domain_capabilities(s: Session, u: Unpacker) -> bytes:
+def get_domain_capabilities(s: Session, u: Unpacker) -> bytes:
     emulator = u.opt_string(STRING_MAX)
     arch = u.opt_string(STRING_MAX)
     machine = u.opt_string(STRING_MAX)
@@ -426,7 +463,7 @@ async def get_domain_capabilities(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(122, readonly=True)
-async def node_get_security_model(s: Session, u: Unpacker) -> bytes:
+def node_get_security_model(s: Session, u: Unpacker) -> bytes:
     u.done()
     p = Packer()
     p.uint(0)  # model<>: empty (no security driver), virsh then skips the label call
@@ -460,7 +497,7 @@ def _matches(s: Session, dom: Domain, flags: int) -> bool:
 
 
 @proc(273, readonly=True)
-async def list_all_domains(s: Session, u: Unpacker) -> bytes:
+def list_all_domains(s: Session, u: Unpacker) -> bytes:
     need_results = u.int()
     flags = u.uint()
     u.done()
@@ -478,13 +515,13 @@ async def list_all_domains(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(51, readonly=True)
-async def num_of_domains(s: Session, u: Unpacker) -> bytes:
+def num_of_domains(s: Session, u: Unpacker) -> bytes:
     u.done()
     return _int(sum(1 for d in s.manager.domains() if d.active))
 
 
 @proc(37, readonly=True)
-async def list_domains(s: Session, u: Unpacker) -> bytes:
+def list_domains(s: Session, u: Unpacker) -> bytes:
     maxids = u.int()
     u.done()
     if not 0 <= maxids <= DOMAIN_LIST_MAX:
@@ -498,13 +535,13 @@ async def list_domains(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(25, readonly=True)
-async def num_of_defined(s: Session, u: Unpacker) -> bytes:
+def num_of_defined(s: Session, u: Unpacker) -> bytes:
     u.done()
     return _int(sum(1 for d in s.manager.domains() if not d.active))
 
 
 @proc(21, readonly=True)
-async def list_defined(s: Session, u: Unpacker) -> bytes:
+def list_defined(s: Session, u: Unpacker) -> bytes:
     maxnames = u.int()
     u.done()
     if not 0 <= maxnames <= DOMAIN_LIST_MAX:
@@ -524,21 +561,21 @@ def _dom_reply(dom: Domain) -> bytes:
 
 
 @proc(22, readonly=True)
-async def lookup_by_id(s: Session, u: Unpacker) -> bytes:
+def lookup_by_id(s: Session, u: Unpacker) -> bytes:
     dom_id = u.int()
     u.done()
     return _dom_reply(s.manager.by_id(dom_id))
 
 
 @proc(23, readonly=True)
-async def lookup_by_name(s: Session, u: Unpacker) -> bytes:
+def lookup_by_name(s: Session, u: Unpacker) -> bytes:
     name = u.string(STRING_MAX)
     u.done()
     return _dom_reply(s.manager.by_name(name))
 
 
 @proc(24, readonly=True)
-async def lookup_by_uuid(s: Session, u: Unpacker) -> bytes:
+def lookup_by_uuid(s: Session, u: Unpacker) -> bytes:
     raw = u.opaque_fixed(UUID_LEN)
     u.done()
     return _dom_reply(s.manager.by_uuid(raw))
@@ -548,7 +585,7 @@ async def lookup_by_uuid(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(212, readonly=True)
-async def get_state(s: Session, u: Unpacker) -> bytes:
+def get_state(s: Session, u: Unpacker) -> bytes:
     dom = s.lookup(u)
     flags = u.uint()
     u.done()
@@ -560,10 +597,10 @@ async def get_state(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(16, readonly=True)
-async def get_info(s: Session, u: Unpacker) -> bytes:
+def get_info(s: Session, u: Unpacker) -> bytes:
     dom = s.lookup(u)
     u.done()
-    state, max_kib, kib, vcpus, cpu = await s.manager.info(dom)
+    state, max_kib, kib, vcpus, cpu = s.manager.info(dom)
     p = Packer()
     p.uint(state)  # unsigned char, 4 bytes on the wire
     p.uhyper(max_kib)
@@ -574,14 +611,14 @@ async def get_info(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(17, readonly=True)
-async def get_max_memory(s: Session, u: Unpacker) -> bytes:
+def get_max_memory(s: Session, u: Unpacker) -> bytes:
     dom = s.lookup(u)
     u.done()
     return _uhyper(dom.config.memory_kib)
 
 
 @proc(14, readonly=True)
-async def get_xml_desc(s: Session, u: Unpacker) -> bytes:
+def get_xml_desc(s: Session, u: Unpacker) -> bytes:
     dom = s.lookup(u)
     flags = u.uint()
     u.done()
@@ -591,28 +628,28 @@ async def get_xml_desc(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(19, readonly=True)
-async def get_os_type(s: Session, u: Unpacker) -> bytes:
+def get_os_type(s: Session, u: Unpacker) -> bytes:
     dom = s.lookup(u)
     u.done()
     return _string(dom.config.os_type)
 
 
 @proc(150, readonly=True)
-async def is_active(s: Session, u: Unpacker) -> bytes:
+def is_active(s: Session, u: Unpacker) -> bytes:
     dom = s.lookup(u)
     u.done()
     return _int(1 if dom.active else 0)
 
 
 @proc(151, readonly=True)
-async def is_persistent(s: Session, u: Unpacker) -> bytes:
+def is_persistent(s: Session, u: Unpacker) -> bytes:
     dom = s.lookup(u)
     u.done()
     return _int(1 if dom.persistent is not None else 0)
 
 
 @proc(152, readonly=True)
-async def is_updated(s: Session, u: Unpacker) -> bytes:
+def is_updated(s: Session, u: Unpacker) -> bytes:
     dom = s.lookup(u)
     u.done()
     updated = dom.active and dom.persistent is not None and dom.live is not None and dom.live != dom.persistent
@@ -620,7 +657,7 @@ async def is_updated(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(15, readonly=True)
-async def get_autostart(s: Session, u: Unpacker) -> bytes:
+def get_autostart(s: Session, u: Unpacker) -> bytes:
     dom = s.lookup(u)
     u.done()
     return _int(1 if s.manager.autostart(dom) else 0)
@@ -636,7 +673,7 @@ async def set_autostart(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(183, readonly=True)
-async def has_managed_save(s: Session, u: Unpacker) -> bytes:
+def has_managed_save(s: Session, u: Unpacker) -> bytes:
     s.lookup(u)
     flags = u.uint()
     u.done()
@@ -645,7 +682,7 @@ async def has_managed_save(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(187, readonly=True)
-async def snapshot_num(s: Session, u: Unpacker) -> bytes:
+def snapshot_num(s: Session, u: Unpacker) -> bytes:
     s.lookup(u)
     u.uint()
     u.done()
@@ -653,7 +690,7 @@ async def snapshot_num(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(274, readonly=True)
-async def list_all_snapshots(s: Session, u: Unpacker) -> bytes:
+def list_all_snapshots(s: Session, u: Unpacker) -> bytes:
     s.lookup(u)
     u.int()
     u.uint()
@@ -800,7 +837,7 @@ async def undefine_flags(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(316, readonly=True)
-async def event_register_any(s: Session, u: Unpacker) -> bytes:
+def event_register_any(s: Session, u: Unpacker) -> bytes:
     event_id = u.int()
     present = u.uint()
     filt: bytes | None = None
@@ -818,7 +855,7 @@ async def event_register_any(s: Session, u: Unpacker) -> bytes:
 
 
 @proc(317, readonly=True)
-async def event_deregister_any(s: Session, u: Unpacker) -> bytes:
+def event_deregister_any(s: Session, u: Unpacker) -> bytes:
     cb_id = u.int()
     u.done()
     if s._callbacks.pop(cb_id, None) is None:
@@ -827,8 +864,9 @@ async def event_deregister_any(s: Session, u: Unpacker) -> bytes:
 
 
 # Registered through Server (it needs the call serial); listed so read-only checks see it.
-PROCEDURES[PROC_OPEN_CONSOLE] = Procedure(lambda s, u: _never(), readonly=False)
+def _open_console_placeholder(s: Session, u: Unpacker) -> bytes:
+    raise AssertionError("open_console is dispatched by Session._open_console_call (it needs the call serial)")
 
 
-async def _never() -> bytes:
-    raise AssertionError("open_console is dispatched by the server")
+# Listed so the read-only check and "unknown procedure" see it; Session._run answers it.
+PROCEDURES[PROC_OPEN_CONSOLE] = Procedure(_open_console_placeholder, readonly=False, is_async=False)

@@ -172,6 +172,10 @@ class Daemon:
                     if isinstance(event, Ping):
                         send(conn.send_pong())
                     elif isinstance(event, Call):
+                        reply = session.dispatch_inline(event)
+                        if reply is not None:
+                            send(reply)
+                            continue
                         await in_flight.acquire()
                         t = asyncio.create_task(run_call(event))
                         calls.add(t)
