@@ -319,7 +319,9 @@ class DomainManager:
         return None
 
     async def define(self, xml: str) -> Domain:
-        cfg = parse_domain_xml(xml, check_libvirt_schema=False)
+        # Our own checks name what we cannot honour; libvirt's schema (when installed) then catches
+        # anything libvirt itself would refuse, so a config we store is one libvirt tools accept.
+        cfg = parse_domain_xml(xml, check_libvirt_schema=True)
         while True:
             existing = self._check_unique(cfg)
             if existing is None:
@@ -383,7 +385,7 @@ class DomainManager:
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def create_transient(self, xml: str, paused: bool) -> Domain:
-        cfg = parse_domain_xml(xml)
+        cfg = parse_domain_xml(xml, check_libvirt_schema=True)
         existing = self._check_unique(cfg)
         if existing is not None:
             if existing.active:

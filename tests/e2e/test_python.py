@@ -134,3 +134,20 @@ def test_virsh_event_loop_sees_other_clients_changes(
         ]
     finally:
         watcher.kill()
+
+
+def test_define_also_checks_libvirts_own_schema(conn: object) -> None:
+    """Our parser takes any dash placement in a uuid (as libvirt's C parser does); libvirt's RelaxNG schema,
+    when installed, does not, and define then refuses it as libvirt's tools would."""
+    from mshv_libvirt.domain import LIBVIRT_DOMAIN_SCHEMA
+
+    if not Path(LIBVIRT_DOMAIN_SCHEMA).exists():
+        pytest.skip("libvirt's domain.rng is not installed")
+    xml = (
+        "<domain type='hyperv'><name>odd</name><uuid>0f8b7f62-3f544d0e-a0f8-3c1f-0f6f2a01</uuid>"
+        "<memory>65536</memory><os><type>hvm</type></os></domain>"
+    )
+    with pytest.raises(libvirt.libvirtError) as exc:
+        conn.defineXML(xml)  # type: ignore[attr-defined]
+    assert exc.value.get_error_code() == libvirt.VIR_ERR_XML_ERROR
+    assert conn.listAllDomains() == []  # type: ignore[attr-defined]
