@@ -87,6 +87,8 @@ async def _serve(args: argparse.Namespace, system: bool) -> int:
         Path(args.config_dir) if args.config_dir else paths.config_dir,
         Path(args.run_dir) if args.run_dir else paths.run_dir,
         Path(args.log_dir) if args.log_dir else (Path(args.run_dir) if args.run_dir else paths.log_dir),
+        # Explicit directories (tests, benchmarks) keep dumps next to their logs.
+        None if (args.log_dir or args.run_dir) else paths.dump_dir,
     )
     if not system:
         session_socket().parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -49,7 +49,10 @@ LIBVIRT_DOMAIN_SCHEMA = Path("/usr/share/libvirt/schemas/domain.rng")
 _NOT_SUPPORTED = "is not supported by the mshv driver"
 _LIFECYCLE_OK = ("destroy", "restart", "preserve")
 # Valid libvirt lifecycle actions that we cannot honour (libvirt rejects unknown ones as XML errors).
-_LIFECYCLE_UNSUPPORTED = ("rename-restart", "coredump-destroy", "coredump-restart")
+# on_crash only: the VMM writes the guest's memory to an ELF core file, then destroys or restarts.
+_CRASH_ONLY = ("coredump-destroy", "coredump-restart")
+# Renaming the crashed domain and booting a new one is libxl-only in libvirt; its QEMU driver refuses it too.
+_LIFECYCLE_UNSUPPORTED = ("rename-restart",)
 _SERIAL_TARGET = "isa-serial"
 _CONSOLE_TARGET = "serial"
 
@@ -386,6 +389,10 @@ def _lifecycle(el: etree._Element | None, default: str) -> str:
     value = (_text(el) or "").strip()
     if value in _LIFECYCLE_OK:
         return value
+    if value in _CRASH_ONLY:
+        if el.tag == "on_crash":
+            return value
+        raise _xml_error(f"<{el.tag}> does not support the '{value}' action (on_crash only)")
     if value in _LIFECYCLE_UNSUPPORTED:
         raise unsupported(f"<{el.tag}> action '{value}' {_NOT_SUPPORTED}")
     raise _xml_error(f"invalid <{el.tag}> action '{value}'")

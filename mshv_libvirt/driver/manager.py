@@ -13,8 +13,9 @@ import contextlib
 import json
 import logging
 import os
+import time
 import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,16 @@ from .vmm_client import VmmError, VmmFiles, VmmHandle, find_vmm_processes, is_ou
 log = logging.getLogger(__name__)
 
 SHUTOFF_UNKNOWN = Status(State.SHUTOFF, ShutoffReason.UNKNOWN)
+PRESERVED = (State.SHUTDOWN, State.CRASHED)
+
+# A VMM that kept the guest's partition after it ended (on_* = preserve): its pushed event (or, for an
+# ending no daemon saw, its ``status`` state) -> the table input.
+_PRESERVED_EVENTS = {
+    "shutdown": Input.GUEST_POWEROFF_PRESERVE,
+    "reboot": Input.GUEST_REBOOT_PRESERVE,
+    "crashed": Input.GUEST_CRASH_PRESERVE,
+}
+_PRESERVED_STATUS = {"shutdown": Input.GUEST_POWEROFF_PRESERVE, "crashed": Input.GUEST_CRASH_PRESERVE}
 
 
 @dataclass(frozen=True)
@@ -84,10 +95,20 @@ class Paths:
     config_dir: Path
     run_dir: Path
     log_dir: Path
+    dump_dir: Path | None = None  # core files of crashed guests (on_crash = coredump-*); default log_dir/dump
+
+    @property
+    def dumps(self) -> Path:
+        return self.dump_dir if self.dump_dir is not None else self.log_dir / "dump"
 
     @classmethod
     def system(cls) -> Paths:
-        return cls(Path("/etc/libvirt/mshv"), Path("/run/libvirt/mshv"), Path("/var/log/libvirt/mshv"))
+        return cls(
+            Path("/etc/libvirt/mshv"),
+            Path("/run/libvirt/mshv"),
+            Path("/var/log/libvirt/mshv"),
+            Path("/var/lib/libvirt/mshv/dump"),
+        )
 
     @classmethod
     def session(cls) -> Paths:
@@ -223,10 +244,8 @@ class DomainManager:
         dom.live, dom.id, dom.status = live, dom_id, status
         self._next_id = max(self._next_id, dom_id + 1)
         files = self._files(name)
-        if pid is None and status.state in (State.SHUTDOWN, State.CRASHED):
-            log.info("%s is preserved (%s) with no VMM", name, status.state.name.lower())
-            return  # a preserved domain whose VMM is already gone: nothing to attach to
         handle: VmmHandle | None = None
+        preserved: Input | None = None
         if pid is not None and pid > 0 and pid_alive(pid) and is_our_vmm(pid, files):
             try:
                 handle = await VmmHandle.attach(name, files, pid)
@@ -235,6 +254,9 @@ class DomainManager:
                     dom.status = Status(State.PAUSED, PausedReason.UNKNOWN)
                 elif st.get("state") == "running" and status.state is State.PAUSED:
                     dom.status = Status(State.RUNNING, RunningReason.UNPAUSED)
+                elif status.state not in PRESERVED:
+                    # The guest ended under a preserve policy while no daemon watched.
+                    preserved = _PRESERVED_STATUS.get(str(st.get("state")))
             except VmmError as err:
                 log.warning("cannot re-attach to %s (pid %d): %s", name, pid, err)
                 handle = None
@@ -245,6 +267,9 @@ class DomainManager:
         if handle is not None:
             self._adopt(dom, handle)
             log.info("re-attached to %s (pid %d)", name, pid)
+            if preserved is not None:
+                async with dom.lock:
+                    self._apply_guest_input(dom, preserved)
             return
         # It ended while no daemon watched: account for it exactly as if we had seen it.
         dom.vmm = None
@@ -493,18 +518,17 @@ class DomainManager:
     def _write_record(self, dom: Domain, status: Status | None = None) -> None:
         """Persist what a restarted daemon needs to take the running domain over again.
 
-        A preserved domain (SHUTDOWN/CRASHED) may have no VMM left: its record has no pid.
+        Every active domain has a VMM, a preserved one (SHUTDOWN/CRASHED) included: it holds the frozen
+        partition, and a restarted daemon re-attaches to it like to any other.
         """
         status = status or dom.status
-        if status.state is State.SHUTOFF or dom.live is None:
-            return
-        if dom.vmm is None and status.state not in (State.SHUTDOWN, State.CRASHED):
+        if status.state is State.SHUTOFF or dom.live is None or dom.vmm is None:
             return
         record = {
             "name": dom.name,
             "uuid": str(dom.uuid),
             "id": dom.id,
-            "pid": dom.vmm.pid if dom.vmm is not None else None,
+            "pid": dom.vmm.pid,
             "state": int(status.state),
             "reason": int(status.reason),
             "xml": dom.live.xml,
@@ -528,9 +552,16 @@ class DomainManager:
             "initrd": cfg.initrd,
             "cmdline": cfg.cmdline or "",
             "acpi": cfg.acpi,
-            # The VMM reboots in place only under on_reboot=restart; otherwise it exits with reason
-            # "reboot" and the lifecycle table decides (destroy/preserve).
-            "on_reboot": "restart" if cfg.on_reboot == "restart" else "destroy",
+            # The VMM reboots in place under on_reboot=restart and keeps the frozen partition under
+            # preserve; any other action (restart of a powered-off or crashed guest included) is carried
+            # out here once the VMM has exited with the reason in its exit file.
+            "on_reboot": cfg.on_reboot if cfg.on_reboot in ("restart", "preserve") else "destroy",
+            "on_poweroff": "preserve" if cfg.on_poweroff == "preserve" else "destroy",
+            "on_crash": "preserve" if cfg.on_crash == "preserve" else "destroy",
+            # coredump-destroy/-restart: the VMM writes the core, then the table destroys or restarts.
+            "crash_dump": str(self.paths.dumps / f"{dom.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.core")
+            if cfg.on_crash.startswith("coredump-")
+            else None,
             "start_paused": paused,
             "control_socket": str(files.control),
             "pidfile": str(files.pidfile),
@@ -556,27 +587,52 @@ class DomainManager:
         provisional = Status(State.PAUSED, PausedReason.USER) if paused else Status(State.RUNNING, RunningReason.BOOTED)
         self._write_record(dom, provisional)
 
-    def _adopt(self, dom: Domain, handle: VmmHandle) -> None:
-        dom.vmm = handle
-        handle.on_event = lambda ev: self._on_vmm_event(dom, handle, ev)
-        task = asyncio.create_task(self._watch(dom, handle))
+    def _task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _adopt(self, dom: Domain, handle: VmmHandle) -> None:
+        dom.vmm = handle
+        handle.on_event = lambda ev: self._on_vmm_event(dom, handle, ev)
+        self._task(self._watch(dom, handle))
+        # An event pushed before on_event was set (e.g. a guest crashing at once under
+        # on_crash=preserve, right after the VMM answered its first status) was not seen: ask again.
+        self._task(self._resync_preserved(dom, handle))
+
     def _on_vmm_event(self, dom: Domain, handle: VmmHandle, ev: dict[str, Any]) -> None:
-        # Only an in-place reboot needs handling here; every ending is taken from the exit file.
-        if ev.get("event") == "reboot" and dom.vmm is handle and dom.config.on_reboot == "restart":
-            task = asyncio.create_task(self._guest_input(dom, handle, Input.GUEST_REBOOT_RESTART))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        # In-place reboots and preserved endings are handled here; every other ending is taken from
+        # the exit file once the VMM is gone.
+        name = ev.get("event")
+        if ev.get("preserved") and name in _PRESERVED_EVENTS:
+            self._task(self._guest_input(dom, handle, _PRESERVED_EVENTS[str(name)]))
+        elif name == "reboot" and dom.vmm is handle and dom.config.on_reboot == "restart":
+            self._task(self._guest_input(dom, handle, Input.GUEST_REBOOT_RESTART))
 
     async def _guest_input(self, dom: Domain, handle: VmmHandle, inp: Input) -> None:
         async with dom.lock:
-            if dom.vmm is not handle:
+            if dom.vmm is handle:
+                self._apply_guest_input(dom, inp)
+
+    def _apply_guest_input(self, dom: Domain, inp: Input) -> None:
+        """A report from the live VMM (it stays attached): the table's transition, committed."""
+        t = lookup(dom.status.state, inp)
+        if isinstance(t, Transition):
+            if inp in _PRESERVED_EVENTS.values():
+                log.info("domain %s: guest ended, partition preserved (%s)", dom.name, inp.value)
+            self._commit(dom, t)
+
+    async def _resync_preserved(self, dom: Domain, handle: VmmHandle) -> None:
+        async with dom.lock:
+            if dom.vmm is not handle or dom.status.state in PRESERVED:
                 return
-            t = lookup(dom.status.state, inp)
-            if isinstance(t, Transition):
-                self._commit(dom, t)
+            try:
+                st = await handle.request("status", timeout=5.0)
+            except VmmError:
+                return  # it is ending: the watcher accounts for that
+            inp = _PRESERVED_STATUS.get(str(st.get("state")))
+            if inp is not None and dom.vmm is handle:
+                self._apply_guest_input(dom, inp)
 
     async def _watch(self, dom: Domain, handle: VmmHandle) -> None:
         await handle.exited
@@ -591,7 +647,11 @@ class DomainManager:
         info = files.read_exit() or {}
         reason = info.get("reason")
         cfg = dom.config
-        if reason == "shutdown":
+        if dom.status.state in PRESERVED:
+            # The guest had already ended and its partition was kept: whatever the exit file says
+            # (e.g. "destroyed" by a SIGTERM from someone else), the table's VMM_DIED row decides.
+            inp = Input.VMM_DIED
+        elif reason == "shutdown":
             inp = policy_input("poweroff", cfg.on_poweroff)
         elif reason == "reboot":
             inp = policy_input("reboot", cfg.on_reboot)

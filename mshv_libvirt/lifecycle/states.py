@@ -416,6 +416,9 @@ _POLICY_INPUTS: Mapping[tuple[str, str], Input] = MappingProxyType(
         ("crash", "destroy"): Input.GUEST_CRASH_DESTROY,
         ("crash", "restart"): Input.GUEST_CRASH_RESTART,
         ("crash", "preserve"): Input.GUEST_CRASH_PRESERVE,
+        # The core dump is written by the VMM before it reports the crash; the lifecycle is destroy/restart.
+        ("crash", "coredump-destroy"): Input.GUEST_CRASH_DESTROY,
+        ("crash", "coredump-restart"): Input.GUEST_CRASH_RESTART,
     }
 )
 
@@ -423,7 +426,7 @@ _POLICY_INPUTS: Mapping[tuple[str, str], Input] = MappingProxyType(
 def policy_input(kind: PolicyKind, policy: str) -> Input:
     """Map the domain's on_poweroff/on_reboot/on_crash value to the Input the VMM report becomes.
 
-    Other libvirt actions (rename-restart, coredump-*) are refused as unsupported configuration.
+    rename-restart (libxl-only in libvirt) is refused as unsupported configuration.
     """
     try:
         return _POLICY_INPUTS[(kind, policy)]

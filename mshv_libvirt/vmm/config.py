@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ON_REBOOT = ("restart", "destroy")
+ON_REBOOT = ("restart", "destroy", "preserve")
+ON_POWEROFF = ("destroy", "preserve")
+ON_CRASH = ("destroy", "preserve")
 
 
 class ConfigError(ValueError):
@@ -24,7 +26,14 @@ class VmmConfig:
     initrd: str | None = None
     cmdline: str = "console=ttyS0"
     acpi: bool = True
+    # What the VMM does itself when the guest resets / powers off / crashes. "destroy": exit (the exit
+    # file says why); "restart" (reboot only): rebuild the VM in place; "preserve": stop every vCPU but
+    # keep the partition and the process until destroy. Any other libvirt policy is the driver's job.
     on_reboot: str = "restart"
+    on_poweroff: str = "destroy"
+    on_crash: str = "destroy"
+    # Where to write the guest's memory as an ELF core when it crashes (on_crash = coredump-*).
+    crash_dump: str | None = None
     start_paused: bool = False
     control_socket: str | None = None
     pidfile: str | None = None
@@ -55,6 +64,9 @@ class VmmConfig:
             cmdline=get("cmdline", str, "console=ttyS0", optional=True),
             acpi=get("acpi", bool, True),
             on_reboot=get("on_reboot", str, "restart"),
+            on_poweroff=get("on_poweroff", str, "destroy"),
+            on_crash=get("on_crash", str, "destroy"),
+            crash_dump=get("crash_dump", str, None, optional=True),
             start_paused=get("start_paused", bool, False),
             control_socket=get("control_socket", str, None, optional=True),
             pidfile=get("pidfile", str, None, optional=True),
@@ -66,8 +78,9 @@ class VmmConfig:
             raise ConfigError("config field 'memory_bytes' must be a multiple of 4 KiB and at least 16 MiB")
         if not 1 <= cfg.vcpus <= 254:
             raise ConfigError("config field 'vcpus' must be between 1 and 254")
-        if cfg.on_reboot not in ON_REBOOT:
-            raise ConfigError(f"config field 'on_reboot' must be one of {', '.join(ON_REBOOT)}")
+        for key, allowed in (("on_reboot", ON_REBOOT), ("on_poweroff", ON_POWEROFF), ("on_crash", ON_CRASH)):
+            if getattr(cfg, key) not in allowed:
+                raise ConfigError(f"config field {key!r} must be one of {', '.join(allowed)}")
         return cfg
 
     @classmethod

@@ -8,6 +8,10 @@ thread, so they never race each other.
 Exit file reasons: ``shutdown`` (guest powered off or halted), ``reboot`` (guest reset with
 on_reboot=destroy), ``crash`` (triple fault), ``destroyed`` (destroy command or SIGTERM/SIGINT),
 ``error`` (the VMM itself failed).
+
+Under on_poweroff/on_reboot/on_crash = preserve the guest's ending does not end the process: every
+vCPU is finished, the partition and its memory stay, ``status`` reports ``shutdown``/``crashed`` and
+only ``destroy`` (or a signal) ends it, with reason ``destroyed``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import builder
+from . import builder, coredump
 from .config import VmmConfig
 from .console import Console
 from .control import CommandError, ControlServer, JsonObject
@@ -55,6 +59,7 @@ class Vmm:
         self._paused = False
         self._reboot_on_shutdown = False  # set by the "reboot" command (ACPI-driven reboot)
         self._finish: tuple[str, str] | None = None
+        self._preserved: str | None = None  # "shutdown" | "crashed": the guest ended, the VM is kept frozen
         self._console_watched = False
         self._generation = 0  # bumps at every rebuild so stale exits from an old VM are ignored
         self.boots = 0
@@ -103,7 +108,24 @@ class Vmm:
         self._paused = paused
         self._emit("paused" if paused else "resumed")
 
+    def _preserve(self, event: str, state: str, detail: str) -> None:
+        """Stop every vCPU for good but keep the VM (partition, memory, devices) for inspection."""
+        vm = self._vm
+        assert vm is not None
+        for t in vm.vcpus:
+            try:
+                t.request(VcpuEvent.FINISH)  # FINISHED, also from a thread that already ended
+            except TimeoutError as err:
+                log.error("preserving the VM: %s", err)
+        self._preserved = state
+        self._paused = False
+        self._reboot_on_shutdown = False
+        self._emit(event, preserved=True, detail=detail)
+
     def _reboot(self, detail: str) -> None:
+        if self.config.on_reboot == "preserve":
+            self._preserve("reboot", "shutdown", detail)
+            return
         if self.config.on_reboot == "destroy":
             self._emit("reboot", detail=detail)
             self._finish = ("reboot", detail)
@@ -114,22 +136,40 @@ class Vmm:
         self._emit("reboot", detail=detail)
 
     def _handle_vm_exit(self, exit_: VmExit) -> None:
-        if self._vm is None or self._finish is not None:
+        if self._vm is None or self._finish is not None or self._preserved is not None:
             return
         log.info("vm exit %s: %s", exit_.kind.value, exit_.detail)
         if exit_.kind is VmExitKind.SHUTDOWN and self._reboot_on_shutdown:
             self._reboot("reboot requested by the host")
+        elif exit_.kind is VmExitKind.SHUTDOWN and self.config.on_poweroff == "preserve":
+            self._preserve("shutdown", "shutdown", exit_.detail)
         elif exit_.kind is VmExitKind.SHUTDOWN:
             self._emit("shutdown", detail=exit_.detail)
             self._finish = ("shutdown", exit_.detail)
         elif exit_.kind is VmExitKind.REBOOT:
             self._reboot(exit_.detail)
+        elif exit_.kind is VmExitKind.CRASH and self.config.on_crash == "preserve":
+            self._preserve("crashed", "crashed", exit_.detail)
         elif exit_.kind is VmExitKind.CRASH:
-            self._emit("crashed", detail=exit_.detail)
-            self._finish = ("crash", exit_.detail)
+            detail = exit_.detail + self._dump_core()
+            self._emit("crashed", detail=detail)
+            self._finish = ("crash", detail)
         else:
             self._emit("crashed", detail=exit_.detail)
             self._finish = ("error", exit_.detail)
+
+    def _dump_core(self) -> str:
+        """on_crash = coredump-*: the guest's memory to an ELF core before the VM is torn down."""
+        vm, path = self._vm, self.config.crash_dump
+        if vm is None or not path:
+            return ""
+        try:
+            size = coredump.write_core(path, ((r.gpa, r.size, mem) for r, mem in vm.ram.regions))
+        except OSError as err:
+            log.error("core dump to %s failed: %s", path, err)
+            return f"; core dump to {path} failed: {err}"
+        log.info("guest memory dumped to %s (%d bytes)", path, size)
+        return f"; core dumped to {path}"
 
     def _press_power_button(self) -> None:
         vm = self._vm
@@ -139,17 +179,22 @@ class Vmm:
             raise CommandError("the guest has no ACPI power button (acpi is disabled)")
         vm.platform.acpi_pm.press_power_button()
 
+    def _state(self) -> str:
+        if self._preserved is not None:
+            return self._preserved
+        return "paused" if self._paused else "running"
+
     def status(self) -> JsonObject:
         vm = self._vm
         return {
-            "state": "paused" if self._paused else "running",
+            "state": self._state(),
             "pty": self._console.pty_path if self._console else None,
             "vcpus": self.config.vcpus,
             "cpu_time_ns": time.process_time_ns(),
             "memory_kib": self.config.memory_bytes // 1024,
             "boots": self.boots,
             "backend": vm.system.backend if vm is not None else None,
-            "vcpu_threads": [t.thread.native_id for t in vm.vcpus if t.thread] if vm else [],
+            "vcpu_threads": [t.thread.native_id for t in vm.vcpus if t.thread and t.thread.is_alive()] if vm else [],
             "exits": sum(t.exits for t in vm.vcpus) if vm else 0,
         }
 
@@ -158,6 +203,9 @@ class Vmm:
             raise CommandError("domain is shutting down")
         if cmd == "status":
             return self.status()
+        if self._preserved is not None and cmd in ("pause", "resume", "shutdown", "reboot", "reset"):
+            # The guest already ended; its frozen vCPUs must never run again. Only destroy applies.
+            raise CommandError(f"domain is not running (the guest is {self._preserved}, preserved until destroy)")
         if cmd == "pause":
             self._set_paused(True)
         elif cmd == "resume":
@@ -176,7 +224,7 @@ class Vmm:
             self._finish = ("destroyed", "destroyed by the host")
         else:
             raise CommandError(f"unknown command {cmd!r}")
-        return {"state": "paused" if self._paused else "running"}
+        return {"state": self._state()}
 
     # -- main loop -------------------------------------------------------------------------------
     def _console_input(self, _mask: int) -> None:

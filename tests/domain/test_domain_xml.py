@@ -448,11 +448,20 @@ def test_lifecycle_values(tag: str, value: str) -> None:
 
 
 @pytest.mark.parametrize("tag", ["on_poweroff", "on_reboot", "on_crash"])
-@pytest.mark.parametrize("value", ["rename-restart", "coredump-destroy", "coredump-restart"])
-def test_lifecycle_unsupported(tag: str, value: str) -> None:
-    e = err(dom(f"<{tag}>{value}</{tag}>"))
+def test_lifecycle_rename_restart_unsupported(tag: str) -> None:
+    e = err(dom(f"<{tag}>rename-restart</{tag}>"))
     assert e.code == ErrorCode.CONFIG_UNSUPPORTED
-    assert f"<{tag}> action '{value}'" in e.message
+    assert f"<{tag}> action 'rename-restart'" in e.message
+
+
+@pytest.mark.parametrize("value", ["coredump-destroy", "coredump-restart"])
+def test_lifecycle_coredump_on_crash(value: str) -> None:
+    cfg = parse_domain_xml(dom(f"<on_crash>{value}</on_crash>"))
+    assert cfg.on_crash == value
+    assert f"<on_crash>{value}</on_crash>" in cfg.xml
+    for tag in ("on_poweroff", "on_reboot"):  # libvirt allows core dumps on crash only
+        e = err(dom(f"<{tag}>{value}</{tag}>"))
+        assert e.code == ErrorCode.XML_ERROR and "on_crash only" in e.message
 
 
 @pytest.mark.parametrize("tag", ["on_poweroff", "on_reboot", "on_crash"])

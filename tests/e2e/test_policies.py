@@ -8,6 +8,9 @@ state, reason and the lifecycle events a libvirt-python client receives.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from mshv_libvirt.driver.vmm_client import pid_alive
 from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, wait_for
 from tests.support.guests import TINY_BANNER
 
@@ -140,6 +144,43 @@ def test_on_crash_destroy(kvm: None, daemon: DaemonProcess, events: Events, tiny
     assert daemon.vmm_pids() == []
 
 
+def _check_core(core: Path, memory_mib: int) -> None:
+    data = core.read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2  # ELF64
+    e_type, e_machine = struct.unpack_from("<HH", data, 16)
+    assert (e_type, e_machine) == (4, 62)  # ET_CORE, x86-64
+    phoff, phnum = struct.unpack_from("<Q", data, 32)[0], struct.unpack_from("<H", data, 56)[0]
+    loads = [struct.unpack_from("<IIQQQQQQ", data, phoff + 56 * i) for i in range(phnum)]
+    assert sum(p[5] for p in loads if p[0] == 1) == memory_mib << 20  # every byte of guest RAM
+    assert TINY_BANNER.encode() in data  # the guest's own memory, not zeros
+
+
+@pytest.mark.parametrize("policy", ["coredump-destroy", "coredump-restart"])
+def test_on_crash_coredump(
+    kvm: None, daemon: DaemonProcess, events: Events, tiny_kernel: Path, tmp_path: Path, policy: str
+) -> None:
+    name = "cd" + policy.split("-")[1][0]
+    start_with_policy(daemon, tmp_path, tiny_kernel, name, crash=policy)
+    con = type_on_console(daemon, name, b"c")
+    dumps = daemon.run_dir / "dump"
+    try:
+        wait_for(lambda: any(dumps.glob(f"{name}-*.core")), timeout=20)
+        if policy == "coredump-destroy":
+            wait_for(lambda: domstate(daemon, name) == "shut off (crashed)", timeout=15)
+        else:
+            wait_for(lambda: serial_log(daemon, name).count(TINY_BANNER) == 2, timeout=15)
+            assert domstate(daemon, name) == "running (booted)"
+    finally:
+        con.kill()
+    after = [BOOTED] if policy == "coredump-restart" else []
+    events.wait(name, [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, PANICKED, STOPPED_CRASHED, *after])
+    (core,) = list(dumps.glob(f"{name}-*.core"))
+    _check_core(core, memory_mib=64)
+    if policy == "coredump-restart":
+        virsh(daemon.uri, "destroy", name)
+    assert stale_files(daemon, name) == []
+
+
 def test_on_crash_restart(kvm: None, daemon: DaemonProcess, events: Events, tiny_kernel: Path, tmp_path: Path) -> None:
     start_with_policy(daemon, tmp_path, tiny_kernel, "crr", crash="restart")
     pid = int((daemon.run_dir / "crr.pid").read_text())
@@ -203,6 +244,10 @@ def test_on_reboot_restart_reboots_in_place(
     virsh(daemon.uri, "destroy", "rbr")
 
 
+def vmm_pid(d: DaemonProcess, name: str) -> int:
+    return int((d.run_dir / f"{name}.pid").read_text())
+
+
 @pytest.mark.parametrize(
     ("policy", "key", "state", "expected"),
     [
@@ -225,22 +270,53 @@ def test_preserve(
 ) -> None:
     name = "pre-" + next(iter(policy))
     start_with_policy(daemon, tmp_path, tiny_kernel, name, **policy)
+    pid = vmm_pid(daemon, name)
     act(daemon, name, key, state)
     head = [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED]
     events.wait(name, head + expected)
+    # The VMM keeps the frozen partition: the same process is still there, and nothing booted again.
+    assert pid_alive(pid) and vmm_pid(daemon, name) == pid
+    assert not (daemon.run_dir / f"{name}.exit").exists()
+    assert serial_log(daemon, name).count(TINY_BANNER) == 1
     assert name in virsh(daemon.uri, "list", "--name").stdout.split()  # still active
     for refused in ("start", "suspend", "resume", "shutdown", "reboot"):
         res = virsh(daemon.uri, refused, name, check=False)
         assert res.returncode != 0, refused
+    assert domstate(daemon, name) == state and pid_alive(pid)
 
-    # A daemon restart keeps the preserved state.
+    # A daemon crash and restart re-attaches to that same VMM and keeps the preserved state.
     daemon.kill()
+    assert pid_alive(pid)
     daemon.start()
     events.reconnect()
     assert domstate(daemon, name) == state
+    assert pid_alive(pid) and vmm_pid(daemon, name) == pid
+    assert daemon.vmm_pids() == [pid]
 
     virsh(daemon.uri, "destroy", name)
     assert domstate(daemon, name) == "shut off (destroyed)"
     events.wait(name, [STOPPED_DESTROYED])
+    wait_for(lambda: not pid_alive(pid), timeout=10)
     assert stale_files(daemon, name) == []
     assert daemon.vmm_pids() == []
+
+
+def test_preserved_vmm_dying_is_reported_per_table(
+    kvm: None, daemon: DaemonProcess, events: Events, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    """A preserved VMM that goes away (here: killed) leaves the domain per the table's VMM_DIED row."""
+    start_with_policy(daemon, tmp_path, tiny_kernel, "pre-die", crash="preserve")
+    pid = vmm_pid(daemon, "pre-die")
+    act(daemon, "pre-die", b"c", "crashed (panicked)")
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: domstate(daemon, "pre-die") == "shut off (crashed)", timeout=10)
+    events.wait(
+        "pre-die",
+        [
+            (E.VIR_DOMAIN_EVENT_DEFINED, 0),
+            BOOTED,
+            PANICKED,
+            (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_FAILED),
+        ],
+    )
+    assert stale_files(daemon, "pre-die") == []

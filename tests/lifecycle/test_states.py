@@ -284,6 +284,8 @@ POLICIES = [
     ("crash", "destroy", "GUEST_CRASH_DESTROY"),
     ("crash", "restart", "GUEST_CRASH_RESTART"),
     ("crash", "preserve", "GUEST_CRASH_PRESERVE"),
+    ("crash", "coredump-destroy", "GUEST_CRASH_DESTROY"),
+    ("crash", "coredump-restart", "GUEST_CRASH_RESTART"),
 ]
 
 
@@ -295,9 +297,9 @@ def test_policy_input(kind: str, policy: str, name: str) -> None:
 @pytest.mark.parametrize(
     ("kind", "policy"),
     [
-        ("crash", "coredump-destroy"),
-        ("crash", "coredump-restart"),
         ("reboot", "rename-restart"),
+        ("crash", "rename-restart"),
+        ("poweroff", "coredump-destroy"),
         ("poweroff", "Destroy"),
         ("poweroff", ""),
         ("shutdown", "destroy"),

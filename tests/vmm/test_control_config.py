@@ -22,7 +22,10 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"memory_bytes": 4096}, "memory_bytes"),
     ({"vcpus": 0}, "vcpus"),
     ({"vcpus": True}, "vcpus"),
-    ({"on_reboot": "preserve"}, "on_reboot"),
+    ({"on_reboot": "rename-restart"}, "on_reboot"),
+    ({"on_poweroff": "restart"}, "on_poweroff"),  # restarts after a power-off are the driver's job
+    ({"on_crash": "restart"}, "on_crash"),
+    ({"on_crash": True}, "on_crash"),
     ({"kernel": 5}, "kernel"),
 ]
 
@@ -39,6 +42,9 @@ def test_config_defaults_and_validation(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     path.write_text(json.dumps({**BASE, "vcpus": 2, "initrd": None, "on_reboot": "destroy"}))
     assert VmmConfig.load(path).vcpus == 2
+    assert (cfg.on_poweroff, cfg.on_crash) == ("destroy", "destroy")
+    preserve = VmmConfig.from_dict({**BASE, "on_reboot": "preserve", "on_poweroff": "preserve", "on_crash": "preserve"})
+    assert (preserve.on_reboot, preserve.on_poweroff, preserve.on_crash) == ("preserve",) * 3
     for bad, match in BAD:
         with pytest.raises(ConfigError, match=match):
             VmmConfig.from_dict({**BASE, **bad})

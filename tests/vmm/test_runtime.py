@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +14,8 @@ from mshv_libvirt.vmm.config import VmmConfig
 from mshv_libvirt.vmm.control import CommandError
 from mshv_libvirt.vmm.runtime import Vmm
 from mshv_libvirt.vmm.vcpu import ResponseKind, VcpuEvent, VcpuResponse, VmExit, VmExitKind
+from tests.support.guests import TINY_BANNER
+from tests.vmm.harness import VmmProcess
 
 
 class FakeThread:
@@ -177,3 +181,92 @@ def test_reset_keeps_a_paused_vm_paused_and_stuck_vcpus_are_reported() -> None:
     with pytest.raises(CommandError, match="operation failed: vCPU 0 did not answer resume"):
         h.vmm.handle_command("resume", {})
     assert h.vmm.handle_command("status", {})["state"] == "paused"
+
+
+@pytest.mark.parametrize(
+    ("policy", "kind", "event", "state"),
+    [
+        ({"on_poweroff": "preserve"}, VmExitKind.SHUTDOWN, "shutdown", "shutdown"),
+        ({"on_reboot": "preserve"}, VmExitKind.REBOOT, "reboot", "shutdown"),
+        ({"on_crash": "preserve"}, VmExitKind.CRASH, "crashed", "crashed"),
+    ],
+    ids=["poweroff", "reboot", "crash"],
+)
+def test_preserve_freezes_the_vm_until_destroy(
+    policy: dict[str, str], kind: VmExitKind, event: str, state: str
+) -> None:
+    h = Harness(**policy)
+    h.guest_exit(kind, "the end")
+    vm = h.vms[0]
+    # Every vCPU is finished for good, but the VM (partition, memory) and the process stay.
+    assert [t.events for t in vm.vcpus] == [[VcpuEvent.FINISH]] * 2
+    assert not vm.closed and h.vmm._vm is vm and len(h.vms) == 1
+    assert h.vmm._finish is None
+    assert h.events == [{"event": event, "preserved": True, "detail": "the end"}]
+    assert h.vmm.handle_command("status", {})["state"] == state
+    for cmd in ("pause", "resume", "shutdown", "reboot", "reset"):
+        with pytest.raises(CommandError, match="domain is not running"):
+            h.vmm.handle_command(cmd, {})
+    # Later exits (another vCPU, a stale report) change nothing.
+    h.guest_exit(VmExitKind.CRASH, "late")
+    assert h.vmm._finish is None and len(h.events) == 1 and len(h.vms) == 1
+    assert h.vmm.handle_command("destroy", {}) == {"state": state}
+    assert h.vmm._finish == ("destroyed", "destroyed by the host")
+
+
+def test_preserve_only_applies_to_its_own_ending() -> None:
+    h = Harness(on_crash="preserve")
+    h.guest_exit(VmExitKind.SHUTDOWN, "S5")
+    assert h.vmm._finish == ("shutdown", "S5") and h.events == [{"event": "shutdown", "detail": "S5"}]
+    h = Harness(on_poweroff="preserve")
+    h.guest_exit(VmExitKind.CRASH, "triple fault")
+    assert h.vmm._finish == ("crash", "triple fault")
+    h = Harness(on_poweroff="preserve", on_crash="preserve")
+    h.guest_exit(VmExitKind.ERROR, "vCPU 0: boom")  # the VMM's own failure is never preserved
+    assert h.vmm._finish == ("error", "vCPU 0: boom")
+    # A host-requested reboot under on_reboot=preserve ends like a guest reboot.
+    h = Harness(on_reboot="preserve")
+    h.vmm.handle_command("reboot", {})
+    h.guest_exit(VmExitKind.SHUTDOWN, "S5")
+    assert h.vmm._finish is None and len(h.vms) == 1
+    assert h.events == [{"event": "reboot", "preserved": True, "detail": "reboot requested by the host"}]
+    assert h.vmm.handle_command("status", {})["state"] == "shutdown"
+
+
+def test_preserve_of_a_paused_vm_and_a_stuck_vcpu() -> None:
+    h = Harness(on_crash="preserve")
+    h.vmm.handle_command("pause", {})
+
+    def stuck(event: VcpuEvent, timeout: float = 10.0) -> VcpuResponse:
+        raise TimeoutError("vCPU 1 did not answer finish")
+
+    h.vms[0].vcpus[1].request = stuck  # type: ignore[method-assign]
+    h.guest_exit(VmExitKind.CRASH, "triple fault")  # a report in flight when the pause landed
+    assert h.vmm.handle_command("status", {})["state"] == "crashed"
+    assert h.events[-1] == {"event": "crashed", "preserved": True, "detail": "triple fault"}
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize(
+    ("policy", "key", "event", "state"),
+    [("on_crash", b"c", "crashed", "crashed"), ("on_poweroff", b"q", "shutdown", "shutdown")],
+)
+def test_real_vmm_keeps_a_preserved_guest_until_destroy(
+    kvm: None, tiny_kernel: Path, tmp_path: Path, policy: str, key: bytes, event: str, state: str
+) -> None:
+    with VmmProcess.start(tmp_path / "vm", tiny_kernel, cmdline="console=ttyS0 tiny", **{policy: "preserve"}) as vm:
+        vm.wait_serial(TINY_BANNER, timeout=30)
+        vm.connect()
+        vm.console_send(key)
+        ev = vm.wait_event(event, timeout=30)
+        assert ev["preserved"] is True and ev["detail"]
+        assert vm.proc.poll() is None and vm.exit_record() is None
+        status = vm.command("status")
+        assert status["state"] == state and status["vcpu_threads"] == []
+        assert Path(vm.config["pidfile"]).read_text().strip() == str(vm.proc.pid)
+        reply = vm.request("resume")
+        assert not reply["ok"] and "not running" in reply["error"]
+        vm.command("destroy")
+        assert vm.wait_exit(timeout=30) == {"reason": "destroyed", "detail": "destroyed by the host"}
+        assert vm.proc.returncode == 0
+        assert not os.path.exists(vm.config["pidfile"])
