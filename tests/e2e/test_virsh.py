@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, wait_for
+from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, running_daemon, virsh, wait_for
 from tests.support.guests import TINY_BANNER, TINY_POWERBUTTON
 
 pytestmark = pytest.mark.virsh
@@ -237,3 +238,34 @@ def test_create_transient(kvm: None, daemon: DaemonProcess, tiny_kernel: Path, t
     assert not (daemon.config_dir / "tr.xml").exists()
     virsh(daemon.uri, "destroy", "tr")
     assert virsh(daemon.uri, "list", "--all", "--name").stdout.strip() == ""
+
+
+def test_autostart_domains_start_with_the_daemon(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    root = tmp_path / "auto"
+    with running_daemon(root) as d:
+        define(d, tmp_path, "boot1", tiny_kernel)
+        define(d, tmp_path, "manual1", tiny_kernel)
+        virsh(d.uri, "autostart", "boot1")
+    with running_daemon(root) as d:  # a fresh daemon on the same config dir
+        wait_for(lambda: virsh(d.uri, "domstate", "boot1").stdout.strip() == "running")
+        assert virsh(d.uri, "domstate", "manual1").stdout.strip() == "shut off"
+        wait_for(lambda: TINY_BANNER in serial_log(d, "boot1"))
+        virsh(d.uri, "destroy", "boot1")
+
+
+def test_idle_timeout_exits_only_without_clients_and_running_domains(
+    kvm: None, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    d = DaemonProcess(tmp_path / "idle", ("--timeout", "2")).start()
+    try:
+        define(d, tmp_path, "keep", tiny_kernel)
+        virsh(d.uri, "start", "keep")
+        time.sleep(4)
+        assert d.alive()  # a running domain keeps the daemon up
+        virsh(d.uri, "destroy", "keep")
+        assert d.proc is not None
+        d.proc.wait(timeout=15)  # then it leaves, like libvirt's --timeout
+        assert d.proc.returncode == 0
+    finally:
+        d.stop()
+        d.destroy_all_vmms()
