@@ -34,7 +34,10 @@ fi
 
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload
+    # The service is enabled too so autostart domains start at boot (it then idles out; the sockets
+    # bring it back on the next connection), as libvirt does for its modular daemons.
     systemctl enable --now virtmshvd.socket virtmshvd-ro.socket
+    systemctl enable virtmshvd.service
     systemctl restart virtmshvd.service || true
 else
     # No systemd as PID 1 (containers, sandboxes): run the daemon directly.
