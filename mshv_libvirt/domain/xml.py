@@ -459,11 +459,31 @@ def _char_target(parent: etree._Element, kind: str, default_type: str, allow_mod
     return port, ttype
 
 
+def _drop_runtime_output(el: etree._Element, kind: str) -> None:
+    """A running domain's dumpxml adds the allocated pty (``<source path>``, console ``tty``) and the device
+    alias; like libvirt, a definition ignores them (the pty is allocated at start), so dumpxml output can be
+    defined again. Anything else in those places is refused."""
+    if kind == "console" and "tty" in el.attrib:
+        del el.attrib["tty"]
+    for child in list(_elements(el)):
+        if child.tag == "source":
+            _check_attrs(child, ("path",), f"{kind}><source")
+            _leaf(child)
+            el.remove(child)
+        elif child.tag == "alias":
+            _check_attrs(child, ("name",), f"{kind}><alias")
+            _leaf(child)
+            if child.get("name") != "serial0":
+                raise unsupported(f"{kind} alias '{child.get('name')}' {_NOT_SUPPORTED}")
+            el.remove(child)
+
+
 def _chardev(el: etree._Element, kind: str) -> CharDevice:
-    _check_attrs(el, ("type",))
+    _check_attrs(el, ("type", "tty") if kind == "console" else ("type",))
     ctype = el.get("type", "pty")
     if ctype != "pty":
         raise unsupported(f"{kind} type '{ctype}' {_NOT_SUPPORTED}; use type='pty'")
+    _drop_runtime_output(el, kind)
     if kind == "serial":
         port, ttype = _char_target(el, kind, _SERIAL_TARGET, allow_model=True)
     else:
@@ -821,10 +841,19 @@ def parse_domain_xml(text: str, *, check_libvirt_schema: bool = False) -> Domain
 _ROOT_OPEN = "<domain type='hyperv'>"
 
 
-def format_domain_xml(cfg: DomainConfig, *, domain_id: int | None = None) -> str:
-    """``virsh dumpxml`` text: the canonical XML, plus ``id='N'`` while the domain runs."""
+def format_domain_xml(cfg: DomainConfig, *, domain_id: int | None = None, pty: str | None = None) -> str:
+    """``virsh dumpxml`` text: the canonical XML, plus ``id='N'`` while the domain runs and, like libvirt,
+    the serial port's allocated pty (``<source path>``, console ``tty``) and its alias."""
     if domain_id is None or domain_id < 0:  # libvirt uses -1 for "not running"
         return cfg.xml
     if not cfg.xml.startswith(_ROOT_OPEN):
         raise VirtError(ErrorCode.INTERNAL_ERROR, "domain XML is not in canonical form")
-    return f"<domain type='hyperv' id='{int(domain_id)}'>" + cfg.xml[len(_ROOT_OPEN) :]
+    text = f"<domain type='hyperv' id='{int(domain_id)}'>" + cfg.xml[len(_ROOT_OPEN) :]
+    if pty is not None:
+        src = f"      <source path='{_esc_attr(pty)}'/>\n"
+        alias = "      <alias name='serial0'/>\n"
+        text = text.replace("    <serial type='pty'>\n", "    <serial type='pty'>\n" + src, 1)
+        text = text.replace("    </serial>\n", alias + "    </serial>\n", 1)
+        text = text.replace("    <console type='pty'>\n", f"    <console type='pty' tty='{_esc_attr(pty)}'>\n" + src, 1)
+        text = text.replace("    </console>\n", alias + "    </console>\n", 1)
+    return text

@@ -695,7 +695,8 @@ class DomainManager:
         if inactive and dom.persistent is not None:
             return format_domain_xml(dom.persistent)
         cfg = dom.config
-        return format_domain_xml(cfg, domain_id=dom.id if dom.active else None)
+        pty = dom.vmm.pty if dom.active and dom.vmm is not None else None
+        return format_domain_xml(cfg, domain_id=dom.id if dom.active else None, pty=pty)
 
     def console_pty(self, dom: Domain) -> str:
         if not dom.active or dom.vmm is None:

@@ -627,9 +627,8 @@ def test_serial_console_imply_each_other(devices: str) -> None:
             "<serial type='pty'><target><model name='16550a'/></target></serial>",
             "serial target model '16550a'",
         ),
-        ("<serial type='pty'><source path='/dev/pts/3'/></serial>", "element <source> in <serial>"),
         ("<serial type='pty'><log file='/tmp/x'/></serial>", "element <log> in <serial>"),
-        ("<serial type='pty'><alias name='ua-x'/></serial>", "element <alias> in <serial>"),
+        ("<serial type='pty'><alias name='ua-x'/></serial>", "serial alias 'ua-x'"),
         ("<serial type='pty' tty='/dev/pts/1'/>", "attribute 'tty' of <serial>"),
         ("<serial type='pty'><target foo='x'/></serial>", "attribute 'foo' of <serial><target>"),
         ("<console type='pty'><target><model name='isa-serial'/></target></console>", "<model> in <console><target>"),
@@ -1128,3 +1127,18 @@ def test_libvirt_schema_flag_uses_installed_schema(tmp_path: Path, monkeypatch: 
 def test_libvirt_schema_flag_without_installed_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(xml_module, "LIBVIRT_DOMAIN_SCHEMA", tmp_path / "missing.rng")
     assert parse_domain_xml(dom(), check_libvirt_schema=True).name == "vm"
+
+
+def test_runtime_pty_output_is_ignored_on_define_and_other_aliases_refused() -> None:
+    devices = (
+        "<devices><serial type='pty'><source path='/dev/pts/7'/><target type='isa-serial' port='0'>"
+        "<model name='isa-serial'/></target><alias name='serial0'/></serial>"
+        "<console type='pty' tty='/dev/pts/7'><source path='/dev/pts/7'/><target type='serial' port='0'/>"
+        "<alias name='serial0'/></console></devices>"
+    )
+    cfg = parse_domain_xml(dom(devices))
+    assert "/dev/pts/7" not in cfg.xml and "alias" not in cfg.xml and len(cfg.serials) == 1
+    e = err(dom("<devices><serial type='pty'><alias name='ua-mine'/></serial></devices>"))
+    assert e.code == ErrorCode.CONFIG_UNSUPPORTED and "ua-mine" in e.message
+    e = err(dom("<devices><serial type='pty'><source path='/x' mode='bind'/></serial></devices>"))
+    assert e.code == ErrorCode.CONFIG_UNSUPPORTED and "mode" in e.message

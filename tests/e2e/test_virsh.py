@@ -269,3 +269,22 @@ def test_idle_timeout_exits_only_without_clients_and_running_domains(
     finally:
         d.stop()
         d.destroy_all_vmms()
+
+
+def test_running_dumpxml_shows_the_pty_and_can_be_defined_again(
+    kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    define(daemon, tmp_path, "ptyd", tiny_kernel)
+    virsh(daemon.uri, "start", "ptyd")
+    live = virsh(daemon.uri, "dumpxml", "ptyd").stdout
+    pty = live.split("<source path='", 1)[1].split("'", 1)[0]
+    assert pty.startswith("/dev/pts/")
+    assert f"<console type='pty' tty='{pty}'>" in live and "<alias name='serial0'/>" in live
+    # What a running domain's dumpxml prints is accepted back (runtime-only parts ignored, as libvirt does).
+    again = tmp_path / "again.xml"
+    again.write_text(live)
+    virsh(daemon.uri, "define", str(again))
+    inactive = virsh(daemon.uri, "dumpxml", "--inactive", "ptyd").stdout
+    assert "/dev/pts/" not in inactive and "alias" not in inactive
+    virsh(daemon.uri, "destroy", "ptyd")
+    assert "/dev/pts/" not in virsh(daemon.uri, "dumpxml", "ptyd").stdout
