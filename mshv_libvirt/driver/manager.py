@@ -129,14 +129,19 @@ def _failed(detail: str) -> VirtError:
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def process_cpu_ns(pid: int) -> int:
-    """utime + stime of a process from /proc/<pid>/stat, in ns (0 if it is gone)."""
+def process_cpu_times(pid: int) -> tuple[int, int]:
+    """(user, system) CPU time of a process from /proc/<pid>/stat, in ns ((0, 0) if it is gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // _CLOCK_TICKS
+        return int(fields[11]) * 1_000_000_000 // _CLOCK_TICKS, int(fields[12]) * 1_000_000_000 // _CLOCK_TICKS
     except (OSError, IndexError, ValueError):
-        return 0
+        return 0, 0
+
+
+def process_cpu_ns(pid: int) -> int:
+    """utime + stime of a process, in ns (0 if it is gone)."""
+    return sum(process_cpu_times(pid))
 
 
 class DomainTable(dict[str, "Domain"]):
@@ -690,6 +695,11 @@ class DomainManager:
         # CPU time of the VMM process (all its vCPU threads), as libvirt reads it for QEMU: no round trip.
         cpu = process_cpu_ns(handle.pid) if dom.active and handle is not None else 0
         return int(dom.status.state), cfg.memory_kib, cfg.current_memory_kib, cfg.vcpus, cpu
+
+    def cpu_times(self, dom: Domain) -> tuple[int, int]:
+        """(user, system) ns of the domain's VMM process; (0, 0) when it is not running."""
+        handle = dom.vmm
+        return process_cpu_times(handle.pid) if dom.active and handle is not None else (0, 0)
 
     def xml(self, dom: Domain, inactive: bool) -> str:
         if inactive and dom.persistent is not None:

@@ -151,3 +151,29 @@ def test_define_also_checks_libvirts_own_schema(conn: object) -> None:
         conn.defineXML(xml)  # type: ignore[attr-defined]
     assert exc.value.get_error_code() == libvirt.VIR_ERR_XML_ERROR
     assert conn.listAllDomains() == []  # type: ignore[attr-defined]
+
+
+def test_domain_stats(kvm: None, conn: object, daemon: DaemonProcess, tiny_kernel: Path) -> None:
+    c = conn
+    run = c.defineXML(domain_xml("st1", tiny_kernel, vcpus=2, memory_mib=32))  # type: ignore[attr-defined]
+    c.defineXML(domain_xml("st2", tiny_kernel))  # type: ignore[attr-defined]
+    run.create()
+    wait_for(lambda: run.info()[4] > 0)
+    records = {d.name(): s for d, s in c.getAllDomainStats()}  # type: ignore[attr-defined]
+    assert set(records) == {"st1", "st2"}
+    st1 = records["st1"]
+    assert st1["state.state"] == libvirt.VIR_DOMAIN_RUNNING and st1["vcpu.current"] == 2
+    assert st1["balloon.maximum"] == 32768 and st1["cpu.time"] == st1["cpu.user"] + st1["cpu.system"] > 0
+    assert "cpu.time" not in records["st2"]  # no CPU time for a domain that is not running
+    active = c.getAllDomainStats(  # type: ignore[attr-defined]
+        libvirt.VIR_DOMAIN_STATS_STATE, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
+    )
+    assert [(d.name(), sorted(s)) for d, s in active] == [("st1", ["state.reason", "state.state"])]
+    with pytest.raises(libvirt.libvirtError) as exc:  # a group we lack, enforced
+        c.getAllDomainStats(  # type: ignore[attr-defined]
+            libvirt.VIR_DOMAIN_STATS_BLOCK, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ENFORCE_STATS
+        )
+    assert exc.value.get_error_code() == libvirt.VIR_ERR_OPERATION_UNSUPPORTED
+    out = virsh(daemon.uri, "domstats", "st1").stdout
+    assert "Domain: 'st1'" in out and "state.state=1" in out and "vcpu.maximum=2" in out
+    run.destroy()
