@@ -456,6 +456,9 @@ class DomainManager:
     async def reboot(self, dom: Domain) -> None:
         await self._user_op(dom, Input.REBOOT)
 
+    async def reset(self, dom: Domain) -> None:
+        await self._user_op(dom, Input.RESET)
+
     async def destroy(self, dom: Domain) -> None:
         await self._user_op(dom, Input.DESTROY)
 
@@ -478,6 +481,8 @@ class DomainManager:
                 await handle.request("shutdown")
             elif t.action is Action.REQUEST_REBOOT and handle is not None:
                 await handle.request("reboot")
+            elif t.action is Action.RESET_VMM and handle is not None:
+                await handle.request("reset")
             elif t.action is Action.KILL_VMM:
                 dom.vmm = None  # the exit watcher must not account for this exit again
                 if handle is not None:
@@ -611,6 +616,8 @@ class DomainManager:
         name = ev.get("event")
         if ev.get("preserved") and name in _PRESERVED_EVENTS:
             self._task(self._guest_input(dom, handle, _PRESERVED_EVENTS[str(name)]))
+        elif name == "reboot" and ev.get("detail") == "reset":
+            pass  # our own reset command: the RESET transition already accounted for it
         elif name == "reboot" and dom.vmm is handle and dom.config.on_reboot == "restart":
             self._task(self._guest_input(dom, handle, Input.GUEST_REBOOT_RESTART))
 

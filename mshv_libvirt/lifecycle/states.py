@@ -181,6 +181,7 @@ class Input(Enum):
     RESUME = "resume"
     SHUTDOWN = "shutdown"  # host asks the guest to power off (ACPI power button)
     REBOOT = "reboot"  # host asks the guest to reboot
+    RESET = "reset"  # host presses the reset button: the VM restarts at once, without asking the guest
     DESTROY = "destroy"
     GUEST_POWEROFF_DESTROY = "guest_poweroff_destroy"  # guest powered off; suffix = on_poweroff
     GUEST_POWEROFF_RESTART = "guest_poweroff_restart"
@@ -195,7 +196,16 @@ class Input(Enum):
 
 
 USER_INPUTS: frozenset[Input] = frozenset(
-    {Input.START, Input.START_PAUSED, Input.SUSPEND, Input.RESUME, Input.SHUTDOWN, Input.REBOOT, Input.DESTROY}
+    {
+        Input.START,
+        Input.START_PAUSED,
+        Input.SUSPEND,
+        Input.RESUME,
+        Input.SHUTDOWN,
+        Input.REBOOT,
+        Input.RESET,
+        Input.DESTROY,
+    }
 )
 # Reported by the VMM (or its death), never requested by a client: they cannot be refused, only ignored.
 VMM_INPUTS: frozenset[Input] = frozenset(set(Input) - USER_INPUTS)
@@ -211,6 +221,7 @@ class Action(Enum):
     RESUME_VMM = "resume_vmm"
     REQUEST_SHUTDOWN = "request_shutdown"
     REQUEST_REBOOT = "request_reboot"
+    RESET_VMM = "reset_vmm"  # rebuild the VM in the same VMM; a paused VM stays paused
     KILL_VMM = "kill_vmm"
     RESTART_VMM = "restart_vmm"  # tear the VMM down and boot the domain again
     CLEANUP = "cleanup"  # the VMM is already gone: remove runtime files
@@ -253,6 +264,7 @@ Outcome = Transition | IllegalOp
 # --- shared outcomes ---------------------------------------------------------------------------------------
 
 _NOOP = Transition(None, (), Action.NONE)
+_RESET = Transition(None, (), Action.RESET_VMM, reboot_event=True)
 
 _ALREADY_RUNNING = IllegalOp("domain is already running")
 _NOT_RUNNING = IllegalOp("domain is not running")
@@ -333,6 +345,7 @@ def _frozen_row(vmm_exit: Transition) -> dict[Input, Outcome]:
         Input.RESUME: _NOT_RUNNING,
         Input.SHUTDOWN: _NOT_RUNNING,
         Input.REBOOT: _NOT_RUNNING,
+        Input.RESET: _NOT_RUNNING,
         Input.DESTROY: _DESTROY,
         **_GUEST_IGNORED,
         Input.VMM_DIED: vmm_exit,
@@ -348,6 +361,7 @@ _ROWS: dict[State, dict[Input, Outcome]] = {
         Input.RESUME: _NOT_RUNNING,
         Input.SHUTDOWN: _NOT_RUNNING,
         Input.REBOOT: _NOT_RUNNING,
+        Input.RESET: _NOT_RUNNING,
         Input.DESTROY: _NOT_RUNNING,
         # No VMM, so any report is late (e.g. an exit report racing a destroy): ignore rather than error --
         # nobody asked, and the domain is already where the report would take it.
@@ -362,6 +376,8 @@ _ROWS: dict[State, dict[Input, Outcome]] = {
         # The state stays RUNNING until the guest acts on the request (what virsh domstate shows for QEMU).
         Input.SHUTDOWN: Transition(None, (), Action.REQUEST_SHUTDOWN),
         Input.REBOOT: Transition(None, (), Action.REQUEST_REBOOT),
+        # QEMU's driver reports a reset only as the REBOOT event; the domain stays running.
+        Input.RESET: _RESET,
         Input.DESTROY: _DESTROY,
         **_GUEST_LIVE,
     },
@@ -373,6 +389,7 @@ _ROWS: dict[State, dict[Input, Outcome]] = {
         # A paused guest cannot react to the ACPI button; QEMU refuses with this message.
         Input.SHUTDOWN: _NOT_RUNNING,
         Input.REBOOT: _NOT_RUNNING,
+        Input.RESET: _RESET,  # QEMU resets a paused VM too; it stays paused
         Input.DESTROY: _DESTROY,
         **_GUEST_LIVE,
     },

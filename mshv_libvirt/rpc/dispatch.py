@@ -869,6 +869,16 @@ async def reboot(s: Session, u: Unpacker) -> bytes:
     return b""
 
 
+@proc(245)
+async def reset(s: Session, u: Unpacker) -> bytes:
+    dom = s.lookup(u)
+    flags = u.uint()
+    u.done()
+    _bad_flags(flags, 0, "virDomainReset")
+    await s.manager.reset(dom)
+    return b""
+
+
 @proc(34)
 async def suspend(s: Session, u: Unpacker) -> bytes:
     dom = s.lookup(u)

@@ -288,3 +288,26 @@ def test_running_dumpxml_shows_the_pty_and_can_be_defined_again(
     assert "/dev/pts/" not in inactive and "alias" not in inactive
     virsh(daemon.uri, "destroy", "ptyd")
     assert "/dev/pts/" not in virsh(daemon.uri, "dumpxml", "ptyd").stdout
+
+
+def test_reset_reboots_at_once_and_sends_the_reboot_event(
+    kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    define(daemon, tmp_path, "rst", tiny_kernel)
+    virsh(daemon.uri, "start", "rst")
+    wait_for(lambda: serial_log(daemon, "rst").count(TINY_BANNER) == 1)
+    watcher = PtyProcess(["virsh", "-c", daemon.uri, "event", "rst", "--event", "reboot", "--loop"])
+    try:
+        time.sleep(0.5)
+        virsh(daemon.uri, "reset", "rst")
+        watcher.read_until(b"event 'reboot' for domain 'rst'")
+    finally:
+        watcher.kill()
+    wait_for(lambda: serial_log(daemon, "rst").count(TINY_BANNER) == 2)
+    assert virsh(daemon.uri, "domstate", "--reason", "rst").stdout.strip() == "running (booted)"
+    virsh(daemon.uri, "suspend", "rst")
+    virsh(daemon.uri, "reset", "rst")  # a paused VM is reset and stays paused
+    assert virsh(daemon.uri, "domstate", "--reason", "rst").stdout.strip() == "paused (user)"
+    virsh(daemon.uri, "destroy", "rst")
+    res = virsh(daemon.uri, "reset", "rst", check=False)
+    assert "Requested operation is not valid: domain is not running" in res.stderr
