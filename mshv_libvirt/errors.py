@@ -28,6 +28,7 @@ class ErrorCode(IntEnum):
     CONFIG_UNSUPPORTED = 67
     OPERATION_TIMEOUT = 68
     ARGUMENT_UNSUPPORTED = 74
+    NO_DOMAIN_METADATA = 80
     OPERATION_UNSUPPORTED = 84
 
 
@@ -58,6 +59,7 @@ _PREFIX = {
     ErrorCode.CONFIG_UNSUPPORTED: "unsupported configuration",
     ErrorCode.OPERATION_TIMEOUT: "Timed out during operation",
     ErrorCode.ARGUMENT_UNSUPPORTED: "argument unsupported",
+    ErrorCode.NO_DOMAIN_METADATA: "metadata not found",
     ErrorCode.OPERATION_UNSUPPORTED: "Operation not supported",
 }
 

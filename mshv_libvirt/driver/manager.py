@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lxml import etree
+
 from mshv_libvirt.domain import DomainConfig, format_domain_xml, parse_domain_xml
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_operation, no_domain
 from mshv_libvirt.lifecycle import (
@@ -142,6 +144,17 @@ def process_cpu_times(pid: int) -> tuple[int, int]:
 def process_cpu_ns(pid: int) -> int:
     """utime + stime of a process, in ns (0 if it is gone)."""
     return sum(process_cpu_times(pid))
+
+
+def _with_text(cfg: DomainConfig, kind: str, value: str | None) -> DomainConfig:
+    """``cfg`` with its <title>/<description> replaced (re-parsed, so every rule of a define applies)."""
+    root = etree.fromstring(cfg.xml.encode())
+    for old in root.findall(kind):
+        root.remove(old)
+    if value:
+        el = etree.SubElement(root, kind)
+        el.text = value
+    return parse_domain_xml(etree.tostring(root, encoding="unicode"))
 
 
 class DomainTable(dict[str, "Domain"]):
@@ -404,6 +417,23 @@ class DomainManager:
             else:
                 self._forget(dom)
         self._emit(dom, "lifecycle", Event.UNDEFINED, UndefinedDetail.REMOVED)
+
+    async def set_metadata(self, dom: Domain, kind: str, value: str | None, live: bool, config: bool) -> None:
+        """virDomainSetMetadata for <title>/<description> (kind): None or "" removes it."""
+        async with dom.lock:
+            if dom.removed:
+                raise no_domain(f"no domain with matching name '{dom.name}'")
+            if live and not dom.active:
+                raise invalid_operation("domain is not running")
+            if config and dom.persistent is None:
+                raise invalid_operation("cannot change persistent config of a transient domain")
+            if config and dom.persistent is not None:
+                new = _with_text(dom.persistent, kind, value)
+                await asyncio.to_thread(self.store.save, dom.name, new.xml)
+                dom.persistent = new
+            if live and dom.live is not None:
+                dom.live = _with_text(dom.live, kind, value)
+                self._write_record(dom)
 
     def autostart(self, dom: Domain) -> bool:
         return dom.persistent is not None and self.store.autostart(dom.name)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from mshv_libvirt.domain import MAX_VCPUS, parse_domain_xml
 from mshv_libvirt.driver.manager import Domain, DomainEvent, DomainManager
-from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError
+from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_operation
 from mshv_libvirt.lifecycle import State
 
 from . import host
@@ -670,6 +670,64 @@ async def set_autostart(s: Session, u: Unpacker) -> bytes:
     u.done()
     await s.manager.set_autostart(dom, bool(on))
     return b""
+
+
+METADATA_KINDS = {0: "description", 1: "title"}  # VIR_DOMAIN_METADATA_ELEMENT (2) is not supported
+AFFECT_LIVE, AFFECT_CONFIG = 1, 2
+
+
+def _metadata_kind(kind: int) -> str:
+    if kind == 2:
+        raise VirtError(ErrorCode.ARGUMENT_UNSUPPORTED, "custom metadata elements are not supported by the mshv driver")
+    if kind not in METADATA_KINDS:
+        raise VirtError(ErrorCode.INVALID_ARG, f"unknown metadata type '{kind}'")
+    return METADATA_KINDS[kind]
+
+
+def _affect(s: Session, dom: Domain, flags: int) -> tuple[bool, bool]:
+    """(live, config) for VIR_DOMAIN_AFFECT_*: CURRENT (0) is live for a running domain, else config."""
+    if not flags & (AFFECT_LIVE | AFFECT_CONFIG):
+        return (True, False) if dom.active else (False, True)
+    return bool(flags & AFFECT_LIVE), bool(flags & AFFECT_CONFIG)
+
+
+@proc(264)
+async def set_metadata(s: Session, u: Unpacker) -> bytes:
+    dom = s.lookup(u)
+    kind = _metadata_kind(u.int())
+    value = u.opt_string(STRING_MAX)
+    key = u.opt_string(STRING_MAX)
+    uri = u.opt_string(STRING_MAX)
+    flags = u.uint()
+    u.done()
+    _bad_flags(flags, AFFECT_LIVE | AFFECT_CONFIG, "virDomainSetMetadata")
+    if key is not None or uri is not None:
+        raise VirtError(ErrorCode.INVALID_ARG, "key and uri are only used with VIR_DOMAIN_METADATA_ELEMENT")
+    live, config = _affect(s, dom, flags)
+    await s.manager.set_metadata(dom, kind, value, live=live, config=config)
+    return b""
+
+
+@proc(265, readonly=True)
+def get_metadata(s: Session, u: Unpacker) -> bytes:
+    dom = s.lookup(u)
+    kind = _metadata_kind(u.int())
+    uri = u.opt_string(STRING_MAX)
+    flags = u.uint()
+    u.done()
+    _bad_flags(flags, AFFECT_LIVE | AFFECT_CONFIG, "virDomainGetMetadata")
+    if uri is not None:
+        raise VirtError(ErrorCode.INVALID_ARG, "uri is only used with VIR_DOMAIN_METADATA_ELEMENT")
+    if flags & AFFECT_LIVE and flags & AFFECT_CONFIG:
+        raise VirtError(ErrorCode.INVALID_ARG, "flags 'live' and 'config' are mutually exclusive")
+    live, _ = _affect(s, dom, flags)
+    if live and not dom.active:
+        raise invalid_operation("domain is not running")
+    cfg = dom.live if live and dom.live is not None else (dom.persistent or dom.config)
+    value = cfg.title if kind == "title" else cfg.description
+    if not value:
+        raise VirtError(ErrorCode.NO_DOMAIN_METADATA, "Requested metadata element is not present")
+    return _string(value)
 
 
 @proc(183, readonly=True)

@@ -311,3 +311,23 @@ def test_reset_reboots_at_once_and_sends_the_reboot_event(
     virsh(daemon.uri, "destroy", "rst")
     res = virsh(daemon.uri, "reset", "rst", check=False)
     assert "Requested operation is not valid: domain is not running" in res.stderr
+
+
+def test_title_and_description_with_virsh_desc(
+    kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    define(daemon, tmp_path, "ds", tiny_kernel)
+    assert "No title for domain: ds" in virsh(daemon.uri, "desc", "ds", "--title").stdout
+    virsh(daemon.uri, "desc", "ds", "--title", "A tiny guest")  # shut off: changes the config
+    virsh(daemon.uri, "desc", "ds", "--new-desc", "boots in a blink")
+    assert virsh(daemon.uri, "desc", "ds", "--title").stdout.strip() == "A tiny guest"
+    assert virsh(daemon.uri, "desc", "ds").stdout.strip() == "boots in a blink"
+    assert "<title>A tiny guest</title>" in (daemon.config_dir / "ds.xml").read_text()
+    assert "A tiny guest" in virsh(daemon.uri, "list", "--all", "--title").stdout
+    virsh(daemon.uri, "start", "ds")
+    virsh(daemon.uri, "desc", "ds", "--live", "--title", "running title")
+    assert "<title>running title</title>" in virsh(daemon.uri, "dumpxml", "ds").stdout
+    assert "<title>A tiny guest</title>" in virsh(daemon.uri, "dumpxml", "--inactive", "ds").stdout
+    virsh(daemon.uri, "desc", "ds", "--config", "--title", "")  # an empty value removes it
+    assert "<title>" not in virsh(daemon.uri, "dumpxml", "--inactive", "ds").stdout
+    virsh(daemon.uri, "destroy", "ds")
