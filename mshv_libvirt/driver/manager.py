@@ -131,6 +131,17 @@ def _failed(detail: str) -> VirtError:
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def _host_memory_kib() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def process_cpu_times(pid: int) -> tuple[int, int]:
     """(user, system) CPU time of a process from /proc/<pid>/stat, in ns ((0, 0) if it is gone)."""
     try:
@@ -580,6 +591,15 @@ class DomainManager:
             raise VirtError(
                 ErrorCode.CONFIG_UNSUPPORTED,
                 f"domain '{dom.name}' has no <os><kernel>: the mshv driver boots a Linux kernel image directly",
+                ErrorDomain.DOMAIN,
+            )
+        # Guest memory is pinned by the hypervisor when it is mapped (the mshv driver pins every page of a
+        # region), so a domain larger than the host cannot start; say so instead of letting the VMM grind.
+        host_kib = _host_memory_kib()
+        if host_kib and cfg.current_memory_kib > host_kib:
+            raise VirtError(
+                ErrorCode.OPERATION_FAILED,
+                f"domain '{dom.name}' needs {cfg.current_memory_kib} KiB of memory but the host has {host_kib} KiB",
                 ErrorDomain.DOMAIN,
             )
         files = self._files(dom.name)

@@ -169,8 +169,12 @@ class VmmHandle:
         try:
             await handle._connect(READY_TIMEOUT)
             status = await handle.request("status", timeout=READY_TIMEOUT)  # answered once the VM is built
-        except VmmError:
+        except VmmError as err:
             await handle.kill()
+            # The VMM's own account (its exit file) says why, e.g. which build step failed.
+            info = files.read_exit()
+            if info and info.get("detail"):
+                raise VmmError(str(info["detail"])) from err
             raise
         handle.pty = status.get("pty")
         return handle

@@ -331,3 +331,20 @@ def test_title_and_description_with_virsh_desc(
     virsh(daemon.uri, "desc", "ds", "--config", "--title", "")  # an empty value removes it
     assert "<title>" not in virsh(daemon.uri, "dumpxml", "--inactive", "ds").stdout
     virsh(daemon.uri, "destroy", "ds")
+
+
+def test_start_failures_say_why(kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path) -> None:
+    xml = tmp_path / "missing.xml"
+    xml.write_text(domain_xml("missing", tmp_path / "no-such-kernel"))
+    virsh(daemon.uri, "define", str(xml))
+    res = virsh(daemon.uri, "start", "missing", check=False)
+    assert "Cannot load the kernel" in res.stderr and "no-such-kernel" in res.stderr
+    assert virsh(daemon.uri, "domstate", "missing").stdout.strip() == "shut off"
+    huge = tmp_path / "huge.xml"
+    huge.write_text(domain_xml("huge", tiny_kernel, memory_mib=64 << 20))  # 64 TiB
+    virsh(daemon.uri, "define", str(huge))
+    started = time.monotonic()
+    res = virsh(daemon.uri, "start", "huge", check=False)
+    assert "needs 68719476736 KiB of memory but the host has" in res.stderr
+    assert time.monotonic() - started < 10
+    assert daemon.vmm_pids() == []
