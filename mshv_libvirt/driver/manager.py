@@ -157,15 +157,58 @@ def process_cpu_ns(pid: int) -> int:
     return sum(process_cpu_times(pid))
 
 
-def _with_text(cfg: DomainConfig, kind: str, value: str | None) -> DomainConfig:
-    """``cfg`` with its <title>/<description> replaced (re-parsed, so every rule of a define applies)."""
+XmlEdit = Callable[["etree._Element"], None]
+
+
+def _edited(cfg: DomainConfig, edit: XmlEdit) -> DomainConfig:
+    """``cfg`` changed by ``edit`` on its XML tree, re-parsed so every rule of a define applies."""
     root = etree.fromstring(cfg.xml.encode())
-    for old in root.findall(kind):
-        root.remove(old)
-    if value:
-        el = etree.SubElement(root, kind)
-        el.text = value
+    edit(root)
     return parse_domain_xml(etree.tostring(root, encoding="unicode"))
+
+
+def set_text(tag: str, value: str | None) -> XmlEdit:
+    """An edit that replaces (or, for None/"", removes) a top-level text element such as <title>."""
+
+    def edit(root: etree._Element) -> None:
+        for old in root.findall(tag):
+            root.remove(old)
+        if value:
+            etree.SubElement(root, tag).text = value
+
+    return edit
+
+
+def set_vcpus(count: int) -> XmlEdit:
+    """The <vcpu> count (no hotplug: current always equals maximum)."""
+
+    def edit(root: etree._Element) -> None:
+        el = root.find("vcpu")
+        if el is None:
+            el = etree.SubElement(root, "vcpu")
+        el.attrib.clear()
+        el.set("placement", "static")
+        el.text = str(count)
+
+    return edit
+
+
+def set_memory(kib: int, *, maximum: bool) -> XmlEdit:
+    """<memory> (maximum) or <currentMemory>, in KiB; currentMemory never exceeds memory."""
+
+    def edit(root: etree._Element) -> None:
+        mem, cur = root.find("memory"), root.find("currentMemory")
+        if mem is None or cur is None:
+            raise VirtError(ErrorCode.INTERNAL_ERROR, "domain XML is not in canonical form")
+        if maximum:
+            mem.text = str(kib)
+            cur.text = str(min(kib, int(cur.text or kib)))
+        elif kib > int(mem.text or 0):
+            raise VirtError(ErrorCode.INVALID_ARG, "cannot set memory higher than max memory")
+        else:
+            cur.text = str(kib)
+
+    return edit
 
 
 class DomainTable(dict[str, "Domain"]):
@@ -429,8 +472,9 @@ class DomainManager:
                 self._forget(dom)
         self._emit(dom, "lifecycle", Event.UNDEFINED, UndefinedDetail.REMOVED)
 
-    async def set_metadata(self, dom: Domain, kind: str, value: str | None, live: bool, config: bool) -> None:
-        """virDomainSetMetadata for <title>/<description> (kind): None or "" removes it."""
+    async def edit_config(self, dom: Domain, edit: XmlEdit, live: bool, config: bool) -> None:
+        """Change the persistent config (saved at once) and/or the live one (record only: the VMM is not
+        touched, so callers only pass live edits that need no VMM action, such as a title)."""
         async with dom.lock:
             if dom.removed:
                 raise no_domain(f"no domain with matching name '{dom.name}'")
@@ -439,11 +483,11 @@ class DomainManager:
             if config and dom.persistent is None:
                 raise invalid_operation("cannot change persistent config of a transient domain")
             if config and dom.persistent is not None:
-                new = _with_text(dom.persistent, kind, value)
+                new = _edited(dom.persistent, edit)
                 await asyncio.to_thread(self.store.save, dom.name, new.xml)
                 dom.persistent = new
             if live and dom.live is not None:
-                dom.live = _with_text(dom.live, kind, value)
+                dom.live = _edited(dom.live, edit)
                 self._write_record(dom)
 
     def autostart(self, dom: Domain) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mshv_libvirt.domain import MAX_VCPUS, parse_domain_xml
-from mshv_libvirt.driver.manager import Domain, DomainEvent, DomainManager
+from mshv_libvirt.driver.manager import Domain, DomainEvent, DomainManager, set_memory, set_text, set_vcpus
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_operation
 from mshv_libvirt.lifecycle import State
 
@@ -704,7 +704,7 @@ async def set_metadata(s: Session, u: Unpacker) -> bytes:
     if key is not None or uri is not None:
         raise VirtError(ErrorCode.INVALID_ARG, "key and uri are only used with VIR_DOMAIN_METADATA_ELEMENT")
     live, config = _affect(s, dom, flags)
-    await s.manager.set_metadata(dom, kind, value, live=live, config=config)
+    await s.manager.edit_config(dom, set_text(kind, value), live=live, config=config)
     return b""
 
 
@@ -728,6 +728,63 @@ def get_metadata(s: Session, u: Unpacker) -> bytes:
     if not value:
         raise VirtError(ErrorCode.NO_DOMAIN_METADATA, "Requested metadata element is not present")
     return _string(value)
+
+
+VCPU_MAXIMUM = 4  # also VIR_DOMAIN_MEM_MAXIMUM
+VCPU_GUEST = 8
+
+
+def _no_hotplug(what: str) -> VirtError:
+    return VirtError(
+        ErrorCode.OPERATION_UNSUPPORTED,
+        f"changing the {what} of a running domain is not supported by the mshv driver; use --config",
+    )
+
+
+@proc(200, readonly=True)
+def get_vcpus_flags(s: Session, u: Unpacker) -> bytes:
+    dom = s.lookup(u)
+    flags = u.uint()
+    u.done()
+    _bad_flags(flags, AFFECT_LIVE | AFFECT_CONFIG | VCPU_MAXIMUM | VCPU_GUEST, "virDomainGetVcpusFlags")
+    if flags & AFFECT_LIVE and flags & AFFECT_CONFIG:
+        raise VirtError(ErrorCode.INVALID_ARG, "flags 'live' and 'config' are mutually exclusive")
+    if flags & VCPU_GUEST:
+        raise VirtError(ErrorCode.ARGUMENT_UNSUPPORTED, "the mshv driver has no guest agent")
+    live, _ = _affect(s, dom, flags)
+    if live and not dom.active:
+        raise invalid_operation("domain is not running")
+    cfg = dom.live if live and dom.live is not None else (dom.persistent or dom.config)
+    return _int(cfg.vcpus)  # no vCPU hotplug: current always equals maximum
+
+
+@proc(199)
+async def set_vcpus_flags(s: Session, u: Unpacker) -> bytes:
+    dom = s.lookup(u)
+    nvcpus = u.uint()
+    flags = u.uint()
+    u.done()
+    _bad_flags(flags, AFFECT_LIVE | AFFECT_CONFIG | VCPU_MAXIMUM, "virDomainSetVcpusFlags")
+    live, config = _affect(s, dom, flags)
+    if live:
+        raise _no_hotplug("vCPU count")
+    # Without hotplug the current count always equals the maximum, so both forms set the one <vcpu> count.
+    await s.manager.edit_config(dom, set_vcpus(nvcpus), False, config)
+    return b""
+
+
+@proc(204)
+async def set_memory_flags(s: Session, u: Unpacker) -> bytes:
+    dom = s.lookup(u)
+    kib = u.uhyper()
+    flags = u.uint()
+    u.done()
+    _bad_flags(flags, AFFECT_LIVE | AFFECT_CONFIG | VCPU_MAXIMUM, "virDomainSetMemoryFlags")
+    live, config = _affect(s, dom, flags)
+    if live:
+        raise _no_hotplug("memory size")  # no balloon device
+    await s.manager.edit_config(dom, set_memory(kib, maximum=bool(flags & VCPU_MAXIMUM)), False, config)
+    return b""
 
 
 @proc(183, readonly=True)

@@ -348,3 +348,26 @@ def test_start_failures_say_why(kvm: None, daemon: DaemonProcess, tiny_kernel: P
     assert "needs 68719476736 KiB of memory but the host has" in res.stderr
     assert time.monotonic() - started < 10
     assert daemon.vmm_pids() == []
+
+
+def test_setvcpus_setmem_setmaxmem_change_the_config(
+    kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    define(daemon, tmp_path, "sz", tiny_kernel, vcpus=1, memory_mib=64)
+    virsh(daemon.uri, "setvcpus", "sz", "2", "--config", "--maximum")
+    virsh(daemon.uri, "setmaxmem", "sz", "128M", "--config")
+    virsh(daemon.uri, "setmem", "sz", "96M", "--config")
+    info = virsh(daemon.uri, "dominfo", "sz").stdout
+    assert "CPU(s):         2" in info and "Max memory:     131072 KiB" in info and "Used memory:    98304 KiB" in info
+    assert "maximum      config         2" in virsh(daemon.uri, "vcpucount", "sz").stdout
+    res = virsh(daemon.uri, "setmem", "sz", "256M", "--config", check=False)
+    assert "cannot set memory higher than max memory" in res.stderr
+    virsh(daemon.uri, "start", "sz")
+    wait_for(lambda: TINY_BANNER in serial_log(daemon, "sz"))
+    wait_for(lambda: "TINY-AP-UP 1" in serial_log(daemon, "sz"))  # the new config's second vCPU came up
+    res = virsh(daemon.uri, "setvcpus", "sz", "1", "--live", check=False)
+    assert "not supported by the mshv driver; use --config" in res.stderr
+    res = virsh(daemon.uri, "setmem", "sz", "64M", "--live", check=False)
+    assert "not supported by the mshv driver; use --config" in res.stderr
+    assert "current      live           2" in virsh(daemon.uri, "vcpucount", "sz").stdout
+    virsh(daemon.uri, "destroy", "sz")
