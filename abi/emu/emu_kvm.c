@@ -69,6 +69,8 @@ static uint64_t xsave_states;
 static long stats_blocking = -2; /* byte offset of "blocking" in the stats file, -1 if none */
 
 static int msr_rw(struct emu_vp *vp, uint32_t index, uint64_t *v, int write);
+static int mxcsr_access(struct emu_vp *vp, uint32_t *v, int write);
+static int xsave_legacy(struct emu_vp *vp, uint32_t *mxcsr, int write, const struct kvm_fpu *f);
 
 /* ------------------------------------------------------------------------------------------ */
 /* opening /dev/kvm (lazily) and what it offers                                                */
@@ -670,6 +672,8 @@ static int need(struct emu_regctx *c, unsigned g)
     int i = __builtin_ctz(g);
     if (ioctl(c->vp->vcpu_fd, get[i], dst[i]) < 0)
         return 0;
+    if (g == G_FPU && !mxcsr_access(c->vp, &c->fpu.mxcsr, 0))
+        return 0; /* KVM_GET_FPU does not fill in MXCSR */
     c->have |= g;
     return 1;
 }
@@ -1079,7 +1083,8 @@ uint16_t emu_regctx_flush(struct emu_regctx *c)
         return HV_STATUS_INVALID_REGISTER_VALUE;
     if ((c->dirty & G_REGS) && ioctl(fd, KVM_SET_REGS, &c->regs) < 0)
         return HV_STATUS_INVALID_REGISTER_VALUE;
-    if ((c->dirty & G_FPU) && ioctl(fd, KVM_SET_FPU, &c->fpu) < 0)
+    /* KVM_SET_FPU ignores MXCSR (and leaves XSTATE_BV alone): the legacy area goes in through XSAVE */
+    if ((c->dirty & G_FPU) && (ioctl(fd, KVM_SET_FPU, &c->fpu) < 0 || !xsave_legacy(c->vp, &c->fpu.mxcsr, 1, &c->fpu)))
         return HV_STATUS_INVALID_REGISTER_VALUE;
     if ((c->dirty & G_DREGS) && ioctl(fd, KVM_SET_DEBUGREGS, &c->dregs) < 0)
         return HV_STATUS_INVALID_REGISTER_VALUE;
@@ -1590,6 +1595,224 @@ static void eoi_resample(struct emu_partition *pt, uint8_t vector)
     pthread_mutex_unlock(&pt->state);
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* instructions the host's KVM emulator cannot execute                                         */
+/*
+ * On hosts where KVM runs guest CPL0 code through its instruction emulator (kvm-pvm), a few
+ * instructions a real CPU (and so mshv) simply executes make KVM give up with
+ * KVM_INTERNAL_ERROR_EMULATION: FWAIT, LDMXCSR/STMXCSR and INT3. These are completed here, with
+ * the architectural checks and exceptions, and the VP goes back into the guest. Anything else
+ * (or any of these with an operand outside RAM, unmapped, or single-stepping) is still -EIO.
+ * MSHV_LIBVIRT_EMU_DEBUG=1 logs each unhandled failure with its instruction bytes to stderr.
+ */
+
+#define CR0_MP (1ull << 1)
+#define CR0_EM (1ull << 2)
+#define CR0_TS (1ull << 3)
+#define CR0_NE (1ull << 5)
+#define CR4_OSFXSR (1ull << 9)
+#define RFLAGS_TF (1ull << 8)
+
+static uint32_t guest_mxcsr_mask(void)
+{
+    static uint32_t mask;
+    if (!mask) {
+        uint8_t area[512] __attribute__((aligned(16)));
+        memset(area, 0, sizeof(area));
+        __asm__ volatile("fxsave %0" : "=m"(area));
+        uint32_t m;
+        memcpy(&m, area + 28, sizeof(m));
+        mask = m ? m : 0xFFBF; /* 0 in the image: the architectural default */
+    }
+    return mask;
+}
+
+/* MXCSR through the XSAVE image: KVM_GET_FPU/KVM_SET_FPU leave kvm_fpu.mxcsr alone. */
+static int xsave_legacy(struct emu_vp *vp, uint32_t *mxcsr, int write, const struct kvm_fpu *f)
+{
+    uint8_t *x = calloc(1, xsave_size > 4096 ? xsave_size : 4096);
+    if (!x)
+        return 0;
+    int ok = ioctl(vp->vcpu_fd, xsave_size > 4096 ? KVM_GET_XSAVE2 : KVM_GET_XSAVE, x) == 0;
+    if (ok && !write)
+        memcpy(mxcsr, x + 24, 4);
+    if (ok && write) {
+        if (f) { /* the whole legacy area, as KVM_SET_FPU would write it */
+            memcpy(x, &f->fcw, 2);
+            memcpy(x + 2, &f->fsw, 2);
+            x[4] = f->ftwx;
+            memcpy(x + 6, &f->last_opcode, 2);
+            memcpy(x + 8, &f->last_ip, 8);
+            memcpy(x + 16, &f->last_dp, 8);
+            memcpy(x + 32, f->fpr, 128);
+            memcpy(x + 160, f->xmm, 256);
+            x[512] |= 1; /* XSTATE_BV.X87 */
+        }
+        memcpy(x + 24, mxcsr, 4);
+        x[512] |= 2; /* XSTATE_BV.SSE: MXCSR and the XMM registers in the image are live */
+        ok = ioctl(vp->vcpu_fd, KVM_SET_XSAVE, x) == 0;
+    }
+    free(x);
+    return ok;
+}
+
+static int mxcsr_access(struct emu_vp *vp, uint32_t *v, int write)
+{
+    return xsave_legacy(vp, v, write, NULL);
+}
+
+/* Copies n bytes at linear `lin` from (write=0) or to (write=1) guest RAM; 1 on success, 0 if any
+ * byte is not in plain (for a write: writable) RAM or its translation fails. Translation of every
+ * byte is done before anything is written. */
+static int lin_copy(struct emu_vp *vp, const struct kvm_sregs *s, uint64_t lin, void *buf, int n, int write)
+{
+    uint64_t hva[2];
+    int len[2], parts = 0;
+    for (int done = 0; done < n; parts++) {
+        uint64_t gpa, avail;
+        int writable = 0;
+        int chunk = (int)(EMU_PAGE - ((lin + (uint64_t)done) & (EMU_PAGE - 1)));
+        if (chunk > n - done)
+            chunk = n - done;
+        if (parts == 2 || walk(vp->pt, s, lin + (uint64_t)done, write, &gpa) != EMU_GVA_SUCCESS ||
+            !emu_gpa_lookup(vp->pt, gpa, &hva[parts], &avail, &writable) || avail < (uint64_t)chunk ||
+            (write && !writable))
+            return 0;
+        len[parts] = chunk;
+        done += chunk;
+    }
+    uint8_t *p = buf;
+    for (int i = 0; i < parts; i++) {
+        if (write ? emu_copy_to_user(hva[i], p, (size_t)len[i]) : emu_copy_from_user(p, hva[i], (size_t)len[i]))
+            return 0;
+        p += len[i];
+    }
+    return 1;
+}
+
+/* Queues a hardware exception for delivery at the next entry (RIP as it is now). */
+static int inject_exception(struct emu_vp *vp, int vector, int has_error, uint32_t error)
+{
+    struct kvm_vcpu_events ev;
+    if (ioctl(vp->vcpu_fd, KVM_GET_VCPU_EVENTS, &ev) < 0)
+        return 0;
+    if (ev.exception.injected || ev.exception.pending || ev.interrupt.injected)
+        return 0; /* something already on its way in: leave the failure as it is */
+    ev.exception.injected = 1;
+    ev.exception.nr = (uint8_t)vector;
+    ev.exception.has_error_code = (uint8_t)has_error;
+    ev.exception.error_code = error;
+    ev.flags &= KVM_VCPUEVENT_VALID_SHADOW | KVM_VCPUEVENT_VALID_SMM | KVM_VCPUEVENT_VALID_NMI_PENDING |
+                KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+    ev.flags |= KVM_VCPUEVENT_VALID_SHADOW;
+    ev.interrupt.shadow = 0;
+    return ioctl(vp->vcpu_fd, KVM_SET_VCPU_EVENTS, &ev) == 0;
+}
+
+static void fixup_debug(struct emu_vp *vp, const char *what, uint64_t rip, const uint8_t *b, int n)
+{
+    static int on = -1;
+    if (on < 0)
+        on = emu_env_flag("MSHV_LIBVIRT_EMU_DEBUG", 0);
+    if (!on)
+        return;
+    fprintf(stderr, "mshv-emu: vp %u: emulation failure at %#llx (%s):", (unsigned)vp->index,
+            (unsigned long long)rip, what);
+    for (int i = 0; i < n; i++)
+        fprintf(stderr, " %02x", b[i]);
+    fprintf(stderr, "\n");
+}
+
+/* 1: the instruction at RIP was completed (or an exception queued): run on. 0: not handled. */
+static int emulation_fixup(struct emu_vp *vp)
+{
+    struct kvm_regs r;
+    struct kvm_sregs s;
+    uint8_t b[15];
+    if (ioctl(vp->vcpu_fd, KVM_GET_REGS, &r) < 0 || ioctl(vp->vcpu_fd, KVM_GET_SREGS, &s) < 0)
+        return 0;
+    int mode = cpu_mode(&s, r.rflags);
+    int n = fetch(vp->pt, &s, mode, r.rip, b, (int)sizeof(b));
+    int cpl = (s.cr0 & CR0_PE) && !(r.rflags & RFLAGS_VM) ? (s.cs.selector & 3) : 0;
+    struct emu_insn in;
+    if (n <= 0 || cpl != 0 || (r.rflags & RFLAGS_TF) || emu_decode(b, n, mode, &in) < 0) {
+        fixup_debug(vp, n <= 0 ? "no code" : cpl ? "not cpl0" : "not decoded", r.rip, b, n);
+        return 0;
+    }
+    int mandatory = 0, lock = 0; /* 66/F2/F3 select other instructions in the 0F map */
+    for (int i = 0; i < in.len && (b[i] == 0x66 || b[i] == 0xF2 || b[i] == 0xF3 || b[i] == 0xF0 ||
+                                   b[i] == 0x67 || b[i] == 0x26 || b[i] == 0x2E || b[i] == 0x36 ||
+                                   b[i] == 0x3E || b[i] == 0x64 || b[i] == 0x65); i++) {
+        mandatory |= b[i] == 0x66 || b[i] == 0xF2 || b[i] == 0xF3;
+        lock |= b[i] == 0xF0;
+    }
+    uint64_t next = r.rip + (uint64_t)in.len;
+    if (mode != 64)
+        next &= mode == 32 ? 0xFFFFFFFFull : 0xFFFF;
+
+    if (in.map == 1 && in.opcode == 0xCC && in.len == 1) {
+        /* INT3: a trap, so #BP is delivered with RIP after the instruction */
+        r.rip = next;
+        if (ioctl(vp->vcpu_fd, KVM_SET_REGS, &r) < 0)
+            return 0;
+        if (!inject_exception(vp, 3, 0, 0)) {
+            r.rip -= 1;
+            ioctl(vp->vcpu_fd, KVM_SET_REGS, &r);
+            return 0;
+        }
+        return 1;
+    }
+    if (in.map == 1 && in.opcode == 0x9B && !lock) {
+        /* FWAIT: #NM with CR0.MP and CR0.TS; #MF for a pending unmasked x87 exception (CR0.NE) */
+        if ((s.cr0 & (CR0_MP | CR0_TS)) == (CR0_MP | CR0_TS))
+            return inject_exception(vp, 7, 0, 0);
+        struct kvm_fpu f;
+        if (ioctl(vp->vcpu_fd, KVM_GET_FPU, &f) < 0)
+            return 0;
+        if ((f.fsw & 0x80) && (s.cr0 & CR0_NE))
+            return inject_exception(vp, 16, 0, 0);
+        r.rip = next;
+        return ioctl(vp->vcpu_fd, KVM_SET_REGS, &r) == 0;
+    }
+    if (in.map == 2 && in.opcode == 0xAE && in.memop == 1 && !mandatory) {
+        int reg = (in.modrm >> 3) & 7;
+        if (reg != 2 && reg != 3) {
+            fixup_debug(vp, "0f ae form", r.rip, b, in.len);
+            return 0;
+        }
+        if (lock || (s.cr0 & CR0_EM) || !(s.cr4 & CR4_OSFXSR))
+            return inject_exception(vp, 6, 0, 0);
+        if (s.cr0 & CR0_TS)
+            return inject_exception(vp, 7, 0, 0);
+        uint64_t g[16], lin;
+        uint32_t v;
+        gprs(&r, g);
+        if (!emu_insn_linear(&in, g, &s, next, &lin))
+            return 0;
+        if (reg == 2) { /* LDMXCSR m32 */
+            if (!lin_copy(vp, &s, lin, &v, 4, 0)) {
+                fixup_debug(vp, "ldmxcsr operand", r.rip, b, in.len);
+                return 0;
+            }
+            if (v & ~guest_mxcsr_mask())
+                return inject_exception(vp, 13, 1, 0);
+            if (!mxcsr_access(vp, &v, 1))
+                return 0;
+        } else { /* STMXCSR m32 */
+            if (!mxcsr_access(vp, &v, 0))
+                return 0;
+            if (!lin_copy(vp, &s, lin, &v, 4, 1)) {
+                fixup_debug(vp, "stmxcsr operand", r.rip, b, in.len);
+                return 0;
+            }
+        }
+        r.rip = next;
+        return ioctl(vp->vcpu_fd, KVM_SET_REGS, &r) == 0;
+    }
+    fixup_debug(vp, "unhandled", r.rip, b, n);
+    return 0;
+}
+
 /* 1: keep running, 0: message ready, <0: -errno */
 static int handle_exit(struct emu_vp *vp, struct hv_message *msg)
 {
@@ -1623,8 +1846,12 @@ static int handle_exit(struct emu_vp *vp, struct hv_message *msg)
     }
     case KVM_EXIT_IRQ_WINDOW_OPEN:
         return 1;
+    case KVM_EXIT_INTERNAL_ERROR:
+        if (run->internal.suberror == KVM_INTERNAL_ERROR_EMULATION && emulation_fixup(vp))
+            return 1; /* an instruction the host's emulator lacks, completed here */
+        return -EIO;
     default:
-        return -EIO; /* emulation failure, failed entry, ...: the VP state is kept */
+        return -EIO; /* failed entry, ...: the VP state is kept */
     }
 }
 
