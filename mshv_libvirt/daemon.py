@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from mshv_libvirt.driver.manager import DomainManager, Paths
+from mshv_libvirt.driver.manager import DomainManager, Paths, user_runtime_dir
 from mshv_libvirt.rpc.server import Daemon, Listener
 
 log = logging.getLogger("virtmshvd")
@@ -27,10 +27,7 @@ SD_LISTEN_FDS_START = 3
 
 
 def session_socket() -> Path:
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    )
-    return Path(runtime) / "libvirt" / "virtmshvd-sock"
+    return user_runtime_dir() / "libvirt" / "virtmshvd-sock"
 
 
 def _systemd_fds() -> list[int]:

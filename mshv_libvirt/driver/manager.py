@@ -22,6 +22,7 @@ from typing import Any
 
 from lxml import etree
 
+from mshv_libvirt.atomicfile import remove_durable, sweep_temporaries, write_atomic
 from mshv_libvirt.domain import DomainConfig, format_domain_xml, parse_domain_xml
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_operation, no_domain
 from mshv_libvirt.lifecycle import (
@@ -39,9 +40,10 @@ from mshv_libvirt.lifecycle import (
     transition,
 )
 from mshv_libvirt.lifecycle.states import UndefinedDetail, lookup
+from mshv_libvirt.proc import host_memory_kib, pid_alive
 
-from .store import ConfigStore, remove_durable, sweep_temporaries, write_atomic
-from .vmm_client import VmmError, VmmFiles, VmmHandle, find_vmm_processes, is_our_vmm, pid_alive
+from .store import ConfigStore
+from .vmm_client import VmmError, VmmFiles, VmmHandle, find_vmm_processes, is_our_vmm
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +116,20 @@ class Paths:
 
     @classmethod
     def session(cls) -> Paths:
-        home = Path.home()
-        config = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "libvirt" / "mshv"
-        runtime = os.environ.get("XDG_RUNTIME_DIR") or str(Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache"))
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache")
-        return cls(config, Path(runtime) / "libvirt" / "mshv" / "run", cache / "libvirt" / "mshv" / "log")
+        config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "libvirt" / "mshv"
+        return cls(
+            config, user_runtime_dir() / "libvirt" / "mshv" / "run", user_cache_dir() / "libvirt" / "mshv" / "log"
+        )
+
+
+def user_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
+def user_runtime_dir() -> Path:
+    """$XDG_RUNTIME_DIR, or the cache dir where it is unset (GLib's fallback, which libvirt's client uses)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) if runtime else user_cache_dir()
 
 
 Listener = Callable[[DomainEvent], None]
@@ -129,17 +140,6 @@ def _failed(detail: str) -> VirtError:
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _host_memory_kib() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 def process_cpu_times(pid: int) -> tuple[int, int]:
@@ -585,8 +585,6 @@ class DomainManager:
             dom.live = None
             dom.console_owner = None
         for event, detail in t.events:
-            if event is Event.STARTED:
-                pass
             self._emit(dom, "lifecycle", event, detail)
         if t.reboot_event:
             self._emit(dom, "reboot")
@@ -639,7 +637,7 @@ class DomainManager:
             )
         # Guest memory is pinned by the hypervisor when it is mapped (the mshv driver pins every page of a
         # region), so a domain larger than the host cannot start; say so instead of letting the VMM grind.
-        host_kib = _host_memory_kib()
+        host_kib = host_memory_kib()
         if host_kib and cfg.current_memory_kib > host_kib:
             raise VirtError(
                 ErrorCode.OPERATION_FAILED,

@@ -8,59 +8,10 @@ Leftover temporaries from such a crash are ignored and swept on load.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
-import threading
 from pathlib import Path
 
-TMP_MARK = ".tmp-"
-
-_tmp_serial = itertools.count()
-
-
-def _tmp_sibling(path: Path) -> Path:
-    """A temporary next to ``path`` that no other writer (process or thread) can be using."""
-    return path.with_name(f"{TMP_MARK}{path.name}.{os.getpid()}.{threading.get_native_id()}.{next(_tmp_serial)}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    tmp = _tmp_sibling(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def sweep_temporaries(directory: Path) -> None:
-    """Remove the temporaries a crash in the middle of :func:`write_atomic` left behind."""
-    for tmp in directory.glob(f"{TMP_MARK}*"):
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-
-
-def remove_durable(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-        _fsync_dir(path.parent)
+from mshv_libvirt.atomicfile import fsync_dir, remove_durable, sweep_temporaries, tmp_sibling, write_atomic
 
 
 class ConfigStore:
@@ -99,7 +50,7 @@ class ConfigStore:
         if on:
             if not link.is_symlink():
                 self.autostart_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                tmp = _tmp_sibling(link)
+                tmp = tmp_sibling(link)
                 tmp.symlink_to(self.path(name))
                 try:
                     os.replace(tmp, link)
@@ -107,6 +58,6 @@ class ConfigStore:
                     with contextlib.suppress(OSError):
                         tmp.unlink()
                     raise
-                _fsync_dir(self.autostart_dir)
+                fsync_dir(self.autostart_dir)
         else:
             remove_durable(link)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mshv_libvirt.proc import pid_alive
+
 JsonObject = dict[str, Any]
 
 READY_TIMEOUT = 60.0
@@ -62,21 +64,6 @@ class VmmFiles:
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (dead, not yet reaped by its parent) is gone for our purposes.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def is_our_vmm(pid: int, files: VmmFiles) -> bool:

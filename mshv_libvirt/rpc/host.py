@@ -10,6 +10,7 @@ from functools import cache
 from xml.sax.saxutils import escape
 
 from mshv_libvirt.domain import MAX_VCPUS
+from mshv_libvirt.proc import host_memory_kib
 
 
 @dataclass(frozen=True)
@@ -40,15 +41,7 @@ def _cpuinfo() -> dict[str, str]:
 
 def node_info() -> NodeInfo:
     cpus = os.cpu_count() or 1
-    mem_kib = 0
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    mem_kib = int(line.split()[1])
-                    break
-    except (OSError, ValueError):
-        pass
+    mem_kib = host_memory_kib()
     info = _cpuinfo()
     try:
         mhz = int(float(info.get("cpu MHz", "0")))

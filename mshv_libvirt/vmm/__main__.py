@@ -7,9 +7,11 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
+
+from mshv_libvirt.atomicfile import write_atomic
 
 from .config import ConfigError, VmmConfig
-from .files import write_atomically
 from .runtime import Vmm
 
 
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.config) as f:
                 exit_file = json.load(f).get("exit_file")
             if isinstance(exit_file, str):
-                write_atomically(exit_file, json.dumps({"reason": "error", "detail": str(err)}).encode())
+                write_atomic(Path(exit_file), json.dumps({"reason": "error", "detail": str(err)}).encode(), mode=0o644)
         except (OSError, ValueError, AttributeError):
             pass
         return 2

@@ -26,13 +26,15 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from mshv_libvirt.atomicfile import write_atomic
 
 from . import builder, coredump
 from .config import VmmConfig
 from .console import Console
 from .control import CommandError, ControlServer, JsonObject
-from .files import write_atomically
 from .vcpu import VcpuEvent, VmExit, VmExitKind, install_kick_handler
 
 log = logging.getLogger(__name__)
@@ -267,7 +269,7 @@ class Vmm:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         cfg = self.config
         if cfg.pidfile:
-            write_atomically(cfg.pidfile, f"{os.getpid()}\n".encode())
+            write_atomic(Path(cfg.pidfile), f"{os.getpid()}\n".encode(), mode=0o644)
         reason, detail = "error", "VMM did not start"
         try:
             self._console = Console(cfg.serial_log)
@@ -301,7 +303,7 @@ class Vmm:
             except Exception:
                 log.exception("teardown failed")
             if cfg.exit_file:
-                write_atomically(cfg.exit_file, json.dumps({"reason": reason, "detail": detail}).encode())
+                write_atomic(Path(cfg.exit_file), json.dumps({"reason": reason, "detail": detail}).encode(), mode=0o644)
             if self._control is not None:
                 self._control.flush_all()
                 self._control.close()

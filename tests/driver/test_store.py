@@ -9,8 +9,9 @@ import threading
 import time
 from pathlib import Path
 
+from mshv_libvirt.atomicfile import TMP_MARK
 from mshv_libvirt.domain import parse_domain_xml
-from mshv_libvirt.driver.store import TMP_MARK, ConfigStore
+from mshv_libvirt.driver.store import ConfigStore
 
 UUID = "6f0c3a52-1c7e-4d55-9a0e-2f4d8c1b7a10"
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from mshv_libvirt.atomicfile import write_atomic
 from mshv_libvirt.vmm.config import ConfigError, VmmConfig
 from mshv_libvirt.vmm.control import CommandError, ControlServer
-from mshv_libvirt.vmm.files import write_atomically
 
 BASE: dict[str, Any] = {"name": "vm1", "memory_bytes": 64 << 20, "kernel": "/k"}
 BAD: list[tuple[dict[str, Any], str]] = [
@@ -57,7 +57,7 @@ def test_config_defaults_and_validation(tmp_path: Path) -> None:
 
 def test_exit_file_is_replaced_atomically(tmp_path: Path) -> None:
     target = tmp_path / "exit.json"
-    write_atomically(str(target), b'{"reason": "shutdown"}')
+    write_atomic(target, b'{"reason": "shutdown"}', mode=0o644)
     assert json.loads(target.read_text()) == {"reason": "shutdown"}
     assert [p.name for p in tmp_path.iterdir()] == ["exit.json"]
 
