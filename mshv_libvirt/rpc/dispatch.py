@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mshv_libvirt.domain import MAX_VCPUS, parse_domain_xml
+from mshv_libvirt.domain import MAX_VCPUS, DomainConfig, parse_domain_xml
 from mshv_libvirt.driver.manager import Domain, DomainEvent, DomainManager, set_memory, set_text, set_vcpus
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_operation
 from mshv_libvirt.lifecycle import State
@@ -691,6 +691,16 @@ def _affect(s: Session, dom: Domain, flags: int) -> tuple[bool, bool]:
     return bool(flags & AFFECT_LIVE), bool(flags & AFFECT_CONFIG)
 
 
+def _config_to_read(s: Session, dom: Domain, flags: int) -> DomainConfig:
+    """The live or the persistent config a getter with VIR_DOMAIN_AFFECT_* flags reads."""
+    if flags & AFFECT_LIVE and flags & AFFECT_CONFIG:
+        raise VirtError(ErrorCode.INVALID_ARG, "flags 'live' and 'config' are mutually exclusive")
+    live, _ = _affect(s, dom, flags)
+    if live and not dom.active:
+        raise invalid_operation("domain is not running")
+    return dom.live if live and dom.live is not None else (dom.persistent or dom.config)
+
+
 @proc(264)
 async def set_metadata(s: Session, u: Unpacker) -> bytes:
     dom = s.lookup(u)
@@ -718,12 +728,7 @@ def get_metadata(s: Session, u: Unpacker) -> bytes:
     _bad_flags(flags, AFFECT_LIVE | AFFECT_CONFIG, "virDomainGetMetadata")
     if uri is not None:
         raise VirtError(ErrorCode.INVALID_ARG, "uri is only used with VIR_DOMAIN_METADATA_ELEMENT")
-    if flags & AFFECT_LIVE and flags & AFFECT_CONFIG:
-        raise VirtError(ErrorCode.INVALID_ARG, "flags 'live' and 'config' are mutually exclusive")
-    live, _ = _affect(s, dom, flags)
-    if live and not dom.active:
-        raise invalid_operation("domain is not running")
-    cfg = dom.live if live and dom.live is not None else (dom.persistent or dom.config)
+    cfg = _config_to_read(s, dom, flags)
     value = cfg.title if kind == "title" else cfg.description
     if not value:
         raise VirtError(ErrorCode.NO_DOMAIN_METADATA, "Requested metadata element is not present")
@@ -747,15 +752,9 @@ def get_vcpus_flags(s: Session, u: Unpacker) -> bytes:
     flags = u.uint()
     u.done()
     _bad_flags(flags, AFFECT_LIVE | AFFECT_CONFIG | VCPU_MAXIMUM | VCPU_GUEST, "virDomainGetVcpusFlags")
-    if flags & AFFECT_LIVE and flags & AFFECT_CONFIG:
-        raise VirtError(ErrorCode.INVALID_ARG, "flags 'live' and 'config' are mutually exclusive")
     if flags & VCPU_GUEST:
         raise VirtError(ErrorCode.ARGUMENT_UNSUPPORTED, "the mshv driver has no guest agent")
-    live, _ = _affect(s, dom, flags)
-    if live and not dom.active:
-        raise invalid_operation("domain is not running")
-    cfg = dom.live if live and dom.live is not None else (dom.persistent or dom.config)
-    return _int(cfg.vcpus)  # no vCPU hotplug: current always equals maximum
+    return _int(_config_to_read(s, dom, flags).vcpus)  # no vCPU hotplug: current always equals maximum
 
 
 @proc(199)
@@ -821,7 +820,16 @@ def list_all_snapshots(s: Session, u: Unpacker) -> bytes:
 STATS_STATE, STATS_CPU_TOTAL, STATS_BALLOON, STATS_VCPU = 1, 2, 4, 8
 STATS_SUPPORTED = STATS_STATE | STATS_CPU_TOTAL | STATS_BALLOON | STATS_VCPU
 STATS_ENFORCE = 1 << 31
-STATS_FLAG_FILTERS = LIST_ACTIVE | LIST_INACTIVE | LIST_PERSISTENT | LIST_TRANSIENT | 16 | 32 | 64 | 128
+STATS_FLAG_FILTERS = (
+    LIST_ACTIVE
+    | LIST_INACTIVE
+    | LIST_PERSISTENT
+    | LIST_TRANSIENT
+    | LIST_RUNNING
+    | LIST_PAUSED
+    | LIST_SHUTOFF
+    | LIST_OTHER
+)
 STATS_FLAGS = STATS_FLAG_FILTERS | (1 << 29) | (1 << 30) | STATS_ENFORCE  # NOWAIT, BACKING: nothing to wait for
 TP_INT, TP_UINT, TP_ULLONG = 1, 2, 4
 
