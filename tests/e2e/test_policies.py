@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from mshv_libvirt.driver.vmm_client import pid_alive
+from mshv_libvirt.proc import pid_alive
 from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, wait_for
 from tests.support.guests import TINY_BANNER
 

@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 
 from mshv_libvirt.domain import parse_domain_xml
+from mshv_libvirt.driver.vmm_client import find_vmm_processes
+from mshv_libvirt.proc import pid_alive
 from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, wait_for
 from tests.support.guests import TINY_BANNER
 
@@ -65,18 +67,6 @@ def all_stale_files(d: DaemonProcess) -> list[str]:
 
 def vmm_pid(d: DaemonProcess, name: str) -> int:
     return int((d.run_dir / f"{name}.pid").read_text())
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def vmm_request(d: DaemonProcess, name: str, cmd: str) -> dict[str, Any]:
@@ -267,21 +257,7 @@ def _code_name(code: int) -> str:
 
 def vmm_processes(run_dir: Path) -> dict[str, int]:
     """name -> pid of every live VMM process whose config lives in ``run_dir`` (found in /proc, not in files)."""
-    out: dict[str, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"mshv_libvirt.vmm" not in argv:
-            continue
-        for arg in argv:
-            path = Path(os.fsdecode(arg))
-            if path.parent == run_dir and path.name.endswith(".vmm.json") and pid_alive(int(entry.name)):
-                out[path.name[: -len(".vmm.json")]] = int(entry.name)
-    return out
+    return dict(find_vmm_processes(run_dir))
 
 
 def test_concurrent_clients(kvm: None, daemon: DaemonProcess, tiny_kernel: Path) -> None:

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mshv_libvirt.driver.vmm_client import find_vmm_processes
+
 VIRSH = "virsh"
 
 
@@ -109,14 +111,7 @@ class DaemonProcess:
 
     def destroy_all_vmms(self) -> None:
         """Test clean-up: no VMM may outlive its test (also those that never wrote a pidfile)."""
-        pids = set(self.vmm_pids())
-        marker = str(self.run_dir).encode()
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError):
-                    cmdline = (entry / "cmdline").read_bytes()
-                    if b"mshv_libvirt.vmm" in cmdline and marker in cmdline:
-                        pids.add(int(entry.name))
+        pids = set(self.vmm_pids()) | {pid for _, pid in find_vmm_processes(self.run_dir)}
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
