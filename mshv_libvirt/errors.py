@@ -39,9 +39,17 @@ class ErrorDomain(IntEnum):
     RPC = 7
     CONF = 9
     REMOTE = 13
+    STORAGE = 18
+    NETWORK = 19
     DOMAIN = 20
-    HYPERV = 43
+    NODEDEV = 22
+    INTERFACE = 26
+    SECRET = 30
+    NWFILTER = 33
+    DOMAIN_SNAPSHOT = 35
     STREAMS = 38
+    HYPERV = 43
+    DOMAIN_CHECKPOINT = 69
 
 
 # libvirt prefixes messages by code; clients print "error: <prefix>: <detail>".

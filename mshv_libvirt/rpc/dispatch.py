@@ -1,8 +1,10 @@
-"""REMOTE_PROGRAM procedures: decode arguments, call the driver, encode the reply.
+"""REMOTE_PROGRAM procedures: the per-connection session and the one procedure table.
 
 One ``Session`` per client connection holds what libvirt keeps per connection: whether it is open
-and read-only, its event callbacks and its console streams. Procedures not in ``PROCEDURES`` get
-libvirt's "unknown procedure" error, which clients treat as "not supported" and fall back from.
+and read-only, its event callbacks and its console streams. ``PROCEDURES`` (at the end) lists every
+implemented procedure as one row (see ``table.py``); a libvirt 9.0 procedure that is not listed gets
+libvirt's "this function is not supported by the connection driver: <API>", and a number libvirt
+9.0 does not define gets "unknown procedure: N".
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import inspect
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mshv_libvirt.domain import MAX_VCPUS, DomainConfig, parse_domain_xml
 from mshv_libvirt.driver.manager import Domain, DomainEvent, DomainManager, set_memory, set_text, set_vcpus
@@ -27,13 +29,38 @@ from .protocol import (
     PROTOCOL_VERSION,
     REMOTE_PROGRAM,
     STREAM_CHUNK,
-    STRING_MAX,
     Call,
     LocalProtocolError,
     RemoteError,
     ServerConnection,
     Status,
     StreamPacket,
+    unknown_procedure,
+)
+from .table import (
+    CALL,
+    DOM,
+    INT,
+    OPT_STR,
+    STR,
+    UHYPER,
+    UINT,
+    UUID,
+    UUID_LEN,
+    Arg,
+    Flags,
+    Procedure,
+    api_name,
+    error_domain,
+    proc,
+    readonly_denied,
+    ret_bool,
+    ret_int,
+    ret_raw,
+    ret_str,
+    ret_uhyper,
+    table,
+    unpack_domain,
 )
 from .xdr import Packer, Unpacker, XdrError
 
@@ -43,7 +70,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DOMAIN_LIST_MAX = 16384
-UUID_LEN = 16
 
 # VIR_DRV_FEATURE_* we answer 1 for: keepalive, callback-style events, close callback.
 FEATURES = {10: 1, 14: 1, 15: 1}
@@ -61,15 +87,8 @@ EVENT_ID_REBOOT = 1
 EVENT_MSG_PROC = {EVENT_ID_LIFECYCLE: 318, EVENT_ID_REBOOT: 319}
 
 PROC_OPEN_CONSOLE = 201
-
-
-def _bad_flags(flags: int, allowed: int, func: str) -> None:
-    if flags & ~allowed:
-        raise VirtError(ErrorCode.INVALID_ARG, f"unsupported flags (0x{flags & ~allowed:x}) in function {func}")
-
-
-def _denied(proc: int) -> VirtError:
-    return VirtError(ErrorCode.OPERATION_DENIED, f"read only access prevents procedure {proc}", ErrorDomain.NONE)
+# Calls a client may make before CONNECT_OPEN: the open itself, feature probes, the auth list.
+_BEFORE_OPEN = (1, 60, 66)
 
 
 def pack_domain(p: Packer, dom: Domain) -> None:
@@ -78,10 +97,18 @@ def pack_domain(p: Packer, dom: Domain) -> None:
     p.int(dom.id if dom.active else -1)
 
 
-def unpack_domain(u: Unpacker) -> tuple[str, bytes, int]:
-    name = u.string(STRING_MAX)
-    raw = u.opaque_fixed(UUID_LEN)
-    return name, raw, u.int()
+def ret_dom(dom: Any) -> bytes:
+    p = Packer()
+    pack_domain(p, dom)
+    return p.getvalue()
+
+
+def _denied(name: str, domain: ErrorDomain) -> VirtError:
+    return VirtError(ErrorCode.OPERATION_DENIED, f"read only access prevents {name}", domain)
+
+
+def _not_supported(name: str, domain: ErrorDomain) -> VirtError:
+    return VirtError(ErrorCode.NO_SUPPORT, name, domain)
 
 
 @dataclass
@@ -90,27 +117,6 @@ class ConsoleStream:
     dom: Domain
     fd: int
     finished: bool = False
-
-
-Handler = Callable[["Session", Unpacker], bytes | Awaitable[bytes]]
-
-
-@dataclass(frozen=True)
-class Procedure:
-    handler: Handler
-    readonly: bool  # allowed on the read-only socket
-    is_async: bool  # may wait (for a VMM, the disk): run as a task; others answer inline
-
-
-PROCEDURES: dict[int, Procedure] = {}
-
-
-def proc(number: int, *, readonly: bool = False) -> Callable[[Handler], Handler]:
-    def register(fn: Handler) -> Handler:
-        PROCEDURES[number] = Procedure(fn, readonly, inspect.iscoroutinefunction(fn))
-        return fn
-
-    return register
 
 
 class Session:
@@ -127,89 +133,78 @@ class Session:
         self._subscribed = False
 
     # -- calls ------------------------------------------------------------------------------------
-    def dispatch_inline(self, call: Call) -> bytes | None:
-        """The reply to a call that can be answered without waiting, or None: then ``dispatch`` it as a task.
+    def dispatch(self, call: Call) -> bytes | Coroutine[Any, Any, bytes]:
+        """The reply packet for one call, or an awaitable of it for a call that must wait.
 
-        Most calls (lookups, state, XML, lists) never wait; answering them in the read loop saves a task
-        and an event-loop iteration per call.
+        Most calls (lookups, state, XML, lists) never wait and are answered at once; a handler that
+        returns an awaitable (it waits for a VMM or the disk) is finished by the caller, as a task.
+        Never raises for client mistakes: they become error replies.
         """
-        entry = PROCEDURES.get(call.proc)
-        if entry is not None and entry.is_async:
-            return None
-        return self._run(call, entry, None)
-
-    async def dispatch(self, call: Call) -> bytes:
-        """The reply packet for one call (never raises for client mistakes)."""
-        entry = PROCEDURES.get(call.proc)
-        payload: bytes | None = None
-        if entry is not None and entry.is_async:
-            try:
-                checked = self._check(call, entry)
-                if checked is not None:
-                    result = entry.handler(self, checked)
-                    assert not isinstance(result, bytes)
-                    payload = await result
-            except Exception as err:
-                return self._error_reply(call, err)
-        return self._run(call, entry, payload)
-
-    def _check(self, call: Call, entry: Procedure) -> Unpacker | None:
-        if not self.opened and call.proc not in (1, 60, 66):
-            raise VirtError(ErrorCode.INTERNAL_ERROR, "connection not open", ErrorDomain.RPC)
-        if self.readonly and not entry.readonly:
-            raise _denied(call.proc)
-        return Unpacker(call.payload)
-
-    def _run(self, call: Call, entry: Procedure | None, payload: bytes | None) -> bytes:
         if call.prog != REMOTE_PROGRAM or call.vers != PROTOCOL_VERSION:
             return self.conn.send_error(
                 call, RemoteError(39, 7, f"cannot find program {call.prog} version {call.vers}")
             )
-        if call.with_fds or entry is None:
-            return self.conn.send_error(call, RemoteError(39, 7, f"unknown procedure: {call.proc}"))
-        if payload is None:
-            try:
-                u = self._check(call, entry)
-                assert u is not None
-                if call.proc == PROC_OPEN_CONSOLE:
-                    return self._open_console_call(call, u)
-                result = entry.handler(self, u)
-                assert isinstance(result, bytes)
-                payload = result
-            except Exception as err:
-                return self._error_reply(call, err)
+        entry = PROCEDURES.get(call.proc)
         try:
-            return self.conn.send_reply(call, payload)
+            if entry is None or call.with_fds:
+                raise self._unimplemented(call)
+            self._check_access(call.proc, entry.name, entry.readonly_denied, entry.error_domain)
+            result = self._call(call, entry)
+        except Exception as err:
+            return self._error_reply(call, err)
+        if inspect.isawaitable(result):
+            return self._finish(call, entry, result)
+        return self._reply(call, entry, result)
+
+    def _unimplemented(self, call: Call) -> Exception:
+        name = api_name(call.proc)
+        if name is None or call.with_fds:
+            return _UnknownProcedure(call.proc)
+        domain = error_domain(call.proc)
+        self._check_access(call.proc, name, readonly_denied(call.proc), domain)
+        return _not_supported(name, domain)
+
+    def _check_access(self, number: int, name: str, denied: bool, domain: ErrorDomain) -> None:
+        if not self.opened and number not in _BEFORE_OPEN:
+            raise VirtError(ErrorCode.INTERNAL_ERROR, "connection not open", ErrorDomain.RPC)
+        if self.readonly and denied:
+            raise _denied(name, domain)
+
+    def _call(self, call: Call, entry: Procedure) -> Any:
+        u = Unpacker(call.payload)
+        raw = [call if arg is CALL else arg.decode(u) for arg in entry.args]
+        u.done()
+        values: list[Any] = list(raw)
+        for i in entry.finish_order:
+            values[i] = entry.args[i].finish(self, raw[i], entry)
+        return entry.handler(self, *values)
+
+    async def _finish(self, call: Call, entry: Procedure, pending: Awaitable[Any]) -> bytes:
+        try:
+            result = await pending
+        except Exception as err:
+            return self._error_reply(call, err)
+        return self._reply(call, entry, result)
+
+    def _reply(self, call: Call, entry: Procedure, result: Any) -> bytes:
+        if result is _REPLIED:
+            return b""
+        try:
+            return self.conn.send_reply(call, entry.ret(result))
         except LocalProtocolError as err:  # e.g. a reply larger than a packet: the client gets an error
             return self.conn.send_error(call, RemoteError(ErrorCode.INTERNAL_ERROR, 0, f"internal error: {err}"))
 
     def _error_reply(self, call: Call, err: Exception) -> bytes:
-        if isinstance(err, XdrError):
+        if isinstance(err, _UnknownProcedure):
+            error = unknown_procedure(err.number)
+        elif isinstance(err, XdrError):
             error = RemoteError(ErrorCode.RPC, ErrorDomain.RPC, f"Unable to decode message payload: {err}")
         elif isinstance(err, VirtError):
             error = RemoteError(err.code, err.domain, err.message)
         else:  # a bug: report it and keep serving
             log.error("procedure %d failed", call.proc, exc_info=err)
-            error = RemoteError(ErrorCode.INTERNAL_ERROR, 0, f"internal error: {err}")
+            error = RemoteError(ErrorCode.INTERNAL_ERROR, 0, f"internal error: {type(err).__name__}: {err}")
         return self.conn.send_error(call, error)
-
-    def _open_console_call(self, call: Call, u: Unpacker) -> bytes:
-        dom = self.lookup(u)
-        dev_name = u.opt_string(STRING_MAX)
-        flags = u.uint()
-        u.done()
-        _bad_flags(flags, 1 | 2, "virDomainOpenConsole")  # FORCE, SAFE (our stream is always safe)
-        if dev_name not in (None, "serial0", "console0"):
-            raise VirtError(ErrorCode.INTERNAL_ERROR, f"cannot find character device {dev_name}")
-        stream = self.open_console(call.serial, dom, force=bool(flags & 1))
-        # The reply must reach the client before any stream data: send it, then start relaying.
-        self.send(self.conn.send_reply(call, b""))
-        asyncio.get_running_loop().add_reader(stream.fd, self._console_readable, stream)
-        return b""
-
-    def lookup(self, u: Unpacker) -> Domain:
-        name, raw, _ = unpack_domain(u)
-        return self.manager.resolve(name, raw)
 
     # -- events -----------------------------------------------------------------------------------
     def on_domain_event(self, ev: DomainEvent) -> None:
@@ -235,6 +230,18 @@ class Session:
         p.string(ev.name)
         p.opaque_fixed(ev.uuid, UUID_LEN)
         p.int(ev.id)
+
+    def register_callback(self, event_id: int, filt: bytes | None) -> int:
+        if event_id not in EVENT_MSG_PROC:
+            raise VirtError(ErrorCode.INVALID_ARG, f"unsupported event ID {event_id}")
+        cb_id = self._next_callback
+        self._next_callback += 1
+        self._callbacks[cb_id] = (event_id, filt)
+        return cb_id
+
+    def deregister_callback(self, cb_id: int) -> None:
+        if self._callbacks.pop(cb_id, None) is None:
+            raise VirtError(ErrorCode.INVALID_ARG, f"event callback {cb_id} not registered")
 
     # -- console streams --------------------------------------------------------------------------
     def stream_packet(self, pkt: StreamPacket) -> None:
@@ -315,32 +322,27 @@ class Session:
             self._subscribed = False
 
 
+class _UnknownProcedure(Exception):
+    def __init__(self, number: int) -> None:
+        super().__init__(f"unknown procedure: {number}")
+        self.number = number
+
+
+# A handler that sent its reply itself (before stream data) returns this.
+_REPLIED = object()
+
+
 # ---- connection ------------------------------------------------------------------------------------------
 
 
-@proc(66, readonly=True)
-def auth_list(s: Session, u: Unpacker) -> bytes:
-    u.done()
+def auth_list(s: Session) -> bytes:
     p = Packer()
     p.uint(1)
     p.int(0)  # REMOTE_AUTH_NONE: access is controlled by the socket's permissions
     return p.getvalue()
 
 
-@proc(60, readonly=True)
-def supports_feature(s: Session, u: Unpacker) -> bytes:
-    feature = u.int()
-    u.done()
-    p = Packer()
-    p.int(FEATURES.get(feature, 0))
-    return p.getvalue()
-
-
-@proc(1, readonly=True)
-def connect_open(s: Session, u: Unpacker) -> bytes:
-    name = u.opt_string(STRING_MAX)
-    flags = u.uint()
-    u.done()
+def connect_open(s: Session, name: str | None, flags: int) -> None:
     # Only VIR_CONNECT_RO (1) matters here; clients also pass flags meant for their own side (a
     # session open sends 0x4), which libvirtd ignores too.
     s.daemon.check_uri(name)
@@ -350,89 +352,14 @@ def connect_open(s: Session, u: Unpacker) -> bytes:
     if not s._subscribed:
         s.manager.subscribe(s.on_domain_event)
         s._subscribed = True
-    return b""
 
 
-@proc(2, readonly=True)
-def connect_close(s: Session, u: Unpacker) -> bytes:
-    u.done()
+def connect_close(s: Session) -> None:
     s.close()
     s.opened = False
-    return b""
 
 
-@proc(360, readonly=True)
-def register_close_callback(s: Session, u: Unpacker) -> bytes:
-    u.done()
-    return b""
-
-
-@proc(361, readonly=True)
-def unregister_close_callback(s: Session, u: Unpacker) -> bytes:
-    u.done()
-    return b""
-
-
-def _string(value: str) -> bytes:
-    p = Packer()
-    p.string(value)
-    return p.getvalue()
-
-
-def _int(value: int) -> bytes:
-    p = Packer()
-    p.int(value)
-    return p.getvalue()
-
-
-def _uhyper(value: int) -> bytes:
-    p = Packer()
-    p.uhyper(value)
-    return p.getvalue()
-
-
-@proc(3, readonly=True)
-def get_type(s: Session, u: Unpacker) -> bytes:
-    u.done()
-    return _string("MSHV")
-
-
-@proc(4, readonly=True)
-def get_version(s: Session, u: Unpacker) -> bytes:
-    u.done()
-    return _uhyper(host.hypervisor_version())
-
-
-@proc(157, readonly=True)
-def get_lib_version(s: Session, u: Unpacker) -> bytes:
-    u.done()
-    # The libvirt API level we implement (the wire protocol of libvirt 9.0.0); clients gate
-    # features on this number, not on our package version.
-    return _uhyper(9_000_000)
-
-
-@proc(59, readonly=True)
-def get_hostname(s: Session, u: Unpacker) -> bytes:
-    u.done()
-    return _string(socket.gethostname())
-
-
-@proc(110, readonly=True)
-def get_uri(s: Session, u: Unpacker) -> bytes:
-    u.done()
-    return _string(s.daemon.uri)
-
-
-@proc(5, readonly=True)
-def get_max_vcpus(s: Session, u: Unpacker) -> bytes:
-    u.opt_string(STRING_MAX)
-    u.done()
-    return _int(MAX_VCPUS)
-
-
-@proc(6, readonly=True)
-def node_get_info(s: Session, u: Unpacker) -> bytes:
-    u.done()
+def node_get_info(s: Session) -> bytes:
     info = host.node_info()
     p = Packer()
     model = info.model.encode()[:31].ljust(32, b"\0")
@@ -444,27 +371,7 @@ def node_get_info(s: Session, u: Unpacker) -> bytes:
     return p.getvalue()
 
 
-@proc(7, readonly=True)
-def get_capabilities(s: Session, u: Unpacker) -> bytes:
-    u.done()
-    return _string(host.capabilities_xml())
-
-
-@proc(342, readonly=True)
-def get_domain_capabilities(s: Session, u: Unpacker) -> bytes:
-    emulator = u.opt_string(STRING_MAX)
-    arch = u.opt_string(STRING_MAX)
-    machine = u.opt_string(STRING_MAX)
-    virttype = u.opt_string(STRING_MAX)
-    flags = u.uint()
-    u.done()
-    _bad_flags(flags, 0, "virConnectGetDomainCapabilities")
-    return _string(host.domain_capabilities_xml(emulator, arch, machine, virttype))
-
-
-@proc(122, readonly=True)
-def node_get_security_model(s: Session, u: Unpacker) -> bytes:
-    u.done()
+def node_get_security_model(s: Session) -> bytes:
     p = Packer()
     p.uint(0)  # model<>: empty (no security driver), virsh then skips the label call
     p.uint(0)  # doi<>
@@ -496,12 +403,7 @@ def _matches(s: Session, dom: Domain, flags: int) -> bool:
     return not (flags & (LIST_MANAGEDSAVE | LIST_SNAPSHOT | LIST_HAS_CHECKPOINT))
 
 
-@proc(273, readonly=True)
-def list_all_domains(s: Session, u: Unpacker) -> bytes:
-    need_results = u.int()
-    flags = u.uint()
-    u.done()
-    _bad_flags(flags, LIST_ALL_FLAGS, "virConnectListAllDomains")
+def list_all_domains(s: Session, need_results: int, flags: int) -> bytes:
     doms = [d for d in s.manager.domains() if _matches(s, d, flags)]
     p = Packer()
     if need_results:
@@ -514,19 +416,14 @@ def list_all_domains(s: Session, u: Unpacker) -> bytes:
     return p.getvalue()
 
 
-@proc(51, readonly=True)
-def num_of_domains(s: Session, u: Unpacker) -> bytes:
-    u.done()
-    return _int(sum(1 for d in s.manager.domains() if d.active))
+def _bounded(count: int, what: str) -> int:
+    if not 0 <= count <= DOMAIN_LIST_MAX:
+        raise VirtError(ErrorCode.RPC, f"{what} > REMOTE_DOMAIN_LIST_MAX", ErrorDomain.RPC)
+    return count
 
 
-@proc(37, readonly=True)
-def list_domains(s: Session, u: Unpacker) -> bytes:
-    maxids = u.int()
-    u.done()
-    if not 0 <= maxids <= DOMAIN_LIST_MAX:
-        raise VirtError(ErrorCode.RPC, "maxids > REMOTE_DOMAIN_LIST_MAX", ErrorDomain.RPC)
-    ids = [d.id for d in s.manager.domains() if d.active][:maxids]
+def list_domains(s: Session, maxids: int) -> bytes:
+    ids = [d.id for d in s.manager.domains() if d.active][: _bounded(maxids, "maxids")]
     p = Packer()
     p.uint(len(ids))
     for i in ids:
@@ -534,19 +431,8 @@ def list_domains(s: Session, u: Unpacker) -> bytes:
     return p.getvalue()
 
 
-@proc(25, readonly=True)
-def num_of_defined(s: Session, u: Unpacker) -> bytes:
-    u.done()
-    return _int(sum(1 for d in s.manager.domains() if not d.active))
-
-
-@proc(21, readonly=True)
-def list_defined(s: Session, u: Unpacker) -> bytes:
-    maxnames = u.int()
-    u.done()
-    if not 0 <= maxnames <= DOMAIN_LIST_MAX:
-        raise VirtError(ErrorCode.RPC, "maxnames > REMOTE_DOMAIN_LIST_MAX", ErrorDomain.RPC)
-    names = [d.name for d in s.manager.domains() if not d.active][:maxnames]
+def list_defined(s: Session, maxnames: int) -> bytes:
+    names = [d.name for d in s.manager.domains() if not d.active][: _bounded(maxnames, "maxnames")]
     p = Packer()
     p.uint(len(names))
     for n in names:
@@ -554,52 +440,17 @@ def list_defined(s: Session, u: Unpacker) -> bytes:
     return p.getvalue()
 
 
-def _dom_reply(dom: Domain) -> bytes:
-    p = Packer()
-    pack_domain(p, dom)
-    return p.getvalue()
-
-
-@proc(22, readonly=True)
-def lookup_by_id(s: Session, u: Unpacker) -> bytes:
-    dom_id = u.int()
-    u.done()
-    return _dom_reply(s.manager.by_id(dom_id))
-
-
-@proc(23, readonly=True)
-def lookup_by_name(s: Session, u: Unpacker) -> bytes:
-    name = u.string(STRING_MAX)
-    u.done()
-    return _dom_reply(s.manager.by_name(name))
-
-
-@proc(24, readonly=True)
-def lookup_by_uuid(s: Session, u: Unpacker) -> bytes:
-    raw = u.opaque_fixed(UUID_LEN)
-    u.done()
-    return _dom_reply(s.manager.by_uuid(raw))
-
-
 # ---- domain queries --------------------------------------------------------------------------------------
 
 
-@proc(212, readonly=True)
-def get_state(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    flags = u.uint()
-    u.done()
-    _bad_flags(flags, 0, "virDomainGetState")
+def get_state(s: Session, dom: Domain, flags: int) -> bytes:
     p = Packer()
     p.int(int(dom.status.state))
     p.int(int(dom.status.reason))
     return p.getvalue()
 
 
-@proc(16, readonly=True)
-def get_info(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    u.done()
+def get_info(s: Session, dom: Domain) -> bytes:
     state, max_kib, kib, vcpus, cpu = s.manager.info(dom)
     p = Packer()
     p.uint(state)  # unsigned char, 4 bytes on the wire
@@ -610,66 +461,19 @@ def get_info(s: Session, u: Unpacker) -> bytes:
     return p.getvalue()
 
 
-@proc(17, readonly=True)
-def get_max_memory(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    u.done()
-    return _uhyper(dom.config.memory_kib)
+XML_SECURE, XML_INACTIVE, XML_UPDATE_CPU, XML_MIGRATABLE = 1, 2, 4, 8
 
 
-@proc(14, readonly=True)
-def get_xml_desc(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    flags = u.uint()
-    u.done()
-    # SECURE 1, INACTIVE 2, UPDATE_CPU 4, MIGRATABLE 8: nothing secret and no CPU model to expand.
-    _bad_flags(flags, 1 | 2 | 4 | 8, "virDomainGetXMLDesc")
-    return _string(s.manager.xml(dom, inactive=bool(flags & 2)))
+def get_xml_desc(s: Session, dom: Domain, flags: int) -> str:
+    # libvirt's public API refuses SECURE and MIGRATABLE on read-only connections (they may show secrets).
+    if s.readonly and flags & (XML_SECURE | XML_MIGRATABLE):
+        raise VirtError(ErrorCode.OPERATION_DENIED, "virDomainGetXMLDesc with secure flag", ErrorDomain.DOMAIN)
+    # Nothing secret and no CPU model to expand: the other flags change nothing.
+    return s.manager.xml(dom, inactive=bool(flags & XML_INACTIVE))
 
 
-@proc(19, readonly=True)
-def get_os_type(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    u.done()
-    return _string(dom.config.os_type)
-
-
-@proc(150, readonly=True)
-def is_active(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    u.done()
-    return _int(1 if dom.active else 0)
-
-
-@proc(151, readonly=True)
-def is_persistent(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    u.done()
-    return _int(1 if dom.persistent is not None else 0)
-
-
-@proc(152, readonly=True)
-def is_updated(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    u.done()
-    updated = dom.active and dom.persistent is not None and dom.live is not None and dom.live != dom.persistent
-    return _int(1 if updated else 0)
-
-
-@proc(15, readonly=True)
-def get_autostart(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    u.done()
-    return _int(1 if s.manager.autostart(dom) else 0)
-
-
-@proc(29)
-async def set_autostart(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    on = u.int()
-    u.done()
-    await s.manager.set_autostart(dom, bool(on))
-    return b""
+def is_updated(s: Session, dom: Domain) -> bool:
+    return dom.active and dom.persistent is not None and dom.live is not None and dom.live != dom.persistent
 
 
 METADATA_KINDS = {0: "description", 1: "title"}  # VIR_DOMAIN_METADATA_ELEMENT (2) is not supported
@@ -684,55 +488,42 @@ def _metadata_kind(kind: int) -> str:
     return METADATA_KINDS[kind]
 
 
-def _affect(s: Session, dom: Domain, flags: int) -> tuple[bool, bool]:
+def _affect(dom: Domain, flags: int) -> tuple[bool, bool]:
     """(live, config) for VIR_DOMAIN_AFFECT_*: CURRENT (0) is live for a running domain, else config."""
     if not flags & (AFFECT_LIVE | AFFECT_CONFIG):
         return (True, False) if dom.active else (False, True)
     return bool(flags & AFFECT_LIVE), bool(flags & AFFECT_CONFIG)
 
 
-def _config_to_read(s: Session, dom: Domain, flags: int) -> DomainConfig:
+def _config_to_read(dom: Domain, flags: int) -> DomainConfig:
     """The live or the persistent config a getter with VIR_DOMAIN_AFFECT_* flags reads."""
     if flags & AFFECT_LIVE and flags & AFFECT_CONFIG:
         raise VirtError(ErrorCode.INVALID_ARG, "flags 'live' and 'config' are mutually exclusive")
-    live, _ = _affect(s, dom, flags)
+    live, _ = _affect(dom, flags)
     if live and not dom.active:
         raise invalid_operation("domain is not running")
     return dom.live if live and dom.live is not None else (dom.persistent or dom.config)
 
 
-@proc(264)
-async def set_metadata(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    kind = _metadata_kind(u.int())
-    value = u.opt_string(STRING_MAX)
-    key = u.opt_string(STRING_MAX)
-    uri = u.opt_string(STRING_MAX)
-    flags = u.uint()
-    u.done()
-    _bad_flags(flags, AFFECT_LIVE | AFFECT_CONFIG, "virDomainSetMetadata")
+async def set_metadata(
+    s: Session, dom: Domain, kind: int, value: str | None, key: str | None, uri: str | None, flags: int
+) -> None:
+    tag = _metadata_kind(kind)
     if key is not None or uri is not None:
         raise VirtError(ErrorCode.INVALID_ARG, "key and uri are only used with VIR_DOMAIN_METADATA_ELEMENT")
-    live, config = _affect(s, dom, flags)
-    await s.manager.edit_config(dom, set_text(kind, value), live=live, config=config)
-    return b""
+    live, config = _affect(dom, flags)
+    await s.manager.edit_config(dom, set_text(tag, value), live=live, config=config)
 
 
-@proc(265, readonly=True)
-def get_metadata(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    kind = _metadata_kind(u.int())
-    uri = u.opt_string(STRING_MAX)
-    flags = u.uint()
-    u.done()
-    _bad_flags(flags, AFFECT_LIVE | AFFECT_CONFIG, "virDomainGetMetadata")
+def get_metadata(s: Session, dom: Domain, kind: int, uri: str | None, flags: int) -> str:
+    tag = _metadata_kind(kind)
     if uri is not None:
         raise VirtError(ErrorCode.INVALID_ARG, "uri is only used with VIR_DOMAIN_METADATA_ELEMENT")
-    cfg = _config_to_read(s, dom, flags)
-    value = cfg.title if kind == "title" else cfg.description
+    cfg = _config_to_read(dom, flags)
+    value = cfg.title if tag == "title" else cfg.description
     if not value:
         raise VirtError(ErrorCode.NO_DOMAIN_METADATA, "Requested metadata element is not present")
-    return _string(value)
+    return value
 
 
 VCPU_MAXIMUM = 4  # also VIR_DOMAIN_MEM_MAXIMUM
@@ -746,69 +537,28 @@ def _no_hotplug(what: str) -> VirtError:
     )
 
 
-@proc(200, readonly=True)
-def get_vcpus_flags(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    flags = u.uint()
-    u.done()
-    _bad_flags(flags, AFFECT_LIVE | AFFECT_CONFIG | VCPU_MAXIMUM | VCPU_GUEST, "virDomainGetVcpusFlags")
+def get_vcpus_flags(s: Session, dom: Domain, flags: int) -> int:
     if flags & VCPU_GUEST:
         raise VirtError(ErrorCode.ARGUMENT_UNSUPPORTED, "the mshv driver has no guest agent")
-    return _int(_config_to_read(s, dom, flags).vcpus)  # no vCPU hotplug: current always equals maximum
+    return _config_to_read(dom, flags).vcpus  # no vCPU hotplug: current always equals maximum
 
 
-@proc(199)
-async def set_vcpus_flags(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    nvcpus = u.uint()
-    flags = u.uint()
-    u.done()
-    _bad_flags(flags, AFFECT_LIVE | AFFECT_CONFIG | VCPU_MAXIMUM, "virDomainSetVcpusFlags")
-    live, config = _affect(s, dom, flags)
+async def set_vcpus_flags(s: Session, dom: Domain, nvcpus: int, flags: int) -> None:
+    live, config = _affect(dom, flags)
     if live:
         raise _no_hotplug("vCPU count")
     # Without hotplug the current count always equals the maximum, so both forms set the one <vcpu> count.
     await s.manager.edit_config(dom, set_vcpus(nvcpus), False, config)
-    return b""
 
 
-@proc(204)
-async def set_memory_flags(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    kib = u.uhyper()
-    flags = u.uint()
-    u.done()
-    _bad_flags(flags, AFFECT_LIVE | AFFECT_CONFIG | VCPU_MAXIMUM, "virDomainSetMemoryFlags")
-    live, config = _affect(s, dom, flags)
+async def set_memory_flags(s: Session, dom: Domain, kib: int, flags: int) -> None:
+    live, config = _affect(dom, flags)
     if live:
         raise _no_hotplug("memory size")  # no balloon device
     await s.manager.edit_config(dom, set_memory(kib, maximum=bool(flags & VCPU_MAXIMUM)), False, config)
-    return b""
 
 
-@proc(183, readonly=True)
-def has_managed_save(s: Session, u: Unpacker) -> bytes:
-    s.lookup(u)
-    flags = u.uint()
-    u.done()
-    _bad_flags(flags, 0, "virDomainHasManagedSaveImage")
-    return _int(0)
-
-
-@proc(187, readonly=True)
-def snapshot_num(s: Session, u: Unpacker) -> bytes:
-    s.lookup(u)
-    u.uint()
-    u.done()
-    return _int(0)
-
-
-@proc(274, readonly=True)
-def list_all_snapshots(s: Session, u: Unpacker) -> bytes:
-    s.lookup(u)
-    u.int()
-    u.uint()
-    u.done()
+def list_all_snapshots(s: Session, dom: Domain, need_results: int, flags: int) -> bytes:
     p = Packer()
     p.uint(0)
     p.int(0)
@@ -864,14 +614,14 @@ def _domain_stats(s: Session, dom: Domain, stats: int) -> list[tuple[str, int, i
     return out
 
 
-@proc(344, readonly=True)
-def get_all_domain_stats(s: Session, u: Unpacker) -> bytes:
-    count = u.array_len(DOMAIN_LIST_MAX)
-    wanted = [unpack_domain(u) for _ in range(count)]
-    stats = u.uint()
-    flags = u.uint()
-    u.done()
-    _bad_flags(flags, STATS_FLAGS, "virConnectGetAllDomainStats")
+class _DomainList(Arg):
+    """remote_nonnull_domain<REMOTE_DOMAIN_LIST_MAX>, kept unresolved (the handler decides when)."""
+
+    def decode(self, u: Unpacker) -> Any:
+        return [unpack_domain(u) for _ in range(u.array_len(DOMAIN_LIST_MAX))]
+
+
+def get_all_domain_stats(s: Session, wanted: list[tuple[str, bytes, int]], stats: int, flags: int) -> bytes:
     if wanted and flags & STATS_FLAG_FILTERS:
         raise VirtError(ErrorCode.INVALID_ARG, "filtering is not supported by virDomainListGetStats")
     if flags & STATS_ENFORCE and stats & ~STATS_SUPPORTED:
@@ -896,182 +646,135 @@ def get_all_domain_stats(s: Session, u: Unpacker) -> bytes:
     return p.getvalue()
 
 
-# ---- define / start / stop -------------------------------------------------------------------------------
+# ---- define / start --------------------------------------------------------------------------------------
+
+DEFINE_VALIDATE = 1
+START_PAUSED, START_VALIDATE = 1, 16
 
 
-@proc(11)
-async def define_xml(s: Session, u: Unpacker) -> bytes:
-    xml = u.string(STRING_MAX)
-    u.done()
-    return _dom_reply(await s.manager.define(xml))
-
-
-@proc(350)
-async def define_xml_flags(s: Session, u: Unpacker) -> bytes:
-    xml = u.string(STRING_MAX)
-    flags = u.uint()
-    u.done()
-    _bad_flags(flags, 1, "virDomainDefineXMLFlags")  # VIR_DOMAIN_DEFINE_VALIDATE
-    if flags & 1:
+async def define_xml_flags(s: Session, xml: str, flags: int) -> Domain:
+    if flags & DEFINE_VALIDATE:
         await asyncio.to_thread(parse_domain_xml, xml, check_libvirt_schema=True)
-    return _dom_reply(await s.manager.define(xml))
+    return await s.manager.define(xml)
 
 
-@proc(10)
-async def create_xml(s: Session, u: Unpacker) -> bytes:
-    xml = u.string(STRING_MAX)
-    flags = u.uint()
-    u.done()
-    _bad_flags(flags, 1 | 16, "virDomainCreateXML")  # START_PAUSED, START_VALIDATE
-    if flags & 16:
+async def create_xml(s: Session, xml: str, flags: int) -> Domain:
+    if flags & START_VALIDATE:
         await asyncio.to_thread(parse_domain_xml, xml, check_libvirt_schema=True)
-    return _dom_reply(await s.manager.create_transient(xml, paused=bool(flags & 1)))
+    return await s.manager.create_transient(xml, paused=bool(flags & START_PAUSED))
 
 
-@proc(9)
-async def create(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    u.done()
-    await s.manager.start(dom, paused=False)
-    return b""
-
-
-@proc(196)
-async def create_with_flags(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    flags = u.uint()
-    u.done()
-    _bad_flags(flags, 1, "virDomainCreateWithFlags")  # VIR_DOMAIN_START_PAUSED
-    await s.manager.start(dom, paused=bool(flags & 1))
-    return _dom_reply(dom)
-
-
-@proc(12)
-async def destroy(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    u.done()
-    await s.manager.destroy(dom)
-    return b""
-
-
-@proc(234)
-async def destroy_flags(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    flags = u.uint()
-    u.done()
-    _bad_flags(flags, 1, "virDomainDestroyFlags")  # GRACEFUL: our destroy already asks the VMM first
-    await s.manager.destroy(dom)
-    return b""
-
-
-@proc(33)
-async def shutdown(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    u.done()
-    await s.manager.shutdown(dom)
-    return b""
-
-
-@proc(258)
-async def shutdown_flags(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    flags = u.uint()
-    u.done()
-    _bad_flags(flags, 1, "virDomainShutdownFlags")  # ACPI_POWER_BTN is the only mode we have
-    await s.manager.shutdown(dom)
-    return b""
-
-
-@proc(27)
-async def reboot(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    flags = u.uint()
-    u.done()
-    _bad_flags(flags, 1, "virDomainReboot")  # ACPI_POWER_BTN
-    await s.manager.reboot(dom)
-    return b""
-
-
-@proc(245)
-async def reset(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    flags = u.uint()
-    u.done()
-    _bad_flags(flags, 0, "virDomainReset")
-    await s.manager.reset(dom)
-    return b""
-
-
-@proc(34)
-async def suspend(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    u.done()
-    await s.manager.suspend(dom)
-    return b""
-
-
-@proc(28)
-async def resume(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    u.done()
-    await s.manager.resume(dom)
-    return b""
-
-
-@proc(35)
-async def undefine(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    u.done()
-    await s.manager.undefine(dom)
-    return b""
-
-
-@proc(231)
-async def undefine_flags(s: Session, u: Unpacker) -> bytes:
-    dom = s.lookup(u)
-    flags = u.uint()
-    u.done()
-    # MANAGED_SAVE 1, SNAPSHOTS_METADATA 2, NVRAM 4, KEEP_NVRAM 8, CHECKPOINTS_METADATA 16, TPM 32, KEEP_TPM 64:
-    # we keep none of those things, so each asks for nothing.
-    _bad_flags(flags, 127, "virDomainUndefineFlags")
-    await s.manager.undefine(dom)
-    return b""
+async def create_with_flags(s: Session, dom: Domain, flags: int) -> Domain:
+    await s.manager.start(dom, paused=bool(flags & START_PAUSED))
+    return dom
 
 
 # ---- events and console ----------------------------------------------------------------------------------
 
 
-@proc(316, readonly=True)
-def event_register_any(s: Session, u: Unpacker) -> bytes:
-    event_id = u.int()
-    present = u.uint()
-    filt: bytes | None = None
-    if present == 1:
-        _, filt, _ = unpack_domain(u)
-    elif present != 0:
-        raise XdrError("invalid optional marker")
-    u.done()
-    if event_id not in EVENT_MSG_PROC:
-        raise VirtError(ErrorCode.INVALID_ARG, f"unsupported event ID {event_id}")
-    cb_id = s._next_callback
-    s._next_callback += 1
-    s._callbacks[cb_id] = (event_id, filt)
-    return _int(cb_id)
+class _OptDomain(Arg):
+    """remote_domain (optional): the event filter's uuid, or None."""
+
+    def decode(self, u: Unpacker) -> Any:
+        present = u.uint()
+        if present == 1:
+            return unpack_domain(u)[1]
+        if present != 0:
+            raise XdrError("invalid optional marker")
+        return None
 
 
-@proc(317, readonly=True)
-def event_deregister_any(s: Session, u: Unpacker) -> bytes:
-    cb_id = u.int()
-    u.done()
-    if s._callbacks.pop(cb_id, None) is None:
-        raise VirtError(ErrorCode.INVALID_ARG, f"event callback {cb_id} not registered")
-    return b""
+def open_console(s: Session, call: Call, dom: Domain, dev_name: str | None, flags: int) -> object:
+    if dev_name not in (None, "serial0", "console0"):
+        raise VirtError(ErrorCode.INTERNAL_ERROR, f"cannot find character device {dev_name}")
+    stream = s.open_console(call.serial, dom, force=bool(flags & 1))
+    # The reply must reach the client before any stream data: send it, then start relaying.
+    s.send(s.conn.send_reply(call, b""))
+    asyncio.get_running_loop().add_reader(stream.fd, s._console_readable, stream)
+    return _REPLIED
 
 
-# Registered through Server (it needs the call serial); listed so read-only checks see it.
-def _open_console_placeholder(s: Session, u: Unpacker) -> bytes:
-    raise AssertionError("open_console is dispatched by Session._open_console_call (it needs the call serial)")
+# ---- the table -------------------------------------------------------------------------------------------
+# One row per implemented procedure: number, handler, argument types, return type. The API name in
+# errors and the read-only policy are libvirt's for that number (procnames.py).
+
+# Flag sets accepted (anything else gets libvirt's "unsupported flags" error):
+_FLAGS_XML = XML_SECURE | XML_INACTIVE | XML_UPDATE_CPU | XML_MIGRATABLE  # nothing secret, no CPU to expand
+_FLAGS_AFFECT = AFFECT_LIVE | AFFECT_CONFIG
+_FLAGS_FORCE_SAFE = 1 | 2  # console: FORCE, SAFE (our stream is always safe)
+_FLAGS_GRACEFUL = 1  # destroy: our destroy already asks the VMM first
+_FLAGS_ACPI = 1  # shutdown/reboot: ACPI_POWER_BTN is the only mode we have
+# undefine: MANAGED_SAVE 1, SNAPSHOTS_METADATA 2, NVRAM 4, KEEP_NVRAM 8, CHECKPOINTS_METADATA 16, TPM 32,
+# KEEP_TPM 64: we keep none of those things, so each asks for nothing.
+_FLAGS_UNDEFINE = 127
 
 
-# Listed so the read-only check and "unknown procedure" see it; Session._run answers it.
-PROCEDURES[PROC_OPEN_CONSOLE] = Procedure(_open_console_placeholder, readonly=False, is_async=False)
+PROCEDURES: dict[int, Procedure] = table(
+    # connection
+    proc(66, auth_list, ret=ret_raw),
+    proc(60, lambda s, feature: FEATURES.get(feature, 0), INT, ret=ret_int),
+    proc(1, connect_open, OPT_STR, UINT),
+    proc(2, connect_close),
+    proc(360, lambda s: None),  # close callbacks: the client's own business
+    proc(361, lambda s: None),
+    proc(3, lambda s: "MSHV", ret=ret_str),
+    proc(4, lambda s: host.hypervisor_version(), ret=ret_uhyper),
+    # The libvirt API level we implement (the wire protocol of libvirt 9.0.0); clients gate features on it.
+    proc(157, lambda s: 9_000_000, ret=ret_uhyper),
+    proc(59, lambda s: socket.gethostname(), ret=ret_str),
+    proc(110, lambda s: s.daemon.uri, ret=ret_str),
+    proc(5, lambda s, _type: MAX_VCPUS, OPT_STR, ret=ret_int),
+    proc(6, node_get_info, ret=ret_raw),
+    proc(7, lambda s: host.capabilities_xml(), ret=ret_str),
+    proc(342, lambda s, *args: host.domain_capabilities_xml(*args[:4]), *(OPT_STR,) * 4, Flags(0), ret=ret_str),
+    proc(122, node_get_security_model, ret=ret_raw),
+    # listing and lookup
+    proc(273, list_all_domains, INT, Flags(LIST_ALL_FLAGS), ret=ret_raw),
+    proc(51, lambda s: sum(1 for d in s.manager.domains() if d.active), ret=ret_int),
+    proc(37, list_domains, INT, ret=ret_raw),
+    proc(25, lambda s: sum(1 for d in s.manager.domains() if not d.active), ret=ret_int),
+    proc(21, list_defined, INT, ret=ret_raw),
+    proc(22, lambda s, dom_id: s.manager.by_id(dom_id), INT, ret=ret_dom),
+    proc(23, lambda s, name: s.manager.by_name(name), STR, ret=ret_dom),
+    proc(24, lambda s, raw: s.manager.by_uuid(raw), UUID, ret=ret_dom),
+    # domain queries
+    proc(212, get_state, DOM, Flags(0), ret=ret_raw),
+    proc(16, get_info, DOM, ret=ret_raw),
+    proc(17, lambda s, dom: dom.config.memory_kib, DOM, ret=ret_uhyper),
+    proc(14, get_xml_desc, DOM, Flags(_FLAGS_XML), ret=ret_str),
+    proc(19, lambda s, dom: dom.config.os_type, DOM, ret=ret_str),
+    proc(150, lambda s, dom: dom.active, DOM, ret=ret_bool),
+    proc(151, lambda s, dom: dom.persistent is not None, DOM, ret=ret_bool),
+    proc(152, is_updated, DOM, ret=ret_bool),
+    proc(15, lambda s, dom: s.manager.autostart(dom), DOM, ret=ret_bool),
+    proc(29, lambda s, dom, on: s.manager.set_autostart(dom, bool(on)), DOM, INT),
+    proc(264, set_metadata, DOM, INT, OPT_STR, OPT_STR, OPT_STR, Flags(_FLAGS_AFFECT)),
+    proc(265, get_metadata, DOM, INT, OPT_STR, Flags(_FLAGS_AFFECT), ret=ret_str),
+    proc(200, get_vcpus_flags, DOM, Flags(_FLAGS_AFFECT | VCPU_MAXIMUM | VCPU_GUEST), ret=ret_int),
+    proc(199, set_vcpus_flags, DOM, UINT, Flags(_FLAGS_AFFECT | VCPU_MAXIMUM)),
+    proc(204, set_memory_flags, DOM, UHYPER, Flags(_FLAGS_AFFECT | VCPU_MAXIMUM)),
+    proc(183, lambda s, dom, flags: False, DOM, Flags(0), ret=ret_bool),  # no managed save exists
+    proc(187, lambda s, dom, flags: 0, DOM, UINT, ret=ret_int),  # no snapshots exist
+    proc(274, list_all_snapshots, DOM, INT, UINT, ret=ret_raw),
+    proc(344, get_all_domain_stats, _DomainList(), UINT, Flags(STATS_FLAGS), ret=ret_raw),
+    # define / start / stop
+    proc(11, lambda s, xml: s.manager.define(xml), STR, ret=ret_dom),
+    proc(350, define_xml_flags, STR, Flags(DEFINE_VALIDATE), ret=ret_dom),
+    proc(10, create_xml, STR, Flags(START_PAUSED | START_VALIDATE), ret=ret_dom),
+    proc(9, lambda s, dom: s.manager.start(dom, paused=False), DOM),
+    proc(196, create_with_flags, DOM, Flags(START_PAUSED), ret=ret_dom),
+    proc(12, lambda s, dom: s.manager.destroy(dom), DOM),
+    proc(234, lambda s, dom, flags: s.manager.destroy(dom), DOM, Flags(_FLAGS_GRACEFUL)),
+    proc(33, lambda s, dom: s.manager.shutdown(dom), DOM),
+    proc(258, lambda s, dom, flags: s.manager.shutdown(dom), DOM, Flags(_FLAGS_ACPI)),
+    proc(27, lambda s, dom, flags: s.manager.reboot(dom), DOM, Flags(_FLAGS_ACPI)),
+    proc(245, lambda s, dom, flags: s.manager.reset(dom), DOM, Flags(0)),
+    proc(34, lambda s, dom: s.manager.suspend(dom), DOM),
+    proc(28, lambda s, dom: s.manager.resume(dom), DOM),
+    proc(35, lambda s, dom: s.manager.undefine(dom), DOM),
+    proc(231, lambda s, dom, flags: s.manager.undefine(dom), DOM, Flags(_FLAGS_UNDEFINE)),
+    # events and console
+    proc(316, lambda s, event_id, filt: s.register_callback(event_id, filt), INT, _OptDomain(), ret=ret_int),
+    proc(317, lambda s, cb_id: s.deregister_callback(cb_id), INT),
+    proc(PROC_OPEN_CONSOLE, open_console, CALL, DOM, OPT_STR, Flags(_FLAGS_FORCE_SAFE)),
+)

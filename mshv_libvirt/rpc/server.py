@@ -145,9 +145,9 @@ class Daemon:
         in_flight = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
         calls: set[asyncio.Task[None]] = set()
 
-        async def run_call(call: Call) -> None:
+        async def finish_call(pending: Coroutine[Any, Any, bytes]) -> None:
             try:
-                send(await session.dispatch(call))
+                send(await pending)
             finally:
                 in_flight.release()
 
@@ -172,12 +172,16 @@ class Daemon:
                     if isinstance(event, Ping):
                         send(conn.send_pong())
                     elif isinstance(event, Call):
-                        reply = session.dispatch_inline(event)
-                        if reply is not None:
+                        reply = session.dispatch(event)
+                        if isinstance(reply, bytes):
                             send(reply)
                             continue
-                        await in_flight.acquire()
-                        t = asyncio.create_task(run_call(event))
+                        try:
+                            await in_flight.acquire()
+                        except asyncio.CancelledError:
+                            reply.close()  # never started: nothing to wait for
+                            raise
+                        t = asyncio.create_task(finish_call(reply))
                         calls.add(t)
                         t.add_done_callback(calls.discard)
                     elif isinstance(event, StreamPacket):

@@ -31,8 +31,8 @@ from mshv_libvirt.rpc.protocol import (
     STRING_MAX,
 )
 from mshv_libvirt.rpc.xdr import Packer, Unpacker, XdrError
-from tests.e2e.test_security import RawClient, ServerClosed
 from tests.support.daemon import DaemonProcess, running_daemon
+from tests.support.rawrpc import RawClient, ServerClosed
 
 pytestmark = pytest.mark.virsh
 

@@ -76,7 +76,8 @@ class DaemonProcess:
         )
         log.close()
         deadline = time.monotonic() + timeout
-        while not self.socket.exists():
+        # Ready once both sockets exist (--socket PATH also listens on PATH-ro, created second).
+        while not (self.socket.exists() and Path(f"{self.socket}-ro").exists()):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"virtmshvd exited with {self.proc.returncode}:\n{self.log.read_text()}")
             if time.monotonic() > deadline:
