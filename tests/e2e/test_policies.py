@@ -54,9 +54,9 @@ class Events:
     """Lifecycle events of one domain, as a libvirt-python client receives them."""
 
     def __init__(self, uri: str) -> None:
-        from tests.e2e.test_python import _event_loop  # one default event loop per process, shared
+        from tests.support.events import ensure_event_loop
 
-        _event_loop()
+        ensure_event_loop()
         self.uri = uri
         self._lock = threading.Lock()
         self._seen: list[tuple[str, int, int]] = []

@@ -10,29 +10,14 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, wait_for
+from tests.support.events import ensure_event_loop
 
 libvirt = pytest.importorskip("libvirt")
-
-_loop_started = False
-
-
-def _event_loop() -> None:
-    global _loop_started
-    if _loop_started:
-        return
-    libvirt.virEventRegisterDefaultImpl()
-
-    def run() -> None:
-        while True:
-            libvirt.virEventRunDefaultImpl()
-
-    threading.Thread(target=run, daemon=True, name="libvirt-events").start()
-    _loop_started = True
 
 
 @pytest.fixture
 def conn(daemon: DaemonProcess) -> Iterator[object]:
-    _event_loop()
+    ensure_event_loop()
     c = libvirt.open(daemon.uri)
     yield c
     c.close()

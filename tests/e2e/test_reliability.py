@@ -109,9 +109,9 @@ def kill_leftover_vmms(d: DaemonProcess, pids: list[int]) -> None:
 
 
 def event_loop() -> None:
-    from tests.e2e.test_python import _event_loop  # one default event loop per process, shared
+    from tests.support.events import ensure_event_loop
 
-    _event_loop()
+    ensure_event_loop()
 
 
 # -- 1. daemon SIGKILL ----------------------------------------------------------------------------
