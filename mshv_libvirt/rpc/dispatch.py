@@ -85,6 +85,12 @@ LIST_ALL_FLAGS = (1 << 16) - 1
 EVENT_ID_LIFECYCLE = 0
 EVENT_ID_REBOOT = 1
 EVENT_MSG_PROC = {EVENT_ID_LIFECYCLE: 318, EVENT_ID_REBOOT: 319}
+# libvirt 9.0's VIR_DOMAIN_EVENT_ID_LAST: every ID below it can be registered (as in libvirtd); the
+# driver delivers lifecycle and reboot events, the others never happen here.
+EVENT_ID_LAST = 27
+# Our own limit (libvirt has none): every callback costs a message per event, so one connection
+# registering 200 000 of them stalled every client at each domain event.
+MAX_CALLBACKS = 64
 
 PROC_OPEN_CONSOLE = 201
 # Calls a client may make before CONNECT_OPEN: the open itself, feature probes, the auth list.
@@ -119,9 +125,24 @@ class ConsoleStream:
     finished: bool = False
 
 
+# Console output waiting for a client beyond this: stop reading the pty until the client has read it
+# (the guest's console then waits, as on a real slow serial line, instead of the daemon buffering).
+CONSOLE_BACKLOG = 256 << 10
+
+
 class Session:
-    def __init__(self, daemon: Daemon, conn: ServerConnection, send: Callable[[bytes], None], readonly: bool) -> None:
+    def __init__(
+        self,
+        daemon: Daemon,
+        conn: ServerConnection,
+        send: Callable[[bytes], object],
+        readonly: bool,
+        backlog: Callable[[], int] = lambda: 0,
+        drained: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.daemon = daemon
+        self.backlog = backlog  # bytes queued for this client and not yet written to its socket
+        self.drained = drained  # waits until that queue is empty
         self.manager: DomainManager = daemon.manager
         self.conn = conn
         self.send = send
@@ -130,6 +151,7 @@ class Session:
         self._callbacks: dict[int, tuple[int, bytes | None]] = {}  # callbackID -> (eventID, uuid filter)
         self._next_callback = 0
         self._consoles: dict[int, ConsoleStream] = {}
+        self._resumes: set[asyncio.Task[None]] = set()  # consoles waiting for the client to read
         self._subscribed = False
 
     # -- calls ------------------------------------------------------------------------------------
@@ -232,8 +254,14 @@ class Session:
         p.int(ev.id)
 
     def register_callback(self, event_id: int, filt: bytes | None) -> int:
-        if event_id not in EVENT_MSG_PROC:
-            raise VirtError(ErrorCode.INVALID_ARG, f"unsupported event ID {event_id}")
+        if not 0 <= event_id < EVENT_ID_LAST:
+            raise VirtError(ErrorCode.INTERNAL_ERROR, f"unsupported event ID {event_id}", ErrorDomain.RPC)
+        if len(self._callbacks) >= MAX_CALLBACKS:
+            raise VirtError(
+                ErrorCode.RPC,
+                f"Too many domain event callbacks '{len(self._callbacks) + 1}' for limit '{MAX_CALLBACKS}'",
+                ErrorDomain.RPC,
+            )
         cb_id = self._next_callback
         self._next_callback += 1
         self._callbacks[cb_id] = (event_id, filt)
@@ -283,8 +311,20 @@ class Session:
             data = b""
         if data:
             self.send(self.conn.send_stream(PROC_OPEN_CONSOLE, stream.serial, Status.CONTINUE, data))
+            if self.backlog() > CONSOLE_BACKLOG and self.drained is not None:
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(stream.fd)
+                task = loop.create_task(self._resume_console(stream, self.drained()))
+                self._resumes.add(task)
+                task.add_done_callback(self._resumes.discard)
             return
         self.end_console(stream)
+
+    async def _resume_console(self, stream: ConsoleStream, drained: Awaitable[None]) -> None:
+        with contextlib.suppress(ConnectionError):
+            await drained
+        if not stream.finished:
+            asyncio.get_running_loop().add_reader(stream.fd, self._console_readable, stream)
 
     def end_console(self, stream: ConsoleStream) -> None:
         """The guest side ended (VM stopped, or another client took over): an empty CONTINUE is EOF."""
@@ -315,6 +355,8 @@ class Session:
                 self.end_console(stream)
 
     def close(self) -> None:
+        for task in list(self._resumes):
+            task.cancel()
         for stream in list(self._consoles.values()):
             self._close_console(stream)
         if self._subscribed:

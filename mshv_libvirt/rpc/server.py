@@ -23,6 +23,7 @@ from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError
 
 from .dispatch import ConsoleStream, Session
 from .protocol import (
+    MAX_PACKET,
     NEED_DATA,
     Call,
     ConnectionClosed,
@@ -34,8 +35,17 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
-MAX_CALLS_IN_FLIGHT = 16  # per connection, like libvirtd's max_client_requests (bounded work per client)
-MAX_WRITE_BUFFER = 32 << 20  # a client that stops reading is dropped rather than growing our memory
+# libvirtd's max_client_requests (default 5): calls read from a client and not yet completely written back
+# to its socket. Past it we stop reading that client, so a client that does not read its replies holds at
+# most a few of them.
+MAX_CLIENT_REQUESTS = 5
+# Output waiting in our buffer for one client (replies, events, console data). Past PAUSE_QUEUED we stop
+# reading that client's calls; past MAX_QUEUED (only events and console data can get there: calls are no
+# longer read) the client is dropped rather than growing our memory.
+PAUSE_QUEUED = 256 << 10
+MAX_QUEUED = 2 * MAX_PACKET
+# At shutdown, calls still running get this long to finish before they are cancelled.
+SHUTDOWN_GRACE = 2.0
 MAX_CLIENTS = 512
 # The read-only socket is world-accessible (0666): its clients may take at most half the slots, so
 # they can never lock the owner out of the read-write socket.
@@ -131,26 +141,60 @@ class Daemon:
         conn = ServerConnection()
         charged = 0  # this client's share of self.buffered
         transport = writer.transport
-
-        def send(data: bytes) -> None:
-            if not data or transport.is_closing():
-                return
-            if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
-                log.warning("dropping a client that does not read its replies")
-                transport.abort()
-                return
-            transport.write(data)
-
-        session = Session(self, conn, send, readonly)
-        in_flight = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
+        # drain() then returns only once everything is written to the socket: "completely written".
+        transport.set_write_buffer_limits(high=0)
         calls: set[asyncio.Task[None]] = set()
+        unflushed = 0  # replies handed to the transport that were not yet completely written
+        progress = asyncio.Event()  # a call finished
+
+        def send(data: bytes) -> bool:
+            """Queue ``data``; False if the client was dropped for not reading what we queued."""
+            if not data or transport.is_closing():
+                return False
+            if transport.get_write_buffer_size() + len(data) > MAX_QUEUED:
+                log.warning("dropping a client that does not read its replies and events")
+                transport.abort()
+                return False
+            transport.write(data)
+            return True
+
+        def send_reply(data: bytes) -> None:
+            nonlocal unflushed
+            if send(data) and transport.get_write_buffer_size():
+                unflushed += 1
+
+        session = Session(self, conn, send, readonly, transport.get_write_buffer_size, writer.drain)
 
         async def finish_call(pending: Coroutine[Any, Any, bytes]) -> None:
             try:
-                send(await pending)
+                send_reply(await pending)
             finally:
-                in_flight.release()
+                progress.set()
 
+        async def wait_for_room() -> None:
+            """Until the client has fewer than MAX_CLIENT_REQUESTS outstanding and reads its output."""
+            nonlocal unflushed
+            while not transport.is_closing():
+                queued = transport.get_write_buffer_size()
+                if not queued:
+                    unflushed = 0  # everything written: every queued reply is complete
+                if len(calls) + unflushed < MAX_CLIENT_REQUESTS and queued <= PAUSE_QUEUED:
+                    return
+                progress.clear()
+                waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(progress.wait())]
+                if queued:
+                    waits.append(asyncio.ensure_future(writer.drain()))
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
+                    for w in waits:
+                        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                            await w
+            raise ConnectionResetError("client connection closed")
+
+        shutting_down = False
         try:
             while True:
                 try:
@@ -172,18 +216,14 @@ class Daemon:
                     if isinstance(event, Ping):
                         send(conn.send_pong())
                     elif isinstance(event, Call):
+                        await wait_for_room()
                         reply = session.dispatch(event)
                         if isinstance(reply, bytes):
-                            send(reply)
-                            continue
-                        try:
-                            await in_flight.acquire()
-                        except asyncio.CancelledError:
-                            reply.close()  # never started: nothing to wait for
-                            raise
-                        t = asyncio.create_task(finish_call(reply))
-                        calls.add(t)
-                        t.add_done_callback(calls.discard)
+                            send_reply(reply)
+                        else:
+                            t = asyncio.create_task(finish_call(reply))
+                            calls.add(t)
+                            t.add_done_callback(calls.discard)
                     elif isinstance(event, StreamPacket):
                         session.stream_packet(event)
                 extra = max(0, conn.buffered - SMALL_BUFFER)
@@ -191,18 +231,23 @@ class Daemon:
                 charged = extra
                 if not data or transport.is_closing():
                     break
-                await writer.drain()
         except RemoteProtocolError as err:
             log.info("closing a client: %s", err)
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError:
             pass
+        except asyncio.CancelledError:
+            shutting_down = True
         finally:
             self.buffered -= charged
             charged = 0
-            for t in list(calls):
-                if not t.done():
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await asyncio.wait_for(asyncio.shield(t), 60)
+            # A client that went away still gets its calls carried out (a define it sent is not half
+            # done); at shutdown they get SHUTDOWN_GRACE, then are cancelled.
+            pending = [t for t in calls if not t.done()]
+            if pending:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait(pending, timeout=SHUTDOWN_GRACE if shutting_down else 60)
+                for t in pending:
+                    t.cancel()
             session.close()
             writer.close()
             self._clients.discard(task)
