@@ -41,7 +41,14 @@ def main(src: Path) -> None:
         # body closed at column 0.
         for fm in re.finditer(r"^(?:[A-Za-z_][\w ]*[ *])?(vir\w+)\(([^)]*)\)\s*\n\{\n(.*?)\n\}\n", text, re.S | re.M):
             name, body = fm.group(1), fm.group(3)
-            funcs.setdefault(name.lower(), (name, "virCheckReadOnlyGoto" in body, domain))
+            # Only an unconditional check counts; a conditional one (virDomainGetVcpusFlags with the GUEST
+            # flag, say) is the handler's business.
+            lines = body.splitlines()
+            readonly = any(
+                "virCheckReadOnlyGoto" in line and not (i and lines[i - 1].strip().startswith("if ("))
+                for i, line in enumerate(lines)
+            )
+            funcs.setdefault(name.lower(), (name, readonly, domain))
     rows = []
     for n, remote in procs:
         found = funcs.get("vir" + remote.replace("_", "").lower())

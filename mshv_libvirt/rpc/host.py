@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import uuid
 from dataclasses import dataclass
 from functools import cache
@@ -51,12 +52,15 @@ def node_info() -> NodeInfo:
     return NodeInfo(platform.machine() or "x86_64", mem_kib, cpus, mhz, 1, 1, cpus, 1)
 
 
-def hypervisor_version() -> int:
-    """The host kernel's version as major * 1_000_000 + minor * 1000 + micro (the mshv driver's version)."""
+def hypervisor_version(release: str | None = None) -> int:
+    """The host kernel's version as major * 1_000_000 + minor * 1000 + micro (the mshv driver's version).
+
+    Only each field's leading digits count: "6.18.44-fc-v1147" is 6.18.44.
+    """
     parts = []
-    for piece in platform.release().split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
+    for piece in (release if release is not None else platform.release()).split(".")[:3]:
+        m = re.match(r"\d+", piece)
+        parts.append(min(int(m.group()), 999) if m else 0)
     while len(parts) < 3:
         parts.append(0)
     return parts[0] * 1_000_000 + parts[1] * 1000 + parts[2]
