@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from mshv_libvirt.rpc import calltrace
 from tests.support.guests import GuestUnavailable, build_tiny_guest
 from tests.support.report import ENV, read_reports
 
@@ -17,6 +18,33 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ[ENV] = tempfile.mkdtemp(prefix="mshv-libvirt-report-")
     for stale in Path(os.environ[ENV]).glob("*.json"):
         stale.unlink()
+    # Every daemon the tests start records the procedures real clients drove (rpc/calltrace.py).
+    os.environ[calltrace.ENV] = tempfile.mkdtemp(prefix="mshv-libvirt-calls-")
+
+
+def _whole_suite(config: pytest.Config) -> bool:
+    """The run collects every test module (markers may still select), so coverage can be judged."""
+    tests = (Path(str(config.rootpath)) / "tests").resolve()
+    args = {Path(a.split("::")[0]).resolve() for a in config.args}
+    option = config.option
+    return args == {tests} and not option.keyword and not option.deselect and not getattr(option, "lf", False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail a whole-suite run in which some implemented procedure was never driven by a real client."""
+    if exitstatus != 0 or not _whole_suite(session.config):
+        return
+    from mshv_libvirt.rpc.dispatch import PROCEDURES
+
+    driven = calltrace.read_traces(Path(os.environ[calltrace.ENV]))
+    missing = sorted(set(PROCEDURES) - driven)
+    if missing:
+        names = ", ".join(f"{n} {PROCEDURES[n].name}" for n in missing)
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(f"procedures no real client (virsh, libvirt-python) drove: {names}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -153,6 +153,10 @@ class Session:
         self._consoles: dict[int, ConsoleStream] = {}
         self._resumes: set[asyncio.Task[None]] = set()  # consoles waiting for the client to read
         self._subscribed = False
+        # Test-only call trace (calltrace.py): None until the first call after CONNECT_OPEN tells
+        # whether this is libvirt's client library; calls made before that wait in _early.
+        self._real_client: bool | None = None
+        self._early: list[int] = []
 
     # -- calls ------------------------------------------------------------------------------------
     def dispatch(self, call: Call) -> bytes | Coroutine[Any, Any, bytes]:
@@ -199,7 +203,21 @@ class Session:
         values: list[Any] = list(raw)
         for i in entry.finish_order:
             values[i] = entry.args[i].finish(self, raw[i], entry)
+        if self.daemon.call_trace is not None:
+            self._trace(entry.number)
         return entry.handler(self, *values)
+
+    def _trace(self, number: int) -> None:
+        assert self.daemon.call_trace is not None
+        if self._real_client is None and self.opened and number != 1:
+            self._real_client = number == 60
+            if self._real_client:
+                self.daemon.call_trace.record(self._early)
+            self._early.clear()
+        if self._real_client is None:
+            self._early.append(number)
+        elif self._real_client:
+            self.daemon.call_trace.record([number])
 
     async def _finish(self, call: Call, entry: Procedure, pending: Awaitable[Any]) -> bytes:
         try:
@@ -580,6 +598,8 @@ def _no_hotplug(what: str) -> VirtError:
 
 
 def get_vcpus_flags(s: Session, dom: Domain, flags: int) -> int:
+    if flags & VCPU_GUEST and s.readonly:  # libvirt's public API: the guest agent needs a read-write connection
+        raise _denied("virDomainGetVcpusFlags", ErrorDomain.DOMAIN)
     if flags & VCPU_GUEST:
         raise VirtError(ErrorCode.ARGUMENT_UNSUPPORTED, "the mshv driver has no guest agent")
     return _config_to_read(dom, flags).vcpus  # no vCPU hotplug: current always equals maximum
@@ -787,7 +807,7 @@ PROCEDURES: dict[int, Procedure] = table(
     proc(19, lambda s, dom: dom.config.os_type, DOM, ret=ret_str),
     proc(150, lambda s, dom: dom.active, DOM, ret=ret_bool),
     proc(151, lambda s, dom: dom.persistent is not None, DOM, ret=ret_bool),
-    proc(152, is_updated, DOM, ret=ret_bool),
+    proc(202, is_updated, DOM, ret=ret_bool),
     proc(15, lambda s, dom: s.manager.autostart(dom), DOM, ret=ret_bool),
     proc(29, lambda s, dom, on: s.manager.set_autostart(dom, bool(on)), DOM, INT),
     proc(264, set_metadata, DOM, INT, OPT_STR, OPT_STR, OPT_STR, Flags(_FLAGS_AFFECT)),

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from mshv_libvirt.driver.manager import DomainManager
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError
 
+from . import calltrace
 from .dispatch import ConsoleStream, Session
 from .protocol import (
     MAX_PACKET,
@@ -76,6 +77,7 @@ class Daemon:
         self.ro_clients = 0
         self.buffered = 0  # bytes above SMALL_BUFFER held in partial packets, over all clients
         self.last_activity = asyncio.get_event_loop().time()
+        self.call_trace = calltrace.from_env()
 
     def check_uri(self, name: str | None) -> None:
         if not name:
