@@ -1,8 +1,8 @@
 /* mshv-libvirt: our own declarations of the Linux /dev/mshv userspace ABI.
  *
  * Written from the facts recorded in shared/reference/mshv-abi.md (Linux 6.15-6.18
- * layouts, plus the 6.19 v2 create-partition layout gated by a flag bit). Not copied
- * from any header. Layout rules this project keeps:
+ * layouts, the 6.19 v2 create-partition layout gated by a flag bit, and the two
+ * create-partition bits of 7.0). Not copied from any header. Layout rules this project keeps:
  *   - fixed-width types only, no bitfields, no enums inside structs, no pointers
  *     (user addresses travel as uint64_t);
  *   - every hole is an explicit reserved field that the kernel (and our emulated
@@ -30,9 +30,15 @@
 #define MSHV_PT_BIT_GPA_SUPER_PAGES 2
 /* 6.19: selects the 64-byte mshv_create_partition_v2 under the same ioctl number. */
 #define MSHV_PT_BIT_CPU_AND_XSAVE_FEATURES 3
-/* Masks of the bits each kernel generation accepts (anything else: EINVAL). */
+/* 7.0: HV_PARTITION_CREATION_FLAG_NESTED_VIRTUALIZATION_CAPABLE (the guest may run a hypervisor). */
+#define MSHV_PT_BIT_NESTED_VIRTUALIZATION 4
+/* 7.0: HV_PARTITION_CREATION_FLAG_SMT_ENABLED_GUEST (VPs scheduled as SMT siblings). */
+#define MSHV_PT_BIT_SMT_ENABLED_GUEST 5
+/* Masks of the bits each kernel generation accepts (anything else: EINVAL), in either layout:
+ * V1 6.15-6.18, V2 6.19, V3 7.0. */
 #define MSHV_PT_FLAGS_MASK_V1 0x7
 #define MSHV_PT_FLAGS_MASK_V2 0xF
+#define MSHV_PT_FLAGS_MASK_V3 0x3F
 
 #define MSHV_PT_ISOLATION_NONE 0
 #define MSHV_PT_ISOLATION_COUNT 1

@@ -107,7 +107,20 @@ def test_struct_layout(struct: str) -> None:
 
 
 def test_flag_masks_and_limits() -> None:
-    assert (lib.MSHV_PT_FLAGS_MASK_V1, lib.MSHV_PT_FLAGS_MASK_V2) == (0x7, 0xF)
+    # 6.15-6.18, 6.19 (+ CPU_AND_XSAVE_FEATURES), 7.0 (+ NESTED_VIRTUALIZATION, SMT_ENABLED_GUEST):
+    # upstream's MSHV_PT_FLAGS_MASK is (1 << MSHV_PT_BIT_COUNT) - 1 in each.
+    assert (lib.MSHV_PT_FLAGS_MASK_V1, lib.MSHV_PT_FLAGS_MASK_V2, lib.MSHV_PT_FLAGS_MASK_V3) == (0x7, 0xF, 0x3F)
+    bits = (
+        lib.MSHV_PT_BIT_LAPIC,
+        lib.MSHV_PT_BIT_X2APIC,
+        lib.MSHV_PT_BIT_GPA_SUPER_PAGES,
+        lib.MSHV_PT_BIT_CPU_AND_XSAVE_FEATURES,
+        lib.MSHV_PT_BIT_NESTED_VIRTUALIZATION,
+        lib.MSHV_PT_BIT_SMT_ENABLED_GUEST,
+    )
+    assert bits == (0, 1, 2, 3, 4, 5)
+    for count, mask in ((3, lib.MSHV_PT_FLAGS_MASK_V1), (4, lib.MSHV_PT_FLAGS_MASK_V2), (6, lib.MSHV_PT_FLAGS_MASK_V3)):
+        assert mask == sum(1 << b for b in bits[:count])
     assert lib.MSHV_SET_MEM_FLAGS_MASK == 0x7
     assert lib.MSHV_IRQFD_FLAGS_MASK == 0x3
     assert lib.MSHV_IOEVENTFD_FLAGS_MASK == 0x7
