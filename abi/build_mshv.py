@@ -45,6 +45,7 @@ long mshv_dev_ioctl(int fd, unsigned long request, void *arg);
 int mshv_dev_close(int fd);
 void *mshv_dev_mmap(void *addr, size_t len, int prot, int flags, int fd, long offset);
 int mshv_emu_kvm_available(void);
+int mshv_emu_kernel(int fd);
 void *mshv_alloc_pages(size_t len);
 int mshv_free_pages(void *addr, size_t len);
 int mshv_install_kick_handler(int signo);

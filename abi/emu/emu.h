@@ -15,5 +15,8 @@ int emu_owns(int fd);                               /* 1 if fd is an emulator ha
 long emu_ioctl(int fd, unsigned long request, void *arg);
 int emu_close(int fd);                              /* releases like the kernel's last close */
 void *emu_mmap(void *addr, size_t len, int prot, int flags, int fd, long offset);
+/* The kernel generation an emulated /dev/mshv handle reproduces (major * 100 + minor: 615 for
+ * 6.15-6.18, 619, 700), fixed by MSHV_LIBVIRT_EMU_KERNEL when it was opened; -1 if fd is none. */
+int mshv_emu_kernel(int fd);
 
 #endif

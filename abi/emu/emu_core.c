@@ -1,10 +1,10 @@
 /* mshv-libvirt emulated /dev/mshv: handles, dispatch, lifetime, mmap.
  *
  * Reproduces the upstream mshv_root driver as recorded in shared/reference/mshv-abi.md:
- * 6.15-6.18 validation order and errno, plus the 6.19 v2 create-partition layout behind
- * MSHV_PT_BIT_CPU_AND_XSAVE_FEATURES. Where /dev/kvm exists a partition is a KVM VM and guest
- * code really runs (emu_kvm.c); otherwise everything still validates and the calls that need
- * a guest fail with ENODEV.
+ * 6.15-6.18 validation order and errno, with MSHV_CREATE_PARTITION as the kernel generation
+ * that MSHV_LIBVIRT_EMU_KERNEL names at open (enum emu_gen). Where /dev/kvm exists a partition
+ * is a KVM VM and guest code really runs (emu_kvm.c); otherwise everything still validates
+ * and the calls that need a guest fail with ENODEV.
  *
  * Handles are eventfds (real descriptors, so numbers never collide). For each we keep a
  * private dup ("shadow"): kcmp(KCMP_FILE) against it tells a live handle from a table entry
@@ -19,6 +19,7 @@
 #include <fcntl.h>
 #include <linux/kcmp.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -33,6 +34,7 @@ struct handle {
     enum emu_kind kind;         /* 0: free slot */
     void *obj;                  /* struct emu_partition * or struct emu_vp * */
     int shadow;
+    int gen;                    /* /dev/mshv handles: enum emu_gen */
 };
 
 static pthread_mutex_t tab_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -147,21 +149,78 @@ int emu_handle_new(enum emu_kind kind, void *obj)
         tab_len = len;
     }
     struct handle stale = tab[fd];
-    tab[fd] = (struct handle){kind, obj, shadow};
+    tab[fd] = (struct handle){kind, obj, shadow, 0};
     pthread_mutex_unlock(&tab_lock);
     if (stale.kind) /* the number was closed behind our back and has just come back */
         release(&stale);
     return fd;
 }
 
+/* "6.15" .. "6.18", "6.19" or "7.0", optionally with a patch level ("7.0.2"); unset or "": the
+ * newest. Anything else is -1 (emu_open refuses it rather than guess). */
+int emu_gen_parse(const char *spec)
+{
+    if (!spec || !*spec)
+        return EMU_GEN_NEWEST;
+    unsigned long part[3] = {0, 0, 0};
+    int n = 0;
+    const char *p = spec;
+    for (;;) {
+        char *end;
+        if (*p < '0' || *p > '9' || n == 3)
+            return -1;
+        part[n++] = strtoul(p, &end, 10);
+        if (*end == '\0')
+            break;
+        if (*end != '.')
+            return -1;
+        p = end + 1;
+    }
+    if (n < 2)
+        return -1;
+    if (part[0] == 6 && part[1] >= 15 && part[1] <= 18)
+        return EMU_GEN_6_15;
+    if (part[0] == 6 && part[1] == 19)
+        return EMU_GEN_6_19;
+    if (part[0] == 7 && part[1] == 0)
+        return EMU_GEN_7_0;
+    return -1;
+}
+
 int emu_open(void)
 {
+    /* Fixed for the handle's lifetime, as a running kernel's driver is. */
+    int gen = emu_gen_parse(getenv("MSHV_LIBVIRT_EMU_KERNEL"));
+    if (gen < 0) {
+        errno = EINVAL;
+        return -1;
+    }
     int fd = emu_handle_new(EMU_KIND_DEV, NULL);
     if (fd < 0) {
         errno = -fd;
         return -1;
     }
+    pthread_mutex_lock(&tab_lock);
+    tab[fd].gen = gen;
+    pthread_mutex_unlock(&tab_lock);
     return fd;
+}
+
+int mshv_emu_kernel(int fd)
+{
+    struct handle h;
+    if (!lookup(fd, &h)) {
+        errno = EBADF;
+        return -1;
+    }
+    if (h.kind != EMU_KIND_DEV) {
+        struct emu_partition *pt = handle_partition(&h);
+        if (pt)
+            emu_partition_put(pt);
+        errno = ENOTTY;
+        return -1;
+    }
+    return h.gen;
 }
 
 int emu_owns(int fd)
@@ -180,22 +239,26 @@ int mshv_emu_kvm_available(void)
     return emu_kvm_wanted() && emu_kvm_fd() >= 0;
 }
 
-/* MSHV_CREATE_PARTITION (§5.1): 6.15 checks, and the 6.19 v2 struct when bit 3 is set. */
-static long create_partition(uint64_t arg)
+/* MSHV_CREATE_PARTITION (§5.1) as kernel generation ``gen``: the flag mask, and whether bit 3
+ * switches to the 64-byte v2 struct, are the generation's. */
+static long create_partition(uint64_t arg, int gen)
 {
     struct mshv_create_partition v1;
     struct mshv_create_partition_v2 v2;
+    uint64_t mask = gen >= EMU_GEN_7_0    ? MSHV_PT_FLAGS_MASK_V3
+                    : gen >= EMU_GEN_6_19 ? MSHV_PT_FLAGS_MASK_V2
+                                          : MSHV_PT_FLAGS_MASK_V1;
     if (emu_copy_from_user(&v1, arg, sizeof(v1)))
         return -EFAULT;
-    if ((v1.pt_flags & ~(uint64_t)MSHV_PT_FLAGS_MASK_V2) || v1.pt_isolation >= MSHV_PT_ISOLATION_COUNT)
+    if ((v1.pt_flags & ~mask) || v1.pt_isolation >= MSHV_PT_ISOLATION_COUNT)
         return -EINVAL;
     memset(&v2, 0, sizeof(v2));
-    if (v1.pt_flags & (1ULL << MSHV_PT_BIT_CPU_AND_XSAVE_FEATURES)) {
+    if (v1.pt_flags & (1ULL << MSHV_PT_BIT_CPU_AND_XSAVE_FEATURES)) { /* 6.19+ (the mask let it through) */
         /* Same ioctl number (size 16), but the kernel copies all 64 bytes and re-checks the
          * v1 fields on the fresh copy before looking at the new ones. */
         if (emu_copy_from_user(&v2, arg, sizeof(v2)))
             return -EFAULT;
-        if ((v2.pt_flags & ~(uint64_t)MSHV_PT_FLAGS_MASK_V2) || v2.pt_isolation >= MSHV_PT_ISOLATION_COUNT)
+        if ((v2.pt_flags & ~mask) || v2.pt_isolation >= MSHV_PT_ISOLATION_COUNT)
             return -EINVAL;
         if (v2.pt_num_cpu_fbanks != MSHV_NUM_CPU_FEATURES_BANKS || emu_nonzero(v2.pt_rsvd, sizeof(v2.pt_rsvd)) ||
             emu_nonzero(v2.pt_rsvd1, sizeof(v2.pt_rsvd1)))
@@ -203,6 +266,10 @@ static long create_partition(uint64_t arg)
         v1.pt_flags = v2.pt_flags;
         v1.pt_isolation = v2.pt_isolation;
     }
+    /* The hypercall: a KVM that cannot nest has no VMX/SVM to give (inferred status, emu_int.h). */
+    if ((v1.pt_flags & (1ULL << MSHV_PT_BIT_NESTED_VIRTUALIZATION)) && emu_kvm_wanted() && emu_kvm_fd() >= 0 &&
+        !emu_kvm_nested())
+        return -emu_hv_status_errno(HV_STATUS_PROCESSOR_FEATURE_NOT_SUPPORTED);
     struct emu_partition *pt = emu_partition_alloc();
     if (!pt)
         return -ENOMEM;
@@ -214,6 +281,21 @@ static long create_partition(uint64_t arg)
     if (fd < 0)
         emu_partition_put(pt);
     return fd;
+}
+
+/* MSHV_LIBVIRT_EMU_DEBUG=1: what each CREATE_PARTITION asked for and got, on stderr (the VM's
+ * log), so a test can see what reached the device independently of what the VMM says. */
+static void create_partition_trace(uint64_t arg, int gen, long r)
+{
+    struct mshv_create_partition a;
+    if (!emu_env_flag("MSHV_LIBVIRT_EMU_DEBUG", 0) || emu_copy_from_user(&a, arg, sizeof(a)))
+        return;
+    if (r >= 0)
+        fprintf(stderr, "mshv-emu: Linux %d.%d: MSHV_CREATE_PARTITION pt_flags=%#llx: fd %ld\n", gen / 100,
+                gen % 100, (unsigned long long)a.pt_flags, r);
+    else
+        fprintf(stderr, "mshv-emu: Linux %d.%d: MSHV_CREATE_PARTITION pt_flags=%#llx: errno %ld (%s)\n", gen / 100,
+                gen % 100, (unsigned long long)a.pt_flags, -r, strerror((int)-r));
 }
 
 long emu_ioctl(int fd, unsigned long request, void *arg)
@@ -229,8 +311,13 @@ long emu_ioctl(int fd, unsigned long request, void *arg)
     }
     switch (h.kind) {
     case EMU_KIND_DEV:
-        /* 6.15-6.18: MSHV_ROOT_HVCALL on /dev/mshv (6.19's self-targeted call) is ENOTTY. */
-        r = cmd == MSHV_CREATE_PARTITION ? create_partition(uarg) : -ENOTTY;
+        /* MSHV_ROOT_HVCALL on /dev/mshv (6.19's self-targeted call) is ENOTTY, as in 6.15-6.18. */
+        if (cmd == MSHV_CREATE_PARTITION) {
+            r = create_partition(uarg, h.gen);
+            create_partition_trace(uarg, h.gen, r);
+        } else {
+            r = -ENOTTY;
+        }
         break;
     case EMU_KIND_PARTITION:
         r = emu_partition_ioctl(h.obj, cmd, uarg);

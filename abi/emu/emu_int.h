@@ -8,8 +8,9 @@
  *            emu_decode.c    just enough x86 decoding to find an intercepted instruction
  *            emu_uaccess.c   copy_{from,to}_user that fail with EFAULT instead of crashing
  *
- * Generation mirrored: 6.15-6.18 (shared/reference/mshv-abi.md §5), plus 6.19's v2
- * create-partition behind MSHV_PT_BIT_CPU_AND_XSAVE_FEATURES (mask 0xF). So: ROOT_HVCALL on
+ * Kernel generation: MSHV_CREATE_PARTITION behaves as the one named by MSHV_LIBVIRT_EMU_KERNEL
+ * when the /dev/mshv handle is opened (default: the newest), see enum emu_gen. Everything else
+ * mirrors 6.15-6.18 (shared/reference/mshv-abi.md §5) in every generation: ROOT_HVCALL on
  * /dev/mshv is ENOTTY; the 6.15 allow-list (no GET_PARTITION_PROPERTY_EX); the 6.15 endpoint
  * overlap test in GPA and user space; duplicate gsi 0 accepted; unmap miss is EINVAL.
  *
@@ -24,6 +25,10 @@
  *     the guest's INIT/SIPI (handled by KVM's LAPIC).
  *   - HVMSG_X64_HALT only for HLT with interrupts off (nothing can wake it); HLT with IF set
  *     waits in the kernel for the interrupt, as with the hypervisor's LAPIC.
+ *   - MSHV_PT_BIT_NESTED_VIRTUALIZATION when the backing KVM cannot give a guest VMX or SVM:
+ *     HvCallCreatePartition fails with PROCESSOR_FEATURE_NOT_SUPPORTED -> EIO. Without the bit
+ *     the guest's CPUID has no VMX/SVM; MSHV_PT_BIT_SMT_ENABLED_GUEST is recorded only (KVM
+ *     has no SMT-aware scheduling to switch on).
  * Deviations forced by KVM:
  *   - a GPA range strictly containing an old region passes the 6.15 check but the memslot is
  *     refused (EEXIST); no register page (mmap pgoff 0 -> ENODEV, as for SNP partitions);
@@ -66,6 +71,13 @@
 #define EMU_GVA_VALIDATE_WRITE 0x2
 
 enum emu_kind { EMU_KIND_DEV = 1, EMU_KIND_PARTITION, EMU_KIND_VP };
+
+/* The kernel whose MSHV_CREATE_PARTITION a /dev/mshv handle reproduces (§5.1):
+ *   6.15-6.18  pt_flags mask 0x7, 16-byte struct only (bit 3 is an unknown bit: EINVAL);
+ *   6.19       mask 0xF, bit 3 selects the 64-byte v2 struct (copied and checked in full);
+ *   7.0        mask 0x3F: + NESTED_VIRTUALIZATION (4), SMT_ENABLED_GUEST (5), either layout.
+ * The value is major * 100 + minor of the oldest kernel of the generation. */
+enum emu_gen { EMU_GEN_6_15 = 615, EMU_GEN_6_19 = 619, EMU_GEN_7_0 = 700, EMU_GEN_NEWEST = EMU_GEN_7_0 };
 
 struct emu_partition;
 
@@ -165,6 +177,7 @@ EMU_LOCAL int emu_env_flag(const char *name, int dflt);
 EMU_LOCAL void emu_partition_get(struct emu_partition *pt);
 EMU_LOCAL void emu_partition_put(struct emu_partition *pt);
 EMU_LOCAL int emu_handle_new(enum emu_kind kind, void *obj);
+EMU_LOCAL int emu_gen_parse(const char *spec); /* enum emu_gen, -1 if not a known kernel */
 EMU_LOCAL int emu_fd_is_handle(int fd);
 
 /* ---- emu_partition.c ---- */
@@ -209,6 +222,7 @@ EMU_LOCAL int emu_kvm_vp_running(struct emu_vp *vp);
 EMU_LOCAL uint32_t emu_kvm_xsave_size(void);
 EMU_LOCAL uint64_t emu_kvm_xsave_states(void);
 EMU_LOCAL uint32_t emu_kvm_phys_bits(void);
+EMU_LOCAL int emu_kvm_nested(void); /* 1 if KVM can give a guest VMX or SVM */
 EMU_LOCAL uint64_t emu_kvm_tsc_hz(struct emu_partition *pt);
 EMU_LOCAL int emu_kvm_get_lapic(struct emu_vp *vp, uint8_t *page);
 EMU_LOCAL int emu_kvm_set_lapic(struct emu_vp *vp, const uint8_t *page);

@@ -186,6 +186,19 @@ uint32_t emu_kvm_phys_bits(void)
     return phys_bits;
 }
 
+/* CPUID.1:ECX.VMX (bit 5), CPUID.80000001h:ECX.SVM (bit 2): what a nested hypervisor needs. */
+#define CPUID1_ECX_VMX (1u << 5)
+#define CPUID80000001_ECX_SVM (1u << 2)
+
+int emu_kvm_nested(void)
+{
+    if (emu_kvm_fd() < 0)
+        return 0;
+    const struct kvm_cpuid_entry2 *e = cpuid_find(supported, 1, 0);
+    const struct kvm_cpuid_entry2 *x = cpuid_find(supported, 0x80000001, 0);
+    return (e && (e->ecx & CPUID1_ECX_VMX)) || (x && (x->ecx & CPUID80000001_ECX_SVM));
+}
+
 uint64_t emu_kvm_tsc_hz(struct emu_partition *pt)
 {
     for (int i = 0; i < MSHV_MAX_VPS; i++) {
@@ -368,13 +381,18 @@ int emu_kvm_vcpu_create(struct emu_vp *vp)
     if (!c)
         return -ENOMEM;
     memcpy(c, supported, sz);
+    int nested = !!(pt->pt_flags & (1u << MSHV_PT_BIT_NESTED_VIRTUALIZATION));
     for (uint32_t i = 0; i < c->nent; i++) {
         struct kvm_cpuid_entry2 *e = &c->entries[i];
         if (e->function == 1) {
             e->ebx = (e->ebx & 0x00FFFFFF) | (vp->index << 24);
             if (!(pt->pt_flags & (1u << MSHV_PT_BIT_X2APIC)))
                 e->ecx &= ~(1u << 21); /* x2APIC only for X2APIC-capable partitions */
+            if (!nested)
+                e->ecx &= ~CPUID1_ECX_VMX; /* VMX/SVM only for nested-capable partitions (7.0) */
         }
+        if (e->function == 0x80000001 && !nested)
+            e->ecx &= ~CPUID80000001_ECX_SVM;
         if (e->function == 0xB || e->function == 0x1F)
             e->edx = vp->index;
     }

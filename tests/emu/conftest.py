@@ -9,6 +9,13 @@ import pytest
 from .emutil import close, create_partition, create_vp, initialize, kvm_skip_reason, open_dev
 
 
+@pytest.fixture(autouse=True)
+def _newest_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Handles opened by these tests reproduce the newest kernel unless a test picks another
+    (MSHV_LIBVIRT_EMU_KERNEL from the caller's environment must not change the expectations)."""
+    monkeypatch.delenv("MSHV_LIBVIRT_EMU_KERNEL", raising=False)
+
+
 @pytest.fixture
 def dev() -> Iterator[int]:
     fd = open_dev()

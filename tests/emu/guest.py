@@ -128,9 +128,9 @@ class RunError(Exception):
 
 
 class Guest:
-    def __init__(self, nvps: int = 1) -> None:
+    def __init__(self, nvps: int = 1, flags: int = 0x7) -> None:
         self.dev = open_dev()
-        self.pt = create_partition(self.dev)
+        self.pt = create_partition(self.dev, flags)
         assert self.pt >= 0 and initialize(self.pt) == 0
         self.ram = Mem(RAM)
         assert set_memory(self.pt, RAM, 0, self.ram.addr) == 0

@@ -1,9 +1,10 @@
 /* Standalone C harness for the emulated /dev/mshv (abi/emu), without Python or cffi.
  *
  * Built by tests/emu/test_c_harness.py (optionally with ASan/UBSan) against abi/include and
- * every C file of abi/emu. Part 1 checks a few validation rules; part 2 (only with /dev/kvm) runs a
- * 64-bit guest through OUT, IN, an MMIO write and read and HLT, completing each intercept the
- * way a VMM does. Exit status 0 means every check passed; 77 means "no KVM, part 2 skipped".
+ * every C file of abi/emu. Part 1 checks a few validation rules and kernel generations; part 2
+ * (only with /dev/kvm) runs a 64-bit guest through OUT, IN, an MMIO write and read and HLT,
+ * completing each intercept the way a VMM does. Exit status 0 means every check passed; 77
+ * means "no KVM, part 2 skipped".
  */
 #include <errno.h>
 #include <stdint.h>
@@ -102,7 +103,7 @@ static struct hv_register_assoc seg(uint32_t name, uint16_t sel, uint16_t attr)
 
 static void validation(int dev)
 {
-    struct mshv_create_partition cp = {1ULL << 5, 0};
+    struct mshv_create_partition cp = {1ULL << 6, 0}; /* beyond 7.0's mask */
     CHECK(call(dev, MSHV_CREATE_PARTITION, &cp) == -EINVAL);
     CHECK(call(dev, MSHV_CREATE_PARTITION, NULL) == -EFAULT);
     CHECK(call(dev, MSHV_INITIALIZE_PARTITION, NULL) == -ENOTTY);
@@ -212,11 +213,32 @@ static int guest(int dev)
     return 0;
 }
 
+/* MSHV_LIBVIRT_EMU_KERNEL picks the create-partition rules of a kernel generation at open. */
+static void generations(void)
+{
+    struct mshv_create_partition smt = {7 | 1ULL << MSHV_PT_BIT_SMT_ENABLED_GUEST, 0};
+    setenv("MSHV_LIBVIRT_EMU_KERNEL", "6.19", 1);
+    int old = emu_open();
+    CHECK(old >= 0 && mshv_emu_kernel(old) == 619);
+    CHECK(call(old, MSHV_CREATE_PARTITION, &smt) == -EINVAL);
+    setenv("MSHV_LIBVIRT_EMU_KERNEL", "6.20", 1);
+    CHECK(emu_open() == -1 && errno == EINVAL);
+    unsetenv("MSHV_LIBVIRT_EMU_KERNEL");
+    int newest = emu_open();
+    CHECK(newest >= 0 && mshv_emu_kernel(newest) == 700 && mshv_emu_kernel(old) == 619);
+    int pt = (int)call(newest, MSHV_CREATE_PARTITION, &smt);
+    CHECK(pt >= 0 && mshv_emu_kernel(pt) == -1);
+    emu_close(pt);
+    emu_close(newest);
+    emu_close(old);
+}
+
 int main(void)
 {
     int dev = emu_open();
     CHECK(dev >= 0);
     validation(dev);
+    generations();
     int kvm = mshv_emu_kvm_available();
     if (kvm)
         guest(dev);
