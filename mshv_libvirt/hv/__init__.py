@@ -11,20 +11,29 @@ from .partition import HvcallResult, MsiRoute, PartitionFd
 from .regs import Reg, RegisterValue, Segment, TableRegister
 from .system import (
     DEFAULT_PT_FLAGS,
+    EMU_KERNEL_ENV,
+    EMULATED_KERNELS,
     PT_CPU_AND_XSAVE_FEATURES,
     PT_GPA_SUPER_PAGES,
     PT_LAPIC,
+    PT_NESTED_VIRTUALIZATION,
+    PT_SMT_ENABLED_GUEST,
     PT_X2APIC,
     MshvSystem,
+    PartitionFeatures,
 )
 from .vp import VpFd
 
 __all__ = [
     "DEFAULT_PT_FLAGS",
+    "EMULATED_KERNELS",
+    "EMU_KERNEL_ENV",
     "PAGE_SIZE",
     "PT_CPU_AND_XSAVE_FEATURES",
     "PT_GPA_SUPER_PAGES",
     "PT_LAPIC",
+    "PT_NESTED_VIRTUALIZATION",
+    "PT_SMT_ENABLED_GUEST",
     "PT_X2APIC",
     "ApicEoi",
     "GuestMemory",
@@ -40,6 +49,7 @@ __all__ = [
     "MsiRoute",
     "Msr",
     "PartitionFd",
+    "PartitionFeatures",
     "Reg",
     "RegisterValue",
     "Segment",

@@ -68,6 +68,11 @@ def kvm_available() -> bool:
     return bool(lib.mshv_emu_kvm_available())
 
 
+def emulated_kernel(fd: int) -> int:
+    """major * 100 + minor of the kernel an emulated /dev/mshv handle reproduces, -1 if none."""
+    return int(lib.mshv_emu_kernel(fd))
+
+
 def ioctl(fd: int, request: int, arg: Any) -> tuple[int, int]:
     """(return value, errno); errno is 0 on success."""
     r = int(lib.mshv_dev_ioctl(fd, request, arg if arg is not None else NULL))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+from dataclasses import dataclass
 from typing import Literal
 
 from . import _ffi
@@ -10,13 +12,38 @@ from .errors import MshvError
 from .ioctls import MSHV_CREATE_PARTITION
 from .partition import PartitionFd
 
-PT_LAPIC = 1 << 0
-PT_X2APIC = 1 << 1
-PT_GPA_SUPER_PAGES = 1 << 2
-PT_CPU_AND_XSAVE_FEATURES = 1 << 3
+# pt_flags bits, and the kernel that introduced each (older kernels answer EINVAL).
+PT_LAPIC = 1 << _ffi.const("MSHV_PT_BIT_LAPIC")  # 6.15
+PT_X2APIC = 1 << _ffi.const("MSHV_PT_BIT_X2APIC")  # 6.15
+PT_GPA_SUPER_PAGES = 1 << _ffi.const("MSHV_PT_BIT_GPA_SUPER_PAGES")  # 6.15
+PT_CPU_AND_XSAVE_FEATURES = 1 << _ffi.const("MSHV_PT_BIT_CPU_AND_XSAVE_FEATURES")  # 6.19: the v2 struct
+PT_NESTED_VIRTUALIZATION = 1 << _ffi.const("MSHV_PT_BIT_NESTED_VIRTUALIZATION")  # 7.0
+PT_SMT_ENABLED_GUEST = 1 << _ffi.const("MSHV_PT_BIT_SMT_ENABLED_GUEST")  # 7.0
 DEFAULT_PT_FLAGS = PT_LAPIC | PT_X2APIC | PT_GPA_SUPER_PAGES
 
 _MODES = {"auto": 0, "kernel": 1, "emulated": 2}
+# The emulated device's kernel generations (abi/emu/emu_int.h, enum emu_gen), by their code.
+EMULATED_KERNELS = {615: "6.15-6.18", 619: "6.19", 700: "7.0"}
+EMU_KERNEL_ENV = "MSHV_LIBVIRT_EMU_KERNEL"
+
+
+@dataclass(frozen=True)
+class PartitionFeatures:
+    """What MSHV_CREATE_PARTITION accepts on this device: each optional capability, and the errno that
+    refused it (0 when it was accepted). EINVAL means the kernel does not know the bit; any other errno is
+    the hypervisor (or the emulated one) refusing it."""
+
+    cpu_features_v2: int  # MSHV_PT_BIT_CPU_AND_XSAVE_FEATURES with the 64-byte struct (6.19)
+    nested_virtualization: int  # MSHV_PT_BIT_NESTED_VIRTUALIZATION (7.0)
+    smt_enabled_guest: int  # MSHV_PT_BIT_SMT_ENABLED_GUEST (7.0)
+
+    @property
+    def nested(self) -> bool:
+        return self.nested_virtualization == 0
+
+    @property
+    def smt(self) -> bool:
+        return self.smt_enabled_guest == 0
 
 
 class MshvSystem:
@@ -25,6 +52,9 @@ class MshvSystem:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self.backend: str = "emulated" if _ffi.is_emulated(fd) else "kernel"
+        code = _ffi.emulated_kernel(fd) if self.backend == "emulated" else -1
+        # The kernel generation the emulated device reproduces (None for a real /dev/mshv).
+        self.emulated_kernel: str | None = EMULATED_KERNELS.get(code)
 
     @classmethod
     def open(cls, mode: Literal["auto", "kernel", "emulated"] = "auto") -> MshvSystem:
@@ -32,7 +62,12 @@ class MshvSystem:
         try:
             return cls(_ffi.open_device(_MODES[mode]))
         except OSError as exc:
-            raise MshvError(exc.errno or errno.EIO, "open(/dev/mshv)") from None
+            err = exc.errno or errno.EIO
+            spec = os.environ.get(EMU_KERNEL_ENV)
+            if err == errno.EINVAL and mode != "kernel" and spec:
+                detail = f"{EMU_KERNEL_ENV}={spec!r} names no emulated kernel: use 6.15 .. 6.18, 6.19 or 7.0"
+                raise MshvError(err, "open(/dev/mshv)", detail) from None
+            raise MshvError(err, "open(/dev/mshv)") from None
 
     @property
     def kvm_backed(self) -> bool:
@@ -75,6 +110,25 @@ class MshvSystem:
         if err:
             raise MshvError(err, "MSHV_CREATE_PARTITION")
         return PartitionFd._from_fd(fd)
+
+    def refuses(self, flags: int, *, v2: bool = False) -> int:
+        """The errno MSHV_CREATE_PARTITION answers for ``flags`` (0: accepted). The partition made to
+        find out is closed at once: it is never initialized, so it holds no guest resources."""
+        try:
+            partition = self.create_partition_v2(flags) if v2 else self.create_partition(flags)
+        except MshvError as err:
+            return err.errno or errno.EIO
+        partition.close()
+        return 0
+
+    def probe_features(self) -> PartitionFeatures:
+        """Which optional create-partition capabilities this kernel (and hypervisor) offers, one
+        MSHV_CREATE_PARTITION per capability on top of :data:`DEFAULT_PT_FLAGS`."""
+        return PartitionFeatures(
+            cpu_features_v2=self.refuses(DEFAULT_PT_FLAGS, v2=True),
+            nested_virtualization=self.refuses(DEFAULT_PT_FLAGS | PT_NESTED_VIRTUALIZATION),
+            smt_enabled_guest=self.refuses(DEFAULT_PT_FLAGS | PT_SMT_ENABLED_GUEST),
+        )
 
     def close(self) -> None:
         if self._fd >= 0:

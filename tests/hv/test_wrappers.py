@@ -15,7 +15,8 @@ kvm = pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="/dev/kvm absent
 
 
 @pytest.fixture
-def system() -> hv.MshvSystem:
+def system(monkeypatch: pytest.MonkeyPatch) -> hv.MshvSystem:
+    monkeypatch.delenv(hv.EMU_KERNEL_ENV, raising=False)  # the newest kernel, whatever the caller exported
     s = hv.MshvSystem.open(mode="emulated")
     yield s
     s.close()
