@@ -5,7 +5,9 @@ from mshv_libvirt.domain.xml import (
     MAX_VCPUS,
     MAX_XML_BYTES,
     CharDevice,
+    CpuTopology,
     DomainConfig,
+    GuestCpu,
     format_domain_xml,
     parse_domain_xml,
 )
@@ -15,7 +17,9 @@ __all__ = [
     "MAX_VCPUS",
     "MAX_XML_BYTES",
     "CharDevice",
+    "CpuTopology",
     "DomainConfig",
+    "GuestCpu",
     "format_domain_xml",
     "parse_domain_xml",
 ]

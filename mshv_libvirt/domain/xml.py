@@ -34,7 +34,9 @@ __all__ = [
     "MAX_VCPUS",
     "MAX_XML_BYTES",
     "CharDevice",
+    "CpuTopology",
     "DomainConfig",
+    "GuestCpu",
     "format_domain_xml",
     "parse_domain_xml",
 ]
@@ -67,6 +69,31 @@ class CharDevice:
 
 
 @dataclass(frozen=True)
+class CpuTopology:
+    """``<cpu><topology>``: sockets x dies x cores x threads, whose product is the vCPU count."""
+
+    sockets: int
+    dies: int
+    cores: int
+    threads: int
+
+
+@dataclass(frozen=True)
+class GuestCpu:
+    """What ``<cpu>``'s children ask of the partition: a topology, and nested virtualization."""
+
+    topology: CpuTopology | None = None
+    # From <feature name='vmx'|'svm' policy=...>: "require" (force, require), "optional", or "off"
+    # (disable, forbid, or not named).
+    nested: str = "off"
+    nested_feature: str | None = None  # the feature that asked for it
+
+    @property
+    def threads_per_core(self) -> int:
+        return self.topology.threads if self.topology else 1
+
+
+@dataclass(frozen=True)
 class DomainConfig:
     name: str
     uuid: uuid.UUID
@@ -88,6 +115,7 @@ class DomainConfig:
     serials: tuple[CharDevice, ...]
     consoles: tuple[CharDevice, ...]
     xml: str  # canonical inactive XML: what dumpxml prints for a shut-off domain
+    cpu: GuestCpu = GuestCpu()
 
 
 @dataclass(frozen=True)
@@ -97,6 +125,7 @@ class _Extras:
     machine: str | None
     boot_hd: bool
     cpu_attrs: tuple[tuple[str, str], ...] | None
+    cpu_children: tuple[str, ...]  # canonical <topology>/<feature> lines
     pm: tuple[tuple[str, str], ...]
     usb_none: bool
     memballoon_none: bool
@@ -357,8 +386,9 @@ def _cpu(el: etree._Element | None) -> tuple[tuple[str, str], ...] | None:
     if el is None:
         return None
     _check_attrs(el, ("mode", "check", "migratable"))
-    _leaf(el)
     mode = el.get("mode", "custom")
+    if mode == "custom":
+        return _cpu_custom(el)
     if mode not in ("host-passthrough", "host-model"):
         raise unsupported(f"cpu mode '{mode}' {_NOT_SUPPORTED}; use 'host-passthrough' or 'host-model'")
     attrs = [("mode", mode)]
@@ -370,6 +400,118 @@ def _cpu(el: etree._Element | None) -> tuple[tuple[str, str], ...] | None:
             raise _xml_error(f"invalid cpu {name} '{value}'")
         attrs.append((name, value))
     return tuple(attrs)
+
+
+# ---- <cpu> children: topology and features (mode and its attributes are _cpu's)
+
+_UINT_MAX = 0xFFFFFFFF
+_NESTED_FEATURES = ("vmx", "svm")  # Intel VT-x, AMD-V: a guest hypervisor needs one
+_FEATURE_POLICIES = {
+    "force": "require",
+    "require": "require",
+    "optional": "optional",
+    "disable": "off",
+    "forbid": "off",
+}
+
+
+def _cpu_custom(el: etree._Element) -> tuple[tuple[str, str], ...] | None:
+    """``<cpu>`` without a mode (or mode='custom') and without a model: libvirt's default CPU, which
+    here is the hypervisor's. It can carry a topology; libvirt then prints neither mode nor check, and
+    drops an element with nothing in it."""
+    if el.get("migratable") is not None:
+        raise unsupported("Attribute migratable is only allowed for 'host-passthrough' / 'maximum' CPU mode")
+    if any(child.tag == "model" for child in _elements(el)):
+        raise unsupported(f"cpu mode 'custom' {_NOT_SUPPORTED}; use 'host-passthrough' or 'host-model'")
+    return () if any(child.tag == "topology" for child in _elements(el)) else None
+
+
+def _topology_uint(el: etree._Element, name: str, required: bool) -> int | None:
+    """One topology attribute, refused with libvirt's virXMLPropUInt messages."""
+    value = el.get(name)
+    if value is None:
+        if required:
+            raise _xml_error(f"Missing required attribute '{name}' in element 'topology'")
+        return None
+    if not re.fullmatch(r"[0-9]{1,10}", value) or int(value) > _UINT_MAX:
+        raise _xml_error(
+            f"Invalid value for attribute '{name}' in element 'topology': '{value}'. "
+            "Expected non-negative integer value"
+        )
+    if int(value) == 0:
+        raise _xml_error(f"Invalid value for attribute '{name}' in element 'topology': Zero is not permitted")
+    return int(value)
+
+
+def _cpu_topology(el: etree._Element, vcpus: int) -> CpuTopology:
+    _check_attrs(el, ("sockets", "dies", "cores", "threads"))
+    _leaf(el)
+    sockets = _topology_uint(el, "sockets", True)
+    dies = _topology_uint(el, "dies", False) or 1
+    cores = _topology_uint(el, "cores", True)
+    threads = _topology_uint(el, "threads", True)
+    assert sockets and cores and threads
+    total = sockets * dies * cores * threads
+    if total > _UINT_MAX:  # virDomainDefGetVcpusTopology
+        raise unsupported(f"cpu topology results in more than {_UINT_MAX} cpus")
+    if total != vcpus:  # as libvirt's QEMU driver validates it
+        raise unsupported("CPU topology doesn't match maximum vcpu count")
+    return CpuTopology(sockets, dies, cores, threads)
+
+
+def _cpu_features(features: list[etree._Element]) -> tuple[str, str | None, tuple[str, ...]]:
+    """(nested policy, the feature naming it, canonical lines) from the <feature> children."""
+    nested, nested_feature, lines, seen = "off", None, [], set()
+    rank = {"off": 0, "optional": 1, "require": 2}
+    for f in features:
+        _check_attrs(f, ("policy", "name"), "cpu><feature")
+        _leaf(f, "cpu><feature")
+        policy = f.get("policy", "require")
+        if policy not in _FEATURE_POLICIES:
+            raise unsupported("Invalid CPU feature policy")
+        name = f.get("name")
+        if not name:
+            raise _xml_error("Invalid CPU feature name")
+        if name in seen:
+            raise _xml_error(f"CPU feature '{name}' specified more than once")
+        seen.add(name)
+        if name not in _NESTED_FEATURES:
+            raise unsupported(
+                f"CPU feature '{name}' {_NOT_SUPPORTED}; only vmx or svm (nested virtualization) can be set"
+            )
+        wanted = _FEATURE_POLICIES[policy]
+        if rank[wanted] > rank[nested]:
+            nested, nested_feature = wanted, name
+        lines.append(_tag_line("feature", (("policy", policy), ("name", name))))
+    return nested, nested_feature, tuple(lines)
+
+
+def _guest_cpu(el: etree._Element | None, vcpus: int) -> tuple[GuestCpu, tuple[str, ...]]:
+    """The ``<cpu>`` children: at most one <topology>, then <feature>s (libvirt's canonical order)."""
+    if el is None:
+        return GuestCpu(), ()
+    topology_el, features = None, []
+    for child in _elements(el):
+        if child.tag == "topology":
+            if topology_el is not None:
+                raise _xml_error("element <topology> may appear only once in <cpu>")
+            topology_el = child
+        elif child.tag == "feature":
+            features.append(child)
+        else:
+            raise unsupported(f"element <{_qname(child)}> in <cpu> {_NOT_SUPPORTED}")
+    topology = _cpu_topology(topology_el, vcpus) if topology_el is not None else None
+    custom = el.get("mode", "custom") == "custom"  # without a model: _cpu refuses <model>
+    if custom and features:
+        raise _xml_error("Non-empty feature list specified without CPU model")
+    nested, nested_feature, lines = _cpu_features(features)
+    if custom and el.get("check") is not None:  # libvirt's post-parse check, after the children
+        raise unsupported("check attribute specified for CPU with no model")
+    if topology is not None:
+        t = topology
+        attrs = (("sockets", t.sockets), ("dies", t.dies), ("cores", t.cores), ("threads", t.threads))
+        lines = (_tag_line("topology", tuple((k, str(v)) for k, v in attrs)), *lines)
+    return GuestCpu(topology, nested, nested_feature), lines
 
 
 def _clock(el: etree._Element | None) -> None:
@@ -677,7 +819,12 @@ def _format(
         if apic:
             add(2, "<apic/>")
         add(1, "</features>")
-    if extras.cpu_attrs is not None:
+    if extras.cpu_attrs is not None and extras.cpu_children:
+        add(1, _tag_line("cpu", extras.cpu_attrs, close=False))
+        for line in extras.cpu_children:
+            add(2, line)
+        add(1, "</cpu>")
+    elif extras.cpu_attrs is not None:
         add(1, _tag_line("cpu", extras.cpu_attrs))
     add(1, "<clock offset='utc'/>")
     for tag, value in zip(("on_poweroff", "on_reboot", "on_crash"), lifecycle, strict=True):
@@ -776,6 +923,7 @@ def parse_domain_xml(text: str, *, check_libvirt_schema: bool = False) -> Domain
     os = _os(kids.get("os"))
     acpi, apic = _features(kids.get("features"))
     cpu_attrs = _cpu(kids.get("cpu"))
+    guest_cpu, cpu_children = _guest_cpu(kids.get("cpu"), vcpus)
     _clock(kids.get("clock"))
     lifecycle = (
         _lifecycle(kids.get("on_poweroff"), "destroy"),
@@ -794,6 +942,7 @@ def parse_domain_xml(text: str, *, check_libvirt_schema: bool = False) -> Domain
         machine=os.machine,
         boot_hd=os.boot_hd,
         cpu_attrs=cpu_attrs,
+        cpu_children=cpu_children,
         pm=pm,
         usb_none=devices.usb_none,
         memballoon_none=devices.memballoon_none,
@@ -835,6 +984,7 @@ def parse_domain_xml(text: str, *, check_libvirt_schema: bool = False) -> Domain
         serials=devices.serials,
         consoles=devices.consoles,
         xml=xml,
+        cpu=guest_cpu,
     )
 
 
