@@ -17,6 +17,8 @@ can be built by composing the same steps differently.
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +26,9 @@ from pathlib import Path
 from typing import Literal
 
 from mshv_libvirt.hv import (
+    DEFAULT_PT_FLAGS,
+    PT_NESTED_VIRTUALIZATION,
+    PT_SMT_ENABLED_GUEST,
     GuestMemory,
     MshvError,
     MshvSystem,
@@ -46,6 +51,8 @@ from .devices.ioapic import MMIO_SIZE as IOAPIC_MMIO_SIZE
 from .devices.ioapic import IoApic, MsiMessage
 from .devices.serial import Serial16550
 from .vcpu import ExitGate, ExitHandler, VcpuEvent, VcpuThread, VmExit, VmExitKind
+
+log = logging.getLogger(__name__)
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -209,11 +216,76 @@ def open_hypervisor(mode: HypervisorMode = "auto") -> MshvSystem:
         raise OpenHypervisorError(str(err)) from err
 
 
-def create_partition(system: MshvSystem) -> PartitionFd:
+@dataclass(frozen=True)
+class _OptionalBit:
+    flag: int
+    name: str  # the UAPI bit
+    feature: str  # what it gives the guest
+    without: str  # what starting without it means
+    required: bool
+
+
+def _refusal(system: MshvSystem, name: str, err: int) -> str:
+    """Who said no: an unknown bit is the kernel's EINVAL; any other errno came from the hypervisor."""
+    said = f"MSHV_CREATE_PARTITION refused {name} with {errno.errorcode.get(err, err)}"
+    if err != errno.EINVAL:
+        return f"{said}, the hypervisor cannot provide it"
+    emulated = f" (the emulated device behaves as Linux {system.emulated_kernel})" if system.emulated_kernel else ""
+    return f"{said}, the kernel's mshv driver predates Linux 7.0{emulated}"
+
+
+def create_partition(system: MshvSystem, *, threads_per_core: int = 1, nested: str = "off") -> PartitionFd:
+    """Create the partition with the optional bits the guest asks for, which older kernels lack: SMT
+    scheduling (``threads_per_core`` > 1) and nested virtualization (``nested``: "require", "optional" or
+    "off"). When the create is refused, each bit is tried on its own: a refused optional one is dropped
+    and said in the VM's log, a refused required one fails the step."""
+    bits: list[_OptionalBit] = []
+    if nested in ("require", "optional"):
+        bits.append(
+            _OptionalBit(
+                PT_NESTED_VIRTUALIZATION,
+                "MSHV_PT_BIT_NESTED_VIRTUALIZATION",
+                "nested virtualization",
+                "the guest sees no VMX/SVM",
+                nested == "require",
+            )
+        )
+    if threads_per_core > 1:
+        bits.append(
+            _OptionalBit(
+                PT_SMT_ENABLED_GUEST,
+                "MSHV_PT_BIT_SMT_ENABLED_GUEST",
+                f"SMT scheduling of {threads_per_core} threads per core",
+                f"the hypervisor schedules the guest's {threads_per_core} threads per core as separate cores",
+                False,
+            )
+        )
+    wanted = DEFAULT_PT_FLAGS | sum(b.flag for b in bits)
+    flags = wanted
     try:
-        return system.create_partition()
+        try:
+            partition = system.create_partition(flags)
+        except MshvError as err:
+            if not bits or err.errno not in (errno.EINVAL, errno.EIO):
+                raise
+            for bit in bits:
+                refused = system.refuses(DEFAULT_PT_FLAGS | bit.flag)
+                if not refused:
+                    continue
+                why = _refusal(system, bit.name, refused)
+                if bit.required:
+                    raise CreatePartitionError(f"{bit.feature} is required, but {why}") from err
+                log.warning("%s is not available: %s. Starting without it: %s", bit.feature, why, bit.without)
+                flags &= ~bit.flag
+            if flags == wanted:
+                raise  # none of the optional bits was the reason
+            partition = system.create_partition(flags)
     except (MshvError, OSError) as err:
         raise CreatePartitionError(str(err)) from err
+    for bit in bits:
+        if flags & bit.flag:
+            log.info("%s: partition created with %s", bit.feature, bit.name)
+    return partition
 
 
 # Unimplemented MSRs: ignore writes, read as zero (what QEMU and Cloud Hypervisor choose) rather
@@ -423,7 +495,7 @@ def build_vm(
     with contextlib.ExitStack() as resources:
         system = open_hypervisor(mode)
         resources.callback(system.close)
-        partition = create_partition(system)
+        partition = create_partition(system, threads_per_core=config.threads_per_core, nested=config.nested)
         memory: list[GuestMemory] = []
 
         def close_partition() -> None:

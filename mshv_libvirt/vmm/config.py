@@ -10,6 +10,7 @@ from typing import Any
 ON_REBOOT = ("restart", "destroy", "preserve")
 ON_POWEROFF = ("destroy", "preserve")
 ON_CRASH = ("destroy", "preserve")
+NESTED = ("off", "optional", "require")
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,12 @@ class VmmConfig:
     serial_log: str | None = None
     # Decompress the bzImage payload on the host and enter the kernel's own startup_64 (see loader.py).
     host_decompress: bool = True
+    # <cpu><topology threads='N'>: above 1, ask the hypervisor for SMT scheduling (7.0+ kernels; older
+    # ones refuse the bit and the VM starts without it).
+    threads_per_core: int = 1
+    # Nested virtualization (<feature name='vmx'|'svm'>): "require" fails the build where the kernel or
+    # hypervisor refuses it, "optional" starts without it, "off" never asks.
+    nested: str = "off"
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> VmmConfig:
@@ -73,12 +80,21 @@ class VmmConfig:
             exit_file=get("exit_file", str, None, optional=True),
             serial_log=get("serial_log", str, None, optional=True),
             host_decompress=get("host_decompress", bool, True),
+            threads_per_core=get("threads_per_core", int, 1),
+            nested=get("nested", str, "off"),
         )
         if cfg.memory_bytes < 16 << 20 or cfg.memory_bytes % 4096:
             raise ConfigError("config field 'memory_bytes' must be a multiple of 4 KiB and at least 16 MiB")
         if not 1 <= cfg.vcpus <= 254:
             raise ConfigError("config field 'vcpus' must be between 1 and 254")
-        for key, allowed in (("on_reboot", ON_REBOOT), ("on_poweroff", ON_POWEROFF), ("on_crash", ON_CRASH)):
+        if not 1 <= cfg.threads_per_core <= cfg.vcpus:
+            raise ConfigError("config field 'threads_per_core' must be between 1 and the vCPU count")
+        for key, allowed in (
+            ("on_reboot", ON_REBOOT),
+            ("on_poweroff", ON_POWEROFF),
+            ("on_crash", ON_CRASH),
+            ("nested", NESTED),
+        ):
             if getattr(cfg, key) not in allowed:
                 raise ConfigError(f"config field {key!r} must be one of {', '.join(allowed)}")
         return cfg
