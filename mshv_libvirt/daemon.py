@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from mshv_libvirt.driver.manager import DomainManager, Paths, user_runtime_dir
+from mshv_libvirt.rpc import host
 from mshv_libvirt.rpc.server import Daemon, Listener
 
 log = logging.getLogger("virtmshvd")
@@ -93,6 +94,7 @@ async def _serve(args: argparse.Namespace, system: bool) -> int:
     await manager.load()
     daemon = Daemon(manager, "mshv:///system" if system else "mshv:///session")
     await daemon.listen(build_listeners(args, system))
+    host.probe_soon()  # what the kernel's mshv driver offers, known before a client asks (in a thread)
     if args.pidfile:
         Path(args.pidfile).write_text(f"{os.getpid()}\n")
     stop = asyncio.Event()

@@ -24,7 +24,7 @@ from lxml import etree
 
 from mshv_libvirt.atomicfile import remove_durable, sweep_temporaries, write_atomic
 from mshv_libvirt.domain import DomainConfig, format_domain_xml, parse_domain_xml
-from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_operation, no_domain
+from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_operation, no_domain, unsupported
 from mshv_libvirt.lifecycle import (
     Action,
     DefinedDetail,
@@ -137,6 +137,21 @@ Listener = Callable[[DomainEvent], None]
 
 def _failed(detail: str) -> VirtError:
     return VirtError(ErrorCode.OPERATION_FAILED, detail, ErrorDomain.DOMAIN)
+
+
+async def _check_nested(cfg: DomainConfig) -> None:
+    """A required vmx/svm the kernel (or hypervisor) cannot give is refused before any VMM runs, with
+    the error libvirt's QEMU driver gives for a CPU feature the host lacks."""
+    from mshv_libvirt.rpc.host import hypervisor_offer  # host facts, probed once per daemon
+
+    offer = await asyncio.to_thread(hypervisor_offer)
+    wanted = cfg.cpu.nested_feature
+    if offer.nested_feature is None:
+        raise unsupported(f"host doesn't support nested virtualization ('{wanted}'): {offer.nested_refusal}")
+    if wanted != offer.nested_feature:
+        raise unsupported(
+            f"host doesn't support CPU feature '{wanted}': nested virtualization here uses '{offer.nested_feature}'"
+        )
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -669,12 +684,16 @@ class DomainManager:
             "pidfile": str(files.pidfile),
             "exit_file": str(files.exit_file),
             "serial_log": str(files.serial_log),
+            "threads_per_core": cfg.cpu.threads_per_core,
+            "nested": cfg.cpu.nested,
         }
 
     async def _spawn(self, dom: Domain, paused: bool) -> None:
         cfg = dom.live or dom.persistent
         assert cfg is not None
         vmm_config = self._vmm_config(dom, cfg, paused)
+        if cfg.cpu.nested == "require":
+            await _check_nested(cfg)
         files = self._files(dom.name)
         try:
             handle = await VmmHandle.spawn(dom.name, files, vmm_config)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import platform
 import re
+import threading
 import uuid
 from dataclasses import dataclass
 from functools import cache
@@ -12,6 +15,8 @@ from xml.sax.saxutils import escape
 
 from mshv_libvirt.domain import MAX_VCPUS
 from mshv_libvirt.proc import host_memory_kib
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,76 @@ def host_uuid() -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_DNS, platform.node()))
 
 
+@dataclass(frozen=True)
+class HypervisorOffer:
+    """What the running kernel's mshv driver (or the emulated device) lets a partition have, beyond
+    the basics every generation has. Probed once per daemon (:func:`hypervisor_offer`)."""
+
+    device: str  # "kernel", "emulated (Linux 6.19)", or why there is none
+    nested_feature: str | None  # "vmx"/"svm" when nested virtualization is offered
+    nested_refusal: str  # why not, when it is not
+    smt: bool  # MSHV_PT_BIT_SMT_ENABLED_GUEST is accepted
+    smt_refusal: str
+
+
+def _nested_cpu_feature() -> str:
+    """The virtualization extension a nested hypervisor uses on this host's CPU vendor."""
+    return "svm" if _cpuinfo().get("vendor_id") in ("AuthenticAMD", "HygonGenuine") else "vmx"
+
+
+def _refusal(err: int, emulated: str | None) -> str:
+    if err == errno.EINVAL:
+        kernel = f"the emulated device behaves as Linux {emulated}" if emulated else "the kernel predates Linux 7.0"
+        return f"the mshv driver does not know the flag (EINVAL; {kernel})"
+    return f"the hypervisor refused it ({errno.errorcode.get(err, err)})"
+
+
+def _probe() -> HypervisorOffer:
+    try:
+        from mshv_libvirt import hv  # the compiled module; absent from an unbuilt checkout
+
+        system = hv.MshvSystem.open()
+    except (ImportError, OSError) as err:
+        why = f"no mshv device: {err}"
+        return HypervisorOffer(why, None, why, False, why)
+    try:
+        features = system.probe_features()
+        kernel = system.emulated_kernel
+    finally:
+        system.close()
+    device = f"emulated (Linux {kernel})" if system.backend == "emulated" else "kernel"
+    offer = HypervisorOffer(
+        device,
+        _nested_cpu_feature() if features.nested else None,
+        ""
+        if features.nested
+        else "MSHV_PT_BIT_NESTED_VIRTUALIZATION: " + _refusal(features.nested_virtualization, kernel),
+        features.smt,
+        "" if features.smt else "MSHV_PT_BIT_SMT_ENABLED_GUEST: " + _refusal(features.smt_enabled_guest, kernel),
+    )
+    log.info("mshv device %s: %s", device, offer)
+    return offer
+
+
+_offer_lock = threading.Lock()
+_offer: HypervisorOffer | None = None
+
+
+def hypervisor_offer() -> HypervisorOffer:
+    """The device's offer, probed on first use (a few MSHV_CREATE_PARTITION calls), then cached: the
+    kernel does not change under a running daemon. Call from a thread, or after :func:`probe_soon`."""
+    global _offer
+    with _offer_lock:
+        if _offer is None:
+            _offer = _probe()
+        return _offer
+
+
+def probe_soon() -> None:
+    """Start probing in the background, so no client request ever waits on the device."""
+    threading.Thread(target=hypervisor_offer, name="mshv-probe", daemon=True).start()
+
+
 def capabilities_xml() -> str:
     info = node_info()
     vendor = escape(_cpuinfo().get("vendor_id", "unknown"))
@@ -123,6 +198,23 @@ def capabilities_xml() -> str:
 """
 
 
+def _host_passthrough_xml(offer: HypervisorOffer) -> str:
+    """host-passthrough and what this kernel adds to it, as enums (domaincaps.rng allows any enum
+    there): ``features`` lists the <feature policy='require'> names a guest may ask for (vmx or svm when
+    nested virtualization is offered), ``smtScheduling`` whether threads='2' gets SMT-aware scheduling
+    (a topology with threads is accepted either way)."""
+    if offer.nested_feature:
+        features = f"<enum name='features'>\n        <value>{offer.nested_feature}</value>\n      </enum>"
+    else:
+        features = "<enum name='features'/>"
+    return f"""    <mode name='host-passthrough' supported='yes'>
+      {features}
+      <enum name='smtScheduling'>
+        <value>{"yes" if offer.smt else "no"}</value>
+      </enum>
+    </mode>"""
+
+
 def domain_capabilities_xml(emulator: str | None, arch: str | None, machine: str | None, virttype: str | None) -> str:
     from mshv_libvirt.errors import ErrorCode, VirtError
 
@@ -140,7 +232,7 @@ def domain_capabilities_xml(emulator: str | None, arch: str | None, machine: str
     <loader supported='no'/>
   </os>
   <cpu>
-    <mode name='host-passthrough' supported='yes'/>
+{_host_passthrough_xml(hypervisor_offer())}
     <mode name='maximum' supported='no'/>
     <mode name='host-model' supported='no'/>
     <mode name='custom' supported='no'/>
