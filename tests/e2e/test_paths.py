@@ -3,13 +3,15 @@ systemd socket activation and the shipped units."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -123,20 +125,33 @@ kill $pid; wait $pid || true
     assert "RO-REFUSED" in out and "read only" in out
 
 
+def listener_pid(sock: Path) -> int:
+    """The pid of the process serving a UNIX socket, from the kernel (SO_PEERCRED), not from names."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.connect(str(sock))
+        pid, _uid, _gid = struct.unpack("3i", c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid
+
+
 @pytest.fixture
-def public_tmp() -> Iterator[Path]:
-    """A directory another user can enter (pytest's own tmp dirs are private to root)."""
+def public_tmp() -> Iterator[tuple[Path, list[int]]]:
+    """A directory another user can enter (pytest's own tmp dirs are private to root), and the list
+    of daemon pids the test found serving in it, ended at teardown."""
     path = Path(tempfile.mkdtemp(prefix="mshv-session-"))
     path.chmod(0o755)
+    pids: list[int] = []
     try:
-        yield path
+        yield path, pids
     finally:
-        subprocess.run(["pkill", "-u", "nobody", "-f", "mshv_libvirt.daemon"], check=False)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
         shutil.rmtree(path, ignore_errors=True)
 
 
-def test_session_uri_autostarts_the_daemon(public_tmp: Path) -> None:
+def test_session_uri_autostarts_the_daemon(public_tmp: tuple[Path, list[int]]) -> None:
     """A non-root user's mshv:///session spawns `$VIRTD_PATH/virtmshvd --timeout=120` and is served by it."""
+    tmp, started = public_tmp
     if os.geteuid() != 0 or shutil.which("runuser") is None:
         pytest.skip("needs root and runuser to act as another user")
     probe = subprocess.run(
@@ -146,13 +161,13 @@ def test_session_uri_autostarts_the_daemon(public_tmp: Path) -> None:
     )
     if probe.returncode != 0:
         pytest.skip(f"the package is not readable by other users here: {probe.stderr.strip()[-200:]}")
-    bindir = public_tmp / "sbin"
+    bindir = tmp / "sbin"
     bindir.mkdir()
     wrapper = bindir / "virtmshvd"
     wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m mshv_libvirt.daemon "$@"\n')
     wrapper.chmod(0o755)
-    home = public_tmp / "home"
-    runtime = public_tmp / "xdg"
+    home = tmp / "home"
+    runtime = tmp / "xdg"
     for d in (home, runtime):
         d.mkdir()
         os.chown(d, 65534, 65534)
@@ -171,9 +186,12 @@ def test_session_uri_autostarts_the_daemon(public_tmp: Path) -> None:
     assert res.stdout.strip() == "mshv:///session?mode=direct"  # virsh prints the URI it was given
     sock = runtime / "libvirt" / "virtmshvd-sock"
     assert sock.is_socket() and (sock.stat().st_mode & 0o777) == 0o600 and sock.stat().st_uid == 65534
+    daemon_pid = listener_pid(sock)
+    started.append(daemon_pid)
     # Once the socket exists, the plain URI routes to it with no configuration at all.
     res = subprocess.run([*cmd[:-1], "mshv:///session", "hostname"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    ps = subprocess.run(["pgrep", "-u", "nobody", "-f", "mshv_libvirt.daemon --timeout=120"], capture_output=True)
-    assert ps.returncode == 0  # spawned exactly the way libvirt's client spawns session daemons
-    time.sleep(0.1)
+    # Spawned exactly the way libvirt's client spawns session daemons, as that user.
+    argv = Path(f"/proc/{daemon_pid}/cmdline").read_bytes().split(b"\0")
+    assert b"mshv_libvirt.daemon" in argv and b"--timeout=120" in argv, argv
+    assert Path(f"/proc/{daemon_pid}").stat().st_uid == 65534
