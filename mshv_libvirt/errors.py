@@ -16,6 +16,8 @@ class ErrorCode(IntEnum):
     NO_CONNECT = 5
     INVALID_ARG = 8
     OPERATION_FAILED = 9
+    NO_TARGET = 20
+    NO_NAME = 21
     XML_ERROR = 27
     DOM_EXIST = 28
     OPERATION_DENIED = 29
@@ -29,7 +31,9 @@ class ErrorCode(IntEnum):
     OPERATION_TIMEOUT = 68
     ARGUMENT_UNSUPPORTED = 74
     NO_DOMAIN_METADATA = 80
+    OVERFLOW = 82
     OPERATION_UNSUPPORTED = 84
+    XML_INVALID_SCHEMA = 92
 
 
 class ErrorDomain(IntEnum):
@@ -45,6 +49,7 @@ class ErrorDomain(IntEnum):
     NODEDEV = 22
     INTERFACE = 26
     SECRET = 30
+    CPU = 31
     NWFILTER = 33
     DOMAIN_SNAPSHOT = 35
     STREAMS = 38
@@ -61,7 +66,6 @@ _PREFIX = {
     ErrorCode.XML_ERROR: "XML error",
     ErrorCode.DOM_EXIST: "operation failed",
     ErrorCode.OPERATION_DENIED: "operation forbidden",
-    ErrorCode.XML_DETAIL: "XML error",
     ErrorCode.NO_DOMAIN: "Domain not found",
     ErrorCode.OPERATION_INVALID: "Requested operation is not valid",
     ErrorCode.CONFIG_UNSUPPORTED: "unsupported configuration",
@@ -69,6 +73,14 @@ _PREFIX = {
     ErrorCode.ARGUMENT_UNSUPPORTED: "argument unsupported",
     ErrorCode.NO_DOMAIN_METADATA: "metadata not found",
     ErrorCode.OPERATION_UNSUPPORTED: "Operation not supported",
+    ErrorCode.OVERFLOW: "numerical overflow",
+    ErrorCode.XML_INVALID_SCHEMA: "XML document failed to validate against schema",
+}
+# Codes whose message is not "<prefix>: <detail>" (libvirt's virErrorMsgStrings): (without, with detail).
+_FORMATS = {
+    ErrorCode.NO_TARGET: ("missing target information for device", "missing target information for device {}"),
+    ErrorCode.NO_NAME: ("missing name information", "missing name information in {}"),
+    ErrorCode.XML_DETAIL: ("parser error", "{}"),
 }
 
 
@@ -85,7 +97,14 @@ class VirtError(Exception):
         self.domain = domain
         self.detail = detail
         prefix = _PREFIX.get(code)
-        self.message = f"{prefix}: {detail}" if prefix else detail
+        if code in _FORMATS:
+            bare, fmt = _FORMATS[code]
+            self.message = fmt.format(detail) if detail else bare
+        elif prefix:
+            # libvirt prints the bare prefix when there is no detail (virErrorMsg with info NULL)
+            self.message = f"{prefix}: {detail}" if detail else prefix
+        else:
+            self.message = detail
         super().__init__(self.message)
 
 

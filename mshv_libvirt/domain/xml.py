@@ -2,12 +2,21 @@
 
 Parsing is deliberately strict: the mshv driver supports a small subset of libvirt's
 domain format, and anything outside it is refused with a message naming the element,
-attribute or value -- nothing is silently dropped.  Order of checks:
+attribute or value -- nothing is silently dropped. Where libvirt's own parser refuses a
+document, the error has libvirt's code, domain and message (tests/domain/test_libvirt_errors.py
+compares a corpus with libvirt's parser). Order of checks:
 
-1. safe parse (size cap, no DTD / entities / network, line numbers on syntax errors);
-2. explicit allow-list walk that extracts the values (errors name what is unsupported);
-3. our RelaxNG schema (``xml_schemas/domain.rng``) as a structural backstop;
-4. optionally libvirt's own schema, when installed.
+1. safe parse (size cap, no DTD / entities / network; syntax errors as libvirt prints them);
+2. bounds (elements, attributes per element, depth, text size): RelaxNG validation is
+   quadratic in the children and attributes of one element, so nothing unbounded reaches it;
+3. with ``validate`` (libvirt's VALIDATE flags) libvirt's schema first, as libvirt does;
+4. explicit allow-list walk that extracts the values (errors name what is unsupported);
+5. libvirt's schema (when asked for and installed), then our RelaxNG schema
+   (``xml_schemas/domain.rng``) as a structural backstop;
+6. the canonical form must fit what the next daemon (and the next define) reads back.
+
+``trusted=True`` is for configs this daemon stored itself after all of the above: it skips
+steps 2, 3, 5 and 6 (so a daemon start never runs a validator) and builds the same config.
 
 The canonical XML (``DomainConfig.xml``) is what libvirt would print for the same
 definition: defaults filled, libvirt's element order, 2-space indent, single quotes.
@@ -31,6 +40,11 @@ from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, unsupported
 
 __all__ = [
     "LIBVIRT_DOMAIN_SCHEMA",
+    "MAX_ATTRIBUTES",
+    "MAX_DEPTH",
+    "MAX_ELEMENTS",
+    "MAX_STORED_XML_BYTES",
+    "MAX_TEXT_CHARS",
     "MAX_VCPUS",
     "MAX_XML_BYTES",
     "CharDevice",
@@ -42,19 +56,78 @@ __all__ = [
 ]
 
 MAX_XML_BYTES = 1 << 20
+# What a running domain's dumpxml adds to the stored form (id, pty path, aliases): the canonical form
+# must leave this much room, so that every dumpxml is accepted again by define.
+_RUNTIME_SLACK = 1024
+# Configs this daemon stored are read back up to libvirt's RPC string limit (REMOTE_STRING_MAX), so a
+# file written before the stored-size check existed is never dropped.
+MAX_STORED_XML_BYTES = 4 << 20
+# Bounds checked before any RelaxNG validator runs. libxml2's validator is quadratic in the children
+# and in the attributes of one element (measured: 150 000 children 48 s, 30 000 attributes 60 s and
+# 7 GiB); within these bounds the worst 1 MiB document validates in well under a second.
+MAX_ELEMENTS = 5000
+MAX_ATTRIBUTES = 256  # per element
+MAX_DEPTH = 64
+MAX_TEXT_CHARS = 256 << 10  # per text node or attribute value
 # Sanity bound only (rejects absurd numbers early); the VMM enforces the real host limit.
 MAX_VCPUS = 254  # the VMM gives each vCPU an xAPIC id; 255 is the broadcast id
-# Bytes must fit a signed 64-bit value, as in libvirt's memory parameters.
-_MAX_MEMORY_BYTES = (1 << 63) - 1
 LIBVIRT_DOMAIN_SCHEMA = Path("/usr/share/libvirt/schemas/domain.rng")
+_URL = "(domain_definition)"  # the document name libvirt's parser reports
 
 _NOT_SUPPORTED = "is not supported by the mshv driver"
+# libvirt's enumerations (src/conf, 9.0): a value outside them is libvirt's own error, a value inside
+# them that we cannot honour is "unsupported configuration" naming it.
+_VIRT_TYPES = (
+    "none", "qemu", "kqemu", "kvm", "xen", "lxc", "uml", "openvz", "test", "vmware", "hyperv", "vbox", "phyp",
+    "parallels", "bhyve", "vz", "hvf",
+)  # fmt: skip
+_OS_TYPES = ("hvm", "xen", "linux", "exe", "uml", "xenpvh")
+_ARCHES = (
+    "alpha", "armv6l", "armv7l", "armv7b", "aarch64", "cris", "i686", "ia64", "lm32", "m68k", "microblaze",
+    "microblazeel", "mips", "mipsel", "mips64", "mips64el", "openrisc", "parisc", "parisc64", "ppc", "ppcle",
+    "ppc64", "ppc64le", "ppcemb", "riscv32", "riscv64", "s390", "s390x", "sh4", "sh4eb", "sparc", "sparc64",
+    "unicore32", "x86_64", "xtensa", "xtensaeb",
+)  # fmt: skip
+_LIFECYCLE_ACTIONS = ("destroy", "restart", "rename-restart", "preserve", "coredump-destroy", "coredump-restart")
 _LIFECYCLE_OK = ("destroy", "restart", "preserve")
-# Valid libvirt lifecycle actions that we cannot honour (libvirt rejects unknown ones as XML errors).
 # on_crash only: the VMM writes the guest's memory to an ELF core file, then destroys or restarts.
 _CRASH_ONLY = ("coredump-destroy", "coredump-restart")
-# Renaming the crashed domain and booting a new one is libxl-only in libvirt; its QEMU driver refuses it too.
-_LIFECYCLE_UNSUPPORTED = ("rename-restart",)
+_CLOCK_OFFSETS = ("utc", "localtime", "variable", "timezone", "absolute")
+_FEATURES = (
+    "acpi", "apic", "pae", "hap", "viridian", "privnet", "hyperv", "kvm", "pvspinlock", "capabilities", "pmu",
+    "vmport", "gic", "smm", "ioapic", "hpt", "vmcoreinfo", "htm", "nested-hv", "msrs", "ccf-assist", "xen", "cfpc",
+    "sbbc", "ibs", "tcg",
+)  # fmt: skip
+_CPU_MODES = ("custom", "host-model", "host-passthrough", "maximum")
+# Modes accepted at define, as libvirt's QEMU driver does; whether the host offers them is decided at
+# start (domcapabilities), where the QEMU driver refuses an unsupported mode too.
+CPU_MODES_ACCEPTED = ("host-passthrough", "host-model", "maximum")
+CPU_MODES_RUNNABLE = ("host-passthrough",)
+_CPU_CHECKS = ("default", "none", "partial", "full")
+_BOOT_DEVICES = ("fd", "cdrom", "hd", "network")
+_PLACEMENTS = ("static", "auto")
+_CHR_TYPES = (
+    "null", "vc", "pty", "dev", "file", "pipe", "stdio", "udp", "tcp", "unix", "spicevmc", "spiceport", "nmdm",
+    "qemu-vdagent", "dbus",
+)  # fmt: skip
+_SERIAL_TARGETS = (
+    "none", "isa-serial", "usb-serial", "pci-serial", "spapr-vio-serial", "system-serial", "sclp-serial", "isa-debug",
+)  # fmt: skip
+_CONSOLE_TARGETS = ("none", "serial", "xen", "uml", "virtio", "lxc", "openvz", "sclp", "sclplm")
+_SERIAL_MODELS = (
+    "none", "isa-serial", "usb-serial", "pci-serial", "spapr-vty", "pl011", "sclpconsole", "sclplmconsole", "16550a",
+    "isa-debugcon",
+)  # fmt: skip
+_MEMBALLOON_MODELS = ("virtio", "xen", "none", "virtio-transitional", "virtio-non-transitional")
+_CONTROLLER_TYPES = ("ide", "fdc", "scsi", "sata", "virtio-serial", "ccid", "usb", "pci", "xenbus", "isa")
+_USB_MODELS = (
+    "piix3-uhci", "piix4-uhci", "ehci", "ich9-ehci1", "ich9-uhci1", "ich9-uhci2", "ich9-uhci3", "vt82c686b-uhci",
+    "pci-ohci", "nec-xhci", "qusb1", "qusb2", "qemu-xhci", "none",
+)  # fmt: skip
+_DISK_BUSES = ("ide", "fdc", "scsi", "virtio", "xen", "usb", "uml", "sata", "sd")  # "none" is refused (NONZERO)
+_DISK_DEVICES = ("disk", "cdrom", "floppy", "lun")
+# libvirt's bus for a <disk> without target bus= (domain_postparse.c), by target name prefix.
+_DISK_PREFIX_BUS = (("hd", "ide"), ("sd", "scsi"), ("vd", "virtio"), ("xvd", "xen"), ("ubd", "uml"))
 _SERIAL_TARGET = "isa-serial"
 _CONSOLE_TARGET = "serial"
 
@@ -101,7 +174,7 @@ class DomainConfig:
     description: str | None
     memory_kib: int
     current_memory_kib: int
-    vcpus: int
+    vcpus: int  # the maximum (<vcpu>M</vcpu>): described to the guest
     os_type: str
     arch: str
     kernel: str | None
@@ -116,6 +189,12 @@ class DomainConfig:
     consoles: tuple[CharDevice, ...]
     xml: str  # canonical inactive XML: what dumpxml prints for a shut-off domain
     cpu: GuestCpu = GuestCpu()
+    current_vcpus: int = 0  # online at boot (<vcpu current='N'>); 0 in a hand-built config means vcpus
+    cpu_mode: str | None = None  # <cpu mode>, None without <cpu> or for the modelless custom (default) CPU
+
+    def __post_init__(self) -> None:
+        if self.current_vcpus == 0:
+            object.__setattr__(self, "current_vcpus", self.vcpus)
 
 
 @dataclass(frozen=True)
@@ -135,12 +214,30 @@ class _Extras:
 # --------------------------------------------------------------------------- errors
 
 
-def _xml_error(detail: str) -> VirtError:
-    return VirtError(ErrorCode.XML_ERROR, detail, ErrorDomain.XML)
+def _xml_error(detail: str, domain: ErrorDomain = ErrorDomain.XML) -> VirtError:
+    return VirtError(ErrorCode.XML_ERROR, detail, domain)
+
+
+def _domain_xml_error(detail: str) -> VirtError:
+    return VirtError(ErrorCode.XML_ERROR, detail, ErrorDomain.DOMAIN)
 
 
 def _invalid_arg(detail: str) -> VirtError:
     return VirtError(ErrorCode.INVALID_ARG, detail, ErrorDomain.XML)
+
+
+def _prop_enum_error(el: etree._Element, attr: str, value: str) -> VirtError:
+    """libvirt's virXMLPropEnum refusal of a value outside the attribute's enumeration."""
+    return _xml_error(f"Invalid value for attribute '{attr}' in element '{_qname(el)}': '{value}'.")
+
+
+class _SchemaViolation(Exception):
+    """Something libvirt's parser ignores and only its schema refuses (a duplicate element...):
+    the caller reports libvirt's schema error for it where that schema is available."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
 
 
 def _qname(el: etree._Element, name: str | bytes | None = None) -> str:
@@ -163,7 +260,7 @@ _XML_DECL = re.compile(r"\A\s*<\?xml[^>]*\?>")
 # A DOCTYPE can only sit in the prolog: after whitespace, comments and PIs, before the root.
 # (single-character \s: a nested quantifier would backtrack exponentially on long whitespace)
 _PROLOG_DOCTYPE = re.compile(r"\A(?:\s|<\?.*?\?>|<!--.*?-->)*<!DOCTYPE", re.DOTALL)
-_DOCTYPE_REFUSED = "(domain_definition): DOCTYPE and entity declarations are not allowed in domain XML"
+_DOCTYPE_REFUSED = f"{_URL}: DOCTYPE and entity declarations are not allowed in domain XML"
 
 
 class _NoLoadResolver(etree.Resolver):
@@ -174,19 +271,51 @@ class _NoLoadResolver(etree.Resolver):
         return self.resolve_empty(context)  # type: ignore[attr-defined]
 
 
-def _parse_safely(text: str) -> etree._Element:
+def _syntax_error(text: str, err: etree.XMLSyntaxError, log: etree._ListErrorLog) -> VirtError:
+    """A syntax error as libvirt's catchXMLError prints it: file:line: message, then the line around
+    libxml2's cursor and a pointer under the column (VIR_ERR_XML_DETAIL). libvirt reports the first
+    fatal error (``log`` is this parse's own: the exception's log is shared by the thread)."""
+    entry = next((e for e in log if e.level_name == "FATAL"), None)
+    line = entry.line if entry is not None else (err.lineno or 0)
+    column = entry.column if entry is not None else (err.offset or 0)
+    message = entry.message if entry is not None else str(err.msg)
+    data = text.encode("utf-8", "surrogatepass")
+    # The cursor: the byte at (line, column), as libxml2 counted them.
+    starts = [0] + [m.end() for m in re.finditer(rb"\n", data)]
+    cur = min(starts[line - 1] if 0 < line <= len(starts) else len(data), len(data))
+    cur = min(cur + max(column - 1, 0), len(data))
+    origin = cur
+
+    def at(i: int) -> int:
+        return data[i] if i < len(data) else 0
+
+    while cur > 0 and at(cur) in (10, 13):  # skip back over end-of-lines
+        cur -= 1
+    while cur > 0 and at(cur) not in (10, 13):  # to the start of that line
+        cur -= 1
+    if at(cur) in (10, 13):
+        cur += 1
+    col = origin - cur
+    end = cur
+    while end < len(data) and data[end] not in (10, 13):
+        end += 1
+    context = data[cur:end].decode("utf-8", "replace")
+    pointer = "".join("\t" if c == "\t" else "-" for c in data[cur : cur + col].decode("utf-8", "replace")) + "^"
+    shown = context if context else "(null)"  # libvirt prints an empty buffer with %s
+    return VirtError(ErrorCode.XML_DETAIL, f"{_URL}:{line}: {message}\n{shown}\n{pointer}", ErrorDomain.DOMAIN)
+
+
+def _parse_safely(text: str, limit: int = MAX_XML_BYTES) -> etree._Element:
     if not isinstance(text, str):
         raise _invalid_arg("domain XML must be a string")
     # Cheap check first so a huge string is never encoded or parsed.
-    if len(text) > MAX_XML_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_XML_BYTES:
-        raise _xml_error(f"domain XML is larger than the {MAX_XML_BYTES} byte limit")
+    if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+        raise _xml_error(f"domain XML is larger than the {limit} byte limit")
     # lxml refuses str input carrying an encoding declaration; the text is already decoded, so
     # blank the declaration out (keeping its newlines so reported line numbers stay right).
     m = _XML_DECL.match(text)
     if m:
         text = re.sub(r"[^\n]", " ", m.group(0)) + text[m.end() :]
-    if not text.strip():
-        raise _xml_error("(domain_definition):1: Document is empty")
     # Refuse DTDs before libxml2 sees them: they are the vehicle for entity bombs and XXE.
     if _PROLOG_DOCTYPE.match(text):
         raise _xml_error(_DOCTYPE_REFUSED)
@@ -206,7 +335,9 @@ def _parse_safely(text: str) -> etree._Element:
     try:
         root = etree.fromstring(text, parser)
     except etree.XMLSyntaxError as e:
-        raise _xml_error(f"(domain_definition):{e.lineno or 0}: {e.msg}") from None
+        raise _syntax_error(text, e, parser.error_log) from None
+    if root is None:  # lxml answers None for a document of whitespace only in some versions
+        raise VirtError(ErrorCode.XML_DETAIL, f"{_URL}:1: Document is empty\n(null)\n^", ErrorDomain.DOMAIN)
     # Second line of defence, should the prolog scan ever miss a DOCTYPE spelling.
     # (getattr: lxml-stubs lack these DocInfo attributes)
     docinfo = root.getroottree().docinfo
@@ -215,6 +346,32 @@ def _parse_safely(text: str) -> etree._Element:
     ):
         raise _xml_error(_DOCTYPE_REFUSED)
     return root
+
+
+def _check_bounds(root: etree._Element) -> None:
+    """Refuse documents whose validation would cost more than the bounds allow (linear, no recursion)."""
+    count = 0
+    stack: list[tuple[etree._Element, int]] = [(root, 1)]
+    while stack:
+        el, depth = stack.pop()
+        count += 1
+        if count > MAX_ELEMENTS:
+            raise _xml_error(f"domain XML has more than {MAX_ELEMENTS} elements")
+        if depth > MAX_DEPTH:
+            raise _xml_error(f"element <{_qname(el)}> is nested deeper than {MAX_DEPTH} levels")
+        attrib = el.attrib
+        if len(attrib) > MAX_ATTRIBUTES:
+            raise _xml_error(f"element <{_qname(el)}> has more than {MAX_ATTRIBUTES} attributes")
+        for key, value in attrib.items():
+            if len(value) > MAX_TEXT_CHARS:
+                raise _xml_error(
+                    f"attribute '{_qname(el, key)}' of <{_qname(el)}> is longer than {MAX_TEXT_CHARS} characters"
+                )
+        for piece, owner in ((el.text, el), (el.tail, el.getparent())):
+            if piece is not None and len(piece) > MAX_TEXT_CHARS:
+                where = _qname(owner if owner is not None else el)
+                raise _xml_error(f"text in <{where}> is longer than {MAX_TEXT_CHARS} characters")
+        stack.extend((child, depth + 1) for child in el)
 
 
 # --------------------------------------------------------------------------- walk helpers
@@ -242,7 +399,8 @@ def _singletons(el: etree._Element, allowed: Collection[str], what: str) -> dict
         if not isinstance(tag, str) or tag not in allowed:
             raise unsupported(what.format(tag=_qname(child)))
         if tag in found:
-            raise _xml_error(f"element <{tag}> may appear only once in <{_qname(el)}>")
+            # libvirt's parser takes the first one; only its schema refuses the second.
+            raise _SchemaViolation(f"element <{tag}> may appear only once in <{_qname(el)}>")
         found[tag] = child
     return found
 
@@ -253,76 +411,126 @@ def _leaf(el: etree._Element, where: str | None = None) -> None:
 
 
 def _text(el: etree._Element | None) -> str | None:
-    """Element text, None when absent or empty (libvirt treats empty strings as unset)."""
+    """Element text, None when absent or empty (libvirt's virXPathString treats "" as unset)."""
     if el is None:
         return None
     _leaf(el)
     return el.text or None
 
 
-def _int(value: str, what: str, *, max_digits: int = 20) -> int:
-    s = value.strip()
-    # Bound the digit count so int() never chews on megabytes of digits.
-    if not re.fullmatch(rf"[0-9]{{1,{max_digits}}}", s):
-        raise _xml_error(f"invalid {what} '{value}': expected a non-negative integer")
-    return int(s)
+_C_SPACE = " \t\n\v\f\r"
+_DIGITS = frozenset("0123456789")
+_ULLONG_MAX = (1 << 64) - 1
+_UINT_MAX = (1 << 32) - 1
+
+
+def _strtoul(s: str, *, positive: bool, maximum: int) -> int | None:
+    """C strtoul(s, &end, 10) consuming all of ``s``, as libvirt's virStrToLong_* with no end pointer:
+    leading white space and a sign are allowed, nothing after the digits. ``positive``: the ``*p``
+    variants, which refuse a minus sign; otherwise ``-N`` wraps as in C. None: not a valid number."""
+    i, n = 0, len(s)
+    while i < n and s[i] in _C_SPACE:
+        i += 1
+    negative = False
+    if i < n and s[i] in "+-":
+        negative = s[i] == "-"
+        i += 1
+    j = i
+    while j < n and s[j] in _DIGITS:
+        j += 1
+    if j == i or j != n or (negative and positive):
+        return None
+    digits = s[i:j].lstrip("0") or "0"
+    if len(digits) > 20:  # beyond any 64-bit value (and int() of megabytes of digits is slow)
+        return None
+    value = int(digits)
+    if value > _ULLONG_MAX:
+        return None  # ERANGE
+    if negative:
+        if value > maximum:
+            return None
+        value = (-value) & maximum
+    return value if value <= maximum else None
 
 
 # --------------------------------------------------------------------------- field parsers
 
+_LLONG_MAX = (1 << 63) - 1
+_MAX_KIB = -(-_LLONG_MAX // 1024)  # libvirt: KiB >= VIR_DIV_UP(LLONG_MAX, 1024) is "size value too large"
 
-def _unit_scale(unit: str | None, where: str) -> int:
-    """Bytes per unit, following libvirt's scaled-integer suffixes (case-insensitive)."""
+
+def _scale(unit: str | None) -> int:
+    """Bytes per unit: libvirt's virScaleInteger suffixes (case-insensitive)."""
     if unit is None:
         return 1024  # libvirt's default unit for memory is KiB
     u = unit.lower()
-    if u in ("b", "bytes"):
+    if u in ("b", "byte", "bytes"):
         return 1
-    powers = "kmgtpe"
-    if u and u[0] in powers:
-        power = powers.index(u[0]) + 1
-        rest = u[1:]
-        if rest in ("", "ib"):
-            return int(1024**power)
-        if rest == "b":
-            return int(1000**power)
-    raise _invalid_arg(f"invalid unit '{unit}' in <{where}>")
+    if len(u) == 1 or u[1:] == "ib":
+        base = 1024
+    elif u[1] == "b" and len(u) == 2:
+        base = 1000
+    else:
+        raise VirtError(ErrorCode.INVALID_ARG, f"unknown suffix '{unit}'", ErrorDomain.NONE)
+    power = "kmgtpe".find(u[0]) + 1
+    if power == 0:
+        raise VirtError(ErrorCode.INVALID_ARG, f"unknown suffix '{unit}'", ErrorDomain.NONE)
+    return int(base**power)
 
 
-def _memory_kib(el: etree._Element) -> int:
-    where = _qname(el)
+def _memory_kib(el: etree._Element | None) -> int:
+    """libvirt's virDomainParseMemory: KiB, rounded up; 0 when absent or empty."""
+    if el is None:
+        return 0
     _check_attrs(el, ("unit",))
-    _leaf(el)
-    scale = _unit_scale(el.get("unit"), where)
-    value = _int(el.text or "", f"<{where}> value")
-    nbytes = value * scale
-    if nbytes > _MAX_MEMORY_BYTES:
-        raise _xml_error(f"<{where}> value {value} {el.get('unit', 'KiB')} is too large")
-    kib = -(-nbytes // 1024)  # libvirt stores KiB, rounding up
-    if kib == 0:
-        raise _xml_error(f"<{where}> must be greater than 0")
+    raw = _text(el)
+    if raw is None:
+        return 0
+    value = _strtoul(raw, positive=True, maximum=_ULLONG_MAX)
+    if value is None:
+        raise _xml_error(f"Invalid value '{raw}' for element or attribute './{el.tag}[1]'")
+    unit = el.get("unit") or None
+    scale = _scale(unit)
+    if value and value > _LLONG_MAX // scale:
+        raise VirtError(ErrorCode.OVERFLOW, f"value too large: {value}{unit or ''}", ErrorDomain.NONE)
+    kib = -(-(value * scale) // 1024)
+    if kib >= _MAX_KIB:
+        raise VirtError(ErrorCode.OVERFLOW, "size value too large", ErrorDomain.DOMAIN)
     return kib
 
 
-def _vcpus(el: etree._Element | None) -> int:
+def _vcpus(el: etree._Element | None) -> tuple[int, int]:
+    """(maximum, current) as libvirt's virDomainVcpuParse reads them."""
     if el is None:
-        return 1
+        return 1, 1
     _check_attrs(el, ("placement", "current"))
     _leaf(el)
-    count = _int(el.text or "", "<vcpu> count", max_digits=9)
-    if count < 1:
-        raise _xml_error(f"<vcpu> count {count} is out of range 1..{MAX_VCPUS}")
-    if count > MAX_VCPUS:
-        raise unsupported(f"<vcpu> count {count} exceeds the {MAX_VCPUS} vCPUs the mshv driver supports")
+    maximum = _strtoul(el.text or "", positive=False, maximum=_UINT_MAX)
+    if maximum is None:
+        raise _domain_xml_error("maximum vcpus count must be an integer")
+    current_raw = el.get("current")
+    current = maximum
+    if current_raw is not None:
+        parsed = _strtoul(current_raw, positive=True, maximum=_UINT_MAX)
+        if parsed is None:
+            raise _xml_error(
+                f"Invalid value for attribute 'current' in element 'vcpu': '{current_raw}'. "
+                "Expected non-negative integer value"
+            )
+        current = parsed or maximum  # current='0' means unset
     placement = el.get("placement")
+    if placement is not None and placement not in _PLACEMENTS:
+        raise _prop_enum_error(el, "placement", placement)
+    if maximum == 0:
+        # libvirt's next check after an empty vCPU list (the <numa> CPU ids, none here, exceed it)
+        raise VirtError(ErrorCode.INTERNAL_ERROR, "CPU IDs in <numa> exceed the <vcpu> count", ErrorDomain.DOMAIN)
+    if current > maximum:
+        raise unsupported("maximum vCPU count must not be less than current vCPU count")
+    if maximum > MAX_VCPUS:
+        raise unsupported(f"<vcpu> count {maximum} exceeds the {MAX_VCPUS} vCPUs the mshv driver supports")
     if placement == "auto":
         raise unsupported(f"vcpu placement 'auto' {_NOT_SUPPORTED}; use placement='static'")
-    if placement not in (None, "static"):
-        raise _xml_error(f"invalid vcpu placement '{placement}'")
-    current = el.get("current")
-    if current is not None and _int(current, "vcpu current", max_digits=9) != count:
-        raise unsupported(f"vcpu current='{current}' differs from the {count} vcpus: vcpu hotplug {_NOT_SUPPORTED}")
-    return count
+    return maximum, current
 
 
 @dataclass(frozen=True)
@@ -335,22 +543,30 @@ class _Os:
     boot_hd: bool
 
 
-def _os(el: etree._Element | None) -> _Os:
-    if el is None:
-        raise _xml_error("an <os> element with <type>hvm</type> is required")
+def _os_type(os_el: etree._Element | None) -> tuple[str, str | None]:
+    """(os type, arch attribute) with libvirt's checks for both (virDomainDefParseCaps)."""
+    type_el = os_el.find("type") if os_el is not None else None
+    os_type = _text(type_el) if type_el is not None else None
+    if type_el is None or os_type is None:
+        raise _domain_xml_error("an os <type> must be specified")
+    if os_type not in _OS_TYPES:
+        raise unsupported(f"unknown OS type '{os_type}'")
+    arch = type_el.get("arch") or None
+    if arch is not None and arch not in _ARCHES:
+        raise unsupported(f"Unknown architecture {arch}")
+    return os_type, arch
+
+
+def _os(el: etree._Element) -> _Os:
     _check_attrs(el, ())
     allowed = ("type", "kernel", "initrd", "cmdline", "boot")
     kids = _singletons(el, allowed, f"element <{{tag}}> in <os> {_NOT_SUPPORTED}")
-    type_el = kids.get("type")
-    if type_el is None:
-        raise _xml_error("an <os><type> must be specified")
+    type_el = kids["type"]
     _check_attrs(type_el, ("arch", "machine"), "os><type")
-    os_type = (_text(type_el) or "").strip()
-    if not os_type:
-        raise _xml_error("an <os><type> must be specified")
+    os_type = _text(type_el)
     if os_type != "hvm":
         raise unsupported(f"<os><type> '{os_type}' {_NOT_SUPPORTED}; use 'hvm'")
-    arch = type_el.get("arch", "x86_64")
+    arch = type_el.get("arch") or "x86_64"
     if arch != "x86_64":
         raise unsupported(f"architecture '{arch}' {_NOT_SUPPORTED}; use arch='x86_64'")
     machine = type_el.get("machine") or None
@@ -366,6 +582,10 @@ def _os(el: etree._Element | None) -> _Os:
         _check_attrs(boot_el, ("dev",), "os><boot")
         _leaf(boot_el, "boot")
         dev = boot_el.get("dev")
+        if dev is None:
+            raise _xml_error("Missing required attribute 'dev' in element 'boot'")
+        if dev not in _BOOT_DEVICES:
+            raise _prop_enum_error(boot_el, "dev", dev)
         if dev != "hd":
             raise unsupported(f"boot device '{dev}' {_NOT_SUPPORTED}; only <boot dev='hd'/> is accepted")
     return _Os(arch, machine, kernel, initrd, cmdline, boot_el is not None)
@@ -375,6 +595,9 @@ def _features(el: etree._Element | None) -> tuple[bool, bool]:
     if el is None:
         return False, False
     _check_attrs(el, ())
+    for child in _elements(el):
+        if child.tag not in _FEATURES:
+            raise unsupported(f"unexpected feature '{_qname(child)}'")
     kids = _singletons(el, ("acpi", "apic"), f"feature <{{tag}}> {_NOT_SUPPORTED}")
     for child in kids.values():
         _check_attrs(child, ())
@@ -385,26 +608,38 @@ def _features(el: etree._Element | None) -> tuple[bool, bool]:
 def _cpu(el: etree._Element | None) -> tuple[tuple[str, str], ...] | None:
     if el is None:
         return None
+    mode = el.get("mode")
+    if mode is not None and mode not in _CPU_MODES:
+        raise VirtError(ErrorCode.CONFIG_UNSUPPORTED, f"Invalid mode attribute '{mode}'", ErrorDomain.CPU)
+    mode = mode or "custom"
+    migratable = el.get("migratable")
+    if migratable is not None:
+        if migratable not in ("on", "off"):
+            raise _prop_enum_error(el, "migratable", migratable)
+        if mode not in ("host-passthrough", "maximum"):
+            raise VirtError(
+                ErrorCode.CONFIG_UNSUPPORTED,
+                "Attribute migratable is only allowed for 'host-passthrough' / 'maximum' CPU mode",
+                ErrorDomain.CPU,
+            )
+    check = el.get("check")
+    if check is not None and check not in _CPU_CHECKS:
+        raise _prop_enum_error(el, "check", check)
     _check_attrs(el, ("mode", "check", "migratable"))
-    mode = el.get("mode", "custom")
     if mode == "custom":
         return _cpu_custom(el)
-    if mode not in ("host-passthrough", "host-model"):
-        raise unsupported(f"cpu mode '{mode}' {_NOT_SUPPORTED}; use 'host-passthrough' or 'host-model'")
+    if mode not in CPU_MODES_ACCEPTED:
+        raise unsupported(f"cpu mode '{mode}' {_NOT_SUPPORTED}; use 'host-passthrough'")
     attrs = [("mode", mode)]
-    for name, allowed in (("check", ("none", "partial", "full")), ("migratable", ("on", "off"))):
-        value = el.get(name)
-        if value is None:
-            continue
-        if value not in allowed:
-            raise _xml_error(f"invalid cpu {name} '{value}'")
-        attrs.append((name, value))
+    if check not in (None, "default"):
+        attrs.append(("check", check))
+    if migratable is not None:
+        attrs.append(("migratable", migratable))
     return tuple(attrs)
 
 
 # ---- <cpu> children: topology and features (mode and its attributes are _cpu's)
 
-_UINT_MAX = 0xFFFFFFFF
 _NESTED_FEATURES = ("vmx", "svm")  # Intel VT-x, AMD-V: a guest hypervisor needs one
 _FEATURE_POLICIES = {
     "force": "require",
@@ -517,9 +752,11 @@ def _guest_cpu(el: etree._Element | None, vcpus: int) -> tuple[GuestCpu, tuple[s
 def _clock(el: etree._Element | None) -> None:
     if el is None:
         return
+    offset = el.get("offset") or "utc"
+    if offset not in _CLOCK_OFFSETS:
+        raise unsupported(f"unknown clock offset '{offset}'")
     _check_attrs(el, ("offset",))
     _leaf(el)
-    offset = el.get("offset", "utc")
     if offset != "utc":
         raise unsupported(f"clock offset '{offset}' {_NOT_SUPPORTED}; use offset='utc'")
 
@@ -528,16 +765,17 @@ def _lifecycle(el: etree._Element | None, default: str) -> str:
     if el is None:
         return default
     _check_attrs(el, ())
-    value = (_text(el) or "").strip()
-    if value in _LIFECYCLE_OK:
-        return value
-    if value in _CRASH_ONLY:
-        if el.tag == "on_crash":
-            return value
-        raise _xml_error(f"<{el.tag}> does not support the '{value}' action (on_crash only)")
-    if value in _LIFECYCLE_UNSUPPORTED:
+    value = _text(el)
+    if value is None:
+        return default  # empty: libvirt takes the default
+    if value not in _LIFECYCLE_ACTIONS:
+        raise unsupported(f"unknown {el.tag} action: {value}")
+    if value in _CRASH_ONLY and el.tag != "on_crash":
+        raise unsupported(f"Lifecycle event '{el.tag[3:]}' doesn't support '{value}' action")
+    if value not in _LIFECYCLE_OK + _CRASH_ONLY:
+        # rename-restart: libxl-only in libvirt; its QEMU driver refuses it too.
         raise unsupported(f"<{el.tag}> action '{value}' {_NOT_SUPPORTED}")
-    raise _xml_error(f"invalid <{el.tag}> action '{value}'")
+    return value
 
 
 def _pm(el: etree._Element | None) -> tuple[tuple[str, str], ...]:
@@ -550,15 +788,15 @@ def _pm(el: etree._Element | None) -> tuple[tuple[str, str], ...]:
         child = kids.get(tag)
         if child is None:
             continue
+        enabled = child.get("enabled")
+        if enabled is not None and enabled not in ("yes", "no"):
+            raise _prop_enum_error(child, "enabled", enabled)
         _check_attrs(child, ("enabled",))
         _leaf(child)
-        enabled = child.get("enabled")
         if enabled is None:
             continue  # unset: libvirt does not print it either
         if enabled == "yes":
             raise unsupported(f"<pm><{tag} enabled='yes'>: guest suspend {_NOT_SUPPORTED}")
-        if enabled != "no":
-            raise _xml_error(f"invalid value '{enabled}' for enabled of <{tag}>")
         out.append((tag, enabled))
     return tuple(out)
 
@@ -582,22 +820,35 @@ def _char_target(parent: etree._Element, kind: str, default_type: str, allow_mod
     target = kids.get("target")
     if target is None:
         return 0, default_type
+    known = _SERIAL_TARGETS if kind == "serial" else _CONSOLE_TARGETS
+    ttype = target.get("type")
+    if ttype is not None and ttype not in known:
+        raise unsupported(f"unknown target type '{ttype}' specified for character device")
+    model_el = target.find("model")
+    model = model_el.get("name") if model_el is not None else None
+    if kind == "serial" and model is not None and model not in _SERIAL_MODELS:
+        raise unsupported(f"unknown target model '{model}' specified for character device")
+    port_raw = target.get("port")
+    port = 0
+    if port_raw is not None:
+        parsed = _strtoul(port_raw, positive=False, maximum=_UINT_MAX)
+        if parsed is None:
+            raise _domain_xml_error(f"Invalid port number: {port_raw}")
+        port = parsed
     _check_attrs(target, ("type", "port"), f"{kind}><target")
-    ttype = target.get("type", default_type)
+    ttype = ttype or default_type
     if ttype != default_type:
         raise unsupported(f"{kind} target type '{ttype}' {_NOT_SUPPORTED}; use type='{default_type}'")
-    port = _int(target.get("port", "0"), f"{kind} target port", max_digits=6)
     if port != 0:
         raise unsupported(f"{kind} port {port} {_NOT_SUPPORTED}; only port 0 (COM1) exists")
     allowed = ("model",) if allow_model else ()
     tkids = _singletons(target, allowed, f"element <{{tag}}> in <{kind}><target> {_NOT_SUPPORTED}")
-    model = tkids.get("model")
-    if model is not None:
-        _check_attrs(model, ("name",), f"{kind}><target><model")
-        _leaf(model)
-        name = model.get("name")
-        if name != _SERIAL_TARGET:
-            raise unsupported(f"{kind} target model '{name}' {_NOT_SUPPORTED}; use name='{_SERIAL_TARGET}'")
+    model_el = tkids.get("model")
+    if model_el is not None:
+        _check_attrs(model_el, ("name",), f"{kind}><target><model")
+        _leaf(model_el)
+        if model != _SERIAL_TARGET:
+            raise unsupported(f"{kind} target model '{model}' {_NOT_SUPPORTED}; use name='{_SERIAL_TARGET}'")
     return port, ttype
 
 
@@ -621,8 +872,11 @@ def _drop_runtime_output(el: etree._Element, kind: str) -> None:
 
 
 def _chardev(el: etree._Element, kind: str) -> CharDevice:
+    ctype = el.get("type")
+    if ctype is not None and ctype not in _CHR_TYPES:
+        raise unsupported(f"unknown type presented to host for character device: {ctype}")
     _check_attrs(el, ("type", "tty") if kind == "console" else ("type",))
-    ctype = el.get("type", "pty")
+    ctype = ctype or "pty"
     if ctype != "pty":
         raise unsupported(f"{kind} type '{ctype}' {_NOT_SUPPORTED}; use type='pty'")
     _drop_runtime_output(el, kind)
@@ -631,6 +885,43 @@ def _chardev(el: etree._Element, kind: str) -> CharDevice:
     else:
         port, ttype = _char_target(el, kind, _CONSOLE_TARGET, allow_model=False)
     return CharDevice(kind, port, ttype)
+
+
+def _disk(el: etree._Element) -> VirtError:
+    """The refusal for a <disk> (no disk devices exist yet), after libvirt's own checks of it: a disk
+    without target bus= is refused naming the bus libvirt would infer from the target name."""
+    device = el.get("device")
+    if device is not None and device not in _DISK_DEVICES:
+        return _prop_enum_error(el, "device", device)
+    target = el.find("target")
+    dev = target.get("dev") if target is not None else None
+    bus = target.get("bus") if target is not None else None
+    if target is not None and bus is not None and bus not in _DISK_BUSES:
+        return _prop_enum_error(target, "bus", bus)
+    if not dev:
+        source = el.find("source")
+        path = next((source.get(a) for a in ("file", "dev", "dir", "name") if source is not None and source.get(a)), "")
+        return VirtError(ErrorCode.NO_TARGET, path or "", ErrorDomain.DOMAIN)
+    inferred = bus is None
+    if bus is None:
+        bus = "fdc" if device == "floppy" else next((b for p, b in _DISK_PREFIX_BUS if dev.startswith(p)), "ide")
+    if el.find("address") is None and _disk_index(dev) is None:
+        return _domain_xml_error(f"Unknown disk name '{dev}' and no address specified")
+    how = f" (inferred from target '{dev}')" if inferred else ""
+    return unsupported(f"disk bus '{bus}'{how} {_NOT_SUPPORTED}")
+
+
+def _disk_index(name: str) -> int | None:
+    """libvirt's virDiskNameToIndex: sda -> 0, hdz -> 25, vdaa -> 26 (trailing digits ignored); None for
+    names it cannot map."""
+    prefix = next((p for p in ("fd", "hd", "vd", "sd", "xvd", "ubd") if name.startswith(p)), None)
+    m = re.fullmatch(r"([a-z]+)[0-9]*", name[len(prefix) :]) if prefix is not None else None
+    if m is None:
+        return None
+    idx = 0
+    for i, ch in enumerate(m.group(1)):
+        idx = (idx + (0 if i < 1 else 1)) * 26 + ord(ch) - ord("a")
+    return idx
 
 
 @dataclass(frozen=True)
@@ -654,14 +945,32 @@ def _devices(el: etree._Element | None) -> _Devices:
             serials.append(_chardev(child, "serial"))
         elif tag == "console":
             consoles.append(_chardev(child, "console"))
-        elif tag == "memballoon" and child.get("model") == "none":
+        elif tag == "disk":
+            raise _disk(child)
+        elif tag == "memballoon":
+            model = child.get("model")
+            if model is None:
+                raise _xml_error("Missing required attribute 'model' in element 'memballoon'")
+            if model not in _MEMBALLOON_MODELS:
+                raise _prop_enum_error(child, "model", model)
+            if model != "none":
+                raise unsupported(f"device <memballoon model='{model}'> {_NOT_SUPPORTED}")
             # Explicitly disabled: asks for nothing, so accepting it drops nothing.
             _check_attrs(child, ("model",))
             _leaf(child)
             if memballoon_none:
-                raise _xml_error("element <memballoon> may appear only once in <devices>")
+                raise _SchemaViolation("element <memballoon> may appear only once in <devices>")
             memballoon_none = True
-        elif tag == "controller" and child.get("type") == "usb" and child.get("model") == "none":
+        elif tag == "controller":
+            ctype = child.get("type")
+            if ctype is not None and ctype not in _CONTROLLER_TYPES:
+                raise _prop_enum_error(child, "type", ctype)
+            model = child.get("model")
+            if ctype == "usb" and model is not None and model not in _USB_MODELS:
+                raise unsupported(f"Unknown model type '{model}'")
+            if ctype != "usb" or model != "none":
+                detail = " ".join(f"{k}='{child.get(k)}'" for k in ("type", "model") if child.get(k) is not None)
+                raise unsupported(f"device <controller{' ' + detail if detail else ''}> {_NOT_SUPPORTED}")
             _check_attrs(child, ("type", "model", "index"))
             _leaf(child)
             if child.get("index", "0") != "0":
@@ -671,9 +980,6 @@ def _devices(el: etree._Element | None) -> _Devices:
             usb_none = True
         elif tag == "emulator":
             raise unsupported(f"element <emulator> {_NOT_SUPPORTED} (it runs no emulator binary)")
-        elif tag in ("memballoon", "controller"):
-            detail = " ".join(f"{k}='{child.get(k)}'" for k in ("type", "model") if child.get(k) is not None)
-            raise unsupported(f"device <{tag}{' ' + detail if detail else ''}> {_NOT_SUPPORTED}")
         else:
             raise unsupported(f"device <{tag}> {_NOT_SUPPORTED}")
     if len(serials) > 1:
@@ -689,26 +995,28 @@ def _devices(el: etree._Element | None) -> _Devices:
 
 
 def _uuid(el: etree._Element | None) -> uuid.UUID:
-    if el is None:
-        return uuid.uuid4()
-    _check_attrs(el, ())
-    raw = _text(el) or ""
-    # libvirt accepts 32 hex digits with dashes anywhere; no braces or urn: prefix.
-    digits = raw.strip().replace("-", "")
-    if not re.fullmatch(r"[0-9a-fA-F]{32}", digits):
-        raise _xml_error(f"malformed uuid element '{raw}'")
-    return uuid.UUID(hex=digits)
+    raw = _text(el) if el is not None else None
+    if el is not None:
+        _check_attrs(el, ())
+    if raw is None:
+        return uuid.uuid4()  # absent or empty: generated, as libvirt does
+    # libvirt's virUUIDParse: surrounding white space, '-' or ' ' between hex digit pairs, 32 digits.
+    if not re.fullmatch(r"[ \t\n\v\f\r]*(?:[- ]*[0-9a-fA-F]{2}){16}[ \t\n\v\f\r]*", raw, flags=re.ASCII):
+        raise VirtError(ErrorCode.INTERNAL_ERROR, "malformed uuid element", ErrorDomain.DOMAIN)
+    return uuid.UUID(hex=re.sub(r"[^0-9a-fA-F]", "", raw))
 
 
 def _name(el: etree._Element | None) -> str:
-    if el is None:
-        raise _xml_error("missing domain <name>")
-    _check_attrs(el, ())
-    name = _text(el)
-    if name is None or not name.strip():
-        raise _xml_error("domain <name> must not be empty")
-    if "/" in name or "\n" in name:
-        raise _xml_error(f"domain name '{name}' must not contain '/' or newlines")
+    name = _text(el) if el is not None else None
+    if el is not None:
+        _check_attrs(el, ())
+    if name is None:
+        raise VirtError(ErrorCode.NO_NAME, "", ErrorDomain.DOMAIN)
+    if "\n" in name:
+        # what libvirt's drivers check at define (virXMLCheckIllegalChars)
+        raise VirtError(ErrorCode.XML_DETAIL, "invalid char in name: \n", ErrorDomain.XML)
+    if "/" in name:
+        raise _domain_xml_error(f"name {name} cannot contain '/'")
     return name
 
 
@@ -733,14 +1041,14 @@ def _compile_schema(path: Path) -> etree.RelaxNG:
 
 
 def _validate(root: etree._Element, path: Path) -> None:
+    """The one RelaxNG validator call (tests count and hold it). Errors as libvirt's
+    virXMLValidateAgainstSchema reports them: every message libxml2 gave, one per line."""
     schema = _compile_schema(path)
     with _schema_lock:
         if schema.validate(root):
             return
-        err = schema.error_log.last_error
-        where = f"{err.line}" if err is not None else "?"
-        msg = err.message if err is not None else "document does not validate"
-    raise _xml_error(f"(domain_definition):{where}: Relax-NG validity error against {path.name}: {msg}")
+        messages = "".join(f"{e.message}\n" for e in schema.error_log) or "document does not validate\n"
+    raise VirtError(ErrorCode.XML_INVALID_SCHEMA, f"Unable to validate doc against {path}\n{messages}", ErrorDomain.XML)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -778,6 +1086,7 @@ def _format(
     memory_kib: int,
     current_memory_kib: int,
     vcpus: int,
+    current_vcpus: int,
     os: _Os,
     acpi: bool,
     apic: bool,
@@ -802,7 +1111,8 @@ def _format(
         add(1, "</metadata>")
     add(1, _tag_line("memory", (("unit", "KiB"),), str(memory_kib)))
     add(1, _tag_line("currentMemory", (("unit", "KiB"),), str(current_memory_kib)))
-    add(1, _tag_line("vcpu", (("placement", "static"),), str(vcpus)))
+    vcpu_attrs = (("placement", "static"),) + ((("current", str(current_vcpus)),) if current_vcpus != vcpus else ())
+    add(1, _tag_line("vcpu", vcpu_attrs, str(vcpus)))
     add(1, "<os>")
     type_attrs = (("arch", os.arch),) + ((("machine", os.machine),) if os.machine else ())
     add(2, _tag_line("type", type_attrs, "hvm"))
@@ -887,40 +1197,72 @@ _TOP_LEVEL = (
 )
 
 
-def parse_domain_xml(text: str, *, check_libvirt_schema: bool = False) -> DomainConfig:
-    """Parse and validate domain XML; raise :class:`VirtError` for anything not supported."""
-    root = _parse_safely(text)
-    if root.tag != "domain":
-        raise _xml_error(f"unexpected root element <{_qname(root)}>, expecting <domain>")
-    # 'id' is runtime state: libvirt ignores it on define, and so do we.
-    _check_attrs(root, ("type", "id"))
-    dtype = root.get("type")
-    if not dtype:
-        raise _xml_error("missing domain type attribute")
-    if dtype != "hyperv":
-        raise unsupported(f"emulator '{dtype}' (domain type) {_NOT_SUPPORTED}; use type='hyperv'")
+def parse_domain_xml(
+    text: str, *, check_libvirt_schema: bool = False, validate: bool = False, trusted: bool = False
+) -> DomainConfig:
+    """Parse and validate domain XML; raise :class:`VirtError` for anything not supported.
 
+    ``check_libvirt_schema``: also validate against libvirt's installed schema (define does), after our
+    own checks. ``validate``: libvirt's VALIDATE flags, the schema (libvirt's where installed) first, so the
+    errors are libvirt's. ``trusted``: a config this daemon stored itself (see the module docstring)."""
+    root = _parse_safely(text, MAX_STORED_XML_BYTES if trusted else MAX_XML_BYTES)
+    if not trusted:
+        _check_bounds(root)
+    libvirt_schema = LIBVIRT_DOMAIN_SCHEMA if LIBVIRT_DOMAIN_SCHEMA.is_file() else None
+    if validate:
+        _validate(root, libvirt_schema or _own_schema_path())
+    try:
+        cfg = _walk(root)
+    except _SchemaViolation as v:
+        if not trusted and libvirt_schema is not None and (check_libvirt_schema or validate):
+            _validate(root, libvirt_schema)  # libvirt's own words for it
+        raise _xml_error(v.detail) from None
+    if not trusted:
+        if check_libvirt_schema and libvirt_schema is not None and not validate:
+            _validate(root, libvirt_schema)
+        # Explicit checks passed; our schema now catches structural leftovers (stray text etc.).
+        _validate(root, _own_schema_path())
+        stored = len(cfg.xml.encode("utf-8", "surrogatepass"))
+        if stored > MAX_XML_BYTES - _RUNTIME_SLACK:
+            # It could not be defined again from its own dumpxml; refuse it now rather than lose it later.
+            raise _xml_error(
+                f"domain XML is {stored} bytes once stored (escaped, defaults filled); "
+                f"the limit is {MAX_XML_BYTES - _RUNTIME_SLACK} bytes"
+            )
+    return cfg
+
+
+def _walk(root: etree._Element) -> DomainConfig:
+    """The allow-list walk, in libvirt's order of checks (virDomainDefParseXML, then post-parse)."""
+    if root.tag != "domain":
+        raise _xml_error(f"expecting root element of 'domain', not '{_qname(root)}'")
     kids = _singletons(root, _TOP_LEVEL, f"element <{{tag}}> {_NOT_SUPPORTED}")
     name = _name(kids.get("name"))
     uid = _uuid(kids.get("uuid"))
+    dtype = root.get("type") or None
+    if dtype is None:
+        raise VirtError(ErrorCode.INTERNAL_ERROR, "missing domain type attribute", ErrorDomain.DOMAIN)
+    if dtype not in _VIRT_TYPES:
+        raise unsupported(f"invalid domain type {dtype}")
+    _os_type(kids.get("os"))  # libvirt's checks of <os><type> come this early
+    # 'id' is runtime state: libvirt ignores it on define, and so do we.
+    _check_attrs(root, ("type", "id"))
+    if dtype != "hyperv":
+        raise unsupported(f"emulator '{dtype}' (domain type) {_NOT_SUPPORTED}; use type='hyperv'")
     title = _text(kids["title"]) if "title" in kids else None
     if "title" in kids:
         _check_attrs(kids["title"], ())
     if title is not None and "\n" in title:
-        raise _xml_error("domain <title> must not contain newlines")
+        raise _domain_xml_error("Domain title can't contain newlines")
     description = None
     if "description" in kids:
         _check_attrs(kids["description"], ())
         description = _text(kids["description"])
     metadata = _metadata(kids.get("metadata"))
-    if "memory" not in kids:
-        raise _xml_error("memory size must be specified via <memory>")
-    memory_kib = _memory_kib(kids["memory"])
-    current_kib = _memory_kib(kids["currentMemory"]) if "currentMemory" in kids else memory_kib
-    if current_kib > memory_kib:
-        raise _xml_error(f"<currentMemory> ({current_kib} KiB) must not exceed <memory> ({memory_kib} KiB)")
-    vcpus = _vcpus(kids.get("vcpu"))
-    os = _os(kids.get("os"))
+    memory_kib = _memory_kib(kids.get("memory"))
+    current_kib = _memory_kib(kids.get("currentMemory"))
+    vcpus, current_vcpus = _vcpus(kids.get("vcpu"))
+    os = _os(kids["os"])
     acpi, apic = _features(kids.get("features"))
     cpu_attrs = _cpu(kids.get("cpu"))
     guest_cpu, cpu_children = _guest_cpu(kids.get("cpu"), vcpus)
@@ -932,11 +1274,11 @@ def parse_domain_xml(text: str, *, check_libvirt_schema: bool = False) -> Domain
     )
     pm = _pm(kids.get("pm"))
     devices = _devices(kids.get("devices"))
-
-    # Explicit checks passed; the schema now catches structural leftovers (stray text etc.).
-    _validate(root, _own_schema_path())
-    if check_libvirt_schema and LIBVIRT_DOMAIN_SCHEMA.is_file():
-        _validate(root, LIBVIRT_DOMAIN_SCHEMA)
+    # post-parse (virDomainDefPostParseMemory)
+    if memory_kib == 0:
+        raise _domain_xml_error("Memory size must be specified via <memory> or in the <numa> configuration")
+    if current_kib == 0 or current_kib > memory_kib:
+        current_kib = memory_kib
 
     extras = _Extras(
         machine=os.machine,
@@ -956,6 +1298,7 @@ def parse_domain_xml(text: str, *, check_libvirt_schema: bool = False) -> Domain
         memory_kib=memory_kib,
         current_memory_kib=current_kib,
         vcpus=vcpus,
+        current_vcpus=current_vcpus,
         os=os,
         acpi=acpi,
         apic=apic,
@@ -985,6 +1328,8 @@ def parse_domain_xml(text: str, *, check_libvirt_schema: bool = False) -> Domain
         consoles=devices.consoles,
         xml=xml,
         cpu=guest_cpu,
+        current_vcpus=current_vcpus,
+        cpu_mode=cpu_attrs[0][1] if cpu_attrs else None,
     )
 
 

@@ -134,7 +134,8 @@ def test_define_also_checks_libvirts_own_schema(conn: object) -> None:
     )
     with pytest.raises(libvirt.libvirtError) as exc:
         conn.defineXML(xml)  # type: ignore[attr-defined]
-    assert exc.value.get_error_code() == libvirt.VIR_ERR_XML_ERROR
+    # what libvirt answers for a schema violation (with VIR_DOMAIN_DEFINE_VALIDATE)
+    assert exc.value.get_error_code() == libvirt.VIR_ERR_XML_INVALID_SCHEMA
     assert conn.listAllDomains() == []  # type: ignore[attr-defined]
 
 
