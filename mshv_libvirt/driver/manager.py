@@ -24,6 +24,7 @@ from lxml import etree
 
 from mshv_libvirt.atomicfile import remove_durable, sweep_temporaries, write_atomic
 from mshv_libvirt.domain import DomainConfig, format_domain_xml, parse_domain_xml
+from mshv_libvirt.domain.xml import CPU_MODES_RUNNABLE
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_operation, no_domain, unsupported
 from mshv_libvirt.lifecycle import (
     Action,
@@ -175,11 +176,31 @@ def process_cpu_ns(pid: int) -> int:
 XmlEdit = Callable[["etree._Element"], None]
 
 
-def _edited(cfg: DomainConfig, edit: XmlEdit) -> DomainConfig:
-    """``cfg`` changed by ``edit`` on its XML tree, re-parsed so every rule of a define applies."""
+def _edited(cfg: DomainConfig, edit: XmlEdit, *, trusted: bool = False) -> DomainConfig:
+    """``cfg`` changed by ``edit`` on its XML tree, re-parsed so every rule of a define applies (runs the
+    validators: call it off the event loop). ``trusted``: an edit of our own that cannot make the config
+    invalid, re-read without validators."""
     root = etree.fromstring(cfg.xml.encode())
     edit(root)
-    return parse_domain_xml(etree.tostring(root, encoding="unicode"))
+    return parse_domain_xml(etree.tostring(root, encoding="unicode"), check_libvirt_schema=not trusted, trusted=trusted)
+
+
+def live_config(cfg: DomainConfig) -> DomainConfig:
+    """The config a started domain runs with. Without a balloon device the guest gets all of <memory>,
+    and libvirt's QEMU driver then reports currentMemory equal to it (qemuProcessRefreshBalloonState):
+    so does dominfo and the running dumpxml here."""
+    if cfg.current_memory_kib == cfg.memory_kib:
+        return cfg
+    return _edited(cfg, _set_current_memory(cfg.memory_kib), trusted=True)
+
+
+def _set_current_memory(kib: int) -> XmlEdit:
+    def edit(root: etree._Element) -> None:
+        cur = root.find("currentMemory")
+        if cur is not None:
+            cur.text = str(kib)
+
+    return edit
 
 
 def set_text(tag: str, value: str | None) -> XmlEdit:
@@ -194,16 +215,32 @@ def set_text(tag: str, value: str | None) -> XmlEdit:
     return edit
 
 
-def set_vcpus(count: int) -> XmlEdit:
-    """The <vcpu> count (no hotplug: current always equals maximum)."""
+def set_vcpus(count: int, *, maximum: bool | None = None) -> XmlEdit:
+    """setvcpus --config as libvirt's drivers do it: the current (online) count, at most the maximum
+    ("requested cpu amount exceeds maximum (3 > 2)"), or with ``maximum`` the <vcpu> maximum, which
+    lowers the current count only when it would exceed it. ``None`` (the RPC layer's old call) sets both."""
 
     def edit(root: etree._Element) -> None:
         el = root.find("vcpu")
         if el is None:
             el = etree.SubElement(root, "vcpu")
+        old_max = int(el.text or 1)
+        old_current = int(el.get("current") or old_max)
+        if count < 1:
+            raise VirtError(ErrorCode.INVALID_ARG, "vcpu count must be at least 1")
+        if maximum is None:
+            new_max = new_current = count
+        elif maximum:
+            new_max, new_current = count, min(old_current, count)
+        elif count > old_max:
+            raise VirtError(ErrorCode.INVALID_ARG, f"requested cpu amount exceeds maximum ({count} > {old_max})")
+        else:
+            new_max, new_current = old_max, count
         el.attrib.clear()
         el.set("placement", "static")
-        el.text = str(count)
+        if new_current != new_max:
+            el.set("current", str(new_current))
+        el.text = str(new_max)
 
     return edit
 
@@ -224,6 +261,14 @@ def set_memory(kib: int, *, maximum: bool) -> XmlEdit:
             cur.text = str(kib)
 
     return edit
+
+
+async def parse_untrusted(xml: str, validate: bool) -> DomainConfig:
+    """A client's domain XML, parsed and validated in a worker thread (never on the event loop: the
+    validators take up to a second within the bounds). Our own checks name what we cannot honour;
+    libvirt's schema (when installed) then catches anything libvirt itself would refuse, so a config
+    we store is one libvirt tools accept. ``validate``: the VALIDATE flag, libvirt's schema first."""
+    return await asyncio.to_thread(parse_domain_xml, xml, check_libvirt_schema=True, validate=validate)
 
 
 class DomainTable(dict[str, "Domain"]):
@@ -272,7 +317,8 @@ class DomainManager:
         self.paths.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for name, xml in self.store.load_all().items():
             try:
-                cfg = parse_domain_xml(xml)
+                # Stored by define after every check: read back without running a validator.
+                cfg = parse_domain_xml(xml, trusted=True)
             except VirtError as err:
                 log.error("ignoring unreadable config %s: %s", self.store.path(name), err)
                 continue
@@ -318,7 +364,7 @@ class DomainManager:
             raw = json.loads(record.read_text())
             name, dom_id = str(raw["name"]), int(raw["id"])
             pid = int(raw["pid"]) if raw.get("pid") is not None else None
-            live = parse_domain_xml(str(raw["xml"]))
+            live = parse_domain_xml(str(raw["xml"]), trusted=True)
             status = Status(State(int(raw["state"])), int(raw["reason"]))
         except (OSError, ValueError, KeyError, TypeError, VirtError) as err:
             log.error("ignoring unreadable runtime record %s: %s", record, err)
@@ -430,10 +476,8 @@ class DomainManager:
                 )
         return None
 
-    async def define(self, xml: str) -> Domain:
-        # Our own checks name what we cannot honour; libvirt's schema (when installed) then catches
-        # anything libvirt itself would refuse, so a config we store is one libvirt tools accept.
-        cfg = parse_domain_xml(xml, check_libvirt_schema=True)
+    async def define(self, xml: str, *, validate: bool = False) -> Domain:
+        cfg = await parse_untrusted(xml, validate)
         while True:
             existing = self._check_unique(cfg)
             if existing is None:
@@ -498,11 +542,11 @@ class DomainManager:
             if config and dom.persistent is None:
                 raise invalid_operation("cannot change persistent config of a transient domain")
             if config and dom.persistent is not None:
-                new = _edited(dom.persistent, edit)
+                new = await asyncio.to_thread(_edited, dom.persistent, edit)
                 await asyncio.to_thread(self.store.save, dom.name, new.xml)
                 dom.persistent = new
             if live and dom.live is not None:
-                dom.live = _edited(dom.live, edit)
+                dom.live = await asyncio.to_thread(_edited, dom.live, edit)
                 self._write_record(dom)
 
     def autostart(self, dom: Domain) -> bool:
@@ -514,8 +558,8 @@ class DomainManager:
         await asyncio.to_thread(self.store.set_autostart, dom.name, on)
 
     # -- lifecycle --------------------------------------------------------------------------------
-    async def create_transient(self, xml: str, paused: bool) -> Domain:
-        cfg = parse_domain_xml(xml, check_libvirt_schema=True)
+    async def create_transient(self, xml: str, paused: bool, *, validate: bool = False) -> Domain:
+        cfg = await parse_untrusted(xml, validate)
         existing = self._check_unique(cfg)
         if existing is not None:
             if existing.active:
@@ -540,7 +584,8 @@ class DomainManager:
             if dom.removed:
                 raise no_domain(f"no domain with matching name '{dom.name}'")
             t = transition(dom.status.state, Input.START_PAUSED if paused else Input.START)
-            dom.live = live or dom.persistent
+            base = live or dom.persistent
+            dom.live = live_config(base) if base is not None else None
             await self._spawn(dom, paused=t.action is Action.SPAWN_VMM_PAUSED)
             self._commit(dom, t)
 
@@ -650,21 +695,29 @@ class DomainManager:
                 f"domain '{dom.name}' has no <os><kernel>: the mshv driver boots a Linux kernel image directly",
                 ErrorDomain.DOMAIN,
             )
+        if cfg.cpu_mode is not None and cfg.cpu_mode not in CPU_MODES_RUNNABLE:
+            # What libvirt's QEMU driver answers at start for a mode domcapabilities lists as unsupported.
+            raise VirtError(
+                ErrorCode.CONFIG_UNSUPPORTED,
+                f"CPU mode '{cfg.cpu_mode}' for {cfg.arch} hyperv domain on x86_64 host is not supported by hypervisor",
+                ErrorDomain.DOMAIN,
+            )
         # Guest memory is pinned by the hypervisor when it is mapped (the mshv driver pins every page of a
         # region), so a domain larger than the host cannot start; say so instead of letting the VMM grind.
         host_kib = host_memory_kib()
-        if host_kib and cfg.current_memory_kib > host_kib:
+        if host_kib and cfg.memory_kib > host_kib:
             raise VirtError(
                 ErrorCode.OPERATION_FAILED,
-                f"domain '{dom.name}' needs {cfg.current_memory_kib} KiB of memory but the host has {host_kib} KiB",
+                f"domain '{dom.name}' needs {cfg.memory_kib} KiB of memory but the host has {host_kib} KiB",
                 ErrorDomain.DOMAIN,
             )
         files = self._files(dom.name)
         return {
             "name": dom.name,
             "uuid": str(dom.uuid),
-            "memory_bytes": cfg.current_memory_kib * 1024,
-            "vcpus": cfg.vcpus,
+            "memory_bytes": cfg.memory_kib * 1024,  # no balloon: the guest gets all of <memory>
+            "vcpus": cfg.current_vcpus,  # online at boot
+            "max_vcpus": cfg.vcpus,  # the others are described to the guest as present but disabled
             "kernel": cfg.kernel,
             "initrd": cfg.initrd,
             "cmdline": cfg.cmdline or "",
@@ -812,7 +865,7 @@ class DomainManager:
         handle = dom.vmm
         # CPU time of the VMM process (all its vCPU threads), as libvirt reads it for QEMU: no round trip.
         cpu = process_cpu_ns(handle.pid) if dom.active and handle is not None else 0
-        return int(dom.status.state), cfg.memory_kib, cfg.current_memory_kib, cfg.vcpus, cpu
+        return int(dom.status.state), cfg.memory_kib, cfg.current_memory_kib, cfg.current_vcpus, cpu
 
     def cpu_times(self, dom: Domain) -> tuple[int, int]:
         """(user, system) ns of the domain's VMM process; (0, 0) when it is not running."""
