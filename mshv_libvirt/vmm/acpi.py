@@ -4,8 +4,8 @@
                          -> MADT (one LAPIC per vCPU, one IOAPIC, SCI override)
 
 What Linux takes from each:
-* MADT: CPUs to bring up and where the IOAPIC is. ``PCAT_COMPAT`` is clear because there is no
-  8259 pair, so Linux never routes anything through a legacy PIC.
+* MADT: CPUs to bring up (and those present but disabled) and where the IOAPIC is. ``PCAT_COMPAT``
+  is clear because there is no 8259 pair, so Linux never routes anything through a legacy PIC.
 * FADT: the PM1a event/control blocks and PM timer on I/O ports (our ``acpi_pm`` device), the SCI
   line, the reset register (0xCF9, value 6), the fixed power button (``PWR_BUTTON`` flag clear),
   "no CMOS RTC" and "8042 present" boot-architecture flags. ``SMI_CMD`` is 0: ACPI mode is always on.
@@ -107,10 +107,20 @@ def fadt(dsdt_addr: int, facs_addr: int) -> bytes:
     return _table(b"FACP", 6, bytes(body))
 
 
-def madt(vcpus: int, ioapic_id: int) -> bytes:
+# Local APIC flags (ACPI 6.5 table 5.37). A CPU that is present but not enabled carries Online Capable, as
+# QEMU marks its hot-pluggable CPUs: Linux counts it as a hotplug CPU ("Allowing N CPUs, K hotplug CPUs")
+# and never starts it; kernels that honour the bit (MADT revision >= 5) skip entries without it.
+LAPIC_ENABLED = 1 << 0
+LAPIC_ONLINE_CAPABLE = 1 << 1
+
+
+def madt(vcpus: int, ioapic_id: int, online: int | None = None) -> bytes:
+    """``vcpus`` local APICs (ids 0..vcpus-1), the first ``online`` of them enabled (default: all)."""
+    online = vcpus if online is None else online
     body = struct.pack("<II", layout.LAPIC_ADDR, 0)  # flags: no PCAT_COMPAT (no 8259s)
     for i in range(vcpus):
-        body += struct.pack("<BBBBI", 0, 8, i, i, 1)  # processor local APIC, enabled
+        flags = LAPIC_ENABLED if i < online else LAPIC_ONLINE_CAPABLE
+        body += struct.pack("<BBBBI", 0, 8, i, i, flags)  # processor local APIC
     body += struct.pack("<BBBBII", 1, 12, ioapic_id, 0, layout.IOAPIC_ADDR, 0)
     # SCI: ISA IRQ 9 -> GSI 9, active high (01), edge (01 << 2).
     body += struct.pack("<BBBBIH", 2, 10, 0, SCI_IRQ, SCI_IRQ, 0x5)
@@ -123,10 +133,15 @@ class AcpiTables:
     blob: bytes  # to be written at rsdp_addr
 
 
-def build_tables(vcpus: int, *, base: int = layout.ACPI_START, ioapic_id: int | None = None) -> AcpiTables:
-    """Lay the tables out back to back from ``base`` (16-byte aligned; FACS 64-byte aligned)."""
+def build_tables(
+    vcpus: int, *, base: int = layout.ACPI_START, ioapic_id: int | None = None, online: int | None = None
+) -> AcpiTables:
+    """Lay the tables out back to back from ``base`` (16-byte aligned; FACS 64-byte aligned). ``vcpus``
+    CPUs are described, the first ``online`` (default: all) enabled."""
     if vcpus < 1 or vcpus > 254:
         raise ValueError("vcpus must be between 1 and 254")
+    if online is not None and not 1 <= online <= vcpus:
+        raise ValueError("online vcpus must be between 1 and vcpus")
     apic_id = vcpus if ioapic_id is None else ioapic_id  # distinct from every LAPIC id
     blob = bytearray()
 
@@ -141,7 +156,7 @@ def build_tables(vcpus: int, *, base: int = layout.ACPI_START, ioapic_id: int | 
     facs_addr = place(facs(), 64)
     dsdt_addr = place(dsdt())
     fadt_addr = place(fadt(dsdt_addr, facs_addr))
-    madt_addr = place(madt(vcpus, apic_id))
+    madt_addr = place(madt(vcpus, apic_id, online))
     xsdt_addr = place(_table(b"XSDT", 1, struct.pack("<QQ", fadt_addr, madt_addr)))
     rsdp = bytearray(struct.pack("<8sB6sBIIQBxxx", b"RSD PTR ", 0, OEM_ID, 2, 0, rsdp_len, xsdt_addr, 0))
     rsdp[8] = checksum(rsdp[:20])

@@ -336,7 +336,7 @@ def attach_devices(
     except (MshvError, OSError) as err:
         raise AttachDevicesError(f"interrupt routing: {err}") from err
     resources.callback(sink.close)
-    ioapic = IoApic(sink, ioapic_id=config.vcpus)
+    ioapic = IoApic(sink, ioapic_id=config.max_vcpus)  # distinct from every LAPIC id, disabled ones too
     pio = Bus("port I/O")
     mmio_bus = Bus("MMIO")
     serial = Serial16550(console_write, lambda level: ioapic.set_irq(COM1_IRQ, level))
@@ -393,12 +393,14 @@ def write_platform_tables(ram: GuestRam, config: VmmConfig) -> None:
     """ACPI tables (when enabled) at 0xE0000 and an MP table at 0xF0000 (always: it costs nothing
     and serves ``acpi=off`` guests)."""
     try:
-        mp = mptable.build_mptable(config.vcpus, ioapic_id=config.vcpus)
+        mp = mptable.build_mptable(config.max_vcpus, ioapic_id=config.max_vcpus, online=config.vcpus)
         if mptable.MP_TABLE_ADDR + len(mp) > layout.ACPI_END:
             raise ValueError("MP table does not fit below 1 MiB")
         ram.write(mptable.MP_TABLE_ADDR, mp)
         if config.acpi:
-            tables = acpi.build_tables(config.vcpus, base=layout.ACPI_START, ioapic_id=config.vcpus)
+            tables = acpi.build_tables(
+                config.max_vcpus, base=layout.ACPI_START, ioapic_id=config.max_vcpus, online=config.vcpus
+            )
             if tables.rsdp_addr + len(tables.blob) > mptable.MP_TABLE_ADDR:
                 raise ValueError("ACPI tables overlap the MP table")
             ram.write(tables.rsdp_addr, tables.blob)

@@ -22,7 +22,7 @@ class VmmConfig:
     name: str
     uuid: str
     memory_bytes: int
-    vcpus: int
+    vcpus: int  # online at boot
     kernel: str
     initrd: str | None = None
     cmdline: str = "console=ttyS0"
@@ -48,6 +48,13 @@ class VmmConfig:
     # Nested virtualization (<feature name='vmx'|'svm'>): "require" fails the build where the kernel or
     # hypervisor refuses it, "optional" starts without it, "off" never asks.
     nested: str = "off"
+    # vCPUs described to the guest (<vcpu current='vcpus'>max_vcpus</vcpu>); those past ``vcpus`` are
+    # present but disabled in the MADT and MP table, and get no VP. 0: the same as ``vcpus``.
+    max_vcpus: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_vcpus == 0:
+            object.__setattr__(self, "max_vcpus", self.vcpus)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> VmmConfig:
@@ -82,12 +89,16 @@ class VmmConfig:
             host_decompress=get("host_decompress", bool, True),
             threads_per_core=get("threads_per_core", int, 1),
             nested=get("nested", str, "off"),
+            max_vcpus=get("max_vcpus", int, 0, optional=True),
         )
         if cfg.memory_bytes < 16 << 20 or cfg.memory_bytes % 4096:
             raise ConfigError("config field 'memory_bytes' must be a multiple of 4 KiB and at least 16 MiB")
         if not 1 <= cfg.vcpus <= 254:
             raise ConfigError("config field 'vcpus' must be between 1 and 254")
-        if not 1 <= cfg.threads_per_core <= cfg.vcpus:
+        if not cfg.vcpus <= cfg.max_vcpus <= 254:
+            raise ConfigError("config field 'max_vcpus' must be between 'vcpus' and 254")
+        # the topology describes all the CPUs (the maximum), not only the online ones
+        if not 1 <= cfg.threads_per_core <= cfg.max_vcpus:
             raise ConfigError("config field 'threads_per_core' must be between 1 and the vCPU count")
         for key, allowed in (
             ("on_reboot", ON_REBOOT),

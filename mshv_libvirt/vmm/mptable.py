@@ -23,11 +23,13 @@ INT_TYPE_NMI = 1
 INT_TYPE_EXTINT = 3
 
 
-def build_mptable(vcpus: int, ioapic_id: int, base: int = MP_TABLE_ADDR) -> bytes:
-    """Floating pointer at ``base`` followed by the configuration table."""
+def build_mptable(vcpus: int, ioapic_id: int, base: int = MP_TABLE_ADDR, online: int | None = None) -> bytes:
+    """Floating pointer at ``base`` followed by the configuration table. ``vcpus`` processors, the first
+    ``online`` (default: all) enabled; Linux counts the disabled ones as hotplug CPUs."""
+    online = vcpus if online is None else online
     entries = b""
     for i in range(vcpus):
-        flags = CPU_ENABLED | (CPU_BOOTSTRAP if i == 0 else 0)
+        flags = (CPU_ENABLED if i < online else 0) | (CPU_BOOTSTRAP if i == 0 else 0)
         entries += struct.pack("<BBBBII8x", 0, i, APIC_VERSION, flags, 0x600, 0x201)
     entries += struct.pack("<BB6s", 1, 0, b"ISA   ")
     entries += struct.pack("<BBBBI", 2, ioapic_id, IOAPIC_VERSION, 1, layout.IOAPIC_ADDR)
