@@ -215,10 +215,10 @@ def set_text(tag: str, value: str | None) -> XmlEdit:
     return edit
 
 
-def set_vcpus(count: int, *, maximum: bool | None = None) -> XmlEdit:
+def set_vcpus(count: int, *, maximum: bool) -> XmlEdit:
     """setvcpus --config as libvirt's drivers do it: the current (online) count, at most the maximum
     ("requested cpu amount exceeds maximum (3 > 2)"), or with ``maximum`` the <vcpu> maximum, which
-    lowers the current count only when it would exceed it. ``None`` (the RPC layer's old call) sets both."""
+    lowers the current count only when it would exceed it."""
 
     def edit(root: etree._Element) -> None:
         el = root.find("vcpu")
@@ -228,9 +228,7 @@ def set_vcpus(count: int, *, maximum: bool | None = None) -> XmlEdit:
         old_current = int(el.get("current") or old_max)
         if count < 1:
             raise VirtError(ErrorCode.INVALID_ARG, "vcpu count must be at least 1")
-        if maximum is None:
-            new_max = new_current = count
-        elif maximum:
+        if maximum:
             new_max, new_current = count, min(old_current, count)
         elif count > old_max:
             raise VirtError(ErrorCode.INVALID_ARG, f"requested cpu amount exceeds maximum ({count} > {old_max})")

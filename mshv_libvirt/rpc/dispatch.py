@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mshv_libvirt.domain import MAX_VCPUS, DomainConfig, parse_domain_xml
+from mshv_libvirt.domain import MAX_VCPUS, DomainConfig
 from mshv_libvirt.driver.manager import Domain, DomainEvent, DomainManager, set_memory, set_text, set_vcpus
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_operation
 from mshv_libvirt.lifecycle import State
@@ -602,15 +602,16 @@ def get_vcpus_flags(s: Session, dom: Domain, flags: int) -> int:
         raise _denied("virDomainGetVcpusFlags", ErrorDomain.DOMAIN)
     if flags & VCPU_GUEST:
         raise VirtError(ErrorCode.ARGUMENT_UNSUPPORTED, "the mshv driver has no guest agent")
-    return _config_to_read(dom, flags).vcpus  # no vCPU hotplug: current always equals maximum
+    cfg = _config_to_read(dom, flags)
+    return cfg.vcpus if flags & VCPU_MAXIMUM else cfg.current_vcpus
 
 
 async def set_vcpus_flags(s: Session, dom: Domain, nvcpus: int, flags: int) -> None:
     live, config = _affect(dom, flags)
     if live:
         raise _no_hotplug("vCPU count")
-    # Without hotplug the current count always equals the maximum, so both forms set the one <vcpu> count.
-    await s.manager.edit_config(dom, set_vcpus(nvcpus), False, config)
+    # libvirt's semantics: the current count (at most the maximum), or with MAXIMUM the maximum itself.
+    await s.manager.edit_config(dom, set_vcpus(nvcpus, maximum=bool(flags & VCPU_MAXIMUM)), False, config)
 
 
 async def set_memory_flags(s: Session, dom: Domain, kib: int, flags: int) -> None:
@@ -672,7 +673,7 @@ def _domain_stats(s: Session, dom: Domain, stats: int) -> list[tuple[str, int, i
     if stats & STATS_BALLOON:
         out += [("balloon.current", TP_ULLONG, cfg.current_memory_kib), ("balloon.maximum", TP_ULLONG, cfg.memory_kib)]
     if stats & STATS_VCPU:
-        out += [("vcpu.current", TP_UINT, cfg.vcpus), ("vcpu.maximum", TP_UINT, cfg.vcpus)]
+        out += [("vcpu.current", TP_UINT, cfg.current_vcpus), ("vcpu.maximum", TP_UINT, cfg.vcpus)]
     return out
 
 
@@ -715,15 +716,14 @@ START_PAUSED, START_VALIDATE = 1, 16
 
 
 async def define_xml_flags(s: Session, xml: str, flags: int) -> Domain:
-    if flags & DEFINE_VALIDATE:
-        await asyncio.to_thread(parse_domain_xml, xml, check_libvirt_schema=True)
-    return await s.manager.define(xml)
+    # VALIDATE: libvirt's schema before its parser, so the errors are the ones libvirt gives then.
+    return await s.manager.define(xml, validate=bool(flags & DEFINE_VALIDATE))
 
 
 async def create_xml(s: Session, xml: str, flags: int) -> Domain:
-    if flags & START_VALIDATE:
-        await asyncio.to_thread(parse_domain_xml, xml, check_libvirt_schema=True)
-    return await s.manager.create_transient(xml, paused=bool(flags & START_PAUSED))
+    return await s.manager.create_transient(
+        xml, paused=bool(flags & START_PAUSED), validate=bool(flags & START_VALIDATE)
+    )
 
 
 async def create_with_flags(s: Session, dom: Domain, flags: int) -> Domain:

@@ -356,6 +356,9 @@ def test_setvcpus_setmem_setmaxmem_change_the_config(
 ) -> None:
     define(daemon, tmp_path, "sz", tiny_kernel, vcpus=1, memory_mib=64)
     virsh(daemon.uri, "setvcpus", "sz", "2", "--config", "--maximum")
+    # libvirt's semantics: raising the maximum leaves the current count; it is set on its own
+    assert "current      config         1" in virsh(daemon.uri, "vcpucount", "sz").stdout
+    virsh(daemon.uri, "setvcpus", "sz", "2", "--config")
     virsh(daemon.uri, "setmaxmem", "sz", "128M", "--config")
     virsh(daemon.uri, "setmem", "sz", "96M", "--config")
     info = virsh(daemon.uri, "dominfo", "sz").stdout
