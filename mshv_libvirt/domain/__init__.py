@@ -2,6 +2,11 @@
 
 from mshv_libvirt.domain.xml import (
     LIBVIRT_DOMAIN_SCHEMA,
+    MAX_ATTRIBUTES,
+    MAX_DEPTH,
+    MAX_ELEMENTS,
+    MAX_STORED_XML_BYTES,
+    MAX_TEXT_CHARS,
     MAX_VCPUS,
     MAX_XML_BYTES,
     CharDevice,
@@ -14,6 +19,11 @@ from mshv_libvirt.domain.xml import (
 
 __all__ = [
     "LIBVIRT_DOMAIN_SCHEMA",
+    "MAX_ATTRIBUTES",
+    "MAX_DEPTH",
+    "MAX_ELEMENTS",
+    "MAX_STORED_XML_BYTES",
+    "MAX_TEXT_CHARS",
     "MAX_VCPUS",
     "MAX_XML_BYTES",
     "CharDevice",
