@@ -25,6 +25,7 @@ class DaemonProcess:
     extra_args: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    module: str = "mshv_libvirt.daemon"  # or a test wrapper of it (tests/support/validator_hook.py)
 
     @property
     def socket(self) -> Path:
@@ -59,7 +60,7 @@ class DaemonProcess:
             [
                 sys.executable,
                 "-m",
-                "mshv_libvirt.daemon",
+                self.module,
                 "--session",
                 "--socket",
                 str(self.socket),
