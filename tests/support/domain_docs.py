@@ -65,7 +65,7 @@ def scaled(draw: st.DrawFn, tag: str) -> str:
 @st.composite
 def vcpu(draw: st.DrawFn) -> str:
     count = draw(rarely(st.sampled_from([0, 253, 254, 255, 2**32 - 1]), st.integers(1, 8)))
-    current = draw(st.one_of(st.none(), rarely(st.sampled_from([0, count + 1]), st.integers(1, count))))
+    current = draw(st.one_of(st.none(), rarely(st.sampled_from([0, count + 1]), st.integers(1, max(count, 1)))))
     attrs = "" if current is None else f" current='{current}'"
     placement = draw(rarely(st.just(" placement='auto'"), st.sampled_from(["", " placement='static'"])))
     return f"<vcpu{placement}{attrs}>{count}</vcpu>"
