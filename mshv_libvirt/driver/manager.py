@@ -642,10 +642,11 @@ class DomainManager:
         if not dom.active:
             dom.live = None
             dom.console_owner = None
-        for event, detail in t.events:
-            self._emit(dom, "lifecycle", event, detail)
-        if t.reboot_event:
-            self._emit(dom, "reboot")
+        for emission in t.emissions():
+            if emission == "reboot":
+                self._emit(dom, "reboot")
+            else:
+                self._emit(dom, "lifecycle", *emission)
         if not dom.active:
             dom.id = -1
             remove_durable(self._record_path(dom.name))
@@ -739,7 +740,7 @@ class DomainManager:
             "nested": cfg.cpu.nested,
         }
 
-    async def _spawn(self, dom: Domain, paused: bool) -> None:
+    async def _spawn(self, dom: Domain, paused: bool, *, keep_id: bool = False) -> None:
         cfg = dom.live or dom.persistent
         assert cfg is not None
         vmm_config = self._vmm_config(dom, cfg, paused)
@@ -751,8 +752,9 @@ class DomainManager:
         except VmmError as err:
             files.remove_runtime()
             raise _failed(f"domain '{dom.name}' failed to start: {err}") from err
-        dom.id = self._next_id
-        self._next_id += 1
+        if not keep_id:
+            dom.id = self._next_id
+            self._next_id += 1
         self._adopt(dom, handle)
         # Record the VMM at once: a daemon killed before the caller commits the transition must still
         # find (and re-attach to) this VMM. The status is the one the spawn transitions lead to.
@@ -844,9 +846,10 @@ class DomainManager:
             out = transition(dom.status.state, Input.VMM_DIED)
         files.remove_runtime()
         if out.action is Action.RESTART_VMM:
+            # QEMU's fake reboot: the same domain (id included) boots again, paused only if it stays paused.
             restarted = Transition(out.status, out.events, Action.NONE, out.reboot_event)
             try:
-                await self._spawn(dom, paused=False)
+                await self._spawn(dom, paused=out.next_status(dom.status).state is State.PAUSED, keep_id=True)
             except VirtError as err:
                 log.error("restart of %s failed: %s", dom.name, err)
                 # Booting again failed: the domain is off; report it as failed.

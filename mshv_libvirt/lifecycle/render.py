@@ -52,6 +52,13 @@ def render() -> str:
         "Every (state, input) pair: the new state (reason), the libvirt lifecycle events in emission order, and",
         "what the driver does to the VMM process; or the error a client gets.",
         "",
+        "Guest endings are those of libvirt 9.0's QEMU driver with a modern QEMU: a power-off is shutdown/guest then",
+        "stopped/shutdown; a guest reset (i8042, ACPI reset register, or a triple fault, which KVM also turns into a",
+        "reset) is only the reboot event under on_reboot=restart and a power-off otherwise; restart after a power-off",
+        "or a crash is QEMU's fake reboot (reboot event, CPUs started again); a crash is a guest panic reported",
+        "through the pvpanic port (0x505); a VMM that ends without saying why is stopped/failed. Details in the",
+        "docstring of states.py.",
+        "",
     ]
     for state in STATES:
         lines += [f"## {state.name.lower()}", "", "| input | new state | events | action |", "|---|---|---|---|"]
@@ -60,9 +67,7 @@ def render() -> str:
             if isinstance(out, IllegalOp):
                 lines.append(f"| {inp.value} | error: {out.detail} | | |")
                 continue
-            events = ", ".join(_event(e, d) for e, d in out.events)
-            if out.reboot_event:
-                events = (events + ", " if events else "") + "reboot event"
+            events = ", ".join("reboot event" if e == "reboot" else _event(*e) for e in out.emissions())
             lines.append(f"| {inp.value} | {_status(out.status)} | {events} | {out.action.value} |")
         lines.append("")
     return "\n".join(lines)

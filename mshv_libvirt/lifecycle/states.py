@@ -8,6 +8,22 @@ States in the table: SHUTOFF, RUNNING, PAUSED, SHUTDOWN and CRASHED. A host shut
 change the state (QEMU keeps reporting RUNNING until the guest acts); SHUTDOWN is only reached when the guest
 powers off under ``on_poweroff``/``on_reboot`` = preserve, and CRASHED only under ``on_crash`` = preserve. In both
 the VMM keeps the frozen partition around for inspection and only destroy (or the VMM dying) leaves them.
+
+Guest endings follow libvirt's QEMU driver for a QEMU with ``set-action`` (libvirt 9.0, qemu_process.c):
+
+* a power-off is QEMU's SHUTDOWN event from the guest: state SHUTDOWN/UNKNOWN and event SHUTDOWN/GUEST
+  (qemuProcessHandleShutdown), then the process ends and processMonitorEOFEvent emits STOPPED/SHUTDOWN with
+  SHUTOFF/SHUTDOWN. Under on_poweroff=restart it is a "fake reboot" instead: no lifecycle event, the state is
+  untouched, QEMU's RESET gives the REBOOT event, and the CPUs are started again (a paused domain is resumed,
+  RESUMED/UNPAUSED).
+* a guest reset (i8042, ACPI reset register, or a triple fault, which KVM reports as a reset) is QEMU's RESET: the
+  REBOOT event only, state unchanged, under on_reboot=restart; under on_reboot=destroy QEMU turns it into a
+  shutdown (``set-action reboot=shutdown``), so it looks exactly like a power-off.
+* a crash is a guest panic notification (pvpanic): CRASHED/PANICKED with CRASHED/PANICKED (processGuestPanicEvent);
+  destroy then stops it (STOPPED/CRASHED, SHUTOFF/CRASHED); restart is a fake reboot from CRASHED, so the CPUs
+  restart with RUNNING/CRASHED and RESUMED/UNPAUSED, plus the REBOOT event of the reset.
+* a VMM that ends without reporting why is QEMU's monitor EOF without a SHUTDOWN event: STOPPED/FAILED,
+  SHUTOFF/CRASHED.
 """
 
 from __future__ import annotations
@@ -183,13 +199,16 @@ class Input(Enum):
     REBOOT = "reboot"  # host asks the guest to reboot
     RESET = "reset"  # host presses the reset button: the VM restarts at once, without asking the guest
     DESTROY = "destroy"
+    INJECT_NMI = "inject_nmi"
+    SEND_KEY = "send_key"
+    RENAME = "rename"  # a new name for the (inactive) domain's config
     GUEST_POWEROFF_DESTROY = "guest_poweroff_destroy"  # guest powered off; suffix = on_poweroff
     GUEST_POWEROFF_RESTART = "guest_poweroff_restart"
     GUEST_POWEROFF_PRESERVE = "guest_poweroff_preserve"
-    GUEST_REBOOT_RESTART = "guest_reboot_restart"  # guest rebooted; suffix = on_reboot
+    GUEST_REBOOT_RESTART = "guest_reboot_restart"  # guest reset (also a triple fault); suffix = on_reboot
     GUEST_REBOOT_DESTROY = "guest_reboot_destroy"
     GUEST_REBOOT_PRESERVE = "guest_reboot_preserve"
-    GUEST_CRASH_DESTROY = "guest_crash_destroy"  # triple fault / unrecoverable exception; suffix = on_crash
+    GUEST_CRASH_DESTROY = "guest_crash_destroy"  # the guest reported a panic (pvpanic); suffix = on_crash
     GUEST_CRASH_RESTART = "guest_crash_restart"
     GUEST_CRASH_PRESERVE = "guest_crash_preserve"
     VMM_DIED = "vmm_died"  # the VMM process vanished without reporting why
@@ -205,6 +224,9 @@ USER_INPUTS: frozenset[Input] = frozenset(
         Input.REBOOT,
         Input.RESET,
         Input.DESTROY,
+        Input.INJECT_NMI,
+        Input.SEND_KEY,
+        Input.RENAME,
     }
 )
 # Reported by the VMM (or its death), never requested by a client: they cannot be refused, only ignored.
@@ -223,8 +245,13 @@ class Action(Enum):
     REQUEST_REBOOT = "request_reboot"
     RESET_VMM = "reset_vmm"  # rebuild the VM in the same VMM; a paused VM stays paused
     KILL_VMM = "kill_vmm"
-    RESTART_VMM = "restart_vmm"  # tear the VMM down and boot the domain again
+    # The domain boots again: the VMM does it in place for a guest reset; after a VMM that exited (power-off or
+    # crash under a restart policy) the driver starts a new one, keeping the domain id as QEMU's fake reboot does.
+    RESTART_VMM = "restart_vmm"
     CLEANUP = "cleanup"  # the VMM is already gone: remove runtime files
+    INJECT_NMI = "inject_nmi"  # the VMM raises an NMI on vCPU 0
+    SEND_KEY = "send_key"  # the VMM feeds scancodes to the guest through its i8042
+    RENAME = "rename"  # the driver moves the config to the new name; no VMM exists
 
 
 @dataclass(frozen=True)
@@ -248,6 +275,14 @@ class Transition:
     def next_status(self, current: Status) -> Status:
         return current if self.status is None else self.status
 
+    def emissions(self) -> tuple[EventSpec | Literal["reboot"], ...]:
+        """Lifecycle events and the REBOOT event in the order clients get them: the reset comes before the CPUs
+        start again (QEMU's RESET precedes the RESUME of a fake reboot), so REBOOT precedes RESUMED."""
+        if not self.reboot_event:
+            return self.events
+        at = next((i for i, (event, _) in enumerate(self.events) if event is Event.RESUMED), len(self.events))
+        return (*self.events[:at], "reboot", *self.events[at:])
+
 
 @dataclass(frozen=True)
 class IllegalOp:
@@ -270,10 +305,11 @@ _ALREADY_RUNNING = IllegalOp("domain is already running")
 _NOT_RUNNING = IllegalOp("domain is not running")
 
 _BOOTED = (Event.STARTED, StartedDetail.BOOTED)
-_SHUTDOWN_FINISHED = (Event.SHUTDOWN, ShutdownDetail.FINISHED)
+_SHUTDOWN_GUEST = (Event.SHUTDOWN, ShutdownDetail.GUEST)
 _STOPPED_SHUTDOWN = (Event.STOPPED, StoppedDetail.SHUTDOWN)
 _PANICKED = (Event.CRASHED, CrashedDetail.PANICKED)
 _STOPPED_CRASHED = (Event.STOPPED, StoppedDetail.CRASHED)
+_UNPAUSED = (Event.RESUMED, ResumedDetail.UNPAUSED)
 
 _START = Transition(Status(State.RUNNING, RunningReason.BOOTED), (_BOOTED,), Action.SPAWN_VMM)
 _START_PAUSED = Transition(
@@ -284,28 +320,29 @@ _START_PAUSED = Transition(
 _SUSPEND = Transition(
     Status(State.PAUSED, PausedReason.USER), ((Event.SUSPENDED, SuspendedDetail.PAUSED),), Action.PAUSE_VMM
 )
-_RESUME = Transition(
-    Status(State.RUNNING, RunningReason.UNPAUSED), ((Event.RESUMED, ResumedDetail.UNPAUSED),), Action.RESUME_VMM
-)
+_RESUME = Transition(Status(State.RUNNING, RunningReason.UNPAUSED), (_UNPAUSED,), Action.RESUME_VMM)
 _DESTROY = Transition(
     Status(State.SHUTOFF, ShutoffReason.DESTROYED), ((Event.STOPPED, StoppedDetail.DESTROYED),), Action.KILL_VMM
 )
+# QEMU's SHUTDOWN event from the guest (SHUTDOWN/GUEST, state SHUTDOWN/UNKNOWN), then its exit (STOPPED/SHUTDOWN).
 _POWEROFF = Transition(
-    Status(State.SHUTOFF, ShutoffReason.SHUTDOWN), (_SHUTDOWN_FINISHED, _STOPPED_SHUTDOWN), Action.CLEANUP
+    Status(State.SHUTOFF, ShutoffReason.SHUTDOWN), (_SHUTDOWN_GUEST, _STOPPED_SHUTDOWN), Action.CLEANUP
 )
-_POWEROFF_RESTART = Transition(
-    Status(State.RUNNING, RunningReason.BOOTED),
-    (_SHUTDOWN_FINISHED, _STOPPED_SHUTDOWN, _BOOTED),
-    Action.RESTART_VMM,
+# on_poweroff=restart is a fake reboot: no lifecycle event, the state stays, QEMU's system_reset gives the REBOOT
+# event; the CPUs start again, so a domain caught paused by the report is resumed (RUNNING/BOOTED, RESUMED/UNPAUSED).
+_POWEROFF_RESTART = Transition(None, (), Action.RESTART_VMM, reboot_event=True)
+_POWEROFF_RESTART_PAUSED = Transition(
+    Status(State.RUNNING, RunningReason.BOOTED), (_UNPAUSED,), Action.RESTART_VMM, reboot_event=True
 )
-# QEMU marks a guest that powered off as SHUTDOWN/UNKNOWN and emits SHUTDOWN/FINISHED before reaping the process;
-# preserve is "stop right there": the VMM keeps the powered-off partition for inspection until destroy.
-_POWEROFF_PRESERVE = Transition(Status(State.SHUTDOWN, ShutdownReason.UNKNOWN), (_SHUTDOWN_FINISHED,), Action.NONE)
-# QEMU emits only VIR_DOMAIN_EVENT_ID_REBOOT for a guest reboot, no lifecycle events.
-_REBOOT_RESTART = Transition(Status(State.RUNNING, RunningReason.BOOTED), (), Action.RESTART_VMM, reboot_event=True)
+# preserve is "stop right there": the state QEMU's SHUTDOWN event leaves, the VMM keeps the partition until destroy.
+_POWEROFF_PRESERVE = Transition(Status(State.SHUTDOWN, ShutdownReason.UNKNOWN), (_SHUTDOWN_GUEST,), Action.NONE)
+# QEMU resets the guest itself and libvirt sees only its RESET: the REBOOT event alone; a paused VM stays paused.
+_REBOOT_RESTART = Transition(None, (), Action.RESTART_VMM, reboot_event=True)
 _CRASH = Transition(Status(State.SHUTOFF, ShutoffReason.CRASHED), (_PANICKED, _STOPPED_CRASHED), Action.CLEANUP)
+# A fake reboot from CRASHED: qemuProcessFakeReboot starts the CPUs with reason CRASHED, so the RESUME handler
+# moves the domain to RUNNING/CRASHED and emits RESUMED/UNPAUSED; the reset itself is the REBOOT event.
 _CRASH_RESTART = Transition(
-    Status(State.RUNNING, RunningReason.BOOTED), (_PANICKED, _STOPPED_CRASHED, _BOOTED), Action.RESTART_VMM
+    Status(State.RUNNING, RunningReason.CRASHED), (_PANICKED, _UNPAUSED), Action.RESTART_VMM, reboot_event=True
 )
 _CRASH_PRESERVE = Transition(Status(State.CRASHED, CrashedReason.PANICKED), (_PANICKED,), Action.NONE)
 # QEMU's monitor-EOF handling: an exit without a prior shutdown report counts as a crash.
@@ -316,6 +353,14 @@ _VMM_DIED = Transition(
 _VMM_EXITED_AFTER_SHUTDOWN = Transition(
     Status(State.SHUTOFF, ShutoffReason.SHUTDOWN), (_STOPPED_SHUTDOWN,), Action.CLEANUP
 )
+_INJECT_NMI = Transition(None, (), Action.INJECT_NMI)
+_SEND_KEY = Transition(None, (), Action.SEND_KEY)
+# virDomainRename: the old name goes (UNDEFINED/RENAMED, sent with the old name), the new one comes
+# (DEFINED/RENAMED, with the new name); only a shut-off domain can be renamed.
+_RENAME = Transition(
+    None, ((Event.UNDEFINED, UndefinedDetail.RENAMED), (Event.DEFINED, DefinedDetail.RENAMED)), Action.RENAME
+)
+_RENAME_ACTIVE = IllegalOp("cannot rename active domain")
 
 # Guest reports for a live domain; PAUSED uses them too because a report can be in flight when the pause lands.
 _GUEST_LIVE: dict[Input, Outcome] = {
@@ -323,7 +368,7 @@ _GUEST_LIVE: dict[Input, Outcome] = {
     Input.GUEST_POWEROFF_RESTART: _POWEROFF_RESTART,
     Input.GUEST_POWEROFF_PRESERVE: _POWEROFF_PRESERVE,
     Input.GUEST_REBOOT_RESTART: _REBOOT_RESTART,
-    # QEMU implements on_reboot != restart with -no-reboot, so the reboot looks exactly like a power-off.
+    # QEMU implements on_reboot != restart with set-action reboot=shutdown: the reset looks exactly like a power-off.
     Input.GUEST_REBOOT_DESTROY: _POWEROFF,
     Input.GUEST_REBOOT_PRESERVE: _POWEROFF_PRESERVE,
     Input.GUEST_CRASH_DESTROY: _CRASH,
@@ -331,7 +376,6 @@ _GUEST_LIVE: dict[Input, Outcome] = {
     Input.GUEST_CRASH_PRESERVE: _CRASH_PRESERVE,
     Input.VMM_DIED: _VMM_DIED,
 }
-# With no VMM (SHUTOFF) or a frozen preserved partition, guest reports can only be stale: ignore them.
 _GUEST_IGNORED: dict[Input, Outcome] = {inp: _NOOP for inp in _GUEST_LIVE}
 
 
@@ -340,13 +384,16 @@ def _frozen_row(vmm_exit: Transition) -> dict[Input, Outcome]:
     return {
         Input.START: _ALREADY_RUNNING,  # the VMM still exists, so the domain is active
         Input.START_PAUSED: _ALREADY_RUNNING,
-        # Its vCPUs must never run again, so nothing but destroy applies.
+        # Its vCPUs must never run again, so nothing but destroy applies (no NMI or key reaches it either).
         Input.SUSPEND: _NOT_RUNNING,
         Input.RESUME: _NOT_RUNNING,
         Input.SHUTDOWN: _NOT_RUNNING,
         Input.REBOOT: _NOT_RUNNING,
         Input.RESET: _NOT_RUNNING,
         Input.DESTROY: _DESTROY,
+        Input.INJECT_NMI: _NOT_RUNNING,
+        Input.SEND_KEY: _NOT_RUNNING,
+        Input.RENAME: _RENAME_ACTIVE,
         **_GUEST_IGNORED,
         Input.VMM_DIED: vmm_exit,
     }
@@ -363,6 +410,9 @@ _ROWS: dict[State, dict[Input, Outcome]] = {
         Input.REBOOT: _NOT_RUNNING,
         Input.RESET: _NOT_RUNNING,
         Input.DESTROY: _NOT_RUNNING,
+        Input.INJECT_NMI: _NOT_RUNNING,
+        Input.SEND_KEY: _NOT_RUNNING,
+        Input.RENAME: _RENAME,
         # No VMM, so any report is late (e.g. an exit report racing a destroy): ignore rather than error --
         # nobody asked, and the domain is already where the report would take it.
         **_GUEST_IGNORED,
@@ -379,6 +429,9 @@ _ROWS: dict[State, dict[Input, Outcome]] = {
         # QEMU's driver reports a reset only as the REBOOT event; the domain stays running.
         Input.RESET: _RESET,
         Input.DESTROY: _DESTROY,
+        Input.INJECT_NMI: _INJECT_NMI,
+        Input.SEND_KEY: _SEND_KEY,
+        Input.RENAME: _RENAME_ACTIVE,
         **_GUEST_LIVE,
     },
     State.PAUSED: {
@@ -391,7 +444,12 @@ _ROWS: dict[State, dict[Input, Outcome]] = {
         Input.REBOOT: _NOT_RUNNING,
         Input.RESET: _RESET,  # QEMU resets a paused VM too; it stays paused
         Input.DESTROY: _DESTROY,
+        # QEMU queues both for a paused guest (it sees them when it runs again), as the i8042 and the LAPIC do here.
+        Input.INJECT_NMI: _INJECT_NMI,
+        Input.SEND_KEY: _SEND_KEY,
+        Input.RENAME: _RENAME_ACTIVE,
         **_GUEST_LIVE,
+        Input.GUEST_POWEROFF_RESTART: _POWEROFF_RESTART_PAUSED,
     },
     State.SHUTDOWN: _frozen_row(_VMM_EXITED_AFTER_SHUTDOWN),
     State.CRASHED: _frozen_row(_VMM_DIED),

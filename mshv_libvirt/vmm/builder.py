@@ -49,6 +49,8 @@ from .devices.bus import Bus
 from .devices.i8042 import I8042
 from .devices.ioapic import MMIO_SIZE as IOAPIC_MMIO_SIZE
 from .devices.ioapic import IoApic, MsiMessage
+from .devices.pvpanic import PORT as PVPANIC_PORT
+from .devices.pvpanic import PvPanic
 from .devices.serial import Serial16550
 from .vcpu import ExitGate, ExitHandler, VcpuEvent, VcpuThread, VmExit, VmExitKind
 
@@ -347,9 +349,13 @@ def attach_devices(
     def poweroff() -> None:
         on_vm_exit(VmExit(VmExitKind.SHUTDOWN, "guest powered off (ACPI S5)"))
 
+    def panic() -> None:
+        on_vm_exit(VmExit(VmExitKind.CRASH, "guest panic reported through pvpanic"))
+
     i8042 = I8042(reset, ioapic.set_irq)
     pio.register(COM1_PORT, 8, serial)
     pio.register(I8042_PORT, 5, i8042)
+    pio.register(PVPANIC_PORT, 1, PvPanic(panic))
     mmio_bus.register(layout.IOAPIC_ADDR, IOAPIC_MMIO_SIZE, ioapic)
     pm: AcpiPm | None = None
     if config.acpi:

@@ -5,9 +5,14 @@ and a wakeup pipe; vCPU threads only run guest code and post :class:`VmExit` rec
 decisions (stop the vCPUs, rebuild for a reboot, write the exit file, leave) are taken here, in one
 thread, so they never race each other.
 
-Exit file reasons: ``shutdown`` (guest powered off or halted), ``reboot`` (guest reset with
-on_reboot=destroy), ``crash`` (triple fault), ``destroyed`` (destroy command or SIGTERM/SIGINT),
-``error`` (the VMM itself failed).
+Exit file reasons: ``shutdown`` (guest powered off or halted), ``reboot`` (guest reset, also a triple
+fault, with on_reboot=destroy), ``crash`` (the guest reported a panic through pvpanic), ``destroyed``
+(destroy command or SIGTERM/SIGINT), ``error`` (the VMM itself failed).
+
+``inject-nmi`` raises an NMI on vCPU 0 (an interrupt request of type NMI to APIC id 0); ``send-key``
+feeds scancodes to the guest through the i8042, each key held ``holdtime`` ms like QEMU's send-key:
+press the keys in order one hold apart, then release them in reverse order. Key events wait in a
+bounded queue served by the main loop, so the command never blocks it.
 
 Under on_poweroff/on_reboot/on_crash = preserve the guest's ending does not end the process: every
 vCPU is finished, the partition and its memory stay, ``status`` reports ``shutdown``/``crashed`` and
@@ -25,19 +30,27 @@ import selectors
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mshv_libvirt.atomicfile import write_atomic
+from mshv_libvirt.hv import MshvError
 
 from . import builder, coredump
 from .config import VmmConfig
 from .console import Console
 from .control import CommandError, ControlServer, JsonObject
+from .devices import keymap
 from .vcpu import VcpuEvent, VmExit, VmExitKind, install_kick_handler
 
 log = logging.getLogger(__name__)
+
+HV_X64_INTERRUPT_TYPE_NMI = 4  # hv_defs.h: an interrupt request of this type is an NMI (vector ignored)
+DEFAULT_KEY_HOLD_MS = 100  # QEMU's send-key default, which libvirt relies on for holdtime 0
+MAX_KEYS = 16  # VIR_DOMAIN_SEND_KEY_MAX_KEYS
+MAX_KEY_EVENTS = 2 * MAX_KEYS * 32  # presses and releases of at most 32 send-key requests still to come
 
 BuildFn = Callable[[VmmConfig, Callable[[bytes], object], Callable[[VmExit], None], bool], builder.Vm]
 
@@ -64,6 +77,8 @@ class Vmm:
         self._preserved: str | None = None  # "shutdown" | "crashed": the guest ended, the VM is kept frozen
         self._console_watched = False
         self._generation = 0  # bumps at every rebuild so stale exits from an old VM are ignored
+        self._key_events: deque[tuple[float, bytes]] = deque()  # (due on the monotonic clock, scancodes)
+        self._keys_free_at = 0.0  # when the last queued key event is due: a new send-key starts after it
         self.boots = 0
 
     # -- plumbing --------------------------------------------------------------------------------
@@ -134,7 +149,8 @@ class Vmm:
             return
         self._stop_vm()
         self._reboot_on_shutdown = False
-        self._start_vm(paused=False)
+        # QEMU resets a guest that resets itself without resuming it: a VM paused meanwhile stays paused.
+        self._start_vm(paused=self._paused)
         self._emit("reboot", detail=detail)
 
     def _handle_vm_exit(self, exit_: VmExit) -> None:
@@ -181,6 +197,55 @@ class Vmm:
             raise CommandError("the guest has no ACPI power button (acpi is disabled)")
         vm.platform.acpi_pm.press_power_button()
 
+    def _inject_nmi(self) -> None:
+        vm = self._vm
+        if vm is None:
+            raise CommandError("domain is not running")
+        try:
+            vm.partition.assert_interrupt(0, 0, interrupt_type=HV_X64_INTERRUPT_TYPE_NMI)
+        except (MshvError, OSError) as err:
+            raise CommandError(f"operation failed: cannot inject an NMI: {err}") from err
+        log.info("NMI injected into vCPU 0")
+
+    def _send_key(self, request: JsonObject) -> None:
+        keys, hold = request.get("keys"), request.get("holdtime", 0)
+        if (
+            not isinstance(keys, list)
+            or not 1 <= len(keys) <= MAX_KEYS
+            or not all(isinstance(k, int) and not isinstance(k, bool) and 0 < k <= 0xFF for k in keys)
+        ):
+            raise CommandError(f"send-key needs 'keys': 1 to {MAX_KEYS} key numbers (qnum, 1..255)")
+        if not isinstance(hold, int) or isinstance(hold, bool) or not 0 <= hold <= 0xFFFFFFFF:
+            raise CommandError("send-key 'holdtime' must be an unsigned number of milliseconds")
+        if self._vm is None:
+            raise CommandError("domain is not running")
+        if len(self._key_events) + 2 * len(keys) > MAX_KEY_EVENTS:
+            raise CommandError("operation failed: too many keys are still waiting to be sent")
+        step = (hold or DEFAULT_KEY_HOLD_MS) / 1000
+        due = max(time.monotonic(), self._keys_free_at)
+        events = [keymap.press(k) for k in keys] + [keymap.release(k) for k in reversed(keys)]
+        for scancodes in events:
+            self._key_events.append((due, scancodes))
+            due += step
+        self._keys_free_at = due
+        self._deliver_keys()
+
+    def _deliver_keys(self) -> None:
+        now = time.monotonic()
+        while self._key_events and self._key_events[0][0] <= now:
+            _, scancodes = self._key_events.popleft()
+            vm = self._vm
+            if vm is None or self._preserved is not None or not scancodes:
+                continue
+            taken = vm.platform.i8042.inject_keys(scancodes)
+            if taken < len(scancodes):
+                log.warning("keyboard buffer full: %d scancode bytes dropped", len(scancodes) - taken)
+
+    def _loop_timeout(self) -> float:
+        if not self._key_events:
+            return 0.05
+        return min(0.05, max(0.0, self._key_events[0][0] - time.monotonic()))
+
     def _state(self) -> str:
         if self._preserved is not None:
             return self._preserved
@@ -205,7 +270,15 @@ class Vmm:
             raise CommandError("domain is shutting down")
         if cmd == "status":
             return self.status()
-        if self._preserved is not None and cmd in ("pause", "resume", "shutdown", "reboot", "reset"):
+        if self._preserved is not None and cmd in (
+            "pause",
+            "resume",
+            "shutdown",
+            "reboot",
+            "reset",
+            "inject-nmi",
+            "send-key",
+        ):
             # The guest already ended; its frozen vCPUs must never run again. Only destroy applies.
             raise CommandError(f"domain is not running (the guest is {self._preserved}, preserved until destroy)")
         if cmd == "pause":
@@ -222,6 +295,10 @@ class Vmm:
             self._stop_vm()
             self._start_vm(paused=self._paused)  # like a reset button: a paused VM stays paused
             self._emit("reboot", detail="reset")
+        elif cmd == "inject-nmi":
+            self._inject_nmi()
+        elif cmd == "send-key":
+            self._send_key(request)
         elif cmd == "destroy":
             self._finish = ("destroyed", "destroyed by the host")
         else:
@@ -280,8 +357,9 @@ class Vmm:
             self._console_watched = True
             self._start_vm(paused=cfg.start_paused)
             while self._finish is None:
-                for key, mask in self._selector.select(timeout=0.05):
+                for key, mask in self._selector.select(timeout=self._loop_timeout()):
                     key.data(mask)
+                self._deliver_keys()
                 self._rearm_console()
                 while self._finish is None:
                     try:

@@ -2,7 +2,7 @@
 
     Paused  --Resume-->  Running  --Pause-->  Paused
     any     --Finish-->  Finished (thread exits)
-    Running --VM-level exit (poweroff, reset, triple fault, error)--> Paused, and the VM is told
+    Running --VM-level exit (poweroff, reset or triple fault, panic, error)--> Paused, and the VM is told
 
 Control arrives as :class:`VcpuEvent` on a queue; every event is answered with a
 :class:`VcpuResponse` (``NOT_ALLOWED`` rather than silence when it makes no sense). A running VP is
@@ -168,8 +168,10 @@ class ExitHandler:
             self._on_vm_exit(VmExit(VmExitKind.SHUTDOWN, "guest halted with interrupts disabled", index))
             return False
         if kind == "unrecoverable_exception":
+            # A triple fault resets the machine (the CPU's shutdown cycle; KVM/QEMU treat it as a guest reset):
+            # on_reboot decides. Only a panic the guest reports itself (pvpanic) is a crash.
             rip = msg.header().rip
-            self._on_vm_exit(VmExit(VmExitKind.CRASH, f"triple fault on vCPU {index} at rip {rip:#x}", index))
+            self._on_vm_exit(VmExit(VmExitKind.REBOOT, f"triple fault on vCPU {index} at rip {rip:#x}", index))
             return False
         if kind == "apic_eoi":
             if self._on_eoi is not None:

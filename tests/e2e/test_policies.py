@@ -1,8 +1,11 @@
 """on_poweroff / on_reboot / on_crash carried out by the real daemon, for guests that really do it.
 
-The tiny guest powers off on ``q``, resets through the i8042 on ``r`` and triple-faults on ``c``
-(typed on its console through ``virsh console``); the daemon must follow the lifecycle table:
-state, reason and the lifecycle events a libvirt-python client receives.
+The tiny guest powers off on ``q``, resets through the i8042 on ``r``, reports a panic through pvpanic
+on ``c`` and triple-faults on ``f`` (typed on its console through ``virsh console``); the daemon must
+follow the lifecycle table: state, reason and the events (lifecycle and reboot, in order) a
+libvirt-python client receives. The expected events are those of libvirt 9.0's QEMU driver with a
+modern QEMU (qemu_process.c: qemuProcessHandleShutdown, qemuProcessHandleReset, qemuProcessFakeReboot;
+qemu_driver.c: processMonitorEOFEvent, processGuestPanicEvent).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ E = libvirt
 BOOTED = (E.VIR_DOMAIN_EVENT_STARTED, E.VIR_DOMAIN_EVENT_STARTED_BOOTED)
 PANICKED = (E.VIR_DOMAIN_EVENT_CRASHED, E.VIR_DOMAIN_EVENT_CRASHED_PANICKED)
 STOPPED_CRASHED = (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_CRASHED)
-SHUTDOWN_FINISHED = (E.VIR_DOMAIN_EVENT_SHUTDOWN, E.VIR_DOMAIN_EVENT_SHUTDOWN_FINISHED)
+SHUTDOWN_GUEST = (E.VIR_DOMAIN_EVENT_SHUTDOWN, E.VIR_DOMAIN_EVENT_SHUTDOWN_GUEST)
+RESUMED_UNPAUSED = (E.VIR_DOMAIN_EVENT_RESUMED, E.VIR_DOMAIN_EVENT_RESUMED_UNPAUSED)
+REBOOT = "reboot"  # VIR_DOMAIN_EVENT_ID_REBOOT, in the same ordered list as the lifecycle events
 STOPPED_SHUTDOWN = (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN)
 STOPPED_DESTROYED = (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_DESTROYED)
 
@@ -50,8 +55,11 @@ def stale_files(d: DaemonProcess, name: str) -> list[str]:
     return [f"{name}{s}" for s in RUNTIME_SUFFIXES if (d.run_dir / f"{name}{s}").exists()]
 
 
+Seen = tuple[int, int] | str
+
+
 class Events:
-    """Lifecycle events of one domain, as a libvirt-python client receives them."""
+    """Lifecycle and reboot events of each domain, in the order a libvirt-python client receives them."""
 
     def __init__(self, uri: str) -> None:
         from tests.support.events import ensure_event_loop
@@ -59,12 +67,15 @@ class Events:
         ensure_event_loop()
         self.uri = uri
         self._lock = threading.Lock()
-        self._seen: list[tuple[str, int, int]] = []
+        self._seen: list[tuple[str, Seen]] = []
         self._connect()
 
     def _connect(self) -> None:
         self.conn = libvirt.open(self.uri)
         self._cb = self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_event, None)
+        self._reboot_cb = self.conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot, None
+        )
 
     def reconnect(self) -> None:
         """After a daemon restart: a new connection; what was seen so far is forgotten."""
@@ -75,13 +86,17 @@ class Events:
 
     def _on_event(self, _conn: object, dom: Any, event: int, detail: int, _opaque: object) -> None:
         with self._lock:
-            self._seen.append((dom.name(), event, detail))
+            self._seen.append((dom.name(), (event, detail)))
 
-    def of(self, name: str) -> list[tuple[int, int]]:
+    def _on_reboot(self, _conn: object, dom: Any, _opaque: object) -> None:
         with self._lock:
-            return [(ev, det) for n, ev, det in self._seen if n == name]
+            self._seen.append((dom.name(), REBOOT))
 
-    def wait(self, name: str, expected: list[tuple[int, int]]) -> None:
+    def of(self, name: str) -> list[Seen]:
+        with self._lock:
+            return [seen for n, seen in self._seen if n == name]
+
+    def wait(self, name: str, expected: list[Seen]) -> None:
         try:
             wait_for(lambda: len(self.of(name)) >= len(expected), timeout=10)
         except AssertionError:
@@ -92,6 +107,8 @@ class Events:
     def close(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
             self.conn.domainEventDeregisterAny(self._cb)
+        with contextlib.suppress(libvirt.libvirtError):
+            self.conn.domainEventDeregisterAny(self._reboot_cb)
         with contextlib.suppress(libvirt.libvirtError):
             self.conn.close()
 
@@ -169,11 +186,11 @@ def test_on_crash_coredump(
             wait_for(lambda: domstate(daemon, name) == "shut off (crashed)", timeout=15)
         else:
             wait_for(lambda: serial_log(daemon, name).count(TINY_BANNER) == 2, timeout=15)
-            assert domstate(daemon, name) == "running (booted)"
+            assert domstate(daemon, name) == "running (crashed)"
     finally:
         con.kill()
-    after = [BOOTED] if policy == "coredump-restart" else []
-    events.wait(name, [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, PANICKED, STOPPED_CRASHED, *after])
+    after = [REBOOT, RESUMED_UNPAUSED] if policy == "coredump-restart" else [STOPPED_CRASHED]
+    events.wait(name, [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, PANICKED, *after])
     (core,) = list(dumps.glob(f"{name}-*.core"))
     _check_core(core, memory_mib=64)
     if policy == "coredump-restart":
@@ -181,18 +198,24 @@ def test_on_crash_coredump(
     assert stale_files(daemon, name) == []
 
 
+def domid(d: DaemonProcess, name: str) -> str:
+    return virsh(d.uri, "domid", name).stdout.strip()
+
+
 def test_on_crash_restart(kvm: None, daemon: DaemonProcess, events: Events, tiny_kernel: Path, tmp_path: Path) -> None:
     start_with_policy(daemon, tmp_path, tiny_kernel, "crr", crash="restart")
-    pid = int((daemon.run_dir / "crr.pid").read_text())
+    pid, dom_id = int((daemon.run_dir / "crr.pid").read_text()), domid(daemon, "crr")
     con = type_on_console(daemon, "crr", b"c")
     try:
         wait_for(lambda: serial_log(daemon, "crr").count(TINY_BANNER) == 2, timeout=15)
     finally:
         con.kill()
-    assert domstate(daemon, "crr") == "running (booted)"
-    events.wait("crr", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, PANICKED, STOPPED_CRASHED, BOOTED])
+    # QEMU's fake reboot from CRASHED: the CPUs start again with reason "crashed".
+    assert domstate(daemon, "crr") == "running (crashed)"
+    events.wait("crr", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, PANICKED, REBOOT, RESUMED_UNPAUSED])
     wait_for(lambda: (daemon.run_dir / "crr.pid").exists())
-    assert int((daemon.run_dir / "crr.pid").read_text()) != pid  # a new VMM
+    assert int((daemon.run_dir / "crr.pid").read_text()) != pid  # a new VMM...
+    assert domid(daemon, "crr") == dom_id  # ...for the same domain, as a fake reboot keeps the id
     # the restarted domain is fully managed: console and destroy work
     con = type_on_console(daemon, "crr", b"ECHO-AFTER-CRASH")
     try:
@@ -208,13 +231,15 @@ def test_on_poweroff_restart(
     kvm: None, daemon: DaemonProcess, events: Events, tiny_kernel: Path, tmp_path: Path
 ) -> None:
     start_with_policy(daemon, tmp_path, tiny_kernel, "por", poweroff="restart")
+    dom_id = domid(daemon, "por")
     con = type_on_console(daemon, "por", b"q")
     try:
         wait_for(lambda: serial_log(daemon, "por").count(TINY_BANNER) == 2, timeout=15)
     finally:
         con.kill()
-    assert domstate(daemon, "por") == "running (booted)"
-    events.wait("por", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, SHUTDOWN_FINISHED, STOPPED_SHUTDOWN, BOOTED])
+    # A fake reboot: no lifecycle event and no state change, only the REBOOT event of QEMU's system_reset.
+    assert domstate(daemon, "por") == "running (booted)" and domid(daemon, "por") == dom_id
+    events.wait("por", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, REBOOT])
     virsh(daemon.uri, "destroy", "por")
     assert stale_files(daemon, "por") == []
 
@@ -222,7 +247,7 @@ def test_on_poweroff_restart(
 def test_on_reboot_destroy(kvm: None, daemon: DaemonProcess, events: Events, tiny_kernel: Path, tmp_path: Path) -> None:
     start_with_policy(daemon, tmp_path, tiny_kernel, "rbd", reboot="destroy")
     act(daemon, "rbd", b"r", "shut off (shutdown)")
-    events.wait("rbd", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, SHUTDOWN_FINISHED, STOPPED_SHUTDOWN])
+    events.wait("rbd", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, SHUTDOWN_GUEST, STOPPED_SHUTDOWN])
     assert serial_log(daemon, "rbd").count(TINY_BANNER) == 1
     assert stale_files(daemon, "rbd") == []
 
@@ -240,8 +265,45 @@ def test_on_reboot_restart_reboots_in_place(
         con.kill()
     assert domstate(daemon, "rbr") == "running (booted)"
     assert int((daemon.run_dir / "rbr.pid").read_text()) == pid
-    events.wait("rbr", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED])  # QEMU sends only a reboot event
+    events.wait("rbr", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, REBOOT])  # QEMU sends only a reboot event
     virsh(daemon.uri, "destroy", "rbr")
+
+
+@pytest.mark.parametrize(
+    ("reboot", "state", "expected"),
+    [
+        ("restart", "running (booted)", [REBOOT]),
+        ("destroy", "shut off (shutdown)", [SHUTDOWN_GUEST, STOPPED_SHUTDOWN]),
+    ],
+)
+def test_triple_fault_is_a_reset_not_a_crash(
+    kvm: None,
+    daemon: DaemonProcess,
+    events: Events,
+    tiny_kernel: Path,
+    tmp_path: Path,
+    reboot: str,
+    state: str,
+    expected: list[Seen],
+) -> None:
+    """KVM/QEMU turn a triple fault into a guest reset: on_reboot applies, on_crash (destroy here) does not."""
+    name = f"tf-{reboot}"
+    start_with_policy(daemon, tmp_path, tiny_kernel, name, reboot=reboot, crash="destroy")
+    pid = vmm_pid(daemon, name)
+    con = type_on_console(daemon, name, b"f")
+    try:
+        if reboot == "restart":
+            wait_for(lambda: serial_log(daemon, name).count(TINY_BANNER) == 2, timeout=15)
+        else:
+            wait_for(lambda: domstate(daemon, name) == state, timeout=15)
+    finally:
+        con.kill()
+    assert domstate(daemon, name) == state
+    events.wait(name, [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, *expected])
+    if reboot == "restart":
+        assert vmm_pid(daemon, name) == pid  # reset in place
+        virsh(daemon.uri, "destroy", name)
+    assert stale_files(daemon, name) == []
 
 
 def vmm_pid(d: DaemonProcess, name: str) -> int:
@@ -252,8 +314,8 @@ def vmm_pid(d: DaemonProcess, name: str) -> int:
     ("policy", "key", "state", "expected"),
     [
         ({"crash": "preserve"}, b"c", "crashed (panicked)", [PANICKED]),
-        ({"poweroff": "preserve"}, b"q", "in shutdown (unknown)", [SHUTDOWN_FINISHED]),
-        ({"reboot": "preserve"}, b"r", "in shutdown (unknown)", [SHUTDOWN_FINISHED]),
+        ({"poweroff": "preserve"}, b"q", "in shutdown (unknown)", [SHUTDOWN_GUEST]),
+        ({"reboot": "preserve"}, b"r", "in shutdown (unknown)", [SHUTDOWN_GUEST]),
     ],
     ids=["crash", "poweroff", "reboot"],
 )
@@ -266,7 +328,7 @@ def test_preserve(
     policy: dict[str, str],
     key: bytes,
     state: str,
-    expected: list[tuple[int, int]],
+    expected: list[Seen],
 ) -> None:
     name = "pre-" + next(iter(policy))
     start_with_policy(daemon, tmp_path, tiny_kernel, name, **policy)

@@ -13,4 +13,4 @@ def test_docs_table_is_generated_from_the_code() -> None:
     assert DOC.read_text() == text, "regenerate: python -m mshv_libvirt.lifecycle.render > docs/lifecycle.md"
     rows = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| input")]
     assert len(rows) == len(STATES) * len(Input)  # every pair is documented
-    assert "| guest_poweroff_destroy | shutoff (shutdown) | shutdown/finished, stopped/shutdown | cleanup |" in text
+    assert "| guest_poweroff_destroy | shutoff (shutdown) | shutdown/guest, stopped/shutdown | cleanup |" in text

@@ -95,10 +95,16 @@ ALREADY = "domain is already running"
 V = libvirt
 BOOTED = (V.VIR_DOMAIN_EVENT_STARTED, V.VIR_DOMAIN_EVENT_STARTED_BOOTED)
 PAUSED_EV = (V.VIR_DOMAIN_EVENT_SUSPENDED, V.VIR_DOMAIN_EVENT_SUSPENDED_PAUSED)
-SD_FINISHED = (V.VIR_DOMAIN_EVENT_SHUTDOWN, V.VIR_DOMAIN_EVENT_SHUTDOWN_FINISHED)
+SD_GUEST = (V.VIR_DOMAIN_EVENT_SHUTDOWN, V.VIR_DOMAIN_EVENT_SHUTDOWN_GUEST)
 ST_SHUTDOWN = (V.VIR_DOMAIN_EVENT_STOPPED, V.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN)
 PANICKED = (V.VIR_DOMAIN_EVENT_CRASHED, V.VIR_DOMAIN_EVENT_CRASHED_PANICKED)
 ST_CRASHED = (V.VIR_DOMAIN_EVENT_STOPPED, V.VIR_DOMAIN_EVENT_STOPPED_CRASHED)
+UNPAUSED = (V.VIR_DOMAIN_EVENT_RESUMED, V.VIR_DOMAIN_EVENT_RESUMED_UNPAUSED)
+RENAMED = (
+    (V.VIR_DOMAIN_EVENT_UNDEFINED, V.VIR_DOMAIN_EVENT_UNDEFINED_RENAMED),
+    (V.VIR_DOMAIN_EVENT_DEFINED, V.VIR_DOMAIN_EVENT_DEFINED_RENAMED),
+)
+RENAME_ACTIVE = "cannot rename active domain"
 
 DESTROYED = Ok(
     V.VIR_DOMAIN_SHUTOFF,
@@ -106,8 +112,11 @@ DESTROYED = Ok(
     ((V.VIR_DOMAIN_EVENT_STOPPED, V.VIR_DOMAIN_EVENT_STOPPED_DESTROYED),),
     "KILL_VMM",
 )
-POWERED_OFF = Ok(V.VIR_DOMAIN_SHUTOFF, V.VIR_DOMAIN_SHUTOFF_SHUTDOWN, (SD_FINISHED, ST_SHUTDOWN), "CLEANUP")
-PRESERVED_OFF = Ok(V.VIR_DOMAIN_SHUTDOWN, V.VIR_DOMAIN_SHUTDOWN_UNKNOWN, (SD_FINISHED,), "NONE")
+# libvirt 9.0's QEMU driver, modern QEMU (qemuProcessHandleShutdown, processMonitorEOFEvent, qemuProcessFakeReboot,
+# processGuestPanicEvent): a guest power-off is SHUTDOWN/GUEST then STOPPED/SHUTDOWN.
+POWERED_OFF = Ok(V.VIR_DOMAIN_SHUTOFF, V.VIR_DOMAIN_SHUTOFF_SHUTDOWN, (SD_GUEST, ST_SHUTDOWN), "CLEANUP")
+PRESERVED_OFF = Ok(V.VIR_DOMAIN_SHUTDOWN, V.VIR_DOMAIN_SHUTDOWN_UNKNOWN, (SD_GUEST,), "NONE")
+FAKE_REBOOT = Ok(None, None, (), "RESTART_VMM", reboot=True)
 DIED = Ok(
     V.VIR_DOMAIN_SHUTOFF,
     V.VIR_DOMAIN_SHUTOFF_CRASHED,
@@ -117,16 +126,14 @@ DIED = Ok(
 
 LIVE_GUEST: dict[str, Ok] = {
     "GUEST_POWEROFF_DESTROY": POWERED_OFF,
-    "GUEST_POWEROFF_RESTART": Ok(
-        V.VIR_DOMAIN_RUNNING, V.VIR_DOMAIN_RUNNING_BOOTED, (SD_FINISHED, ST_SHUTDOWN, BOOTED), "RESTART_VMM"
-    ),
+    "GUEST_POWEROFF_RESTART": FAKE_REBOOT,
     "GUEST_POWEROFF_PRESERVE": PRESERVED_OFF,
-    "GUEST_REBOOT_RESTART": Ok(V.VIR_DOMAIN_RUNNING, V.VIR_DOMAIN_RUNNING_BOOTED, (), "RESTART_VMM", reboot=True),
+    "GUEST_REBOOT_RESTART": FAKE_REBOOT,
     "GUEST_REBOOT_DESTROY": POWERED_OFF,
     "GUEST_REBOOT_PRESERVE": PRESERVED_OFF,
     "GUEST_CRASH_DESTROY": Ok(V.VIR_DOMAIN_SHUTOFF, V.VIR_DOMAIN_SHUTOFF_CRASHED, (PANICKED, ST_CRASHED), "CLEANUP"),
     "GUEST_CRASH_RESTART": Ok(
-        V.VIR_DOMAIN_RUNNING, V.VIR_DOMAIN_RUNNING_BOOTED, (PANICKED, ST_CRASHED, BOOTED), "RESTART_VMM"
+        V.VIR_DOMAIN_RUNNING, V.VIR_DOMAIN_RUNNING_CRASHED, (PANICKED, UNPAUSED), "RESTART_VMM", reboot=True
     ),
     "GUEST_CRASH_PRESERVE": Ok(V.VIR_DOMAIN_CRASHED, V.VIR_DOMAIN_CRASHED_PANICKED, (PANICKED,), "NONE"),
     "VMM_DIED": DIED,
@@ -142,6 +149,9 @@ FROZEN_USER: dict[str, Ok | str] = {
     "REBOOT": NOT_RUNNING,
     "RESET": NOT_RUNNING,
     "DESTROY": DESTROYED,
+    "INJECT_NMI": NOT_RUNNING,
+    "SEND_KEY": NOT_RUNNING,
+    "RENAME": RENAME_ACTIVE,
 }
 
 EXPECTED: dict[int, dict[str, Ok | str]] = {
@@ -154,6 +164,9 @@ EXPECTED: dict[int, dict[str, Ok | str]] = {
         "REBOOT": NOT_RUNNING,
         "RESET": NOT_RUNNING,
         "DESTROY": NOT_RUNNING,
+        "INJECT_NMI": NOT_RUNNING,
+        "SEND_KEY": NOT_RUNNING,
+        "RENAME": Ok(None, None, RENAMED, "RENAME"),
         **IGNORED_GUEST,
     },
     V.VIR_DOMAIN_RUNNING: {
@@ -165,6 +178,9 @@ EXPECTED: dict[int, dict[str, Ok | str]] = {
         "REBOOT": Ok(None, None, (), "REQUEST_REBOOT"),
         "RESET": Ok(None, None, (), "RESET_VMM", reboot=True),
         "DESTROY": DESTROYED,
+        "INJECT_NMI": Ok(None, None, (), "INJECT_NMI"),
+        "SEND_KEY": Ok(None, None, (), "SEND_KEY"),
+        "RENAME": RENAME_ACTIVE,
         **LIVE_GUEST,
     },
     V.VIR_DOMAIN_PAUSED: {
@@ -181,7 +197,14 @@ EXPECTED: dict[int, dict[str, Ok | str]] = {
         "REBOOT": NOT_RUNNING,
         "RESET": Ok(None, None, (), "RESET_VMM", reboot=True),
         "DESTROY": DESTROYED,
+        "INJECT_NMI": Ok(None, None, (), "INJECT_NMI"),
+        "SEND_KEY": Ok(None, None, (), "SEND_KEY"),
+        "RENAME": RENAME_ACTIVE,
         **LIVE_GUEST,
+        # the fake reboot starts the CPUs again: a paused domain is resumed
+        "GUEST_POWEROFF_RESTART": Ok(
+            V.VIR_DOMAIN_RUNNING, V.VIR_DOMAIN_RUNNING_BOOTED, (UNPAUSED,), "RESTART_VMM", reboot=True
+        ),
     },
     V.VIR_DOMAIN_SHUTDOWN: {
         **FROZEN_USER,
@@ -201,6 +224,9 @@ INPUT_NAMES = [
     "REBOOT",
     "RESET",
     "DESTROY",
+    "INJECT_NMI",
+    "SEND_KEY",
+    "RENAME",
     "GUEST_POWEROFF_DESTROY",
     "GUEST_POWEROFF_RESTART",
     "GUEST_POWEROFF_PRESERVE",
@@ -250,11 +276,23 @@ def test_every_pair(state: int, inp: str) -> None:
 
 
 def test_event_order_poweroff_and_crash() -> None:
-    names = [(Event(e).name, d) for e, d in transition(State.RUNNING, Input.GUEST_POWEROFF_RESTART).events]
-    assert names == [("SHUTDOWN", ShutdownDetail.FINISHED), ("STOPPED", StoppedDetail.SHUTDOWN), ("STARTED", 0)]
-    crash = transition(State.RUNNING, Input.GUEST_CRASH_RESTART).events
-    assert [e for e, _ in crash] == [Event.CRASHED, Event.STOPPED, Event.STARTED]
+    names = [(Event(e).name, d) for e, d in transition(State.RUNNING, Input.GUEST_POWEROFF_DESTROY).events]
+    assert names == [("SHUTDOWN", ShutdownDetail.GUEST), ("STOPPED", StoppedDetail.SHUTDOWN)]
+    crash = transition(State.RUNNING, Input.GUEST_CRASH_DESTROY).events
+    assert [e for e, _ in crash] == [Event.CRASHED, Event.STOPPED]
     assert crash[1] == (Event.STOPPED, StoppedDetail.CRASHED)
+    restart = transition(State.RUNNING, Input.GUEST_CRASH_RESTART)
+    assert [e for e, _ in restart.events] == [Event.CRASHED, Event.RESUMED] and restart.reboot_event
+    # QEMU's order: the panic, the reset of the fake reboot (REBOOT event), then the CPUs resume.
+    assert restart.emissions() == (
+        (Event.CRASHED, CrashedDetail.PANICKED),
+        "reboot",
+        (Event.RESUMED, ResumedDetail.UNPAUSED),
+    )
+    paused = transition(State.PAUSED, Input.GUEST_POWEROFF_RESTART)
+    assert paused.emissions() == ("reboot", (Event.RESUMED, ResumedDetail.UNPAUSED))
+    assert transition(State.RUNNING, Input.RESET).emissions() == ("reboot",)
+    assert transition(State.RUNNING, Input.SUSPEND).emissions() == ((Event.SUSPENDED, 0),)
 
 
 def test_next_status_keeps_reason_on_noop() -> None:

@@ -7,11 +7,14 @@ of the protected-mode part), so it boots through exactly the loader Linux uses. 
 * prints ``TINY-GUEST-UP cmdline=<the command line from boot_params>`` on COM1;
 * starts the other vCPUs with INIT-SIPI through the LAPIC (a real-mode trampoline at 0x3000 takes
   them to long mode); each prints ``TINY-AP-UP <apic id>`` and idles in ``sti; hlt``;
-* loops: echo bytes typed on COM1; ``q`` ACPI S5 poweroff, ``r`` i8042 0xFE reset, ``c`` triple
-  fault (empty IDT + ud2), ``b`` 20000 ``out`` to port 0x80 then ``BENCH-DONE``, ``i`` prints
+* loops: echo bytes typed on COM1; ``q`` ACPI S5 poweroff, ``r`` i8042 0xFE reset, ``c`` reports a
+  panic through pvpanic (port 0x505), ``f`` triple fault (empty IDT + ud2), ``b`` 20000 ``out`` to port
+  0x80 then ``BENCH-DONE``, ``i`` prints
   ``TINY-IOAPIC-VERSION <hex>`` read from the IOAPIC by MMIO (a store, then a load); polls PM1_STS for
   the power button (prints ``TINY-GUEST-POWERBUTTON`` and powers off); between polls it sleeps on
-  the LAPIC timer (one-shot, vector 0x40) with ``sti; hlt``.
+  the LAPIC timer (one-shot, vector 0x40) with ``sti; hlt``;
+* counts NMIs (vector 2) and prints ``TINY-NMI <count, 8 hex digits>`` when the count changed, and prints
+  ``TINY-KEY <hex byte>`` for every byte the i8042 has for it on port 0x60 (``TINY_EVENTS_ASM``).
 
 ``build_linux_guest``: Debian's linux-image-amd64 bzImage plus a busybox-static initramfs made here.
 """
@@ -35,6 +38,8 @@ TINY_AP_BANNER = "TINY-AP-UP"
 TINY_POWERBUTTON = "TINY-GUEST-POWERBUTTON"
 TINY_BENCH_DONE = "BENCH-DONE"
 TINY_BENCH_EXITS = 20000
+TINY_NMI = "TINY-NMI"
+TINY_KEY = "TINY-KEY"
 LINUX_MARKER = "MSHV-GUEST-READY"
 LINUX_POWERBUTTON = "MSHV-GUEST-POWERBUTTON"
 # Measured on kvm-pvm hosts (no VMX): the host emulates the guest's CPL0 code instruction by
@@ -66,6 +71,7 @@ start64:                        /* boot protocol 64-bit entry: RSI = boot_params
     lea stack_top(%rip), %rsp
     mov %rsi, %r15
     call setup_idt
+    call events_init            /* NMI handler (TINY_EVENTS_ASM) */
     call lapic_enable
     lea banner(%rip), %rsi
     call puts
@@ -87,7 +93,9 @@ main_loop:
     cmp $'r', %al
     je reboot
     cmp $'c', %al
-    je crash
+    je panic
+    cmp $'f', %al
+    je triple_fault
     cmp $'b', %al
     je bench
     cmp $'i', %al
@@ -96,7 +104,8 @@ main_loop:
     call putc
     movb $0, print_lock(%rip)
     jmp main_loop
-2:  mov $PM1_STS, %dx
+2:  call events_poll            /* NMIs seen, keys from the i8042 (TINY_EVENTS_ASM) */
+    mov $PM1_STS, %dx
     in %dx, %ax
     test $0x100, %ax
     jnz powerbutton
@@ -117,7 +126,7 @@ reboot:
     out %al, $0x64
     jmp reboot
 
-crash:                          /* empty IDT: #UD -> #GP -> #DF -> triple fault */
+triple_fault:                   /* empty IDT: #UD -> #GP -> #DF -> triple fault */
     lidt null_idtr(%rip)
     ud2
 
@@ -340,6 +349,80 @@ ap_stacks:  .skip 4096 * 8
 stack_top:
 """
 
+# NMIs, keys and the panic report (appended to TINY_ASM; it hooks into it through events_init, events_poll
+# and the 'c' command). The NMI handler only counts; the main loop prints, so output never interleaves.
+TINY_EVENTS_ASM = r"""
+    .set PVPANIC, 0x505
+    .set PVPANIC_PANICKED, 1
+
+    .text
+    .code64
+events_init:                    /* vector 2 -> nmi_isr (the IDT is already loaded) */
+    lea idt(%rip), %rdi
+    lea nmi_isr(%rip), %rax
+    mov $2, %ecx
+    call set_gate
+    ret
+
+nmi_isr:
+    lock incl nmi_count(%rip)
+    iretq
+
+events_poll:
+    mov nmi_count(%rip), %ebx
+    cmp nmi_reported(%rip), %ebx
+    je 1f
+    mov %ebx, nmi_reported(%rip)
+    call lock_print
+    lea nmi_msg(%rip), %rsi
+    call puts
+    call puthex32
+    mov $'\n', %al
+    call putc
+    movb $0, print_lock(%rip)
+1:  in $0x64, %al               /* i8042 status: output buffer full? */
+    test $1, %al
+    jz 2f
+    in $0x60, %al
+    mov %al, %bl
+    call lock_print
+    lea key_msg(%rip), %rsi
+    call puts
+    mov %bl, %al
+    shr $4, %al
+    call puthexdigit
+    mov %bl, %al
+    call puthexdigit
+    mov $'\n', %al
+    call putc
+    movb $0, print_lock(%rip)
+    jmp 1b
+2:  ret
+
+puthexdigit:                    /* low nibble of al */
+    and $0xf, %al
+    add $'0', %al
+    cmp $'9', %al
+    jbe 1f
+    add $('a' - '9' - 1), %al
+1:  jmp putc
+
+panic:                          /* what a kernel's pvpanic driver does, then it stops */
+    mov $PVPANIC, %dx
+    mov $PVPANIC_PANICKED, %al
+    out %al, %dx
+1:  cli
+    hlt
+    jmp 1b
+
+    .data
+nmi_msg:    .asciz "TINY-NMI "
+key_msg:    .asciz "TINY-KEY "
+    .p2align 2
+nmi_count:  .long 0
+nmi_reported: .long 0
+"""
+
 LINKER_SCRIPT = """
 ENTRY(start64)
 SECTIONS {
@@ -393,7 +476,7 @@ def build_tiny_guest(tmp_path: Path) -> Path:
     """Assemble the tiny guest and return the path of its bzImage."""
     work = Path(tmp_path) / "tiny-guest"
     work.mkdir(parents=True, exist_ok=True)
-    (work / "tiny.S").write_text(TINY_ASM.replace("{bench_exits}", str(TINY_BENCH_EXITS)))
+    (work / "tiny.S").write_text(TINY_ASM.replace("{bench_exits}", str(TINY_BENCH_EXITS)) + TINY_EVENTS_ASM)
     (work / "tiny.ld").write_text(LINKER_SCRIPT)
     _run(["as", "--64", "-o", "tiny.o", "tiny.S"], work)
     _run(["ld", "-m", "elf_x86_64", "-nostdlib", "-T", "tiny.ld", "-o", "tiny.elf", "tiny.o"], work)
@@ -574,6 +657,8 @@ __all__ = [
     "TINY_BANNER",
     "TINY_BENCH_DONE",
     "TINY_BENCH_EXITS",
+    "TINY_KEY",
+    "TINY_NMI",
     "TINY_POWERBUTTON",
     "DebianKernel",
     "GuestUnavailable",

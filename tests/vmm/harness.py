@@ -160,20 +160,20 @@ class VmmProcess:
                         self._replies[msg["id"]] = msg
                     self._cond.notify_all()
 
-    def request(self, cmd: str, timeout: float = 30) -> dict[str, Any]:
+    def request(self, cmd: str, timeout: float = 30, **args: Any) -> dict[str, Any]:
         if self._sock is None:
             self.connect()
         assert self._sock is not None
         self._next_id += 1
         req_id = self._next_id
-        self._sock.sendall(json.dumps({"id": req_id, "cmd": cmd}).encode() + b"\n")
+        self._sock.sendall(json.dumps({"id": req_id, "cmd": cmd, **args}).encode() + b"\n")
         with self._cond:
             if not self._cond.wait_for(lambda: req_id in self._replies, timeout):
                 raise AssertionError(f"no reply to {cmd}: {self.diagnostics()}")
             return self._replies.pop(req_id)
 
-    def command(self, cmd: str, timeout: float = 30) -> dict[str, Any]:
-        reply = self.request(cmd, timeout)
+    def command(self, cmd: str, timeout: float = 30, **args: Any) -> dict[str, Any]:
+        reply = self.request(cmd, timeout, **args)
         assert reply["ok"], reply
         result: dict[str, Any] = reply["result"]
         return result

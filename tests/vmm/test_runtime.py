@@ -38,9 +38,30 @@ class FakePm:
         self.presses += 1
 
 
+class FakeKeyboard:
+    def __init__(self, room: int = 1000) -> None:
+        self.received: list[bytes] = []
+        self.room = room
+
+    def inject_keys(self, scancodes: bytes) -> int:
+        taken = scancodes[: self.room]
+        self.room -= len(taken)
+        self.received.append(taken)
+        return len(taken)
+
+
+class FakePartition:
+    def __init__(self) -> None:
+        self.interrupts: list[tuple[int, int, int]] = []
+
+    def assert_interrupt(self, vector: int, apic_id: int = 0, *, interrupt_type: int = 0) -> None:
+        self.interrupts.append((vector, apic_id, interrupt_type))
+
+
 @dataclass
 class FakePlatform:
     acpi_pm: FakePm | None = field(default_factory=FakePm)
+    i8042: FakeKeyboard = field(default_factory=FakeKeyboard)
 
 
 @dataclass
@@ -55,6 +76,7 @@ class FakeVm:
     vcpus: list[FakeThread] = field(default_factory=lambda: [FakeThread(), FakeThread()])
     platform: FakePlatform = field(default_factory=FakePlatform)
     system: FakeSystem = field(default_factory=FakeSystem)
+    partition: FakePartition = field(default_factory=FakePartition)
     closed: bool = False
 
     def close(self) -> None:
@@ -121,6 +143,57 @@ def test_guest_reset_restarts_or_exits_per_on_reboot() -> None:
     h = Harness(on_reboot="destroy")
     h.guest_exit(VmExitKind.REBOOT, "guest reset")
     assert len(h.vms) == 1 and h.vmm._finish == ("reboot", "guest reset")
+
+
+def test_guest_reset_of_a_paused_vm_keeps_it_paused() -> None:
+    # A reset report in flight when the pause landed: the new VM starts paused, like QEMU's own reset.
+    h = Harness()
+    h.vmm.handle_command("pause", {})
+    h.guest_exit(VmExitKind.REBOOT, "triple fault on vCPU 0 at rip 0x1")
+    assert len(h.vms) == 2 and h.vms[1].paused
+    assert h.vmm.handle_command("status", {})["state"] == "paused"
+
+
+def test_inject_nmi_is_an_nmi_request_to_apic_0() -> None:
+    h = Harness()
+    assert h.vmm.handle_command("inject-nmi", {}) == {"state": "running"}
+    assert h.vms[0].partition.interrupts == [(0, 0, 4)]  # HV_X64_INTERRUPT_TYPE_NMI
+
+
+def test_send_key_schedule_and_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("mshv_libvirt.vmm.runtime.time.monotonic", lambda: now[0])
+    h = Harness()
+    kbd = h.vms[0].platform.i8042
+    h.vmm.handle_command("send-key", {"keys": [0x1D, 0xB8], "holdtime": 10})  # LEFTCTRL, RIGHTALT
+    assert kbd.received == [b"\x1d"]  # the first press at once, the rest one hold apart
+    assert h.vmm._loop_timeout() == pytest.approx(0.01)
+    for _ in range(3):
+        now[0] += 0.01
+        h.vmm._deliver_keys()
+    assert kbd.received == [b"\x1d", b"\xe0\x38", b"\xe0\xb8", b"\x9d"]
+    assert h.vmm._loop_timeout() == 0.05  # nothing pending
+    # holdtime 0 is QEMU's default of 100 ms; a request waits for the previous one (and its last hold) to finish.
+    h.vmm.handle_command("send-key", {"keys": [0x1E]})
+    h.vmm.handle_command("send-key", {"keys": [0x30]})
+    assert kbd.received[4:] == []
+    now[0] += 0.01
+    h.vmm._deliver_keys()
+    assert kbd.received[4:] == [b"\x1e"]
+    now[0] += 0.1
+    h.vmm._deliver_keys()
+    now[0] += 0.1
+    h.vmm._deliver_keys()
+    assert kbd.received[4:] == [b"\x1e", b"\x9e", b"\x30"]
+    # At most 32 requests' worth of key events wait; a full keyboard buffer drops the rest (logged).
+    for _ in range(31):
+        h.vmm.handle_command("send-key", {"keys": [0x1E] * 16, "holdtime": 1})
+    with pytest.raises(CommandError, match="too many keys"):
+        h.vmm.handle_command("send-key", {"keys": [0x1E] * 16})
+    kbd.room = 1
+    now[0] += 100
+    h.vmm._deliver_keys()
+    assert not h.vmm._key_events
 
 
 def test_exits_from_a_torn_down_vm_are_ignored() -> None:
@@ -204,9 +277,9 @@ def test_preserve_freezes_the_vm_until_destroy(
     assert h.vmm._finish is None
     assert h.events == [{"event": event, "preserved": True, "detail": "the end"}]
     assert h.vmm.handle_command("status", {})["state"] == state
-    for cmd in ("pause", "resume", "shutdown", "reboot", "reset"):
+    for cmd in ("pause", "resume", "shutdown", "reboot", "reset", "inject-nmi", "send-key"):
         with pytest.raises(CommandError, match="domain is not running"):
-            h.vmm.handle_command(cmd, {})
+            h.vmm.handle_command(cmd, {"keys": [30]})
     # Later exits (another vCPU, a stale report) change nothing.
     h.guest_exit(VmExitKind.CRASH, "late")
     assert h.vmm._finish is None and len(h.events) == 1 and len(h.vms) == 1

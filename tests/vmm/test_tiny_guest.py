@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -73,13 +74,36 @@ def test_guest_reset_with_on_reboot_destroy_exits(kvm: None, tiny_kernel: Path, 
         assert [e["event"] for e in vm.events] == ["reboot"]
 
 
-def test_triple_fault_is_a_crash(tiny_vm: VmmProcess) -> None:
+def test_triple_fault_resets_the_guest(tiny_vm: VmmProcess) -> None:
+    # As on KVM/QEMU, a triple fault is the CPU's shutdown cycle: the machine resets and on_reboot applies.
+    tiny_vm.wait_serial(TINY_BANNER, timeout=BOOT)
+    tiny_vm.connect()
+    pid = tiny_vm.proc.pid
+    tiny_vm.console_send(b"f")
+    event = tiny_vm.wait_event("reboot", timeout=BOOT)
+    assert re.fullmatch(r"triple fault on vCPU 0 at rip 0x[0-9a-f]+", event["detail"]), event
+    tiny_vm.wait_serial(TINY_BANNER, timeout=BOOT, count=2)
+    assert tiny_vm.command("status")["boots"] == 2 and tiny_vm.proc.pid == pid
+    assert [e["event"] for e in tiny_vm.events] == ["reboot"]
+
+
+def test_triple_fault_with_on_reboot_destroy_exits_as_a_reboot(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    with VmmProcess.start(tmp_path / "vm", tiny_kernel, on_reboot="destroy", on_crash="preserve") as vm:
+        vm.wait_serial(TINY_BANNER, timeout=BOOT)
+        vm.connect()
+        vm.console_send(b"f")
+        record = vm.wait_exit(timeout=BOOT)
+        assert record["reason"] == "reboot" and record["detail"].startswith("triple fault on vCPU 0")
+        assert vm.proc.returncode == 0
+
+
+def test_pvpanic_is_a_crash(tiny_vm: VmmProcess) -> None:
     tiny_vm.wait_serial(TINY_BANNER, timeout=BOOT)
     tiny_vm.connect()
     tiny_vm.console_send(b"c")
     record = tiny_vm.wait_exit(timeout=BOOT)
-    assert record["reason"] == "crash" and "triple fault" in record["detail"]
-    assert tiny_vm.events[-1]["event"] == "crashed"
+    assert record == {"reason": "crash", "detail": "guest panic reported through pvpanic"}
+    assert [e["event"] for e in tiny_vm.events] == ["crashed"]
     assert tiny_vm.proc.returncode == 1
 
 

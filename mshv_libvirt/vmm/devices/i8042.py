@@ -4,6 +4,10 @@ Ports (bus offsets): 0x60 data -> offset 0, 0x64 status/command -> offset 4 (reg
 0x60 with length 5). There is no keyboard behind it: keyboard commands are ACKed and a reset/identify
 answers like an MF2 keyboard, so Linux's probe finishes quickly instead of timing out. Command 0xFE
 (pulse output line 0 = CPU reset) or writing the output port with bit 0 clear calls ``on_reset``.
+
+Keys (``send-key``) arrive through :meth:`I8042.inject_keys` as scancodes of translated set 1, what the
+guest reads from port 0x60 with the controller's default translation on; the keyboard's own buffer holds
+at most ``KEY_BUFFER`` bytes, like a real keyboard's, and drops what does not fit.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ CMD_PULSE_RESET = 0xFE
 
 KBD_ACK = 0xFA
 KBD_IRQ = 1
+KEY_BUFFER = 64
 
 
 class I8042:
@@ -135,6 +140,15 @@ class I8042:
             self._push(0xEE)
         else:
             self._push(KBD_ACK)
+
+    def inject_keys(self, scancodes: bytes) -> int:
+        """Queue scancodes from the (virtual) keyboard; returns how many fit in its buffer."""
+        with self._lock:
+            room = max(0, KEY_BUFFER - len(self._out))
+            accepted = scancodes[:room]
+            if accepted:
+                self._push(*accepted)
+            return len(accepted)
 
     def _push(self, *values: int) -> None:
         self._out.extend(values)
