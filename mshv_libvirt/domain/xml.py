@@ -38,6 +38,8 @@ from lxml import etree
 
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, unsupported
 
+from . import metadata
+
 __all__ = [
     "LIBVIRT_DOMAIN_SCHEMA",
     "MAX_ATTRIBUTES",
@@ -807,12 +809,15 @@ def _metadata(el: etree._Element | None) -> tuple[str, ...]:
     if el is None:
         return ()
     _check_attrs(el, ())
+    list(_elements(el))  # refuses node kinds the parser should never have let through
     chunks: list[str] = []
-    for child in _elements(el):
-        # Application-owned content: kept verbatim, only re-indented for its depth.
+    # Application-owned content: what libvirt keeps (one element per namespace, see domain/metadata.py),
+    # verbatim, re-indented for its depth the way libxml2 does, so mixed content is never altered.
+    for child in metadata.sanitize(el):
         dup = copy.deepcopy(child)
         dup.tail = None
-        etree.indent(dup, space="  ", level=2)
+        metadata.strip_layout(dup)
+        metadata.indent(dup, level=2)
         chunks.append(etree.tostring(dup, encoding="unicode", with_tail=False))
     return tuple(chunks)
 

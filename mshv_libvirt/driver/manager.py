@@ -83,6 +83,9 @@ class Domain:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     console_owner: object | None = None
     removed: bool = False
+    # The client connection that started it with VIR_DOMAIN_START_AUTODESTROY: when that connection
+    # ends, the domain is destroyed (libvirt's close callback). Cleared when the domain stops.
+    autodestroy: object | None = None
 
     @property
     def active(self) -> bool:
@@ -306,11 +309,13 @@ class DomainManager:
         self._next_id = 1
         self._autostart = autostart
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
 
     # -- start-up ---------------------------------------------------------------------------------
     async def load(self) -> None:
         """Read defined domains, re-attach to still-running VMMs, then autostart."""
         self.store.ensure()
+        self._finish_renames()
         self.paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.paths.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for name, xml in self.store.load_all().items():
@@ -415,8 +420,8 @@ class DomainManager:
         with contextlib.suppress(ValueError):
             self._listeners.remove(listener)
 
-    def _emit(self, dom: Domain, kind: str, event: int = 0, detail: int = 0) -> None:
-        ev = DomainEvent(kind, dom.name, dom.uuid.bytes, dom.id, int(event), int(detail))
+    def _emit(self, dom: Domain, kind: str, event: int = 0, detail: int = 0, *, name: str | None = None) -> None:
+        ev = DomainEvent(kind, name or dom.name, dom.uuid.bytes, dom.id, int(event), int(detail))
         for listener in list(self._listeners):
             try:
                 listener(ev)
@@ -496,8 +501,8 @@ class DomainManager:
                 return dom
             dom = existing
             async with dom.lock:
-                if dom.removed:
-                    continue  # undefined while we waited: define it anew
+                if dom.removed or dom.name != cfg.name:
+                    continue  # undefined or renamed while we waited: look again
                 try:
                     await asyncio.to_thread(self.store.save, cfg.name, cfg.xml)
                 except OSError as err:
@@ -556,7 +561,9 @@ class DomainManager:
         await asyncio.to_thread(self.store.set_autostart, dom.name, on)
 
     # -- lifecycle --------------------------------------------------------------------------------
-    async def create_transient(self, xml: str, paused: bool, *, validate: bool = False) -> Domain:
+    async def create_transient(
+        self, xml: str, paused: bool, *, validate: bool = False, autodestroy: object | None = None
+    ) -> Domain:
         cfg = await parse_untrusted(xml, validate)
         existing = self._check_unique(cfg)
         if existing is not None:
@@ -564,12 +571,12 @@ class DomainManager:
                 raise invalid_operation(f"domain '{cfg.name}' is already active")
             async with existing.lock:
                 existing.live = cfg
-            await self.start(existing, paused, live=cfg)
+            await self.start(existing, paused, live=cfg, autodestroy=autodestroy)
             return existing
         dom = Domain(cfg.name, cfg.uuid, None, live=cfg)
         self._domains[cfg.name] = dom
         try:
-            await self.start(dom, paused, live=cfg)
+            await self.start(dom, paused, live=cfg, autodestroy=autodestroy)
         except BaseException:
             if not dom.active:
                 self._domains.pop(cfg.name, None)
@@ -577,7 +584,9 @@ class DomainManager:
             raise
         return dom
 
-    async def start(self, dom: Domain, paused: bool, live: DomainConfig | None = None) -> None:
+    async def start(
+        self, dom: Domain, paused: bool, live: DomainConfig | None = None, autodestroy: object | None = None
+    ) -> None:
         async with dom.lock:
             if dom.removed:
                 raise no_domain(f"no domain with matching name '{dom.name}'")
@@ -586,6 +595,7 @@ class DomainManager:
             dom.live = live_config(base) if base is not None else None
             await self._spawn(dom, paused=t.action is Action.SPAWN_VMM_PAUSED)
             self._commit(dom, t)
+            dom.autodestroy = autodestroy
 
     async def suspend(self, dom: Domain) -> None:
         await self._user_op(dom, Input.SUSPEND)
@@ -642,6 +652,7 @@ class DomainManager:
         if not dom.active:
             dom.live = None
             dom.console_owner = None
+            dom.autodestroy = None
         for emission in t.emissions():
             if emission == "reboot":
                 self._emit(dom, "reboot")
@@ -859,6 +870,133 @@ class DomainManager:
             return
         self._commit(dom, out)
 
+    # -- NMI, keys, rename, autodestroy -------------------------------------------------------------
+    async def inject_nmi(self, dom: Domain) -> None:
+        await self._vmm_op(dom, Input.INJECT_NMI, "inject-nmi")
+
+    async def send_key(self, dom: Domain, keys: list[int], holdtime: int) -> None:
+        """``keys`` are qnums (see vmm/devices/keymap.py); ``holdtime`` in ms, 0 for the default."""
+        await self._vmm_op(dom, Input.SEND_KEY, "send-key", {"keys": keys, "holdtime": holdtime})
+
+    async def _vmm_op(self, dom: Domain, inp: Input, cmd: str, args: dict[str, Any] | None = None) -> None:
+        """A request to the running VM that changes no state (the table says where it is allowed)."""
+        async with dom.lock:
+            if dom.removed:
+                raise no_domain(f"no domain with matching name '{dom.name}'")
+            transition(dom.status.state, inp)
+            handle = dom.vmm
+            if handle is None:
+                raise invalid_operation("domain is not running")
+            try:
+                await handle.request(cmd, args=args)
+            except VmmError as err:
+                raise _failed(str(err)) from err
+
+    def _rename_journal(self, uuid: uuidlib.UUID) -> Path:
+        return self.paths.config_dir / f".rename-{uuid}.json"
+
+    async def rename(self, dom: Domain, new_name: str) -> None:
+        """virDomainRename: a shut-off persistent domain's config moves to ``new_name``.
+
+        Crash-safe through a journal written first: a daemon killed at any point finds, on start-up, either
+        the old config (the new one was never complete) or completes the move (see ``_finish_renames``).
+        """
+        async with dom.lock:
+            if dom.removed:
+                raise no_domain(f"no domain with matching name '{dom.name}'")
+            t = transition(dom.status.state, Input.RENAME)  # "cannot rename active domain"
+            if dom.persistent is None:
+                raise invalid_operation("cannot rename a transient domain")
+            # virDomainObjListRename's checks, then the QEMU driver's, in their order.
+            if new_name == dom.name:
+                raise invalid_operation("Can't rename domain to itself")
+            other = self._domains.get(new_name)
+            if other is not None and not other.removed:
+                raise invalid_operation(f"domain with name '{new_name}' already exists")
+            if "/" in new_name:
+                raise VirtError(ErrorCode.XML_ERROR, f"name {new_name} cannot contain '/'", ErrorDomain.DOMAIN)
+            root = etree.fromstring(dom.persistent.xml.encode())
+            set_text("name", new_name)(root)
+            # Every rule of a define applies to the new name (and the stored file is one the next daemon reads).
+            new = await asyncio.to_thread(
+                parse_domain_xml, etree.tostring(root, encoding="unicode"), check_libvirt_schema=True
+            )
+            old_name = dom.name
+            self._domains[new_name] = dom  # taken from now on: a define of that name must not slip in
+            try:
+                await asyncio.to_thread(self._move_config, dom.uuid, old_name, new_name, new.xml)
+            except OSError as err:
+                del self._domains[new_name]
+                self._domains[old_name] = dom  # (re-indexes the uuid)
+                raise _failed(f"cannot rename '{old_name}' to '{new_name}': {err}") from err
+            del self._domains[old_name]
+            self._domains[new_name] = dom
+            dom.name, dom.persistent = new_name, new
+            undefined, defined = t.events
+            self._emit(dom, "lifecycle", *undefined, name=old_name)
+            self._emit(dom, "lifecycle", *defined)
+
+    def _move_config(self, uuid: uuidlib.UUID, old: str, new: str, xml: str) -> None:
+        journal = self._rename_journal(uuid)
+        autostart = self.store.autostart(old)
+        write_atomic(journal, json.dumps({"old": old, "new": new, "autostart": autostart}).encode())
+        self.store.save(new, xml)
+        self._complete_rename(journal, old, new, autostart)
+
+    def _complete_rename(self, journal: Path, old: str, new: str, autostart: bool) -> None:
+        if autostart:
+            self.store.set_autostart(new, True)
+        self.store.delete(old)  # the old config and its autostart link
+        remove_durable(journal)
+
+    def _finish_renames(self) -> None:
+        """Renames a killed daemon left half done: completed when the new config was fully written, else undone."""
+        for journal in sorted(self.paths.config_dir.glob(".rename-*.json")):
+            try:
+                raw = json.loads(journal.read_text())
+                old, new, autostart = str(raw["old"]), str(raw["new"]), bool(raw["autostart"])
+                want = uuidlib.UUID(journal.name[len(".rename-") : -len(".json")])
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                log.error("ignoring unreadable rename journal %s: %s", journal, err)
+                remove_durable(journal)
+                continue
+            try:
+                # write_atomic: the new config is there whole or not at all.
+                written = (
+                    self.store.path(new).exists()
+                    and parse_domain_xml(self.store.path(new).read_text(), trusted=True).uuid == want
+                )
+            except (OSError, VirtError) as err:
+                log.error("rename of %s to %s left %s unreadable (%s): both kept", old, new, self.store.path(new), err)
+                continue
+            if written:
+                log.warning("completing the rename of %s to %s", old, new)
+                self._complete_rename(journal, old, new, autostart)
+            else:
+                log.warning("undoing the unfinished rename of %s to %s", old, new)
+                remove_durable(journal)
+
+    def release_autodestroy(self, owner: object) -> None:
+        """``owner``'s connection ended: destroy the domains it started with VIR_DOMAIN_START_AUTODESTROY."""
+        if self._closing:
+            return  # the daemon is stopping: close() takes care of them
+        for dom in self.domains():
+            if dom.autodestroy is owner:
+                self._task(self._autodestroy(dom, owner))
+
+    async def _autodestroy(self, dom: Domain, owner: object) -> None:
+        async with dom.lock:
+            if dom.removed or dom.autodestroy is not owner:
+                return  # stopped (or started again by someone else) meanwhile
+            log.info("destroying %s: the connection that started it with autodestroy closed", dom.name)
+            t = transition(dom.status.state, Input.DESTROY)
+            try:
+                await self._act(dom, t)
+            except VirtError as err:
+                log.error("autodestroy of %s failed: %s", dom.name, err)
+                return
+            self._commit(dom, t)
+
     # -- queries ----------------------------------------------------------------------------------
     def info(self, dom: Domain) -> tuple[int, int, int, int, int]:
         """(state, max memory KiB, memory KiB, vcpus, cpu time ns) like virDomainGetInfo."""
@@ -888,6 +1026,14 @@ class DomainManager:
         return dom.vmm.pty
 
     async def close(self) -> None:
-        """Stop watching (VMMs keep running: they are not tied to the daemon)."""
+        """Stop watching (VMMs keep running: they are not tied to the daemon).
+
+        Domains started with autodestroy go first: every connection ends with the daemon, as in libvirtd,
+        whose shutdown closes its clients and so runs their close callbacks.
+        """
+        self._closing = True
+        for dom in self.domains():
+            if dom.autodestroy is not None:
+                await self._autodestroy(dom, dom.autodestroy)
         for task in list(self._tasks):
             task.cancel()

@@ -237,7 +237,7 @@ class VmmHandle:
         while pid_alive(self.pid):
             await asyncio.sleep(0.05)
 
-    async def request(self, cmd: str, timeout: float = REQUEST_TIMEOUT) -> JsonObject:
+    async def request(self, cmd: str, timeout: float = REQUEST_TIMEOUT, args: JsonObject | None = None) -> JsonObject:
         if self._writer is None or self.exited.done():
             raise VmmError("the VMM is not running")
         rid = self._next_id
@@ -245,7 +245,7 @@ class VmmHandle:
         fut: asyncio.Future[JsonObject] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            self._writer.write(json.dumps({"id": rid, "cmd": cmd}).encode() + b"\n")
+            self._writer.write(json.dumps({**(args or {}), "id": rid, "cmd": cmd}).encode() + b"\n")
             await self._writer.drain()
             reply = await asyncio.wait_for(fut, timeout)
         except (ConnectionError, OSError) as err:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -19,10 +20,13 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mshv_libvirt.domain import MAX_VCPUS, DomainConfig
+from lxml import etree
+
+from mshv_libvirt.domain import MAX_VCPUS, DomainConfig, metadata
 from mshv_libvirt.driver.manager import Domain, DomainEvent, DomainManager, set_memory, set_text, set_vcpus
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_operation
 from mshv_libvirt.lifecycle import State
+from mshv_libvirt.vmm.devices import keymap
 
 from . import host
 from .protocol import (
@@ -373,6 +377,8 @@ class Session:
                 self.end_console(stream)
 
     def close(self) -> None:
+        # The connection is ending: what it started with VIR_DOMAIN_START_AUTODESTROY goes with it.
+        self.manager.release_autodestroy(self)
         for task in list(self._resumes):
             task.cancel()
         for stream in list(self._consoles.values()):
@@ -536,16 +542,7 @@ def is_updated(s: Session, dom: Domain) -> bool:
     return dom.active and dom.persistent is not None and dom.live is not None and dom.live != dom.persistent
 
 
-METADATA_KINDS = {0: "description", 1: "title"}  # VIR_DOMAIN_METADATA_ELEMENT (2) is not supported
 AFFECT_LIVE, AFFECT_CONFIG = 1, 2
-
-
-def _metadata_kind(kind: int) -> str:
-    if kind == 2:
-        raise VirtError(ErrorCode.ARGUMENT_UNSUPPORTED, "custom metadata elements are not supported by the mshv driver")
-    if kind not in METADATA_KINDS:
-        raise VirtError(ErrorCode.INVALID_ARG, f"unknown metadata type '{kind}'")
-    return METADATA_KINDS[kind]
 
 
 def _affect(dom: Domain, flags: int) -> tuple[bool, bool]:
@@ -563,27 +560,6 @@ def _config_to_read(dom: Domain, flags: int) -> DomainConfig:
     if live and not dom.active:
         raise invalid_operation("domain is not running")
     return dom.live if live and dom.live is not None else (dom.persistent or dom.config)
-
-
-async def set_metadata(
-    s: Session, dom: Domain, kind: int, value: str | None, key: str | None, uri: str | None, flags: int
-) -> None:
-    tag = _metadata_kind(kind)
-    if key is not None or uri is not None:
-        raise VirtError(ErrorCode.INVALID_ARG, "key and uri are only used with VIR_DOMAIN_METADATA_ELEMENT")
-    live, config = _affect(dom, flags)
-    await s.manager.edit_config(dom, set_text(tag, value), live=live, config=config)
-
-
-def get_metadata(s: Session, dom: Domain, kind: int, uri: str | None, flags: int) -> str:
-    tag = _metadata_kind(kind)
-    if uri is not None:
-        raise VirtError(ErrorCode.INVALID_ARG, "uri is only used with VIR_DOMAIN_METADATA_ELEMENT")
-    cfg = _config_to_read(dom, flags)
-    value = cfg.title if tag == "title" else cfg.description
-    if not value:
-        raise VirtError(ErrorCode.NO_DOMAIN_METADATA, "Requested metadata element is not present")
-    return value
 
 
 VCPU_MAXIMUM = 4  # also VIR_DOMAIN_MEM_MAXIMUM
@@ -712,7 +688,7 @@ def get_all_domain_stats(s: Session, wanted: list[tuple[str, bytes, int]], stats
 # ---- define / start --------------------------------------------------------------------------------------
 
 DEFINE_VALIDATE = 1
-START_PAUSED, START_VALIDATE = 1, 16
+START_PAUSED, START_AUTODESTROY, START_VALIDATE = 1, 2, 16
 
 
 async def define_xml_flags(s: Session, xml: str, flags: int) -> Domain:
@@ -721,13 +697,15 @@ async def define_xml_flags(s: Session, xml: str, flags: int) -> Domain:
 
 
 async def create_xml(s: Session, xml: str, flags: int) -> Domain:
+    owner = s if flags & START_AUTODESTROY else None
     return await s.manager.create_transient(
-        xml, paused=bool(flags & START_PAUSED), validate=bool(flags & START_VALIDATE)
+        xml, paused=bool(flags & START_PAUSED), validate=bool(flags & START_VALIDATE), autodestroy=owner
     )
 
 
 async def create_with_flags(s: Session, dom: Domain, flags: int) -> Domain:
-    await s.manager.start(dom, paused=bool(flags & START_PAUSED))
+    owner = s if flags & START_AUTODESTROY else None
+    await s.manager.start(dom, paused=bool(flags & START_PAUSED), autodestroy=owner)
     return dom
 
 
@@ -754,6 +732,118 @@ def open_console(s: Session, call: Call, dom: Domain, dev_name: str | None, flag
     s.send(s.conn.send_reply(call, b""))
     asyncio.get_running_loop().add_reader(stream.fd, s._console_readable, stream)
     return _REPLIED
+
+
+# ---- metadata elements, NMI, keys, rename (issue 12 item 5) ---------------------------------------------
+# Argument checks in the order libvirt's public API makes them (libvirt-domain.c), which libvirtd runs
+# again on the server side before the driver's own checks.
+
+METADATA_DESCRIPTION, METADATA_TITLE, METADATA_ELEMENT = 0, 1, 2
+
+
+def _must_be_null(name: str, value: object, api: str) -> None:
+    if value is not None:
+        raise VirtError(ErrorCode.INVALID_ARG, f"{name} in {api} must be NULL")
+
+
+def _must_not_be_null(name: str, value: object, api: str) -> None:
+    if value is None:
+        raise VirtError(ErrorCode.INVALID_ARG, f"{name} in {api} must not be NULL")
+
+
+def _unknown_metadata(kind: int) -> VirtError:
+    return VirtError(ErrorCode.INVALID_ARG, f"unknown metadata type '{kind}'")
+
+
+async def set_metadata(
+    s: Session, dom: Domain, kind: int, value: str | None, key: str | None, uri: str | None, flags: int
+) -> None:
+    api = "virDomainSetMetadata"
+    if kind in (METADATA_TITLE, METADATA_DESCRIPTION):
+        if kind == METADATA_TITLE and value is not None and "\n" in value:
+            raise VirtError(ErrorCode.INVALID_ARG, "metadata title can't contain newlines")
+        _must_be_null("uri", uri, api)
+        _must_be_null("key", key, api)
+        edit = set_text("title" if kind == METADATA_TITLE else "description", value)
+    elif kind == METADATA_ELEMENT:
+        _must_not_be_null("uri", uri, api)
+        if value is not None:
+            _must_not_be_null("key", key, api)
+        assert uri is not None
+        edit = functools.partial(metadata.set_element, metadata=value, key=key, uri=uri)
+    else:
+        raise _unknown_metadata(kind)
+    live, config = _affect(dom, flags)
+    await s.manager.edit_config(dom, edit, live=live, config=config)
+
+
+def get_metadata(s: Session, dom: Domain, kind: int, uri: str | None, flags: int) -> str:
+    api = "virDomainGetMetadata"
+    if flags & AFFECT_LIVE and flags & AFFECT_CONFIG:
+        raise VirtError(
+            ErrorCode.INVALID_ARG,
+            "Flags 'VIR_DOMAIN_AFFECT_LIVE' and 'VIR_DOMAIN_AFFECT_CONFIG' are mutually exclusive",
+        )
+    if kind in (METADATA_TITLE, METADATA_DESCRIPTION):
+        _must_be_null("uri", uri, api)
+    elif kind == METADATA_ELEMENT:
+        _must_not_be_null("uri", uri, api)
+    else:
+        raise _unknown_metadata(kind)
+    cfg = _config_to_read(dom, flags)
+    if kind == METADATA_ELEMENT:
+        assert uri is not None
+        value = metadata.get_element(etree.fromstring(cfg.xml.encode()), uri)
+    else:
+        value = cfg.title if kind == METADATA_TITLE else cfg.description
+    if not value:
+        raise VirtError(ErrorCode.NO_DOMAIN_METADATA, "Requested metadata element is not present")
+    return value
+
+
+class _UintList(Arg):
+    """unsigned int<N>: a bounded array (more than N is an XDR error, as in libvirtd's decoder)."""
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+
+    def decode(self, u: Unpacker) -> Any:
+        return [u.uint() for _ in range(u.array_len(self.maximum))]
+
+
+SEND_KEY_MAX = 16  # REMOTE_DOMAIN_SEND_KEY_MAX = VIR_DOMAIN_SEND_KEY_MAX_KEYS
+
+
+async def send_key(s: Session, dom: Domain, codeset: int, holdtime: int, keycodes: list[int], flags: int) -> None:
+    if not keycodes:
+        raise VirtError(ErrorCode.INVALID_ARG, "nkeycodes in virDomainSendKey must be greater than zero")
+    if codeset >= len(keymap.CODESET_NAMES):
+        raise VirtError(ErrorCode.INVALID_ARG, f"Unsupported codeset '{codeset}'")
+    name = keymap.CODESET_NAMES[codeset]
+    if codeset not in keymap.SUPPORTED_CODESETS:
+        supported = ", ".join(keymap.CODESET_NAMES[c] for c in keymap.SUPPORTED_CODESETS)
+        raise VirtError(
+            ErrorCode.ARGUMENT_UNSUPPORTED,
+            f"the mshv driver cannot translate keycodes of the {name} codeset; use one of {supported}",
+        )
+    qnums: list[int] = []
+    for code in keycodes:
+        qnum = keymap.to_qnum(codeset, code)
+        if qnum is None:  # libvirt's QEMU driver: every key becomes a qnum first
+            raise VirtError(
+                ErrorCode.INTERNAL_ERROR, f"cannot translate keycode {code} of {name} codeset to qnum keycode"
+            )
+        qnums.append(qnum)
+    await s.manager.send_key(dom, qnums, holdtime)
+
+
+async def rename(s: Session, dom: Domain, new_name: str | None, flags: int) -> int:
+    if new_name is None:
+        raise VirtError(ErrorCode.INVALID_ARG, "new_name in virDomainRename must not be NULL")
+    if not new_name:
+        raise VirtError(ErrorCode.INVALID_ARG, "string new_name in virDomainRename must not be empty")
+    await s.manager.rename(dom, new_name)
+    return 0  # remote_domain_rename_ret.retcode
 
 
 # ---- the table -------------------------------------------------------------------------------------------
@@ -822,9 +912,9 @@ PROCEDURES: dict[int, Procedure] = table(
     # define / start / stop
     proc(11, lambda s, xml: s.manager.define(xml), STR, ret=ret_dom),
     proc(350, define_xml_flags, STR, Flags(DEFINE_VALIDATE), ret=ret_dom),
-    proc(10, create_xml, STR, Flags(START_PAUSED | START_VALIDATE), ret=ret_dom),
+    proc(10, create_xml, STR, Flags(START_PAUSED | START_AUTODESTROY | START_VALIDATE), ret=ret_dom),
     proc(9, lambda s, dom: s.manager.start(dom, paused=False), DOM),
-    proc(196, create_with_flags, DOM, Flags(START_PAUSED), ret=ret_dom),
+    proc(196, create_with_flags, DOM, Flags(START_PAUSED | START_AUTODESTROY), ret=ret_dom),
     proc(12, lambda s, dom: s.manager.destroy(dom), DOM),
     proc(234, lambda s, dom, flags: s.manager.destroy(dom), DOM, Flags(_FLAGS_GRACEFUL)),
     proc(33, lambda s, dom: s.manager.shutdown(dom), DOM),
@@ -839,4 +929,8 @@ PROCEDURES: dict[int, Procedure] = table(
     proc(316, lambda s, event_id, filt: s.register_callback(event_id, filt), INT, _OptDomain(), ret=ret_int),
     proc(317, lambda s, cb_id: s.deregister_callback(cb_id), INT),
     proc(PROC_OPEN_CONSOLE, open_console, CALL, DOM, OPT_STR, Flags(_FLAGS_FORCE_SAFE)),
+    # NMI, keys, rename (metadata get/set are above, 264/265)
+    proc(210, lambda s, dom, flags: s.manager.inject_nmi(dom), DOM, Flags(0)),
+    proc(226, send_key, DOM, UINT, UINT, _UintList(SEND_KEY_MAX), Flags(0)),
+    proc(358, rename, DOM, OPT_STR, Flags(0), ret=ret_int),
 )

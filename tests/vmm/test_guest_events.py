@@ -3,6 +3,7 @@ prints what the i8042 hands it on port 0x60."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -17,7 +18,7 @@ BOOT = 60
 
 
 def keys_seen(vm: VmmProcess) -> list[str]:
-    return [line.split()[1] for line in vm.serial.splitlines() if line.startswith(TINY_KEY + " ")]
+    return re.findall(rf"^{TINY_KEY} ([0-9a-f]{{2}})\n", vm.serial, re.M)  # complete lines only
 
 
 def test_nmi_reaches_vcpu0_and_waits_while_paused(tiny_vm: VmmProcess) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mshv_libvirt.vmm.devices import keymap
-from mshv_libvirt.vmm.devices.i8042 import DATA, KEY_BUFFER, STATUS_COMMAND, STATUS_OBF, I8042
+from mshv_libvirt.vmm.devices.i8042 import DATA, I8042, KEY_BUFFER, STATUS_COMMAND, STATUS_OBF
 from mshv_libvirt.vmm.devices.pvpanic import PvPanic
 
 libvirt = pytest.importorskip("libvirt")
