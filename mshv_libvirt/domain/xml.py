@@ -51,6 +51,7 @@ __all__ = [
     "MAX_XML_BYTES",
     "CharDevice",
     "CpuTopology",
+    "Cputune",
     "DomainConfig",
     "GuestCpu",
     "format_domain_xml",
@@ -171,6 +172,18 @@ class GuestCpu:
 
 
 @dataclass(frozen=True)
+class Cputune:
+    """``<cputune>``: the host CPUs each vCPU's thread (vcpupin) and the VMM's other threads (emulatorpin)
+    may run on; None where nothing is pinned (libvirt then uses every online host CPU)."""
+
+    vcpupin: tuple[tuple[int, frozenset[int]], ...] = ()  # (vCPU, host CPUs), by vCPU
+    emulatorpin: frozenset[int] | None = None
+
+    def vcpu(self, index: int) -> frozenset[int] | None:
+        return next((cpus for vcpu, cpus in self.vcpupin if vcpu == index), None)
+
+
+@dataclass(frozen=True)
 class DomainConfig:
     name: str
     uuid: uuid.UUID
@@ -199,6 +212,7 @@ class DomainConfig:
     def __post_init__(self) -> None:
         if self.current_vcpus == 0:
             object.__setattr__(self, "current_vcpus", self.vcpus)
+    cputune: Cputune = Cputune()
 
 
 @dataclass(frozen=True)
@@ -535,6 +549,129 @@ def _vcpus(el: etree._Element | None) -> tuple[int, int]:
     if placement == "auto":
         raise unsupported(f"vcpu placement 'auto' {_NOT_SUPPORTED}; use placement='static'")
     return maximum, current
+
+
+# ---- <cputune>: vcpupin and emulatorpin, with libvirt's messages (virDomainDefTunablesParse)
+
+_CPUMASK_LEN = 16384  # VIR_DOMAIN_CPUMASK_LEN: bits a cpuset may name
+_BLANKS = " \t\n\v\f\r"
+
+
+def parse_cpuset(text: str) -> frozenset[int]:
+    """libvirt's cpuset syntax ("0-3,^2,8"), scanned as virBitmapParse does (blanks allowed around items)."""
+    error = VirtError(ErrorCode.INVALID_ARG, f"Failed to parse bitmap '{text}'", ErrorDomain.NONE)
+    n, cpus = len(text), set[int]()
+
+    def skip(i: int) -> int:
+        while i < n and text[i] in _BLANKS:
+            i += 1
+        return i
+
+    def number(i: int) -> tuple[int, int]:
+        j = i
+        while j < n and "0" <= text[j] <= "9":
+            j += 1
+        if j == i or j - i > 9:
+            raise error
+        return int(text[i:j]), j
+
+    i = skip(0)
+    if i == n:
+        raise error
+    while i < n:
+        neg = text[i] == "^"
+        i += neg
+        first, i = number(i)
+        last = first
+        i = skip(i)
+        if i < n and text[i] == "-":
+            if neg:
+                raise error
+            last, i = number(skip(i + 1))
+            i = skip(i)
+        if last < first or last >= _CPUMASK_LEN:
+            raise error
+        if neg:
+            cpus.discard(first)
+        else:
+            cpus.update(range(first, last + 1))
+        if i < n and text[i] == ",":
+            i = skip(i + 1)  # (a trailing comma is accepted, as libvirt does)
+        elif i < n:
+            raise error
+    return frozenset(cpus)
+
+
+def format_cpuset(cpus: Collection[int]) -> str:
+    """virBitmapFormat: sorted ranges, "0-2,5"."""
+    ranges: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if ranges and ranges[-1][1] == cpu - 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+def _pin_cpuset(el: etree._Element, what: str) -> frozenset[int]:
+    text = el.get("cpuset")
+    if text is None:
+        raise VirtError(ErrorCode.INTERNAL_ERROR, f"missing cpuset for {what}", ErrorDomain.DOMAIN)
+    cpus = parse_cpuset(text)
+    if not cpus:
+        raise unsupported(f"Invalid value of 'cpuset': {text}")
+    return cpus
+
+
+def _cputune(el: etree._Element | None, vcpus: int) -> Cputune:
+    """``<cputune>`` with vcpupin/emulatorpin; its scheduler and cache children need cgroups or resctrl the
+    driver does not manage, so they are refused."""
+    if el is None:
+        return Cputune()
+    _check_attrs(el, ())
+    pins: dict[int, frozenset[int]] = {}
+    emulator: frozenset[int] | None = None
+    seen_emulator = False
+    for child in _elements(el):
+        tag = _qname(child)
+        if tag == "vcpupin":
+            _check_attrs(child, ("vcpu", "cpuset"), "cputune><vcpupin")
+            _leaf(child)
+            raw = child.get("vcpu")
+            if raw is None:
+                raise _xml_error("Missing required attribute 'vcpu' in element 'vcpupin'")
+            m = re.fullmatch(rf"[{_BLANKS}]*\+?([0-9]{{1,10}})", raw)
+            if m is None or int(m.group(1)) > _UINT_MAX:
+                raise _xml_error(
+                    f"Invalid value for attribute 'vcpu' in element 'vcpupin': '{raw}'. "
+                    "Expected non-negative integer value"
+                )
+            vcpu = int(m.group(1))
+            if vcpu >= vcpus:
+                continue  # libvirt ignores (with a warning) pins of vCPUs the domain does not have
+            if child.get("cpuset") is not None and vcpu in pins:
+                raise VirtError(ErrorCode.INTERNAL_ERROR, f"duplicate vcpupin for vcpu '{vcpu}'", ErrorDomain.DOMAIN)
+            pins[vcpu] = _pin_cpuset(child, "vcpupin")
+        elif tag == "emulatorpin":
+            if seen_emulator:
+                raise VirtError(ErrorCode.XML_ERROR, "only one emulatorpin is supported", ErrorDomain.DOMAIN)
+            seen_emulator = True
+            _check_attrs(child, ("cpuset",), "cputune><emulatorpin")
+            _leaf(child)
+            emulator = _pin_cpuset(child, "emulatorpin")
+        else:
+            raise unsupported(f"element <{tag}> in <cputune> {_NOT_SUPPORTED}")
+    return Cputune(tuple(sorted(pins.items())), emulator)
+
+
+def _format_cputune(tune: Cputune) -> list[str]:
+    if not tune.vcpupin and tune.emulatorpin is None:
+        return []
+    lines = ["<cputune>"]
+    lines += [f"  <vcpupin vcpu='{vcpu}' cpuset='{format_cpuset(cpus)}'/>" for vcpu, cpus in tune.vcpupin]
+    if tune.emulatorpin is not None:
+        lines.append(f"  <emulatorpin cpuset='{format_cpuset(tune.emulatorpin)}'/>")
+    return [*lines, "</cputune>"]
 
 
 @dataclass(frozen=True)
@@ -1094,6 +1231,7 @@ def _format(
     current_memory_kib: int,
     vcpus: int,
     current_vcpus: int,
+    cputune: Cputune,
     os: _Os,
     acpi: bool,
     apic: bool,
@@ -1120,6 +1258,8 @@ def _format(
     add(1, _tag_line("currentMemory", (("unit", "KiB"),), str(current_memory_kib)))
     vcpu_attrs = (("placement", "static"),) + ((("current", str(current_vcpus)),) if current_vcpus != vcpus else ())
     add(1, _tag_line("vcpu", vcpu_attrs, str(vcpus)))
+    for line in _format_cputune(cputune):
+        add(1, line)
     add(1, "<os>")
     type_attrs = (("arch", os.arch),) + ((("machine", os.machine),) if os.machine else ())
     add(2, _tag_line("type", type_attrs, "hvm"))
@@ -1192,6 +1332,7 @@ _TOP_LEVEL = (
     "memory",
     "currentMemory",
     "vcpu",
+    "cputune",
     "os",
     "features",
     "cpu",
@@ -1270,6 +1411,7 @@ def _walk(root: etree._Element) -> DomainConfig:
     current_kib = _memory_kib(kids.get("currentMemory"))
     vcpus, current_vcpus = _vcpus(kids.get("vcpu"))
     os = _os(kids["os"])
+    cputune = _cputune(kids.get("cputune"), vcpus)
     acpi, apic = _features(kids.get("features"))
     cpu_attrs = _cpu(kids.get("cpu"))
     guest_cpu, cpu_children = _guest_cpu(kids.get("cpu"), vcpus)
@@ -1306,6 +1448,7 @@ def _walk(root: etree._Element) -> DomainConfig:
         current_memory_kib=current_kib,
         vcpus=vcpus,
         current_vcpus=current_vcpus,
+        cputune=cputune,
         os=os,
         acpi=acpi,
         apic=apic,
@@ -1337,6 +1480,7 @@ def _walk(root: etree._Element) -> DomainConfig:
         cpu=guest_cpu,
         current_vcpus=current_vcpus,
         cpu_mode=cpu_attrs[0][1] if cpu_attrs else None,
+        cputune=cputune,
     )
 
 

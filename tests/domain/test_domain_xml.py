@@ -894,7 +894,6 @@ def test_disabled_devices_accepted() -> None:
         "memoryBacking",
         "memtune",
         "blkiotune",
-        "cputune",
         "numatune",
         "iothreads",
         "resource",
