@@ -262,6 +262,10 @@ class Vmm:
             "boots": self.boots,
             "backend": vm.system.backend if vm is not None else None,
             "vcpu_threads": [t.thread.native_id for t in vm.vcpus if t.thread and t.thread.is_alive()] if vm else [],
+            # vCPU index -> OS thread id, for the driver's per-vCPU statistics and CPU pinning
+            "vcpu_tids": {str(t.index): t.thread.native_id for t in vm.vcpus if t.thread and t.thread.is_alive()}
+            if vm
+            else {},
             "exits": sum(t.exits for t in vm.vcpus) if vm else 0,
         }
 
