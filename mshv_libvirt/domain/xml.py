@@ -212,6 +212,7 @@ class DomainConfig:
     def __post_init__(self) -> None:
         if self.current_vcpus == 0:
             object.__setattr__(self, "current_vcpus", self.vcpus)
+
     cputune: Cputune = Cputune()
 
 

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,9 @@ from mshv_libvirt.lifecycle import (
     transition,
 )
 from mshv_libvirt.lifecycle.states import UndefinedDetail, lookup
-from mshv_libvirt.proc import host_memory_kib, pid_alive
+from mshv_libvirt.proc import host_memory_kib, pid_alive, task_stat
 
+from . import cputune
 from .store import ConfigStore
 from .vmm_client import VmmError, VmmFiles, VmmHandle, find_vmm_processes, is_our_vmm
 
@@ -158,17 +159,10 @@ async def _check_nested(cfg: DomainConfig) -> None:
         )
 
 
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
 def process_cpu_times(pid: int) -> tuple[int, int]:
     """(user, system) CPU time of a process from /proc/<pid>/stat, in ns ((0, 0) if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return int(fields[11]) * 1_000_000_000 // _CLOCK_TICKS, int(fields[12]) * 1_000_000_000 // _CLOCK_TICKS
-    except (OSError, IndexError, ValueError):
-        return 0, 0
+    st = task_stat(pid)
+    return (st.user_ns, st.system_ns) if st is not None else (0, 0)
 
 
 def process_cpu_ns(pid: int) -> int:
@@ -177,6 +171,7 @@ def process_cpu_ns(pid: int) -> int:
 
 
 XmlEdit = Callable[["etree._Element"], None]
+LiveApply = Callable[["Domain", DomainConfig], Awaitable[None]]
 
 
 def _edited(cfg: DomainConfig, edit: XmlEdit, *, trusted: bool = False) -> DomainConfig:
@@ -534,9 +529,12 @@ class DomainManager:
                 self._forget(dom)
         self._emit(dom, "lifecycle", Event.UNDEFINED, UndefinedDetail.REMOVED)
 
-    async def edit_config(self, dom: Domain, edit: XmlEdit, live: bool, config: bool) -> None:
-        """Change the persistent config (saved at once) and/or the live one (record only: the VMM is not
-        touched, so callers only pass live edits that need no VMM action, such as a title)."""
+    async def edit_config(
+        self, dom: Domain, edit: XmlEdit, live: bool, config: bool, apply_live: LiveApply | None = None
+    ) -> None:
+        """Change the persistent config (saved at once) and/or the live one. The VMM is only touched through
+        ``apply_live`` (given the new live config before it is recorded; if it fails, nothing changes);
+        without it, callers only pass live edits that need no VMM action, such as a title."""
         async with dom.lock:
             if dom.removed:
                 raise no_domain(f"no domain with matching name '{dom.name}'")
@@ -544,12 +542,15 @@ class DomainManager:
                 raise invalid_operation("domain is not running")
             if config and dom.persistent is None:
                 raise invalid_operation("cannot change persistent config of a transient domain")
+            new_live = await asyncio.to_thread(_edited, dom.live, edit) if live and dom.live is not None else None
+            if new_live is not None and apply_live is not None:
+                await apply_live(dom, new_live)
             if config and dom.persistent is not None:
                 new = await asyncio.to_thread(_edited, dom.persistent, edit)
                 await asyncio.to_thread(self.store.save, dom.name, new.xml)
                 dom.persistent = new
-            if live and dom.live is not None:
-                dom.live = await asyncio.to_thread(_edited, dom.live, edit)
+            if new_live is not None:
+                dom.live = new_live
                 self._write_record(dom)
 
     def autostart(self, dom: Domain) -> bool:
@@ -763,6 +764,12 @@ class DomainManager:
         except VmmError as err:
             files.remove_runtime()
             raise _failed(f"domain '{dom.name}' failed to start: {err}") from err
+        try:
+            await self._pin(handle, cfg)  # as libvirt, a pin that cannot be applied fails the start
+        except VirtError:
+            await handle.kill()
+            files.remove_runtime()
+            raise
         if not keep_id:
             dom.id = self._next_id
             self._next_id += 1
@@ -771,6 +778,29 @@ class DomainManager:
         # find (and re-attach to) this VMM. The status is the one the spawn transitions lead to.
         provisional = Status(State.PAUSED, PausedReason.USER) if paused else Status(State.RUNNING, RunningReason.BOOTED)
         self._write_record(dom, provisional)
+
+    async def _pin(self, handle: VmmHandle, cfg: DomainConfig) -> None:
+        """Apply ``cfg``'s <cputune> to the VMM's threads (their ids from its status)."""
+        try:
+            status = await handle.request("status")
+        except VmmError as err:
+            raise _failed(str(err)) from err
+        cputune.apply(handle.pid, cputune.vcpu_threads(status), cfg.cputune)
+
+    async def apply_cputune(self, dom: Domain, cfg: DomainConfig) -> None:
+        """A LiveApply for <cputune> edits of a running domain."""
+        if dom.vmm is None:
+            raise invalid_operation("domain is not running")
+        await self._pin(dom.vmm, cfg)
+
+    async def _repin(self, dom: Domain, handle: VmmHandle) -> None:
+        """The VMM rebuilt the VM in place (reboot, reset): its new vCPU threads get their pins again."""
+        async with dom.lock:
+            if dom.vmm is handle and dom.active:
+                try:
+                    await self._pin(handle, dom.config)
+                except VirtError as err:
+                    log.warning("domain %s: cannot pin the rebuilt vCPUs: %s", dom.name, err)
 
     def _task(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -789,6 +819,8 @@ class DomainManager:
         # In-place reboots and preserved endings are handled here; every other ending is taken from
         # the exit file once the VMM is gone.
         name = ev.get("event")
+        if name == "reboot" and not ev.get("preserved"):
+            self._task(self._repin(dom, handle))
         if ev.get("preserved") and name in _PRESERVED_EVENTS:
             self._task(self._guest_input(dom, handle, _PRESERVED_EVENTS[str(name)]))
         elif name == "reboot" and ev.get("detail") == "reset":
