@@ -52,6 +52,7 @@ class ErrorDomain(IntEnum):
     CPU = 31
     NWFILTER = 33
     DOMAIN_SNAPSHOT = 35
+    SYSINFO = 37
     STREAMS = 38
     HYPERV = 43
     DOMAIN_CHECKPOINT = 69
@@ -72,6 +73,7 @@ _PREFIX = {
     ErrorCode.OPERATION_TIMEOUT: "Timed out during operation",
     ErrorCode.ARGUMENT_UNSUPPORTED: "argument unsupported",
     ErrorCode.NO_DOMAIN_METADATA: "metadata not found",
+    ErrorCode.OVERFLOW: "numerical overflow",
     ErrorCode.OPERATION_UNSUPPORTED: "Operation not supported",
     ErrorCode.OVERFLOW: "numerical overflow",
     ErrorCode.XML_INVALID_SCHEMA: "XML document failed to validate against schema",
@@ -118,3 +120,12 @@ def invalid_operation(detail: str) -> VirtError:
 
 def no_domain(detail: str) -> VirtError:
     return VirtError(ErrorCode.NO_DOMAIN, detail, ErrorDomain.DOMAIN)
+
+
+def invalid_argument(detail: str, domain: ErrorDomain = ErrorDomain.DOMAIN) -> VirtError:
+    """libvirt's virReportInvalidArg and its virCheck*Arg checks: INVALID_ARG whose message is the bare
+    text (no "invalid argument: " prefix, unlike virReportError's)."""
+    err = VirtError(ErrorCode.INVALID_ARG, detail, domain)
+    err.message = detail
+    err.args = (detail,)
+    return err

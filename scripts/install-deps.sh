@@ -7,6 +7,8 @@ packages=(
     gcc binutils make pkg-config python3 python3-dev python3-venv libffi-dev libvirt-dev
     # clients the tests drive for real
     libvirt-clients python3-libvirt virtinst
+    # host SMBIOS for virsh sysinfo, read through dmidecode as libvirt does
+    dmidecode
     # test guests: busybox initramfs, Debian kernel unpacking, peers for benchmarks
     busybox-static cpio xz-utils zstd kmod qemu-system-x86 util-linux
     # virt-manager under a virtual screen (the tests set GSETTINGS_BACKEND=memory, NO_AT_BRIDGE=1)

@@ -28,7 +28,7 @@ from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_opera
 from mshv_libvirt.lifecycle import State
 from mshv_libvirt.vmm.devices import keymap
 
-from . import host
+from . import host, monitor
 from .protocol import (
     PROTOCOL_VERSION,
     REMOTE_PROGRAM,
@@ -933,4 +933,6 @@ PROCEDURES: dict[int, Procedure] = table(
     proc(210, lambda s, dom, flags: s.manager.inject_nmi(dom), DOM, Flags(0)),
     proc(226, send_key, DOM, UINT, UINT, _UintList(SEND_KEY_MAX), Flags(0)),
     proc(358, rename, DOM, OPT_STR, Flags(0), ret=ret_int),
+    # monitoring and host procedures, pinning, and the statistics every driver answers
+    *monitor.PROCEDURES,
 )

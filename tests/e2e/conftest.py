@@ -19,3 +19,14 @@ def _need_virsh() -> None:
 def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     with running_daemon(tmp_path / "d") as d:
         yield d
+
+
+@pytest.fixture
+def system_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
+    """The system instance (libvirt's "privileged" driver: SMBIOS, CPU tuning), on temporary paths."""
+    d = DaemonProcess(tmp_path / "sys", system=True).start()
+    try:
+        yield d
+    finally:
+        d.stop()
+        d.destroy_all_vmms()

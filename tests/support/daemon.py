@@ -26,6 +26,7 @@ class DaemonProcess:
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
     module: str = "mshv_libvirt.daemon"  # or a test wrapper of it (tests/support/validator_hook.py)
+    system: bool = False  # the system instance (libvirt's "privileged" driver), still on the paths below
 
     @property
     def socket(self) -> Path:
@@ -61,7 +62,7 @@ class DaemonProcess:
                 sys.executable,
                 "-m",
                 self.module,
-                "--session",
+                "--system" if self.system else "--session",
                 "--socket",
                 str(self.socket),
                 "--config-dir",
