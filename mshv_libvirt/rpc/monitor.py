@@ -292,6 +292,8 @@ async def pin_emulator(s: Session, dom: Domain, cpumap: bytes, flags: int) -> No
 
 
 def get_emulator_pin_info(s: Session, dom: Domain, maplen: int, flags: int) -> bytes:
+    if maplen > CPUMAPS_MAX:  # (libvirtd would allocate it, then fail to encode the reply)
+        raise _rpc_internal("maplen > REMOTE_CPUMAPS_MAX")
     if maplen <= 0:
         # The daemon passes no buffer for maplen 0, which the public API refuses first.
         raise _api_arg("cpumap in virDomainGetEmulatorPinInfo must not be NULL")

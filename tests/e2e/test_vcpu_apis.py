@@ -355,6 +355,7 @@ def test_raw_pin_and_stats_arguments(
         (20, dom_args(("i", 0), ("i", 1)), "maxinfo in virDomainGetVcpus must be greater than zero"),
         (20, dom_args(("i", 16385), ("i", 1)), "internal error: maxinfo > REMOTE_VCPUINFO_MAX"),
         (230, dom_args(("i", 1), ("i", 0), ("u", 0)), "cpumaps in virDomainGetVcpuPinInfo must not be NULL"),
+        (280, dom_args(("i", 2**31 - 1), ("u", 0)), "internal error: maplen > REMOTE_CPUMAPS_MAX"),  # bounded
         (225, dom_args(("u", 0), ("b", b""), ("u", 2)), "cpumap in virDomainPinVcpuFlags must not be NULL"),
         (262, dom_args(("u", 3), ("i", -1), ("u", 2), ("u", 0)), "ncpus must be 1 when start_cpu is -1"),
         (262, dom_args(("u", 17), ("i", -1), ("u", 1), ("u", 0)), "internal error: nparams too large"),
@@ -504,6 +505,13 @@ def test_running_domain_statistics(running: libvirt.virDomain, daemon: DaemonPro
     for call in (lambda d: d.blockStats("vdz"), lambda d: d.interfaceStats("vdz")):
         assert code_message(lambda c=call: c(running)) == code_message(lambda c=call: c(theirs))
     assert running.blockStats("") == (0, 0, 0, 0, -1)  # the sum over no disks; errors unknown, as QEMU's
+    for cmd in ("domblkstat", "domifstat"):
+        want = virsh("test:///default", cmd, "test", "vdz", check=False)
+        got = virsh(daemon.uri, cmd, "run", "vdz", check=False)
+        assert got.returncode == want.returncode == 1
+        assert got.stderr == want.stderr.replace(" test ", " run ")
+    out = virsh(daemon.uri, "domjobinfo", "run").stdout
+    assert re.match(r"Job type:\s+None\s*$", out), out
 
 
 # ---- scheduler (virsh schedinfo) ------------------------------------------------------------------------------
@@ -570,5 +578,25 @@ def test_scheduler_of_the_system_instance(kvm: None, system_daemon: DaemonProces
         res = virsh(system_daemon.uri, "schedinfo", "sched", check=False)
         assert res.returncode == 1 and "cgroup CPU controller is not mounted" in res.stderr
         dom.destroy()
+    finally:
+        c.close()
+
+
+def test_read_only_connections_may_look_not_pin(
+    pinned: tuple[libvirt.virDomain, libvirt.virDomain], daemon: DaemonProcess
+) -> None:
+    """libvirt's public API refuses pinning on read-only connections (virCheckReadOnlyGoto), not queries."""
+    c = libvirt.open(daemon.ro_uri)  # (the client does not know the socket is read-only)
+    try:
+        dom = c.lookupByName("pin")
+        assert [cpus_of(m) for m in dom.vcpuPinInfo(AFFECT_CONFIG)] == [{1}, {0}]
+        for api, call in (
+            ("virDomainPinVcpuFlags", lambda: dom.pinVcpuFlags(0, cpumap_tuple({0}), AFFECT_CONFIG)),
+            ("virDomainPinEmulator", lambda: dom.pinEmulator(cpumap_tuple({0}), AFFECT_CONFIG)),
+        ):
+            assert code_message(call) == (
+                libvirt.VIR_ERR_OPERATION_DENIED,
+                f"operation forbidden: read only access prevents {api}",
+            )
     finally:
         c.close()
