@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from mshv_libvirt.domain import DomainConfig
 from mshv_libvirt.driver.cputune import set_emulatorpin, set_vcpupin, vcpu_threads
 from mshv_libvirt.driver.manager import Domain
+from mshv_libvirt.driver.vmm_client import VmmError
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_argument, invalid_operation
 from mshv_libvirt.proc import task_stat
 
@@ -175,10 +176,13 @@ def max_vcpus(cfg: DomainConfig) -> int:
     return cfg.vcpus
 
 
-def _status(dom: Domain) -> Awaitable[dict[str, Any]]:
+async def _status(dom: Domain) -> dict[str, Any]:
     if dom.vmm is None:
         raise invalid_operation("domain is not running")
-    return dom.vmm.request("status")
+    try:
+        return await dom.vmm.request("status")
+    except VmmError as err:  # it is ending: the watcher accounts for that
+        raise VirtError(ErrorCode.OPERATION_FAILED, f"cannot query the VMM: {err}") from err
 
 
 def _affinity(tid: int) -> frozenset[int]:
