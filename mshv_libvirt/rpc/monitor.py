@@ -168,8 +168,8 @@ def _exclusive(flags: int) -> None:
 
 
 def online_vcpus(cfg: DomainConfig) -> range:
-    """The vCPUs the guest has online (every one until <vcpu current> exists)."""
-    return range(cfg.vcpus)
+    """The vCPUs the guest has online: the first <vcpu current='N'> (the VMM boots only those)."""
+    return range(cfg.current_vcpus)
 
 
 def max_vcpus(cfg: DomainConfig) -> int:
