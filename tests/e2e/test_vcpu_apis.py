@@ -600,3 +600,22 @@ def test_read_only_connections_may_look_not_pin(
             )
     finally:
         c.close()
+
+
+def test_vcpuinfo_lists_only_online_vcpus(
+    kvm: None, conn: libvirt.virConnect, daemon: DaemonProcess, tiny_kernel: Path
+) -> None:
+    """<vcpu current='1'>2</vcpu>: one vCPU runs, so getVcpus and virsh vcpuinfo show one (libvirt's
+    QEMU driver lists online vCPUs only); the VMM's own control socket agrees."""
+    xml = domain_xml("curvcpu", tiny_kernel, vcpus=2).replace("<vcpu>2</vcpu>", "<vcpu current='1'>2</vcpu>")
+    dom = conn.defineXML(xml)
+    dom.create()
+    try:
+        wait_for(lambda: len(vcpu_tids(daemon, "curvcpu")) == 1, timeout=30)
+        info, maps = dom.vcpus()
+        assert [v[0] for v in info] == [0] and len(maps) == 1
+        out = virsh(daemon.uri, "vcpuinfo", "curvcpu").stdout
+        assert out.count("VCPU:") == 1
+        assert dom.vcpusFlags(libvirt.VIR_DOMAIN_VCPU_MAXIMUM) == 2 and dom.vcpusFlags(0) == 1
+    finally:
+        dom.destroy()
