@@ -1,25 +1,13 @@
-"""Struct layouts and ioctl numbers as the compiler computed them, pinned to the upstream facts
-(shared/reference/mshv-abi.md sections 2, 3, 9, 10)."""
+"""Struct layouts, ioctl numbers and named constants as the compiler computed them, pinned to the
+upstream ABI. Expected values: docs/ABI.md §2.3 (ioctl numbers), §3.1 (argument structs), §6.1 (hypercall
+inputs), §7 (messages) and §8.1 (register formats), stated literally here or in tests/abi/facts.py."""
 
 from __future__ import annotations
 
 import pytest
 from mshv_libvirt._mshv import ffi, lib
 
-IOCTLS = {
-    "MSHV_CREATE_PARTITION": 0x4010B800,
-    "MSHV_INITIALIZE_PARTITION": 0x0000B800,
-    "MSHV_CREATE_VP": 0x4004B801,
-    "MSHV_SET_GUEST_MEMORY": 0x4020B802,
-    "MSHV_IRQFD": 0x4010B803,
-    "MSHV_IOEVENTFD": 0x4020B804,
-    "MSHV_SET_MSI_ROUTING": 0x4008B805,
-    "MSHV_GET_GPAP_ACCESS_BITMAP": 0xC020B806,
-    "MSHV_ROOT_HVCALL": 0xC020B807,
-    "MSHV_RUN_VP": 0x8100B800,
-    "MSHV_GET_VP_STATE": 0xC010B801,
-    "MSHV_SET_VP_STATE": 0xC010B802,
-}
+from . import facts
 
 # struct -> (size, {field: (offset, size)})
 LAYOUTS = {
@@ -91,9 +79,29 @@ def test_every_declared_type_matches_the_compiler() -> None:
         assert ffi.sizeof(f"union {name}") == 16
 
 
-@pytest.mark.parametrize(("name", "value"), sorted(IOCTLS.items()))
+@pytest.mark.parametrize(("name", "value"), sorted(facts.IOCTLS.items()))
 def test_ioctl_numbers(name: str, value: int) -> None:
     assert getattr(lib, name) == value
+
+
+# Register names docs/ABI.md §8.2 lists that abi/include does not declare (the emulator takes them as
+# numbers): the only facts allowed to be missing from the compiled module.
+UNDECLARED = {f"HV_X64_REGISTER_XMM{i}" for i in range(1, 16)} | {
+    "HV_X64_REGISTER_FP_CONTROL_STATUS",
+    "HV_X64_REGISTER_XMM_CONTROL_STATUS",
+}
+
+
+def test_every_exported_constant_is_a_documented_fact() -> None:
+    # Each integer constant of abi/include that the compiled module exports has the value of
+    # docs/ABI.md; a new one needs its section there and its line in tests/abi/facts.py.
+    documented = facts.upstream_constants()
+    exported = {n: getattr(lib, n) for n in dir(lib) if n.isupper()}
+    undocumented = sorted(set(exported) - set(documented))
+    assert undocumented == [], "add these to docs/ABI.md and tests/abi/facts.py"
+    wrong = {n: (hex(v), hex(documented[n])) for n, v in exported.items() if v != documented[n]}
+    assert wrong == {}
+    assert set(documented) - set(exported) == UNDECLARED
 
 
 @pytest.mark.parametrize("struct", sorted(LAYOUTS))

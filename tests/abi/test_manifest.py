@@ -1,4 +1,9 @@
-"""The ABI manifest check: breaks fail, additions pass (python -m mshv_libvirt.abicheck)."""
+"""The ABI manifest check: breaks fail, additions pass (python -m mshv_libvirt.abicheck).
+
+Expected values: the committed abi/manifest.json (the ABI as recorded, itself pinned to docs/ABI.md by
+tests/abi/test_layout.py) and abicheck's contract: a removed or changed ioctl, struct, field or constant
+breaks, an addition passes. The messages are the tool's own report format.
+"""
 
 from __future__ import annotations
 
