@@ -3,6 +3,10 @@
 Everything goes through the compiled module's ``mshv_dev_*`` entry points with hand-built
 argument structs, so the tests see exactly what a caller of ioctl(2) would: a return value and
 an errno. Memory with known properties (mapped, read-only, holes) comes from libc's mmap.
+
+ioctl numbers, hypercall codes and struct layouts are docs/ABI.md's (§2.3, §3.1, §6.1), taken from
+tests/abi/facts.py and struct formats written here: never from the compiled module's declarations,
+so a wrong number or layout there fails these tests instead of agreeing with itself.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from typing import Any
 
 from mshv_libvirt._mshv import ffi, lib
 
-PAGE = 4096
-KERNEL_ADDR = 0xFFFF_8000_0000_0000  # above TASK_SIZE_MAX: access_ok() fails
+from tests.abi import facts as F
+
+PAGE = F.PAGE
+KERNEL_ADDR = 0xFFFF_8000_0000_0000  # above TASK_SIZE_MAX: access_ok() fails (docs/ABI.md §4.4)
 EMU_MODE = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -140,15 +146,15 @@ def close(fd: int) -> int:
 
 
 def create_partition(dev: int, flags: int = 0x7, isolation: int = 0) -> int:
-    return ioctl(dev, lib.MSHV_CREATE_PARTITION, buf(struct.pack("<QQ", flags, isolation)))
+    return ioctl(dev, F.MSHV_CREATE_PARTITION, buf(struct.pack("<QQ", flags, isolation)))
 
 
 def initialize(pt: int) -> int:
-    return ioctl(pt, lib.MSHV_INITIALIZE_PARTITION)
+    return ioctl(pt, F.MSHV_INITIALIZE_PARTITION)
 
 
 def create_vp(pt: int, index: int) -> int:
-    return ioctl(pt, lib.MSHV_CREATE_VP, buf(struct.pack("<I", index)))
+    return ioctl(pt, F.MSHV_CREATE_VP, buf(struct.pack("<I", index)))
 
 
 def mem_region(size: int, gfn: int, uaddr: int, flags: int = 0x3, rsvd: bytes = bytes(7)) -> bytes:
@@ -156,24 +162,24 @@ def mem_region(size: int, gfn: int, uaddr: int, flags: int = 0x3, rsvd: bytes = 
 
 
 def set_memory(pt: int, size: int, gfn: int, uaddr: int, flags: int = 0x3, rsvd: bytes = bytes(7)) -> int:
-    return ioctl(pt, lib.MSHV_SET_GUEST_MEMORY, buf(mem_region(size, gfn, uaddr, flags, rsvd)))
+    return ioctl(pt, F.MSHV_SET_GUEST_MEMORY, buf(mem_region(size, gfn, uaddr, flags, rsvd)))
 
 
 def irqfd(pt: int, fd: int, gsi: int, flags: int = 0, resamplefd: int = -1) -> int:
-    return ioctl(pt, lib.MSHV_IRQFD, buf(struct.pack("<iiII", fd, resamplefd, gsi, flags)))
+    return ioctl(pt, F.MSHV_IRQFD, buf(struct.pack("<iiII", fd, resamplefd, gsi, flags)))
 
 
 def ioeventfd(
     pt: int, fd: int, addr: int, length: int, flags: int = 0, datamatch: int = 0, rsvd: bytes = bytes(4)
 ) -> int:
-    return ioctl(pt, lib.MSHV_IOEVENTFD, buf(struct.pack("<QQIiI4s", datamatch, addr, length, fd, flags, rsvd)))
+    return ioctl(pt, F.MSHV_IOEVENTFD, buf(struct.pack("<QQIiI4s", datamatch, addr, length, fd, flags, rsvd)))
 
 
 def msi_routing(pt: int, entries: Iterable[tuple[int, int, int, int]], nr: int | None = None, rsvd: int = 0) -> int:
     ents = list(entries)
     data = struct.pack("<II", len(ents) if nr is None else nr, rsvd)
     data += b"".join(struct.pack("<IIII", *e) for e in ents)
-    return ioctl(pt, lib.MSHV_SET_MSI_ROUTING, buf(data))
+    return ioctl(pt, F.MSHV_SET_MSI_ROUTING, buf(data))
 
 
 def msi_entry(gsi: int, vector: int, dest: int = 0, level: bool = False) -> tuple[int, int, int, int]:
@@ -182,7 +188,7 @@ def msi_entry(gsi: int, vector: int, dest: int = 0, level: bool = False) -> tupl
 
 def gpap(pt: int, access_type: int, op: int, count: int, base: int, bitmap: int, rsvd: bytes = bytes(6)) -> int:
     return ioctl(
-        pt, lib.MSHV_GET_GPAP_ACCESS_BITMAP, buf(struct.pack("<BB6sQQQ", access_type, op, rsvd, count, base, bitmap))
+        pt, F.MSHV_GET_GPAP_ACCESS_BITMAP, buf(struct.pack("<BB6sQQQ", access_type, op, rsvd, count, base, bitmap))
     )
 
 
@@ -224,27 +230,26 @@ def hvcall_struct(
 def hvcall(fd: int, code: int, data: bytes, out_size: int = 0, reps: int = 0) -> Hv:
     inp = buf(data)
     out = ffi.new("char[]", max(out_size, 1))
-    arg = ffi.new(
-        "struct mshv_root_hvcall *",
-        {
-            "code": code,
-            "reps": reps,
-            "in_sz": len(data),
-            "out_sz": out_size,
-            "in_ptr": addr_of(inp),
-            "out_ptr": addr_of(out) if out_size else 0,
-        },
+    arg = buf(
+        hvcall_struct(code, reps, len(data), out_size, in_ptr=addr_of(inp), out_ptr=addr_of(out) if out_size else 0)
     )
-    rc = ioctl(fd, lib.MSHV_ROOT_HVCALL, arg)
-    return Hv(rc, int(arg.status), int(arg.reps), bytes(ffi.buffer(out, out_size)))
+    rc = ioctl(fd, F.MSHV_ROOT_HVCALL, arg)
+    status, reps_done = hvcall_result(arg)
+    return Hv(rc, status, reps_done, bytes(ffi.buffer(out, out_size)))
+
+
+def hvcall_result(arg: Any) -> tuple[int, int]:
+    """(status, reps) as the ioctl wrote them back into a 32-byte mshv_root_hvcall (§3.1)."""
+    reps_done, status = struct.unpack_from("<2xH4xH", bytes(ffi.buffer(arg, 32)))
+    return status, reps_done
 
 
 def get_property(pt: int, code: int) -> Hv:
-    return hvcall(pt, lib.HVCALL_GET_PARTITION_PROPERTY, struct.pack("<QII", 0, code, 0), 8)
+    return hvcall(pt, F.HVCALL_GET_PARTITION_PROPERTY, struct.pack("<QII", 0, code, 0), 8)
 
 
 def set_property(fd: int, code: int, value: int) -> Hv:
-    return hvcall(fd, lib.HVCALL_SET_PARTITION_PROPERTY, struct.pack("<QIIQ", 0, code, 0, value))
+    return hvcall(fd, F.HVCALL_SET_PARTITION_PROPERTY, struct.pack("<QIIQ", 0, code, 0, value))
 
 
 def _value(v: Any) -> bytes:
@@ -275,12 +280,12 @@ def set_regs(fd: int, vp_index: int, regs: Mapping[int, Any]) -> Hv:
     data = struct.pack("<QIBBH", 0, vp_index, 0, 0, 0)
     for name, v in regs.items():
         data += struct.pack("<IIQ", name, 0, 0) + _value(v)
-    return hvcall(fd, lib.HVCALL_SET_VP_REGISTERS, data, 0, len(regs))
+    return hvcall(fd, F.HVCALL_SET_VP_REGISTERS, data, 0, len(regs))
 
 
 def get_regs_raw(fd: int, vp_index: int, names: list[int]) -> Hv:
     data = struct.pack("<QIBBH", 0, vp_index, 0, 0, 0) + struct.pack(f"<{len(names)}I", *names)
-    return hvcall(fd, lib.HVCALL_GET_VP_REGISTERS, data, 16 * len(names), len(names))
+    return hvcall(fd, F.HVCALL_GET_VP_REGISTERS, data, 16 * len(names), len(names))
 
 
 def get_regs(fd: int, vp_index: int, names: list[int]) -> list[int]:

@@ -10,15 +10,20 @@ pages, so MMIO addresses like 0x10000000 and the LAPIC at 0xFEE00000 are reachab
     0x10000  code
     0x20000  data
 
-Instructions are hand-assembled by the small helpers below (each returns bytes).
+Instructions are hand-assembled by the small helpers below (each returns bytes). Messages are
+decoded here at the offsets of docs/ABI.md §7 and registers named as in §8.2 (tests/abi/facts.py),
+not through the compiled module's declarations.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any
 
-from mshv_libvirt._mshv import ffi, lib
+from mshv_libvirt._mshv import ffi
+
+from tests.abi import facts as F
 
 from .emutil import (
     Mem,
@@ -41,9 +46,9 @@ DATA = 0x20000
 IDT = 0x5000
 MMIO = 0x10000000
 
-R = lib
-CODE64 = Seg(0, 0xFFFFFFFF, 0x08, 0xA09B)
-DATA64 = Seg(0, 0xFFFFFFFF, 0x10, 0xC093)
+REG = F.REG
+CODE64 = Seg(0, 0xFFFFFFFF, 0x08, F.ATTR_CODE64)
+DATA64 = Seg(0, 0xFFFFFFFF, 0x10, F.ATTR_DATA)
 
 # ---- a few instruction encodings -------------------------------------------------------------
 
@@ -85,40 +90,111 @@ def idt_gate(handler: int) -> bytes:
     return struct.pack("<HHBBHIi", handler & 0xFFFF, 0x08, 0, 0x8E, (handler >> 16) & 0xFFFF, handler >> 32, 0)
 
 
-# ---- messages --------------------------------------------------------------------------------
+# ---- messages (docs/ABI.md §7; offsets relative to the payload, which starts at byte 16) -------
+
+
+def _seg(raw: bytes, off: int) -> Seg:
+    return Seg(*struct.unpack_from("<QIHH", raw, off))
+
+
+@dataclass(frozen=True)
+class Header:
+    """§7.3: the 40-byte intercept header."""
+
+    vp_index: int
+    instruction_length_cr8: int
+    intercept_access_type: int
+    execution_state: int
+    cs_segment: Seg
+    rip: int
+    rflags: int
+
+    @classmethod
+    def parse(cls, p: bytes) -> Header:
+        vp, ilen_cr8, access, state = struct.unpack_from("<IBBH", p, 0)
+        rip, rflags = struct.unpack_from("<QQ", p, 24)
+        return cls(vp, ilen_cr8, access, state, _seg(p, 8), rip, rflags)
+
+
+@dataclass(frozen=True)
+class IoPort:
+    """§7.4 X64_IO_PORT_INTERCEPT."""
+
+    header: Header
+    port_number: int
+    access_info: int
+    instruction_byte_count: int
+    rax: int
+    instruction_bytes: bytes
+    ds_segment: Seg
+    es_segment: Seg
+    rcx: int
+    rsi: int
+    rdi: int
+
+    @classmethod
+    def parse(cls, p: bytes) -> IoPort:
+        port, info, count = struct.unpack_from("<HBB", p, 40)
+        (rax,) = struct.unpack_from("<Q", p, 48)
+        rcx, rsi, rdi = struct.unpack_from("<3Q", p, 104)
+        return cls(Header.parse(p), port, info, count, rax, p[56:72], _seg(p, 72), _seg(p, 88), rcx, rsi, rdi)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """§7.4 UNMAPPED_GPA / GPA_INTERCEPT."""
+
+    header: Header
+    cache_type: int
+    instruction_byte_count: int
+    memory_access_info: int
+    guest_virtual_address: int
+    guest_physical_address: int
+    instruction_bytes: bytes
+
+    @classmethod
+    def parse(cls, p: bytes) -> Memory:
+        cache, count, info = struct.unpack_from("<IBB", p, 40)
+        gva, gpa = struct.unpack_from("<QQ", p, 48)
+        return cls(Header.parse(p), cache, count, info, gva, gpa, p[64:80])
+
+
+@dataclass(frozen=True)
+class ApicEoi:
+    """§7.4 X64_APIC_EOI (no intercept header)."""
+
+    vp_index: int
+    interrupt_vector: int
 
 
 class Msg:
-    """A decoded hv_message (via the ABI structs the emulator writes)."""
+    """A 256-byte hv_message as RUN_VP returned it."""
 
     def __init__(self, raw: bytes) -> None:
+        assert len(raw) == F.HV_MESSAGE_SIZE
         self.raw = raw
-        self._buf = ffi.new("char[]", raw)
-        self.m = ffi.cast("struct hv_message *", self._buf)
-        self.type = int(self.m.header.message_type)
-        self.payload_size = int(self.m.header.payload_size)
-
-    def as_(self, ctype: str) -> Any:
-        return ffi.cast(ctype + " *", self.m.payload)
+        self.type, self.payload_size = struct.unpack_from("<IB", raw, 0)
+        self.payload = raw[F.PAYLOAD :]
 
     @property
-    def header(self) -> Any:
-        return self.as_("struct hv_x64_intercept_message_header")
+    def header(self) -> Header:
+        return Header.parse(self.payload)
 
     @property
-    def io(self) -> Any:
-        return self.as_("struct hv_x64_io_port_intercept_message")
+    def io(self) -> IoPort:
+        return IoPort.parse(self.payload)
 
     @property
-    def mem(self) -> Any:
-        return self.as_("struct hv_x64_memory_intercept_message")
+    def mem(self) -> Memory:
+        return Memory.parse(self.payload)
+
+    @property
+    def eoi(self) -> ApicEoi:
+        return ApicEoi(*struct.unpack_from("<II", self.payload, 0))
 
     @property
     def length(self) -> int:
-        return int(self.header.instruction_length_cr8) & 0xF
-
-    def bytes_(self, field: Any, count: int) -> bytes:
-        return bytes(ffi.buffer(field, count))
+        return self.header.instruction_length_cr8 & 0xF
 
 
 class RunError(Exception):
@@ -155,38 +231,38 @@ class Guest:
 
     def long_mode(self, index: int = 0, rip: int = CODE, **extra: Any) -> None:
         regs: dict[int, Any] = {
-            R.HV_X64_REGISTER_CR0: 0x80050033,
-            R.HV_X64_REGISTER_CR3: 0x1000,
-            R.HV_X64_REGISTER_CR4: 0x20,
-            R.HV_X64_REGISTER_EFER: 0x500,
-            R.HV_X64_REGISTER_CS: CODE64,
-            R.HV_X64_REGISTER_DS: DATA64,
-            R.HV_X64_REGISTER_ES: DATA64,
-            R.HV_X64_REGISTER_SS: DATA64,
-            R.HV_X64_REGISTER_FS: DATA64,
-            R.HV_X64_REGISTER_GS: DATA64,
-            R.HV_X64_REGISTER_GDTR: Table(0x500, 23),
-            R.HV_X64_REGISTER_IDTR: Table(IDT, 0xFFF),
-            R.HV_X64_REGISTER_RFLAGS: 2,
-            R.HV_X64_REGISTER_RSP: 0x8000 - 0x800 * index,
-            R.HV_X64_REGISTER_RIP: rip,
+            REG["cr0"]: 0x80050033,
+            REG["cr3"]: 0x1000,
+            REG["cr4"]: 0x20,
+            REG["efer"]: 0x500,
+            REG["cs"]: CODE64,
+            REG["ds"]: DATA64,
+            REG["es"]: DATA64,
+            REG["ss"]: DATA64,
+            REG["fs"]: DATA64,
+            REG["gs"]: DATA64,
+            REG["gdtr"]: Table(0x500, 23),
+            REG["idtr"]: Table(IDT, 0xFFF),
+            REG["rflags"]: 2,
+            REG["rsp"]: 0x8000 - 0x800 * index,
+            REG["rip"]: rip,
         }
-        regs.update({getattr(R, "HV_X64_REGISTER_" + k.upper()): v for k, v in extra.items()})
+        regs.update({REG[k]: v for k, v in extra.items()})
         h = set_regs(self.vps[index], index, regs)
         assert (h.rc, h.status) == (0, 0), (h.rc, h.status)
 
     def run(self, index: int = 0) -> Msg:
-        arg = ffi.new("struct mshv_run_vp *")
-        r = ioctl(self.vps[index], lib.MSHV_RUN_VP, arg)
+        arg = ffi.new("char[]", F.RUN_VP_BUF_SZ)
+        r = ioctl(self.vps[index], F.MSHV_RUN_VP, arg)
         if r < 0:
             raise RunError(-r)
-        return Msg(bytes(ffi.buffer(arg, 256)))
+        return Msg(bytes(ffi.buffer(arg, F.RUN_VP_BUF_SZ)))
 
     def regs(self, index: int, *names: int) -> list[int]:
         return get_regs(self.vps[index], index, list(names))
 
     def set(self, index: int = 0, **regs: int) -> None:
-        h = set_regs(self.vps[index], index, {getattr(R, "HV_X64_REGISTER_" + k.upper()): v for k, v in regs.items()})
+        h = set_regs(self.vps[index], index, {REG[k]: v for k, v in regs.items()})
         assert (h.rc, h.status) == (0, 0)
 
     def complete(self, msg: Msg, index: int = 0, **regs: int) -> None:

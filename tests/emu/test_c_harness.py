@@ -1,5 +1,9 @@
 """The emulator without Python: tests/emu/c/emu_smoke.c built against abi/ and run, once as
-is (-Wall -Werror) and once under ASan/UBSan where the toolchain supports it."""
+is (-Wall -Werror) and once under ASan/UBSan where the toolchain supports it.
+
+Expected values: those of the C file (docs/ABI.md §4, §7, §9; its header names pinned at compile time
+to the literal values of §2.3, §3.2, §4.9, §7.2 and §8.2).
+"""
 
 from __future__ import annotations
 

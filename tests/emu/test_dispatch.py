@@ -1,7 +1,10 @@
-"""ioctl dispatch per fd type and handle lifetime (mshv-abi.md §2, §5.13).
+"""ioctl dispatch per fd type and handle lifetime.
 
 The kernel switches on the full 32-bit command per file type: the right number on the wrong fd,
 or the right nr with another size or direction, is simply unknown -> ENOTTY.
+
+Expected values: docs/ABI.md §2 (descriptor kinds, dispatch rule, the numbers of §2.3 and the foreign
+numbers of §2.4), §4.13 (lifetime) and §9.1 (what an emulated handle is).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import struct
 
 import pytest
 from mshv_libvirt._mshv import ffi, lib
+
+from tests.abi import facts as F
 
 from .emutil import (
     buf,
@@ -92,7 +97,7 @@ WRONG_FD = [(kind, name) for kind in ("dev", "partition", "vp") for name in ALL 
 def test_known_number_on_the_wrong_fd_is_enotty(handles, kind: str, name: str) -> None:
     # A valid-looking argument so only the dispatch can fail.
     arg = ffi.new("char[]", 4096)
-    assert ioctl(handles[kind], getattr(lib, name), arg) == -errno.ENOTTY
+    assert ioctl(handles[kind], F.IOCTLS[name], arg) == -errno.ENOTTY
 
 
 # 0xC010B801 has the value of MSHV_GET_VP_STATE: foreign only on the other fds.
@@ -100,7 +105,7 @@ FOREIGN_ON = [
     (kind, n)
     for kind in ("dev", "partition", "vp")
     for n in FOREIGN
-    if n not in {getattr(lib, name) for name in ALLOWED[kind]}
+    if n not in {F.IOCTLS[name] for name in ALLOWED[kind]}
 ]
 
 
@@ -112,7 +117,7 @@ def test_foreign_numbers_are_enotty(handles, kind: str, number: int) -> None:
 @pytest.mark.parametrize("kind", ["dev", "partition", "vp"])
 @pytest.mark.parametrize("name", ALL)
 def test_same_nr_other_size_or_direction_is_enotty(handles, kind: str, name: str) -> None:
-    for number in _variants(getattr(lib, name)):
+    for number in _variants(F.IOCTLS[name]):
         assert ioctl(handles[kind], number, ffi.new("char[]", 4096)) == -errno.ENOTTY, hex(number)
 
 
@@ -127,15 +132,15 @@ def test_unassigned_nrs_are_enotty(handles, nr: int) -> None:
 
 def test_root_hvcall_on_dev_is_enotty_before_6_19(dev: int) -> None:
     # The self-targeted /dev/mshv hypercall only exists from 6.19; we mirror 6.15-6.18.
-    assert ioctl(dev, lib.MSHV_ROOT_HVCALL, ffi.new("char[]", 64)) == -errno.ENOTTY
+    assert ioctl(dev, F.MSHV_ROOT_HVCALL, ffi.new("char[]", 64)) == -errno.ENOTTY
 
 
 def test_only_the_low_32_bits_of_the_request_count(handles) -> None:
     # ioctl(2) takes an unsigned int command: bits above 31 never reach the driver.
     h = get_property(handles["partition"], 0x00050017)
     assert h.rc == 0
-    arg = ffi.new("struct mshv_create_vp *", {"vp_index": 1})
-    fd = ioctl(handles["partition"], lib.MSHV_CREATE_VP | (0xDEAD << 32), arg)
+    arg = buf(struct.pack("<I", 1))  # mshv_create_vp, §3.1
+    fd = ioctl(handles["partition"], F.MSHV_CREATE_VP | (0xDEAD << 32), arg)
     assert fd >= 0
     close(fd)
 
@@ -187,10 +192,10 @@ def test_vp_fd_keeps_the_partition_alive(dev: int) -> None:
     vp = create_vp(pt, 0)
     assert close(pt) == 0
     # The VP still works: it holds a partition reference, as in the kernel.
-    arg = ffi.new("struct mshv_get_set_vp_state *", {"type": lib.MSHV_VP_STATE_SYNTHETIC_TIMERS, "buf_sz": 4096})
     page = ffi.new("char[]", 8192)
-    arg.buf_ptr = (int(ffi.cast("uintptr_t", page)) + 4095) & ~4095
-    assert ioctl(vp, lib.MSHV_GET_VP_STATE, arg) == 0
+    aligned = (int(ffi.cast("uintptr_t", page)) + 4095) & ~4095
+    arg = buf(struct.pack("<B3sIQ", F.VP_STATE_SYNTHETIC_TIMERS, bytes(3), 4096, aligned))  # §3.1, §4.11
+    assert ioctl(vp, F.MSHV_GET_VP_STATE, arg) == 0
     assert close(vp) == 0
 
 
@@ -219,9 +224,9 @@ def test_many_partitions_come_and_go(dev: int) -> None:
 
 def test_ioctl_argument_pointer_is_user_memory(dev: int) -> None:
     # A NULL or wild argument pointer is EFAULT, never a crash.
-    assert ioctl(dev, lib.MSHV_CREATE_PARTITION, None) == -errno.EFAULT
-    assert ioctl(dev, lib.MSHV_CREATE_PARTITION, 8) == -errno.EFAULT
-    assert ioctl(dev, lib.MSHV_CREATE_PARTITION, 0xFFFF_8000_0000_0000) == -errno.EFAULT
-    fd = ioctl(dev, lib.MSHV_CREATE_PARTITION, buf(struct.pack("<QQ", 7, 0)))
+    assert ioctl(dev, F.MSHV_CREATE_PARTITION, None) == -errno.EFAULT
+    assert ioctl(dev, F.MSHV_CREATE_PARTITION, 8) == -errno.EFAULT
+    assert ioctl(dev, F.MSHV_CREATE_PARTITION, 0xFFFF_8000_0000_0000) == -errno.EFAULT
+    fd = ioctl(dev, F.MSHV_CREATE_PARTITION, buf(struct.pack("<QQ", 7, 0)))
     assert fd >= 0
     close(fd)

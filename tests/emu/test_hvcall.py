@@ -1,5 +1,11 @@
-"""MSHV_ROOT_HVCALL (§5.9): the ioctl's own checks, HV_STATUS -> errno (§7), and the
-hypercalls the emulated hypervisor answers (properties, registers, interrupts)."""
+"""MSHV_ROOT_HVCALL: the ioctl's own checks, HV_STATUS -> errno, and the hypercalls the emulated
+hypervisor answers (properties, registers, interrupts).
+
+Expected values: docs/ABI.md §4.9 (checks in order, allow-list, write-back), §5 (status codes and
+their errno), §6 (input layouts, property codes, interrupt types, translate results), §8 (register
+names and formats) and, for what only the hypervisor decides, §9.5 (the emulated hypervisor's
+answers). Register reset values are the x86 reset state.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,9 @@ import errno
 import struct
 
 import pytest
-from mshv_libvirt._mshv import ffi, lib
+from mshv_libvirt._mshv import ffi
+
+from tests.abi import facts as F
 
 from .emutil import (
     KERNEL_ADDR,
@@ -25,6 +33,7 @@ from .emutil import (
     get_regs_raw,
     get_seg,
     hvcall,
+    hvcall_result,
     hvcall_struct,
     initialize,
     ioctl,
@@ -33,15 +42,18 @@ from .emutil import (
     unmapped_addr,
 )
 
-GET_PROP = 0x44
+GET_PROP = 0x44  # §4.9 / §6.1
 SET_PROP = 0x45
-ALLOWED = [0x44, 0x45, 0x4D, 0x50, 0x51, 0x52, 0x56, 0x91, 0x94, 0xC0, 0xC1, 0xC9, 0xF4]
+ALLOWED = list(F.ALLOW_LIST_6_15)
+REG = F.REG  # §8.2
+# §6.4 property codes
 PROP_MSR_ACTION = 0x00050017
 PROP_TIME_FREEZE = 0x00030003
 PROP_SYNTH_FEATURES = 0x00010001
 PROP_MAX_XSAVE = 0x00060008
 PROP_PHYS_BITS = 0x00060006
 
+# §5 status codes
 HV_STATUS_INVALID_HYPERCALL_INPUT = 3
 HV_STATUS_INVALID_PARAMETER = 5
 HV_STATUS_ACCESS_DENIED = 6
@@ -60,7 +72,7 @@ def raw(fd: int, **fields) -> int:
     out = ffi.new("char[]", PAGE)
     args = {"code": GET_PROP, "in_sz": 16, "out_sz": 8, "in_ptr": addr_of(inp), "out_ptr": addr_of(out)}
     args.update(fields)
-    return ioctl(fd, lib.MSHV_ROOT_HVCALL, buf(hvcall_struct(**args)))
+    return ioctl(fd, F.MSHV_ROOT_HVCALL, buf(hvcall_struct(**args)))
 
 
 # ---- the ioctl's own checks, in order ------------------------------------------------------
@@ -157,8 +169,8 @@ def test_unreadable_input(pt: int, where: str) -> None:
 
 
 def test_unreadable_struct(pt: int) -> None:
-    assert ioctl(pt, lib.MSHV_ROOT_HVCALL, unmapped_addr()) == -errno.EFAULT
-    assert ioctl(pt, lib.MSHV_ROOT_HVCALL, None) == -errno.EFAULT
+    assert ioctl(pt, F.MSHV_ROOT_HVCALL, unmapped_addr()) == -errno.EFAULT
+    assert ioctl(pt, F.MSHV_ROOT_HVCALL, None) == -errno.EFAULT
 
 
 def test_struct_not_writable(pt: int) -> None:
@@ -171,27 +183,24 @@ def test_struct_not_writable(pt: int) -> None:
         from .emutil import protect
 
         protect(mem.addr, PAGE, 1)
-        assert ioctl(pt, lib.MSHV_ROOT_HVCALL, mem.addr) == -errno.EFAULT
+        assert ioctl(pt, F.MSHV_ROOT_HVCALL, mem.addr) == -errno.EFAULT
     finally:
         mem.close()
 
 
 def test_unwritable_output(pt: int) -> None:
     inp = buf(struct.pack("<QII", 0, PROP_MSR_ACTION, 0))
-    arg = ffi.new(
-        "struct mshv_root_hvcall *",
-        {"code": GET_PROP, "in_sz": 16, "out_sz": 8, "in_ptr": addr_of(inp), "out_ptr": unmapped_addr()},
-    )
-    assert ioctl(pt, lib.MSHV_ROOT_HVCALL, arg) == -errno.EFAULT
-    assert arg.status == 0  # the struct was still written back first
+    arg = buf(hvcall_struct(GET_PROP, in_sz=16, out_sz=8, in_ptr=addr_of(inp), out_ptr=unmapped_addr()))
+    assert ioctl(pt, F.MSHV_ROOT_HVCALL, arg) == -errno.EFAULT
+    assert hvcall_result(arg)[0] == 0  # the struct was still written back first
 
 
 def test_input_beyond_in_sz_reads_as_zero(pt: int) -> None:
     # in_sz = 8: only the partition id is copied; property code 0 is unknown.
     inp = buf(struct.pack("<QII", 0, PROP_MSR_ACTION, 0))
-    arg = ffi.new("struct mshv_root_hvcall *", {"code": GET_PROP, "in_sz": 8, "in_ptr": addr_of(inp)})
-    assert ioctl(pt, lib.MSHV_ROOT_HVCALL, arg) == -errno.EIO
-    assert arg.status == HV_STATUS_UNKNOWN_PROPERTY
+    arg = buf(hvcall_struct(GET_PROP, in_sz=8, in_ptr=addr_of(inp)))
+    assert ioctl(pt, F.MSHV_ROOT_HVCALL, arg) == -errno.EIO
+    assert hvcall_result(arg)[0] == HV_STATUS_UNKNOWN_PROPERTY
 
 
 def test_callers_input_is_not_modified(pt: int) -> None:
@@ -199,11 +208,8 @@ def test_callers_input_is_not_modified(pt: int) -> None:
     data = struct.pack("<QII", 0xDEADBEEF, PROP_MSR_ACTION, 0)
     inp = buf(data)
     out = ffi.new("char[]", 8)
-    arg = ffi.new(
-        "struct mshv_root_hvcall *",
-        {"code": GET_PROP, "in_sz": 16, "out_sz": 8, "in_ptr": addr_of(inp), "out_ptr": addr_of(out)},
-    )
-    assert ioctl(pt, lib.MSHV_ROOT_HVCALL, arg) == 0
+    arg = buf(hvcall_struct(GET_PROP, in_sz=16, out_sz=8, in_ptr=addr_of(inp), out_ptr=addr_of(out)))
+    assert ioctl(pt, F.MSHV_ROOT_HVCALL, arg) == 0
     assert bytes(ffi.buffer(inp, 16)) == data
 
 
@@ -259,7 +265,7 @@ def test_property_values(pt: int) -> None:
 
 
 def test_register_calls_name_a_vp(ipt: int) -> None:
-    h = get_regs_raw(ipt, 5, [lib.HV_X64_REGISTER_RAX])
+    h = get_regs_raw(ipt, 5, [REG["rax"]])
     assert (h.rc, h.status, h.reps) == (-errno.EINVAL, HV_STATUS_INVALID_VP_INDEX, 0)
 
 
@@ -268,8 +274,8 @@ def test_register_calls_without_kvm_are_enodev(nokvm: None, dev: int) -> None:
     assert initialize(pt) == 0
     vp = create_vp(pt, 0)
     try:
-        assert get_regs_raw(vp, 0, [lib.HV_X64_REGISTER_RAX]).rc == -errno.ENODEV
-        assert set_regs(vp, 0, {lib.HV_X64_REGISTER_RAX: 1}).rc == -errno.ENODEV
+        assert get_regs_raw(vp, 0, [REG["rax"]]).rc == -errno.ENODEV
+        assert set_regs(vp, 0, {REG["rax"]: 1}).rc == -errno.ENODEV
         h = hvcall(pt, 0x94, struct.pack("<QQQIBBH", 0, 0, 0, 0x30, 0, 0, 0))
         assert h.rc == -errno.ENODEV
     finally:
@@ -279,52 +285,48 @@ def test_register_calls_without_kvm_are_enodev(nokvm: None, dev: int) -> None:
 
 # ---- registers (KVM) ------------------------------------------------------------------------
 
-R = lib
-
 
 @pytest.mark.usefixtures("kvm")
 class TestRegisters:
     def test_gprs_round_trip(self, vp: int) -> None:
-        names = [R.HV_X64_REGISTER_RAX + i for i in range(16)]
+        names = [REG["rax"] + i for i in range(16)]
         values = {n: 0x1111111111111111 * (i + 1) & (2**64 - 1) for i, n in enumerate(names)}
         h = set_regs(vp, 0, values)
         assert (h.rc, h.status, h.reps) == (0, 0, 16)
         assert get_regs(vp, 0, names) == [values[n] for n in names]
 
     def test_rip_rflags(self, vp: int) -> None:
-        assert set_regs(vp, 0, {R.HV_X64_REGISTER_RIP: 0x1234, R.HV_X64_REGISTER_RFLAGS: 0x202}).rc == 0
-        assert get_regs(vp, 0, [R.HV_X64_REGISTER_RIP, R.HV_X64_REGISTER_RFLAGS]) == [0x1234, 0x202]
+        assert set_regs(vp, 0, {REG["rip"]: 0x1234, REG["rflags"]: 0x202}).rc == 0
+        assert get_regs(vp, 0, [REG["rip"], REG["rflags"]]) == [0x1234, 0x202]
 
     def test_segments_and_tables(self, vp: int) -> None:
         code = Seg(0, 0xFFFFFFFF, 0x08, 0xA09B)
         data = Seg(0, 0xFFFFFFFF, 0x10, 0xC093)
         regs = {
-            R.HV_X64_REGISTER_CR0: 0x80050033,
-            R.HV_X64_REGISTER_CR3: 0x1000,
-            R.HV_X64_REGISTER_CR4: 0x20,
-            R.HV_X64_REGISTER_EFER: 0x500,
-            R.HV_X64_REGISTER_CS: code,
-            R.HV_X64_REGISTER_DS: data,
-            R.HV_X64_REGISTER_SS: data,
-            R.HV_X64_REGISTER_GDTR: Table(0x500, 23),
-            R.HV_X64_REGISTER_IDTR: Table(0x5000, 0xFFF),
+            REG["cr0"]: 0x80050033,
+            REG["cr3"]: 0x1000,
+            REG["cr4"]: 0x20,
+            REG["efer"]: 0x500,
+            REG["cs"]: code,
+            REG["ds"]: data,
+            REG["ss"]: data,
+            REG["gdtr"]: Table(0x500, 23),
+            REG["idtr"]: Table(0x5000, 0xFFF),
         }
         h = set_regs(vp, 0, regs)
         assert (h.rc, h.status) == (0, 0)
-        assert get_seg(vp, 0, R.HV_X64_REGISTER_CS) == code
-        assert get_seg(vp, 0, R.HV_X64_REGISTER_SS) == data
-        cr0, cr3, cr4, efer = get_regs(
-            vp, 0, [R.HV_X64_REGISTER_CR0, R.HV_X64_REGISTER_CR3, R.HV_X64_REGISTER_CR4, R.HV_X64_REGISTER_EFER]
-        )
+        assert get_seg(vp, 0, REG["cs"]) == code
+        assert get_seg(vp, 0, REG["ss"]) == data
+        cr0, cr3, cr4, efer = get_regs(vp, 0, [REG["cr0"], REG["cr3"], REG["cr4"], REG["efer"]])
         assert (cr0 & 0x80000001, cr3, cr4 & 0x20, efer & 0x500) == (0x80000001, 0x1000, 0x20, 0x500)
-        raw = get_regs_raw(vp, 0, [R.HV_X64_REGISTER_GDTR, R.HV_X64_REGISTER_IDTR]).out
+        raw = get_regs_raw(vp, 0, [REG["gdtr"], REG["idtr"]]).out
         assert struct.unpack_from("<HHHHQ", raw, 0)[3:] == (23, 0x500)
         assert struct.unpack_from("<HHHHQ", raw, 16)[3:] == (0xFFF, 0x5000)
 
     def test_reset_state_is_real_mode(self, vp: int) -> None:
-        cs = get_seg(vp, 0, R.HV_X64_REGISTER_CS)
+        cs = get_seg(vp, 0, REG["cs"])
         assert (cs.selector, cs.base, cs.attributes & 0x80) == (0xF000, 0xFFFF0000, 0x80)
-        assert get_regs(vp, 0, [R.HV_X64_REGISTER_RIP]) == [0xFFF0]
+        assert get_regs(vp, 0, [REG["rip"]]) == [0xFFF0]
 
     @pytest.mark.parametrize(
         "name,value",
@@ -361,30 +363,30 @@ class TestRegisters:
         assert b >= a
 
     def test_xfem(self, vp: int) -> None:
-        assert set_regs(vp, 0, {R.HV_X64_REGISTER_CR4: 0x40000 | 0x20}).status == 0  # OSXSAVE
-        assert set_regs(vp, 0, {R.HV_X64_REGISTER_XFEM: 3}).status == 0
-        assert get_regs(vp, 0, [R.HV_X64_REGISTER_XFEM]) == [3]
+        assert set_regs(vp, 0, {REG["cr4"]: 0x40000 | 0x20}).status == 0  # OSXSAVE
+        assert set_regs(vp, 0, {REG["xfem"]: 3}).status == 0
+        assert get_regs(vp, 0, [REG["xfem"]]) == [3]
 
     def test_vp_index_is_read_only(self, ipt: int) -> None:
         fd = create_vp(ipt, 7)
         try:
-            assert get_regs(fd, 7, [R.HV_REGISTER_VP_INDEX]) == [7]
-            h = set_regs(fd, 7, {R.HV_REGISTER_VP_INDEX: 1})
+            assert get_regs(fd, 7, [REG["vp_index"]]) == [7]
+            h = set_regs(fd, 7, {REG["vp_index"]: 1})
             assert (h.rc, h.status) == (-errno.EINVAL, HV_STATUS_INVALID_PARAMETER)
         finally:
             close(fd)
 
     def test_unknown_register_stops_the_batch(self, vp: int) -> None:
-        h = get_regs_raw(vp, 0, [R.HV_X64_REGISTER_RAX, R.HV_X64_REGISTER_RBX, 0x00F00000, R.HV_X64_REGISTER_RCX])
+        h = get_regs_raw(vp, 0, [REG["rax"], REG["rbx"], 0x00F00000, REG["rcx"]])
         assert (h.rc, h.status, h.reps) == (-errno.EINVAL, HV_STATUS_INVALID_PARAMETER, 2)
-        h = set_regs(vp, 0, {R.HV_X64_REGISTER_RAX: 5, 0x00F00000: 1, R.HV_X64_REGISTER_RBX: 6})
+        h = set_regs(vp, 0, {REG["rax"]: 5, 0x00F00000: 1, REG["rbx"]: 6})
         assert (h.rc, h.status, h.reps) == (-errno.EINVAL, HV_STATUS_INVALID_PARAMETER, 1)
         # elements before the bad one were applied, as with the hypervisor
-        assert get_regs(vp, 0, [R.HV_X64_REGISTER_RAX]) == [5]
+        assert get_regs(vp, 0, [REG["rax"]]) == [5]
 
     def test_partial_output_is_copied_back(self, vp: int) -> None:
-        set_regs(vp, 0, {R.HV_X64_REGISTER_RAX: 0xAB})
-        h = get_regs_raw(vp, 0, [R.HV_X64_REGISTER_RAX, 0x00F00000])
+        set_regs(vp, 0, {REG["rax"]: 0xAB})
+        h = get_regs_raw(vp, 0, [REG["rax"], 0x00F00000])
         assert h.status == HV_STATUS_INVALID_PARAMETER
         assert h.out[:8] == struct.pack("<Q", 0xAB)
 
@@ -392,9 +394,9 @@ class TestRegisters:
         # vp_index inside the input is trusted by the kernel: a VP fd can address its siblings.
         a, b = create_vp(ipt, 0), create_vp(ipt, 1)
         try:
-            assert set_regs(a, 1, {R.HV_X64_REGISTER_RBX: 42}).status == 0
-            assert get_regs(b, 1, [R.HV_X64_REGISTER_RBX]) == [42]
-            assert get_regs(ipt, 1, [R.HV_X64_REGISTER_RBX]) == [42]
+            assert set_regs(a, 1, {REG["rbx"]: 42}).status == 0
+            assert get_regs(b, 1, [REG["rbx"]]) == [42]
+            assert get_regs(ipt, 1, [REG["rbx"]]) == [42]
         finally:
             close(a)
             close(b)
@@ -410,22 +412,22 @@ class TestRegisters:
         ],
     )
     def test_register_call_header(self, vp: int, vtl: int, z8: int, z16: int, status: int) -> None:
-        data = struct.pack("<QIBBH", 0, 0, vtl, z8, z16) + struct.pack("<I", R.HV_X64_REGISTER_RAX)
+        data = struct.pack("<QIBBH", 0, 0, vtl, z8, z16) + struct.pack("<I", REG["rax"])
         assert hvcall(vp, 0x50, data, 16, 1).status == status
 
     def test_rep_list_must_fit_the_page(self, vp: int) -> None:
-        data = struct.pack("<QIBBH", 0, 0, 0, 0, 0) + struct.pack("<I", R.HV_X64_REGISTER_RAX)
+        data = struct.pack("<QIBBH", 0, 0, 0, 0, 0) + struct.pack("<I", REG["rax"])
         h = hvcall(vp, 0x50, data, 16, reps=1021)  # 16 + 4 * 1021 > 4096
         assert (h.rc, h.status) == (-errno.EINVAL, HV_STATUS_INVALID_HYPERCALL_INPUT)
 
     def test_256_registers_in_one_call(self, vp: int) -> None:
-        names = [R.HV_X64_REGISTER_RAX + (i % 18) for i in range(256)]
+        names = [REG["rax"] + (i % 18) for i in range(256)]
         h = get_regs_raw(vp, 0, names)
         assert (h.rc, h.status, h.reps) == (0, 0, 256)
 
     def test_invalid_control_register_value(self, vp: int) -> None:
         # CR0.PG without PE is refused by KVM_SET_SREGS as the hypervisor refuses it.
-        h = set_regs(vp, 0, {R.HV_X64_REGISTER_CR0: 0x80000000})
+        h = set_regs(vp, 0, {REG["cr0"]: 0x80000000})
         assert (h.rc, h.status) == (-errno.EINVAL, 0x50)
 
     def test_cpuid_values(self, vp: int) -> None:

@@ -1,8 +1,9 @@
 """MSHV_CREATE_PARTITION as each upstream kernel generation answers it.
 
 The emulated device reproduces the generation named by MSHV_LIBVIRT_EMU_KERNEL when a /dev/mshv
-handle is opened (default: the newest). Facts, checked against upstream (shared/reference/mshv-abi.md
-§5.1; 7.0.2's include/uapi/linux/mshv.h and the patches that added bits 4 and 5):
+handle is opened (default: the newest). Expected values: docs/ABI.md §4.1 (upstream, with the patches
+named in §1) and §9.2 (how the emulator selects and reports a generation), §9.5 for the nested-
+virtualization refusal and §9.7 for the debug trace:
 
     6.15-6.18  pt_flags & ~0x7 -> EINVAL; 16 bytes copied
     6.19       pt_flags & ~0xF -> EINVAL; bit 3 (CPU_AND_XSAVE_FEATURES): 64 bytes copied and checked
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from mshv_libvirt._mshv import ffi, lib
 
+from tests.abi import facts as F
 from tests.support.hostcpu import CPUID1_ECX_VMX, CPUID80000001_ECX_SVM, kvm_can_nest
 
 from .emutil import EMU_MODE, PAGE, buf, close, create_partition, ioctl, open_dev, tail_of_page, unmap
@@ -118,11 +120,11 @@ def test_every_known_combination(at: Opener, nokvm: None, spec: str) -> None:
 
 def test_6_15_has_no_v2_layout(at: Opener) -> None:
     dev = at("6.18")
-    assert ioctl(dev, lib.MSHV_CREATE_PARTITION, buf(v2(0x7))) == -errno.EINVAL
+    assert ioctl(dev, F.MSHV_CREATE_PARTITION, buf(v2(0x7))) == -errno.EINVAL
     # ... and decides from the 16-byte struct alone: nothing past it is read (no EFAULT).
     addr, base = tail_of_page(struct.pack("<QQ", 0x7 | V2, 0))
     try:
-        assert ioctl(dev, lib.MSHV_CREATE_PARTITION, addr) == -errno.EINVAL
+        assert ioctl(dev, F.MSHV_CREATE_PARTITION, addr) == -errno.EINVAL
     finally:
         unmap(base, PAGE)
 
@@ -130,13 +132,13 @@ def test_6_15_has_no_v2_layout(at: Opener) -> None:
 @pytest.mark.parametrize("spec", ["6.19", "7.0"])
 def test_v2_layout_from_6_19(at: Opener, spec: str) -> None:
     dev = at(spec)
-    fd = ioctl(dev, lib.MSHV_CREATE_PARTITION, buf(v2(0x7)))
+    fd = ioctl(dev, F.MSHV_CREATE_PARTITION, buf(v2(0x7)))
     assert fd >= 0
     close(fd)
-    assert ioctl(dev, lib.MSHV_CREATE_PARTITION, buf(v2(0x7, nbanks=1))) == -errno.EINVAL
+    assert ioctl(dev, F.MSHV_CREATE_PARTITION, buf(v2(0x7, nbanks=1))) == -errno.EINVAL
     addr, base = tail_of_page(struct.pack("<QQ", 0x7 | V2, 0))
     try:
-        assert ioctl(dev, lib.MSHV_CREATE_PARTITION, addr) == -errno.EFAULT  # 64 bytes are copied
+        assert ioctl(dev, F.MSHV_CREATE_PARTITION, addr) == -errno.EFAULT  # 64 bytes are copied
     finally:
         unmap(base, PAGE)
 
@@ -144,8 +146,8 @@ def test_v2_layout_from_6_19(at: Opener, spec: str) -> None:
 def test_new_bits_in_the_v2_layout(at: Opener, nokvm: None) -> None:
     old, new = at("6.19"), at("7.0")
     for bits in (NESTED, SMT, NESTED | SMT):
-        assert ioctl(old, lib.MSHV_CREATE_PARTITION, buf(v2(0x7 | bits))) == -errno.EINVAL
-        fd = ioctl(new, lib.MSHV_CREATE_PARTITION, buf(v2(0x7 | bits)))
+        assert ioctl(old, F.MSHV_CREATE_PARTITION, buf(v2(0x7 | bits))) == -errno.EINVAL
+        fd = ioctl(new, F.MSHV_CREATE_PARTITION, buf(v2(0x7 | bits)))
         assert fd >= 0
         close(fd)
 
@@ -199,7 +201,7 @@ def guest_cpuid_ecx(g: Guest, leaf: int) -> int:
     g.load(CODE, code)
     g.long_mode()
     msg = g.run()
-    assert msg.type == lib.HVMSG_X64_IO_PORT_INTERCEPT
+    assert msg.type == F.HVMSG_X64_IO_PORT_INTERCEPT
     return int(msg.io.rax) & 0xFFFFFFFF
 
 

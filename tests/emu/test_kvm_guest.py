@@ -3,6 +3,11 @@
 The crucial rule: after an I/O or MMIO intercept the VP is left AT the instruction with its
 registers untouched, whatever convention the host's KVM uses (on kvm-pvm hosts OUT and MMIO
 writes arrive with RIP already advanced); the VMM completes the instruction itself.
+
+Expected values: message types, payload sizes and field offsets from docs/ABI.md §7 (decoded in
+guest.py), register names §8.2, hypercall inputs §6.1-6.3, the KVM translation and the emulated
+hypervisor's answers §9.4-9.5; the kvm-pvm RIP convention is the host fact measured in
+docs/DESIGN.md ("Host facts"). Instruction lengths and encodings are the x86 ones.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from collections.abc import Iterator
 
 import pytest
 from mshv_libvirt._mshv import ffi, lib
+
+from tests.abi import facts as F
 
 from .emutil import (
     PAGE,
@@ -47,6 +54,7 @@ from .guest import (
     OUT_DX_AL,
     OUT_DX_AX,
     OUT_DX_EAX,
+    REG,
     STI,
     UD2,
     Guest,
@@ -61,9 +69,9 @@ from .guest import (
 
 pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("kvm")]
 
-IO = lib.HVMSG_X64_IO_PORT_INTERCEPT
-UNMAPPED = lib.HVMSG_UNMAPPED_GPA
-READ, WRITE = 0, 1
+IO = F.HVMSG_X64_IO_PORT_INTERCEPT
+UNMAPPED = F.HVMSG_UNMAPPED_GPA
+READ, WRITE = F.READ, F.WRITE  # §7.3 access type
 
 
 @pytest.fixture
@@ -74,7 +82,7 @@ def guest() -> Iterator[Guest]:
 
 
 def rip_of(g: Guest, index: int = 0) -> int:
-    return g.regs(index, lib.HV_X64_REGISTER_RIP)[0]
+    return g.regs(index, REG["rip"])[0]
 
 
 def expect_io(msg: Msg, port: int, access: int, size: int, rip: int, length: int) -> None:
@@ -98,7 +106,7 @@ def test_out_intercept_fields(guest: Guest) -> None:
     expect_io(msg, 0x3F8, WRITE, 1, out_at, 1)
     io = msg.io
     assert int(io.rax) == 0x1122334455667741
-    assert msg.bytes_(io.instruction_bytes, 3) == OUT_DX_AL + CLI + HLT
+    assert io.instruction_bytes[:3] == OUT_DX_AL + CLI + HLT
     hdr = io.header
     assert int(hdr.vp_index) == 0
     assert int(hdr.cs_segment.selector) == 0x08 and int(hdr.cs_segment.attributes) == 0xA09B
@@ -116,7 +124,7 @@ def test_intercept_repeats_until_the_vmm_completes_it(guest: Guest) -> None:
     second = guest.run()  # not completed: the VP executes the same OUT again
     assert int(first.header.rip) == int(second.header.rip) == CODE + 4
     guest.complete(second)
-    assert guest.run().type == lib.HVMSG_X64_HALT
+    assert guest.run().type == F.HVMSG_X64_HALT
 
 
 def test_out_then_continue(guest: Guest) -> None:
@@ -133,7 +141,7 @@ def test_out_then_continue(guest: Guest) -> None:
         seen += bytes([int(msg.io.rax) & 0xFF])
         guest.complete(msg)
     assert seen == b"hi!"
-    assert msg.type == lib.HVMSG_X64_HALT
+    assert msg.type == F.HVMSG_X64_HALT
 
 
 @pytest.mark.parametrize(
@@ -173,7 +181,7 @@ def test_in_with_rax_completion(guest: Guest) -> None:
     in_at = CODE + 5 + 4 + 5
     expect_io(msg, 0x3FD, READ, 1, in_at, 1)
     assert int(msg.io.rax) == 0x11223344
-    assert guest.regs(0, lib.HV_X64_REGISTER_RAX, lib.HV_X64_REGISTER_RIP) == [0x11223344, in_at]
+    assert guest.regs(0, REG["rax"], REG["rip"]) == [0x11223344, in_at]
     guest.complete(msg, rax=0x112233AB)  # IN AL merges into RAX
     msg = guest.run()
     expect_io(msg, 0x3F9, WRITE, 1, in_at + 1 + 2 + 4, 1)
@@ -203,7 +211,7 @@ def test_string_out_is_reported_as_such(guest: Guest) -> None:
     assert msg.type == IO and int(io.access_info) == 1 | 1 << 3 | 1 << 4  # size 1, string, rep
     assert int(io.header.rip) == CODE + 14 and msg.length == 2
     assert (int(io.rsi), int(io.rcx)) == (DATA, 3)
-    assert guest.regs(0, lib.HV_X64_REGISTER_RIP, lib.HV_X64_REGISTER_RSI, lib.HV_X64_REGISTER_RCX) == [
+    assert guest.regs(0, REG["rip"], REG["rsi"], REG["rcx"]) == [
         CODE + 14,
         DATA,
         3,
@@ -219,7 +227,7 @@ def expect_mmio(msg: Msg, gpa: int, access: int, rip: int, length: int, insn: by
     assert (int(mem.guest_physical_address), int(mem.header.intercept_access_type)) == (gpa, access)
     assert (int(mem.header.rip), msg.length) == (rip, length)
     assert int(mem.instruction_byte_count) == 16
-    assert msg.bytes_(mem.instruction_bytes, len(insn)) == insn
+    assert mem.instruction_bytes[: len(insn)] == insn
 
 
 @pytest.mark.parametrize(
@@ -244,21 +252,21 @@ def test_mmio_write(guest: Guest, insn: bytes, gpa: int) -> None:
     msg = guest.run()
     at = CODE + len(prologue)
     expect_mmio(msg, gpa, WRITE, at, len(insn), insn)
-    assert guest.regs(0, lib.HV_X64_REGISTER_RIP, lib.HV_X64_REGISTER_RAX) == [at, MMIO]
+    assert guest.regs(0, REG["rip"], REG["rax"]) == [at, MMIO]
     mem = msg.mem
     assert int(mem.memory_access_info) & 3 == 3  # gva_valid, gva_gpa_valid
     assert int(mem.guest_virtual_address) == gpa
     guest.complete(msg)
-    assert guest.run().type == lib.HVMSG_X64_HALT
+    assert guest.run().type == F.HVMSG_X64_HALT
 
 
 @pytest.mark.parametrize(
     "insn,dest,value",
     [
-        (b"\x8b\x0b", lib.HV_X64_REGISTER_RCX, 0x55667788),  # mov ecx, [rbx]
-        (b"\x8a\x0b", lib.HV_X64_REGISTER_RCX, 0x77),  # mov cl, [rbx]
-        (b"\x48\x8b\x53\x08", lib.HV_X64_REGISTER_RDX, 2**63 + 5),  # mov rdx, [rbx+8]
-        (b"\x0f\xb7\x33", lib.HV_X64_REGISTER_RSI, 0xBEEF),  # movzx esi, word [rbx]
+        (b"\x8b\x0b", REG["rcx"], 0x55667788),  # mov ecx, [rbx]
+        (b"\x8a\x0b", REG["rcx"], 0x77),  # mov cl, [rbx]
+        (b"\x48\x8b\x53\x08", REG["rdx"], 2**63 + 5),  # mov rdx, [rbx+8]
+        (b"\x0f\xb7\x33", REG["rsi"], 0xBEEF),  # movzx esi, word [rbx]
     ],
 )
 def test_mmio_read_with_destination_completion(guest: Guest, insn: bytes, dest: int, value: int) -> None:
@@ -270,16 +278,16 @@ def test_mmio_read_with_destination_completion(guest: Guest, insn: bytes, dest: 
     at = CODE + len(prologue)
     gpa = MMIO + (8 if insn[-1] == 0x08 else 0)
     expect_mmio(msg, gpa, READ, at, len(insn), insn)
-    assert guest.regs(0, lib.HV_X64_REGISTER_RIP, dest) == [at, before]  # destination untouched
-    h = guest.regs(0, lib.HV_X64_REGISTER_RIP)
+    assert guest.regs(0, REG["rip"], dest) == [at, before]  # destination untouched
+    h = guest.regs(0, REG["rip"])
     assert h == [at]
     guest.complete(msg, **{_name(dest): value})
-    assert guest.run().type == lib.HVMSG_X64_HALT
+    assert guest.run().type == F.HVMSG_X64_HALT
     assert guest.regs(0, dest) == [value]
 
 
 def _name(reg: int) -> str:
-    return {lib.HV_X64_REGISTER_RCX: "rcx", lib.HV_X64_REGISTER_RDX: "rdx", lib.HV_X64_REGISTER_RSI: "rsi"}[reg]
+    return {REG["rcx"]: "rcx", REG["rdx"]: "rdx", REG["rsi"]: "rsi"}[reg]
 
 
 def test_mmio_write_then_read_then_use(guest: Guest) -> None:
@@ -315,11 +323,11 @@ def test_write_to_read_only_memory_is_a_gpa_intercept(guest: Guest) -> None:
         guest.load(CODE, code)
         guest.long_mode()
         msg = guest.run()
-        assert msg.type == lib.HVMSG_GPA_INTERCEPT
+        assert msg.type == F.HVMSG_GPA_INTERCEPT
         assert int(msg.mem.guest_physical_address) == 0x400000
         assert int(msg.mem.header.intercept_access_type) == WRITE
         assert int(msg.header.rip) == CODE + 7 and msg.length == 2
-        assert guest.regs(0, lib.HV_X64_REGISTER_RCX) == [0xC0DE]  # the read was RAM
+        assert guest.regs(0, REG["rcx"]) == [0xC0DE]  # the read was RAM
     finally:
         assert set_memory(guest.pt, PAGE, 0x400, rom.addr, flags=4) == 0
         rom.close()
@@ -346,7 +354,7 @@ def test_hlt_with_interrupts_off_is_a_halt_message(guest: Guest) -> None:
     guest.long_mode()
     t0 = time.monotonic()
     msg = guest.run()
-    assert msg.type == lib.HVMSG_X64_HALT and msg.payload_size == 40
+    assert msg.type == F.HVMSG_X64_HALT and msg.payload_size == 40
     assert int(msg.header.rip) == CODE + 4 and msg.length == 1
     assert not int(msg.header.rflags) & 0x200
     assert time.monotonic() - t0 < 5
@@ -357,7 +365,7 @@ def test_triple_fault_is_an_unrecoverable_exception(guest: Guest) -> None:
     guest.load(CODE, b"\x90" + UD2)
     guest.long_mode(idtr=Table(0, 0))
     msg = guest.run()
-    assert msg.type == lib.HVMSG_UNRECOVERABLE_EXCEPTION
+    assert msg.type == F.HVMSG_UNRECOVERABLE_EXCEPTION
     assert int(msg.header.rip) == CODE + 1
 
 
@@ -558,8 +566,8 @@ def test_level_triggered_eoi_is_an_apic_eoi_message(guest: Guest) -> None:
         assert irqfd(guest.pt, efd, 5, flags=2, resamplefd=rs) == 0
         run_until_io(guest, 0x642, lambda: os.write(efd, struct.pack("<Q", 1)))
         msg = guest.run()  # the handler's EOI write
-        assert msg.type == lib.HVMSG_X64_APIC_EOI and msg.payload_size == 8
-        eoi = msg.as_("struct hv_x64_apic_eoi_message")
+        assert msg.type == F.HVMSG_X64_APIC_EOI and msg.payload_size == 8
+        eoi = msg.eoi
         assert (int(eoi.vp_index), int(eoi.interrupt_vector)) == (0, 0x42)
         assert eventfd_count(rs) == 1  # the resampler heard about it
     finally:
@@ -577,7 +585,7 @@ def test_dirty_pages_are_tracked(guest: Guest) -> None:
         assert gpap(guest.pt, 1, 1, 512, 0, out.addr) == 0  # clear everything
         guest.load(CODE, mov_ebx(0x30000) + b"\x89\x03" + b"\x89\x83\x00\x20\x00\x00" + CLI + HLT)
         guest.long_mode()
-        assert guest.run().type == lib.HVMSG_X64_HALT
+        assert guest.run().type == F.HVMSG_X64_HALT
         assert gpap(guest.pt, 1, 0, 64, 0, out.addr) == 0
         bits = int.from_bytes(out.read(0, 8), "little")
         assert bits & (1 << 0x30) and bits & (1 << 0x32)  # the two pages written

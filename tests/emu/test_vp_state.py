@@ -1,4 +1,9 @@
-"""MSHV_GET/SET_VP_STATE (§5.11) and mmap of the VP fd (§5.12)."""
+"""MSHV_GET/SET_VP_STATE and mmap of the VP fd.
+
+Expected values: docs/ABI.md §4.11 (checks in order, required sizes written back, pinning), §4.12
+(mmap page offsets and errno), §3.3 (state types), §4.11's LAPIC field order and XSAVE legacy area;
+the emulator's own answers (no register page, sizes from KVM, state without KVM) are §9.4-9.6.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import struct
 
 import pytest
 from mshv_libvirt._mshv import ffi, lib
+
+from tests.abi import facts as F
 
 from .emutil import (
     KERNEL_ADDR,
@@ -26,14 +33,14 @@ from .emutil import (
     unmapped_addr,
 )
 
-LAPIC, XSAVE, SIMP, SIEFP, TIMERS = range(5)
+LAPIC, XSAVE, SIMP, SIEFP, TIMERS = range(5)  # §3.3
 GET, SET = "MSHV_GET_VP_STATE", "MSHV_SET_VP_STATE"
 
 
 def state(vp: int, which: str, kind: int, buf_sz: int, buf_ptr: int, rsvd: bytes = bytes(3)) -> tuple[int, int]:
     """(result, buf_sz as written back)."""
     arg = buf(struct.pack("<B3sIQ", kind, rsvd, buf_sz, buf_ptr))
-    r = ioctl(vp, getattr(lib, which), arg)
+    r = ioctl(vp, F.IOCTLS[which], arg)
     return r, struct.unpack_from("<I", bytes(ffi.buffer(arg, 16)), 4)[0]
 
 
@@ -45,7 +52,7 @@ def page():
 
 
 def xsave_size(fd: int) -> int:
-    return struct.unpack("<Q", get_property(fd, 0x00060008).out)[0]
+    return struct.unpack("<Q", get_property(fd, F.PROP_MAX_XSAVE_DATA_SIZE).out)[0]
 
 
 @pytest.mark.parametrize("which", [GET, SET])
@@ -89,7 +96,7 @@ def test_buf_outside_user_space(vp: int, which: str) -> None:
 
 @pytest.mark.parametrize("which", [GET, SET])
 def test_unreadable_arg(vp: int, which: str) -> None:
-    assert ioctl(vp, getattr(lib, which), unmapped_addr()) == -errno.EFAULT
+    assert ioctl(vp, F.IOCTLS[which], unmapped_addr()) == -errno.EFAULT
 
 
 @pytest.mark.parametrize("which", [GET, SET])

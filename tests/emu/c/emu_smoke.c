@@ -5,6 +5,10 @@
  * (only with /dev/kvm) runs a 64-bit guest through OUT, IN, an MMIO write and read and HLT,
  * completing each intercept the way a VMM does. Exit status 0 means every check passed; 77
  * means "no KVM, part 2 skipped".
+ *
+ * Expected values: errno and order from docs/ABI.md §4, messages §7, the emulator's choices §9. The
+ * names come from abi/include, so the numbers this file relies on are pinned below to the values of
+ * docs/ABI.md (§2.3, §3.2, §4.9, §7.2, §8.2) written out literally: a wrong header fails the build.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -19,6 +23,37 @@
 #include "mshv_uapi.h"
 
 int mshv_emu_kvm_available(void);
+
+#define PIN(name, value) _Static_assert((name) == (value), #name " is not docs/ABI.md's " #value)
+PIN(MSHV_CREATE_PARTITION, 0x4010B800u);
+PIN(MSHV_INITIALIZE_PARTITION, 0x0000B800u);
+PIN(MSHV_CREATE_VP, 0x4004B801u);
+PIN(MSHV_SET_GUEST_MEMORY, 0x4020B802u);
+PIN(MSHV_IOEVENTFD, 0x4020B804u);
+PIN(MSHV_ROOT_HVCALL, 0xC020B807u);
+PIN(MSHV_RUN_VP, 0x8100B800u);
+PIN(MSHV_IOEVENTFD_BIT_PIO, 1);
+PIN(MSHV_PT_BIT_SMT_ENABLED_GUEST, 5);
+PIN(HVCALL_GET_PARTITION_PROPERTY, 0x0044);
+PIN(HVCALL_GET_VP_REGISTERS, 0x0050);
+PIN(HVCALL_SET_VP_REGISTERS, 0x0051);
+PIN(HVMSG_UNMAPPED_GPA, 0x80000000u);
+PIN(HVMSG_X64_IO_PORT_INTERCEPT, 0x80010000u);
+PIN(HVMSG_X64_HALT, 0x80010007u);
+PIN(HV_X64_REGISTER_RAX, 0x00020000);
+PIN(HV_X64_REGISTER_RCX, 0x00020001);
+PIN(HV_X64_REGISTER_RSP, 0x00020004);
+PIN(HV_X64_REGISTER_RIP, 0x00020010);
+PIN(HV_X64_REGISTER_RFLAGS, 0x00020011);
+PIN(HV_X64_REGISTER_CR0, 0x00040000);
+PIN(HV_X64_REGISTER_CR3, 0x00040002);
+PIN(HV_X64_REGISTER_CR4, 0x00040003);
+PIN(HV_X64_REGISTER_ES, 0x00060000);
+PIN(HV_X64_REGISTER_CS, 0x00060001);
+PIN(HV_X64_REGISTER_SS, 0x00060002);
+PIN(HV_X64_REGISTER_DS, 0x00060003);
+PIN(HV_X64_REGISTER_GDTR, 0x00070001);
+PIN(HV_X64_REGISTER_EFER, 0x00080001);
 
 static int failures;
 
