@@ -1,6 +1,6 @@
 /* mshv-libvirt emulated /dev/mshv: handles, dispatch, lifetime, mmap.
  *
- * Reproduces the upstream mshv_root driver as recorded in shared/reference/mshv-abi.md:
+ * Reproduces the upstream mshv_root driver as recorded in docs/ABI.md:
  * 6.15-6.18 validation order and errno, with MSHV_CREATE_PARTITION as the kernel generation
  * that MSHV_LIBVIRT_EMU_KERNEL names at open (enum emu_gen). Where /dev/kvm exists a partition
  * is a KVM VM and guest code really runs (emu_kvm.c); otherwise everything still validates

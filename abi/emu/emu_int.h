@@ -10,7 +10,7 @@
  *
  * Kernel generation: MSHV_CREATE_PARTITION behaves as the one named by MSHV_LIBVIRT_EMU_KERNEL
  * when the /dev/mshv handle is opened (default: the newest), see enum emu_gen. Everything else
- * mirrors 6.15-6.18 (shared/reference/mshv-abi.md §5) in every generation: ROOT_HVCALL on
+ * mirrors 6.15-6.18 (docs/ABI.md §4) in every generation: ROOT_HVCALL on
  * /dev/mshv is ENOTTY; the 6.15 allow-list (no GET_PARTITION_PROPERTY_EX); the 6.15 endpoint
  * overlap test in GPA and user space; duplicate gsi 0 accepted; unmap miss is EINVAL.
  *

@@ -1,7 +1,7 @@
 /* mshv-libvirt emulated /dev/mshv: partition-fd ioctls.
  *
  * Each handler checks its arguments in the order of the upstream driver (mshv_root_main.c,
- * mshv_eventfd.c; shared/reference/mshv-abi.md §5.2-5.8): the first failing check decides
+ * mshv_eventfd.c; docs/ABI.md §4): the first failing check decides
  * the errno. What the hypervisor itself would refuse comes last, as an HV_STATUS mapped
  * through the kernel's hv_result_to_errno table.
  */

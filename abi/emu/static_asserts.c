@@ -1,4 +1,4 @@
-/* mshv-libvirt: compile-time pins of every ABI layout (shared/reference/mshv-abi.md §3, §9, §10).
+/* mshv-libvirt: compile-time pins of every ABI layout (docs/ABI.md §3, §6, §7).
  * A layout change here is an ABI break: this file fails to compile instead. */
 #include <stddef.h>
 

@@ -2,7 +2,7 @@
  * root-partition VMM exchanges through /dev/mshv on x86_64.
  *
  * The upstream kernel keeps these in kernel-internal headers, so userspace must bring
- * its own. Written from shared/reference/mshv-abi.md sections 6, 9 and 10. Bitfields
+ * its own. Written from docs/ABI.md sections 6 and 7. Bitfields
  * of the original definitions are flattened into whole integers (the accessors in
  * mshv_libvirt/hv/ decode them), which keeps the layout endian- and compiler-proof.
  * All structures are naturally aligned; abi/emu/static_asserts.c pins every size.

@@ -1,6 +1,6 @@
 /* mshv-libvirt: our own declarations of the Linux /dev/mshv userspace ABI.
  *
- * Written from the facts recorded in shared/reference/mshv-abi.md (Linux 6.15-6.18
+ * Written from the facts recorded in docs/ABI.md (Linux 6.15-6.18
  * layouts, the 6.19 v2 create-partition layout gated by a flag bit, and the two
  * create-partition bits of 7.0). Not copied from any header. Layout rules this project keeps:
  *   - fixed-width types only, no bitfields, no enums inside structs, no pointers

@@ -1,7 +1,7 @@
 """Raw ``struct hv_message`` buffers for tests without a hypervisor, parsed by the real
 ``HvMessage.from_bytes`` so the VMM sees exactly what ``VpFd.run()`` would hand it.
 
-Offsets from shared/reference/mshv-abi.md §9 (payload at byte 16; intercept header first).
+Offsets from docs/ABI.md §7 (payload at byte 16; intercept header first).
 """
 
 from __future__ import annotations
