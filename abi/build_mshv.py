@@ -16,6 +16,7 @@ import cffi
 HERE = Path(__file__).resolve().parent
 INCLUDE = HERE / "include"
 EMU = HERE / "emu"
+VMM = HERE / "vmm"
 HEADERS = ["mshv_uapi.h", "hv_defs.h"]
 
 _DEFINE = re.compile(r"^#define\s+(\w+)\s+(.*?)\s*$")
@@ -49,8 +50,32 @@ int mshv_emu_kernel(int fd);
 void *mshv_alloc_pages(size_t len);
 int mshv_free_pages(void *addr, size_t len);
 int mshv_install_kick_handler(int signo);
+int mshv_dev_use_fd(int kind, int fd);
+void mshv_emu_prestart(void);
 static const char *const mshv_libvirt_version;
 """
+
+# The VMM sandbox (abi/vmm/sandbox.c); its header is plain C declarations cffi parses as they are.
+SANDBOX_CDEF = "\n".join(
+    line for line in (VMM / "sandbox.h").read_text().splitlines() if line and not line.startswith(("#", "/*"))
+)
+SANDBOX_CDEF += "\n#define MSHV_SANDBOX_PROCESS 0\n#define MSHV_SANDBOX_VCPU 1\n#define MSHV_SANDBOX_HELPER 2\n"
+
+_UNISTD = ("/usr/include/x86_64-linux-gnu/asm/unistd_64.h", "/usr/include/asm/unistd_64.h")
+
+
+def syscall_names_source() -> str:
+    """The system call name table the SIGSYS handler reports with (index = number, from the kernel headers)."""
+    names: dict[int, str] = {}
+    for header in _UNISTD:
+        if Path(header).exists():
+            for m in re.finditer(r"^#define __NR_(\w+) (\d+)$", Path(header).read_text(), re.M):
+                names[int(m.group(2))] = m.group(1)
+            break
+    size = max(names, default=-1) + 1
+    body = ", ".join(f'[{nr}] = "{name}"' for nr, name in sorted(names.items()))
+    table = f"const char *const mshv_syscall_names[{max(size, 1)}] = {{{body}}};\n"
+    return table + f"const int mshv_syscall_names_len = {size};\n"
 
 
 def _version() -> str:
@@ -61,16 +86,17 @@ def _version() -> str:
 
 
 ffibuilder = cffi.FFI()
-ffibuilder.cdef("\n".join(cdef_from_header((INCLUDE / h).read_text()) for h in HEADERS) + SHIM_CDEF)
+ffibuilder.cdef("\n".join(cdef_from_header((INCLUDE / h).read_text()) for h in HEADERS) + SHIM_CDEF + SANDBOX_CDEF)
 
-_sources = [str(HERE / "shim.c"), *sorted(str(p) for p in EMU.glob("*.c"))]
+_sources = [str(HERE / "shim.c"), *sorted(str(p) for p in EMU.glob("*.c")), *sorted(str(p) for p in VMM.glob("*.c"))]
 ffibuilder.set_source(
     "mshv_libvirt._mshv",
     "\n".join(f'#include "{h}"' for h in HEADERS)
-    + '\n#include "emu.h"\n#include "shim.h"\n'
-    + f'static const char *const mshv_libvirt_version = "{_version()}";\n',
+    + '\n#include "emu.h"\n#include "shim.h"\n#include "sandbox.h"\n'
+    + f'static const char *const mshv_libvirt_version = "{_version()}";\n'
+    + syscall_names_source(),
     sources=[str(Path(s).relative_to(HERE.parent)) for s in _sources],
-    include_dirs=[str(INCLUDE.relative_to(HERE.parent)), str(EMU.relative_to(HERE.parent)), "abi"],
+    include_dirs=[str(d.relative_to(HERE.parent)) for d in (INCLUDE, EMU, VMM)] + ["abi"],
     extra_compile_args=["-O2", "-Wall", "-Werror=implicit-function-declaration", "-D_GNU_SOURCE"],
     libraries=["pthread"],
 )

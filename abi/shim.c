@@ -18,10 +18,36 @@
 
 int mshv_emu_kvm_available(void);
 
+/* Descriptors opened by whoever started us (the daemon: a sandboxed VMM may open no device itself).
+ * Probing is unchanged, it just happened in the daemon: a handed /dev/mshv means the kernel device,
+ * a handed /dev/kvm (or none at all) means the emulated device over it. */
+static int handed_mshv = -1, handed_any;
+
+int mshv_dev_use_fd(int kind, int fd)
+{
+    if (fd < 0 || (kind != 1 && kind != 2))
+        return -EINVAL;
+    if (kind == 1)
+        handed_mshv = fd;
+    else
+        emu_kvm_use_fd(fd);
+    handed_any = 1;
+    return 0;
+}
+
 int mshv_dev_open(int mode)
 {
     if (mode == 2)
         return emu_open();
+    if (handed_mshv >= 0)
+        return fcntl(handed_mshv, F_DUPFD_CLOEXEC, 0); /* each MshvSystem owns (and closes) its own fd */
+    if (handed_any) {
+        if (mode == 1) {
+            errno = ENOENT;
+            return -1;
+        }
+        return emu_open();
+    }
     int fd = open("/dev/mshv", O_RDWR | O_CLOEXEC);
     if (fd >= 0 || mode == 1)
         return fd;
@@ -83,4 +109,11 @@ int mshv_install_kick_handler(int signo)
     sa.sa_handler = kick_handler;
     sigemptyset(&sa.sa_mask);
     return sigaction(signo, &sa, NULL);
+}
+
+/* The emulated device's helper thread, started now from the calling (main) thread so that vCPU threads
+ * never need to create threads or install signal handlers. */
+void mshv_emu_prestart(void)
+{
+    emu_kvm_prestart();
 }

@@ -13,5 +13,7 @@ int mshv_emu_kvm_available(void);
 void *mshv_alloc_pages(size_t len);
 int mshv_free_pages(void *addr, size_t len);
 int mshv_install_kick_handler(int signo);
+int mshv_dev_use_fd(int kind, int fd);
+void mshv_emu_prestart(void);
 
 #endif

@@ -18,5 +18,7 @@ void *emu_mmap(void *addr, size_t len, int prot, int flags, int fd, long offset)
 /* The kernel generation an emulated /dev/mshv handle reproduces (major * 100 + minor: 615 for
  * 6.15-6.18, 619, 700), fixed by MSHV_LIBVIRT_EMU_KERNEL when it was opened; -1 if fd is none. */
 int mshv_emu_kernel(int fd);
+void emu_kvm_use_fd(int fd);                        /* use this open /dev/kvm instead of opening it */
+void emu_kvm_prestart(void);                        /* choose the kick signal, start the halt monitor */
 
 #endif

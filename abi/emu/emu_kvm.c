@@ -46,6 +46,7 @@
 #include <unistd.h>
 
 #include "emu_int.h"
+#include "sandbox.h"
 
 #define RFLAGS_IF (1ull << 9)
 #define RFLAGS_VM (1ull << 17)
@@ -61,6 +62,7 @@
 
 static pthread_mutex_t kvm_lock = PTHREAD_MUTEX_INITIALIZER;
 static int kvm_fd = -2; /* -2: not opened yet, -1: unavailable */
+static int kvm_handed = -1; /* an open /dev/kvm given by the VMM's parent (a sandboxed VMM opens nothing) */
 static int vcpu_mmap_size;
 static struct kvm_cpuid2 *supported;
 static int cap_readonly, cap_user_msr, cap_idmap, cap_sync_regs;
@@ -104,12 +106,20 @@ static const struct kvm_cpuid_entry2 *cpuid_find(const struct kvm_cpuid2 *t, uin
     return NULL;
 }
 
+void emu_kvm_use_fd(int fd)
+{
+    pthread_mutex_lock(&kvm_lock);
+    if (kvm_fd == -2)
+        kvm_handed = fd;
+    pthread_mutex_unlock(&kvm_lock);
+}
+
 int emu_kvm_fd(void)
 {
     pthread_mutex_lock(&kvm_lock);
     if (kvm_fd == -2) {
         host_cpuid_defaults();
-        kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+        kvm_fd = kvm_handed >= 0 ? kvm_handed : open("/dev/kvm", O_RDWR | O_CLOEXEC);
         if (kvm_fd >= 0 && ioctl(kvm_fd, KVM_GET_API_VERSION, 0) != KVM_API_VERSION) {
             close(kvm_fd);
             kvm_fd = -1;
@@ -1182,6 +1192,13 @@ static int read_blocking(struct emu_vp *vp)
 static void *monitor(void *arg)
 {
     (void)arg;
+    /* Under the VMM sandbox this thread keeps only what its loop needs (abi/vmm/sandbox.c). */
+    if (mshv_sandbox_thread_enter(MSHV_SANDBOX_HELPER, "emu-monitor") < 0)
+        return NULL; /* no monitor: halted VPs are then kicked only by their callers */
+    sigset_t sys;
+    sigemptyset(&sys);
+    sigaddset(&sys, SIGSYS); /* a denied call must reach the reporting handler, not kill silently */
+    pthread_sigmask(SIG_UNBLOCK, &sys, NULL);
     struct timespec period = {0, (long)MON_PERIOD_NS};
     pthread_mutex_lock(&mon_lock);
     for (;;) {
@@ -1204,19 +1221,8 @@ static void *monitor(void *arg)
     return NULL;
 }
 
-static void mon_enter(struct emu_vp *vp)
+static void mon_start_locked(void)
 {
-    pthread_mutex_lock(&mon_lock);
-    static __thread pid_t tid;
-    if (!tid)
-        tid = (pid_t)syscall(SYS_gettid);
-    vp->tid = tid;
-    vp->kicked = 0;
-    vp->blocked_scans = 0;
-    vp->last_kick_ns = 0;
-    __atomic_store_n(&vp->in_run, 1, __ATOMIC_RELEASE);
-    vp->mon_next = mon_list;
-    mon_list = vp;
     if (!mon_started) {
         pthread_t t;
         pthread_attr_t at;
@@ -1230,7 +1236,33 @@ static void mon_enter(struct emu_vp *vp)
         pthread_sigmask(SIG_SETMASK, &old, NULL);
         pthread_attr_destroy(&at);
     }
+}
+
+static void mon_enter(struct emu_vp *vp)
+{
+    pthread_mutex_lock(&mon_lock);
+    static __thread pid_t tid;
+    if (!tid)
+        tid = (pid_t)syscall(SYS_gettid);
+    vp->tid = tid;
+    vp->kicked = 0;
+    vp->blocked_scans = 0;
+    vp->last_kick_ns = 0;
+    __atomic_store_n(&vp->in_run, 1, __ATOMIC_RELEASE);
+    vp->mon_next = mon_list;
+    mon_list = vp;
+    mon_start_locked();
     pthread_cond_signal(&mon_cond);
+    pthread_mutex_unlock(&mon_lock);
+}
+
+void emu_kvm_prestart(void)
+{
+    if (!emu_kvm_wanted() || emu_kvm_fd() < 0)
+        return;
+    kick_signal();
+    pthread_mutex_lock(&mon_lock);
+    mon_start_locked();
     pthread_mutex_unlock(&mon_lock);
 }
 

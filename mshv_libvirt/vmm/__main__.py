@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -11,13 +12,16 @@ from pathlib import Path
 
 from mshv_libvirt.atomicfile import write_atomic
 
-from .config import ConfigError, VmmConfig
-from .runtime import Vmm
+from .config import ConfigError, VmmConfig, read_raw
+from .runtime import Vmm, write_exit_fd
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mshv-vmm", description="Run one mshv-libvirt domain.")
     parser.add_argument("--config", required=True, help="domain configuration written by the driver")
+    parser.add_argument(
+        "--config-fd", type=int, help="read the configuration from this inherited descriptor (--config names it)"
+    )
     parser.add_argument("--log-level", default=os.environ.get("MSHV_LIBVIRT_VMM_LOG", "INFO"))
     args = parser.parse_args(argv)
     logging.raiseExceptions = False  # stderr may be a pipe to a daemon that has gone away
@@ -25,20 +29,37 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s vmm[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    # The first record also loads the time zone while files may still be read.
+    logging.getLogger("mshv_libvirt.vmm").debug("VMM starting (pid %d, uid %d)", os.getpid(), os.getuid())
     try:
-        config = VmmConfig.load(args.config)
+        config = VmmConfig.load(args.config, args.config_fd)
     except ConfigError as err:
         logging.getLogger("mshv_libvirt.vmm").error("%s", err)
-        # Still honour the exit-file contract if the file names one.
-        try:
-            with open(args.config) as f:
-                exit_file = json.load(f).get("exit_file")
-            if isinstance(exit_file, str):
-                write_atomic(Path(exit_file), json.dumps({"reason": "error", "detail": str(err)}).encode(), mode=0o644)
-        except (OSError, ValueError, AttributeError):
-            pass
+        _report_config_error(args.config, args.config_fd, str(err))
         return 2
+    finally:
+        if args.config_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(args.config_fd)
     return Vmm(config).run()
+
+
+def _report_config_error(path: str, fd: int | None, detail: str) -> None:
+    """Still honour the exit-file contract if the config names one (a handed exit file or a path)."""
+    data = json.dumps({"reason": "error", "detail": detail}).encode()
+    try:
+        raw = read_raw(path, fd)
+    except ConfigError:
+        return
+    handed = raw.get("fds")
+    exit_fd = handed.get("exit") if isinstance(handed, dict) else None
+    if isinstance(exit_fd, int) and not isinstance(exit_fd, bool):
+        write_exit_fd(exit_fd, data)
+        return
+    exit_file = raw.get("exit_file")
+    if isinstance(exit_file, str):
+        with contextlib.suppress(OSError):
+            write_atomic(Path(exit_file), data, mode=0o644)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from mshv_libvirt.hv import (
@@ -41,7 +40,7 @@ from mshv_libvirt.hv import (
     VpFd,
 )
 
-from . import acpi, layout, loader, mptable
+from . import acpi, images, layout, loader, mptable
 from .config import VmmConfig
 from .devices.acpi_pm import BLOCK_SIZE as PM_BLOCK_SIZE
 from .devices.acpi_pm import AcpiPm
@@ -367,14 +366,17 @@ def attach_devices(
 
 def load_kernel(ram: GuestRam, config: VmmConfig) -> loader.KernelImage:
     try:
-        image = loader.load_kernel_image(Path(config.kernel).read_bytes(), host_decompress=config.host_decompress)
+        limit = config.memory_bytes
+        kernel = images.load("kernel", config.kernel, config.fds.kernel, limit)
+        image = loader.load_kernel_image(kernel, host_decompress=config.host_decompress)
+        del kernel  # the decompressed image is what stays
         for seg in image.segments:
             ram.write(seg.gpa, seg.data)
             if seg.mem_size > len(seg.data):
                 ram.write(seg.gpa + len(seg.data), bytes(seg.mem_size - len(seg.data)))
         initrd: tuple[int, int] | None = None
         if config.initrd:
-            data = Path(config.initrd).read_bytes()
+            data = images.load("initrd", config.initrd, config.fds.initrd, limit)
             addr = loader.place_initrd(image.header, ram.ranges, len(data), image.end)
             ram.write(addr, data)
             initrd = (addr, len(data))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,55 @@ ON_CRASH = ("destroy", "preserve")
 NESTED = ("off", "optional", "require")
 
 
+DEFAULT_LOG_MAX_SIZE = 2 << 20  # virtlogd's max_size
+DEFAULT_LOG_MAX_BACKUPS = 3  # virtlogd's max_backups
+MAX_LOG_BACKUPS = 16
+
+# Descriptors the daemon opens and hands over (``"fds"`` in the config): with all of them the VMM opens
+# no file itself, which is what lets it run sandboxed (docs/SECURITY.md).
+FD_FIELDS = ("hypervisor", "kernel", "initrd", "console_master", "console_slave", "control", "exit", "crash_dump")
+
+
 class ConfigError(ValueError):
     """The VMM configuration is invalid (the message names the field)."""
+
+
+@dataclass(frozen=True)
+class HandedFds:
+    hypervisor: int | None = None
+    hypervisor_device: str = "/dev/kvm"  # what ``hypervisor`` is: /dev/kvm (emulated device) or /dev/mshv
+    kernel: int | None = None
+    initrd: int | None = None
+    console_master: int | None = None
+    console_slave: int | None = None
+    control: int | None = None  # a listening UNIX socket
+    exit: int | None = None  # the exit file, written in place (read only once the VMM is gone)
+    crash_dump: int | None = None
+    serial_log: tuple[int, ...] = ()  # the log, then its backups .1 .. .N
+
+    @classmethod
+    def from_dict(cls, raw: object) -> HandedFds:
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise ConfigError("config field 'fds' must be an object")
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key == "serial_log":
+                if not isinstance(value, list) or not all(isinstance(v, int) and v >= 0 for v in value):
+                    raise ConfigError("config field 'fds.serial_log' must be a list of descriptors")
+                values[key] = tuple(value)
+            elif key == "hypervisor_device":
+                if value not in ("/dev/kvm", "/dev/mshv"):
+                    raise ConfigError("config field 'fds.hypervisor_device' must be /dev/kvm or /dev/mshv")
+                values[key] = value
+            elif key in FD_FIELDS:
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                    raise ConfigError(f"config field 'fds.{key}' must be a descriptor number")
+                values[key] = value
+            else:
+                raise ConfigError(f"config field 'fds.{key}' is unknown")
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -51,6 +99,13 @@ class VmmConfig:
     # vCPUs described to the guest (<vcpu current='vcpus'>max_vcpus</vcpu>); those past ``vcpus`` are
     # present but disabled in the MADT and MP table, and get no VP. 0: the same as ``vcpus``.
     max_vcpus: int = 0
+    serial_log_max_size: int = DEFAULT_LOG_MAX_SIZE
+    serial_log_max_backups: int = DEFAULT_LOG_MAX_BACKUPS
+    fds: HandedFds = HandedFds()
+    # Restrict the process (vmm/sandbox.py) before the VM is built; the driver always asks for it.
+    sandbox: bool = False
+    # Honour the test-only control commands (docs/SECURITY.md); set only by tests.
+    test_hooks: bool = False
 
     def __post_init__(self) -> None:
         if self.max_vcpus == 0:
@@ -90,6 +145,11 @@ class VmmConfig:
             threads_per_core=get("threads_per_core", int, 1),
             nested=get("nested", str, "off"),
             max_vcpus=get("max_vcpus", int, 0, optional=True),
+            serial_log_max_size=get("serial_log_max_size", int, DEFAULT_LOG_MAX_SIZE),
+            serial_log_max_backups=get("serial_log_max_backups", int, DEFAULT_LOG_MAX_BACKUPS),
+            fds=HandedFds.from_dict(raw.get("fds")),
+            sandbox=get("sandbox", bool, False),
+            test_hooks=get("test_hooks", bool, False),
         )
         if cfg.memory_bytes < 16 << 20 or cfg.memory_bytes % 4096:
             raise ConfigError("config field 'memory_bytes' must be a multiple of 4 KiB and at least 16 MiB")
@@ -108,14 +168,32 @@ class VmmConfig:
         ):
             if getattr(cfg, key) not in allowed:
                 raise ConfigError(f"config field {key!r} must be one of {', '.join(allowed)}")
+        if cfg.serial_log_max_size < 4096:
+            raise ConfigError("config field 'serial_log_max_size' must be at least 4096")
+        if not 0 <= cfg.serial_log_max_backups <= MAX_LOG_BACKUPS:
+            raise ConfigError(f"config field 'serial_log_max_backups' must be between 0 and {MAX_LOG_BACKUPS}")
+        if cfg.fds.serial_log and len(cfg.fds.serial_log) != cfg.serial_log_max_backups + 1:
+            raise ConfigError("config field 'fds.serial_log' must hold the log and each of its backups")
         return cfg
 
     @classmethod
-    def load(cls, path: str | Path) -> VmmConfig:
-        try:
-            raw = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"cannot read config {path}: {err}") from err
-        if not isinstance(raw, dict):
-            raise ConfigError("config must be a JSON object")
-        return cls.from_dict(raw)
+    def load(cls, path: str | Path, fd: int | None = None) -> VmmConfig:
+        """From ``path``, or from the descriptor ``fd`` (handed over; ``path`` then only names it)."""
+        return cls.from_dict(read_raw(path, fd))
+
+
+def read_raw(path: str | Path, fd: int | None = None) -> dict[str, Any]:
+    try:
+        if fd is None:
+            text = Path(path).read_bytes()
+        else:
+            buf = bytearray()
+            while chunk := os.pread(fd, 1 << 20, len(buf)):
+                buf += chunk
+            text = bytes(buf)
+        raw = json.loads(text)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError("config must be a JSON object")
+    return raw

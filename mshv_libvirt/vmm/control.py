@@ -40,22 +40,30 @@ class _Client:
 
 
 class ControlServer:
-    def __init__(self, path: str, handler: Handler, selector: selectors.BaseSelector) -> None:
+    def __init__(
+        self, path: str, handler: Handler, selector: selectors.BaseSelector, *, listen_fd: int | None = None
+    ) -> None:
+        """Listen on ``path``, or on ``listen_fd``: a socket the daemon bound there (it owns the path then)."""
         self.path = path
         self._handler = handler
         self._selector = selector
         self._clients: dict[int, _Client] = {}
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # a stale socket from a previous VMM of this domain
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._sock.bind(path)
-            os.chmod(path, 0o600)
-            self._sock.listen(8)
+        self._owns_path = listen_fd is None
+        if listen_fd is not None:
+            self._sock = socket.socket(fileno=listen_fd)
             self._sock.setblocking(False)
-        except BaseException:
-            self._sock.close()
-            raise
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a stale socket from a previous VMM of this domain
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self._sock.bind(path)
+                os.chmod(path, 0o600)
+                self._sock.listen(8)
+                self._sock.setblocking(False)
+            except BaseException:
+                self._sock.close()
+                raise
         selector.register(self._sock, selectors.EVENT_READ, self._accept)
 
     @property
@@ -167,5 +175,6 @@ class ControlServer:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(self._sock)
         self._sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if self._owns_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)

@@ -27,8 +27,12 @@ class Memory(Protocol):
     def read(self, offset: int, length: int) -> bytes: ...
 
 
-def write_core(path: str | Path, regions: Iterable[tuple[int, int, Memory]]) -> int:
-    """Write (gpa, size, memory) regions to ``path`` atomically; returns the file size."""
+def write_core(path: str | Path, regions: Iterable[tuple[int, int, Memory]], fd: int | None = None) -> int:
+    """Write (gpa, size, memory) regions to ``path`` atomically; returns the file size.
+
+    With ``fd`` (a file the daemon opened for a sandboxed VMM, which may create no file) the core goes
+    there instead; the daemon gives it its final name once the VMM has exited.
+    """
     regions = list(regions)
     phoff = ELF_HEADER.size
     data_off = -(-(phoff + PROGRAM_HEADER.size * len(regions)) // PAGE) * PAGE
@@ -42,19 +46,29 @@ def write_core(path: str | Path, regions: Iterable[tuple[int, int, Memory]]) -> 
         phdrs += PROGRAM_HEADER.pack(PT_LOAD, PF_RWX, offset, gpa, gpa, size, size, PAGE)
         offset += size
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    if fd is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    else:
+        out = fd
+        os.ftruncate(out, 0)
+        os.lseek(out, 0, os.SEEK_SET)
     try:
-        os.write(fd, (header + phdrs).ljust(data_off, b"\0"))
+        _write_all(out, (header + phdrs).ljust(data_off, b"\0"))
         for _gpa, size, mem in regions:
             for start in range(0, size, CHUNK):
-                chunk = mem.read(start, min(CHUNK, size - start))
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
-        os.fsync(fd)
+                _write_all(out, mem.read(start, min(CHUNK, size - start)))
+        os.fsync(out)
     finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        if fd is None:
+            os.close(out)
+    if fd is None:
+        os.replace(tmp, path)
     return offset
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -38,7 +38,7 @@ from typing import Any
 from mshv_libvirt.atomicfile import write_atomic
 from mshv_libvirt.hv import MshvError
 
-from . import builder, coredump
+from . import builder, coredump, sandbox
 from .config import VmmConfig
 from .console import Console
 from .control import CommandError, ControlServer, JsonObject
@@ -182,7 +182,8 @@ class Vmm:
         if vm is None or not path:
             return ""
         try:
-            size = coredump.write_core(path, ((r.gpa, r.size, mem) for r, mem in vm.ram.regions))
+            regions = ((r.gpa, r.size, mem) for r, mem in vm.ram.regions)
+            size = coredump.write_core(path, regions, fd=self.config.fds.crash_dump)
         except OSError as err:
             log.error("core dump to %s failed: %s", path, err)
             return f"; core dump to {path} failed: {err}"
@@ -267,6 +268,7 @@ class Vmm:
             if vm
             else {},
             "exits": sum(t.exits for t in vm.vcpus) if vm else 0,
+            "sandbox": st.as_json() if (st := sandbox.state()) is not None else None,
         }
 
     def handle_command(self, cmd: str, request: JsonObject) -> JsonObject:
@@ -305,9 +307,44 @@ class Vmm:
             self._send_key(request)
         elif cmd == "destroy":
             self._finish = ("destroyed", "destroyed by the host")
+        elif cmd.startswith("test-") and self.config.test_hooks:
+            return self._test_hook(cmd, request)
         else:
             raise CommandError(f"unknown command {cmd!r}")
         return {"state": self._state()}
+
+    def _test_hook(self, cmd: str, request: JsonObject) -> JsonObject:
+        """Test-only commands (config "test_hooks"; docs/SECURITY.md): probe the sandbox from inside.
+
+        ``test-open {"path", "write"}``: open a path from the main thread, answer the errno.
+        ``test-syscall {"syscall", "thread": "main"|"vcpu"}``: issue a system call (zero arguments) there;
+        a forbidden one ends the VMM through the SIGSYS reporter.
+        """
+        if cmd == "test-open":
+            path = request.get("path")
+            if not isinstance(path, str):
+                raise CommandError("test-open needs a 'path'")
+            flags = (os.O_WRONLY | os.O_CREAT if request.get("write") else os.O_RDONLY) | os.O_CLOEXEC
+            try:
+                os.close(os.open(path, flags, 0o600))
+            except OSError as err:
+                return {"opened": False, "errno": err.errno, "error": err.strerror}
+            return {"opened": True}
+        if cmd == "test-syscall":
+            name, thread = request.get("syscall"), request.get("thread", "vcpu")
+            try:
+                nr = sandbox.syscall_number(str(name))
+            except ValueError as err:
+                raise CommandError(str(err)) from err
+            if thread == "main":
+                return {"result": sandbox.issue_syscall(nr)}
+            vm = self._vm
+            if vm is None or not vm.vcpus or vm.vcpus[0].thread is None:
+                raise CommandError("no vCPU thread is running")
+            sandbox.request_test_call(nr)
+            vm.vcpus[0].kick()
+            return {"requested": True}
+        raise CommandError(f"unknown command {cmd!r}")
 
     # -- main loop -------------------------------------------------------------------------------
     def _console_input(self, _mask: int) -> None:
@@ -353,9 +390,26 @@ class Vmm:
             write_atomic(Path(cfg.pidfile), f"{os.getpid()}\n".encode(), mode=0o644)
         reason, detail = "error", "VMM did not start"
         try:
-            self._console = Console(cfg.serial_log)
-            if cfg.control_socket:
-                self._control = ControlServer(cfg.control_socket, self.handle_command, self._selector)
+            fds = cfg.fds
+            master, slave = fds.console_master, fds.console_slave
+            self._console = Console(
+                cfg.serial_log,
+                log_fds=fds.serial_log,
+                max_size=cfg.serial_log_max_size,
+                max_backups=cfg.serial_log_max_backups,
+                pty_fds=(master, slave) if master is not None and slave is not None else None,
+            )
+            if cfg.control_socket or fds.control is not None:
+                path = cfg.control_socket or f"fd {fds.control}"
+                self._control = ControlServer(path, self.handle_command, self._selector, listen_fd=fds.control)
+            if fds.hypervisor is not None:
+                sandbox.hand_over_device(fds.hypervisor_device, fds.hypervisor)
+            elif cfg.sandbox:
+                with contextlib.suppress(sandbox.SandboxError):  # none: the build step says so
+                    sandbox.hand_over_device(*sandbox.probe_hypervisor())
+            if cfg.sandbox:
+                # Everything the VMM will ever open is open now: from here on it opens nothing for writing.
+                sandbox.enter(report_fd=fds.exit, write_paths=self._write_dirs())
             self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
             self._selector.register(self._console.fileno(), selectors.EVENT_READ, self._console_input)
             self._console_watched = True
@@ -384,8 +438,7 @@ class Vmm:
                 self._stop_vm()
             except Exception:
                 log.exception("teardown failed")
-            if cfg.exit_file:
-                write_atomic(Path(cfg.exit_file), json.dumps({"reason": reason, "detail": detail}).encode(), mode=0o644)
+            self._write_exit(reason, detail)
             if self._control is not None:
                 self._control.flush_all()
                 self._control.close()
@@ -395,6 +448,32 @@ class Vmm:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(cfg.pidfile)
         return 0 if reason in ("shutdown", "reboot", "destroyed") else 1
+
+    def _write_dirs(self) -> tuple[str, ...]:
+        """Directories a sandboxed VMM still writes by path: only where it was given paths, not fds."""
+        cfg, fds = self.config, self.config.fds
+        paths = [cfg.pidfile, cfg.exit_file if fds.exit is None else None]
+        paths += [cfg.crash_dump if fds.crash_dump is None else None]
+        paths += [cfg.control_socket if fds.control is None else None]
+        return tuple(sorted({os.path.dirname(os.path.abspath(p)) for p in paths if p}))
+
+    def _write_exit(self, reason: str, detail: str) -> None:
+        cfg = self.config
+        data = json.dumps({"reason": reason, "detail": detail}).encode()
+        if cfg.fds.exit is not None:
+            write_exit_fd(cfg.fds.exit, data)
+        elif cfg.exit_file:
+            write_atomic(Path(cfg.exit_file), data, mode=0o644)
+
+
+def write_exit_fd(fd: int, data: bytes) -> None:
+    """The exit report into the handed exit file, in place (the daemon reads it once the VMM is gone)."""
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    except OSError as err:
+        log.error("cannot write the exit report: %s", err)
 
 
 def run_in_thread_safe_main(config: VmmConfig) -> int:

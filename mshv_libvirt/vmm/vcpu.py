@@ -17,6 +17,7 @@ leaves the VP *at* the intercepted instruction.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import errno
@@ -25,13 +26,14 @@ import queue
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from mshv_libvirt.hv import HvMessage, MshvError, Reg, RegisterValue
 
-from . import mmio
+from . import mmio, sandbox
 from .devices.bus import Bus
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,15 @@ def _name_os_thread(name: str) -> None:
         libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
     except (OSError, AttributeError):
         pass
+
+
+def _frames(err: BaseException) -> str:
+    """Where ``err`` was raised, from the traceback's code objects only (no source file is read)."""
+    out = [
+        f'  File "{frame.f_code.co_filename}", line {lineno}, in {frame.f_code.co_name}'
+        for frame, lineno in traceback.walk_tb(err.__traceback__)
+    ]
+    return "\n".join(out)
 
 
 class ExitGate:
@@ -291,21 +302,32 @@ class VcpuThread:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"vCPU {self.index} did not answer {event.value}") from None
 
+    def kick(self) -> None:
+        """Interrupt a running VP once (it then looks at its event queue and the test hook)."""
+        thread = self._thread
+        if thread is not None and thread.ident is not None and thread.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                signal.pthread_kill(thread.ident, KICK_SIGNAL)
+
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
 
     # -- vCPU thread ------------------------------------------------------------------------------
     def _main(self) -> None:
-        _name_os_thread(f"vcpu{self.index}")
+        name = f"vcpu{self.index}"
+        _name_os_thread(name)
         try:
+            # Before any guest code runs: this thread keeps only the vCPU allow-list (no-op unsandboxed).
+            sandbox.enter_thread(sandbox.VCPU, name)
             while self._state is not VcpuState.FINISHED:
                 if self._state is VcpuState.RUNNING:
                     self._running()
                 else:
                     self._paused()
         except BaseException as err:  # the VM must hear about it, whatever it was
-            log.exception("vCPU %d failed", self.index)
+            # No log.exception: rendering source lines would open files, which a vCPU thread may not.
+            log.error("vCPU %d failed: %s: %s\n%s", self.index, type(err).__name__, err, _frames(err))
             self._state = VcpuState.FINISHED
             self._on_vm_exit(VmExit(VmExitKind.ERROR, f"vCPU {self.index}: {err}", self.index))
 
@@ -339,6 +361,8 @@ class VcpuThread:
                     self._answer(event)
                 if self._state is not VcpuState.RUNNING:
                     return
+            if sandbox.test_call_pending():
+                sandbox.take_test_call()  # test hook (docs/SECURITY.md): a forbidden call ends the VMM here
             try:
                 msg = self.vp.run()
             except InterruptedError:
