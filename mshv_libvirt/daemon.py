@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -17,8 +18,17 @@ import sys
 from pathlib import Path
 
 from mshv_libvirt.driver.manager import DomainManager, Paths, user_runtime_dir
+from mshv_libvirt.driver.vmm_launch import (
+    SYSTEM_CONF,
+    SYSTEM_USER,
+    LaunchError,
+    VmmOptions,
+    options_from_conf,
+    read_conf,
+)
 from mshv_libvirt.rpc import host
 from mshv_libvirt.rpc.server import Daemon, Listener
+from mshv_libvirt.vmm.config import MAX_LOG_BACKUPS
 
 log = logging.getLogger("virtmshvd")
 
@@ -62,6 +72,30 @@ def build_listeners(args: argparse.Namespace, system: bool) -> list[Listener]:
     return [Listener(session_socket(), False, 0o600)]
 
 
+def vmm_options(args: argparse.Namespace, system: bool) -> VmmOptions:
+    """mshv.conf (system mode: /etc/libvirt/mshv.conf), then the command line's overrides."""
+    conf_path = Path(args.vmm_conf) if args.vmm_conf else (SYSTEM_CONF if system else None)
+    options = options_from_conf(read_conf(conf_path) if conf_path else {}, system=system)
+    overrides = {
+        "user": args.vmm_user,
+        "group": args.vmm_group,
+        "serial_log_max_size": args.serial_log_max_size,
+        "serial_log_max_backups": args.serial_log_max_backups,
+    }
+    options = dataclasses.replace(options, **{k: v for k, v in overrides.items() if v is not None})
+    if options.user in ("", "-"):  # explicitly: no switch
+        options = dataclasses.replace(options, user=None, group=None)
+    if args.vmm_test_hooks:
+        options = dataclasses.replace(options, test_hooks=True)
+    if options.serial_log_max_size < 4096 or not 0 <= options.serial_log_max_backups <= MAX_LOG_BACKUPS:
+        raise LaunchError(f"serial logs need max size >= 4096 and 0 to {MAX_LOG_BACKUPS} backups")
+    try:
+        options.credentials()
+    except LaunchError as err:
+        log.error("%s: domains cannot start until it is fixed", err)  # each start then fails with this
+    return options
+
+
 def _daemonize(log_file: Path) -> None:
     """Classic double fork; stdout/stderr go to the log file so no caller's pipe is held open."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +124,7 @@ async def _serve(args: argparse.Namespace, system: bool) -> int:
     )
     if not system:
         session_socket().parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    manager = DomainManager(paths, autostart=not args.no_autostart)
+    manager = DomainManager(paths, autostart=not args.no_autostart, vmm_options=vmm_options(args, system))
     await manager.load()
     daemon = Daemon(manager, "mshv:///system" if system else "mshv:///session")
     await daemon.listen(build_listeners(args, system))
@@ -135,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--pidfile")
     parser.add_argument("--no-autostart", action="store_true", help="do not start autostart domains")
     parser.add_argument("-v", "--verbose", action="store_true")
+    vmm = parser.add_argument_group("VMM processes (defaults from mshv.conf; docs/SECURITY.md)")
+    vmm.add_argument("--vmm-conf", help=f"read VMM settings from this file (system default {SYSTEM_CONF})")
+    vmm.add_argument("--vmm-user", help=f"run VMMs as this user (system default {SYSTEM_USER}; '-': no switch)")
+    vmm.add_argument("--vmm-group", help="run VMMs with this group (default: the user's primary group)")
+    vmm.add_argument("--serial-log-max-size", type=int, help="rotate a serial log at this size (default 2 MiB)")
+    vmm.add_argument("--serial-log-max-backups", type=int, help="rotated serial logs kept (default 3)")
+    vmm.add_argument("--vmm-test-hooks", action="store_true", help=argparse.SUPPRESS)  # tests only
     args = parser.parse_args(argv)
     system = args.system or (not args.session and os.geteuid() == 0)
     if args.daemon:
@@ -148,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_serve(args, system))
     except KeyboardInterrupt:
         return 0
+    except LaunchError as err:
+        log.error("%s", err)
+        return 2
 
 
 if __name__ == "__main__":

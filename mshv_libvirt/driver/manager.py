@@ -46,6 +46,7 @@ from mshv_libvirt.proc import host_memory_kib, pid_alive, task_stat
 from . import cputune
 from .store import ConfigStore
 from .vmm_client import VmmError, VmmFiles, VmmHandle, find_vmm_processes, is_our_vmm
+from .vmm_launch import VmmOptions, settle_crash_dump
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +297,9 @@ class DomainTable(dict[str, "Domain"]):
 
 
 class DomainManager:
-    def __init__(self, paths: Paths, *, autostart: bool = True) -> None:
+    def __init__(self, paths: Paths, *, autostart: bool = True, vmm_options: VmmOptions | None = None) -> None:
         self.paths = paths
+        self.vmm_options = vmm_options or VmmOptions()  # VMM user, serial log cap (vmm_launch.py)
         self.store = ConfigStore(paths.config_dir)
         self._domains = DomainTable()
         self._listeners: list[Listener] = []
@@ -760,7 +762,7 @@ class DomainManager:
             await _check_nested(cfg)
         files = self._files(dom.name)
         try:
-            handle = await VmmHandle.spawn(dom.name, files, vmm_config)
+            handle = await VmmHandle.spawn(dom.name, files, vmm_config, self.vmm_options)
         except VmmError as err:
             files.remove_runtime()
             raise _failed(f"domain '{dom.name}' failed to start: {err}") from err
@@ -887,6 +889,7 @@ class DomainManager:
         out = lookup(dom.status.state, inp)
         if not isinstance(out, Transition):
             out = transition(dom.status.state, Input.VMM_DIED)
+        settle_crash_dump(files.config, reason == "crash")
         files.remove_runtime()
         if out.action is Action.RESTART_VMM:
             # QEMU's fake reboot: the same domain (id included) boots again, paused only if it stays paused.

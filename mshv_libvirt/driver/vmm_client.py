@@ -21,6 +21,9 @@ from typing import Any
 
 from mshv_libvirt.proc import pid_alive
 
+from . import vmm_launch
+from .vmm_launch import LaunchError, VmmOptions
+
 JsonObject = dict[str, Any]
 
 READY_TIMEOUT = 60.0
@@ -136,22 +139,35 @@ class VmmHandle:
 
     # -- creation --------------------------------------------------------------------------------
     @classmethod
-    async def spawn(cls, name: str, files: VmmFiles, vmm_config: JsonObject) -> VmmHandle:
+    async def spawn(
+        cls, name: str, files: VmmFiles, vmm_config: JsonObject, options: VmmOptions | None = None
+    ) -> VmmHandle:
         files.remove_runtime()
-        files.config.write_text(json.dumps(vmm_config))
-        files.stderr_log.parent.mkdir(parents=True, exist_ok=True)
-        with open(files.stderr_log, "ab") as log:
+        try:
+            # Every descriptor the sandboxed VMM needs, opened and checked here (vmm_launch.py).
+            launch = vmm_launch.prepare(
+                vmm_config, options or VmmOptions(), config_path=files.config, stderr_dir=files.stderr_log.parent
+            )
+        except LaunchError as err:
+            files.remove_runtime()
+            raise VmmError(str(err)) from err
+        with launch, open(files.stderr_log, "ab") as log:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 "mshv_libvirt.vmm",
                 "--config",
                 str(files.config),
+                *launch.args,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 start_new_session=True,  # a daemon restart or a signal to its group leaves VMs running
+                pass_fds=launch.pass_fds,
+                cwd="/",
+                **launch.credentials,  # the unprivileged VMM user (system mode)
             )
+            vmm_launch.write_pidfile(files.pidfile, proc.pid)
         handle = cls(name, files, proc.pid, proc)
         try:
             await handle._connect(READY_TIMEOUT)

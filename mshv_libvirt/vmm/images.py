@@ -23,7 +23,9 @@ _KINDS = (
 
 
 class ImageError(ValueError):
-    """A kernel or initrd that cannot be used; the message names the path and the reason."""
+    """A kernel or initrd that cannot be used; the message names the path and the reason.
+
+    ``what`` ("kernel", "initrd") is for the caller's prefix, e.g. "Cannot load the kernel: ..."."""
 
 
 def file_kind(mode: int) -> str:
@@ -37,15 +39,15 @@ def check(fd: int, what: str, path: str, limit: int) -> int:
     """The size of the image open at ``fd``, after the checks; raises :class:`ImageError`."""
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        raise ImageError(f"{what} '{path}' is not a regular file: it is {file_kind(st.st_mode)}")
+        raise ImageError(f"'{path}' is not a regular file: it is {file_kind(st.st_mode)}")
     if st.st_mode & 0o444 == 0:
         # libvirt's DAC driver would chown the image to the VMM's user and keep the mode: with no read
         # bit at all, QEMU could not read it either. Root opening it for the VMM must not change that.
-        raise ImageError(f"{what} '{path}' is not readable: its mode is {stat.S_IMODE(st.st_mode):04o}")
+        raise ImageError(f"'{path}' is not readable: its mode is {stat.S_IMODE(st.st_mode):04o}")
     if st.st_size == 0:
-        raise ImageError(f"{what} '{path}' is empty")
+        raise ImageError(f"'{path}' is empty")
     if st.st_size > limit:
-        raise ImageError(f"{what} '{path}' is larger than the guest memory ({st.st_size} bytes > {limit} bytes)")
+        raise ImageError(f"'{path}' is larger than the guest memory ({st.st_size} bytes > {limit} bytes)")
     return st.st_size
 
 
@@ -54,7 +56,7 @@ def open_checked(what: str, path: str, limit: int) -> tuple[int, int]:
     try:
         fd = os.open(path, OPEN_FLAGS)
     except OSError as err:
-        raise ImageError(f"cannot open {what} '{path}': {err.strerror or err}") from err
+        raise ImageError(f"cannot open '{path}': {err.strerror or err}") from err
     try:
         return fd, check(fd, what, path, limit)
     except BaseException:
@@ -69,9 +71,9 @@ def read(fd: int, size: int, what: str, path: str) -> bytes:
         try:
             chunk = os.pread(fd, min(CHUNK, size - len(out)), len(out))
         except BlockingIOError as err:  # pragma: no cover - regular files never block
-            raise ImageError(f"{what} '{path}' cannot be read without blocking") from err
+            raise ImageError(f"'{path}' cannot be read without blocking") from err
         if not chunk:
-            raise ImageError(f"{what} '{path}' shrank while it was read ({len(out)} of {size} bytes)")
+            raise ImageError(f"'{path}' shrank while it was read ({len(out)} of {size} bytes)")
         out += chunk
     return bytes(out)
 
