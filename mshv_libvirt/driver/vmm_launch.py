@@ -173,8 +173,8 @@ def prepare(vmm_config: dict[str, Any], options: VmmOptions, *, config_path: Pat
                 total += size
         if total > limit:
             raise images.ImageError(
-                f"Cannot load the initrd: kernel '{cfg['kernel']}' and initrd '{cfg['initrd']}' together are larger than the guest "
-                f"memory ({total} bytes > {limit} bytes)"
+                f"Cannot load the initrd: kernel '{cfg['kernel']}' and initrd '{cfg['initrd']}' together are "
+                f"larger than the guest memory ({total} bytes > {limit} bytes)"
             )
         with contextlib.suppress(sandbox.SandboxError):  # no device at all: the VMM's build step says so
             device, fd = sandbox.probe_hypervisor()
