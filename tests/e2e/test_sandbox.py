@@ -186,10 +186,9 @@ def test_a_forbidden_call_ends_the_vmm_naming_it(
 ) -> None:
     name = f"bad-{thread}"
     pid = start(user_daemon, tmp_path, name, tiny_kernel, vcpus=1)
-    with control(user_daemon, name) as c:
-        # socket(2) is in no allow-list; from the vCPU thread the call is made inside its run loop.
-        with contextlib.suppress(ConnectionError, OSError):
-            c("test-syscall", syscall="socket", thread=thread)
+    # socket(2) is in no allow-list; from the vCPU thread the call is made inside its run loop.
+    with control(user_daemon, name) as c, contextlib.suppress(ConnectionError, OSError):
+        c("test-syscall", syscall="socket", thread=thread)
     wait_for(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text())
     wait_for(lambda: virsh(user_daemon.uri, "domstate", name).stdout.strip() == "shut off", timeout=20)
     assert virsh(user_daemon.uri, "domstate", "--reason", name).stdout.strip() == "shut off (crashed)"
