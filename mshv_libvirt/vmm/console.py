@@ -64,7 +64,8 @@ class RotatingLog:
             view = view[n:]
 
     def _copy(self, src: int, dst: int) -> None:
-        os.ftruncate(dst, 0)
+        """Backup ``src``'s content (an index: 0 is the log) into backup ``dst``."""
+        os.ftruncate(self._fds[dst], 0)
         size, done = self._sizes[src], 0
         while done < size:
             n = os.copy_file_range(self._fds[src], self._fds[dst], size - done, done, done)
