@@ -32,7 +32,8 @@ def test_guest_output_is_capped_and_rotated(tmp_path: Path, tiny_kernel: Path) -
         xml.write_text(domain_xml("chatty", tiny_kernel))
         virsh(d.uri, "define", str(xml))
         virsh(d.uri, "start", "chatty")
-        wait_for(lambda: TINY_BANNER.encode() in b"".join(log_parts(d, "chatty")), timeout=30)
+        banner = TINY_BANNER.encode() + b" cmdline=console=ttyS0\n"  # the whole line: it is all the guest says
+        wait_for(lambda: b"".join(log_parts(d, "chatty")) == banner, timeout=30)
         boot = b"".join(log_parts(d, "chatty"))
         pty_path = virsh(d.uri, "ttyconsole", "chatty").stdout.strip()
         fd = os.open(pty_path, os.O_WRONLY | os.O_NOCTTY)

@@ -89,5 +89,5 @@ def test_config_bounds() -> None:
         VmmConfig.from_dict({**base, "serial_log_max_size": 10})
     with pytest.raises(ConfigError, match="serial_log_max_backups"):
         VmmConfig.from_dict({**base, "serial_log_max_backups": 17})
-    with pytest.raises(ConfigError, match="fds.serial_log"):
+    with pytest.raises(ConfigError, match=r"fds\.serial_log"):
         VmmConfig.from_dict({**base, "fds": {"serial_log": [3, 4]}})
