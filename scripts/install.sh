@@ -24,6 +24,15 @@ bash "$src/scripts/install-deps.sh"
 "$prefix/bin/pip" install -q "$src"
 ln -sf "$prefix/bin/virtmshvd" /usr/sbin/virtmshvd
 install -d -m 0755 /etc/libvirt/mshv /run/libvirt
+# VMMs run as this unprivileged user (docs/SECURITY.md); it reads the installed package and nothing
+# else: the daemon hands it every descriptor it uses.
+getent group libvirt-mshv >/dev/null || groupadd --system libvirt-mshv
+getent passwd libvirt-mshv >/dev/null ||
+    useradd --system --gid libvirt-mshv --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin --comment "mshv-libvirt VMM" libvirt-mshv
+chmod -R a+rX "$prefix"
+data="$("$prefix/bin/python" -c 'import importlib.resources as r; print(r.files("mshv_libvirt") / "data")')"
+[ -f /etc/libvirt/mshv.conf ] || install -m 0644 "$data/mshv.conf" /etc/libvirt/mshv.conf
 
 units="$("$prefix/bin/python" -c 'import importlib.resources as r; print(r.files("mshv_libvirt") / "data" / "systemd")')"
 install -m 0644 "$units"/virtmshvd*.socket "$units"/virtmshvd.service /etc/systemd/system/

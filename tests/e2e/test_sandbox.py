@@ -214,3 +214,28 @@ def test_hooks_are_refused_without_the_test_flag(daemon: DaemonProcess, tiny_ker
         c.close()
     assert reply == {"id": 1, "ok": False, "error": "unknown command 'test-syscall'"}
     assert virsh(daemon.uri, "domstate", "nohooks").stdout.strip() == "running"
+
+
+def test_vcpu_threads_have_the_narrower_list(user_daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path) -> None:
+    pid = start(user_daemon, tmp_path, "narrow", tiny_kernel, vcpus=1)
+    with control(user_daemon, "narrow") as c:
+        # openat(0, NULL, ...) is allowed on the main thread (Landlock limits what it opens): EFAULT, alive.
+        assert c("test-syscall", syscall="openat", thread="main") == {"result": -14}
+        assert virsh(user_daemon.uri, "domstate", "narrow").stdout.strip() == "running"
+        with contextlib.suppress(ConnectionError, OSError):
+            c("test-syscall", syscall="openat", thread="vcpu")
+    wait_for(lambda: virsh(user_daemon.uri, "domstate", "narrow").stdout.strip() == "shut off", timeout=20)
+    assert not Path(f"/proc/{pid}/status").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    log = (user_daemon.run_dir / "narrow.log").read_text()
+    assert "seccomp: thread vcpu0 (tid " in log and "made the forbidden system call openat (257)" in log
+
+
+def test_a_missing_vmm_user_fails_the_start_naming_it(tmp_path: Path, tiny_kernel: Path) -> None:
+    with running_daemon(tmp_path / "d", "--vmm-user", "no-such-vmm-user") as d:
+        xml = tmp_path / "nouser.xml"
+        xml.write_text(domain_xml("nouser", tiny_kernel))
+        virsh(d.uri, "define", str(xml))
+        res = virsh(d.uri, "start", "nouser", check=False)
+        assert res.returncode != 0
+        assert "failed to start: the VMM user 'no-such-vmm-user' does not exist" in res.stderr
+        assert virsh(d.uri, "domstate", "nouser").stdout.strip() == "shut off"
