@@ -22,6 +22,7 @@ only ``destroy`` (or a signal) ends it, with reason ``destroyed``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ from typing import Any
 from mshv_libvirt.atomicfile import write_atomic
 from mshv_libvirt.hv import MshvError
 
-from . import builder, coredump, sandbox
+from . import builder, coredump, images, sandbox
 from .config import VmmConfig
 from .console import Console
 from .control import CommandError, ControlServer, JsonObject
@@ -408,6 +409,7 @@ class Vmm:
                 with contextlib.suppress(sandbox.SandboxError):  # none: the build step says so
                     sandbox.hand_over_device(*sandbox.probe_hypervisor())
             if cfg.sandbox:
+                cfg = self.config = self._open_images(cfg)
                 # Everything the VMM will ever open is open now: from here on it opens nothing for writing.
                 sandbox.enter(report_fd=fds.exit, write_paths=self._write_dirs())
             self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
@@ -430,6 +432,9 @@ class Vmm:
         except builder.BuildError as err:
             reason, detail = "error", str(err)
             log.error("%s", err)
+        except images.ImageError as err:
+            reason, detail = "error", f"{builder.LoadKernelError(str(err))}"
+            log.error("%s", detail)
         except Exception as err:
             reason, detail = "error", f"{type(err).__name__}: {err}"
             log.exception("VMM failed")
@@ -448,6 +453,17 @@ class Vmm:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(cfg.pidfile)
         return 0 if reason in ("shutdown", "reboot", "destroyed") else 1
+
+    @staticmethod
+    def _open_images(cfg: VmmConfig) -> VmmConfig:
+        """A VMM given image paths instead of descriptors opens them before it loses the right to."""
+        handed = cfg.fds
+        limit = cfg.memory_bytes
+        if handed.kernel is None:
+            handed = dataclasses.replace(handed, kernel=images.open_checked("kernel", cfg.kernel, limit)[0])
+        if cfg.initrd and handed.initrd is None:
+            handed = dataclasses.replace(handed, initrd=images.open_checked("initrd", cfg.initrd, limit)[0])
+        return dataclasses.replace(cfg, fds=handed)
 
     def _write_dirs(self) -> tuple[str, ...]:
         """Directories a sandboxed VMM still writes by path: only where it was given paths, not fds."""
