@@ -65,26 +65,21 @@ static pid_t self_tid(void)
     return (pid_t)syscall(SYS_gettid);
 }
 
+static unsigned int next_slot;
+
+/* Names are only for reports: when every slot was used (threads of earlier VM builds never unregister),
+ * the oldest entries are reused round-robin instead of failing the thread. */
 int mshv_sandbox_register_thread(const char *name)
 {
     pid_t tid = self_tid();
     int slot = -1;
-    for (int i = 0; i < MAX_THREADS; i++) {
-        pid_t t = __atomic_load_n(&threads[i].tid, __ATOMIC_ACQUIRE);
-        if (t == tid) {
+    for (int i = 0; i < MAX_THREADS && slot < 0; i++)
+        if (__atomic_load_n(&threads[i].tid, __ATOMIC_ACQUIRE) == tid)
             slot = i;
-            break;
-        }
-        if (t == 0 && slot < 0) {
-            pid_t zero = 0;
-            if (__atomic_compare_exchange_n(&threads[i].tid, &zero, -1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-                slot = i;
-                break;
-            }
-        }
-    }
     if (slot < 0)
-        return -ENOSPC;
+        slot = (int)(__atomic_fetch_add(&next_slot, 1, __ATOMIC_ACQ_REL) % MAX_THREADS);
+    __atomic_store_n(&threads[slot].tid, -1, __ATOMIC_RELEASE); /* no reader matches it while it changes */
+    threads[slot].kind = -1;
     strncpy(threads[slot].name, name, sizeof(threads[slot].name) - 1);
     threads[slot].name[sizeof(threads[slot].name) - 1] = 0;
     __atomic_store_n(&threads[slot].tid, tid, __ATOMIC_RELEASE);

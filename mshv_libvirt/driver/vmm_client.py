@@ -152,7 +152,8 @@ class VmmHandle:
             files.remove_runtime()
             raise VmmError(str(err)) from err
         with launch, open(files.stderr_log, "ab") as log:
-            proc = await asyncio.create_subprocess_exec(
+            proc = await cls._exec(
+                files,
                 sys.executable,
                 "-m",
                 "mshv_libvirt.vmm",
@@ -181,6 +182,14 @@ class VmmHandle:
             raise
         handle.pty = status.get("pty")
         return handle
+
+    @staticmethod
+    async def _exec(files: VmmFiles, *argv: str, **kwargs: Any) -> asyncio.subprocess.Process:
+        try:
+            return await asyncio.create_subprocess_exec(*argv, **kwargs)
+        except OSError as err:  # e.g. a user switch without the privilege for it
+            files.remove_runtime()
+            raise VmmError(f"cannot start the VMM: {err}") from err
 
     @classmethod
     async def attach(cls, name: str, files: VmmFiles, pid: int) -> VmmHandle:
