@@ -46,7 +46,11 @@
 #include <unistd.h>
 
 #include "emu_int.h"
-#include "sandbox.h"
+
+/* The VMM sandbox (abi/vmm/sandbox.c), when it is linked in: the emulator also builds without it
+ * (tests/emu/c). 2 is MSHV_SANDBOX_HELPER there. */
+int mshv_sandbox_thread_enter(int kind, const char *name) __attribute__((weak));
+#define EMU_SANDBOX_HELPER 2
 
 #define RFLAGS_IF (1ull << 9)
 #define RFLAGS_VM (1ull << 17)
@@ -1193,7 +1197,7 @@ static void *monitor(void *arg)
 {
     (void)arg;
     /* Under the VMM sandbox this thread keeps only what its loop needs (abi/vmm/sandbox.c). */
-    if (mshv_sandbox_thread_enter(MSHV_SANDBOX_HELPER, "emu-monitor") < 0)
+    if (mshv_sandbox_thread_enter && mshv_sandbox_thread_enter(EMU_SANDBOX_HELPER, "emu-monitor") < 0)
         return NULL; /* no monitor: halted VPs are then kicked only by their callers */
     sigset_t sys;
     sigemptyset(&sys);

@@ -457,6 +457,7 @@ static int compile(const struct rule *rules, size_t n, struct sock_filter *prog,
 }
 
 static const char *const default_names[] = {"main", "vcpu", "helper"};
+_Static_assert(MSHV_SANDBOX_HELPER == 2, "abi/emu/emu_kvm.c calls the helper kind EMU_SANDBOX_HELPER (2)");
 
 int mshv_seccomp_install(int kind)
 {

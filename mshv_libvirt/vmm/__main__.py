@@ -29,8 +29,6 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s vmm[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
-    # The first record also loads the time zone while files may still be read.
-    logging.getLogger("mshv_libvirt.vmm").debug("VMM starting (pid %d, uid %d)", os.getpid(), os.getuid())
     try:
         config = VmmConfig.load(args.config, args.config_fd)
     except ConfigError as err:

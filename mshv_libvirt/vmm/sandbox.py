@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,7 @@ def enter(report_fd: int | None = None, write_paths: tuple[str, ...] = ()) -> Sa
     global _state
     if _state is not None:
         return _state
+    time.localtime()  # log timestamps: the C library reads the time zone file now, while it still may
     _check(int(lib.mshv_sandbox_register_thread(b"main")), "naming the main thread")
     _check(int(lib.mshv_sandbox_no_new_privs()), "PR_SET_NO_NEW_PRIVS")
     reads = read_paths()
