@@ -101,6 +101,7 @@ class Vmm:
         assert self._console is not None
         self._generation += 1
         self._vm = self._build(self.config, self._console.write, self._post_exit(self._generation), paused)
+        self._vm.platform.serial.on_rx_room = self._wake  # console input resumes as soon as the guest drains
         self._paused = paused
         self.boots += 1
 
@@ -369,6 +370,10 @@ class Vmm:
             return
         self._selector.register(console.fileno(), selectors.EVENT_READ, self._console_input)
         self._console_watched = True
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"r")
 
     def _drain_wakeups(self, _mask: int) -> None:
         with contextlib.suppress(BlockingIOError):

@@ -318,3 +318,25 @@ def test_acpi_pm_timer_and_reset_register() -> None:
     assert events == []
     pm.reset_register.write(0, 1, acpi.RESET_VALUE)
     assert events == ["reset"]
+
+
+def test_serial_wakes_the_host_once_when_a_full_fifo_is_half_drained() -> None:
+    # The VMM stops reading the console while the FIFO is full; the UART calls on_rx_room once the guest
+    # has read half of the 64-byte FIFO (not per byte, not before the host found it full).
+    uart = serial.Serial16550(io.BytesIO().write)
+    wakes: list[int] = []
+    uart.on_rx_room = lambda: wakes.append(len(wakes))
+    assert uart.enqueue_input(b"x" * 64) == 64
+    for _ in range(40):
+        uart.read(serial.RBR_THR, 1)
+    assert wakes == []  # the host never found it full
+    uart.enqueue_input(b"y" * 64)
+    assert uart.rx_space() == 0  # what the VMM's console reader sees: it stops watching the pty
+    reads = 0
+    while not wakes:
+        uart.read(serial.RBR_THR, 1)
+        reads += 1
+    assert reads == 32 and uart.rx_space() == 32
+    for _ in range(32):
+        uart.read(serial.RBR_THR, 1)
+    assert wakes == [0]

@@ -12,6 +12,7 @@ import pytest
 
 from mshv_libvirt.vmm.config import VmmConfig
 from mshv_libvirt.vmm.control import CommandError
+from mshv_libvirt.vmm.devices.serial import Serial16550
 from mshv_libvirt.vmm.runtime import Vmm
 from mshv_libvirt.vmm.vcpu import ResponseKind, VcpuEvent, VcpuResponse, VmExit, VmExitKind
 from tests.support.guests import TINY_BANNER
@@ -62,6 +63,7 @@ class FakePartition:
 class FakePlatform:
     acpi_pm: FakePm | None = field(default_factory=FakePm)
     i8042: FakeKeyboard = field(default_factory=FakeKeyboard)
+    serial: Serial16550 = field(default_factory=lambda: Serial16550(lambda _data: None))
 
 
 @dataclass

@@ -81,6 +81,11 @@ class Serial16550:
         self._lsr_errors = 0
         self._thre_pending = True
         self._irq_level = False
+        # The host found the FIFO full and stopped feeding it; once the guest has drained half of it,
+        # on_rx_room (set by the VMM: a wakeup of its main loop) is called once, so input resumes at
+        # once instead of at the main loop's next timeout, without a wakeup per byte read.
+        self._host_waiting = False
+        self.on_rx_room: Callable[[], None] | None = None
 
     # -- host side ------------------------------------------------------------------------------
     def enqueue_input(self, data: bytes) -> int:
@@ -96,7 +101,10 @@ class Serial16550:
 
     def rx_space(self) -> int:
         with self._lock:
-            return RX_FIFO_SIZE - len(self._rx)
+            room = RX_FIFO_SIZE - len(self._rx)
+            if room == 0:
+                self._host_waiting = True
+            return room
 
     @property
     def irq_level(self) -> bool:
@@ -121,6 +129,10 @@ class Serial16550:
                     return self._dll
                 value = self._rx.popleft() if self._rx else 0
                 self._update_irq()
+                if self._host_waiting and len(self._rx) <= RX_FIFO_SIZE // 2:
+                    self._host_waiting = False
+                    if self.on_rx_room is not None:
+                        self.on_rx_room()
                 return value
             if offset == IER:
                 return self._dlm if dlab else self._ier
