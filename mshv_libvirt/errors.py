@@ -97,7 +97,8 @@ class VirtError(Exception):
     ) -> None:
         self.code = code
         self.domain = domain
-        self.detail = detail
+        # No error reaches a client without a reason: an empty detail is a bug, but still says what failed.
+        self.detail = detail if detail.strip() else "no reason was given"
         prefix = _PREFIX.get(code)
         if code in _FORMATS:
             bare, fmt = _FORMATS[code]
@@ -106,7 +107,7 @@ class VirtError(Exception):
             # libvirt prints the bare prefix when there is no detail (virErrorMsg with info NULL)
             self.message = f"{prefix}: {detail}" if detail else prefix
         else:
-            self.message = detail
+            self.message = self.detail
         super().__init__(self.message)
 
 
@@ -129,3 +130,9 @@ def invalid_argument(detail: str, domain: ErrorDomain = ErrorDomain.DOMAIN) -> V
     err.message = detail
     err.args = (detail,)
     return err
+
+
+def describe(err: BaseException) -> str:
+    """``str(err)``, never empty: an exception without a message is named by its type."""
+    text = str(err).strip()
+    return text if text else type(err).__name__

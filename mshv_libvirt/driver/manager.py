@@ -43,9 +43,10 @@ from mshv_libvirt.lifecycle import (
 from mshv_libvirt.lifecycle.states import UndefinedDetail, lookup
 from mshv_libvirt.proc import host_memory_kib, pid_alive, task_stat
 
-from . import cputune
+from . import cputune, layout
+from .migrate import migrate_legacy_layout
 from .store import ConfigStore
-from .vmm_client import VmmError, VmmFiles, VmmHandle, find_vmm_processes, is_our_vmm
+from .vmm_client import VmmError, VmmFiles, VmmHandle, find_vmm_processes, is_our_vmm, same_file
 from .vmm_launch import VmmOptions, settle_crash_dump
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,10 @@ class Domain:
 
     @property
     def config(self) -> DomainConfig:
-        cfg = self.live if self.active and self.live is not None else self.persistent
-        assert cfg is not None
+        # A transient domain exists (and answers queries) from createXML on, before its VMM is up.
+        cfg = self.live if (self.active or self.persistent is None) and self.live is not None else self.persistent
+        if cfg is None:
+            raise VirtError(ErrorCode.INTERNAL_ERROR, f"domain '{self.name}' has no configuration")
         return cfg
 
 
@@ -298,8 +301,14 @@ class DomainTable(dict[str, "Domain"]):
 
 class DomainManager:
     def __init__(self, paths: Paths, *, autostart: bool = True, vmm_options: VmmOptions | None = None) -> None:
-        self.paths = paths
         self.vmm_options = vmm_options or VmmOptions()  # VMM user, serial log cap (vmm_launch.py)
+        # Absolute: records and VMM configs name these paths, and a daemon may change its directory.
+        self.paths = paths = Paths(
+            Path(os.path.abspath(paths.config_dir)),
+            Path(os.path.abspath(paths.run_dir)),
+            Path(os.path.abspath(paths.log_dir)),
+            Path(os.path.abspath(paths.dump_dir)) if paths.dump_dir is not None else None,
+        )
         self.store = ConfigStore(paths.config_dir)
         self._domains = DomainTable()
         self._listeners: list[Listener] = []
@@ -310,11 +319,12 @@ class DomainManager:
 
     # -- start-up ---------------------------------------------------------------------------------
     async def load(self) -> None:
-        """Read defined domains, re-attach to still-running VMMs, then autostart."""
+        """Migrate an earlier layout, read defined domains, re-attach to still-running VMMs, then autostart."""
         self.store.ensure()
         self._finish_renames()
         self.paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.paths.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        migrate_legacy_layout(self.paths.config_dir, self.paths.run_dir, self.paths.log_dir)
         for name, xml in self.store.load_all().items():
             try:
                 # Stored by define after every check: read back without running a validator.
@@ -327,9 +337,13 @@ class DomainManager:
                 continue
             self._domains[name] = Domain(name, cfg.uuid, cfg)
         sweep_temporaries(self.paths.run_dir)
-        records = sorted(p for p in self.paths.run_dir.glob("*.json") if not p.name.endswith(".vmm.json"))
-        for record in records:
-            await self._reattach(record)
+        dirs = sorted(i for i in (layout.runtime_dir_id(e) for e in os.listdir(self.paths.run_dir)) if i is not None)
+        # Never reuse the id (and so the runtime directory) of anything still on disk.
+        self._next_id = max(dirs, default=0) + 1
+        for dom_id in dirs:
+            record = layout.runtime_dir(self.paths.run_dir, dom_id) / layout.RECORD
+            if record.exists():
+                await self._reattach(record)
         await self._reap_orphans()
         if self._autostart:
             for dom in list(self._domains.values()):
@@ -346,18 +360,32 @@ class DomainManager:
         remove its files rather than leave a VM running behind the domain's back (where the next
         start would put a second VMM next to it).
         """
-        for name, pid in find_vmm_processes(self.paths.run_dir):
-            dom = self._domains.get(name)
-            if dom is not None and dom.vmm is not None and dom.vmm.pid == pid:
+        attached = {d.vmm.pid: d.vmm.files for d in self._domains.values() if d.vmm is not None}
+        for config, pid in find_vmm_processes(self.paths.run_dir):
+            if pid in attached and is_our_vmm(pid, attached[pid]):
                 continue
-            log.warning("stopping VMM pid %d of %s: it has no runtime record (start never completed)", pid, name)
-            await VmmHandle.reap(name, self._files(name), pid)
-        active = {d.name for d in self._domains.values() if d.active}
-        for suffix in (".pid", ".vmm.json", ".ctl", ".exit"):
-            for leftover in self.paths.run_dir.glob(f"*{suffix}"):
-                name = leftover.name[: -len(suffix)]
-                if name not in active:
-                    self._files(name).remove_runtime()
+            log.warning("stopping VMM pid %d (%s): it has no runtime record (start never completed)", pid, config)
+            await VmmHandle.reap(pid, config)
+        # Whatever no running domain uses: runtime directories of ended VMMs, and the top-level files
+        # of VMMs an earlier version started (their records were migrated, see migrate.py).
+        # (Compared resolved: a record keeps the spelling of the run dir the daemon that wrote it was given.)
+        in_use: set[str] = set()
+        for files in attached.values():
+            in_use |= {os.path.realpath(p) for p in (files.dir, files.config, files.control, files.pidfile)}
+            in_use.add(os.path.realpath(files.exit_file))
+        for entry in list(self.paths.run_dir.iterdir()):
+            dom_id = layout.runtime_dir_id(entry.name)
+            if os.path.realpath(entry) in in_use:
+                continue
+            if dom_id is not None and entry.is_dir():
+                VmmFiles.for_domain(self.paths.run_dir, self.paths.log_dir, dom_id, "").remove_runtime()
+            elif (
+                entry.name.endswith((".pid", ".json", ".ctl", ".exit"))
+                and entry.name != layout.DAEMON_PIDFILE
+                and not entry.is_dir()
+            ):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
 
     async def _reattach(self, record: Path) -> None:
         try:
@@ -366,17 +394,18 @@ class DomainManager:
             pid = int(raw["pid"]) if raw.get("pid") is not None else None
             live = parse_domain_xml(str(raw["xml"]), trusted=True)
             status = Status(State(int(raw["state"])), int(raw["reason"]))
+            files = VmmFiles.from_json(raw["files"])
+            if not same_file(files.dir, record.parent):
+                raise ValueError(f"it belongs in {files.dir}")
         except (OSError, ValueError, KeyError, TypeError, VirtError) as err:
             log.error("ignoring unreadable runtime record %s: %s", record, err)
-            remove_durable(record)
-            return
+            return  # its directory is removed with the other leftovers
         dom = self._domains.get(name)
         if dom is None:
             dom = Domain(name, live.uuid, None)
             self._domains[name] = dom
         dom.live, dom.id, dom.status = live, dom_id, status
         self._next_id = max(self._next_id, dom_id + 1)
-        files = self._files(name)
         handle: VmmHandle | None = None
         preserved: Input | None = None
         if pid is not None and pid > 0 and pid_alive(pid) and is_our_vmm(pid, files):
@@ -396,7 +425,7 @@ class DomainManager:
                 if pid_alive(pid):
                     # Alive but not answering: it cannot be managed, and a second VMM must never be
                     # started next to it. Stop it; its ending is accounted for below.
-                    await VmmHandle.reap(name, files, pid)
+                    await VmmHandle.reap(pid, files.config)
         if handle is not None:
             self._adopt(dom, handle)
             log.info("re-attached to %s (pid %d)", name, pid)
@@ -478,6 +507,7 @@ class DomainManager:
 
     async def define(self, xml: str, *, validate: bool = False) -> Domain:
         cfg = await parse_untrusted(xml, validate)
+        layout.check_name(cfg.name)
         while True:
             existing = self._check_unique(cfg)
             if existing is None:
@@ -568,6 +598,7 @@ class DomainManager:
         self, xml: str, paused: bool, *, validate: bool = False, autodestroy: object | None = None
     ) -> Domain:
         cfg = await parse_untrusted(xml, validate)
+        layout.check_name(cfg.name)
         existing = self._check_unique(cfg)
         if existing is not None:
             if existing.active:
@@ -643,7 +674,7 @@ class DomainManager:
                 dom.vmm = None  # the exit watcher must not account for this exit again
                 if handle is not None:
                     await handle.kill()
-                self._files(dom.name).remove_runtime()
+                    handle.files.remove_runtime()
             elif t.action in (Action.SPAWN_VMM, Action.SPAWN_VMM_PAUSED):
                 await self._spawn(dom, paused=t.action is Action.SPAWN_VMM_PAUSED)
         except VmmError as err:
@@ -663,7 +694,6 @@ class DomainManager:
                 self._emit(dom, "lifecycle", *emission)
         if not dom.active:
             dom.id = -1
-            remove_durable(self._record_path(dom.name))
             if dom.persistent is None:
                 self._forget(dom)
         else:
@@ -675,12 +705,6 @@ class DomainManager:
             del self._domains[dom.name]
 
     # -- VMM processes ----------------------------------------------------------------------------
-    def _files(self, name: str) -> VmmFiles:
-        return VmmFiles.for_domain(self.paths.run_dir, self.paths.log_dir, name)
-
-    def _record_path(self, name: str) -> Path:
-        return self.paths.run_dir / f"{name}.json"
-
     def _write_record(self, dom: Domain, status: Status | None = None) -> None:
         """Persist what a restarted daemon needs to take the running domain over again.
 
@@ -690,6 +714,7 @@ class DomainManager:
         status = status or dom.status
         if status.state is State.SHUTOFF or dom.live is None or dom.vmm is None:
             return
+        files = dom.vmm.files
         record = {
             "name": dom.name,
             "uuid": str(dom.uuid),
@@ -698,10 +723,11 @@ class DomainManager:
             "state": int(status.state),
             "reason": int(status.reason),
             "xml": dom.live.xml,
+            "files": files.to_json(),  # exactly what this VMM was given (see VmmFiles)
         }
-        write_atomic(self._record_path(dom.name), json.dumps(record).encode())
+        write_atomic(files.record, json.dumps(record).encode())
 
-    def _vmm_config(self, dom: Domain, cfg: DomainConfig, paused: bool) -> dict[str, Any]:
+    def _vmm_config(self, dom: Domain, cfg: DomainConfig, paused: bool, dom_id: int, files: VmmFiles) -> dict[str, Any]:
         if cfg.kernel is None:
             raise VirtError(
                 ErrorCode.CONFIG_UNSUPPORTED,
@@ -724,7 +750,8 @@ class DomainManager:
                 f"domain '{dom.name}' needs {cfg.memory_kib} KiB of memory but the host has {host_kib} KiB",
                 ErrorDomain.DOMAIN,
             )
-        files = self._files(dom.name)
+        # Dumps: <id>-<short name>-<time>-<daemon pid>.core, libvirt's short-name idea: bounded length.
+        dump = f"{dom_id}-{layout.escape_name(dom.name)[:20]}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.core"
         return {
             "name": dom.name,
             "uuid": str(dom.uuid),
@@ -742,9 +769,7 @@ class DomainManager:
             "on_poweroff": "preserve" if cfg.on_poweroff == "preserve" else "destroy",
             "on_crash": "preserve" if cfg.on_crash == "preserve" else "destroy",
             # coredump-destroy/-restart: the VMM writes the core, then the table destroys or restarts.
-            "crash_dump": str(self.paths.dumps / f"{dom.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.core")
-            if cfg.on_crash.startswith("coredump-")
-            else None,
+            "crash_dump": str(self.paths.dumps / dump) if cfg.on_crash.startswith("coredump-") else None,
             "start_paused": paused,
             "control_socket": str(files.control),
             "pidfile": str(files.pidfile),
@@ -757,24 +782,30 @@ class DomainManager:
     async def _spawn(self, dom: Domain, paused: bool, *, keep_id: bool = False) -> None:
         cfg = dom.live or dom.persistent
         assert cfg is not None
-        vmm_config = self._vmm_config(dom, cfg, paused)
+        # The id names the runtime directory: taken now, and not given again even if the start fails. A
+        # restart in place (QEMU's fake reboot) keeps the domain's id, and so its directory.
+        dom_id = dom.id if keep_id else self._next_id
+        files = VmmFiles.for_domain(self.paths.run_dir, self.paths.log_dir, dom_id, dom.name)
+        vmm_config = self._vmm_config(dom, cfg, paused, dom_id, files)
         if cfg.cpu.nested == "require":
             await _check_nested(cfg)
-        files = self._files(dom.name)
+        if not keep_id:
+            self._next_id += 1
         try:
             handle = await VmmHandle.spawn(dom.name, files, vmm_config, self.vmm_options)
         except VmmError as err:
             files.remove_runtime()
             raise _failed(f"domain '{dom.name}' failed to start: {err}") from err
+        except BaseException:
+            files.remove_runtime()
+            raise
         try:
             await self._pin(handle, cfg)  # as libvirt, a pin that cannot be applied fails the start
         except VirtError:
             await handle.kill()
             files.remove_runtime()
             raise
-        if not keep_id:
-            dom.id = self._next_id
-            self._next_id += 1
+        dom.id = dom_id
         self._adopt(dom, handle)
         # Record the VMM at once: a daemon killed before the caller commits the transition must still
         # find (and re-attach to) this VMM. The status is the one the spawn transitions lead to.
@@ -1072,3 +1103,6 @@ class DomainManager:
                 await self._autodestroy(dom, dom.autodestroy)
         for task in list(self._tasks):
             task.cancel()
+        for dom in self._domains.values():
+            if dom.vmm is not None:
+                dom.vmm.close()

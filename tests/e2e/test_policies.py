@@ -30,7 +30,6 @@ libvirt = pytest.importorskip("libvirt")
 
 pytestmark = pytest.mark.virsh
 
-RUNTIME_SUFFIXES = (".json", ".ctl", ".pid", ".exit", ".vmm.json")
 E = libvirt
 BOOTED = (E.VIR_DOMAIN_EVENT_STARTED, E.VIR_DOMAIN_EVENT_STARTED_BOOTED)
 PANICKED = (E.VIR_DOMAIN_EVENT_CRASHED, E.VIR_DOMAIN_EVENT_CRASHED_PANICKED)
@@ -43,7 +42,7 @@ STOPPED_DESTROYED = (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_DEST
 
 
 def serial_log(d: DaemonProcess, name: str) -> str:
-    path = d.run_dir / f"{name}.serial.log"
+    path = d.serial_log(name)
     return path.read_text(errors="replace") if path.exists() else ""
 
 
@@ -52,7 +51,7 @@ def domstate(d: DaemonProcess, name: str) -> str:
 
 
 def stale_files(d: DaemonProcess, name: str) -> list[str]:
-    return [f"{name}{s}" for s in RUNTIME_SUFFIXES if (d.run_dir / f"{name}{s}").exists()]
+    return d.stale_runtime(name)
 
 
 Seen = tuple[int, int] | str
@@ -181,7 +180,7 @@ def test_on_crash_coredump(
     con = type_on_console(daemon, name, b"c")
     dumps = daemon.run_dir / "dump"
     try:
-        wait_for(lambda: any(dumps.glob(f"{name}-*.core")), timeout=20)
+        wait_for(lambda: any(dumps.glob(f"*-{name}-*.core")), timeout=20)
         if policy == "coredump-destroy":
             wait_for(lambda: domstate(daemon, name) == "shut off (crashed)", timeout=15)
         else:
@@ -191,7 +190,7 @@ def test_on_crash_coredump(
         con.kill()
     after = [REBOOT, RESUMED_UNPAUSED] if policy == "coredump-restart" else [STOPPED_CRASHED]
     events.wait(name, [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, PANICKED, *after])
-    (core,) = list(dumps.glob(f"{name}-*.core"))
+    (core,) = list(dumps.glob(f"*-{name}-*.core"))
     _check_core(core, memory_mib=64)
     if policy == "coredump-restart":
         virsh(daemon.uri, "destroy", name)
@@ -204,7 +203,7 @@ def domid(d: DaemonProcess, name: str) -> str:
 
 def test_on_crash_restart(kvm: None, daemon: DaemonProcess, events: Events, tiny_kernel: Path, tmp_path: Path) -> None:
     start_with_policy(daemon, tmp_path, tiny_kernel, "crr", crash="restart")
-    pid, dom_id = int((daemon.run_dir / "crr.pid").read_text()), domid(daemon, "crr")
+    pid, dom_id = daemon.vmm_pid("crr"), domid(daemon, "crr")
     con = type_on_console(daemon, "crr", b"c")
     try:
         wait_for(lambda: serial_log(daemon, "crr").count(TINY_BANNER) == 2, timeout=15)
@@ -213,8 +212,7 @@ def test_on_crash_restart(kvm: None, daemon: DaemonProcess, events: Events, tiny
     # QEMU's fake reboot from CRASHED: the CPUs start again with reason "crashed".
     assert domstate(daemon, "crr") == "running (crashed)"
     events.wait("crr", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, PANICKED, REBOOT, RESUMED_UNPAUSED])
-    wait_for(lambda: (daemon.run_dir / "crr.pid").exists())
-    assert int((daemon.run_dir / "crr.pid").read_text()) != pid  # a new VMM...
+    wait_for(lambda: daemon.try_vmm_pid("crr") not in (None, pid))  # a new VMM...
     assert domid(daemon, "crr") == dom_id  # ...for the same domain, as a fake reboot keeps the id
     # the restarted domain is fully managed: console and destroy work
     con = type_on_console(daemon, "crr", b"ECHO-AFTER-CRASH")
@@ -256,7 +254,7 @@ def test_on_reboot_restart_reboots_in_place(
     kvm: None, daemon: DaemonProcess, events: Events, tiny_kernel: Path, tmp_path: Path
 ) -> None:
     start_with_policy(daemon, tmp_path, tiny_kernel, "rbr", reboot="restart")
-    pid = int((daemon.run_dir / "rbr.pid").read_text())
+    pid = daemon.vmm_pid("rbr")
     con = type_on_console(daemon, "rbr", b"r")
     try:
         con.read_until(TINY_BANNER.encode() * 1)  # the console stays attached across an in-place reboot
@@ -307,7 +305,7 @@ def test_triple_fault_is_a_reset_not_a_crash(
 
 
 def vmm_pid(d: DaemonProcess, name: str) -> int:
-    return int((d.run_dir / f"{name}.pid").read_text())
+    return d.vmm_pid(name)
 
 
 @pytest.mark.parametrize(

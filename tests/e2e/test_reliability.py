@@ -23,23 +23,20 @@ from typing import Any
 import pytest
 
 from mshv_libvirt.domain import parse_domain_xml
-from mshv_libvirt.driver.vmm_client import find_vmm_processes
 from mshv_libvirt.proc import pid_alive
-from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, wait_for
+from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, vmm_processes, wait_for
 from tests.support.guests import TINY_BANNER
 
 libvirt = pytest.importorskip("libvirt")
 
 pytestmark = pytest.mark.virsh
 
-RUNTIME_SUFFIXES = (".json", ".ctl", ".pid", ".exit", ".vmm.json")
-
 
 # -- helpers --------------------------------------------------------------------------------------
 
 
 def serial_log(d: DaemonProcess, name: str) -> str:
-    path = d.run_dir / f"{name}.serial.log"
+    path = d.serial_log(name)
     return path.read_text(errors="replace") if path.exists() else ""
 
 
@@ -54,26 +51,22 @@ def domstate(d: DaemonProcess, name: str) -> str:
 
 
 def stale_files(d: DaemonProcess, name: str) -> list[str]:
-    return [f"{name}{s}" for s in RUNTIME_SUFFIXES if (d.run_dir / f"{name}{s}").exists()]
+    return d.stale_runtime(name)
 
 
 def all_stale_files(d: DaemonProcess) -> list[str]:
-    out = []
-    for p in d.run_dir.iterdir():
-        if p.name.endswith((".json", ".ctl", ".pid", ".exit")) or p.name.startswith(".tmp-"):
-            out.append(p.name)
-    return sorted(out)
+    return d.runtime_leftovers()
 
 
 def vmm_pid(d: DaemonProcess, name: str) -> int:
-    return int((d.run_dir / f"{name}.pid").read_text())
+    return d.vmm_pid(name)
 
 
 def vmm_request(d: DaemonProcess, name: str, cmd: str) -> dict[str, Any]:
     """Talk to a VMM's control socket directly (the daemon may be dead)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
-        s.connect(str(d.run_dir / f"{name}.ctl"))
+        s.connect(str(d.control_socket(name)))
         s.sendall(json.dumps({"id": 1, "cmd": cmd}).encode() + b"\n")
         buf = b""
         while True:
@@ -255,11 +248,6 @@ def _code_name(code: int) -> str:
     return f"code {code}"
 
 
-def vmm_processes(run_dir: Path) -> dict[str, int]:
-    """name -> pid of every live VMM process whose config lives in ``run_dir`` (found in /proc, not in files)."""
-    return dict(find_vmm_processes(run_dir))
-
-
 def test_concurrent_clients(kvm: None, daemon: DaemonProcess, tiny_kernel: Path) -> None:
     xmls = {name: domain_xml(name, tiny_kernel, uuid=uuid, memory_mib=32) for name, uuid in SHARED_DOMAINS.items()}
     setup = libvirt.open(daemon.uri)
@@ -342,19 +330,18 @@ def test_concurrent_clients(kvm: None, daemon: DaemonProcess, tiny_kernel: Path)
             state = None
         final_states[name] = "undefined" if state is None else {1: "running", 3: "paused", 5: "shut off"}[state]
         active = state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED)
-        pidfile = daemon.run_dir / f"{name}.pid"
-        recorded = int(pidfile.read_text()) if pidfile.exists() else None
+        recorded = daemon.try_vmm_pid(name)
         if active != (name in live):
             inconsistent.append(f"{name}: reported {final_states[name]} but VMM process {live.get(name)}")
         if active and recorded != live.get(name):
             inconsistent.append(f"{name}: pidfile {recorded} but VMM process {live.get(name)}")
-        if active and not (daemon.run_dir / f"{name}.json").exists():
+        if active and name not in daemon.records():
             inconsistent.append(f"{name}: running without a runtime record")
         if not active and stale_files(daemon, name):
             inconsistent.append(f"{name}: stale runtime files {stale_files(daemon, name)}")
         if state is not None and name not in listing:
             inconsistent.append(f"{name}: not in virsh list")
-        has_file = (daemon.config_dir / f"{name}.xml").exists()
+        has_file = daemon.config_file(name).exists()
         if has_file != (name in persistent_names):
             inconsistent.append(f"{name}: config file {has_file} but persistent {name in persistent_names}")
     for leaked in set(live) - set(xmls):
@@ -438,7 +425,7 @@ def test_daemon_sigkill_during_define_keeps_old_or_new_config(daemon: DaemonProc
         finally:
             client.kill()
             client.wait()
-        on_disk = (daemon.config_dir / "def1.xml").read_text()
+        on_disk = daemon.config_file("def1").read_text()
         assert parse_domain_xml(on_disk).xml in want
         daemon.start()
         xml = virsh(daemon.uri, "dumpxml", "--inactive", "def1").stdout
@@ -484,8 +471,9 @@ def test_daemon_sigkill_during_start_leaves_no_unmanaged_vmm(
     virsh(daemon.uri, "start", "ks")
     pid = vmm_pid(daemon, "ks")
     daemon.kill()
-    for suffix in (".json", ".pid"):
-        (daemon.run_dir / f"ks{suffix}").unlink()
+    runtime = daemon.runtime_dir("ks")
+    for f in ("record.json", "vmm.pid"):
+        (runtime / f).unlink()
     daemon.start()
     assert domstate(daemon, "ks").startswith("shut off")
     assert not pid_alive(pid) and vmm_processes(daemon.run_dir) == {}

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.virsh
 
 
 def serial_log(d: DaemonProcess, name: str) -> str:
-    path = d.run_dir / f"{name}.serial.log"
+    path = d.serial_log(name)
     return path.read_text(errors="replace") if path.exists() else ""
 
 
@@ -84,7 +84,7 @@ def test_define_start_info_suspend_resume_destroy_undefine(
 
     virsh(daemon.uri, "undefine", "vm1")
     assert virsh(daemon.uri, "list", "--all", "--name").stdout.strip() == ""
-    assert not (daemon.config_dir / "vm1.xml").exists()
+    assert not daemon.config_file("vm1").exists()
     res = virsh(daemon.uri, "dominfo", "vm1", check=False)
     assert "failed to get domain 'vm1'" in res.stderr
 
@@ -97,7 +97,7 @@ def test_guest_shutdown_via_acpi_button(kvm: None, daemon: DaemonProcess, tiny_k
     wait_for(lambda: "shut off" in virsh(daemon.uri, "domstate", "vm2").stdout)
     assert virsh(daemon.uri, "domstate", "--reason", "vm2").stdout.strip() == "shut off (shutdown)"
     assert TINY_POWERBUTTON in serial_log(daemon, "vm2")
-    assert not (daemon.run_dir / "vm2.json").exists()
+    assert daemon.stale_runtime("vm2") == []
 
 
 def test_reboot_keeps_running_and_boots_again(
@@ -115,11 +115,11 @@ def test_reboot_keeps_running_and_boots_again(
 def test_autostart_and_start_paused(kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path) -> None:
     define(daemon, tmp_path, "vm4", tiny_kernel)
     virsh(daemon.uri, "autostart", "vm4")
-    assert (daemon.config_dir / "autostart" / "vm4.xml").is_symlink()
+    assert daemon.autostart_link("vm4").is_symlink()
     assert "Autostart:      enable" in virsh(daemon.uri, "dominfo", "vm4").stdout
     assert "vm4" in virsh(daemon.uri, "list", "--all", "--autostart", "--name").stdout
     virsh(daemon.uri, "autostart", "--disable", "vm4")
-    assert not (daemon.config_dir / "autostart" / "vm4.xml").exists()
+    assert not daemon.autostart_link("vm4").exists()
 
     virsh(daemon.uri, "start", "--paused", "vm4")
     assert virsh(daemon.uri, "domstate", "--reason", "vm4").stdout.strip() == "paused (user)"
@@ -236,7 +236,7 @@ def test_create_transient(kvm: None, daemon: DaemonProcess, tiny_kernel: Path, t
     xml.write_text(domain_xml("tr", tiny_kernel))
     assert "Domain 'tr' created" in virsh(daemon.uri, "create", str(xml)).stdout
     assert "Persistent:     no" in virsh(daemon.uri, "dominfo", "tr").stdout
-    assert not (daemon.config_dir / "tr.xml").exists()
+    assert not daemon.config_file("tr").exists()
     virsh(daemon.uri, "destroy", "tr")
     assert virsh(daemon.uri, "list", "--all", "--name").stdout.strip() == ""
 
@@ -323,7 +323,7 @@ def test_title_and_description_with_virsh_desc(
     virsh(daemon.uri, "desc", "ds", "--new-desc", "boots in a blink")
     assert virsh(daemon.uri, "desc", "ds", "--title").stdout.strip() == "A tiny guest"
     assert virsh(daemon.uri, "desc", "ds").stdout.strip() == "boots in a blink"
-    assert "<title>A tiny guest</title>" in (daemon.config_dir / "ds.xml").read_text()
+    assert "<title>A tiny guest</title>" in daemon.config_file("ds").read_text()
     assert "A tiny guest" in virsh(daemon.uri, "list", "--all", "--title").stdout
     virsh(daemon.uri, "start", "ds")
     virsh(daemon.uri, "desc", "ds", "--live", "--title", "running title")

@@ -99,7 +99,7 @@ FULL_EXTRAS = [
 
 
 def serial_log(d: DaemonProcess, name: str) -> str:
-    path = d.run_dir / f"{name}.serial.log"
+    path = d.serial_log(name)
     return path.read_text(errors="replace") if path.exists() else ""
 
 

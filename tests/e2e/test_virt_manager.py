@@ -159,7 +159,7 @@ def virt_manager(uri: str, display: str, root: Path, *args: str) -> Iterator[Vir
 
 
 def serial_log(d: DaemonProcess, name: str) -> str:
-    path = d.run_dir / f"{name}.serial.log"
+    path = d.serial_log(name)
     return path.read_text(errors="replace") if path.exists() else ""
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pty
 import select
@@ -14,9 +15,37 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mshv_libvirt.driver.vmm_client import find_vmm_processes
+from mshv_libvirt.driver import layout
 
 VIRSH = "virsh"
+
+
+def vmm_processes(run_dir: Path) -> dict[str, int]:
+    """name -> pid of every live VMM process whose command line names a config under ``run_dir``.
+
+    The tests' own /proc scan (not the driver's): a process counts when it runs ``mshv_libvirt.vmm``
+    and its ``--config`` file lies in ``run_dir`` or one level below; the name is read from that file.
+    """
+    out: dict[str, int] = {}
+    root = os.path.realpath(run_dir)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if b"mshv_libvirt.vmm" not in argv or b"--config" not in argv or stat.rsplit(")", 1)[1].split()[0] == "Z":
+            continue
+        config = os.path.realpath(os.fsdecode(argv[argv.index(b"--config") + 1]))
+        if os.path.dirname(config) != root and os.path.dirname(os.path.dirname(config)) != root:
+            continue
+        try:
+            out[str(json.loads(Path(config).read_text())["name"])] = int(entry)
+        except (OSError, ValueError, KeyError):
+            out[f"?{config}"] = int(entry)
+    return out
 
 
 @dataclass
@@ -27,6 +56,7 @@ class DaemonProcess:
     env: dict[str, str] = field(default_factory=dict)
     module: str = "mshv_libvirt.daemon"  # or a test wrapper of it (tests/support/validator_hook.py)
     system: bool = False  # the system instance (libvirt's "privileged" driver), still on the paths below
+    run_dir_arg: str | None = None  # another spelling of run_dir to pass (a symlink, a relative path)
 
     @property
     def socket(self) -> Path:
@@ -43,6 +73,74 @@ class DaemonProcess:
     @property
     def log(self) -> Path:
         return self.root / "daemon.log"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir  # the daemon's default when only --run-dir is given
+
+    # -- where the daemon keeps a domain's files (docs/DAEMON.md, "On-disk layout") --
+    def config_file(self, name: str) -> Path:
+        return layout.config_file(self.config_dir, name)
+
+    def autostart_link(self, name: str) -> Path:
+        return layout.autostart_link(self.config_dir, name)
+
+    def serial_log(self, name: str) -> Path:
+        return layout.serial_log(self.log_dir, name)
+
+    def vmm_log(self, name: str) -> Path:
+        return layout.vmm_log(self.log_dir, name)
+
+    def records(self) -> dict[str, Path]:
+        """name -> runtime directory of every domain with a runtime record."""
+        out = {}
+        for record in self.run_dir.glob(f"*/{layout.RECORD}"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                out[str(json.loads(record.read_text())["name"])] = record.parent
+        return out
+
+    def runtime_dir(self, name: str) -> Path:
+        found = self.records().get(name)
+        assert found is not None, f"no runtime record for {name!r} in {self.run_dir}"
+        return found
+
+    def vmm_file(self, name: str, kind: str) -> Path:
+        """A file of the domain's VMM as its runtime record names it (for a VMM an earlier version started
+        these are that version's paths, see driver/migrate.py)."""
+        record = json.loads((self.runtime_dir(name) / layout.RECORD).read_text())
+        return Path(record["files"][kind])
+
+    def vmm_pid(self, name: str) -> int:
+        """The pid the VMM itself wrote (its pidfile), not the daemon's record of it."""
+        return int(self.vmm_file(name, "pidfile").read_text())
+
+    def control_socket(self, name: str) -> Path:
+        return self.vmm_file(name, "control")
+
+    def try_vmm_pid(self, name: str) -> int | None:
+        with contextlib.suppress(AssertionError, OSError, ValueError):
+            return self.vmm_pid(name)
+        return None
+
+    def stale_runtime(self, name: str) -> list[str]:
+        """Runtime directories left for ``name`` (by its record or VMM config), or of no readable domain."""
+        out = []
+        for d in self.run_dir.iterdir():
+            if layout.runtime_dir_id(d.name) is None:
+                continue
+            owner = None
+            for f in (layout.RECORD, layout.VMM_CONFIG):
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    owner = str(json.loads((d / f).read_text())["name"])
+                    break
+            if owner in (None, name):
+                out.append(f"{d.name}/{','.join(sorted(x.name for x in d.iterdir()))}")
+        return out
+
+    def runtime_leftovers(self) -> list[str]:
+        """Everything in the run dir besides logs, the pid file and the log-layout mark (empty when no VM runs)."""
+        keep = {layout.DAEMON_PIDFILE, layout.SERIAL, layout.LOG_LAYOUT_MARK, "dump"}
+        return sorted(p.name for p in self.run_dir.iterdir() if p.name not in keep and not p.name.endswith(".log"))
 
     @property
     def uri(self) -> str:
@@ -68,7 +166,7 @@ class DaemonProcess:
                 "--config-dir",
                 str(self.config_dir),
                 "--run-dir",
-                str(self.run_dir),
+                self.run_dir_arg or str(self.run_dir),
                 "-v",
                 *self.extra_args,
             ],
@@ -107,14 +205,14 @@ class DaemonProcess:
 
     def vmm_pids(self) -> list[int]:
         pids = []
-        for pidfile in self.run_dir.glob("*.pid"):
+        for pidfile in self.run_dir.glob(f"*/{layout.VMM_PIDFILE}"):
             with contextlib.suppress(ValueError, OSError):
                 pids.append(int(pidfile.read_text()))
         return pids
 
     def destroy_all_vmms(self) -> None:
         """Test clean-up: no VMM may outlive its test (also those that never wrote a pidfile)."""
-        pids = set(self.vmm_pids()) | {pid for _, pid in find_vmm_processes(self.run_dir)}
+        pids = set(self.vmm_pids()) | set(vmm_processes(self.run_dir).values())
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
