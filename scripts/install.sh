@@ -50,9 +50,13 @@ if [ -d /run/systemd/system ]; then
     systemctl restart virtmshvd.service || true
 else
     # No systemd as PID 1 (containers, sandboxes): run the daemon directly.
-    if [ -f /run/virtmshvd.pid ] && kill -0 "$(cat /run/virtmshvd.pid)" 2>/dev/null; then
-        kill "$(cat /run/virtmshvd.pid)" || true
-        sleep 1
+    # The new daemon can only start once the old one has released its pid file lock (SIGTERM ends a
+    # daemon within a few seconds, running VMs stay up and are re-attached). --daemon returns once
+    # the daemon serves, non-zero if it cannot.
+    old=$(cat /run/libvirt/mshv/virtmshvd.pid 2>/dev/null || cat /run/virtmshvd.pid 2>/dev/null || true)
+    if [ -n "$old" ] && kill -0 "$old" 2>/dev/null; then
+        kill "$old" || true
+        for _ in $(seq 100); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done
     fi
     /usr/sbin/virtmshvd --system --daemon --pidfile /run/virtmshvd.pid
 fi
