@@ -796,9 +796,6 @@ class DomainManager:
         except VmmError as err:
             files.remove_runtime()
             raise _failed(f"domain '{dom.name}' failed to start: {err}") from err
-        except BaseException:
-            files.remove_runtime()
-            raise
         try:
             await self._pin(handle, cfg)  # as libvirt, a pin that cannot be applied fails the start
         except VirtError:

@@ -257,18 +257,23 @@ class VmmHandle:
     async def spawn(
         cls, name: str, files: VmmFiles, vmm_config: JsonObject, options: VmmOptions | None = None
     ) -> VmmHandle:
-        files.dir.mkdir(mode=0o700, exist_ok=True)
-        files.remove_vmm_files()
-        files.stderr_log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            files.dir.mkdir(mode=0o700, exist_ok=True)
+            files.remove_vmm_files()
+            files.stderr_log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            log = open(files.stderr_log, "ab")  # noqa: SIM115 - closed below, once the child has it
+        except OSError as err:
+            raise VmmError(f"cannot prepare the VMM's files: {describe(err)}") from err
         try:
             # Every descriptor the sandboxed VMM needs, opened and checked here; writes its config.
             launch = vmm_launch.prepare(
                 vmm_config, options or VmmOptions(), config_path=files.config, stderr_dir=files.stderr_log.parent
             )
         except LaunchError as err:
+            log.close()
             files.remove_vmm_files()
             raise VmmError(str(err)) from err
-        with launch, open(files.stderr_log, "ab") as log:
+        with launch, log:
             try:
                 # A plain fork+exec (in C: no Python code runs in the child, safe with threads), in a new
                 # session so a signal to the daemon's group leaves the VM running; not asyncio's

@@ -150,7 +150,7 @@ def test_sigterm_with_a_call_waiting_on_a_stopped_vmm(
     )
     try:
         wait_for(lambda: _recv_queue(pid) > 0, timeout=15)  # the daemon's "pause" request sits in the VMM's socket
-        sigterm(daemon)
+        print(f"SIGTERM to exit, a call in flight: {sigterm(daemon):.2f} s")
         assert client.wait(10) != 0  # the call ended with the connection
         assert pid_alive(pid)
         os.kill(pid, signal.SIGCONT)
