@@ -31,8 +31,9 @@ from mshv_libvirt.lifecycle import PausedReason, RunningReason, State
 from mshv_libvirt.proc import pid_alive
 from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, vmm_processes, wait_for
 from tests.support.guests import TINY_BANNER
+from tests.support.report import write_report
 
-pytestmark = pytest.mark.virsh
+pytestmark = [pytest.mark.virsh, pytest.mark.slow]
 
 # name -> (state in the old runtime record, virsh domstate after the migration)
 RUNNING = {
@@ -253,6 +254,17 @@ def test_sigkill_at_every_migration_step_loses_nothing(old_layout: OldLayout) ->
         d.stop()
     assert steps is not None and steps >= 15, steps
     print(f"old layout migrated in {steps} steps; SIGKILLed before each, nothing lost")
+    write_report(
+        "layout_migration",
+        {
+            "steps": steps,
+            "daemon_sigkills": steps,
+            "restarts_with_domains_intact": steps + 1,
+            "domains": len(RUNNING) + len(DEFINED),
+            "running_guests_kept": len(RUNNING),
+            "domains_lost": 0,
+        },
+    )
 
     # The migrated guests are fully managed: console, destroy (their old files go with them).
     con = PtyProcess(["virsh", "-c", d.uri, "console", "--domain", ".tmp-run"])
