@@ -782,15 +782,16 @@ class DomainManager:
     async def _spawn(self, dom: Domain, paused: bool, *, keep_id: bool = False) -> None:
         cfg = dom.live or dom.persistent
         assert cfg is not None
-        # The id names the runtime directory: taken now, and not given again even if the start fails. A
-        # restart in place (QEMU's fake reboot) keeps the domain's id, and so its directory.
+        # The id names the runtime directory: taken at once (before any await: starts run concurrently),
+        # and not given again even if the start fails, as libvirt does. A restart in place (QEMU's fake
+        # reboot) keeps the domain's id, and so its directory.
         dom_id = dom.id if keep_id else self._next_id
+        if not keep_id:
+            self._next_id += 1
         files = VmmFiles.for_domain(self.paths.run_dir, self.paths.log_dir, dom_id, dom.name)
         vmm_config = self._vmm_config(dom, cfg, paused, dom_id, files)
         if cfg.cpu.nested == "require":
             await _check_nested(cfg)
-        if not keep_id:
-            self._next_id += 1
         try:
             handle = await VmmHandle.spawn(dom.name, files, vmm_config, self.vmm_options)
         except VmmError as err:

@@ -88,7 +88,7 @@ def test_virsh_flag_variants(kvm: None, daemon: DaemonProcess, tiny_kernel: Path
     assert res.returncode == 1 and "bogus" in res.stderr
     assert "badvalidate" not in virsh(daemon.uri, "list", "--all", "--name").stdout
 
-    log = daemon.run_dir / "variants.serial.log"
+    log = daemon.serial_log("variants")
     virsh(daemon.uri, "start", "variants")
     wait_for(lambda: log.exists() and TINY_BANNER in log.read_text(errors="replace"), timeout=60)
     virsh(daemon.uri, "shutdown", "--mode", "acpi", "variants")  # the power button: the guest powers off

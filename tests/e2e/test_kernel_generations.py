@@ -52,7 +52,7 @@ def gen_daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Daemo
 
 
 def vm_log(d: DaemonProcess, name: str) -> str:
-    path = d.run_dir / f"{name}.log"
+    path = d.vmm_log(name)
     return path.read_text(errors="replace") if path.exists() else ""
 
 
@@ -96,7 +96,7 @@ def test_smt_topology_starts_on_every_generation(
     d, gen = gen_daemon, gen_daemon.generation  # type: ignore[attr-defined]
     define(d, tmp_path, "smt", tiny_kernel, 2, SMT_TOPOLOGY)
     virsh(d.uri, "start", "smt")
-    wait_for(lambda: TINY_BANNER in (d.run_dir / "smt.serial.log").read_text(errors="replace"), timeout=60)
+    wait_for(lambda: TINY_BANNER in d.serial_log("smt").read_text(errors="replace"), timeout=60)
     log = vm_log(d, "smt")
     seen = creates(log)
     if gen == "7.0":
@@ -154,7 +154,7 @@ def test_required_nested_virtualization(
             f"MSHV_PT_BIT_NESTED_VIRTUALIZATION: {why}"
         )
         assert dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
-        assert not (d.run_dir / "nested.log").exists()  # refused before any VMM ran
+        assert not d.vmm_log("nested").exists()  # refused before any VMM ran
     finally:
         conn.close()
     res = virsh(d.uri, "start", "nested", check=False)
@@ -168,7 +168,7 @@ def test_optional_nested_virtualization_starts_without_it(
     cpu = f"<cpu mode='host-passthrough'><feature policy='optional' name='{host_nested_feature()}'/></cpu>"
     define(d, tmp_path, "maybe", tiny_kernel, 1, cpu)
     virsh(d.uri, "start", "maybe")
-    wait_for(lambda: TINY_BANNER in (d.run_dir / "maybe.serial.log").read_text(errors="replace"), timeout=60)
+    wait_for(lambda: TINY_BANNER in d.serial_log("maybe").read_text(errors="replace"), timeout=60)
     log = vm_log(d, "maybe")
     if nested_offered(gen):
         assert "partition created with MSHV_PT_BIT_NESTED_VIRTUALIZATION" in log
