@@ -324,14 +324,16 @@ struct rule {
 
 /* What a vCPU run loop needs (measured with strace on the tiny guest and Linux under the emulated
  * device): the run ioctl and register access, guest memory copies within this process, the kick
- * signal, Python's allocator and locks, console output (including log rotation) and the exit report. */
+ * signal, Python's allocator and locks, console output (including log rotation) and the exit report;
+ * restart_syscall in every list: the kernel issues it to resume an interrupted sleep after a stop and
+ * continue (SIGSTOP/SIGCONT, a debugger), which must never end the VM. */
 #define VCPU_RULES                                                                                     \
     ALLOW(ioctl), ALLOW(write), ALLOW(pwrite64), ALLOW(ftruncate), ALLOW(copy_file_range), ALLOW(futex), \
         ALLOW(gettid), ALLOW(getpid), ALLOW(sched_yield), ALLOW(clock_gettime), ALLOW(munmap), ALLOW(madvise), \
         ALLOW(mremap), ALLOW(brk), ALLOW_IF(mmap, 2, C_NOT_SET, PROT_EXEC), ALLOW_IF(mprotect, 2, C_NOT_SET, PROT_EXEC), \
         ALLOW_IF(process_vm_readv, 0, C_EQ_PID, 0), ALLOW_IF(process_vm_writev, 0, C_EQ_PID, 0),       \
         ALLOW_IF2(kcmp, 0, C_EQ_PID, 0, 1, C_EQ_PID, 0), ALLOW(rt_sigprocmask), ALLOW(rt_sigreturn),    \
-        ALLOW(rt_sigpending), ALLOW(rt_sigtimedwait), ALLOW(exit), ALLOW(exit_group)
+        ALLOW(rt_sigpending), ALLOW(rt_sigtimedwait), ALLOW(restart_syscall), ALLOW(exit), ALLOW(exit_group)
 
 static const struct rule vcpu_rules[] = {VCPU_RULES};
 
@@ -340,6 +342,7 @@ static const struct rule helper_rules[] = {
     ALLOW(pread64),       ALLOW(getpid),          ALLOW(gettid),       ALLOW_IF(tgkill, 0, C_EQ_PID, 0),
     ALLOW(rt_sigprocmask), ALLOW(rt_sigreturn),   ALLOW(write),        ALLOW(pwrite64),
     ALLOW(ftruncate),     ALLOW(exit),            ALLOW(exit_group),   ALLOW(madvise),
+    ALLOW(restart_syscall),
 };
 
 /* The main thread: the selector loop, control clients, VM (re)builds, logging and lazy imports (files
