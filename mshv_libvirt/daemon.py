@@ -250,9 +250,11 @@ async def _serve(args: argparse.Namespace, system: bool, paths: Paths, ready: in
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, reexec: bool = True) -> int:
+    """``reexec=False``: stay in this interpreter (a test wrapper that instruments the daemon in-process)."""
     argv = sys.argv[1:] if argv is None else argv
-    _reexec_isolated(argv)
+    if reexec:
+        _reexec_isolated(argv)
     parser = argparse.ArgumentParser(prog="virtmshvd", description="libvirt driver daemon for /dev/mshv")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--system", action="store_true", help="system instance (default for root)")

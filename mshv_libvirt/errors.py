@@ -100,6 +100,7 @@ class VirtError(Exception):
         # No error reaches a client without a reason: an empty detail is a bug, but still says what failed.
         self.detail = detail if detail.strip() else "no reason was given"
         prefix = _PREFIX.get(code)
+        detail = detail.strip() and detail  # whitespace alone is no detail
         if code in _FORMATS:
             bare, fmt = _FORMATS[code]
             self.message = fmt.format(detail) if detail else bare

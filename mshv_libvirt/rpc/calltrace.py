@@ -2,8 +2,9 @@
 
 Enabled by ``MSHV_LIBVIRT_CALL_TRACE=<directory>`` in the daemon's environment (the test suite sets
 it); otherwise nothing is recorded and nothing is opened. A connection counts as a real client when
-its first call after CONNECT_OPEN is CONNECT_SUPPORTS_FEATURE: libvirt's client library always probes
-REMOTE_EVENT_CALLBACK there (virsh and libvirt-python alike); the suite's raw-socket clients do not.
+its first call after CONNECT_OPEN is CONNECT_SUPPORTS_FEATURE or CONNECT_GET_URI, or it probed a feature
+before opening: libvirt's client library always does one of these (virsh and libvirt-python alike); the
+suite's raw-socket clients do none.
 A procedure is recorded once its arguments decoded, i.e. its handler ran.
 """
 

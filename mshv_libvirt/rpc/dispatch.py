@@ -214,7 +214,9 @@ class Session:
     def _trace(self, number: int) -> None:
         assert self.daemon.call_trace is not None
         if self._real_client is None and self.opened and number != 1:
-            self._real_client = number == 60
+            # libvirt's client asks for the URI (a client without one) or probes features right after
+            # CONNECT_OPEN; virsh probes keepalive (60) before it, too.
+            self._real_client = number in (60, 110) or 60 in self._early
             if self._real_client:
                 self.daemon.call_trace.record(self._early)
             self._early.clear()

@@ -74,6 +74,7 @@ def test_legacy_listing_calls(
         assert running.maxMemory() == 64 * 1024
         assert conn.lookupByName("legacy-off").maxMemory() == 32 * 1024
         assert running.isUpdated() == 0
+        assert running.listAllSnapshots() == [] and running.hasManagedSaveImage() == 0  # none exist here
     finally:
         running.destroy()
 

@@ -302,7 +302,7 @@ def domstate(d: DaemonProcess, name: str) -> str:
 
 
 def vmm_pid(d: DaemonProcess, name: str) -> int:
-    return int((d.run_dir / f"{name}.pid").read_text())
+    return d.vmm_pid(name)
 
 
 def test_virsh_start_autodestroy_ends_with_virsh(
@@ -404,7 +404,7 @@ def test_autodestroy_domains_end_with_the_daemon(
 
 
 def serial(d: DaemonProcess, name: str) -> str:
-    path = d.run_dir / f"{name}.serial.log"
+    path = d.serial_log(name)
     return path.read_text(errors="replace") if path.exists() else ""
 
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mshv_libvirt.driver.vmm_client import find_vmm_processes
-from tests.support.daemon import DaemonProcess, domain_xml, virsh
+from tests.support.daemon import DaemonProcess, domain_xml, virsh, vmm_processes
 
 pytestmark = pytest.mark.virsh
 
@@ -88,7 +87,7 @@ def _start_refused(d: DaemonProcess, tmp_path: Path, name: str, kernel: Path, in
     assert res.returncode != 0, res.stdout
     assert elapsed < REFUSED_WITHIN, f"took {elapsed:.1f} s: {res.stderr}"
     assert virsh(d.uri, "domstate", name).stdout.strip() == "shut off"
-    assert not [p for n, p in find_vmm_processes(d.run_dir) if n == name], "a VMM was spawned"
+    assert name not in vmm_processes(d.run_dir), "a VMM was spawned"
     return res.stderr
 
 

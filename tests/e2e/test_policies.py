@@ -262,7 +262,7 @@ def test_on_reboot_restart_reboots_in_place(
     finally:
         con.kill()
     assert domstate(daemon, "rbr") == "running (booted)"
-    assert int((daemon.run_dir / "rbr.pid").read_text()) == pid
+    assert daemon.vmm_pid("rbr") == pid
     events.wait("rbr", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, REBOOT])  # QEMU sends only a reboot event
     virsh(daemon.uri, "destroy", "rbr")
 
@@ -337,7 +337,7 @@ def test_preserve(
     # The VMM keeps the frozen partition: the same process is still there, and nothing booted again.
     assert pid_alive(pid) and vmm_pid(daemon, name) == pid
     # The daemon hands the VMM its exit file open and empty; a report in it would mean the VMM ended.
-    exit_file = daemon.run_dir / f"{name}.exit"
+    exit_file = daemon.vmm_file(name, "exit_file")
     assert not exit_file.exists() or exit_file.read_text() == ""
     assert serial_log(daemon, name).count(TINY_BANNER) == 1
     assert name in virsh(daemon.uri, "list", "--name").stdout.split()  # still active

@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from mshv_libvirt.driver.vmm_client import find_vmm_processes
-from tests.support.daemon import DaemonProcess, domain_xml, running_daemon, virsh, wait_for
+from tests.support.daemon import DaemonProcess, domain_xml, running_daemon, virsh, vmm_processes, wait_for
 from tests.support.guests import TINY_AP_BANNER, TINY_BANNER
 
 pytestmark = [pytest.mark.virsh, pytest.mark.kvm]
@@ -25,7 +24,7 @@ EACCES = 13
 
 
 def serial_log(d: DaemonProcess, name: str) -> str:
-    path = d.run_dir / f"{name}.serial.log"
+    path = d.serial_log(name)
     return path.read_text(errors="replace") if path.exists() else ""
 
 
@@ -37,7 +36,7 @@ def start(d: DaemonProcess, tmp_path: Path, name: str, kernel: Path, vcpus: int 
     wait_for(lambda: f"{TINY_AP_BANNER} {vcpus - 1}" in serial_log(d, name) if vcpus > 1 else True, timeout=30)
     wait_for(lambda: TINY_BANNER in serial_log(d, name), timeout=30)
     # The test's own /proc scan (not the daemon's records): the VMM process whose --config is in our run dir.
-    pids = [pid for n, pid in find_vmm_processes(d.run_dir) if n == name]
+    pids = [pid for n, pid in vmm_processes(d.run_dir).items() if n == name]
     assert len(pids) == 1, pids
     return pids[0]
 
@@ -84,7 +83,7 @@ class Control:
 
 @contextlib.contextmanager
 def control(d: DaemonProcess, name: str) -> Iterator[Control]:
-    c = Control(d.run_dir / f"{name}.ctl")
+    c = Control(d.control_socket(name))
     try:
         yield c
     finally:
@@ -148,13 +147,13 @@ def test_vmm_cannot_open_shadow_or_another_domains_files(
     probes = [
         ("/etc/shadow", False),
         ("/etc/passwd", False),  # world-readable: only Landlock keeps it out
-        (str(run / f"{other}.serial.log"), False),
-        (str(run / f"{other}.serial.log"), True),
-        (str(run / f"{other}.vmm.json"), False),
-        (str(run / f"{other}.exit"), True),
-        (str(run / "one.serial.log"), True),  # even its own log: only through the descriptor it was handed
+        (str(user_daemon.serial_log(other)), False),
+        (str(user_daemon.serial_log(other)), True),
+        (str(user_daemon.vmm_file(other, "config")), False),
+        (str(user_daemon.vmm_file(other, "exit_file")), True),
+        (str(user_daemon.serial_log("one")), True),  # even its own log: only through the descriptor it was handed
         (str(run / "planted"), True),
-        (str(user_daemon.config_dir / f"{other}.xml"), False),
+        (str(user_daemon.config_file(other)), False),
         (str(tiny_kernel), False),
     ]
     with control(user_daemon, "one") as c:
@@ -192,7 +191,7 @@ def test_a_forbidden_call_ends_the_vmm_naming_it(
     wait_for(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text())
     wait_for(lambda: virsh(user_daemon.uri, "domstate", name).stdout.strip() == "shut off", timeout=20)
     assert virsh(user_daemon.uri, "domstate", "--reason", name).stdout.strip() == "shut off (crashed)"
-    log = (user_daemon.run_dir / f"{name}.log").read_text()
+    log = user_daemon.vmm_log(name).read_text()
     who = "vcpu0 (tid " if thread == "vcpu" else "main (tid "
     filt = "vCPU filter" if thread == "vcpu" else "main filter"
     lines = [line for line in log.splitlines() if "seccomp:" in line]
@@ -205,7 +204,7 @@ def test_a_forbidden_call_ends_the_vmm_naming_it(
 
 def test_hooks_are_refused_without_the_test_flag(daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path) -> None:
     start(daemon, tmp_path, "nohooks", tiny_kernel, vcpus=1)
-    c = Control(daemon.run_dir / "nohooks.ctl")
+    c = Control(daemon.control_socket("nohooks"))
     try:
         c.file.write(b'{"id": 1, "cmd": "test-syscall", "syscall": "socket"}\n')
         c.file.flush()

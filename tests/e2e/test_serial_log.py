@@ -20,7 +20,7 @@ PRESSES = 700  # about 20 KB of output: five logs' worth, so the oldest output i
 
 
 def log_parts(d: DaemonProcess, name: str) -> list[bytes]:
-    base = d.run_dir / f"{name}.serial.log"
+    base = d.serial_log(name)
     names = [Path(f"{base}.{i}") for i in range(BACKUPS, 0, -1)] + [base]
     return [p.read_bytes() if p.exists() else b"" for p in names]
 

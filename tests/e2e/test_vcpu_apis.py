@@ -91,7 +91,7 @@ def vmm_status(d: DaemonProcess, name: str) -> dict[str, Any]:
     """The VMM's own answer on its control socket, past the daemon."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
-        s.connect(str(d.run_dir / f"{name}.ctl"))
+        s.connect(str(d.control_socket(name)))
         s.sendall(b'{"id": 7, "cmd": "status"}\n')
         buf = b""
         while True:
@@ -107,7 +107,7 @@ def vmm_status(d: DaemonProcess, name: str) -> dict[str, Any]:
 
 
 def vmm_pid(d: DaemonProcess, name: str) -> int:
-    return int((d.run_dir / f"{name}.pid").read_text())
+    return d.vmm_pid(name)
 
 
 def vcpu_tids(d: DaemonProcess, name: str) -> dict[int, int]:
@@ -563,6 +563,7 @@ def test_scheduler_of_the_system_instance(kvm: None, system_daemon: DaemonProces
         dom = c.defineXML(domain_xml("sched", tiny_kernel))
         assert dom.schedulerType() == ("posix", 9)
         assert dom.schedulerParameters() == dict.fromkeys(SCHED_PARAMS, 0)
+        assert dom.schedulerParametersFlags(AFFECT_CONFIG) == dict.fromkeys(SCHED_PARAMS, 0)
         out = virsh(system_daemon.uri, "schedinfo", "sched").stdout
         assert out.splitlines()[0] == "Scheduler      : posix"
         assert [line.split(":")[0].strip() for line in out.splitlines()[1:] if line] == SCHED_PARAMS

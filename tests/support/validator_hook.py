@@ -49,7 +49,7 @@ def main() -> int:
     domain_xml._validate = _observed_validate
     from mshv_libvirt.daemon import main as daemon_main
 
-    return daemon_main()
+    return daemon_main(reexec=False)  # the re-exec would drop the instrumentation
 
 
 if __name__ == "__main__":
