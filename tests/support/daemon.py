@@ -8,6 +8,7 @@ import os
 import pty
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,15 @@ from pathlib import Path
 from mshv_libvirt.driver import layout
 
 VIRSH = "virsh"
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def vmm_processes(run_dir: Path) -> dict[str, int]:
@@ -152,8 +162,10 @@ class DaemonProcess:
 
     def start(self, timeout: float = 20.0) -> DaemonProcess:
         self.root.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.socket.unlink()
+        sockets = (self.socket, Path(f"{self.socket}-ro"))  # --socket PATH also listens on PATH-ro
+        for sock in sockets:
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
         log = open(self.log, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [
@@ -176,8 +188,8 @@ class DaemonProcess:
         )
         log.close()
         deadline = time.monotonic() + timeout
-        # Ready once both sockets exist (--socket PATH also listens on PATH-ro, created second).
-        while not (self.socket.exists() and Path(f"{self.socket}-ro").exists()):
+        # Ready once both sockets accept connections (a socket file exists between bind and listen).
+        while not all(_accepts(sock) for sock in sockets):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"virtmshvd exited with {self.proc.returncode}:\n{self.log.read_text()}")
             if time.monotonic() > deadline:
