@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import pty
+import re
 import select
 import signal
 import socket
@@ -19,6 +20,8 @@ from pathlib import Path
 from mshv_libvirt.driver import layout
 
 VIRSH = "virsh"
+
+_LOG_NAME = re.compile(r"\.log(\.[0-9]+)?$")  # a log or one of its rotated backups
 
 
 def _accepts(path: Path) -> bool:
@@ -148,9 +151,10 @@ class DaemonProcess:
         return out
 
     def runtime_leftovers(self) -> list[str]:
-        """Everything in the run dir besides logs, the pid file and the log-layout mark (empty when no VM runs)."""
+        """Everything in the run dir besides logs (and their rotated backups ``x.log.N``), the pid file and the
+        log-layout mark (empty when no VM runs): logs outlive their VM, as libvirt's do."""
         keep = {layout.DAEMON_PIDFILE, layout.SERIAL, layout.LOG_LAYOUT_MARK, "dump"}
-        return sorted(p.name for p in self.run_dir.iterdir() if p.name not in keep and not p.name.endswith(".log"))
+        return sorted(p.name for p in self.run_dir.iterdir() if p.name not in keep and not _LOG_NAME.search(p.name))
 
     @property
     def uri(self) -> str:
