@@ -55,8 +55,8 @@ def libvirtd_test_driver(tmp: Path) -> Iterator[str]:
     for sub in ("run", "cfg", "cache", "home"):
         (base / sub).mkdir(parents=True)
     shutil.chown(base, "nobody")
-    for sub in base.iterdir():
-        shutil.chown(sub, "nobody")
+    for entry in base.iterdir():
+        shutil.chown(entry, "nobody")
     (base / "run").chmod(0o700)
     env = {
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",

@@ -47,7 +47,7 @@ ISSUE_NAMES = [
 ]
 
 # Names define accepts: no '/' or newline (libvirt's and our schema's rule), not blank, XML characters.
-xml_chars = st.characters(blacklist_categories=("Cs",), blacklist_characters="/\n\x00").filter(
+xml_chars = st.characters(exclude_categories=["Cs"], exclude_characters="/\n\x00").filter(
     lambda c: c in "\t\r" or ord(c) >= 0x20
 )
 names = st.text(xml_chars, min_size=1, max_size=80).filter(lambda n: n.strip())

@@ -67,6 +67,20 @@ def _nothing(p: Packer, rng: random.Random) -> None:
     pass
 
 
+def _uint0(p: Packer, rng: random.Random) -> None:
+    p.uint(0)
+
+
+def _seq(*fields: Callable[[Packer, random.Random], None]) -> Callable[[Packer, random.Random], None]:
+    """The arguments' fields one after the other (in order: the random draws stay as they were)."""
+
+    def each(p: Packer, rng: random.Random) -> None:
+        for f in fields:
+            f(p, rng)
+
+    return each
+
+
 VALID: dict[int, Callable[[random.Random], bytes]] = {
     66: _build(_nothing),  # AUTH_LIST
     60: _build(lambda p, r: p.int(r.randrange(0, 20))),  # SUPPORTS_FEATURE
@@ -78,7 +92,9 @@ VALID: dict[int, Callable[[random.Random], bytes]] = {
     5: _build(lambda p, r: p.opt_string(r.choice([None, "kvm", "hyperv"]))),  # GET_MAX_VCPUS
     6: _build(_nothing),  # NODE_GET_INFO
     122: _build(_nothing),  # NODE_GET_SECURITY_MODEL
-    273: _build(lambda p, r: (p.int(r.randrange(0, 2)), p.uint(r.randrange(0, 1 << 16)))),  # LIST_ALL_DOMAINS
+    273: _build(
+        _seq(lambda p, r: p.int(r.randrange(0, 2)), lambda p, r: p.uint(r.randrange(0, 1 << 16)))
+    ),  # LIST_ALL_DOMAINS
     51: _build(_nothing),  # NUM_OF_DOMAINS
     37: _build(lambda p, r: p.int(r.randrange(0, 100))),  # LIST_DOMAINS
     25: _build(_nothing),  # NUM_OF_DEFINED
@@ -86,18 +102,24 @@ VALID: dict[int, Callable[[random.Random], bytes]] = {
     22: _build(lambda p, r: p.int(r.randrange(-2, 10))),  # LOOKUP_BY_ID
     23: _build(lambda p, r: p.string("vm" * r.randrange(0, 50))),  # LOOKUP_BY_NAME
     24: _build(lambda p, r: p.opaque_fixed(r.randbytes(16), 16)),  # LOOKUP_BY_UUID
-    212: _build(lambda p, r: (_dom(p, r), p.uint(0))),  # GET_STATE
+    212: _build(_seq(_dom, _uint0)),  # GET_STATE
     16: _build(_dom),  # GET_INFO
-    14: _build(lambda p, r: (_dom(p, r), p.uint(r.randrange(0, 16)))),  # GET_XML_DESC
+    14: _build(_seq(_dom, lambda p, r: p.uint(r.randrange(0, 16)))),  # GET_XML_DESC
     19: _build(_dom),  # GET_OS_TYPE
     150: _build(_dom),  # IS_ACTIVE
     151: _build(_dom),  # IS_PERSISTENT
     15: _build(_dom),  # GET_AUTOSTART
-    183: _build(lambda p, r: (_dom(p, r), p.uint(0))),  # HAS_MANAGED_SAVE
-    316: _build(lambda p, r: (p.int(r.randrange(-1, 4)), p.uint(0))),  # EVENT_REGISTER_ANY
+    183: _build(_seq(_dom, _uint0)),  # HAS_MANAGED_SAVE
+    316: _build(_seq(lambda p, r: p.int(r.randrange(-1, 4)), _uint0)),  # EVENT_REGISTER_ANY
     317: _build(lambda p, r: p.int(r.randrange(-1, 4))),  # EVENT_DEREGISTER_ANY
     342: _build(
-        lambda p, r: (p.opt_string(None), p.opt_string("x86_64"), p.opt_string(None), p.opt_string(None), p.uint(0))
+        _seq(
+            lambda p, r: p.opt_string(None),
+            lambda p, r: p.opt_string("x86_64"),
+            lambda p, r: p.opt_string(None),
+            lambda p, r: p.opt_string(None),
+            _uint0,
+        )
     ),
     360: _build(_nothing),  # REGISTER_CLOSE_CALLBACK
     361: _build(_nothing),  # UNREGISTER_CLOSE_CALLBACK
@@ -148,7 +170,7 @@ def check_packet(fields: tuple[int, ...], payload: bytes) -> None:
 
 def read_until_eof(c: RawClient, timeout: float = 10.0) -> list[tuple[tuple[int, ...], bytes]]:
     c.sock.settimeout(timeout)
-    out = []
+    out: list[tuple[tuple[int, ...], bytes]] = []
     while True:
         try:
             fields, payload = c.recv()

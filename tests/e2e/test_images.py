@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 import pytest
@@ -23,13 +23,13 @@ MEMORY_MIB = 64
 REFUSED_WITHIN = 10.0  # seconds; the checks are a few system calls, the rest is virsh's own start-up
 
 
-def _fifo(tmp: Path) -> Iterator[str]:
+def _fifo(tmp: Path) -> Generator[str, None, None]:
     path = tmp / "fifo"
     os.mkfifo(path)
     yield str(path)
 
 
-def _pty(tmp: Path) -> Iterator[str]:
+def _pty(tmp: Path) -> Generator[str, None, None]:
     master, slave = os.openpty()
     try:
         yield os.ttyname(slave)
@@ -38,32 +38,32 @@ def _pty(tmp: Path) -> Iterator[str]:
         os.close(slave)
 
 
-def _sparse(tmp: Path) -> Iterator[str]:
+def _sparse(tmp: Path) -> Generator[str, None, None]:
     path = tmp / "sparse"
     with open(path, "wb") as f:
         f.truncate(8 << 30)  # 8 GiB of holes, as in the issue
     yield str(path)
 
 
-def _mode_000(tmp: Path, kernel: Path) -> Iterator[str]:
+def _mode_000(tmp: Path, kernel: Path) -> Generator[str, None, None]:
     path = tmp / "locked-kernel"
     shutil.copy(kernel, path)
     path.chmod(0)
     yield str(path)
 
 
-def _directory(tmp: Path) -> Iterator[str]:
+def _directory(tmp: Path) -> Generator[str, None, None]:
     yield str(tmp)
 
 
-def _device(name: str) -> Callable[[Path], Iterator[str]]:
-    def make(_tmp: Path) -> Iterator[str]:
+def _device(name: str) -> Callable[[Path], Generator[str, None, None]]:
+    def make(_tmp: Path) -> Generator[str, None, None]:
         yield name
 
     return make
 
 
-CASES: dict[str, tuple[Callable[..., Iterator[str]], str]] = {
+CASES: dict[str, tuple[Callable[..., Generator[str, None, None]], str]] = {
     "dev-zero": (_device("/dev/zero"), "is not a regular file: it is a character device"),
     "fifo": (_fifo, "is not a regular file: it is a FIFO"),
     "pty": (_pty, "is not a regular file: it is a character device"),

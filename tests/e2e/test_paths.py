@@ -129,8 +129,8 @@ def listener_pid(sock: Path) -> int:
     """The pid of the process serving a UNIX socket, from the kernel (SO_PEERCRED), not from names."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
         c.connect(str(sock))
-        pid, _uid, _gid = struct.unpack("3i", c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return pid
+        creds: tuple[int, int, int] = struct.unpack("3i", c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return creds[0]
 
 
 @pytest.fixture

@@ -332,7 +332,7 @@ def test_preserve(
     start_with_policy(daemon, tmp_path, tiny_kernel, name, **policy)
     pid = vmm_pid(daemon, name)
     act(daemon, name, key, state)
-    head = [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED]
+    head: list[tuple[int, int] | str] = [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED]
     events.wait(name, head + expected)
     # The VMM keeps the frozen partition: the same process is still there, and nothing booted again.
     assert pid_alive(pid) and vmm_pid(daemon, name) == pid

@@ -14,16 +14,16 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 
 from mshv_libvirt.driver import layout
 from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, vmm_processes, wait_for
 from tests.support.guests import TINY_BANNER
-
-libvirt = pytest.importorskip("libvirt")
 
 pytestmark = pytest.mark.virsh
 
@@ -228,7 +228,7 @@ def test_queries_during_transient_create_answer(kvm: None, daemon: DaemonProcess
         finally:
             conn.close()
 
-    queries = {
+    queries: dict[str, Callable[[Any], object]] = {
         "info": lambda d: d.info(),
         "state": lambda d: d.state(),
         "xml": lambda d: d.XMLDesc(0),

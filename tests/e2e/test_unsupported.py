@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import libvirt
@@ -86,9 +87,9 @@ def test_rw_open_of_the_ro_socket_is_refused_like_libvirt(daemon: DaemonProcess,
         assert error_of(lambda: conn.defineXML(xml)) == want
         dom, ref_dom = conn.lookupByName("nosup"), ref.lookupByName("test")
         for flag in (libvirt.VIR_DOMAIN_XML_SECURE, libvirt.VIR_DOMAIN_XML_MIGRATABLE):
-            want = error_of(lambda f=flag: ref_dom.XMLDesc(f))
+            want = error_of(partial(ref_dom.XMLDesc, flag))
             assert want[0] == libvirt.VIR_ERR_OPERATION_DENIED
-            assert error_of(lambda f=flag: dom.XMLDesc(f)) == want
+            assert error_of(partial(dom.XMLDesc, flag)) == want
         assert dom.XMLDesc(0).startswith("<domain type='hyperv'>")
         # A write API we do not implement: the read-only check comes first, as in libvirt.
         want = error_of(lambda: CALLS["virDomainBlockCommit"](ref_dom))

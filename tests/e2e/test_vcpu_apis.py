@@ -14,6 +14,7 @@ import json
 import re
 import socket
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -210,13 +211,13 @@ def test_cputune_parses_and_prints_as_libvirt(
             want = _cputune_section(ref.defineXML(theirs_xml).XMLDesc(0))
         except libvirt.libvirtError as err:
             expected = (err.get_error_code(), err.get_error_domain(), err.get_error_message())
-            assert error_of(lambda x=ours_xml: conn.defineXML(x)) == expected, tune
+            assert error_of(partial(conn.defineXML, ours_xml)) == expected, tune
         else:
             assert _cputune_section(conn.defineXML(ours_xml).XMLDesc(0)) == want, tune
         compared += 1
     assert compared == len(CPUTUNE_CORPUS)
     for tune in CPUTUNE_UNSUPPORTED:
-        code, _domain, message = error_of(lambda t=tune: conn.defineXML(domain_xml("ctu", kernel, extra=t)))
+        code, _domain, message = error_of(partial(conn.defineXML, domain_xml("ctu", kernel, extra=tune)))
         assert code == libvirt.VIR_ERR_CONFIG_UNSUPPORTED and "<cputune>" in message, message
 
 
@@ -253,8 +254,8 @@ def test_pin_info_of_a_shut_off_domain(
         assert [cpus_of(m) for m in ours.vcpuPinInfo(flags)] == [cpus_of(m) for m in theirs.vcpuPinInfo(flags)]
         assert cpus_of(ours.emulatorPinInfo(flags)) == cpus_of(theirs.emulatorPinInfo(flags)) == {0}
     for flags in (AFFECT_LIVE, AFFECT_LIVE | AFFECT_CONFIG):
-        assert error_of(lambda f=flags: ours.vcpuPinInfo(f)) == error_of(lambda f=flags: theirs.vcpuPinInfo(f))
-        assert error_of(lambda f=flags: ours.emulatorPinInfo(f)) == error_of(lambda f=flags: theirs.emulatorPinInfo(f))
+        assert error_of(partial(ours.vcpuPinInfo, flags)) == error_of(partial(theirs.vcpuPinInfo, flags))
+        assert error_of(partial(ours.emulatorPinInfo, flags)) == error_of(partial(theirs.emulatorPinInfo, flags))
     # virsh prints the same tables (its own formatting of the same answers).
     node = _test_node(tmp_path, _test_xml("pin", PINNED))
     want = virsh(node, "vcpupin", "pin", "--config").stdout
@@ -318,7 +319,7 @@ def test_shut_off_domain_answers_as_libvirt(pinned: tuple[libvirt.virDomain, lib
         lambda d: d.blockStats("vdz"),
         lambda d: d.interfaceStats("vdz"),
     ):
-        assert code_message(lambda c=call: c(ours)) == code_message(lambda c=call: c(theirs)) == not_running
+        assert code_message(partial(call, ours)) == code_message(partial(call, theirs)) == not_running
     # No job APIs in the test driver: libvirt's QEMU driver checks that the domain runs (unless asking for
     # a completed job, of which there is none).
     assert code_message(lambda: ours.jobInfo()) == not_running
@@ -343,9 +344,9 @@ def test_raw_pin_and_stats_arguments(
         p.int(-1)
         for kind, v in values:
             if kind == "i":
-                p.int(int(v))  # type: ignore[arg-type]
+                p.int(int(v))
             elif kind == "u":
-                p.uint(int(v))  # type: ignore[arg-type]
+                p.uint(int(v))
             else:
                 assert isinstance(v, bytes)
                 p.opaque(v)
@@ -503,7 +504,7 @@ def test_running_domain_statistics(running: libvirt.virDomain, daemon: DaemonPro
     assert running.jobStats(0) == {"type": libvirt.VIR_DOMAIN_JOB_NONE}
     theirs = ref.lookupByName("test")
     for call in (lambda d: d.blockStats("vdz"), lambda d: d.interfaceStats("vdz")):
-        assert code_message(lambda c=call: c(running)) == code_message(lambda c=call: c(theirs))
+        assert code_message(partial(call, running)) == code_message(partial(call, theirs))
     assert running.blockStats("") == (0, 0, 0, 0, -1)  # the sum over no disks; errors unknown, as QEMU's
     for cmd in ("domblkstat", "domifstat"):
         want = virsh("test:///default", cmd, "test", "vdz", check=False)

@@ -88,8 +88,10 @@ def test_guest_starts_the_current_vcpus(
 def _vcpu_state(dom: Any) -> tuple[int, int, str]:
     vcpu = etree.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).find("vcpu")
     assert vcpu is not None
-    attrs = " ".join(f"{k}={v}" for k, v in sorted(vcpu.items()))
-    return dom.vcpusFlags(CONFIG | MAXIMUM), dom.vcpusFlags(CONFIG), f"{attrs} {vcpu.text}"
+    attrs = " ".join(f"{k}={v}" for k, v in sorted((str(k), str(v)) for k, v in vcpu.items()))
+    text = vcpu.text
+    assert isinstance(text, str)
+    return dom.vcpusFlags(CONFIG | MAXIMUM), dom.vcpusFlags(CONFIG), f"{attrs} {text}"
 
 
 def _error(call: Any) -> tuple[int, str]:

@@ -198,7 +198,8 @@ def eventfd() -> int:
 
 def eventfd_count(fd: int) -> int:
     try:
-        return struct.unpack("<Q", os.read(fd, 8))[0]
+        count: int = struct.unpack("<Q", os.read(fd, 8))[0]
+        return count
     except BlockingIOError:
         return 0
 

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import struct
+from collections.abc import Iterator
 
 import pytest
 from mshv_libvirt._mshv import ffi, lib
@@ -78,7 +79,7 @@ def _variants(number: int) -> list[int]:
 
 
 @pytest.fixture
-def handles(dev: int):
+def handles(dev: int) -> Iterator[dict[str, int]]:
     pt = create_partition(dev)
     assert initialize(pt) == 0
     vp = create_vp(pt, 0)
@@ -94,7 +95,7 @@ WRONG_FD = [(kind, name) for kind in ("dev", "partition", "vp") for name in ALL 
 
 
 @pytest.mark.parametrize("kind,name", WRONG_FD)
-def test_known_number_on_the_wrong_fd_is_enotty(handles, kind: str, name: str) -> None:
+def test_known_number_on_the_wrong_fd_is_enotty(handles: dict[str, int], kind: str, name: str) -> None:
     # A valid-looking argument so only the dispatch can fail.
     arg = ffi.new("char[]", 4096)
     assert ioctl(handles[kind], F.IOCTLS[name], arg) == -errno.ENOTTY
@@ -110,19 +111,19 @@ FOREIGN_ON = [
 
 
 @pytest.mark.parametrize("kind,number", FOREIGN_ON, ids=lambda v: hex(v) if isinstance(v, int) else v)
-def test_foreign_numbers_are_enotty(handles, kind: str, number: int) -> None:
+def test_foreign_numbers_are_enotty(handles: dict[str, int], kind: str, number: int) -> None:
     assert ioctl(handles[kind], number, ffi.new("char[]", 4096)) == -errno.ENOTTY
 
 
 @pytest.mark.parametrize("kind", ["dev", "partition", "vp"])
 @pytest.mark.parametrize("name", ALL)
-def test_same_nr_other_size_or_direction_is_enotty(handles, kind: str, name: str) -> None:
+def test_same_nr_other_size_or_direction_is_enotty(handles: dict[str, int], kind: str, name: str) -> None:
     for number in _variants(F.IOCTLS[name]):
         assert ioctl(handles[kind], number, ffi.new("char[]", 4096)) == -errno.ENOTTY, hex(number)
 
 
 @pytest.mark.parametrize("nr", range(0x08, 0x100, 7))
-def test_unassigned_nrs_are_enotty(handles, nr: int) -> None:
+def test_unassigned_nrs_are_enotty(handles: dict[str, int], nr: int) -> None:
     for kind in ("dev", "partition", "vp"):
         for number in (0xC020B800 | nr, 0x4010B800 | nr, 0x0000B800 | nr):
             if number & 0xFF == 0:
@@ -135,7 +136,7 @@ def test_root_hvcall_on_dev_is_enotty_before_6_19(dev: int) -> None:
     assert ioctl(dev, F.MSHV_ROOT_HVCALL, ffi.new("char[]", 64)) == -errno.ENOTTY
 
 
-def test_only_the_low_32_bits_of_the_request_count(handles) -> None:
+def test_only_the_low_32_bits_of_the_request_count(handles: dict[str, int]) -> None:
     # ioctl(2) takes an unsigned int command: bits above 31 never reach the driver.
     h = get_property(handles["partition"], 0x00050017)
     assert h.rc == 0
@@ -145,7 +146,7 @@ def test_only_the_low_32_bits_of_the_request_count(handles) -> None:
     close(fd)
 
 
-def test_handles_are_real_cloexec_descriptors(handles) -> None:
+def test_handles_are_real_cloexec_descriptors(handles: dict[str, int]) -> None:
     for fd in handles.values():
         assert fd >= 0
         os.fstat(fd)

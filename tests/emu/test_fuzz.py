@@ -167,7 +167,10 @@ def _make_arg(name: str, rng: random.Random, a: Arena, handles: list[int]) -> by
     """A template filled with plausible values, then mutated (or pure noise now and then)."""
     if rng.random() < 0.1:
         return rng.randbytes(rng.choice([4, 16, 32, 64, 300]))
-    pg = lambda: rng.choice([1, 2, 4, 16, 0, 3]) * PAGE + rng.choice([0, 0, 0, 1, 2048])  # noqa: E731
+
+    def pg() -> int:
+        return rng.choice([1, 2, 4, 16, 0, 3]) * PAGE + rng.choice([0, 0, 0, 1, 2048])
+
     if name == "MSHV_CREATE_PARTITION":
         d = struct.pack(
             "<QQH6s2Q16sQ",
@@ -234,7 +237,7 @@ def _make_arg(name: str, rng: random.Random, a: Arena, handles: list[int]) -> by
     elif name == "MSHV_ROOT_HVCALL":
         in_ptr, out_ptr = a.ptr(), a.ptr()
         if a.rw.addr <= in_ptr < a.rw.addr + 44 * PAGE:  # give the hypercall real input
-            a.rw.write(in_ptr - a.rw.addr, _mutate(rng, bytearray(_hv_input(rng))))
+            a.rw.write(in_ptr - a.rw.addr, bytes(_mutate(rng, bytearray(_hv_input(rng)))))
         d = struct.pack(
             "<HHHHH6sQQ",
             rng.choice([*HVCALLS, 0, 78, rng.getrandbits(16)]),

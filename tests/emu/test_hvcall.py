@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from typing import Any
 
 import pytest
 from mshv_libvirt._mshv import ffi
@@ -64,13 +65,13 @@ HV_STATUS_INVALID_VP_INDEX = 0xE
 HV_STATUS_INVALID_VP_STATE = 0x15
 
 
-def raw(fd: int, **fields) -> int:
+def raw(fd: int, **fields: Any) -> int:
     """MSHV_ROOT_HVCALL with a hand-built struct (defaults: a valid GET_PARTITION_PROPERTY)."""
     inp = fields.pop("inp", None)
     if inp is None:
         inp = buf(struct.pack("<QII", 0, PROP_MSR_ACTION, 0))
     out = ffi.new("char[]", PAGE)
-    args = {"code": GET_PROP, "in_sz": 16, "out_sz": 8, "in_ptr": addr_of(inp), "out_ptr": addr_of(out)}
+    args: dict[str, Any] = {"code": GET_PROP, "in_sz": 16, "out_sz": 8, "in_ptr": addr_of(inp), "out_ptr": addr_of(out)}
     args.update(fields)
     return ioctl(fd, F.MSHV_ROOT_HVCALL, buf(hvcall_struct(**args)))
 

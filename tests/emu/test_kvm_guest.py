@@ -18,7 +18,7 @@ import signal
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from mshv_libvirt._mshv import ffi, lib
@@ -383,7 +383,7 @@ def test_translate_virtual_address(guest: Guest) -> None:
 # ---- several VPs, signals -------------------------------------------------------------------
 
 
-def run_in_thread(g: Guest, index: int, results: dict) -> threading.Thread:
+def run_in_thread(g: Guest, index: int, results: dict[int, Msg | RunError]) -> threading.Thread:
     def body() -> None:
         try:
             results[index] = g.run(index)
@@ -393,6 +393,17 @@ def run_in_thread(g: Guest, index: int, results: dict) -> threading.Thread:
     t = threading.Thread(target=body, daemon=True)
     t.start()
     return t
+
+
+def _msg(results: dict[int, Msg | RunError], index: int) -> Msg:
+    msg = results[index]
+    assert not isinstance(msg, RunError), f"VP {index}: errno {msg.errno}"
+    return msg
+
+
+def _ident(t: threading.Thread) -> int:
+    assert t.ident is not None, "thread not started"
+    return t.ident
 
 
 def test_two_vps_run_concurrently() -> None:
@@ -405,16 +416,17 @@ def test_two_vps_run_concurrently() -> None:
         g.load(CODE + 0x100, vp1)
         g.long_mode(0)
         g.long_mode(1, rip=CODE + 0x100)  # an AP: its RIP set explicitly makes it runnable
-        results: dict = {}
+        results: dict[int, Msg | RunError] = {}
         t0 = run_in_thread(g, 0, results)
         time.sleep(0.2)
         assert t0.is_alive()  # spinning in the guest, without holding the partition
         t1 = run_in_thread(g, 1, results)
         t1.join(10)
         t0.join(10)
-        assert int(results[1].io.port_number) == 0x501
-        assert int(results[0].io.port_number) == 0x500
-        assert int(results[0].header.vp_index) == 0 and int(results[1].header.vp_index) == 1
+        m0, m1 = _msg(results, 0), _msg(results, 1)
+        assert int(m1.io.port_number) == 0x501
+        assert int(m0.io.port_number) == 0x500
+        assert int(m0.header.vp_index) == 0 and int(m1.header.vp_index) == 1
     finally:
         g.close()
 
@@ -425,7 +437,7 @@ def test_ap_without_context_waits_for_sipi() -> None:
         # VP1 never got registers: it waits for INIT/SIPI like an AP under the hypervisor's
         # LAPIC. VP0 (BSP) sends INIT + SIPI through the hypercall and VP1 starts in real mode.
         g.load(0x9000, mov_dx(0x600)[1:] + OUT_DX_AL + CLI + HLT)  # real mode: mov dx, 0x600
-        results: dict = {}
+        results: dict[int, Msg | RunError] = {}
         t1 = run_in_thread(g, 1, results)
         time.sleep(0.2)
         assert t1.is_alive()
@@ -433,7 +445,7 @@ def test_ap_without_context_waits_for_sipi() -> None:
             h = hvcall(g.pt, 0x94, struct.pack("<QQQIBBH", 0, control, 1, vector, 0, 0, 0))
             assert (h.rc, h.status) == (0, 0)
         t1.join(10)
-        msg = results[1]
+        msg = _msg(results, 1)
         assert msg.type == IO and int(msg.io.port_number) == 0x600
         assert int(msg.header.execution_state) & 0x4 == 0  # real mode
     finally:
@@ -445,12 +457,12 @@ def test_signal_kicks_a_running_vp_out_with_eintr(guest: Guest) -> None:
     guest.long_mode()
     old = signal.signal(signal.SIGUSR1, lambda *_: None)  # Python installs it without SA_RESTART
     try:
-        results: dict = {}
+        results: dict[int, Msg | RunError] = {}
         t = run_in_thread(guest, 0, results)
         time.sleep(0.2)
         assert t.is_alive()
         for _ in range(50):
-            signal.pthread_kill(t.ident, signal.SIGUSR1)
+            signal.pthread_kill(_ident(t), signal.SIGUSR1)
             t.join(0.1)
             if not t.is_alive():
                 break
@@ -465,11 +477,11 @@ def test_signal_kicks_a_halted_vp_out(guest: Guest) -> None:
     guest.long_mode()
     old = signal.signal(signal.SIGUSR1, lambda *_: None)
     try:
-        results: dict = {}
+        results: dict[int, Msg | RunError] = {}
         t = run_in_thread(guest, 0, results)
         time.sleep(0.4)  # long enough for the halt monitor to look at it a few times
         assert t.is_alive()
-        signal.pthread_kill(t.ident, signal.SIGUSR1)
+        signal.pthread_kill(_ident(t), signal.SIGUSR1)
         t.join(5)
         assert isinstance(results[0], RunError) and results[0].errno == errno.EINTR
     finally:
@@ -510,9 +522,9 @@ def interrupt_guest(g: Guest, eoi: bool) -> None:
     g.long_mode()
 
 
-def run_until_io(g: Guest, port: int, trigger=None, timeout: float = 10) -> Msg:
+def run_until_io(g: Guest, port: int, trigger: Callable[[], object] | None = None, timeout: float = 10) -> Msg:
     """Run VP 0 on a thread (it halts with interrupts on), fire ``trigger``, expect OUT ``port``."""
-    results: dict = {}
+    results: dict[int, Msg | RunError] = {}
     t = run_in_thread(g, 0, results)
     time.sleep(0.3)
     assert t.is_alive()  # halted, waiting for an interrupt
@@ -546,14 +558,14 @@ def test_irqfd_through_msi_routing(guest: Guest) -> None:
         run_until_io(guest, 0x641, lambda: os.write(efd, struct.pack("<Q", 1)))
         # deassigned: the eventfd no longer interrupts the guest
         assert irqfd(guest.pt, efd, 30, flags=1) == 0
-        results: dict = {}
+        results: dict[int, Msg | RunError] = {}
         t = run_in_thread(guest, 0, results)
         os.write(efd, struct.pack("<Q", 1))
         time.sleep(0.3)
         assert t.is_alive()
         hvcall(guest.pt, 0x94, struct.pack("<QQQIBBH", 0, 0, 0, 0x40, 0, 0, 0))
         t.join(10)
-        assert int(results[0].io.port_number) == 0x640
+        assert int(_msg(results, 0).io.port_number) == 0x640
     finally:
         os.close(efd)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from collections.abc import Iterator
 
 import pytest
 
@@ -186,7 +187,7 @@ def test_create_vp_unreadable_arg(ipt: int) -> None:
 
 
 @pytest.fixture
-def ram():
+def ram() -> Iterator[Mem]:
     mem = Mem(16 * PAGE)
     yield mem
     mem.close()
@@ -357,7 +358,7 @@ def test_unmap_ignores_vma(ipt: int) -> None:
 
 
 @pytest.fixture
-def efd():
+def efd() -> Iterator[int]:
     fd = eventfd()
     yield fd
     os.close(fd)
@@ -579,7 +580,7 @@ def test_ioeventfd_other_length_does_not_collide(ipt: int, efd: int) -> None:
     [{"addr": MMIO + 4}, {"length": 8}, {"flags": 1 | 4}, {"datamatch": 6}, {"other_fd": True}],
     ids=["addr", "len", "wildcardness", "datamatch", "eventfd"],
 )
-def test_ioeventfd_deassign_must_match(ipt: int, efd: int, change: dict) -> None:
+def test_ioeventfd_deassign_must_match(ipt: int, efd: int, change: dict[str, int]) -> None:
     base_flags = 1 if "datamatch" in change else 0
     assert ioeventfd(ipt, efd, MMIO, 4, flags=base_flags, datamatch=5) == 0
     fd = eventfd() if change.get("other_fd") else efd
@@ -708,7 +709,7 @@ def test_routing_unreadable(ipt: int) -> None:
 
 
 @pytest.fixture
-def tracked(ipt: int):
+def tracked(ipt: int) -> Iterator[tuple[int, Mem]]:
     """Initialized partition, 16 pages at GPA 0x100, access tracking on, a bitmap buffer."""
     mem = Mem(16 * PAGE)
     out = Mem(PAGE)
@@ -721,37 +722,37 @@ def tracked(ipt: int):
 
 
 @pytest.mark.parametrize("access_type", [2, 3, 0x80, 0xFF])
-def test_gpap_access_type(tracked, access_type: int) -> None:
+def test_gpap_access_type(tracked: tuple[int, Mem], access_type: int) -> None:
     pt, out = tracked
     assert gpap(pt, access_type, 0, 16, 0x100, out.addr) == -errno.EINVAL
 
 
 @pytest.mark.parametrize("op", [3, 4, 0xFF])
-def test_gpap_access_op(tracked, op: int) -> None:
+def test_gpap_access_op(tracked: tuple[int, Mem], op: int) -> None:
     pt, out = tracked
     assert gpap(pt, 0, op, 16, 0x100, out.addr) == -errno.EINVAL
 
 
 @pytest.mark.parametrize("byte", range(6))
 @pytest.mark.parametrize("value", [1, 0xFF])
-def test_gpap_rsvd(tracked, byte: int, value: int) -> None:
+def test_gpap_rsvd(tracked: tuple[int, Mem], byte: int, value: int) -> None:
     pt, out = tracked
     rsvd = bytearray(6)
     rsvd[byte] = value
     assert gpap(pt, 0, 0, 16, 0x100, out.addr, rsvd=bytes(rsvd)) == -errno.EINVAL
 
 
-def test_gpap_page_count_zero(tracked) -> None:
+def test_gpap_page_count_zero(tracked: tuple[int, Mem]) -> None:
     pt, out = tracked
     assert gpap(pt, 0, 0, 0, 0x100, out.addr) == -errno.EINVAL
 
 
-def test_gpap_null_bitmap(tracked) -> None:
+def test_gpap_null_bitmap(tracked: tuple[int, Mem]) -> None:
     pt, _ = tracked
     assert gpap(pt, 0, 0, 16, 0x100, 0) == -errno.EINVAL
 
 
-def test_gpap_unwritable_bitmap(tracked) -> None:
+def test_gpap_unwritable_bitmap(tracked: tuple[int, Mem]) -> None:
     pt, _ = tracked
     assert gpap(pt, 1, 0, 16, 0x100, unmapped_addr()) == -errno.EFAULT
     ro = Mem(PAGE, prot=1)
@@ -761,12 +762,12 @@ def test_gpap_unwritable_bitmap(tracked) -> None:
         ro.close()
 
 
-def test_gpap_unreadable_arg(tracked) -> None:
+def test_gpap_unreadable_arg(tracked: tuple[int, Mem]) -> None:
     pt, _ = tracked
     assert ioctl(pt, F.MSHV_GET_GPAP_ACCESS_BITMAP, unmapped_addr()) == -errno.EFAULT
 
 
-def test_gpap_huge_page_count_is_enomem(tracked) -> None:
+def test_gpap_huge_page_count_is_enomem(tracked: tuple[int, Mem]) -> None:
     # The kernel's vzalloc(page_count) fails (E2BIG/EBADFD cannot trigger on x86-64).
     pt, out = tracked
     assert gpap(pt, 0, 0, 2**40, 0x100, out.addr) == -errno.ENOMEM
@@ -782,7 +783,7 @@ def test_gpap_without_tracking_fails_in_the_hypervisor(ipt: int) -> None:
         out.close()
 
 
-def test_gpap_noop_behaves_as_set(tracked) -> None:
+def test_gpap_noop_behaves_as_set(tracked: tuple[int, Mem]) -> None:
     pt, out = tracked
     out.write(0, b"\xaa" * 8)
     assert gpap(pt, 1, 0, 16, 0x100, out.addr) == 0  # NOOP: reports clean, then SETs
@@ -795,7 +796,7 @@ def test_gpap_noop_behaves_as_set(tracked) -> None:
     assert out.read(0, 2) == b"\xff\xff"
 
 
-def test_gpap_tail_bits_are_zero(tracked) -> None:
+def test_gpap_tail_bits_are_zero(tracked: tuple[int, Mem]) -> None:
     pt, out = tracked
     assert gpap(pt, 0, 2, 12, 0x100, out.addr) == 0
     out.write(0, b"\x55\x55")
@@ -803,7 +804,7 @@ def test_gpap_tail_bits_are_zero(tracked) -> None:
     assert out.read(0, 2) == b"\xff\x0f"
 
 
-def test_gpap_pages_outside_regions_read_clean(tracked) -> None:
+def test_gpap_pages_outside_regions_read_clean(tracked: tuple[int, Mem]) -> None:
     pt, out = tracked
     assert gpap(pt, 1, 2, 32, 0x0F8, out.addr) == 0
     assert gpap(pt, 1, 0, 32, 0x0F8, out.addr) == 0

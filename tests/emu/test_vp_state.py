@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import mmap
 import struct
+from collections.abc import Iterator
 
 import pytest
 from mshv_libvirt._mshv import ffi, lib
@@ -45,14 +46,15 @@ def state(vp: int, which: str, kind: int, buf_sz: int, buf_ptr: int, rsvd: bytes
 
 
 @pytest.fixture
-def page():
+def page() -> Iterator[Mem]:
     mem = Mem(4 * PAGE)
     yield mem
     mem.close()
 
 
 def xsave_size(fd: int) -> int:
-    return struct.unpack("<Q", get_property(fd, F.PROP_MAX_XSAVE_DATA_SIZE).out)[0]
+    size: int = struct.unpack("<Q", get_property(fd, F.PROP_MAX_XSAVE_DATA_SIZE).out)[0]
+    return size
 
 
 @pytest.mark.parametrize("which", [GET, SET])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from collections.abc import Iterator
 
 import pytest
 
@@ -20,7 +21,7 @@ kvm = pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="/dev/kvm absent
 
 
 @pytest.fixture
-def system(monkeypatch: pytest.MonkeyPatch) -> hv.MshvSystem:
+def system(monkeypatch: pytest.MonkeyPatch) -> Iterator[hv.MshvSystem]:
     monkeypatch.delenv(hv.EMU_KERNEL_ENV, raising=False)  # the newest kernel, whatever the caller exported
     s = hv.MshvSystem.open(mode="emulated")
     yield s
@@ -28,7 +29,7 @@ def system(monkeypatch: pytest.MonkeyPatch) -> hv.MshvSystem:
 
 
 @pytest.fixture
-def partition(system: hv.MshvSystem) -> hv.PartitionFd:
+def partition(system: hv.MshvSystem) -> Iterator[hv.PartitionFd]:
     p = system.create_partition()
     p.initialize()
     yield p

@@ -38,7 +38,7 @@ PONG = bytes.fromhex("0000001c 6b656570 00000001 00000002 00000002 00000000 0000
 
 
 def events(conn: ServerConnection) -> list[object]:
-    out = []
+    out: list[object] = []
     while True:
         ev = conn.next_event()
         if ev is NEED_DATA or isinstance(ev, ConnectionClosed):

@@ -9,6 +9,8 @@ accepted again by define and by the next daemon.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from hypothesis import strategies as st
 
 from mshv_libvirt.domain import MAX_ATTRIBUTES, MAX_DEPTH, MAX_TEXT_CHARS
@@ -31,7 +33,10 @@ def escape(value: str) -> str:
     )
 
 
-def rarely(edge: st.SearchStrategy[object], usual: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+T = TypeVar("T")
+
+
+def rarely(edge: st.SearchStrategy[T], usual: st.SearchStrategy[T]) -> st.SearchStrategy[T]:
     """``edge`` about one time in six, else ``usual``: most documents stay valid, each limit is still hit."""
     return st.integers(0, 5).flatmap(lambda i: edge if i == 0 else usual)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 import pytest
 
@@ -69,7 +70,7 @@ def test_send_key_presses_in_order_and_releases_in_reverse(tiny_vm: VmmProcess) 
         ({"keys": [30], "holdtime": "1"}, "'holdtime' must be"),
     ],
 )
-def test_send_key_refuses_bad_requests(tiny_vm: VmmProcess, args: dict[str, object], error: str) -> None:
+def test_send_key_refuses_bad_requests(tiny_vm: VmmProcess, args: dict[str, Any], error: str) -> None:
     tiny_vm.wait_serial(TINY_BANNER, timeout=BOOT)
     reply = tiny_vm.request("send-key", **args)
     assert reply["ok"] is False and error in reply["error"]

@@ -275,7 +275,7 @@ def test_preserve_freezes_the_vm_until_destroy(
     vm = h.vms[0]
     # Every vCPU is finished for good, but the VM (partition, memory) and the process stay.
     assert [t.events for t in vm.vcpus] == [[VcpuEvent.FINISH]] * 2
-    assert not vm.closed and h.vmm._vm is vm and len(h.vms) == 1
+    assert not vm.closed and h.vmm._vm is vm and len(h.vms) == 1  # type: ignore[comparison-overlap]
     assert h.vmm._finish is None
     assert h.events == [{"event": event, "preserved": True, "detail": "the end"}]
     assert h.vmm.handle_command("status", {})["state"] == state
@@ -329,7 +329,8 @@ def test_preserve_of_a_paused_vm_and_a_stuck_vcpu() -> None:
 def test_real_vmm_keeps_a_preserved_guest_until_destroy(
     kvm: None, tiny_kernel: Path, tmp_path: Path, policy: str, key: bytes, event: str, state: str
 ) -> None:
-    with VmmProcess.start(tmp_path / "vm", tiny_kernel, cmdline="console=ttyS0 tiny", **{policy: "preserve"}) as vm:
+    extra: dict[str, Any] = {policy: "preserve"}
+    with VmmProcess.start(tmp_path / "vm", tiny_kernel, cmdline="console=ttyS0 tiny", **extra) as vm:
         vm.wait_serial(TINY_BANNER, timeout=30)
         vm.connect()
         vm.console_send(key)
