@@ -24,6 +24,7 @@ import pytest
 from mshv_libvirt.driver import layout
 from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, vmm_processes, wait_for
 from tests.support.guests import TINY_BANNER
+from tests.support.report import write_report
 
 pytestmark = pytest.mark.virsh
 
@@ -107,6 +108,10 @@ def test_names_like_temporaries_and_other_files_survive_restarts(
         daemon.stop()
         daemon.start()
         assert len(virsh(daemon.uri, "list", "--all", "--name").stdout.split()) == len(running + defined) + 1
+        write_report(
+            "names_like_files",
+            {"names": len(running + defined) + 1, "running": len(running), "restarts_intact": 3, "domains_lost": 0},
+        )
     finally:
         kill_pids(pids.values())
 
@@ -184,6 +189,7 @@ def test_names_at_the_length_limit_define_and_start(
                 assert err.value.get_error_code() == libvirt.VIR_ERR_CONFIG_UNSUPPORTED
                 assert f"at most {LIMIT}" in err.value.get_error_message()
         assert sorted(d.name() for d in conn.listAllDomains()) == sorted(names)
+        write_report("names_at_length_limit", {"started_and_kept_across_restart": len(names), "refused_past_limit": 6})
     finally:
         conn.close()
 
