@@ -3,13 +3,23 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
 
 from mshv_libvirt.rpc import calltrace
+from tests.support import prereqs
 from tests.support.guests import GuestUnavailable, build_tiny_guest
 from tests.support.report import ENV, read_reports
+
+ROOT = Path(__file__).resolve().parent.parent
+# Under CI a missing prerequisite fails the run instead of skipping tests (see tests/support/prereqs.py).
+IN_CI = bool(os.environ.get("CI"))
+
+_needed: dict[str, int] = {}  # prerequisite -> number of selected tests that need it
+_collection_skips: list[str] = []
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -47,7 +57,83 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def needs_of(item: pytest.Item) -> set[str]:
+    """The prerequisites a test needs: its markers, its fixture closure and its module's entry."""
+    names: set[str] = set()
+    if item.get_closest_marker("kvm") is not None:
+        names.add("kvm")
+    for mark in item.iter_markers("needs"):
+        names.update(mark.args)
+    for fixture in getattr(item, "fixturenames", ()):
+        names.update(prereqs.FIXTURE_NEEDS.get(fixture, ()))
+    rel = item.path.resolve().relative_to(ROOT).as_posix()
+    for prefix, implied in prereqs.PATH_NEEDS.items():
+        if rel == prefix or (prefix.endswith("/") and rel.startswith(prefix)):
+            names.update(implied)
+    unknown = names - prereqs.PREREQUISITES.keys()
+    if unknown:
+        raise pytest.UsageError(f"{item.nodeid}: unknown prerequisite(s) {sorted(unknown)}")
+    return names
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.skipped:  # a module that skipped itself at import (pytest.importorskip ...)
+        _collection_skips.append(f"{report.nodeid}: {_skip_reason(report)}")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    for item in session.items:
+        for name in needs_of(item):
+            _needed[name] = _needed.get(name, 0) + 1
+    absent = {name: prereqs.describe(name) for name in sorted(_needed) if prereqs.missing(name)}
+    if IN_CI and (absent or _collection_skips):
+        lines = [f"  {why} -- needed by {_needed[name]} test(s)" for name, why in absent.items()]
+        lines += [f"  {skip}" for skip in _collection_skips]
+        pytest.exit(
+            "CI is set and prerequisites of the collected tests are missing (scripts/install-deps.sh installs "
+            "them):\n" + "\n".join(lines),
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
+    for item in session.items:
+        lacking = sorted(n for n in needs_of(item) if n in absent)
+        if lacking:
+            item.add_marker(pytest.mark.skip(reason="missing prerequisite: " + "; ".join(absent[n] for n in lacking)))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    # Under CI nothing skips for want of a tool: a skip the table above did not foresee fails the test
+    # (unless it says the test does not apply to this host at all).
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report)
+        if not any(allowed in reason for allowed in prereqs.NOT_APPLICABLE):
+            report.outcome = "failed"
+            report.longrepr = f"CI is set: this test skipped ({reason}); install what it needs instead"
+    return report
+
+
+def _skip_reason(report: pytest.CollectReport | pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    skipped = terminalreporter.stats.get("skipped", [])
+    if _needed or skipped:
+        terminalreporter.section("prerequisites and skips")
+        present = [f"{name} ({count})" for name, count in sorted(_needed.items()) if not prereqs.missing(name)]
+        terminalreporter.write_line(f"present, with the number of selected tests needing each: {', '.join(present)}")
+        for name in sorted(n for n in _needed if prereqs.missing(n)):
+            terminalreporter.write_line(f"MISSING {prereqs.describe(name)}: {_needed[name]} test(s) skipped")
+        reasons = Counter(_skip_reason(r) for r in skipped)
+        terminalreporter.write_line(f"{len(skipped)} skipped in total" + (":" if reasons else ""))
+        for reason, count in reasons.most_common():
+            terminalreporter.write_line(f"  {count:4d}  {reason[:200]}")
     directory = Path(os.environ[ENV])
     reports = read_reports(directory)
     if not reports:
@@ -59,17 +145,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.write_line(f"(written to {directory / 'summary.json'})")
 
 
-# Shared by the VMM and end-to-end tests.
-def kvm_skip_reason() -> str | None:
-    if not os.path.exists("/dev/kvm"):
-        return "no /dev/kvm: guest code cannot run on this host"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "/dev/kvm is not accessible to this user"
-    try:
-        import mshv_libvirt.hv  # noqa: F401
-    except ImportError as err:
-        return f"mshv_libvirt.hv is not built: {err}"
-    return None
+@pytest.fixture(scope="session")
+def kvm() -> None:
+    """Guest code runs on this host (one real VM probed per session; see tests/support/prereqs.py).
+    Tests marked ``kvm`` or using this fixture (directly or through another fixture) are skipped
+    before they start when it does not, or end a CI run at its start."""
+    if prereqs.missing("kvm"):
+        why = prereqs.describe("kvm")
+        if IN_CI:
+            pytest.fail(f"CI is set and guests cannot run: {why}")
+        pytest.skip(f"missing prerequisite: {why}")
 
 
 @pytest.fixture(scope="session")
@@ -77,11 +162,6 @@ def tiny_kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     try:
         return build_tiny_guest(tmp_path_factory.mktemp("tiny"))
     except GuestUnavailable as err:
+        if IN_CI:
+            pytest.fail(f"CI is set and the tiny guest cannot be built: {err}")
         pytest.skip(f"tiny guest cannot be built: {err}")
-
-
-@pytest.fixture
-def kvm() -> None:
-    reason = kvm_skip_reason()
-    if reason:
-        pytest.skip(reason)

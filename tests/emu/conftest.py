@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .emutil import close, create_partition, create_vp, initialize, kvm_skip_reason, open_dev
+from .emutil import close, create_partition, create_vp, initialize, open_dev
 
 
 @pytest.fixture(autouse=True)
@@ -51,10 +51,3 @@ def vp(ipt: int) -> Iterator[int]:
 def nokvm(monkeypatch: pytest.MonkeyPatch) -> None:
     """Partitions initialized from now on are not backed by KVM (validation-only emulator)."""
     monkeypatch.setenv("MSHV_LIBVIRT_EMU_KVM", "0")
-
-
-@pytest.fixture
-def kvm() -> None:
-    reason = kvm_skip_reason()
-    if reason:
-        pytest.skip(reason)

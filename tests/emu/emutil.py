@@ -37,16 +37,6 @@ _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 RW = mmap.PROT_READ | mmap.PROT_WRITE
 
 
-def kvm_skip_reason() -> str | None:
-    if not os.path.exists("/dev/kvm"):
-        return "no /dev/kvm: the emulator cannot run guest code on this host"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "/dev/kvm is not accessible to this user"
-    if not lib.mshv_emu_kvm_available():
-        return "the emulator found /dev/kvm unusable (too old, or MSHV_LIBVIRT_EMU_KVM=0)"
-    return None
-
-
 # ---- memory ---------------------------------------------------------------------------------
 
 
