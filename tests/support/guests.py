@@ -22,14 +22,19 @@ of the protected-mode part), so it boots through exactly the loader Linux uses. 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import lzma
 import os
+import re
 import shutil
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +45,8 @@ TINY_BENCH_DONE = "BENCH-DONE"
 TINY_BENCH_EXITS = 20000
 TINY_NMI = "TINY-NMI"
 TINY_KEY = "TINY-KEY"
+TINY_IRQ_FLAG = "tiny.irq"  # on the command line: the interrupt-driven mode (TINY_IRQ_ASM)
+TINY_COUNTS = "TINY-IRQ-COUNTS"
 LINUX_MARKER = "MSHV-GUEST-READY"
 LINUX_POWERBUTTON = "MSHV-GUEST-POWERBUTTON"
 # Measured on kvm-pvm hosts (no VMX): the host emulates the guest's CPL0 code instruction by
@@ -49,6 +56,11 @@ KVM_PVM_UNEMULATED = (
     "cx16 xsave smap popcnt movbe bmi1 bmi2 abm ssse3 sse4_2 sse4_1 aes pclmulqdq sha_ni avx avx2 fma f16c"
 )
 KVM_PVM_CLEARCPUID = "clearcpuid=" + KVM_PVM_UNEMULATED.replace(" ", ",")
+# The Linux guest's command line (the README quotes it). cryptomgr.notests: the crypto self-tests
+# alone take many minutes at emulated speed.
+LINUX_CMDLINE = (
+    "console=ttyS0 earlyprintk=ttyS0 panic=-1 nowatchdog mitigations=off cryptomgr.notests " + KVM_PVM_CLEARCPUID
+)
 
 TINY_ASM = r"""
     .set COM1, 0x3f8
@@ -73,6 +85,7 @@ start64:                        /* boot protocol 64-bit entry: RSI = boot_params
     call setup_idt
     call events_init            /* NMI handler (TINY_EVENTS_ASM) */
     call lapic_enable
+    call irq_mode_init          /* "tiny.irq" on the command line: interrupt-driven from here on */
     lea banner(%rip), %rsi
     call puts
     mov 0x228(%r15), %esi       /* boot_params.hdr.cmd_line_ptr */
@@ -82,12 +95,16 @@ start64:                        /* boot protocol 64-bit entry: RSI = boot_params
     call start_aps
 
 main_loop:
+    cmpb $0, irq_mode(%rip)
+    jne irq_main_loop
+    lock incl polls(%rip)
     mov $COM1+5, %dx
     in %dx, %al
     test $1, %al
     jz 2f
     mov $COM1, %dx
     in %dx, %al
+dispatch:                       /* al = a byte typed on COM1 */
     cmp $'q', %al
     je poweroff
     cmp $'r', %al
@@ -100,11 +117,14 @@ main_loop:
     je bench
     cmp $'i', %al
     je ioapic_version
+    cmp $'n', %al
+    je counts_command
     call lock_print
     call putc
     movb $0, print_lock(%rip)
     jmp main_loop
-2:  call events_poll            /* NMIs seen, keys from the i8042 (TINY_EVENTS_ASM) */
+2:  lock incl polls(%rip)
+    call events_poll            /* NMIs seen, keys from the i8042 (TINY_EVENTS_ASM) */
     mov $PM1_STS, %dx
     in %dx, %ax
     test $0x100, %ax
@@ -116,10 +136,11 @@ powerbutton:
     lea pwrbtn_msg(%rip), %rsi
     call puts
 poweroff:
-    mov $PM1_CNT, %dx
+    call tx_drain               /* interrupt mode: what is still queued goes out first */
+1:  mov $PM1_CNT, %dx
     mov $SLP_S5, %ax
     out %ax, %dx
-    jmp poweroff                /* not reached once the VMM acts */
+    jmp 1b                      /* not reached once the VMM acts */
 
 reboot:
     mov $0xfe, %al
@@ -215,9 +236,12 @@ lock_print:                     /* spin on print_lock; preserves al */
     ret
 
 putc:                           /* al -> COM1 */
+    cmpb $0, irq_mode(%rip)
+    jne putc_irq
     push %rax
     mov $COM1+5, %dx
-1:  in %dx, %al
+1:  lock incl polls(%rip)
+    in %dx, %al
     test $0x20, %al
     jz 1b
     pop %rax
@@ -275,6 +299,7 @@ set_gate:                       /* vector ecx -> handler rax (64-bit interrupt g
     ret
 
 timer_isr:
+    lock incl timer_irqs(%rip)
     push %rax
     mov $LAPIC, %eax
     movl $0, 0xb0(%rax)         /* EOI */
@@ -423,6 +448,398 @@ nmi_count:  .long 0
 nmi_reported: .long 0
 """
 
+# Interrupt-driven mode, selected by "tiny.irq" on the command line (appended to TINY_ASM; it only
+# hooks into it through irq_mode_init, main_loop/dispatch, putc, tx_drain and counts_command).
+# Every device event arrives as an IOAPIC interrupt that the VMM fires through its IrqfdSink
+# (an eventfd bound to the pin's GSI with MSHV_IRQFD): COM1 pin 4 -> vector 0x30 (receive data and
+# transmitter-empty, the only way bytes come in and go out), the SCI pin 9 -> 0x31 (PWRBTN_STS enabled
+# in PM1_EN), i8042 pin 1 -> 0x32 (a self-test at boot: "write keyboard output buffer" raises IRQ 1).
+# The LAPIC timer is never armed and the idle loop is `sti; hlt`, so the guest only moves when an
+# interrupt arrives. It never reads LSR or PM1_STS outside a handler; the polled paths count their
+# reads in `polls`, which this mode's counters line therefore reports as 0.
+TINY_IRQ_ASM = r"""
+    .set IOAPIC, 0xfec00000
+    .set PM1_EN, 0x602
+    .set IER_RDA, 0x01
+    .set IER_THRE, 0x02
+    .set SERIAL_VECTOR, 0x30
+    .set SCI_VECTOR, 0x31
+    .set KBD_VECTOR, 0x32
+
+    .text
+    .code64
+irq_mode_init:                  /* called by start64 with interrupts off */
+    mov 0x228(%r15), %esi       /* the command line: is "tiny.irq" in it? */
+1:  lea irq_flag(%rip), %rdi
+    mov %rsi, %rdx
+2:  mov (%rdi), %al
+    test %al, %al
+    jz 4f
+    cmp (%rdx), %al
+    jne 3f
+    inc %rdi
+    inc %rdx
+    jmp 2b
+3:  cmpb $0, (%rsi)
+    je 9f
+    inc %rsi
+    jmp 1b
+4:  lea idt(%rip), %rdi
+    lea serial_isr(%rip), %rax
+    mov $SERIAL_VECTOR, %ecx
+    call set_gate
+    lea sci_isr(%rip), %rax
+    mov $SCI_VECTOR, %ecx
+    call set_gate
+    lea kbd_isr(%rip), %rax
+    mov $KBD_VECTOR, %ecx
+    call set_gate
+    mov $4, %ecx
+    mov $SERIAL_VECTOR, %eax
+    call ioapic_route
+    mov $9, %ecx
+    mov $SCI_VECTOR, %eax
+    call ioapic_route
+    mov $1, %ecx
+    mov $KBD_VECTOR, %eax
+    call ioapic_route
+    mov $COM1+4, %dx            /* MCR: DTR, RTS, OUT2 (OUT2 gates the UART's IRQ line) */
+    mov $0x0b, %al
+    out %al, %dx
+    mov $IER_RDA, %al           /* IER: receive data; transmit-empty is on while bytes are queued */
+    xor %ah, %ah
+    call ier_update
+    mov $PM1_EN, %dx            /* the power button raises the SCI */
+    mov $0x100, %ax
+    out %ax, %dx
+    movb $1, irq_mode(%rip)
+    mov $0xd2, %al              /* i8042 "write keyboard output buffer": IRQ 1 once the byte is there */
+    out %al, $0x64
+    mov $0x5a, %al
+    out %al, $0x60
+5:  cli                         /* wait for it: nothing but that interrupt can end this loop */
+    cmpl $0, kbd_irqs(%rip)
+    jne 6f
+    sti
+    hlt
+    jmp 5b
+6:  sti
+9:  ret
+
+ioapic_route:                   /* pin ecx -> vector eax: fixed, edge, active high, physical APIC 0 */
+    push %rbx
+    push %rdx
+    mov $IOAPIC, %ebx
+    lea 0x11(,%rcx,2), %edx     /* redirection entry, high half: destination */
+    mov %edx, (%rbx)
+    movl $0, 0x10(%rbx)
+    dec %edx                    /* low half: vector, unmasked */
+    mov %edx, (%rbx)
+    mov %eax, 0x10(%rbx)
+    pop %rdx
+    pop %rbx
+    ret
+
+irq_main_loop:                  /* sleep until a handler queued a byte or saw the power button */
+    cli
+    movzbl rx_tail(%rip), %ebx
+    cmp rx_head(%rip), %bl
+    jne 1f
+    cmpb $0, pwrbtn_seen(%rip)
+    jne 2f
+    sti
+    hlt                         /* sti's shadow: no interrupt is lost between the checks and hlt */
+    jmp irq_main_loop
+1:  lea rx_ring(%rip), %rsi
+    mov (%rsi,%rbx), %al
+    inc %bl
+    mov %bl, rx_tail(%rip)
+    cmpb $0, rx_stalled(%rip)   /* the handler stopped taking bytes while the ring was full */
+    je 3f
+    movb $0, rx_stalled(%rip)
+    push %rax
+    mov $IER_RDA, %al           /* there is room again: the UART's FIFO kept the rest */
+    xor %ah, %ah
+    call ier_update
+    pop %rax
+3:  sti
+    jmp dispatch
+2:  sti
+    call print_counts
+    jmp powerbutton
+
+/* IER = (IER | al) & ~ah, under ier_lock with interrupts off: the BSP's handler, the BSP's main loop
+   and the APs' putc_irq all change it, and none may undo another's bit. */
+ier_update:
+    push %rax
+    push %rcx
+    push %rdx
+    pushfq
+    cli
+    mov %eax, %ecx
+1:  mov $1, %al
+    xchg %al, ier_lock(%rip)
+    test %al, %al
+    jnz 1b
+    mov ier_shadow(%rip), %al
+    or %cl, %al
+    not %ch
+    and %ch, %al
+    mov %al, ier_shadow(%rip)
+    mov $COM1+1, %dx
+    out %al, %dx
+    movb $0, ier_lock(%rip)
+    popfq
+    pop %rdx
+    pop %rcx
+    pop %rax
+    ret
+
+putc_irq:                       /* al -> the transmit ring; the THRE handler sends it */
+    push %rax
+    push %rbx
+    push %rdx
+    push %rsi
+    movzbl tx_head(%rip), %ebx
+1:  lea 1(%rbx), %edx
+    cmp tx_tail(%rip), %dl
+    je 1b                       /* full: the handler (on the BSP, interrupts on) drains it */
+    lea tx_ring(%rip), %rsi
+    mov %al, (%rsi,%rbx)
+    mov %dl, tx_head(%rip)      /* publish, then make sure THRE is on (ier_update's xchg orders them) */
+    mov $IER_THRE, %al
+    xor %ah, %ah
+    call ier_update             /* THRE off -> on raises the interrupt; already on: the handler is due */
+    pop %rsi
+    pop %rdx
+    pop %rbx
+    pop %rax
+    ret
+
+tx_drain:                       /* interrupt mode: wait until the handler sent every queued byte */
+    cmpb $0, irq_mode(%rip)
+    je 3f
+    push %rax
+1:  cli
+    movzbl tx_tail(%rip), %eax
+    cmp tx_head(%rip), %al
+    je 2f
+    sti
+    hlt
+    jmp 1b
+2:  sti
+    pop %rax
+3:  ret
+
+serial_isr:
+    push %rax
+    push %rbx
+    push %rdx
+    push %rsi
+    incl serial_irqs(%rip)
+1:  mov $COM1+2, %dx            /* IIR: what does the UART want? */
+    in %dx, %al
+    test $1, %al
+    jnz 9f                      /* nothing (more) pending */
+    and $0x0e, %al
+    cmp $0x04, %al
+    je 2f
+    cmp $0x02, %al
+    je 3f
+    jmp 9f
+2:  movzbl rx_head(%rip), %ebx  /* received data: take it if the ring has room */
+    lea 1(%rbx), %eax
+    cmp rx_tail(%rip), %al
+    jne 5f
+    movb $1, rx_stalled(%rip)   /* full: stop receive interrupts; the FIFO holds the rest */
+    xor %eax, %eax
+    mov $IER_RDA, %ah
+    call ier_update
+    jmp 1b
+5:  mov $COM1, %dx
+    in %dx, %al
+    incl rx_bytes(%rip)
+    lea rx_ring(%rip), %rsi
+    mov %al, (%rsi,%rbx)
+    inc %bl
+    mov %bl, rx_head(%rip)
+    jmp 1b
+3:  movzbl tx_tail(%rip), %ebx  /* transmitter empty: send the next queued byte */
+    cmp tx_head(%rip), %bl
+    je 4f
+    lea tx_ring(%rip), %rsi
+    mov (%rsi,%rbx), %al
+    inc %bl
+    mov %bl, tx_tail(%rip)
+    mov $COM1, %dx
+    out %al, %dx
+    incl tx_bytes(%rip)
+    jmp 1b
+4:  call tx_idle                /* nothing queued: THRE off, unless a producer just queued a byte: */
+    jnz 3b                      /* then send it now (the IIR read above consumed THRE's edge) */
+    jmp 1b
+9:  mov $LAPIC, %eax
+    movl $0, 0xb0(%rax)         /* EOI */
+    pop %rsi
+    pop %rdx
+    pop %rbx
+    pop %rax
+    iretq
+
+tx_idle:                        /* under ier_lock: the ring still empty -> THRE off, ZF=1; else ZF=0 */
+    push %rax
+    push %rdx
+1:  mov $1, %al
+    xchg %al, ier_lock(%rip)
+    test %al, %al
+    jnz 1b
+    movzbl tx_tail(%rip), %eax
+    cmp tx_head(%rip), %al
+    jne 2f                      /* a byte was queued since the handler looked */
+    mov ier_shadow(%rip), %al
+    and $~IER_THRE, %al
+    mov %al, ier_shadow(%rip)
+    mov $COM1+1, %dx
+    out %al, %dx
+    xor %eax, %eax              /* ZF=1 (mov and pop below keep the flags) */
+2:  movb $0, ier_lock(%rip)
+    pop %rdx
+    pop %rax
+    ret
+
+sci_isr:
+    push %rax
+    push %rdx
+    incl sci_irqs(%rip)
+    mov $PM1_STS, %dx
+    in %dx, %ax
+    test $0x100, %ax
+    jz 1f
+    mov $0x100, %ax             /* write 1 to clear PWRBTN_STS: the SCI drops */
+    out %ax, %dx
+    movb $1, pwrbtn_seen(%rip)
+1:  mov $LAPIC, %eax
+    movl $0, 0xb0(%rax)
+    pop %rdx
+    pop %rax
+    iretq
+
+kbd_isr:
+    push %rax
+    incl kbd_irqs(%rip)
+    in $0x60, %al               /* reading the output buffer drops IRQ 1 */
+    mov $LAPIC, %eax
+    movl $0, 0xb0(%rax)
+    pop %rax
+    iretq
+
+counts_command:
+    call print_counts
+    jmp main_loop
+
+/* "TINY-IRQ-COUNTS mode=irq|polled tx=N rx=N serial=N sci=N kbd=N timer=N polls=N": a snapshot taken
+   once every byte printed before it has been sent, so tx is the number of bytes before this line. */
+print_counts:
+    push %rax
+    push %rbx
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    call lock_print
+    call tx_drain
+    pushfq
+    cli
+    lea counters(%rip), %rsi
+    lea snapshot(%rip), %rdi
+    mov $NCOUNTERS, %ecx
+    rep movsl
+    popfq
+    lea counts_msg(%rip), %rsi
+    call puts
+    lea mode_polled(%rip), %rsi
+    cmpb $0, irq_mode(%rip)
+    je 1f
+    lea mode_irq(%rip), %rsi
+1:  call puts
+    lea counter_names(%rip), %rsi
+    lea snapshot(%rip), %rdi
+    mov $NCOUNTERS, %ecx
+2:  call puts                   /* " name=" (puts leaves rsi after its NUL: the next name) */
+    mov (%rdi), %ebx
+    push %rsi
+    push %rcx
+    call putdec
+    pop %rcx
+    pop %rsi
+    add $4, %rdi
+    dec %ecx
+    jnz 2b
+    mov $'\n', %al
+    call putc
+    movb $0, print_lock(%rip)
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rbx
+    pop %rax
+    ret
+
+putdec:                         /* ebx in decimal */
+    mov %ebx, %eax
+    lea decimal_end(%rip), %rsi
+    mov $10, %ecx
+1:  xor %edx, %edx
+    div %ecx
+    add $'0', %dl
+    dec %rsi
+    mov %dl, (%rsi)
+    test %eax, %eax
+    jnz 1b
+    jmp puts
+
+    .data
+irq_flag:       .asciz "tiny.irq"
+counts_msg:     .asciz "TINY-IRQ-COUNTS mode="
+mode_irq:       .asciz "irq"
+mode_polled:    .asciz "polled"
+counter_names:  .asciz " tx="
+                .asciz " rx="
+                .asciz " serial="
+                .asciz " sci="
+                .asciz " kbd="
+                .asciz " timer="
+                .asciz " polls="
+    .set NCOUNTERS, 7
+    .p2align 2
+counters:                       /* in .data, not .bss: a guest reset reloads them with the image */
+tx_bytes:       .long 0         /* sent by the THRE handler */
+rx_bytes:       .long 0         /* received by the receive-data handler */
+serial_irqs:    .long 0
+sci_irqs:       .long 0
+kbd_irqs:       .long 0
+timer_irqs:     .long 0
+polls:          .long 0         /* LSR / PM1_STS reads outside a handler (the polled mode's loops) */
+snapshot:       .skip 4 * NCOUNTERS
+decimal:        .skip 10
+decimal_end:    .byte 0
+irq_mode:       .byte 0
+pwrbtn_seen:    .byte 0
+ier_shadow:     .byte 0         /* what IER holds; changed only by ier_update / tx_idle */
+ier_lock:       .byte 0
+rx_stalled:     .byte 0
+tx_head:        .byte 0
+tx_tail:        .byte 0
+rx_head:        .byte 0
+rx_tail:        .byte 0
+
+    .bss
+    .p2align 8
+tx_ring:        .skip 256
+rx_ring:        .skip 256
+"""
+
 LINKER_SCRIPT = """
 ENTRY(start64)
 SECTIONS {
@@ -472,11 +889,34 @@ def wrap_bzimage(protected_mode: bytes, *, init_size: int) -> bytes:
     return bytes(setup) + protected_mode
 
 
+def tiny_counts(serial: str) -> list[tuple[int, dict[str, str]]]:
+    """Every counters line the tiny guest printed (key ``n``): (offset of the line in the log, fields)."""
+    found = []
+    for m in re.finditer(re.escape(TINY_COUNTS) + r" (.*)\n", serial):
+        found.append((m.start(), dict(field.split("=", 1) for field in m.group(1).split())))
+    return found
+
+
+def wait_tiny_counts(read: Callable[[], str], *, nth: int = 1, timeout: float) -> tuple[int, dict[str, str]]:
+    """Wait (bounded) until the serial log read by ``read`` holds ``nth`` complete counters lines."""
+    deadline = time.monotonic() + timeout
+    while len(found := tiny_counts(read())) < nth:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"counters line {nth} not printed within {timeout} s: {read()[-2000:]!r}")
+        time.sleep(0.05)
+    return found[nth - 1]
+
+
+def tiny_source() -> str:
+    """The tiny guest's whole assembly source (also what its cache key is made of)."""
+    return TINY_ASM.replace("{bench_exits}", str(TINY_BENCH_EXITS)) + TINY_EVENTS_ASM + TINY_IRQ_ASM
+
+
 def build_tiny_guest(tmp_path: Path) -> Path:
     """Assemble the tiny guest and return the path of its bzImage."""
     work = Path(tmp_path) / "tiny-guest"
     work.mkdir(parents=True, exist_ok=True)
-    (work / "tiny.S").write_text(TINY_ASM.replace("{bench_exits}", str(TINY_BENCH_EXITS)) + TINY_EVENTS_ASM)
+    (work / "tiny.S").write_text(tiny_source())
     (work / "tiny.ld").write_text(LINKER_SCRIPT)
     _run(["as", "--64", "-o", "tiny.o", "tiny.S"], work)
     _run(["ld", "-m", "elf_x86_64", "-nostdlib", "-T", "tiny.ld", "-o", "tiny.elf", "tiny.o"], work)
@@ -487,6 +927,35 @@ def build_tiny_guest(tmp_path: Path) -> Path:
     out = work / "bzImage"
     out.write_bytes(image)
     return out
+
+
+def cached_tiny_guest() -> Path:
+    """The tiny guest's bzImage under ``~/.cache/mshv-libvirt/tiny-<hash>/``, built on first use; the
+    hash covers its source, the linker script and the assembler/linker versions."""
+    versions = [_tool_version(tool) for tool in ("as", "ld")]
+    cache = cache_path("tiny", tiny_source(), LINKER_SCRIPT, str(SETUP_SECTS), *versions)
+    image = cache / "tiny-guest" / "bzImage"
+    if not image.exists():
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=CACHE_DIR))
+        try:
+            build_tiny_guest(tmp)
+            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide it from a daemon running as another user
+            try:
+                os.rename(tmp, cache)  # atomic: a reader sees no directory or a complete one
+            except OSError:
+                if not image.exists():  # not a concurrent builder that got there first
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return image
+
+
+def _tool_version(tool: str) -> str:
+    try:
+        return subprocess.run([tool, "--version"], check=True, capture_output=True, text=True).stdout.split("\n")[0]
+    except FileNotFoundError as err:
+        raise GuestUnavailable(f"{tool} is not installed (Debian package binutils)") from err
 
 
 def _symbol(elf: Path, name: str) -> int:
@@ -544,9 +1013,33 @@ class DebianKernel:
 GUEST_MODULES = ("kernel/drivers/acpi/button.ko", "kernel/drivers/input/evdev.ko")
 
 
+def _package_identity(package: str) -> str:
+    """Package, version and .deb SHA256 of apt's candidate: what the unpacked kernel is made from."""
+    try:
+        out = subprocess.run(
+            ["apt-cache", "show", "--no-all-versions", package], check=True, capture_output=True, text=True
+        ).stdout
+    except (FileNotFoundError, subprocess.CalledProcessError) as err:
+        raise GuestUnavailable(f"apt-cache cannot show {package}: {err}") from err
+    fields = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line and not line.startswith(" "))
+    if "Version" not in fields:
+        raise GuestUnavailable(f"apt-cache show {package} gives no version")
+    return f"package={package} version={fields['Version']} sha256={fields.get('SHA256', '?')}"
+
+
+def cache_path(kind: str, *inputs: str | bytes) -> Path:
+    """``~/.cache/mshv-libvirt/<kind>-<hash of the inputs>``: a new input is a new directory."""
+    digest = hashlib.sha256()
+    for item in inputs:
+        data = item.encode() if isinstance(item, str) else item
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return CACHE_DIR / f"{kind}-{digest.hexdigest()[:16]}"
+
+
 def debian_kernel() -> DebianKernel:
     """Debian's vmlinuz (+ the modules the guest needs), fetched once into the cache with
-    ``apt-get download`` + ``dpkg-deb -x``. ``MSHV_LIBVIRT_TEST_KERNEL`` overrides (no modules)."""
+    ``apt-get download`` + ``dpkg-deb -x``, keyed by the package's version and hash and the module
+    list. ``MSHV_LIBVIRT_TEST_KERNEL`` overrides (no modules)."""
     override = os.environ.get("MSHV_LIBVIRT_TEST_KERNEL")
     if override:
         path = Path(override)
@@ -554,7 +1047,7 @@ def debian_kernel() -> DebianKernel:
             raise GuestUnavailable(f"MSHV_LIBVIRT_TEST_KERNEL={override} does not exist")
         return DebianKernel(path, ())
     package = _find_kernel_package()
-    cache = CACHE_DIR / package
+    cache = cache_path("linux", _package_identity(package), *GUEST_MODULES)
     vmlinuz = cache / "vmlinuz"
     if not vmlinuz.exists():
         cache.mkdir(parents=True, exist_ok=True)
@@ -649,8 +1142,23 @@ def build_linux_guest(tmp_path: Path, *, poweroff: bool = False) -> tuple[Path, 
     return kernel.vmlinuz, initrd
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python3 -m tests.support.guests tiny``: print the cached tiny guest's path (building it)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["tiny"]:
+        print("usage: python3 -m tests.support.guests tiny", file=sys.stderr)
+        return 2
+    try:
+        print(cached_tiny_guest())
+    except GuestUnavailable as err:
+        print(f"cannot build the tiny guest: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 __all__ = [
     "KVM_PVM_CLEARCPUID",
+    "LINUX_CMDLINE",
     "LINUX_MARKER",
     "LINUX_POWERBUTTON",
     "TINY_AP_BANNER",
@@ -659,12 +1167,22 @@ __all__ = [
     "TINY_BENCH_EXITS",
     "TINY_KEY",
     "TINY_NMI",
+    "TINY_COUNTS",
+    "TINY_IRQ_FLAG",
     "TINY_POWERBUTTON",
     "DebianKernel",
     "GuestUnavailable",
     "build_initramfs",
     "build_linux_guest",
     "build_tiny_guest",
+    "cache_path",
+    "cached_tiny_guest",
     "debian_kernel",
+    "tiny_counts",
+    "tiny_source",
+    "wait_tiny_counts",
     "wrap_bzimage",
 ]
+
+if __name__ == "__main__":
+    sys.exit(main())
