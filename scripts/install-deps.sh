@@ -5,12 +5,13 @@ export DEBIAN_FRONTEND=noninteractive
 packages=(
     # build: the compiled cffi core and libvirt-python (built against libvirt-dev via pkg-config)
     gcc binutils make pkg-config python3 python3-dev python3-venv libffi-dev libvirt-dev
-    # clients the tests drive for real
-    libvirt-clients python3-libvirt virtinst
+    # clients the tests drive for real; libvirt0 ships the schemas (domain.rng) define also checks
+    libvirt-clients libvirt0 python3-libvirt virtinst
     # host SMBIOS for virsh sysinfo, read through dmidecode as libvirt does
     dmidecode
-    # test guests: busybox initramfs, Debian kernel unpacking, peers for benchmarks
-    busybox-static cpio xz-utils zstd kmod qemu-system-x86 util-linux
+    # test guests: the tiny guest (binutils), busybox initramfs, Debian kernel (apt-get download + dpkg-deb),
+    # peers for benchmarks, disk images
+    apt busybox-static cpio xz-utils zstd kmod qemu-system-x86 qemu-utils util-linux
     # virt-manager under a virtual screen (the tests set GSETTINGS_BACKEND=memory, NO_AT_BRIDGE=1)
     virt-manager xvfb
     # systemd-analyze verifies the shipped units

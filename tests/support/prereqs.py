@@ -23,8 +23,9 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Prerequisite:
     name: str
-    package: str  # the Debian package (scripts/install-deps.sh) or how else it is obtained
+    source: str  # where it comes from: a Debian package that scripts/install-deps.sh installs, or how else
     probe: Callable[[], str | None]
+    debian: bool = True  # ``source`` is a Debian package name
 
 
 def _tools(*names: str) -> Callable[[], str | None]:
@@ -91,11 +92,11 @@ def probe_guest_execution() -> str | None:
 PREREQUISITES: dict[str, Prerequisite] = {
     p.name: p
     for p in (
-        Prerequisite("kvm", "/dev/kvm usable by this user, or /dev/mshv", probe_guest_execution),
+        Prerequisite("kvm", "/dev/kvm usable by this user, or /dev/mshv", probe_guest_execution, debian=False),
         Prerequisite("binutils", "binutils", _tools("as", "ld", "objcopy", "nm")),
         Prerequisite("gcc", "gcc", _tools("gcc")),
         Prerequisite("virsh", "libvirt-clients", _tools("virsh")),
-        Prerequisite("libvirt-python", "pip libvirt-python (tox: extras test) or python3-libvirt", _module("libvirt")),
+        Prerequisite("libvirt-python", "pip: libvirt-python (tox's test extra)", _module("libvirt"), debian=False),
         Prerequisite("libvirt-schemas", "libvirt0", _file("/usr/share/libvirt/schemas/domain.rng")),
         Prerequisite("virt-install", "virtinst", _tools("virt-install")),
         Prerequisite("virt-manager", "virt-manager", _tools("virt-manager")),
@@ -104,9 +105,7 @@ PREREQUISITES: dict[str, Prerequisite] = {
         Prerequisite("systemd-analyze", "systemd", _tools("systemd-analyze")),
         Prerequisite("util-linux", "util-linux", _tools("unshare", "runuser")),
         Prerequisite("busybox-static", "busybox-static", _tools("busybox")),
-        Prerequisite(
-            "apt", "apt, dpkg (the Linux guest's kernel comes from apt-get download)", _tools("apt-get", "dpkg-deb")
-        ),
+        Prerequisite("apt", "apt", _tools("apt-get", "apt-cache", "dpkg-deb")),  # the Linux guest's kernel
     )
 }
 
@@ -144,7 +143,7 @@ def missing(name: str) -> str | None:
 
 def describe(name: str) -> str:
     why = missing(name)
-    return f"{name} ({why}; from: {PREREQUISITES[name].package})"
+    return f"{name} ({why}; from: {PREREQUISITES[name].source})"
 
 
 __all__ = [
