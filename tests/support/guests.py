@@ -12,11 +12,20 @@ of the protected-mode part), so it boots through exactly the loader Linux uses. 
   0x80 then ``BENCH-DONE``, ``i`` prints
   ``TINY-IOAPIC-VERSION <hex>`` read from the IOAPIC by MMIO (a store, then a load); polls PM1_STS for
   the power button (prints ``TINY-GUEST-POWERBUTTON`` and powers off); between polls it sleeps on
-  the LAPIC timer (one-shot, vector 0x40) with ``sti; hlt``;
+  the LAPIC timer (one-shot, vector 0x40) with ``sti; hlt``; ``n`` prints its counters line
+  (``TINY-IRQ-COUNTS mode=... tx= rx= serial= sci= kbd= timer= polls=``, see ``tiny_counts``);
 * counts NMIs (vector 2) and prints ``TINY-NMI <count, 8 hex digits>`` when the count changed, and prints
-  ``TINY-KEY <hex byte>`` for every byte the i8042 has for it on port 0x60 (``TINY_EVENTS_ASM``).
+  ``TINY-KEY <hex byte>`` for every byte the i8042 has for it on port 0x60 (``TINY_EVENTS_ASM``, polled mode);
+* with ``tiny.irq`` on its command line, the same commands interrupt-driven (``TINY_IRQ_ASM``): no
+  polling and no timer, only IOAPIC interrupts (COM1 receive/transmit-empty, the SCI, the i8042);
+  it also prints the counters before it powers off on the power button.
 
-``build_linux_guest``: Debian's linux-image-amd64 bzImage plus a busybox-static initramfs made here.
+``cached_tiny_guest`` keeps one build under ``~/.cache/mshv-libvirt/tiny-<hash of its inputs>`` (for
+scripts/first-vm.sh; the tests build their own, in a fraction of a second).
+
+``build_linux_guest``: Debian's linux-image-amd64 bzImage (downloaded once, cached under
+``~/.cache/mshv-libvirt/linux-<hash of package, version, .deb hash, modules>``) plus a busybox-static
+initramfs made here.
 """
 
 from __future__ import annotations
