@@ -8,7 +8,7 @@
 #   --uri URI    libvirt URI (default: $MSHV_LIBVIRT_URI, else mshv:///system)
 #   --name NAME  domain name (default: first-vm)
 #   --irq        boot the guest's interrupt-driven mode ("tiny.irq" on its command line)
-#   --print      only print the commands, run nothing
+#   --print      build and print, but define and start nothing
 #
 # Needs binutils (as, ld, objcopy, nm) and python3; a running virtmshvd (scripts/install.sh).
 set -euo pipefail
