@@ -40,7 +40,7 @@ def test_first_vm_script_defines_and_starts_the_tiny_guest(kvm: None, daemon: Da
     assert f"virsh -c '{daemon.uri}' start first-vm\n" in out
     assert "Domain 'first-vm' started" in out
     assert virsh(daemon.uri, "domstate", "first-vm").stdout.strip() == "running"
-    log = daemon.run_dir / "first-vm.serial.log"
+    log = daemon.serial_log("first-vm")
     wait_for(lambda: log.exists() and f"{TINY_BANNER} cmdline=console=ttyS0\n" in log.read_text())
 
     # The console line it prints works as printed.

@@ -26,7 +26,7 @@ def start_irq_guest(d: DaemonProcess, tmp_path: Path, name: str, kernel: Path) -
     xml.write_text(domain_xml(name, kernel, cmdline=CMDLINE))
     virsh(d.uri, "define", str(xml))
     virsh(d.uri, "start", name)
-    log = d.run_dir / f"{name}.serial.log"
+    log = d.serial_log(name)
     wait_for(lambda: log.exists() and f"{TINY_BANNER} cmdline={CMDLINE}\n" in log.read_text())
     return log
 
