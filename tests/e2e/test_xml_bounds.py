@@ -378,7 +378,8 @@ def test_what_define_accepts_survives_redefine_and_restart(hooked: Hooked) -> No
     counter = iter(range(10**6))
     tried = [0]
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    # derandomize: the same 60 documents every run, so the "enough accepted" floor below is a fact, not luck
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(doc=domain_document())
     def one(doc: str) -> None:
         tried[0] += 1
