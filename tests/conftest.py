@@ -37,7 +37,15 @@ def _whole_suite(config: pytest.Config) -> bool:
     tests = (Path(str(config.rootpath)) / "tests").resolve()
     args = {Path(a.split("::")[0]).resolve() for a in config.args}
     option = config.option
-    return args == {tests} and not option.keyword and not option.deselect and not getattr(option, "lf", False)
+    # The default run (`-m "not slow"`) or everything: the slow tests alone are not the suite.
+    markers_ok = option.markexpr in ("", "not slow")
+    return (
+        args == {tests}
+        and markers_ok
+        and not option.keyword
+        and not option.deselect
+        and not getattr(option, "lf", False)
+    )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
