@@ -11,8 +11,11 @@ packages=(
     dmidecode
     # test guests: busybox initramfs, Debian kernel unpacking, peers for benchmarks
     busybox-static cpio xz-utils zstd kmod qemu-system-x86 util-linux
-    # virt-manager under a virtual screen (the tests set GSETTINGS_BACKEND=memory, NO_AT_BRIDGE=1)
+    # virt-manager under a virtual screen (the tests set GSETTINGS_BACKEND=memory)
     virt-manager xvfb
+    # --- virt-manager driven through its UI (tests/support/uitest.py): dogtail over AT-SPI, private D-Bus session
+    python3-dogtail python3-pyatspi at-spi2-core dbus-daemon
+    # ---
     # systemd-analyze verifies the shipped units
     systemd
     # test runner
