@@ -65,7 +65,11 @@ def _find_once(app_name, path):
         return None
     node = apps[-1]
     for step in path:
-        found = node.findChild(lambda n, step=step: _matches(n, step), retry=False, requireResult=False)
+        if "index" in step:  # the n-th match in tree order, for nodes that have no name of their own
+            matches = node.findChildren(lambda n, step=step: _matches(n, step), showingOnly=False)
+            found = matches[step["index"]] if len(matches) > step["index"] else None
+        else:
+            found = node.findChild(lambda n, step=step: _matches(n, step), retry=False, requireResult=False)
         if found is None:
             return None
         node = found
