@@ -12,8 +12,11 @@ packages=(
     # test guests: the tiny guest (binutils), busybox initramfs, Debian kernel (apt-get download + dpkg-deb),
     # peers for benchmarks, disk images
     apt busybox-static cpio xz-utils zstd kmod qemu-system-x86 qemu-utils util-linux
-    # virt-manager under a virtual screen (the tests set GSETTINGS_BACKEND=memory, NO_AT_BRIDGE=1)
+    # virt-manager under a virtual screen (the tests set GSETTINGS_BACKEND=memory)
     virt-manager xvfb
+    # --- virt-manager driven through its UI (tests/support/uitest.py): dogtail over AT-SPI, private D-Bus session
+    python3-dogtail python3-pyatspi at-spi2-core dbus-daemon
+    # ---
     # systemd-analyze verifies the shipped units
     systemd
     # test runner

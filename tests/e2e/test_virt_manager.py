@@ -1,9 +1,10 @@
-"""The real virt-manager (Debian 4.1) under Xvfb against a real virtmshvd, observed through its debug log.
+"""The real virt-manager (Debian 4.1) against a real virtmshvd, driven through its UI as its own uitests do:
+dogtail over AT-SPI (tests/support/uitest.py) on Xvfb, with a D-Bus session and the accessibility bus the
+harness starts itself. Assertions are on what its windows show (their accessible names and texts) and on the
+daemon's state through virsh; a screenshot of each step is kept in the test's tmp dir.
 
-virt-manager runs under /usr/bin/python3 with python3-libvirt and GTK from the gir1.2-* packages
-(Debian package virt-manager pulls them in). It gets its own HOME; ``GSETTINGS_BACKEND=memory`` keeps it
-away from dconf (which would need a D-Bus session bus and dbus-launch) and ``NO_AT_BRIDGE=1`` away from
-the accessibility bus.
+virt-manager and dogtail run under /usr/bin/python3 (Debian's python3-libvirt, GTK from gir1.2-*); the test
+only talks to them. The expected texts are virt-manager 4.1's own (its ui/*.ui files and createvm.py).
 """
 
 from __future__ import annotations
@@ -11,156 +12,82 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.support import uitest
 from tests.support.daemon import DaemonProcess, domain_xml, virsh, wait_for
 from tests.support.guests import TINY_BANNER
+from tests.support.uitest import Desktop, Ui, node
 
 pytestmark = [pytest.mark.virsh, pytest.mark.slow]
 
 VIRT_MANAGER = shutil.which("virt-manager")
-XVFB = shutil.which("Xvfb")
-SYSTEM_PYTHON = "/usr/bin/python3"
 TIMEOUT = 60.0
-
-# A screenshot without ImageMagick: GDK from the same gir packages virt-manager uses.
-GDK_SCREENSHOT = """
-import sys
-import gi
-gi.require_version("Gdk", "3.0")
-from gi.repository import Gdk
-root = Gdk.get_default_root_window()
-pixbuf = Gdk.pixbuf_get_from_window(root, 0, 0, root.get_width(), root.get_height())
-pixbuf.savev(sys.argv[1], "png", [], [])
-"""
+MANAGER = node("frame", "Virtual Machine Manager")
+WIZARD = node("frame", "New VM")
 
 
 @pytest.fixture(autouse=True)
-def _need_virt_manager() -> None:
-    if VIRT_MANAGER is None:
-        pytest.skip("virt-manager is not installed (apt-get install --no-install-recommends virt-manager)")
-    if XVFB is None:
-        pytest.skip("Xvfb is not installed (Debian package xvfb)")
+def _need_tools() -> None:
+    missing = ([] if VIRT_MANAGER else ["virt-manager"]) + uitest.missing_tools()
+    if missing:
+        message = f"missing for the virt-manager UI tests: {', '.join(missing)} (scripts/install-deps.sh)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL, to the process group this test started for it."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-@contextlib.contextmanager
-def xvfb(log: Path) -> Iterator[str]:
-    """An Xvfb on a display number it picks itself (``-displayfd``), so parallel runs never collide."""
-    assert XVFB is not None
-    rfd, wfd = os.pipe()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [XVFB, "-displayfd", str(wfd), "-screen", "0", "1280x800x24", "-nolisten", "tcp"],
-            pass_fds=(wfd,),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    os.close(wfd)
-    try:
-        number = b""
-        with os.fdopen(rfd, "rb") as r:
-            while not number.endswith(b"\n"):
-                chunk = r.read(1)
-                if not chunk:
-                    raise AssertionError(f"Xvfb did not report a display:\n{log.read_text(errors='replace')}")
-                number += chunk
-        yield f":{int(number)}"
-    finally:
-        _stop(proc)
-
-
-@dataclass
 class VirtManager:
-    proc: subprocess.Popen[bytes]
-    stderr: Path
-    home: Path
-    env: dict[str, str]
-
-    @property
-    def logfile(self) -> Path:
-        return self.home / ".cache" / "virt-manager" / "virt-manager.log"
+    def __init__(self, desktop: Desktop, uri: str, *args: str) -> None:
+        assert VIRT_MANAGER is not None
+        self.desktop = desktop
+        self.stderr = desktop.root / "virt-manager.stderr"
+        self.shots = 0
+        with open(self.stderr, "wb") as err:
+            self.proc = subprocess.Popen(
+                [VIRT_MANAGER, "--no-fork", "--debug", "--connect", uri, *args],
+                stdout=err,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=desktop.env,
+                start_new_session=True,
+            )
+        self.ui = Ui(desktop, "virt-manager")
 
     def log(self) -> str:
         return self.stderr.read_text(errors="replace")
 
-    def wait_log(self, text: str, timeout: float = TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"virt-manager exited ({self.proc.returncode}) before {text!r}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} not in virt-manager's log within {timeout} s:\n{self.log()}")
-            time.sleep(0.1)
+    def screenshot(self, step: str) -> Path:
+        self.shots += 1
+        return self.desktop.screenshot(self.desktop.root / f"{self.shots:02d}-{step}.png")
 
-    def screenshot(self, path: Path) -> bool:
-        """Best effort: ImageMagick's ``import`` when present, else GDK; False when neither works."""
-        importer = shutil.which("import")
-        if importer is not None:
-            cmd = [importer, "-window", "root", str(path)]
-        else:
-            cmd = [SYSTEM_PYTHON, "-c", GDK_SCREENSHOT, str(path)]
-        res = subprocess.run(cmd, env=self.env, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
-        return res.returncode == 0 and path.exists() and path.stat().st_size > 0
+    def alive(self) -> None:
+        assert self.proc.poll() is None, self.log()[-3000:]
+        assert "Uncaught exception" not in self.log()
+
+    def close(self) -> None:
+        self.ui.close()
+        uitest.stop(self.proc)
 
 
 @contextlib.contextmanager
-def virt_manager(uri: str, display: str, root: Path, *args: str) -> Iterator[VirtManager]:
-    assert VIRT_MANAGER is not None
-    home = root / "home"
-    home.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "XDG_", "DBUS_"))}
-    env.update(
-        HOME=str(home),
-        XDG_CACHE_HOME=str(home / ".cache"),
-        XDG_CONFIG_HOME=str(home / ".config"),
-        XDG_DATA_HOME=str(home / ".local" / "share"),
-        DISPLAY=display,
-        GSETTINGS_BACKEND="memory",
-        NO_AT_BRIDGE="1",
-        GDK_BACKEND="x11",
-    )
-    env.pop("WAYLAND_DISPLAY", None)
-    stderr = root / "virt-manager.stderr"
-    with open(stderr, "wb") as err:
-        proc = subprocess.Popen(
-            [VIRT_MANAGER, "--no-fork", "--debug", "--connect", uri, *args],
-            stdout=err,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
-    try:
-        yield VirtManager(proc, stderr, home, env)
-    finally:
-        _stop(proc)
-
-
-def serial_log(d: DaemonProcess, name: str) -> str:
-    path = d.serial_log(name)
-    return path.read_text(errors="replace") if path.exists() else ""
+def virt_manager(d: DaemonProcess, tmp_path: Path, *args: str) -> Iterator[VirtManager]:
+    with uitest.desktop(tmp_path / "ui") as desktop:
+        vm = VirtManager(desktop, d.uri, *args)
+        try:
+            yield vm
+        except BaseException:
+            with contextlib.suppress(Exception):
+                print(f"screenshot of the failure: {vm.screenshot('failure')}")
+            raise
+        finally:
+            vm.close()
+    assert "Traceback" not in d.log.read_text(errors="replace")
 
 
 def define_vm1(d: DaemonProcess, kernel: Path, tmp_path: Path, *, start: bool) -> None:
@@ -169,76 +96,197 @@ def define_vm1(d: DaemonProcess, kernel: Path, tmp_path: Path, *, start: bool) -
     virsh(d.uri, "define", str(xml))
     if start:
         virsh(d.uri, "start", "vm1")
-        wait_for(lambda: TINY_BANNER in serial_log(d, "vm1"))
+        wait_for(lambda: TINY_BANNER in d.serial_log("vm1").read_text(errors="replace"), timeout=TIMEOUT)
 
 
-def check_clean(d: DaemonProcess, vm: VirtManager) -> None:
-    assert "Uncaught exception" not in vm.log()
-    assert "Traceback" not in d.log.read_text(errors="replace")
+def domstate(d: DaemonProcess, name: str) -> str:
+    return virsh(d.uri, "domstate", name).stdout.strip()
 
 
-def test_manager_window_lists_running_domain(
+def row(name: str, state: str) -> dict[str, Any]:
+    return node("table cell", f"{name}\n{state}")
+
+
+def test_manager_window_shows_and_drives_the_domain(
     kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
 ) -> None:
     define_vm1(daemon, tiny_kernel, tmp_path, start=True)
-    t0 = time.monotonic()
-    with xvfb(tmp_path / "xvfb.log") as display, virt_manager(daemon.uri, display, tmp_path) as vm:
-        vm.wait_log(f"conn={daemon.uri} changed to state=Active")
-        vm.wait_log("domain=vm1 status=Running added")
-        connected = time.monotonic() - t0
-        # The domain list is live: lifecycle events from another client reach the GUI.
+    with virt_manager(daemon, tmp_path) as vm:
+        ui = vm.ui
+        ui.find(MANAGER, row("vm1", "Running"), timeout=TIMEOUT)
+        assert "mshv" in ui.shown(MANAGER, node("tree table", "vm-list"))  # the connection's row
+        vm.screenshot("manager-running")
+        # The list is live: another client's lifecycle changes show up.
+        virsh(daemon.uri, "suspend", "vm1")
+        ui.find(MANAGER, row("vm1", "Paused"), timeout=TIMEOUT)
+        vm.screenshot("manager-paused")
+        # And the window's own buttons act on the daemon: select the row, toggle Pause off and on.
+        ui.click(MANAGER, row("vm1", "Paused"), mouse=True)
+        ui.click(MANAGER, node("toggle button", "Pause"))
+        ui.find(MANAGER, row("vm1", "Running"), timeout=TIMEOUT)
+        assert domstate(daemon, "vm1") == "running"
+        ui.click(MANAGER, node("toggle button", "Pause"))
+        ui.find(MANAGER, row("vm1", "Paused"), timeout=TIMEOUT)
+        assert domstate(daemon, "vm1") == "paused"
         virsh(daemon.uri, "destroy", "vm1")
-        vm.wait_log("domain lifecycle event: domain=vm1 state=VIR_DOMAIN_EVENT_STOPPED")
-        virsh(daemon.uri, "start", "vm1")
-        vm.wait_log("domain lifecycle event: domain=vm1 state=VIR_DOMAIN_EVENT_STARTED")
-        time.sleep(1)  # let the window draw the new state
-        shot = tmp_path / "virt-manager.png"
-        if vm.screenshot(shot):
-            print(f"screenshot: {shot}")
-        assert vm.proc.poll() is None, vm.log()
-        assert vm.logfile.exists()  # the log file in its own HOME, where users would look for it
-    print(f"virt-manager connected and listed vm1 in {connected:.1f} s")
-    check_clean(daemon, vm)
-    virsh(daemon.uri, "destroy", "vm1")
+        ui.find(MANAGER, row("vm1", "Shutoff"), timeout=TIMEOUT)
+        vm.screenshot("manager-shutoff")
+        ui.click(MANAGER, node("push button", "Run"))  # starts the shut-off domain
+        ui.find(MANAGER, row("vm1", "Running"), timeout=TIMEOUT)
+        assert domstate(daemon, "vm1") == "running"
+        virsh(daemon.uri, "destroy", "vm1")
+        vm.alive()
     virsh(daemon.uri, "undefine", "vm1")
 
 
-def test_details_window_fetches_domcaps_and_opens_console(
+def test_new_vm_wizard_manual_install_to_its_last_page(
+    daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    """Needs no KVM: the wizard only reads the daemon's capabilities, and is cancelled on its last page."""
+    with virt_manager(daemon, tmp_path, "--show-domain-creator") as vm:
+        ui = vm.ui
+        ui.find(WIZARD, node("label", "pagenum-label", text="Step 1 of 5"), timeout=TIMEOUT)
+        first = ui.shown(WIZARD)
+        assert "mshv" in first and "Connection:" in first
+        for method in ("Import existing disk image", "Manual install"):
+            assert ui.find(WIZARD, node("radio button", method))["sensitive"], method
+        vm.screenshot("wizard-1-method")
+        ui.click(WIZARD, node("radio button", "Manual install"))
+        ui.click(WIZARD, node("push button", "Forward"))
+
+        ui.find(WIZARD, node("label", "pagenum-label", text="Step 2 of 5"), timeout=TIMEOUT)
+        ui.keys(WIZARD, node("text", "oslist-entry"), text="generic")
+        ui.find(WIZARD, node("table cell", "Generic Linux 2022 (linux2022)"), timeout=TIMEOUT)
+        ui.keys(WIZARD, node("text", "oslist-entry"), press=("Return",))
+        ui.find(WIZARD, node("text", "oslist-entry", text="Generic Linux 2022"), timeout=TIMEOUT)
+        vm.screenshot("wizard-2-os")
+        ui.click(WIZARD, node("push button", "Forward"))
+
+        ui.find(WIZARD, node("label", "pagenum-label", text="Step 3 of 5"), timeout=TIMEOUT)
+        cpus = ui.find(WIZARD, node("spin button", "cpus"))
+        host_cpus = os.cpu_count() or 1
+        assert int(cpus["text"]) == min(2, host_cpus)  # virt-manager's default, bounded by the host's CPUs
+        assert f"Up to {host_cpus} available" in ui.shown(WIZARD)
+        vm.screenshot("wizard-3-memory-cpu")
+        ui.click(WIZARD, node("push button", "Forward"))
+
+        # Storage: what the daemon offers today (no storage pools yet) is what the page says.
+        ui.find(WIZARD, node("label", "pagenum-label", text="Step 4 of 5"), timeout=TIMEOUT)
+        storage = ui.shown(WIZARD)
+        assert "Enable storage for this virtual machine" in storage
+        assert "Unknown GiB available in the default location" in storage
+        vm.screenshot("wizard-4-storage")
+        ui.click(WIZARD, node("check box", "Enable storage for this virtual machine"))
+        ui.click(WIZARD, node("push button", "Forward"))
+
+        ui.find(WIZARD, node("label", "pagenum-label", text="Step 5 of 5"), timeout=TIMEOUT)
+        last = ui.shown(WIZARD)
+        vm.screenshot("wizard-5-ready")
+        assert "Ready to begin the installation" in last, last
+        for shown in ("Generic Linux 2022", "Manual install", "4096 MiB", "None"):  # OS, install, memory, storage
+            assert shown in last, (shown, last)
+        assert ui.find(WIZARD, node("text", text="linux2022"))["sensitive"]  # the proposed name, editable
+        # No virtual network on the daemon yet: the page says so and offers a bridge instead.
+        assert "Failed to find a suitable default network." in last, last
+        assert ui.find(WIZARD, node("push button", "Finish"))["sensitive"]
+        vm.alive()
+        ui.click(WIZARD, node("push button", "Cancel"))
+        assert vm.proc.wait(TIMEOUT) == 0  # its only window closed: virt-manager exits normally
+    assert virsh(daemon.uri, "list", "--all", "--name").stdout.strip() == ""  # nothing was created
+
+
+def test_console_shows_the_guest_serial_terminal(
     kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
 ) -> None:
     define_vm1(daemon, tiny_kernel, tmp_path, start=True)
-    with (
-        xvfb(tmp_path / "xvfb.log") as display,
-        virt_manager(daemon.uri, display, tmp_path, "--show-domain-editor", "vm1") as vm,
-    ):
-        vm.wait_log("Fetched domain capabilities for (None,x86_64,None,hyperv): <domainCapabilities>")
-        vm.wait_log("Opening console stream for dev=<DeviceSerial")
-        vm.wait_log("Showing VM details: <vmmDomain name=vm1")
-        time.sleep(1)
-        shot = tmp_path / "virt-manager-details.png"
-        if vm.screenshot(shot):
-            print(f"screenshot: {shot}")
-        assert vm.proc.poll() is None, vm.log()
-    assert "Error fetching domcapabilities XML" not in vm.log()
-    check_clean(daemon, vm)
+    with virt_manager(daemon, tmp_path, "--show-domain-console", "vm1") as vm:
+        ui = vm.ui
+        window = node("frame", {"re": "vm1 on .*"})
+        terminal = node("terminal")
+        ui.find(window, terminal, timeout=TIMEOUT)
+        # The banner came before the console opened: reset the guest, its new banner reaches the terminal.
+        virsh(daemon.uri, "reset", "vm1")
+        ui.find(window, node("terminal", text={"contains": TINY_BANNER}), timeout=TIMEOUT)
+        # Typing into the terminal reaches the guest, which echoes it back.
+        ui.keys(window, terminal, text="hello")
+        ui.find(window, node("terminal", text={"contains": "hello"}), timeout=TIMEOUT)
+        wait_for(lambda: "hello" in daemon.serial_log("vm1").read_text(errors="replace"), timeout=TIMEOUT)
+        vm.screenshot("console")
+        vm.alive()
     virsh(daemon.uri, "destroy", "vm1")
     virsh(daemon.uri, "undefine", "vm1")
 
 
-def test_new_vm_wizard_sees_hyperv_guest(daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path) -> None:
-    """Needs no KVM: a shut-off domain in the list, and the wizard picks the guest type from the capabilities."""
-    define_vm1(daemon, tiny_kernel, tmp_path, start=False)
-    with (
-        xvfb(tmp_path / "xvfb.log") as display,
-        virt_manager(daemon.uri, display, tmp_path, "--show-domain-creator") as vm,
-    ):
-        vm.wait_log("domain=vm1 status=Shutoff added")
-        vm.wait_log("Guest type set to os_type=hvm, arch=x86_64, dom_type=hyperv")
-        vm.wait_log("Showing new vm wizard")
-        time.sleep(1)
-        shot = tmp_path / "virt-manager-wizard.png"
-        if vm.screenshot(shot):
-            print(f"screenshot: {shot}")
-        assert vm.proc.poll() is None, vm.log()
-    check_clean(daemon, vm)
+def test_details_page_shows_the_domain(kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path) -> None:
+    define_vm1(daemon, tiny_kernel, tmp_path, start=True)
+    with virt_manager(daemon, tmp_path, "--show-domain-editor", "vm1") as vm:
+        ui = vm.ui
+        window = node("frame", {"re": "vm1 on .*"})
+        ui.find(window, node("table cell", "Overview"), timeout=TIMEOUT)
+        hardware = ui.shown(window, node("table", "hw-list"))
+        assert hardware == ["Overview", "OS information", "Performance", "CPUs", "Memory", "Boot Options", "Serial 1"]
+        overview = ui.shown(window)
+        uuid = virsh(daemon.uri, "domuuid", "vm1").stdout.strip()
+        for shown in ("vm1", uuid, "Running (Booted)", "hyperv", "x86_64"):
+            assert shown in overview, (shown, overview)
+        vm.screenshot("details-overview")
+        # Boot Options shows the domain's direct kernel boot; an edit applied there reaches the daemon.
+        ui.click(window, node("table cell", "Boot Options"), mouse=True)
+        assert ui.find(window, node("check box", "Enable direct kernel boot"), timeout=TIMEOUT)["checked"] is True
+        ui.find(window, node("text", text=str(tiny_kernel)))
+        ui.keys(window, node("text", text="console=ttyS0"), press=("End",), text=" tiny")
+        ui.find(window, node("text", text="console=ttyS0 tiny"))
+        vm.screenshot("details-boot")
+        ui.click(window, node("push button", "config-apply"))
+        wait_for(
+            lambda: "<cmdline>console=ttyS0 tiny</cmdline>" in virsh(daemon.uri, "dumpxml", "--inactive", "vm1").stdout,
+            timeout=TIMEOUT,
+        )
+        vm.alive()
+    assert "Error fetching domcapabilities XML" not in vm.log()
+    virsh(daemon.uri, "destroy", "vm1")
     virsh(daemon.uri, "undefine", "vm1")
+
+
+def test_new_vm_wizard_creates_a_direct_kernel_boot_domain(
+    kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    """Manual install, no storage, then 'Customize configuration before install': the kernel in Boot Options,
+    then Begin Installation."""
+    with virt_manager(daemon, tmp_path, "--show-domain-creator") as vm:
+        ui = vm.ui
+        ui.click(WIZARD, node("radio button", "Manual install"), timeout=TIMEOUT)
+        ui.click(WIZARD, node("push button", "Forward"))
+        ui.keys(WIZARD, node("text", "oslist-entry"), text="generic")
+        ui.find(WIZARD, node("table cell", "Generic Linux 2022 (linux2022)"), timeout=TIMEOUT)
+        ui.keys(WIZARD, node("text", "oslist-entry"), press=("Return",))
+        ui.find(WIZARD, node("text", "oslist-entry", text="Generic Linux 2022"), timeout=TIMEOUT)
+        ui.click(WIZARD, node("push button", "Forward"))
+        ui.find(WIZARD, node("label", "pagenum-label", text="Step 3 of 5"), timeout=TIMEOUT)
+        ui.click(WIZARD, node("push button", "Forward"))
+        ui.click(WIZARD, node("check box", "Enable storage for this virtual machine"), timeout=TIMEOUT)
+        ui.click(WIZARD, node("push button", "Forward"))
+        ui.find(WIZARD, node("label", "pagenum-label", text="Step 5 of 5"), timeout=TIMEOUT)
+        ui.keys(WIZARD, node("text", text="linux2022"), press=("End",), text="-dkb")
+        ui.click(WIZARD, node("check box", "Customize configuration before install"))
+        ui.click(WIZARD, node("push button", "Finish"))
+        custom = node("frame", {"re": "linux2022-dkb on .*"})
+        ui.click(custom, node("table cell", "Boot Options"), mouse=True, timeout=TIMEOUT)
+        vm.screenshot("customize")
+        ui.click(custom, node("toggle button", "Direct kernel boot"), action="activate")
+        ui.click(custom, node("check box", "Enable direct kernel boot"), timeout=TIMEOUT)
+        ui.keys(custom, node("text", text="", showing=True, index=1), text=str(tiny_kernel))
+        ui.find(custom, node("text", text=str(tiny_kernel)), timeout=TIMEOUT)
+        ui.click(custom, node("push button", "config-apply"))
+        vm.screenshot("customize-kernel")
+        ui.click(custom, node("push button", "Begin Installation"))
+        # Today the daemon has no network devices (another developer's work), and virt-manager's default
+        # NIC is refused at define: the window says so in libvirt's words and nothing is left defined.
+        refusal = "device <interface> is not supported by the mshv driver"
+        dialog = node("alert", "vmm dialog")
+        ui.find(dialog, timeout=TIMEOUT)
+        shown = " ".join(" ".join(ui.shown(dialog)).split())  # virt-manager wraps the message
+        assert f"Unable to complete install: 'unsupported configuration: {refusal}'" in shown, shown
+        vm.screenshot("install-refused")
+        assert virsh(daemon.uri, "list", "--all", "--name").stdout.strip() == ""
+        vm.alive()

@@ -91,8 +91,22 @@ def test_create_partition_rejects_unknown_flags(system: hv.MshvSystem) -> None:
 
 
 def test_create_partition_v2_is_accepted(system: hv.MshvSystem) -> None:
-    with system.create_partition_v2(hv.DEFAULT_PT_FLAGS, cpu_fbanks=(0, 0)) as p:
+    # §3.2/§9.5: the 64-byte layout under bit 3 makes an ordinary partition: it initializes, takes VPs
+    # (one index once, EEXIST again as in v1) and its fd is the caller's until closed.
+    with system.create_partition_v2(hv.DEFAULT_PT_FLAGS, cpu_fbanks=(0x1234, 0xFFFF), disabled_xsave=0xF0) as p:
+        fd = p.fileno()
+        os.fstat(fd)  # an open descriptor
         p.initialize()
+        vp = p.create_vp(0)
+        assert vp.fileno() >= 0 and vp.fileno() != fd
+        with pytest.raises(hv.MshvError) as exc:
+            p.create_vp(0)
+        assert exc.value.errno == errno.EEXIST
+    with pytest.raises(ValueError, match="closed"):
+        p.fileno()
+    with pytest.raises(OSError) as err:
+        os.fstat(fd)  # closed with its partition (nothing else opened meanwhile)
+    assert err.value.errno == errno.EBADF
 
 
 def test_memory_validation(partition: hv.PartitionFd) -> None:

@@ -7,11 +7,12 @@ import os
 import select
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from mshv_libvirt.driver.vmm_client import vmm_command
 
 
 class VmmProcess:
@@ -22,13 +23,11 @@ class VmmProcess:
         self.config_path.write_text(json.dumps(config))
         self.stderr_path = workdir / "vmm.stderr"
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mshv_libvirt.vmm", "--config", str(self.config_path)],
+            vmm_command(self.config_path),  # the daemon's own command line (python -I -m ...)
             stdin=subprocess.DEVNULL,
             stdout=self._stderr,
             stderr=self._stderr,
-            env=env,
             cwd=str(workdir),
             start_new_session=True,  # like the daemon: the VMM outlives whoever started it
         )

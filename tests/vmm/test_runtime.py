@@ -1,348 +1,307 @@
-"""Lifecycle decisions of the VMM process, with the build step replaced by a fake (no hypervisor)."""
+"""The VMM's lifecycle decisions, observed from outside: a real VMM process (the daemon's command line) boots
+the tiny guest (tests/support/guests.py) and is driven through its control socket (JSON lines,
+mshv_libvirt/vmm/control.py) and its console; what it decided is read from its events, its status
+reply and its exit file. The expected values (event names, exit reasons, error texts) are the control
+protocol of docs/DESIGN.md; the guest's console keys are documented in tests/support/guests.py.
+
+Not observable from outside, so not tested here: a vCPU that never answers a pause (no way to wedge one
+thread of a live VMM), exits posted by a VM already torn down, and a guest reset racing a pause."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mshv_libvirt.vmm.config import VmmConfig
-from mshv_libvirt.vmm.control import CommandError
-from mshv_libvirt.vmm.devices.serial import Serial16550
-from mshv_libvirt.vmm.runtime import Vmm
-from mshv_libvirt.vmm.vcpu import ResponseKind, VcpuEvent, VcpuResponse, VmExit, VmExitKind
-from tests.support.guests import TINY_BANNER
+from mshv_libvirt.vmm.devices import keymap
+from tests.support.guests import TINY_AP_BANNER, TINY_BANNER, TINY_KEY, TINY_POWERBUTTON
 from tests.vmm.harness import VmmProcess
 
+pytestmark = pytest.mark.kvm
 
-class FakeThread:
-    def __init__(self) -> None:
-        self.events: list[VcpuEvent] = []
-        self.exits = 0
-        self.thread = None
-
-    def request(self, event: VcpuEvent, timeout: float = 10.0) -> VcpuResponse:
-        self.events.append(event)
-        kind = {VcpuEvent.PAUSE: ResponseKind.PAUSED, VcpuEvent.RESUME: ResponseKind.RESUMED}
-        return VcpuResponse(kind.get(event, ResponseKind.FINISHED))
-
-
-class FakePm:
-    def __init__(self) -> None:
-        self.presses = 0
-
-    def press_power_button(self) -> None:
-        self.presses += 1
-
-
-class FakeKeyboard:
-    def __init__(self, room: int = 1000) -> None:
-        self.received: list[bytes] = []
-        self.room = room
-
-    def inject_keys(self, scancodes: bytes) -> int:
-        taken = scancodes[: self.room]
-        self.room -= len(taken)
-        self.received.append(taken)
-        return len(taken)
+BOOT = 60  # seconds; the tiny guest is up in well under one on KVM
+STATUS_KEYS = {
+    "state",
+    "pty",
+    "vcpus",
+    "cpu_time_ns",
+    "memory_kib",
+    "boots",
+    "backend",
+    "vcpu_threads",
+    "vcpu_tids",
+    "exits",
+    "sandbox",
+}
+# The commands that would run guest code again: refused once the guest ended and is preserved.
+RUNNING_ONLY = ("pause", "resume", "shutdown", "reboot", "reset", "inject-nmi", "send-key")
 
 
-class FakePartition:
-    def __init__(self) -> None:
-        self.interrupts: list[tuple[int, int, int]] = []
-
-    def assert_interrupt(self, vector: int, apic_id: int = 0, *, interrupt_type: int = 0) -> None:
-        self.interrupts.append((vector, apic_id, interrupt_type))
-
-
-@dataclass
-class FakePlatform:
-    acpi_pm: FakePm | None = field(default_factory=FakePm)
-    i8042: FakeKeyboard = field(default_factory=FakeKeyboard)
-    serial: Serial16550 = field(default_factory=lambda: Serial16550(lambda _data: None))
+@contextmanager
+def booted(tmp_path: Path, kernel: Path, **config: Any) -> Iterator[VmmProcess]:
+    with VmmProcess.start(tmp_path / "vm", kernel, cmdline="console=ttyS0 tiny", **config) as vm:
+        if not config.get("start_paused"):
+            vm.wait_serial(TINY_BANNER, timeout=BOOT)
+        vm.connect()
+        yield vm
 
 
-@dataclass
-class FakeSystem:
-    backend: str = "fake"
+def event_names(vm: VmmProcess) -> list[str]:
+    return [e["event"] for e in vm.events]
 
 
-@dataclass
-class FakeVm:
-    on_exit: Callable[[VmExit], None]
-    paused: bool
-    vcpus: list[FakeThread] = field(default_factory=lambda: [FakeThread(), FakeThread()])
-    platform: FakePlatform = field(default_factory=FakePlatform)
-    system: FakeSystem = field(default_factory=FakeSystem)
-    partition: FakePartition = field(default_factory=FakePartition)
-    closed: bool = False
-
-    def close(self) -> None:
-        self.closed = True
+def keys_seen(vm: VmmProcess) -> list[str]:
+    return re.findall(rf"^{TINY_KEY} ([0-9a-f]{{2}})\n", vm.serial, re.M)
 
 
-class FakeConsole:
-    pty_path = "/dev/pts/99"
-
-    def write(self, data: bytes) -> None:
-        pass
-
-
-class Harness:
-    def __init__(self, **config: Any) -> None:
-        self.vms: list[FakeVm] = []
-        cfg = VmmConfig.from_dict({"name": "t", "memory_bytes": 64 << 20, "kernel": "/k", "vcpus": 2, **config})
-        self.vmm = Vmm(cfg, self.build)  # type: ignore[arg-type]
-        self.events: list[dict[str, Any]] = []
-        self.vmm._emit = lambda event, **f: self.events.append({"event": event, **f})  # type: ignore[method-assign]
-        self.vmm._console = FakeConsole()  # type: ignore[assignment]
-        self.vmm._start_vm(paused=cfg.start_paused)
-
-    def build(self, config: VmmConfig, write: Any, on_exit: Callable[[VmExit], None], paused: bool) -> FakeVm:
-        vm = FakeVm(on_exit, paused)
-        self.vms.append(vm)
-        return vm
-
-    def guest_exit(self, kind: VmExitKind, detail: str = "d") -> None:
-        """What a vCPU thread does: post through the VM's callback; then the main loop drains."""
-        self.vms[-1].on_exit(VmExit(kind, detail))
-        while not self.vmm._exits.empty():
-            generation, exit_ = self.vmm._exits.get_nowait()
-            if generation == self.vmm._generation:
-                self.vmm._handle_vm_exit(exit_)
+def wait_keys(vm: VmmProcess, count: int) -> list[str]:
+    deadline = time.monotonic() + BOOT
+    while len(seen := keys_seen(vm)) < count:
+        assert time.monotonic() < deadline, f"{seen} {vm.diagnostics()}"
+        time.sleep(0.01)
+    return seen
 
 
-def test_pause_resume_reach_every_vcpu_and_emit_events() -> None:
-    h = Harness()
-    assert h.vmm.handle_command("pause", {}) == {"state": "paused"}
-    assert h.vmm.handle_command("pause", {}) == {"state": "paused"}  # no second round
-    assert h.vmm.handle_command("resume", {}) == {"state": "running"}
-    assert [t.events for t in h.vms[0].vcpus] == [[VcpuEvent.PAUSE, VcpuEvent.RESUME]] * 2
-    assert [e["event"] for e in h.events] == ["paused", "resumed"]
-    status = h.vmm.handle_command("status", {})
-    assert status["state"] == "running" and status["vcpus"] == 2 and status["pty"] == "/dev/pts/99"
+def test_status_reports_the_running_vm(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    with booted(tmp_path, tiny_kernel, vcpus=2, memory_mib=96) as vm:
+        vm.wait_serial(f"{TINY_AP_BANNER} 1", timeout=BOOT)
+        status = vm.command("status")
+        assert set(status) == STATUS_KEYS
+        assert status["state"] == "running" and status["vcpus"] == 2 and status["boots"] == 1
+        assert status["memory_kib"] == 96 * 1024 and status["pty"].startswith("/dev/pts/")
+        assert isinstance(status["backend"], str) and status["backend"]
+        assert status["exits"] > 0 and status["cpu_time_ns"] > 0
+        tasks = {int(t) for t in os.listdir(f"/proc/{vm.proc.pid}/task")}  # the kernel's view, not the VMM's
+        assert sorted(status["vcpu_tids"]) == ["0", "1"]
+        assert sorted(status["vcpu_tids"].values()) == sorted(status["vcpu_threads"])
+        assert len(set(status["vcpu_threads"])) == 2 and set(status["vcpu_threads"]) <= tasks
+        assert event_names(vm) == []
 
 
-def test_guest_poweroff_finishes_with_shutdown() -> None:
-    h = Harness()
-    h.guest_exit(VmExitKind.SHUTDOWN, "S5")
-    assert h.vmm._finish == ("shutdown", "S5")
-    assert h.events == [{"event": "shutdown", "detail": "S5"}]
-    with pytest.raises(CommandError, match="shutting down"):
-        h.vmm.handle_command("status", {})
+def test_pause_and_resume_reach_every_vcpu_once(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    with booted(tmp_path, tiny_kernel, vcpus=2) as vm:
+        vm.wait_serial(f"{TINY_AP_BANNER} 1", timeout=BOOT)
+        assert vm.command("pause") == {"state": "paused"}
+        assert vm.command("pause") == {"state": "paused"}  # no second round, no second event
+        assert vm.command("status")["state"] == "paused"
+        exits = vm.command("status")["exits"]
+        vm.console_send(b"i")  # the guest would read the IOAPIC: an MMIO exit, a line on the serial port
+        time.sleep(0.3)  # a window in which a running vCPU would have taken the byte
+        assert vm.command("status")["exits"] == exits
+        assert "TINY-IOAPIC-VERSION" not in vm.serial
+        assert vm.command("resume") == {"state": "running"}
+        assert vm.command("resume") == {"state": "running"}
+        vm.wait_serial("TINY-IOAPIC-VERSION 00170020\n", timeout=BOOT)  # the byte typed while paused
+        assert event_names(vm) == ["paused", "resumed"]
+        assert vm.command("status")["boots"] == 1
 
 
-def test_guest_reset_restarts_or_exits_per_on_reboot() -> None:
-    h = Harness()
-    h.guest_exit(VmExitKind.REBOOT, "guest reset")
-    assert len(h.vms) == 2 and h.vms[0].closed and not h.vms[1].paused
-    assert h.vmm._finish is None and h.vmm.boots == 2
-    assert h.events == [{"event": "reboot", "detail": "guest reset"}]
-    h = Harness(on_reboot="destroy")
-    h.guest_exit(VmExitKind.REBOOT, "guest reset")
-    assert len(h.vms) == 1 and h.vmm._finish == ("reboot", "guest reset")
+def test_start_paused_runs_nothing_until_resumed(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    with booted(tmp_path, tiny_kernel, start_paused=True) as vm:
+        status = vm.command("status")
+        assert status["state"] == "paused" and status["exits"] == 0 and TINY_BANNER not in vm.serial
+        assert vm.command("resume") == {"state": "running"}
+        vm.wait_serial(TINY_BANNER, timeout=BOOT)
+        assert event_names(vm) == ["resumed"]
 
 
-def test_guest_reset_of_a_paused_vm_keeps_it_paused() -> None:
-    # A reset report in flight when the pause landed: the new VM starts paused, like QEMU's own reset.
-    h = Harness()
-    h.vmm.handle_command("pause", {})
-    h.guest_exit(VmExitKind.REBOOT, "triple fault on vCPU 0 at rip 0x1")
-    assert len(h.vms) == 2 and h.vms[1].paused
-    assert h.vmm.handle_command("status", {})["state"] == "paused"
+def test_guest_poweroff_ends_with_shutdown(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    with booted(tmp_path, tiny_kernel) as vm:
+        vm.console_send(b"q")  # ACPI S5
+        record = vm.wait_exit(timeout=BOOT)
+        assert record["reason"] == "shutdown" and "S5" in record["detail"]
+        assert vm.events == [{"event": "shutdown", "detail": record["detail"]}]
+        assert vm.proc.returncode == 0
+        assert not Path(vm.config["pidfile"]).exists() and not Path(vm.config["control_socket"]).exists()
 
 
-def test_inject_nmi_is_an_nmi_request_to_apic_0() -> None:
-    h = Harness()
-    assert h.vmm.handle_command("inject-nmi", {}) == {"state": "running"}
-    assert h.vms[0].partition.interrupts == [(0, 0, 4)]  # HV_X64_INTERRUPT_TYPE_NMI
+def test_guest_reset_restarts_in_the_same_process(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    with booted(tmp_path, tiny_kernel) as vm:
+        vm.console_send(b"r")  # i8042 0xFE
+        assert vm.wait_event("reboot", timeout=BOOT) == {"event": "reboot", "detail": "guest reset"}
+        vm.wait_serial(TINY_BANNER, timeout=BOOT, count=2)
+        status = vm.command("status")
+        assert status["state"] == "running" and status["boots"] == 2 and vm.proc.poll() is None
+        assert vm.exit_record() is None and event_names(vm) == ["reboot"]
 
 
-def test_send_key_schedule_and_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
-    now = [1000.0]
-    monkeypatch.setattr("mshv_libvirt.vmm.runtime.time.monotonic", lambda: now[0])
-    h = Harness()
-    kbd = h.vms[0].platform.i8042
-    h.vmm.handle_command("send-key", {"keys": [0x1D, 0xB8], "holdtime": 10})  # LEFTCTRL, RIGHTALT
-    assert kbd.received == [b"\x1d"]  # the first press at once, the rest one hold apart
-    assert h.vmm._loop_timeout() == pytest.approx(0.01)
-    for _ in range(3):
-        now[0] += 0.01
-        h.vmm._deliver_keys()
-    assert kbd.received == [b"\x1d", b"\xe0\x38", b"\xe0\xb8", b"\x9d"]
-    assert h.vmm._loop_timeout() == 0.05  # nothing pending
-    # holdtime 0 is QEMU's default of 100 ms; a request waits for the previous one (and its last hold) to finish.
-    h.vmm.handle_command("send-key", {"keys": [0x1E]})
-    h.vmm.handle_command("send-key", {"keys": [0x30]})
-    assert kbd.received[4:] == []
-    now[0] += 0.01
-    h.vmm._deliver_keys()
-    assert kbd.received[4:] == [b"\x1e"]
-    now[0] += 0.1
-    h.vmm._deliver_keys()
-    now[0] += 0.1
-    h.vmm._deliver_keys()
-    assert kbd.received[4:] == [b"\x1e", b"\x9e", b"\x30"]
-    # At most 32 requests' worth of key events wait; a full keyboard buffer drops the rest (logged).
-    for _ in range(31):
-        h.vmm.handle_command("send-key", {"keys": [0x1E] * 16, "holdtime": 1})
-    with pytest.raises(CommandError, match="too many keys"):
-        h.vmm.handle_command("send-key", {"keys": [0x1E] * 16})
-    kbd.room = 1
-    now[0] += 100
-    h.vmm._deliver_keys()
-    assert not h.vmm._key_events
+def test_guest_reset_with_on_reboot_destroy_exits(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    with booted(tmp_path, tiny_kernel, on_reboot="destroy") as vm:
+        vm.console_send(b"r")
+        assert vm.wait_exit(timeout=BOOT) == {"reason": "reboot", "detail": "guest reset"}
+        assert vm.events == [{"event": "reboot", "detail": "guest reset"}]
+        assert vm.proc.returncode == 0
+        assert vm.serial.count(TINY_BANNER) == 1
 
 
-def test_exits_from_a_torn_down_vm_are_ignored() -> None:
-    h = Harness()
-    old = h.vms[0]
-    h.vmm.handle_command("reset", {})
-    old.on_exit(VmExit(VmExitKind.CRASH, "late"))  # the old VM's vCPU was still finishing
-    assert h.vmm._exits.empty()
-    assert h.vmm._finish is None and len(h.vms) == 2
+def test_reset_command_keeps_a_paused_vm_paused(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    with booted(tmp_path, tiny_kernel) as vm:
+        vm.command("pause")
+        assert vm.command("reset") == {"state": "paused"}  # like a reset button: the new VM waits too
+        status = vm.command("status")
+        assert status["state"] == "paused" and status["boots"] == 2 and status["exits"] == 0
+        assert vm.serial.count(TINY_BANNER) == 1
+        vm.command("resume")
+        vm.wait_serial(TINY_BANNER, timeout=BOOT, count=2)
+        assert event_names(vm) == ["paused", "reboot", "resumed"]
+        assert vm.events[1]["detail"] == "reset" and TINY_POWERBUTTON not in vm.serial
 
 
-def test_reboot_command_turns_the_next_poweroff_into_a_restart() -> None:
-    h = Harness()
-    h.vmm.handle_command("reboot", {})
-    assert h.vms[0].platform.acpi_pm is not None and h.vms[0].platform.acpi_pm.presses == 1
-    h.guest_exit(VmExitKind.SHUTDOWN, "S5")
-    assert len(h.vms) == 2 and h.vmm._finish is None
-    h.guest_exit(VmExitKind.SHUTDOWN, "S5")  # the flag does not stick to the new boot
-    assert h.vmm._finish == ("shutdown", "S5")
+def test_reboot_command_restarts_the_next_poweroff_only(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    with booted(tmp_path, tiny_kernel) as vm:
+        assert vm.command("reboot") == {"state": "running"}
+        assert vm.wait_event("reboot", timeout=BOOT) == {"event": "reboot", "detail": "reboot requested by the host"}
+        vm.wait_serial(TINY_BANNER, timeout=BOOT, count=2)
+        assert TINY_POWERBUTTON in vm.serial  # the guest saw the power button and powered off
+        assert vm.command("status")["boots"] == 2
+        vm.console_send(b"q")  # the request does not stick to the new boot
+        record = vm.wait_exit(timeout=BOOT)
+        assert record["reason"] == "shutdown" and "S5" in record["detail"]
+        assert event_names(vm) == ["reboot", "shutdown"]
 
 
-def test_crash_error_destroy_and_no_acpi() -> None:
-    h = Harness()
-    h.guest_exit(VmExitKind.CRASH, "triple fault")
-    assert h.vmm._finish == ("crash", "triple fault") and h.events[-1]["event"] == "crashed"
-    h = Harness()
-    h.guest_exit(VmExitKind.ERROR, "vCPU 0: boom")
-    assert h.vmm._finish == ("error", "vCPU 0: boom")
-    h = Harness()
-    h.vmm.handle_command("destroy", {})
-    assert h.vmm._finish == ("destroyed", "destroyed by the host")
-    h = Harness(acpi=False)
-    h.vms[0].platform.acpi_pm = None
-    with pytest.raises(CommandError, match="no ACPI power button"):
-        h.vmm.handle_command("shutdown", {})
-    with pytest.raises(CommandError, match="unknown command"):
-        h.vmm.handle_command("explode", {})
+def test_shutdown_command_presses_the_power_button(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    with booted(tmp_path, tiny_kernel) as vm:
+        assert vm.command("shutdown") == {"state": "running"}
+        vm.wait_serial(TINY_POWERBUTTON, timeout=BOOT)
+        assert vm.wait_exit(timeout=BOOT)["reason"] == "shutdown"
+        assert event_names(vm) == ["shutdown"]
 
 
-def test_start_paused() -> None:
-    h = Harness(start_paused=True)
-    assert h.vms[0].paused and h.vmm.handle_command("status", {})["state"] == "paused"
-    h.vmm.handle_command("resume", {})
-    assert h.events == [{"event": "resumed"}]
+def test_without_acpi_there_is_no_power_button(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    with booted(tmp_path, tiny_kernel, acpi=False) as vm:
+        for cmd in ("shutdown", "reboot"):
+            reply = vm.request(cmd)
+            assert reply["ok"] is False
+            assert reply["error"] == "the guest has no ACPI power button (acpi is disabled)"
+        assert vm.request("explode")["error"] == "unknown command 'explode'"
+        # (The tiny guest itself reads the missing PM1_STS as all ones: no console test of it here.)
+        assert vm.command("status")["state"] == "running" and vm.events == [] and vm.exit_record() is None
 
 
-def test_reset_keeps_a_paused_vm_paused_and_stuck_vcpus_are_reported() -> None:
-    h = Harness()
-    h.vmm.handle_command("pause", {})
-    h.vmm.handle_command("reset", {})
-    assert len(h.vms) == 2 and h.vms[1].paused
-    assert h.vmm.handle_command("status", {})["state"] == "paused"
+def test_guest_panic_is_a_crash(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    with booted(tmp_path, tiny_kernel) as vm:
+        vm.console_send(b"c")  # pvpanic
+        detail = "guest panic reported through pvpanic"
+        assert vm.wait_exit(timeout=BOOT) == {"reason": "crash", "detail": detail}
+        assert vm.events == [{"event": "crashed", "detail": detail}]
+        assert vm.proc.returncode == 1
 
-    def stuck(event: VcpuEvent, timeout: float = 10.0) -> VcpuResponse:
-        raise TimeoutError("vCPU 0 did not answer resume")
 
-    h.vms[1].vcpus[0].request = stuck  # type: ignore[method-assign]
-    with pytest.raises(CommandError, match="operation failed: vCPU 0 did not answer resume"):
-        h.vmm.handle_command("resume", {})
-    assert h.vmm.handle_command("status", {})["state"] == "paused"
+def test_destroy_command(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    with booted(tmp_path, tiny_kernel) as vm:
+        assert vm.command("destroy") == {"state": "running"}
+        assert vm.wait_exit(timeout=BOOT) == {"reason": "destroyed", "detail": "destroyed by the host"}
+        assert vm.proc.returncode == 0 and vm.events == []
+
+
+def test_a_vm_that_cannot_be_built_exits_with_error(tiny_kernel: Path, tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus"
+    bogus.write_bytes(b"\0" * 8192)
+    # A failure of the VMM itself is never preserved, whatever the policies.
+    with VmmProcess.start(tmp_path / "vm", bogus, on_crash="preserve", on_poweroff="preserve") as vm:
+        record = vm.wait_exit(timeout=BOOT)
+        assert record["reason"] == "error"
+        assert record["detail"].startswith("Cannot load the kernel: kernel image has no Linux setup header")
+        assert vm.proc.returncode == 1
+
+
+def test_send_key_default_hold_and_queueing(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    a, b = keymap.to_qnum(keymap.LINUX, 30), keymap.to_qnum(keymap.LINUX, 48)  # KEY_A, KEY_B
+    with booted(tmp_path, tiny_kernel) as vm:
+        started = time.monotonic()
+        vm.command("send-key", keys=[a])  # holdtime 0: QEMU's default of 100 ms
+        vm.command("send-key", keys=[b], holdtime=1)  # waits for the previous request's release
+        assert wait_keys(vm, 4) == ["1e", "9e", "30", "b0"]
+        assert time.monotonic() - started >= 0.1
+
+
+def test_send_key_bounds_what_waits(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    # 32 requests of 16 keys (a press and a release each) may wait; the 33rd is refused.
+    with booted(tmp_path, tiny_kernel) as vm:
+        for _ in range(32):
+            assert vm.command("send-key", keys=[0x1E] * 16, holdtime=60_000) == {"state": "running"}
+        reply = vm.request("send-key", keys=[0x1E])
+        assert reply["ok"] is False
+        assert reply["error"] == "operation failed: too many keys are still waiting to be sent"
+        assert wait_keys(vm, 1) == ["1e"]  # only the first press is due yet
+        vm.command("destroy")  # with keys still queued
+        assert vm.wait_exit(timeout=BOOT)["reason"] == "destroyed"
 
 
 @pytest.mark.parametrize(
-    ("policy", "kind", "event", "state"),
+    ("policy", "key", "event", "state", "detail"),
     [
-        ({"on_poweroff": "preserve"}, VmExitKind.SHUTDOWN, "shutdown", "shutdown"),
-        ({"on_reboot": "preserve"}, VmExitKind.REBOOT, "reboot", "shutdown"),
-        ({"on_crash": "preserve"}, VmExitKind.CRASH, "crashed", "crashed"),
+        ("on_poweroff", b"q", "shutdown", "shutdown", re.compile(r".*S5.*")),
+        ("on_reboot", b"r", "reboot", "shutdown", re.compile("guest reset")),
+        ("on_crash", b"c", "crashed", "crashed", re.compile("guest panic reported through pvpanic")),
     ],
     ids=["poweroff", "reboot", "crash"],
 )
-def test_preserve_freezes_the_vm_until_destroy(
-    policy: dict[str, str], kind: VmExitKind, event: str, state: str
+def test_preserve_keeps_the_ended_guest_until_destroy(
+    kvm: None,
+    tiny_kernel: Path,
+    tmp_path: Path,
+    policy: str,
+    key: bytes,
+    event: str,
+    state: str,
+    detail: re.Pattern[str],
 ) -> None:
-    h = Harness(**policy)
-    h.guest_exit(kind, "the end")
-    vm = h.vms[0]
-    # Every vCPU is finished for good, but the VM (partition, memory) and the process stay.
-    assert [t.events for t in vm.vcpus] == [[VcpuEvent.FINISH]] * 2
-    assert not vm.closed and h.vmm._vm is vm and len(h.vms) == 1  # type: ignore[comparison-overlap]
-    assert h.vmm._finish is None
-    assert h.events == [{"event": event, "preserved": True, "detail": "the end"}]
-    assert h.vmm.handle_command("status", {})["state"] == state
-    for cmd in ("pause", "resume", "shutdown", "reboot", "reset", "inject-nmi", "send-key"):
-        with pytest.raises(CommandError, match="domain is not running"):
-            h.vmm.handle_command(cmd, {"keys": [30]})
-    # Later exits (another vCPU, a stale report) change nothing.
-    h.guest_exit(VmExitKind.CRASH, "late")
-    assert h.vmm._finish is None and len(h.events) == 1 and len(h.vms) == 1
-    assert h.vmm.handle_command("destroy", {}) == {"state": state}
-    assert h.vmm._finish == ("destroyed", "destroyed by the host")
-
-
-def test_preserve_only_applies_to_its_own_ending() -> None:
-    h = Harness(on_crash="preserve")
-    h.guest_exit(VmExitKind.SHUTDOWN, "S5")
-    assert h.vmm._finish == ("shutdown", "S5") and h.events == [{"event": "shutdown", "detail": "S5"}]
-    h = Harness(on_poweroff="preserve")
-    h.guest_exit(VmExitKind.CRASH, "triple fault")
-    assert h.vmm._finish == ("crash", "triple fault")
-    h = Harness(on_poweroff="preserve", on_crash="preserve")
-    h.guest_exit(VmExitKind.ERROR, "vCPU 0: boom")  # the VMM's own failure is never preserved
-    assert h.vmm._finish == ("error", "vCPU 0: boom")
-    # A host-requested reboot under on_reboot=preserve ends like a guest reboot.
-    h = Harness(on_reboot="preserve")
-    h.vmm.handle_command("reboot", {})
-    h.guest_exit(VmExitKind.SHUTDOWN, "S5")
-    assert h.vmm._finish is None and len(h.vms) == 1
-    assert h.events == [{"event": "reboot", "preserved": True, "detail": "reboot requested by the host"}]
-    assert h.vmm.handle_command("status", {})["state"] == "shutdown"
-
-
-def test_preserve_of_a_paused_vm_and_a_stuck_vcpu() -> None:
-    h = Harness(on_crash="preserve")
-    h.vmm.handle_command("pause", {})
-
-    def stuck(event: VcpuEvent, timeout: float = 10.0) -> VcpuResponse:
-        raise TimeoutError("vCPU 1 did not answer finish")
-
-    h.vms[0].vcpus[1].request = stuck  # type: ignore[method-assign]
-    h.guest_exit(VmExitKind.CRASH, "triple fault")  # a report in flight when the pause landed
-    assert h.vmm.handle_command("status", {})["state"] == "crashed"
-    assert h.events[-1] == {"event": "crashed", "preserved": True, "detail": "triple fault"}
-
-
-@pytest.mark.kvm
-@pytest.mark.parametrize(
-    ("policy", "key", "event", "state"),
-    [("on_crash", b"c", "crashed", "crashed"), ("on_poweroff", b"q", "shutdown", "shutdown")],
-)
-def test_real_vmm_keeps_a_preserved_guest_until_destroy(
-    kvm: None, tiny_kernel: Path, tmp_path: Path, policy: str, key: bytes, event: str, state: str
-) -> None:
-    extra: dict[str, Any] = {policy: "preserve"}
-    with VmmProcess.start(tmp_path / "vm", tiny_kernel, cmdline="console=ttyS0 tiny", **extra) as vm:
-        vm.wait_serial(TINY_BANNER, timeout=30)
-        vm.connect()
+    with booted(tmp_path, tiny_kernel, vcpus=2, **{policy: "preserve"}) as vm:
+        vm.wait_serial(f"{TINY_AP_BANNER} 1", timeout=BOOT)
         vm.console_send(key)
-        ev = vm.wait_event(event, timeout=30)
-        assert ev["preserved"] is True and ev["detail"]
-        assert vm.proc.poll() is None and vm.exit_record() is None
+        ev = vm.wait_event(event, timeout=BOOT)
+        assert set(ev) == {"event", "preserved", "detail"} and ev["preserved"] is True
+        assert detail.fullmatch(ev["detail"]), ev
+        # Every vCPU thread is gone for good; the process, its VM and its pidfile stay.
         status = vm.command("status")
-        assert status["state"] == state and status["vcpu_threads"] == []
+        assert status["state"] == state and status["vcpu_threads"] == [] and status["vcpu_tids"] == {}
+        assert status["boots"] == 1 and vm.proc.poll() is None and vm.exit_record() is None
         assert Path(vm.config["pidfile"]).read_text().strip() == str(vm.proc.pid)
-        reply = vm.request("resume")
-        assert not reply["ok"] and "not running" in reply["error"]
+        for cmd in RUNNING_ONLY:
+            reply = vm.request(cmd, keys=[30])
+            assert reply["ok"] is False, cmd
+            assert reply["error"] == f"domain is not running (the guest is {state}, preserved until destroy)"
+        assert vm.serial.count(TINY_BANNER) == 1 and event_names(vm) == [event]
+        assert vm.command("destroy") == {"state": state}
+        assert vm.wait_exit(timeout=BOOT) == {"reason": "destroyed", "detail": "destroyed by the host"}
+        assert vm.proc.returncode == 0 and not os.path.exists(vm.config["pidfile"])
+
+
+@pytest.mark.parametrize(
+    ("policy", "key", "reason", "event"),
+    [
+        ({"on_crash": "preserve"}, b"q", "shutdown", "shutdown"),
+        ({"on_poweroff": "preserve"}, b"c", "crash", "crashed"),
+        ({"on_poweroff": "preserve", "on_crash": "preserve"}, b"r", "reboot", "reboot"),
+    ],
+    ids=["poweroff-under-on_crash", "crash-under-on_poweroff", "reboot-under-the-others"],
+)
+def test_preserve_applies_only_to_its_own_ending(
+    kvm: None, tiny_kernel: Path, tmp_path: Path, policy: dict[str, str], key: bytes, reason: str, event: str
+) -> None:
+    with booted(tmp_path, tiny_kernel, on_reboot="destroy", **policy) as vm:
+        vm.console_send(key)
+        record = vm.wait_exit(timeout=BOOT)
+        assert record["reason"] == reason
+        assert vm.events == [{"event": event, "detail": record["detail"]}]
+
+
+def test_host_reboot_under_on_reboot_preserve(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    # A host-requested reboot ends like a guest reboot: preserved as shut off.
+    with booted(tmp_path, tiny_kernel, on_reboot="preserve") as vm:
+        vm.command("reboot")
+        ev = vm.wait_event("reboot", timeout=BOOT)
+        assert ev == {"event": "reboot", "preserved": True, "detail": "reboot requested by the host"}
+        assert TINY_POWERBUTTON in vm.serial and vm.serial.count(TINY_BANNER) == 1
+        status = vm.command("status")
+        assert status["state"] == "shutdown" and status["boots"] == 1 and vm.exit_record() is None
         vm.command("destroy")
-        assert vm.wait_exit(timeout=30) == {"reason": "destroyed", "detail": "destroyed by the host"}
-        assert vm.proc.returncode == 0
-        assert not os.path.exists(vm.config["pidfile"])
+        assert vm.wait_exit(timeout=BOOT)["reason"] == "destroyed"
