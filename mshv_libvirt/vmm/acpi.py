@@ -2,6 +2,7 @@
 
     RSDP (rev 2) -> XSDT -> FADT -> DSDT (only ``\\_S5``) and FACS
                          -> MADT (one LAPIC per vCPU, one IOAPIC, SCI override)
+                         -> MCFG (the PCI ECAM window of bus 0)
 
 What Linux takes from each:
 * MADT: CPUs to bring up (and those present but disabled) and where the IOAPIC is. ``PCAT_COMPAT``
@@ -10,6 +11,7 @@ What Linux takes from each:
   line, the reset register (0xCF9, value 6), the fixed power button (``PWR_BUTTON`` flag clear),
   "no CMOS RTC" and "8042 present" boot-architecture flags. ``SMI_CMD`` is 0: ACPI mode is always on.
 * DSDT: ``\\_S5 = Package {5, 5, 0, 0}``; Linux's poweroff writes ``SLP_TYP=5 | SLP_EN`` to PM1a_CNT.
+* MCFG: where PCIe enhanced configuration space is (segment 0, bus 0 only).
 The SCI is declared edge-triggered, active high (interrupt source override) so it never depends on
 the IOAPIC seeing EOIs.
 """
@@ -127,6 +129,11 @@ def madt(vcpus: int, ioapic_id: int, online: int | None = None) -> bytes:
     return _table(b"APIC", 5, body)
 
 
+def mcfg(ecam_addr: int = layout.PCI_ECAM_ADDR, last_bus: int = 0) -> bytes:
+    # 8 reserved bytes, then one allocation: base, PCI segment 0, start bus 0, end bus, reserved.
+    return _table(b"MCFG", 1, bytes(8) + struct.pack("<QHBBI", ecam_addr, 0, 0, last_bus, 0))
+
+
 @dataclass(frozen=True)
 class AcpiTables:
     rsdp_addr: int
@@ -157,7 +164,8 @@ def build_tables(
     dsdt_addr = place(dsdt())
     fadt_addr = place(fadt(dsdt_addr, facs_addr))
     madt_addr = place(madt(vcpus, apic_id, online))
-    xsdt_addr = place(_table(b"XSDT", 1, struct.pack("<QQ", fadt_addr, madt_addr)))
+    mcfg_addr = place(mcfg())
+    xsdt_addr = place(_table(b"XSDT", 1, struct.pack("<QQQ", fadt_addr, madt_addr, mcfg_addr)))
     rsdp = bytearray(struct.pack("<8sB6sBIIQBxxx", b"RSD PTR ", 0, OEM_ID, 2, 0, rsdp_len, xsdt_addr, 0))
     rsdp[8] = checksum(rsdp[:20])
     rsdp[32] = checksum(rsdp)

@@ -44,10 +44,11 @@ from . import acpi, images, layout, loader, mptable
 from .config import VmmConfig
 from .devices.acpi_pm import BLOCK_SIZE as PM_BLOCK_SIZE
 from .devices.acpi_pm import AcpiPm
-from .devices.bus import Bus
+from .devices.bus import Bus, BusDevice
 from .devices.i8042 import I8042
 from .devices.ioapic import MMIO_SIZE as IOAPIC_MMIO_SIZE
 from .devices.ioapic import IoApic, MsiMessage
+from .devices.pci.bridge import CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, BarAllocator, ConfigPorts, Ecam, PciRootBus
 from .devices.pvpanic import PORT as PVPANIC_PORT
 from .devices.pvpanic import PvPanic
 from .devices.serial import Serial16550
@@ -183,6 +184,7 @@ class Platform:
     ioapic: IoApic
     i8042: I8042
     acpi_pm: AcpiPm | None
+    pci: PciRootBus
 
 
 @dataclass
@@ -360,8 +362,23 @@ def attach_devices(
     if config.acpi:
         pm = AcpiPm(poweroff, reset, lambda level: ioapic.set_irq(acpi.SCI_IRQ, level))
         pio.register(acpi.PM1A_EVT_PORT, PM_BLOCK_SIZE, pm)
-        pio.register(acpi.RESET_PORT, 1, pm.reset_register)
-    return Platform(pio, mmio_bus, serial, ioapic, i8042, pm)
+    pci = attach_pci(pio, mmio_bus, config, reset_register=pm.reset_register if pm is not None else None)
+    return Platform(pio, mmio_bus, serial, ioapic, i8042, pm, pci)
+
+
+def attach_pci(pio: Bus, mmio_bus: Bus, config: VmmConfig, *, reset_register: BusDevice | None) -> PciRootBus:
+    """The root bus on ports 0xCF8-0xCFF (0xCF9, the ACPI reset register, inside them) and ECAM; every
+    BAR placed, as firmware would have, before the guest runs."""
+    assert acpi.RESET_PORT == CONFIG_ADDRESS_PORT + 1
+    pci = PciRootBus()
+    pio.register(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, ConfigPorts(pci, reset=reset_register))
+    mmio_bus.register(layout.PCI_ECAM_ADDR, layout.PCI_ECAM_SIZE, Ecam(pci))
+    bars = BarAllocator(
+        (layout.PCI_MMIO32_START, layout.PCI_MMIO32_SIZE), layout.pci_mmio64_window(config.memory_bytes)
+    )
+    for function in pci.slots.values():
+        bars.place(function.config)
+    return pci
 
 
 def load_kernel(ram: GuestRam, config: VmmConfig) -> loader.KernelImage:

@@ -12,8 +12,10 @@ Everything here is pure (bytes in, bytes out) so the layout is unit-tested witho
     0x000E_0000  ACPI tables (RSDP first: the legacy 0xE0000-0xFFFFF scan finds it too)
     0x0010_0000  protected-mode kernel (bzImage) or the ELF segments at their physical addresses
     ...          initrd at the top of low memory, page aligned
-    0xC000_0000  32-bit MMIO hole (RAM above 3 GiB continues at 4 GiB)
+    0xC000_0000  32-bit MMIO hole (RAM above 3 GiB continues at 4 GiB): 32-bit PCI BARs up to 0xE000_0000
+    0xE000_0000  PCI ECAM of bus 0 (1 MiB, reserved in e820, described by MCFG)
     0xFEC0_0000  IOAPIC (ours), 0xFEE0_0000 LAPIC (the hypervisor's)
+    above RAM    64-bit PCI BARs: 64 GiB from the first 1 GiB boundary past the end of RAM (and 4 GiB)
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ ACPI_END = 0x100000
 KERNEL_LOAD_ADDR = 0x100000
 MMIO_HOLE_START = 0xC000_0000
 HIGH_MEMORY_START = 0x1_0000_0000
+PCI_MMIO32_START = MMIO_HOLE_START
+PCI_MMIO32_SIZE = 0x2000_0000
+PCI_ECAM_ADDR = 0xE000_0000
+PCI_ECAM_SIZE = 0x10_0000  # bus 0 only
+PCI_MMIO64_SIZE = 64 << 30
 IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
 
@@ -85,6 +92,13 @@ def ram_ranges(memory_bytes: int) -> list[RamRange]:
     if memory_bytes > low:
         ranges.append(RamRange(HIGH_MEMORY_START, memory_bytes - low))
     return ranges
+
+
+def pci_mmio64_window(memory_bytes: int) -> tuple[int, int]:
+    """(base, size) of the 64-bit BAR window: above all RAM, 1 GiB aligned."""
+    end = max(r.end for r in ram_ranges(memory_bytes))
+    base = max(HIGH_MEMORY_START, -(-end // (1 << 30)) * (1 << 30))
+    return base, PCI_MMIO64_SIZE
 
 
 def gdt_bytes() -> bytes:

@@ -219,7 +219,8 @@ def load_kernel_image(image: bytes, *, host_decompress: bool = True) -> KernelIm
 
 
 def e820_map(ram: Sequence[layout.RamRange]) -> list[E820Entry]:
-    """RAM minus the EBDA/ROM window below 1 MiB, where the ACPI tables live."""
+    """RAM minus the EBDA/ROM window below 1 MiB, where the ACPI tables live, and the PCI ECAM window
+    reserved (Linux uses an MCFG region only when the firmware's memory map reserves it)."""
     entries = [
         E820Entry(0, layout.EBDA_START, E820Type.RAM),
         E820Entry(layout.EBDA_START, 0xA0000 - layout.EBDA_START, E820Type.RESERVED),
@@ -229,7 +230,8 @@ def e820_map(ram: Sequence[layout.RamRange]) -> list[E820Entry]:
         start = max(r.gpa, layout.KERNEL_LOAD_ADDR)
         if r.end > start:
             entries.append(E820Entry(start, r.end - start, E820Type.RAM))
-    return entries
+    entries.append(E820Entry(layout.PCI_ECAM_ADDR, layout.PCI_ECAM_SIZE, E820Type.RESERVED))
+    return sorted(entries, key=lambda e: e.addr)
 
 
 def place_initrd(header: SetupHeader, ram: Sequence[layout.RamRange], size: int, kernel_end: int) -> int:

@@ -14,6 +14,7 @@ of the protected-mode part), so it boots through exactly the loader Linux uses. 
   the power button (prints ``TINY-GUEST-POWERBUTTON`` and powers off); between polls it sleeps on
   the LAPIC timer (one-shot, vector 0x40) with ``sti; hlt``; ``n`` prints its counters line
   (``TINY-IRQ-COUNTS mode=... tx= rx= serial= sci= kbd= timer= polls=``, see ``tiny_counts``);
+  ``P`` scans PCI bus 0 (``TINY_PCI_ASM``);
 * counts NMIs (vector 2) and prints ``TINY-NMI <count, 8 hex digits>`` when the count changed, and prints
   ``TINY-KEY <hex byte>`` for every byte the i8042 has for it on port 0x60 (``TINY_EVENTS_ASM``, polled mode);
 * with ``tiny.irq`` on its command line, the same commands interrupt-driven (``TINY_IRQ_ASM``): no
@@ -56,6 +57,7 @@ TINY_NMI = "TINY-NMI"
 TINY_KEY = "TINY-KEY"
 TINY_IRQ_FLAG = "tiny.irq"  # on the command line: the interrupt-driven mode (TINY_IRQ_ASM)
 TINY_COUNTS = "TINY-IRQ-COUNTS"
+TINY_PCI_ECAM = 0xE000_0000  # the VMM's layout.PCI_ECAM_ADDR (the guest reads no MCFG)
 LINUX_MARKER = "MSHV-GUEST-READY"
 LINUX_POWERBUTTON = "MSHV-GUEST-POWERBUTTON"
 # Measured on kvm-pvm hosts (no VMX): the host emulates the guest's CPL0 code instruction by
@@ -128,6 +130,8 @@ dispatch:                       /* al = a byte typed on COM1 */
     je ioapic_version
     cmp $'n', %al
     je counts_command
+    cmp $'P', %al
+    je pci_scan
     call lock_print
     call putc
     movb $0, print_lock(%rip)
@@ -849,6 +853,80 @@ tx_ring:        .skip 256
 rx_ring:        .skip 256
 """
 
+# PCI enumeration ('P'): every slot of bus 0 through configuration mechanism #1 (0xCF8/0xCFC), and the
+# same id through ECAM (MMIO at the MCFG base), as ``TINY-PCI <slot> <id> ecam <id> class <class/rev>``,
+# then ``TINY-PCI-DONE <count>`` (ids are dwords: device << 16 | vendor).
+TINY_PCI_ASM = r"""
+    .set PCI_ADDR, 0xcf8
+    .set PCI_DATA, 0xcfc
+    .set ECAM, {ecam}
+
+    .text
+    .code64
+pci_scan:
+    call lock_print
+    xor %r12d, %r12d            /* slot */
+    xor %r13d, %r13d            /* functions found */
+1:  mov %r12d, %eax
+    shl $11, %eax
+    or $0x80000000, %eax
+    mov $PCI_ADDR, %dx
+    out %eax, %dx
+    mov $PCI_DATA, %dx
+    in %dx, %eax
+    cmp $0xffffffff, %eax
+    je 2f
+    mov %eax, %r14d
+    inc %r13d
+    lea pci_msg(%rip), %rsi
+    call puts
+    mov %r12d, %ebx
+    call puthex32
+    lea pci_id_msg(%rip), %rsi
+    call puts
+    mov %r14d, %ebx
+    call puthex32
+    lea pci_ecam_msg(%rip), %rsi
+    call puts
+    mov %r12d, %eax
+    shl $15, %eax
+    mov $ECAM, %esi             /* zero-extended: an imm32 add would sign-extend it */
+    add %rsi, %rax
+    mov (%rax), %ebx
+    call puthex32
+    lea pci_class_msg(%rip), %rsi
+    call puts
+    mov %r12d, %eax
+    shl $11, %eax
+    or $0x80000008, %eax
+    mov $PCI_ADDR, %dx
+    out %eax, %dx
+    mov $PCI_DATA, %dx
+    in %dx, %eax
+    mov %eax, %ebx
+    call puthex32
+    mov $'\n', %al
+    call putc
+2:  inc %r12d
+    cmp $32, %r12d
+    jb 1b
+    lea pci_done_msg(%rip), %rsi
+    call puts
+    mov %r13d, %ebx
+    call puthex32
+    mov $'\n', %al
+    call putc
+    movb $0, print_lock(%rip)
+    jmp main_loop
+
+    .data
+pci_msg:       .asciz "TINY-PCI "
+pci_id_msg:    .asciz " "
+pci_ecam_msg:  .asciz " ecam "
+pci_class_msg: .asciz " class "
+pci_done_msg:  .asciz "TINY-PCI-DONE "
+"""
+
 LINKER_SCRIPT = """
 ENTRY(start64)
 SECTIONS {
@@ -918,7 +996,12 @@ def wait_tiny_counts(read: Callable[[], str], *, nth: int = 1, timeout: float) -
 
 def tiny_source() -> str:
     """The tiny guest's whole assembly source (also what its cache key is made of)."""
-    return TINY_ASM.replace("{bench_exits}", str(TINY_BENCH_EXITS)) + TINY_EVENTS_ASM + TINY_IRQ_ASM
+    return (
+        TINY_ASM.replace("{bench_exits}", str(TINY_BENCH_EXITS))
+        + TINY_EVENTS_ASM
+        + TINY_IRQ_ASM
+        + TINY_PCI_ASM.replace("{ecam}", hex(TINY_PCI_ECAM))
+    )
 
 
 def build_tiny_guest(tmp_path: Path) -> Path:
@@ -1178,6 +1261,7 @@ __all__ = [
     "TINY_IRQ_FLAG",
     "TINY_KEY",
     "TINY_NMI",
+    "TINY_PCI_ECAM",
     "TINY_POWERBUTTON",
     "DebianKernel",
     "GuestUnavailable",

@@ -93,10 +93,11 @@ def test_boot_params_fields() -> None:
     assert struct.unpack_from("<I", bp, 0x228)[0] == 0x20000
     assert struct.unpack_from("<II", bp, 0x218) == (0x0FF00000, 0x1234)
     assert struct.unpack_from("<Q", bp, 0x70)[0] == 0xE0000
-    assert bp[0x1E8] == len(e820) == 4
+    assert bp[0x1E8] == len(e820) == 5
     table = [struct.unpack_from("<QQI", bp, 0x2D0 + 20 * i) for i in range(bp[0x1E8])]
     assert table[0] == (0, 0x9FC00, 1)
-    assert table[-1] == (0x100000, (256 << 20) - 0x100000, 1)
+    assert table[-2] == (0x100000, (256 << 20) - 0x100000, 1)
+    assert table[-1] == (layout.PCI_ECAM_ADDR, layout.PCI_ECAM_SIZE, 2)
     assert all(t[2] == 2 for t in table[1:3])
 
 
@@ -171,7 +172,7 @@ def test_acpi_tables_are_consistent() -> None:
     t = acpi.build_tables(2, ioapic_id=2)
     assert t.rsdp_addr == layout.ACPI_START and t.rsdp_addr + len(t.blob) <= layout.ACPI_END
     found = _tables_by_signature(t)
-    assert set(found) == {b"XSDT", b"FACP", b"APIC", b"DSDT"}
+    assert set(found) == {b"XSDT", b"FACP", b"APIC", b"DSDT", b"MCFG"}
     fadt = found[b"FACP"]
     assert struct.unpack_from("<H", fadt, 46)[0] == acpi.SCI_IRQ
     assert struct.unpack_from("<II", fadt, 56)[0] == acpi.PM1A_EVT_PORT

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.guests import TINY_AP_BANNER, TINY_BANNER, TINY_BENCH_DONE, TINY_POWERBUTTON
+from mshv_libvirt.vmm import layout
+from tests.support.guests import TINY_AP_BANNER, TINY_BANNER, TINY_BENCH_DONE, TINY_PCI_ECAM, TINY_POWERBUTTON
 from tests.vmm.harness import VmmProcess
 
 pytestmark = pytest.mark.kvm
@@ -31,6 +32,16 @@ def test_ioapic_registers_over_mmio(tiny_vm: VmmProcess) -> None:
     tiny_vm.wait_serial(TINY_BANNER, timeout=BOOT)
     tiny_vm.console_send(b"i")
     tiny_vm.wait_serial("TINY-IOAPIC-VERSION 00170020\n", timeout=BOOT)
+
+
+def test_pci_bus_enumerated_through_ports_and_ecam(tiny_vm: VmmProcess) -> None:
+    # The guest scans bus 0 with mechanism #1 and reads the same id back through ECAM (MMIO).
+    tiny_vm.wait_serial(TINY_BANNER, timeout=BOOT)
+    tiny_vm.console_send(b"P")
+    out = tiny_vm.wait_serial("TINY-PCI-DONE 00000001\n", timeout=BOOT)  # one function: the host bridge
+    lines = re.findall(r"TINY-PCI ([0-9a-f]{8}) ([0-9a-f]{8}) ecam ([0-9a-f]{8}) class ([0-9a-f]{8})\n", out)
+    assert lines == [("00000000", "00081b36", "00081b36", "06000000")]
+    assert layout.PCI_ECAM_ADDR == TINY_PCI_ECAM
 
 
 def test_console_pty_echo_and_acpi_poweroff(tiny_vm: VmmProcess) -> None:
