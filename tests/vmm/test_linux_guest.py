@@ -124,7 +124,8 @@ def require_user_mode(result: Boot) -> None:
 @pytest.mark.timeout(TEST_TIMEOUT)
 def test_kernel_prints_its_banner_and_our_command_line(linux_boot: Boot) -> None:
     assert BANNER in linux_boot.serial, linux_boot.verdict.reason
-    assert f"Command line: {CMDLINE}\n" in linux_boot.serial, linux_boot.verdict.reason
+    # the whole line (the serial log keeps the guest's CRLF line ends)
+    assert re.search(rf"Command line: {re.escape(CMDLINE)}\r?\n", linux_boot.serial), linux_boot.verdict.reason
 
 
 @pytest.mark.timeout(TEST_TIMEOUT)
