@@ -14,7 +14,7 @@ of the protected-mode part), so it boots through exactly the loader Linux uses. 
   the power button (prints ``TINY-GUEST-POWERBUTTON`` and powers off); between polls it sleeps on
   the LAPIC timer (one-shot, vector 0x40) with ``sti; hlt``; ``n`` prints its counters line
   (``TINY-IRQ-COUNTS mode=... tx= rx= serial= sci= kbd= timer= polls=``, see ``tiny_counts``);
-  ``P`` scans PCI bus 0 (``TINY_PCI_ASM``);
+  ``d`` scans PCI bus 0 (devices) (``TINY_PCI_ASM``);
 * counts NMIs (vector 2) and prints ``TINY-NMI <count, 8 hex digits>`` when the count changed, and prints
   ``TINY-KEY <hex byte>`` for every byte the i8042 has for it on port 0x60 (``TINY_EVENTS_ASM``, polled mode);
 * with ``tiny.irq`` on its command line, the same commands interrupt-driven (``TINY_IRQ_ASM``): no
@@ -130,7 +130,7 @@ dispatch:                       /* al = a byte typed on COM1 */
     je ioapic_version
     cmp $'n', %al
     je counts_command
-    cmp $'P', %al
+    cmp $'d', %al
     je pci_scan
     call lock_print
     call putc
@@ -853,7 +853,7 @@ tx_ring:        .skip 256
 rx_ring:        .skip 256
 """
 
-# PCI enumeration ('P'): every slot of bus 0 through configuration mechanism #1 (0xCF8/0xCFC), and the
+# PCI enumeration ('d'): every slot of bus 0 through configuration mechanism #1 (0xCF8/0xCFC), and the
 # same id through ECAM (MMIO at the MCFG base), as ``TINY-PCI <slot> <id> ecam <id> class <class/rev>``,
 # then ``TINY-PCI-DONE <count>`` (ids are dwords: device << 16 | vendor).
 TINY_PCI_ASM = r"""
