@@ -19,6 +19,7 @@ import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from lxml import etree
 
@@ -41,6 +42,7 @@ from .protocol import (
     StreamPacket,
     unknown_procedure,
 )
+from .relay import RELAYED, Relay
 from .table import (
     CALL,
     DOM,
@@ -157,6 +159,9 @@ class Session:
         self._consoles: dict[int, ConsoleStream] = {}
         self._resumes: set[asyncio.Task[None]] = set()  # consoles waiting for the client to read
         self._subscribed = False
+        self.open_name: str | None = None  # the URI the client opened
+        # Storage and network calls go to libvirt's own drivers (relay.py), not to the table.
+        self.relay = Relay(conn, send, backlog, drained)
         # Test-only call trace (calltrace.py): None until the first call after CONNECT_OPEN tells
         # whether this is libvirt's client library; calls made before that wait in _early.
         self._real_client: bool | None = None
@@ -174,6 +179,8 @@ class Session:
             return self.conn.send_error(
                 call, RemoteError(39, 7, f"cannot find program {call.prog} version {call.vers}")
             )
+        if call.proc in RELAYED and not call.with_fds:
+            return self._relay(call)
         entry = PROCEDURES.get(call.proc)
         try:
             if entry is None or call.with_fds:
@@ -185,6 +192,18 @@ class Session:
         if inspect.isawaitable(result):
             return self._finish(call, entry, result)
         return self._reply(call, entry, result)
+
+    def _relay(self, call: Call) -> bytes | Coroutine[Any, Any, bytes]:
+        name = api_name(call.proc)
+        assert name is not None
+        try:
+            self._check_access(call.proc, name, readonly_denied(call.proc), error_domain(call.proc))
+        except VirtError as err:
+            return self._error_reply(call, err)
+        if self.daemon.call_trace is not None:
+            self._trace(call.proc)
+        session = urlsplit(self.open_name or self.daemon.uri).path == "/session"
+        return self.relay.forward(call, session=session, readonly=self.readonly)
 
     def _unimplemented(self, call: Call) -> Exception:
         name = api_name(call.proc)
@@ -296,18 +315,22 @@ class Session:
             raise VirtError(ErrorCode.INVALID_ARG, f"event callback {cb_id} not registered")
 
     # -- console streams --------------------------------------------------------------------------
-    def stream_packet(self, pkt: StreamPacket) -> None:
+    def stream_packet(self, pkt: StreamPacket) -> Awaitable[None] | None:
+        """Handle a client's stream packet; an awaitable means: read nothing more from it until done."""
+        if self.relay.owns(pkt):
+            return self.relay.stream_packet(pkt)
         stream = self._consoles.get(pkt.serial)
-        if stream is None or pkt.proc != PROC_OPEN_CONSOLE:
-            return  # late packets for a stream we already closed
+        if stream is None or pkt.proc != PROC_OPEN_CONSOLE or pkt.hole:
+            return None  # late packets for a stream we already closed
         if pkt.status is Status.CONTINUE:
             if pkt.payload:
                 with contextlib.suppress(OSError):
                     os.write(stream.fd, pkt.payload)
-            return
+            return None
         # Finish (OK) or abort (ERROR): both are confirmed with an empty STREAM/OK.
         self._close_console(stream)
         self.send(self.conn.send_stream(PROC_OPEN_CONSOLE, pkt.serial, Status.OK))
+        return None
 
     def open_console(self, serial: int, dom: Domain, force: bool) -> ConsoleStream:
         pty = self.manager.console_pty(dom)
@@ -379,6 +402,7 @@ class Session:
                 self.end_console(stream)
 
     def close(self) -> None:
+        self.relay.close()
         # The connection is ending: what it started with VIR_DOMAIN_START_AUTODESTROY goes with it.
         self.manager.release_autodestroy(self)
         for task in list(self._resumes):
@@ -417,6 +441,7 @@ def connect_open(s: Session, name: str | None, flags: int) -> None:
     if flags & 1:
         s.readonly = True
     s.opened = True
+    s.open_name = name
     if not s._subscribed:
         s.manager.subscribe(s.on_domain_event)
         s._subscribed = True

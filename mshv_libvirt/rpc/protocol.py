@@ -79,12 +79,14 @@ class Call:
 
 @dataclass(frozen=True)
 class StreamPacket:
-    """Client -> server stream data (CONTINUE), finish (OK) or abort (ERROR)."""
+    """Stream data (CONTINUE), finish (OK) or abort (ERROR); ``hole``: a STREAM_HOLE packet (sparse
+    volume transfers), whose payload is ``virNetStreamHole`` ({hyper length; unsigned flags})."""
 
     proc: int
     serial: int
     status: Status
     payload: bytes
+    hole: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,25 @@ def truncate_message(message: str, limit: int = ERROR_MESSAGE_MAX) -> str:
     if len(raw) <= limit:
         return raw.decode()
     return raw[: limit - 3].decode(errors="ignore") + "..."
+
+
+HOLE_SIZE = 12  # virNetStreamHole: hyper length, unsigned int flags
+
+
+def check_hole(status: Status, payload: bytes) -> None:
+    """A STREAM_HOLE packet carries exactly one virNetStreamHole, as libvirt's virNetMessageDecodeStreamHole
+    requires; anything else is a broken peer."""
+    if status is not Status.CONTINUE or len(payload) != HOLE_SIZE:
+        raise RemoteProtocolError("malformed stream hole packet")
+
+
+def pack_packet(
+    prog: int, proc: int, mtype: MessageType, serial: int, status: Status, payload: bytes, vers: int = PROTOCOL_VERSION
+) -> bytes:
+    length = HEADER_SIZE + len(payload)
+    if length > MAX_PACKET:
+        raise LocalProtocolError(f"packet of {length} bytes exceeds the packet limit")
+    return HEADER.pack(length, prog, vers, proc, int(mtype), serial, int(status)) + payload
 
 
 def unknown_procedure(proc: int) -> RemoteError:
@@ -234,15 +255,13 @@ class ServerConnection:
         if mtype is MessageType.STREAM:
             return StreamPacket(proc, serial, status, payload)
         if mtype is MessageType.STREAM_HOLE:
-            raise RemoteProtocolError("stream holes are not supported")
+            check_hole(status, payload)
+            return StreamPacket(proc, serial, status, payload, hole=True)
         return Ignored(prog, proc, int(mtype))
 
     # -- output ----------------------------------------------------------------------------------
     def _packet(self, prog: int, proc: int, mtype: MessageType, serial: int, status: Status, payload: bytes) -> bytes:
-        length = HEADER_SIZE + len(payload)
-        if length > MAX_PACKET:
-            raise LocalProtocolError(f"reply of {length} bytes exceeds the packet limit")
-        return HEADER.pack(length, prog, PROTOCOL_VERSION, proc, int(mtype), serial, int(status)) + payload
+        return pack_packet(prog, proc, mtype, serial, status, payload)
 
     def send_reply(self, call: Call, payload: bytes) -> bytes:
         return self._packet(call.prog, call.proc, MessageType.REPLY, call.serial, Status.OK, payload)

@@ -227,7 +227,9 @@ class Daemon:
                             calls.add(t)
                             t.add_done_callback(calls.discard)
                     elif isinstance(event, StreamPacket):
-                        session.stream_packet(event)
+                        waiting = session.stream_packet(event)
+                        if waiting is not None:  # a relayed upload waits for libvirt's daemon to read
+                            await waiting
                 extra = max(0, conn.buffered - SMALL_BUFFER)
                 self.buffered += extra - charged
                 charged = extra

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import libvirtd
 from tests.support.daemon import DaemonProcess, running_daemon
 
 
@@ -30,3 +31,17 @@ def system_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     finally:
         d.stop()
         d.destroy_all_vmms()
+
+
+@pytest.fixture(scope="session")
+def system_libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """libvirt's system libvirtd (storage:///system, network:///system): started here when not running."""
+    with libvirtd.system_libvirtd(tmp_path_factory.mktemp("libvirtd") / "libvirtd.log"):
+        yield
+
+
+@pytest.fixture
+def session_libvirtd() -> Iterator[libvirtd.SessionLibvirtd]:
+    """A private session libvirtd run as an unprivileged user (storage:///session)."""
+    with libvirtd.session_libvirtd() as d:
+        yield d

@@ -1,0 +1,568 @@
+"""Storage pools and volumes through mshv:// come from libvirt's own storage driver (rpc/relay.py).
+
+Real virsh and libvirt-python against our daemon and, in the same test, against libvirt's own
+``storage:///system`` (the oracle): the same commands must print the same things. Pool names and
+directories are unique per test and removed afterwards. libvirtd's own view of its clients
+(``virt-admin``) is the oracle for "one upstream connection per client, read-only for read-only
+clients, closed with it"; the session tests use a private session libvirtd run as an unprivileged
+user, which they stop, freeze and kill by its pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from mshv_libvirt.rpc import client as rpc_client
+from tests.support.daemon import DaemonProcess, virsh, wait_for
+from tests.support.events import ensure_event_loop
+from tests.support.libvirtd import SessionLibvirtd, libvirtd_clients, rss_bytes, unread_bytes, wait_clients
+
+pytestmark = pytest.mark.usefixtures("system_libvirtd")
+
+ORACLE = "storage:///system"
+
+
+def unique(prefix: str = "mshvr") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+def remove_pool(uri: str, name: str) -> None:
+    """Clean-up straight through libvirt (not through the code under test)."""
+    with contextlib.suppress(libvirt.libvirtError):
+        conn = libvirt.open(uri)
+        try:
+            pool = conn.storagePoolLookupByName(name)
+            if pool.isActive():
+                for vol in pool.listAllVolumes():
+                    with contextlib.suppress(libvirt.libvirtError):
+                        vol.delete(0)
+                with contextlib.suppress(libvirt.libvirtError):
+                    pool.delete(0)
+                pool.destroy()
+            pool.undefine()
+        finally:
+            conn.close()
+
+
+@contextlib.contextmanager
+def pools(uri: str, *names: str) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for name in names:
+            remove_pool(uri, name)
+
+
+def run(uri: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return virsh(uri, *args, check=check)
+
+
+def pool_sequence(uri: str, name: str, target: Path, data: Path, out: Path) -> list[str]:
+    """What virsh prints for a pool's life, with the pool's name and directory made generic."""
+    steps: list[tuple[str, ...]] = [
+        ("pool-define-as", name, "dir", "--target", str(target)),
+        ("pool-build", name),
+        ("pool-start", name),
+        ("pool-autostart", name),
+        ("vol-create-as", name, "disk.qcow2", "16M", "--format", "qcow2"),
+        ("vol-create-as", name, "data.raw", "4M", "--format", "raw"),
+        ("vol-upload", "--pool", name, "data.raw", str(data)),
+        ("vol-download", "--pool", name, "data.raw", str(out)),
+        ("vol-list", name, "--details"),
+        ("vol-info", "--pool", name, "disk.qcow2"),
+        ("vol-path", "--pool", name, "disk.qcow2"),
+        ("pool-info", name),
+        ("pool-list", "--all"),
+        ("pool-refresh", name),
+        ("vol-delete", "--pool", name, "data.raw"),
+        ("vol-delete", "--pool", name, "disk.qcow2"),
+        ("pool-destroy", name),
+        ("pool-delete", name),
+        ("pool-undefine", name),
+        ("pool-info", name),
+    ]
+    printed = []
+    for step in steps:
+        res = run(uri, *step, check=False)
+        text = f"{res.returncode}\n{res.stdout}{res.stderr}".replace(str(target), "DIR").replace(name, "NAME")
+        if step[0] == "pool-info":  # capacity and free space are the filesystem's, which changes
+            text = "\n".join(
+                line for line in text.splitlines() if not re.match(r"(UUID|Capacity|Allocation|Available):", line)
+            )
+        if step[0] == "pool-list":  # other pools may exist: our line, whitespace-collapsed
+            text = (
+                " ".join(line.split()).strip()
+                if (line := next((x for x in text.splitlines() if "NAME" in x), ""))
+                else ""
+            )
+        if step[0] == "vol-create-as" and "qcow2" in step and res.returncode == 0:
+            info = subprocess.run(
+                ["qemu-img", "info", "--output=json", str(target / "disk.qcow2")],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            assert '"format": "qcow2"' in info.stdout
+        printed.append(text)
+    return printed
+
+
+def test_pool_and_volume_commands_print_what_libvirt_prints(daemon: DaemonProcess, tmp_path: Path) -> None:
+    data = tmp_path / "data.bin"
+    data.write_bytes(os.urandom(3 * 1024 * 1024 + 123))
+    ours, ref = unique(), unique()
+    assert len(ours) == len(ref)  # pool-list pads columns to the longest name
+    with pools(ORACLE, ours, ref):
+        # Equal-length names and directories: virsh pads its tables to the longest entry.
+        got = pool_sequence(daemon.uri, ours, tmp_path / ours, data, tmp_path / "ours.out")
+        want = pool_sequence(ORACLE, ref, tmp_path / ref, data, tmp_path / "ref.out")
+        assert got == want
+        assert want[0].startswith("0\nPool NAME defined") and want[-1].startswith("1\n")  # the oracle did the work
+        assert "NAME active yes" in want[12] and "Pool NAME deleted" in want[-3]
+        downloaded = (tmp_path / "ours.out").read_bytes()
+        assert downloaded == (tmp_path / "ref.out").read_bytes()
+        assert downloaded[: data.stat().st_size] == data.read_bytes()
+        assert (
+            len(downloaded) == 4 << 20
+            and downloaded[data.stat().st_size :].count(0) == len(downloaded) - data.stat().st_size
+        )
+        assert not (tmp_path / ours).exists()  # pool-delete removed the directory
+        assert not Path(f"/etc/libvirt/storage/autostart/{ours}.xml").exists()
+
+
+def test_sparse_upload_and_download_pass_stream_holes(daemon: DaemonProcess, tmp_path: Path) -> None:
+    sparse = tmp_path / "sparse.bin"
+    with open(sparse, "wb") as f:
+        f.truncate(24 << 20)
+        f.seek(10 << 20)
+        f.write(b"middle")
+        f.seek((24 << 20) - 3)
+        f.write(b"end")
+    results = {}
+    ours, ref = unique(), unique()
+    with pools(ORACLE, ours, ref):
+        for uri, name in ((daemon.uri, ours), (ORACLE, ref)):
+            run(uri, "pool-create-as", name, "dir", "--build", "--target", str(tmp_path / name))
+            run(uri, "vol-create-as", name, "sp.raw", "24M", "--format", "raw")
+            run(uri, "vol-upload", "--sparse", "--pool", name, "sp.raw", str(sparse))
+            run(uri, "vol-download", "--sparse", "--pool", name, "sp.raw", str(tmp_path / f"{name}.out"))
+            results[uri] = (tmp_path / f"{name}.out").read_bytes()
+    assert results[daemon.uri] == results[ORACLE] == sparse.read_bytes()
+
+
+class EventLoop:
+    """``virsh <event command> --loop`` in the background, its lines collected."""
+
+    def __init__(self, uri: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            ["virsh", "-c", uri, *args, "--loop"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.strip():
+                self.lines.append(line.strip())
+
+    def wait(self, pred: Callable[[list[str]], bool], timeout: float = 20) -> None:
+        try:
+            wait_for(lambda: pred(list(self.lines)), timeout)
+        except AssertionError as err:
+            raise AssertionError(f"events seen: {self.lines}") from err
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._reader.join(5)
+
+
+def registered(loop: EventLoop, uri: str, kind: str, tmp_path: Path) -> None:
+    """Until ``loop`` has its callback: a throw-away pool (or network) is defined and undefined until
+    the loop reports it."""
+    probe = unique("probe")
+    deadline = time.monotonic() + 20
+    while not any(probe in line for line in loop.lines):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the event loop never reported the probe: {loop.lines}")
+        if kind == "pool":
+            run(uri, "pool-define-as", probe, "dir", "--target", str(tmp_path / probe))
+            run(uri, "pool-undefine", probe)
+        time.sleep(0.1)
+
+
+def test_pool_event_loop_sees_what_libvirt_sees(daemon: DaemonProcess, tmp_path: Path) -> None:
+    name = unique()
+    ours = EventLoop(daemon.uri, "pool-event", "--event", "lifecycle")
+    ref = EventLoop(ORACLE, "pool-event", "--event", "lifecycle")
+    refresh = EventLoop(daemon.uri, "pool-event", "--event", "refresh")
+    try:
+        with pools(ORACLE, name):
+            registered(ours, ORACLE, "pool", tmp_path)
+            registered(ref, ORACLE, "pool", tmp_path)
+            run(daemon.uri, "pool-define-as", name, "dir", "--target", str(tmp_path / name))
+            run(daemon.uri, "pool-build", name)
+            run(daemon.uri, "pool-start", name)
+            run(daemon.uri, "pool-refresh", name)
+            run(daemon.uri, "pool-destroy", name)
+            run(daemon.uri, "pool-undefine", name)
+            want = [
+                f"event 'lifecycle' for storage pool {name}: {e}"
+                for e in ("Defined", "Created", "Started", "Stopped", "Undefined")
+            ]
+            ref.wait(lambda lines: [x for x in lines if name in x] == want)
+            ours.wait(lambda lines: [x for x in lines if name in x] == want)
+            refresh.wait(lambda lines: f"event 'refresh' for storage pool {name}" in lines)
+    finally:
+        for loop in (ours, ref, refresh):
+            loop.stop()
+
+
+def test_python_pool_and_network_callbacks_as_virt_manager_registers_them(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """virt-manager registers storage pool and network event callbacks when it connects, then lists."""
+    ensure_event_loop()
+    conn = libvirt.open(daemon.uri)
+    seen: list[tuple[str, int]] = []
+    name = unique()
+    try:
+        ids = [
+            conn.storagePoolEventRegisterAny(
+                None,
+                libvirt.VIR_STORAGE_POOL_EVENT_ID_LIFECYCLE,
+                lambda c, p, ev, det, o: seen.append((p.name(), ev)),
+                None,
+            ),
+            conn.storagePoolEventRegisterAny(
+                None, libvirt.VIR_STORAGE_POOL_EVENT_ID_REFRESH, lambda c, p, o: seen.append((p.name(), -1)), None
+            ),
+            conn.networkEventRegisterAny(
+                None, libvirt.VIR_NETWORK_EVENT_ID_LIFECYCLE, lambda c, n, ev, det, o: seen.append((n.name(), ev)), None
+            ),
+        ]
+        assert isinstance(conn.listAllStoragePools(), list) and isinstance(conn.listAllNetworks(), list)
+        with pools(ORACLE, name):
+            target = tmp_path / name
+            pool = conn.storagePoolDefineXML(
+                f"<pool type='dir'><name>{name}</name><target><path>{target}</path></target></pool>"
+            )
+            pool.build(0)
+            pool.create(0)
+            pool.refresh(0)
+            vol = pool.createXML(
+                "<volume><name>v.qcow2</name><capacity unit='M'>8</capacity>"
+                "<target><format type='qcow2'/></target></volume>",
+                0,
+            )
+            assert vol.path() == str(target / "v.qcow2") and conn.storageVolLookupByPath(vol.path()).name() == "v.qcow2"
+            assert [v.name() for v in pool.listAllVolumes()] == ["v.qcow2"]
+            pool.destroy()
+            pool.undefine()
+            E = libvirt
+            want = [
+                (name, E.VIR_STORAGE_POOL_EVENT_DEFINED),
+                (name, E.VIR_STORAGE_POOL_EVENT_CREATED),  # pool-build
+                (name, E.VIR_STORAGE_POOL_EVENT_STARTED),
+                (name, -1),
+                (name, E.VIR_STORAGE_POOL_EVENT_STOPPED),
+                (name, E.VIR_STORAGE_POOL_EVENT_UNDEFINED),
+            ]
+            try:
+                wait_for(lambda: [s for s in seen if s[0] == name] == want)
+            except AssertionError as err:
+                raise AssertionError(f"events seen: {seen}") from err
+        for cb in ids[:2]:
+            conn.storagePoolEventDeregisterAny(cb)
+        conn.networkEventDeregisterAny(ids[2])
+    finally:
+        conn.close()
+
+
+def test_read_only_clients_are_relayed_read_only(daemon: DaemonProcess, tmp_path: Path) -> None:
+    name = unique()
+    with pools(ORACLE, name):
+        run(ORACLE, "pool-define-as", name, "dir", "--target", str(tmp_path / name))
+        # Reads work; writes get exactly libvirt's refusal on its own read-only connection.
+        assert name in run(daemon.ro_uri, "pool-list", "--all", "--name").stdout.split()
+        for args in (
+            ("pool-define-as", unique(), "dir", "--target", str(tmp_path / "x")),
+            ("pool-start", name),
+            ("pool-undefine", name),
+        ):
+            want = virsh_ro(ORACLE, *args)
+            got = run(daemon.ro_uri, *args, check=False)
+            assert (got.returncode, got.stderr) == (want.returncode, want.stderr)
+            assert "operation forbidden: read only access prevents virStoragePool" in got.stderr
+        # libvirtd itself sees one read-only connection from us while a read-only client is connected.
+        conn = libvirt.openReadOnly(daemon.uri)
+        try:
+            assert name in [p.name() for p in conn.listAllStoragePools()]
+            assert daemon.proc is not None
+            (client,) = wait_clients(daemon.proc.pid, 1)
+            assert client.readonly
+        finally:
+            conn.close()
+        wait_clients(daemon.proc.pid, 0)
+
+
+def virsh_ro(uri: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["virsh", "-r", "-c", uri, *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    )
+
+
+def test_one_upstream_connection_per_client_and_driver_closed_with_it(daemon: DaemonProcess) -> None:
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    a = libvirt.open(daemon.uri)
+    b = libvirt.open(daemon.uri)
+    try:
+        a.listAllDomains()
+        assert libvirtd_clients(pid) == []  # nothing is opened before a storage or network call
+        a.listAllStoragePools()
+        a.listAllStoragePools()
+        (first,) = wait_clients(pid, 1)
+        assert not first.readonly
+        a.listAllNetworks()
+        wait_clients(pid, 2)
+        b.listAllStoragePools()
+        b.numOfStoragePools()
+        wait_clients(pid, 3)
+        a.close()
+        a = None
+        (left,) = wait_clients(pid, 1)  # a's two connections closed with it; b's remains
+        b.listAllStoragePools()
+        assert libvirtd_clients(pid) == [left]
+    finally:
+        if a is not None:
+            a.close()
+        b.close()
+    wait_clients(pid, 0)
+
+
+# ---- session clients and a session libvirtd that stops, freezes or dies ---------------------------------------
+
+
+@pytest.fixture
+def session_daemon(tmp_path: Path, session_libvirtd: SessionLibvirtd) -> Iterator[DaemonProcess]:
+    d = DaemonProcess(tmp_path / "d", env={"XDG_RUNTIME_DIR": str(session_libvirtd.runtime_dir)}).start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def session_uri(d: DaemonProcess) -> str:
+    return f"mshv+unix:///session?socket={d.socket}"
+
+
+def session_pool(lv: SessionLibvirtd, name: str) -> Path:
+    target = lv.root / "home" / name
+    run(lv.uri("storage"), "pool-define-as", name, "dir", "--target", str(target))
+    run(lv.uri("storage"), "pool-build", name)
+    run(lv.uri("storage"), "pool-start", name)
+    return target
+
+
+def test_session_clients_reach_the_session_daemon_never_the_system_one(
+    session_daemon: DaemonProcess, session_libvirtd: SessionLibvirtd, tmp_path: Path
+) -> None:
+    mine, system = unique(), unique()
+    with pools(ORACLE, system):
+        run(ORACLE, "pool-define-as", system, "dir", "--target", str(tmp_path / system))
+        session_pool(session_libvirtd, mine)
+        want = run(session_libvirtd.uri("storage"), "pool-list", "--all").stdout
+        assert mine in want and system not in want
+        assert run(session_uri(session_daemon), "pool-list", "--all").stdout == want
+        assert session_daemon.proc is not None
+        assert libvirtd_clients(session_daemon.proc.pid) == []  # the system libvirtd never saw us
+        # The same daemon's system clients see the system pools.
+        names = run(session_daemon.uri, "pool-list", "--all", "--name").stdout.split()
+        assert system in names and mine not in names
+
+
+def not_supported(call: Callable[[], object]) -> tuple[int, int, str, float]:
+    start = time.monotonic()
+    with pytest.raises(libvirt.libvirtError) as exc:
+        call()
+    e = exc.value
+    return e.get_error_code(), e.get_error_domain(), e.get_error_message(), time.monotonic() - start
+
+
+def test_libvirtd_stopped_gives_not_supported_at_once_and_a_restart_is_used(
+    session_daemon: DaemonProcess, session_libvirtd: SessionLibvirtd
+) -> None:
+    conn = libvirt.open(session_uri(session_daemon))
+    try:
+        assert conn.listAllStoragePools() == []
+        session_libvirtd.stop()
+        code, domain, message, took = not_supported(conn.listAllStoragePools)
+        assert (code, domain) == (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_FROM_STORAGE)
+        assert message == "this function is not supported by the connection driver: virConnectListAllStoragePools"
+        assert took < 2
+        code, domain, message, took = not_supported(lambda: conn.networkLookupByName("default"))
+        assert (code, domain, took < 2) == (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_FROM_NETWORK, True)
+        assert message.endswith(": virNetworkLookupByName")
+        res = virsh(session_uri(session_daemon), "pool-list", "--all", check=False, timeout=20)
+        assert res.returncode == 1
+        assert "this function is not supported by the connection driver: virConnectNumOfStoragePools" in res.stderr
+        session_libvirtd.start()
+        name = unique()
+        session_pool(session_libvirtd, name)
+        assert [p.name() for p in conn.listAllStoragePools()] == [name]  # same client connection, reconnected
+    finally:
+        conn.close()
+
+
+def test_libvirtd_dying_mid_call_fails_each_pending_call_and_the_next_call_reconnects(
+    session_daemon: DaemonProcess, session_libvirtd: SessionLibvirtd
+) -> None:
+    conn = libvirt.open(session_uri(session_daemon))
+    try:
+        conn.listAllStoragePools()
+        assert session_daemon.proc is not None
+        session_libvirtd.signal(signal.SIGSTOP)
+        errors: list[tuple[int, str, float]] = []
+
+        def call() -> None:
+            with pytest.raises(libvirt.libvirtError) as exc:
+                conn.listAllStoragePools()
+            errors.append((exc.value.get_error_code(), exc.value.get_error_message(), time.monotonic()))
+
+        threads = [threading.Thread(target=call) for _ in range(3)]
+        for t in threads:
+            t.start()
+        # Each relayed CONNECT_LIST_ALL_STORAGE_POOLS is 36 bytes, unread by the frozen daemon.
+        wait_for(lambda: unread_bytes(session_libvirtd.pid) >= 3 * 36)
+        killed = time.monotonic()
+        session_libvirtd.kill()
+        for t in threads:
+            t.join(10)
+        assert len(errors) == 3
+        for code, message, when in errors:
+            assert code == libvirt.VIR_ERR_SYSTEM_ERROR
+            assert message.endswith("End of file while reading data: Input/output error"), message
+            assert "storage:///session" in message
+            assert when - killed < 3
+        session_libvirtd.start()
+        assert conn.listAllStoragePools() == []
+    finally:
+        conn.close()
+
+
+def test_a_frozen_libvirtd_is_given_up_after_the_keepalive_bound(
+    session_daemon: DaemonProcess, session_libvirtd: SessionLibvirtd
+) -> None:
+    bound = rpc_client.KEEPALIVE_INTERVAL * (rpc_client.KEEPALIVE_COUNT + 2)
+    conn = libvirt.open(session_uri(session_daemon))
+    try:
+        conn.listAllStoragePools()
+        session_libvirtd.signal(signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(libvirt.libvirtError) as exc:
+            conn.listAllStoragePools()
+        took = time.monotonic() - start
+        assert exc.value.get_error_code() == libvirt.VIR_ERR_SYSTEM_ERROR
+        assert exc.value.get_error_message().endswith("connection closed due to keepalive timeout")
+        assert took < bound
+        session_libvirtd.signal(signal.SIGCONT)
+        assert conn.listAllStoragePools() == []
+    finally:
+        conn.close()
+
+
+# ---- bounded buffering in both directions ------------------------------------------------------------------
+
+
+def test_a_slow_download_is_not_buffered_by_the_daemon(daemon: DaemonProcess, tmp_path: Path) -> None:
+    assert daemon.proc is not None
+    name = unique()
+    size = 96 << 20
+    with pools(ORACLE, name):
+        run(ORACLE, "pool-create-as", name, "dir", "--build", "--target", str(tmp_path / name))
+        run(ORACLE, "vol-create-as", name, "big.raw", str(size), "--format", "raw")
+        path = tmp_path / name / "big.raw"
+        with open(path, "r+b") as f:
+            for _ in range(size >> 20):
+                f.write(os.urandom(1 << 20))
+        want = hashlib.sha256(path.read_bytes()).hexdigest()
+        conn = libvirt.open(daemon.uri)
+        try:
+            vol = conn.storageVolLookupByPath(str(path))
+            before = rss_bytes(daemon.proc.pid)
+            st = conn.newStream(0)
+            vol.download(st, 0, 0, 0)
+            first = st.recv(1 << 18)
+            digest = hashlib.sha256(first)
+            # The client reads no further: libvirtd keeps sending until the daemon stops reading it.
+            wait_for(lambda: unread_bytes(daemon.proc.pid) > 32 << 10)
+            grown = rss_bytes(daemon.proc.pid) - before
+            got = len(first)
+            while True:
+                chunk = st.recv(1 << 18)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                got += len(chunk)
+            st.finish()
+        finally:
+            conn.close()
+        assert got == size and digest.hexdigest() == want
+        assert grown < 16 << 20, f"the daemon grew by {grown >> 20} MiB"
+
+
+def test_an_upload_to_a_frozen_libvirtd_is_not_buffered_by_the_daemon(
+    session_daemon: DaemonProcess, session_libvirtd: SessionLibvirtd
+) -> None:
+    assert session_daemon.proc is not None
+    name = unique()
+    target = session_pool(session_libvirtd, name)
+    size = 48 << 20
+    run(session_libvirtd.uri("storage"), "vol-create-as", name, "up.raw", str(size), "--format", "raw")
+    data = os.urandom(size)
+    conn = libvirt.open(session_uri(session_daemon))
+    try:
+        vol = conn.storageVolLookupByPath(str(target / "up.raw"))
+        before = rss_bytes(session_daemon.proc.pid)
+        st = conn.newStream(0)
+        vol.upload(st, 0, size, 0)
+        session_libvirtd.signal(signal.SIGSTOP)
+        sent = threading.Event()
+
+        def send() -> None:
+            view = memoryview(data)
+            while view:
+                n = st.send(bytes(view[: 1 << 18]))
+                view = view[n:]
+            sent.set()
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        # The daemon stops reading the client once libvirtd stops reading the daemon.
+        wait_for(lambda: unread_bytes(session_daemon.proc.pid) > 32 << 10)
+        grown = rss_bytes(session_daemon.proc.pid) - before
+        assert not sent.is_set()
+        session_libvirtd.signal(signal.SIGCONT)
+        sender.join(60)
+        assert sent.is_set()
+        st.finish()
+    finally:
+        conn.close()
+    assert (target / "up.raw").read_bytes() == data
+    assert grown < 16 << 20, f"the daemon grew by {grown >> 20} MiB"
