@@ -77,8 +77,11 @@ log = logging.getLogger(__name__)
 
 DOMAIN_LIST_MAX = 16384
 
-# VIR_DRV_FEATURE_* we answer 1 for: keepalive, callback-style events, close callback.
-FEATURES = {10: 1, 14: 1, 15: 1}
+# VIR_DRV_FEATURE_* we answer 1 for: keepalive, callback-style events, close callback, and
+# NETWORK_UPDATE_HAS_CORRECT_ORDER (16), which libvirt says every driver must report: without it the
+# client swaps virNetworkUpdate's command and section, and the relayed NETWORK_UPDATE would reach
+# libvirt's network driver (which expects the correct order) swapped.
+FEATURES = {10: 1, 14: 1, 15: 1, 16: 1}
 
 # virConnectListAllDomainsFlags
 LIST_ACTIVE, LIST_INACTIVE, LIST_PERSISTENT, LIST_TRANSIENT = 1, 2, 4, 8

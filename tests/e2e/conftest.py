@@ -45,3 +45,13 @@ def session_libvirtd() -> Iterator[libvirtd.SessionLibvirtd]:
     """A private session libvirtd run as an unprivileged user (storage:///session)."""
     with libvirtd.session_libvirtd() as d:
         yield d
+
+
+@pytest.fixture
+def session_daemon(tmp_path: Path, session_libvirtd: libvirtd.SessionLibvirtd) -> Iterator[DaemonProcess]:
+    """Our daemon with the private session libvirtd as its user's (``$XDG_RUNTIME_DIR``)."""
+    d = DaemonProcess(tmp_path / "d", env={"XDG_RUNTIME_DIR": str(session_libvirtd.runtime_dir)}).start()
+    try:
+        yield d
+    finally:
+        d.stop()

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,15 +27,20 @@ import pytest
 from mshv_libvirt.rpc import client as rpc_client
 from tests.support.daemon import DaemonProcess, virsh, wait_for
 from tests.support.events import ensure_event_loop
-from tests.support.libvirtd import SessionLibvirtd, libvirtd_clients, rss_bytes, unread_bytes, wait_clients
+from tests.support.libvirtd import (
+    EventLoop,
+    SessionLibvirtd,
+    libvirtd_clients,
+    rss_bytes,
+    session_uri,
+    unique,
+    unread_bytes,
+    wait_clients,
+)
 
 pytestmark = pytest.mark.usefixtures("system_libvirtd")
 
 ORACLE = "storage:///system"
-
-
-def unique(prefix: str = "mshvr") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
 def remove_pool(uri: str, name: str) -> None:
@@ -161,35 +165,6 @@ def test_sparse_upload_and_download_pass_stream_holes(daemon: DaemonProcess, tmp
             run(uri, "vol-download", "--sparse", "--pool", name, "sp.raw", str(tmp_path / f"{name}.out"))
             results[uri] = (tmp_path / f"{name}.out").read_bytes()
     assert results[daemon.uri] == results[ORACLE] == sparse.read_bytes()
-
-
-class EventLoop:
-    """``virsh <event command> --loop`` in the background, its lines collected."""
-
-    def __init__(self, uri: str, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            ["virsh", "-c", uri, *args, "--loop"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.strip():
-                self.lines.append(line.strip())
-
-    def wait(self, pred: Callable[[list[str]], bool], timeout: float = 20) -> None:
-        try:
-            wait_for(lambda: pred(list(self.lines)), timeout)
-        except AssertionError as err:
-            raise AssertionError(f"events seen: {self.lines}") from err
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self._reader.join(5)
 
 
 def registered(loop: EventLoop, uri: str, kind: str, tmp_path: Path) -> None:
@@ -357,19 +332,6 @@ def test_one_upstream_connection_per_client_and_driver_closed_with_it(daemon: Da
 
 
 # ---- session clients and a session libvirtd that stops, freezes or dies ---------------------------------------
-
-
-@pytest.fixture
-def session_daemon(tmp_path: Path, session_libvirtd: SessionLibvirtd) -> Iterator[DaemonProcess]:
-    d = DaemonProcess(tmp_path / "d", env={"XDG_RUNTIME_DIR": str(session_libvirtd.runtime_dir)}).start()
-    try:
-        yield d
-    finally:
-        d.stop()
-
-
-def session_uri(d: DaemonProcess) -> str:
-    return f"mshv+unix:///session?socket={d.socket}"
 
 
 def session_pool(lv: SessionLibvirtd, name: str) -> Path:

@@ -18,26 +18,38 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
-from tests.support.daemon import wait_for
+from tests.support.daemon import DaemonProcess, wait_for
+
+
+def unique(prefix: str = "mshvr") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
 
 SYSTEM_SOCKET = Path("/run/libvirt/libvirt-sock")
 SESSION_USER = "nobody"
 
 
+def missing(message: str) -> NoReturn:
+    """A prerequisite is absent: under ``CI`` that fails the test, elsewhere it skips it."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def libvirtd_binary() -> str:
     path = shutil.which("libvirtd") or ("/usr/sbin/libvirtd" if os.path.exists("/usr/sbin/libvirtd") else None)
     if path is None:
-        message = "libvirtd is not installed (scripts/install-deps.sh installs libvirt-daemon)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("libvirtd is not installed (scripts/install-deps.sh installs libvirt-daemon)")
     return path
 
 
@@ -61,7 +73,7 @@ def system_libvirtd(log: Path) -> Iterator[None]:
         yield
         return
     if os.geteuid() != 0:
-        pytest.skip("the system libvirtd is not running and only root can start it")
+        missing("the system libvirtd is not running and only root can start it")
     with open(log, "ab") as out:
         proc = subprocess.Popen([binary], stdout=out, stderr=subprocess.STDOUT, cwd="/", start_new_session=True)
     try:
@@ -176,13 +188,18 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
+def session_uri(d: DaemonProcess) -> str:
+    """``mshv:///session`` on the test daemon's socket."""
+    return f"mshv+unix:///session?socket={d.socket}"
+
+
 @contextlib.contextmanager
 def session_libvirtd() -> Iterator[SessionLibvirtd]:
     """A private session libvirtd; its directory is outside pytest's root-only tmp tree so the
     unprivileged user can reach it, and is removed afterwards."""
     libvirtd_binary()
     if os.geteuid() != 0:
-        pytest.skip("running libvirtd as another user needs root")
+        missing("running libvirtd as another user needs root")
     user = pwd.getpwnam(SESSION_USER)
     root = Path(tempfile.mkdtemp(prefix="mshv-relay-session-"))
     try:
@@ -241,3 +258,32 @@ def wait_clients(pid: int, count: int, timeout: float = 20) -> list[AdminClient]
     except AssertionError as err:
         raise AssertionError(f"libvirtd has {len(found)} clients of pid {pid}, expected {count}") from err
     return found
+
+
+class EventLoop:
+    """``virsh <event command> --loop`` in the background, its lines collected."""
+
+    def __init__(self, uri: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            ["virsh", "-c", uri, *args, "--loop"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.strip():
+                self.lines.append(line.strip())
+
+    def wait(self, pred: Callable[[list[str]], bool], timeout: float = 20) -> None:
+        try:
+            wait_for(lambda: pred(list(self.lines)), timeout)
+        except AssertionError as err:
+            raise AssertionError(f"events seen: {self.lines}") from err
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._reader.join(5)
