@@ -7,6 +7,11 @@ packages=(
     gcc binutils make pkg-config python3 python3-dev python3-venv libffi-dev libvirt-dev
     # clients the tests drive for real; libvirt0 ships the schemas (domain.rng) define also checks
     libvirt-clients libvirt0 python3-libvirt virtinst
+    # libvirt's own libvirtd: storage pools/volumes and networks are relayed to its drivers
+    # (scripts/start-libvirtd.sh starts it). Not libvirt-daemon-system: its "default" NAT network
+    # would rewrite the host's firewall. qemu-img for qcow2 volumes; dnsmasq and iptables for the
+    # network driver; ip (netns) and ss for the tests.
+    libvirt-daemon qemu-utils dnsmasq-base iptables iproute2
     # host SMBIOS for virsh sysinfo, read through dmidecode as libvirt does
     dmidecode
     # test guests: the tiny guest (binutils), busybox initramfs, Debian kernel (apt-get download + dpkg-deb),

@@ -16,6 +16,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 bash "$src/scripts/install-deps.sh"
+# libvirt's libvirtd, for storage and networks (relayed to its drivers).
+bash "$src/scripts/start-libvirtd.sh"
 
 # A venv built from Debian's /usr/bin/python3 (not a per-user pyenv) so that libvirt can
 # autostart the daemon as any user.
