@@ -48,10 +48,11 @@ def host_network_state() -> dict[str, str]:
 
 
 def free_subnet() -> str:
-    """A 10.x.y.0/24 no route of this host uses ("10.x.y" returned)."""
+    """A 10.x.y.0/24 no route of this host uses ("10.x.y" returned), always as long (virsh pads its
+    columns to the longest address)."""
     routes = sh("ip", "-4", "route") + sh("ip", "-4", "addr")
     for _ in range(100):
-        prefix = f"10.{random.randint(200, 254)}.{random.randint(0, 255)}"
+        prefix = f"10.{random.randint(200, 254)}.{random.randint(100, 255)}"
         if f"{prefix}." not in routes:
             return prefix
     raise AssertionError("no free 10.x.y.0/24 subnet")
