@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+import libvirt
 import pytest
 
 from tests.support.daemon import DaemonProcess, wait_for
@@ -287,3 +288,35 @@ class EventLoop:
         self.proc.terminate()
         self.proc.wait(10)
         self._reader.join(5)
+
+
+# Where virt-manager (virtinst's StoragePool.build_default_pool) puts the 'default' pool it defines, builds
+# and autostarts on every connection it opens to a system URI with no such pool, ours included.
+VIRTINST_DEFAULT_POOL_DIR = Path("/var/lib/libvirt/images")
+
+
+@contextlib.contextmanager
+def storage_pools_as_found(uri: str = "storage:///system") -> Iterator[None]:
+    """The host's storage pools as they were: a pool defined during the block by someone else (virt-manager)
+    is stopped and undefined, straight through libvirt (not through the code under test); its volumes are
+    never deleted, and virtinst's default directory is removed only if the block created it (and it is empty)."""
+
+    def names(conn: libvirt.virConnect) -> set[str]:
+        return {p.name() for p in conn.listAllStoragePools()}
+
+    conn = libvirt.open(uri)
+    try:
+        before = names(conn)
+        dir_existed = VIRTINST_DEFAULT_POOL_DIR.exists()
+        yield
+        for name in sorted(names(conn) - before):
+            with contextlib.suppress(libvirt.libvirtError):
+                pool = conn.storagePoolLookupByName(name)
+                if pool.isActive():
+                    pool.destroy()
+                pool.undefine()
+        if not dir_existed:
+            with contextlib.suppress(OSError):
+                VIRTINST_DEFAULT_POOL_DIR.rmdir()
+    finally:
+        conn.close()

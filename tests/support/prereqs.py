@@ -102,6 +102,11 @@ PREREQUISITES: dict[str, Prerequisite] = {
         Prerequisite("virt-manager", "virt-manager", _tools("virt-manager")),
         Prerequisite("xvfb", "xvfb", _tools("Xvfb")),
         Prerequisite("qemu-img", "qemu-utils", _tools("qemu-img")),
+        # libvirt's own daemon, whose storage and network drivers the relay tests talk to
+        Prerequisite("libvirtd", "libvirt-daemon", _file("/usr/sbin/libvirtd")),
+        Prerequisite("dnsmasq", "dnsmasq-base", _file("/usr/sbin/dnsmasq")),  # libvirt's network driver
+        Prerequisite("iproute2", "iproute2", _tools("ip")),
+        Prerequisite("iptables", "iptables", _tools("iptables-save", "ip6tables-save")),
         Prerequisite("systemd-analyze", "systemd", _tools("systemd-analyze")),
         Prerequisite("util-linux", "util-linux", _tools("unshare", "runuser")),
         Prerequisite("busybox-static", "busybox-static", _tools("busybox")),
@@ -123,8 +128,10 @@ PATH_NEEDS: dict[str, tuple[str, ...]] = {
     "tests/e2e/test_policies.py": ("libvirt-python",),
     "tests/e2e/test_reliability.py": ("libvirt-python",),
     "tests/e2e/test_virt_install.py": ("virt-install",),
-    "tests/e2e/test_virt_manager.py": ("virt-manager", "xvfb"),
+    "tests/e2e/test_virt_manager.py": ("virt-manager", "xvfb", "libvirtd", "libvirt-python", "qemu-img"),
     "tests/e2e/test_paths.py": ("systemd-analyze", "util-linux"),
+    "tests/e2e/test_storage_relay.py": ("libvirtd", "qemu-img", "libvirt-python"),
+    "tests/e2e/test_network_relay.py": ("libvirtd", "dnsmasq", "iproute2", "iptables", "libvirt-python"),
     "tests/emu/test_c_harness.py": ("gcc",),
     "tests/domain/test_domain_xml.py": ("libvirt-schemas",),
     "tests/vmm/test_mmio_decode.py": ("binutils",),
