@@ -6,11 +6,11 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from mshv_libvirt.domain import parse_domain_xml
 from mshv_libvirt.driver.manager import DomainManager, Paths
+from tests.support.waits import jitter
 
 UUID = "0b7c2d3e-4f50-4a61-8b72-9c83d4e5f607"
 
@@ -67,7 +67,7 @@ def test_sigkill_during_rename_leaves_exactly_one_domain(tmp_path: Path) -> None
         try:
             assert child.stdout is not None
             assert child.stdout.readline() == b"ready\n"
-            time.sleep(rng.uniform(0, 0.05))
+            jitter(rng, 0, 0.05)  # where the kill lands
         finally:
             child.kill()
             child.wait()

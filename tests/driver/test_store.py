@@ -6,12 +6,12 @@ import random
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from mshv_libvirt.atomicfile import TMP_MARK
 from mshv_libvirt.domain import parse_domain_xml
 from mshv_libvirt.driver.store import ConfigStore
+from tests.support.waits import jitter
 
 UUID = "6f0c3a52-1c7e-4d55-9a0e-2f4d8c1b7a10"
 
@@ -67,7 +67,7 @@ def test_sigkill_during_save_and_delete_never_leaves_a_broken_config(tmp_path: P
         try:
             assert child.stdout is not None
             assert child.stdout.readline() == b"ready\n"
-            time.sleep(rng.uniform(0, 0.03))
+            jitter(rng, 0, 0.03)  # where the kill lands
         finally:
             child.kill()
             child.wait()

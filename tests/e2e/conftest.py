@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from tests.support import libvirtd
 from tests.support.daemon import DaemonProcess, running_daemon
+from tests.support.events import ensure_event_loop
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,3 +58,22 @@ def session_daemon(tmp_path: Path, session_libvirtd: libvirtd.SessionLibvirtd) -
         yield d
     finally:
         d.stop()
+
+
+@pytest.fixture
+def conn(daemon: DaemonProcess) -> Iterator[libvirt.virConnect]:
+    """A libvirt-python connection to the test's daemon (the event loop runs: callbacks work)."""
+    ensure_event_loop()
+    c = libvirt.open(daemon.uri)
+    yield c
+    with contextlib.suppress(libvirt.libvirtError):
+        c.close()
+
+
+@pytest.fixture
+def ref() -> Iterator[libvirt.virConnect]:
+    """libvirt's own test:///default driver, the oracle (its state is shared by every connection of this
+    process: query it, or name what you define uniquely)."""
+    c = libvirt.open("test:///default")
+    yield c
+    c.close()

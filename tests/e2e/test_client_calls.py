@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
@@ -21,13 +20,6 @@ from tests.support.daemon import DaemonProcess, domain_xml, virsh, wait_for
 from tests.support.guests import TINY_BANNER
 
 pytestmark = pytest.mark.virsh
-
-
-@pytest.fixture
-def conn(daemon: DaemonProcess) -> Iterator[libvirt.virConnect]:
-    c = libvirt.open(daemon.uri)
-    yield c
-    c.close()
 
 
 def test_kernel_version_fields_are_leading_digits() -> None:

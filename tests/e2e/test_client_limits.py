@@ -18,20 +18,15 @@ import pytest
 from mshv_libvirt.rpc.xdr import Packer, Unpacker
 from tests.support.daemon import DaemonProcess, domain_xml
 from tests.support.events import ensure_event_loop
+from tests.support.procfs import rss_kib
 from tests.support.rawrpc import OK, RawClient
 from tests.support.report import write_report
+from tests.support.waits import settle
 
 pytestmark = pytest.mark.virsh
 
 PROC_LOOKUP_BY_NAME, PROC_GET_XML_DESC = 23, 14
 CLIENTS, CALLS, DESCRIPTION = 64, 34, 900_000
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_non_reading_readonly_clients_hold_a_few_replies_each(daemon: DaemonProcess, tmp_path: Path) -> None:
@@ -59,15 +54,7 @@ def test_non_reading_readonly_clients_hold_a_few_replies_each(daemon: DaemonProc
             clients.append(c)
 
         # Let the daemon do what it will; its memory must settle, not grow call after call.
-        peak = base
-        stable_since = time.monotonic()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and time.monotonic() - stable_since < 3:
-            now = rss_kib(pid)
-            if now > peak + 1024:
-                stable_since = time.monotonic()
-            peak = max(peak, now)
-            time.sleep(0.2)
+        peak = settle(lambda: rss_kib(pid), start=base, tolerance=1024, quiet=3, timeout=60)
 
         # Another client is served meanwhile.
         start = time.monotonic()

@@ -15,14 +15,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import mshv_libvirt
 from mshv_libvirt.driver import layout
 from mshv_libvirt.proc import pid_alive
-from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, vmm_processes, wait_for
+from tests.support.daemon import (
+    DaemonProcess,
+    PtyProcess,
+    console_roundtrip,
+    define,
+    domstate,
+    kill_pids,
+    serial_log,
+    virsh,
+    vmm_processes,
+    wait_for,
+)
 from tests.support.guests import TINY_BANNER
 
 libvirt = pytest.importorskip("libvirt")
@@ -30,39 +40,6 @@ libvirt = pytest.importorskip("libvirt")
 pytestmark = pytest.mark.virsh
 
 SIGTERM_BOUND = 5.0  # seconds (issue 12 item 1)
-
-
-def serial_text(d: DaemonProcess, name: str) -> str:
-    path = d.serial_log(name)
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def define(d: DaemonProcess, tmp_path: Path, name: str, kernel: Path, **kw: Any) -> None:
-    xml = tmp_path / "dom.xml"
-    xml.write_text(domain_xml(name, kernel, **kw))
-    virsh(d.uri, "define", str(xml))
-
-
-def domstate(d: DaemonProcess, name: str) -> str:
-    return virsh(d.uri, "domstate", "--reason", "--domain", name).stdout.strip()
-
-
-def console_roundtrip(d: DaemonProcess, name: str, text: bytes) -> None:
-    con = PtyProcess(["virsh", "-c", d.uri, "console", "--domain", name])
-    try:
-        con.wait_console_ready()
-        con.write(text)
-        con.read_until(text)
-        con.write(b"\x1d")
-        assert con.wait() == 0
-    finally:
-        con.kill()
-
-
-def kill_pids(pids: object) -> None:
-    for pid in list(pids):  # type: ignore[call-overload]
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def sigterm(d: DaemonProcess) -> float:
@@ -91,7 +68,7 @@ def test_sigterm_with_running_and_paused_vms(
     for name in ("tr", "tp"):
         define(daemon, tmp_path, name, tiny_kernel)
         virsh(daemon.uri, "start", name)
-    wait_for(lambda: all(TINY_BANNER in serial_text(daemon, n) for n in ("tr", "tp")))
+    wait_for(lambda: all(TINY_BANNER in serial_log(daemon, n) for n in ("tr", "tp")))
     virsh(daemon.uri, "suspend", "tp")
     before = vmm_processes(daemon.run_dir)  # the test's own /proc scan
     assert set(before) == {"tr", "tp"}
@@ -144,7 +121,7 @@ def test_sigterm_with_a_call_waiting_on_a_stopped_vmm(
         pytest.skip("ss (iproute2) is needed to see the call reach the VMM")
     define(daemon, tmp_path, "tw", tiny_kernel)
     virsh(daemon.uri, "start", "tw")
-    wait_for(lambda: TINY_BANNER in serial_text(daemon, "tw"))
+    wait_for(lambda: TINY_BANNER in serial_log(daemon, "tw"))
     pid = daemon.vmm_pid("tw")
     os.kill(pid, signal.SIGSTOP)
     client = subprocess.Popen(
@@ -250,7 +227,7 @@ def test_daemon_mode_and_the_installed_package(kvm: None, tmp_path: Path, tiny_k
         assert b"-I" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         define(d, tmp_path, "iso", tiny_kernel)
         virsh(d.uri, "start", "iso")
-        wait_for(lambda: TINY_BANNER in serial_text(d, "iso"))
+        wait_for(lambda: TINY_BANNER in serial_log(d, "iso"))
         vmm = vmm_processes(d.run_dir)["iso"]
         argv_vmm = Path(f"/proc/{vmm}/cmdline").read_bytes().split(b"\0")
         assert argv_vmm[1:4] == [b"-I", b"-m", b"mshv_libvirt.vmm"]
@@ -283,7 +260,7 @@ def test_second_daemon_is_refused_and_the_first_keeps_everything(
 ) -> None:
     define(daemon, tmp_path, "lk", tiny_kernel)
     virsh(daemon.uri, "start", "lk")
-    wait_for(lambda: TINY_BANNER in serial_text(daemon, "lk"))
+    wait_for(lambda: TINY_BANNER in serial_log(daemon, "lk"))
     vmm = daemon.vmm_pid("lk")
     assert daemon.proc is not None
     first = daemon.proc.pid

@@ -15,10 +15,8 @@ import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +24,12 @@ import pytest
 
 from mshv_libvirt.proc import pid_alive
 from mshv_libvirt.rpc.xdr import Packer
-from tests.support.daemon import DaemonProcess, domain_xml, virsh, wait_for
-from tests.support.events import ensure_event_loop
-from tests.support.guests import TINY_BANNER, TINY_KEY, TINY_NMI
+from tests.support.daemon import DaemonProcess, domain_xml, domstate, serial_log, virsh, wait_for
+from tests.support.errors import error_or_none
+from tests.support.events import DomainEvents
+from tests.support.guests import TINY_BANNER, TINY_NMI, tiny_keys
 from tests.support.rawrpc import ERROR, error_message, raw
+from tests.support.waits import assert_quiet
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -45,14 +45,6 @@ def ref_domain(name: str) -> str:
     return f"<domain type='test'><name>{name}</name><memory>65536</memory><os><type>hvm</type></os></domain>"
 
 
-def error_of(call: Callable[[], object]) -> tuple[int, int, str] | None:
-    try:
-        call()
-    except libvirt.libvirtError as err:
-        return err.get_error_code(), err.get_error_domain(), str(err)
-    return None
-
-
 def outcome(call: Callable[[], object]) -> object:
     """The call's value, or its error (code and message): what a client sees either way."""
     try:
@@ -65,51 +57,6 @@ def metadata_block(xml: str) -> str:
     m = re.search(r"^( *)<metadata>\n.*?^\1</metadata>\n", xml, re.S | re.M)
     assert m, xml
     return m.group(0)
-
-
-class Events:
-    """Lifecycle events of one connection, as (domain name, event, detail)."""
-
-    def __init__(self, conn: Any) -> None:
-        ensure_event_loop()
-        self._lock = threading.Lock()
-        self.seen: list[tuple[str, int, int]] = []
-        self._conn = conn
-        self._cb = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on, None)
-
-    def _on(self, _conn: object, dom: Any, event: int, detail: int, _opaque: object) -> None:
-        with self._lock:
-            self.seen.append((dom.name(), event, detail))
-
-    def wait(self, expected: list[tuple[str, int, int]], timeout: float = 10) -> None:
-        try:
-            wait_for(lambda: len(self.seen) >= len(expected), timeout=timeout)
-        except AssertionError:
-            raise AssertionError(f"events {self.seen}, expected {expected}") from None
-        time.sleep(0.2)  # nothing more may follow
-        with self._lock:
-            assert self.seen == expected
-
-    def close(self) -> None:
-        with contextlib.suppress(libvirt.libvirtError):
-            self._conn.domainEventDeregisterAny(self._cb)
-
-
-@pytest.fixture
-def conn(daemon: DaemonProcess) -> Iterator[Any]:
-    ensure_event_loop()
-    c = libvirt.open(daemon.uri)
-    yield c
-    with contextlib.suppress(libvirt.libvirtError):
-        c.close()
-
-
-@pytest.fixture
-def ref() -> Iterator[Any]:
-    """libvirt's own test driver: the oracle."""
-    c = libvirt.open("test:///default")
-    yield c
-    c.close()
 
 
 # --- metadata elements --------------------------------------------------------------------------------
@@ -198,7 +145,7 @@ def test_virsh_metadata_command(daemon: DaemonProcess, tiny_kernel: Path, tmp_pa
 
 
 def test_rename_matches_libvirt(conn: Any, ref: Any, daemon: DaemonProcess, tiny_kernel: Path) -> None:
-    ours_events, ref_events = Events(conn), Events(ref)
+    ours_events, ref_events = DomainEvents(conn), DomainEvents(ref)
     try:
         ours = conn.defineXML(domain_xml("old", tiny_kernel))
         conn.defineXML(domain_xml("taken", tiny_kernel))
@@ -208,13 +155,13 @@ def test_rename_matches_libvirt(conn: Any, ref: Any, daemon: DaemonProcess, tiny
         ours.setAutostart(1)
         # (the error domain is each driver's own: VIR_FROM_TEST there; code and message are libvirt's)
         for new in ("old", "taken", "a/b", ""):
-            want = error_of(functools.partial(theirs.rename, new, 0))
+            want = error_or_none(functools.partial(theirs.rename, new, 0))
             assert want is not None, new
-            got = error_of(functools.partial(ours.rename, new, 0))
+            got = error_or_none(functools.partial(ours.rename, new, 0))
             assert got is not None and (got[0], got[2]) == (want[0], want[2]), new
         # libvirt's rename checks nothing else, so its parser would refuse to load such a name later;
         # every rule of a define applies here, so the daemon never stores a config it cannot read back.
-        got = error_of(lambda: ours.rename("two\nlines", 0))
+        got = error_or_none(lambda: ours.rename("two\nlines", 0))
         # Exactly what a define of that name gets (libvirt's parser: XML_DETAIL "invalid char in name").
         assert got is not None and (got[0], got[2]) == (libvirt.VIR_ERR_XML_DETAIL, "invalid char in name: \n"), got
         assert theirs.rename("new", 0) == ours.rename("new", 0) == 0
@@ -224,13 +171,13 @@ def test_rename_matches_libvirt(conn: Any, ref: Any, daemon: DaemonProcess, tiny
         ref_events.wait([("old", 0, 0), ("taken", 0, 0), *renamed])
         ours_events.wait([("old", 0, 0), ("taken", 0, 0), *renamed])
         for c in (conn, ref):
-            assert error_of(functools.partial(c.lookupByName, "old"))[0] == libvirt.VIR_ERR_NO_DOMAIN  # type: ignore[index]
+            assert error_or_none(functools.partial(c.lookupByName, "old"))[0] == libvirt.VIR_ERR_NO_DOMAIN  # type: ignore[index]
             assert c.lookupByName("new").name() == "new"
         assert conn.lookupByUUIDString(uuid).name() == "new"
         assert ours.autostart() == 1
         assert "<name>new</name>" in ours.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
         # Only a shut-off domain can be renamed (the test driver's "test" domain is running).
-        running = error_of(lambda: ref.lookupByName("test").rename("x", 0))
+        running = error_or_none(lambda: ref.lookupByName("test").rename("x", 0))
         assert running is not None and running[2] == "Requested operation is not valid: cannot rename active domain"
     finally:
         ours_events.close()
@@ -251,7 +198,7 @@ def test_rename_matches_libvirt(conn: Any, ref: Any, daemon: DaemonProcess, tiny
 def test_rename_of_a_running_domain_is_refused(kvm: None, conn: Any, daemon: DaemonProcess, tiny_kernel: Path) -> None:
     dom = conn.defineXML(domain_xml("busy", tiny_kernel))
     dom.create()
-    err = error_of(lambda: dom.rename("idle", 0))
+    err = error_or_none(lambda: dom.rename("idle", 0))
     assert err == (
         libvirt.VIR_ERR_OPERATION_INVALID,
         libvirt.VIR_FROM_DOMAIN,
@@ -297,18 +244,10 @@ def test_rename_interrupted_by_a_crash_leaves_one_domain(
 # --- autodestroy ----------------------------------------------------------------------------------------
 
 
-def domstate(d: DaemonProcess, name: str) -> str:
-    return virsh(d.uri, "domstate", "--reason", name).stdout.strip()
-
-
-def vmm_pid(d: DaemonProcess, name: str) -> int:
-    return d.vmm_pid(name)
-
-
 def test_virsh_start_autodestroy_ends_with_virsh(
     kvm: None, conn: Any, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
 ) -> None:
-    events = Events(conn)
+    events = DomainEvents(conn)
     try:
         xml = tmp_path / "ad.xml"
         xml.write_text(domain_xml("ad", tiny_kernel))
@@ -327,8 +266,7 @@ def test_virsh_start_autodestroy_ends_with_virsh(
         assert daemon.vmm_pids() == []
         # Without the flag the same start outlives virsh; and a later plain start is not autodestroyed.
         virsh(daemon.uri, "start", "ad")
-        time.sleep(0.5)
-        assert domstate(daemon, "ad") == "running (booted)"
+        assert_quiet(lambda: domstate(daemon, "ad") == "running (booted)", 0.5, "a plain start outlives virsh")
     finally:
         events.close()
     virsh(daemon.uri, "destroy", "ad")
@@ -349,14 +287,14 @@ def test_autodestroy_follows_its_connection(
     # A transient domain made by a connection that closes: destroyed, and gone (it was transient).
     other = libvirt.open(daemon.uri)
     dom = other.createXML(domain_xml("tr", tiny_kernel), libvirt.VIR_DOMAIN_START_AUTODESTROY)
-    pid = vmm_pid(daemon, "tr")
+    pid = daemon.vmm_pid("tr")
     assert conn.lookupByName("tr").isActive() == 1
     keep = other.createXML(domain_xml("kept", tiny_kernel), 0)  # no flag: stays
     assert dom.ID() > 0 and keep.ID() > 0
     del dom, keep  # a virDomainPtr holds its connection open: the connection ends with the last reference
     assert other.close() == 0
-    wait_for(lambda: error_of(lambda: conn.lookupByName("tr")) is not None, timeout=15)
-    assert error_of(lambda: conn.lookupByName("tr"))[0] == libvirt.VIR_ERR_NO_DOMAIN  # type: ignore[index]
+    wait_for(lambda: error_or_none(lambda: conn.lookupByName("tr")) is not None, timeout=15)
+    assert error_or_none(lambda: conn.lookupByName("tr"))[0] == libvirt.VIR_ERR_NO_DOMAIN  # type: ignore[index]
     wait_for(lambda: not pid_alive(pid), timeout=10)
     assert conn.lookupByName("kept").isActive() == 1
     conn.lookupByName("kept").destroy()
@@ -369,10 +307,10 @@ def test_autodestroy_follows_its_connection(
     )
     try:
         assert child.stdout is not None and int(child.stdout.readline()) > 0
-        pid = vmm_pid(daemon, "killed")
+        pid = daemon.vmm_pid("killed")
         os.kill(child.pid, signal.SIGKILL)
         child.wait(10)
-        wait_for(lambda: error_of(lambda: conn.lookupByName("killed")) is not None, timeout=15)
+        wait_for(lambda: error_or_none(lambda: conn.lookupByName("killed")) is not None, timeout=15)
         assert not pid_alive(pid)
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -389,7 +327,7 @@ def test_autodestroy_domains_end_with_the_daemon(
     virsh(daemon.uri, "define", str(xml))
     c = libvirt.open(daemon.uri)
     c.lookupByName("stays").createWithFlags(libvirt.VIR_DOMAIN_START_AUTODESTROY)
-    pid = vmm_pid(daemon, "stays")
+    pid = daemon.vmm_pid("stays")
     daemon.stop()
     assert not pid_alive(pid)
     with contextlib.suppress(libvirt.libvirtError):
@@ -403,40 +341,35 @@ def test_autodestroy_domains_end_with_the_daemon(
 # --- inject-nmi and send-key ----------------------------------------------------------------------------
 
 
-def serial(d: DaemonProcess, name: str) -> str:
-    path = d.serial_log(name)
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
 @pytest.fixture
 def running(kvm: None, conn: Any, daemon: DaemonProcess, tiny_kernel: Path) -> Any:
     dom = conn.defineXML(domain_xml("keys", tiny_kernel))
-    err = error_of(lambda: dom.injectNMI(0))
+    err = error_or_none(lambda: dom.injectNMI(0))
     # qemuDomainInjectNMI / qemuDomainSendKey: virDomainObjCheckActive first
     assert err == (
         libvirt.VIR_ERR_OPERATION_INVALID,
         libvirt.VIR_FROM_DOMAIN,
         "Requested operation is not valid: domain is not running",
     )
-    assert error_of(lambda: dom.sendKey(0, 0, [30], 1, 0)) == err
-    assert error_of(lambda: dom.rename("keys", 0)) is not None
+    assert error_or_none(lambda: dom.sendKey(0, 0, [30], 1, 0)) == err
+    assert error_or_none(lambda: dom.rename("keys", 0)) is not None
     dom.create()
-    wait_for(lambda: TINY_BANNER in serial(daemon, "keys"))
+    wait_for(lambda: TINY_BANNER in serial_log(daemon, "keys"))
     return dom
 
 
 def test_inject_nmi_reaches_the_guest(running: Any, daemon: DaemonProcess) -> None:
     virsh(daemon.uri, "inject-nmi", "keys")
-    wait_for(lambda: f"{TINY_NMI} 00000001\n" in serial(daemon, "keys"))
+    wait_for(lambda: f"{TINY_NMI} 00000001\n" in serial_log(daemon, "keys"))
     assert running.injectNMI(0) == 0
-    wait_for(lambda: f"{TINY_NMI} 00000002\n" in serial(daemon, "keys"))
-    err = error_of(lambda: running.injectNMI(1))
+    wait_for(lambda: f"{TINY_NMI} 00000002\n" in serial_log(daemon, "keys"))
+    err = error_or_none(lambda: running.injectNMI(1))
     assert err is not None and err[0] == libvirt.VIR_ERR_INVALID_ARG
     assert err[2] == "invalid argument: unsupported flags (0x1) in function virDomainInjectNMI"
 
 
 def keys(d: DaemonProcess) -> list[str]:
-    return re.findall(rf"^{TINY_KEY} ([0-9a-f]{{2}})\n", serial(d, "keys"), re.M)  # complete lines only
+    return tiny_keys(serial_log(d, "keys"))
 
 
 def test_send_key_reaches_the_guest_as_set1_scancodes(running: Any, daemon: DaemonProcess) -> None:
@@ -458,18 +391,17 @@ def test_send_key_reaches_the_guest_as_set1_scancodes(running: Any, daemon: Daem
     wait_for(lambda: len(keys(daemon)) >= len(want))
     assert keys(daemon) == want
     # libvirt's QEMU driver's refusal of a keycode with no translation, before anything is sent.
-    err = error_of(lambda: running.sendKey(E.VIR_KEYCODE_SET_LINUX, 0, [30, 999], 2, 0))
+    err = error_or_none(lambda: running.sendKey(E.VIR_KEYCODE_SET_LINUX, 0, [30, 999], 2, 0))
     assert err == (
         libvirt.VIR_ERR_INTERNAL_ERROR,
         libvirt.VIR_FROM_DOMAIN,
         "internal error: cannot translate keycode 999 of linux codeset to qnum keycode",
     )
-    err = error_of(lambda: running.sendKey(E.VIR_KEYCODE_SET_USB, 0, [4], 1, 0))
+    err = error_or_none(lambda: running.sendKey(E.VIR_KEYCODE_SET_USB, 0, [4], 1, 0))
     assert err is not None and err[0] == libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED and "usb codeset" in err[2]
-    err = error_of(lambda: running.sendKey(0, 0, [30], 1, 4))
+    err = error_or_none(lambda: running.sendKey(0, 0, [30], 1, 4))
     assert err is not None and err[2] == "invalid argument: unsupported flags (0x4) in function virDomainSendKey"
-    time.sleep(0.3)
-    assert keys(daemon) == want  # none of the refused calls sent a key
+    assert_quiet(lambda: keys(daemon) == want, 0.3, "none of the refused calls sent a key")
 
 
 # --- what libvirtd checks for clients that skip libvirt's client library -------------------------------

@@ -33,6 +33,7 @@ from mshv_libvirt.rpc.protocol import (
 from mshv_libvirt.rpc.relay import RELAYED
 from mshv_libvirt.rpc.xdr import Packer, Unpacker, XdrError
 from tests.support.daemon import DaemonProcess, running_daemon
+from tests.support.procfs import rss_kib
 from tests.support.rawrpc import RawClient, ServerClosed
 
 pytestmark = pytest.mark.virsh
@@ -223,7 +224,7 @@ def fuzz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzz]:
         f = Fuzz(d)
         yield f
         f.watch.close()
-        STATS["daemon_rss_kib"] = _rss_kib(d)
+        STATS["daemon_rss_kib"] = rss_kib(d.pid)
         STATS["seconds"] = round(time.monotonic() - f.started)
     report = {"seed": SEED, **dict(STATS)}
     print("rpc fuzz summary:", json.dumps(report, sort_keys=True))
@@ -231,14 +232,6 @@ def fuzz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzz]:
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "rpc_fuzz.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-
-
-def _rss_kib(d: DaemonProcess) -> int:
-    assert d.proc is not None
-    for line in Path(f"/proc/{d.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return -1
 
 
 # ---- (i) random byte strings ----------------------------------------------------------------------

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 from mshv_libvirt.rpc.host import format_smbios
 from mshv_libvirt.rpc.xdr import Packer, Unpacker
 from tests.support.daemon import DaemonProcess, virsh
+from tests.support.errors import error_of
 from tests.support.rawrpc import ERROR, OK, error_message, raw
 
 pytestmark = pytest.mark.virsh
@@ -32,27 +32,6 @@ NODES = Path("/sys/devices/system/node")
 # Memory moves between two reads of ours and one of the daemon's on a busy machine: the oracle brackets
 # the answer with reads before and after, widened by this much.
 MEMORY_SLACK_KIB = 64 * 1024
-
-
-def error_of(call: Callable[[], object]) -> tuple[int, int, str]:
-    with pytest.raises(libvirt.libvirtError) as exc:
-        call()
-    err = exc.value
-    return err.get_error_code(), err.get_error_domain(), err.get_error_message()
-
-
-@pytest.fixture
-def conn(daemon: DaemonProcess) -> Iterator[libvirt.virConnect]:
-    c = libvirt.open(daemon.uri)
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def ref() -> Iterator[libvirt.virConnect]:
-    c = libvirt.open("test:///default")
-    yield c
-    c.close()
 
 
 # ---- the host's own figures ---------------------------------------------------------------------------------

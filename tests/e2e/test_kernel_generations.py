@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from tests.support.daemon import DaemonProcess, domain_xml, virsh, wait_for
+from tests.support.daemon import DaemonProcess, define, virsh, wait_for
 from tests.support.guests import TINY_BANNER
 from tests.support.hostcpu import kvm_can_nest
 
@@ -56,12 +56,6 @@ def vm_log(d: DaemonProcess, name: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def define(d: DaemonProcess, tmp_path: Path, name: str, kernel: Path, vcpus: int, cpu: str) -> None:
-    path = tmp_path / f"{name}.xml"
-    path.write_text(domain_xml(name, kernel, vcpus=vcpus, extra=cpu))
-    assert f"Domain '{name}' defined" in virsh(d.uri, "define", str(path)).stdout
-
-
 def creates(log: str) -> list[tuple[str, str]]:
     """(pt_flags, answer) of each MSHV_CREATE_PARTITION the emulated device saw."""
     return re.findall(
@@ -94,7 +88,7 @@ def test_smt_topology_starts_on_every_generation(
     kvm: None, gen_daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
 ) -> None:
     d, gen = gen_daemon, gen_daemon.generation  # type: ignore[attr-defined]
-    define(d, tmp_path, "smt", tiny_kernel, 2, SMT_TOPOLOGY)
+    define(d, tmp_path, "smt", tiny_kernel, vcpus=2, extra=SMT_TOPOLOGY)
     virsh(d.uri, "start", "smt")
     wait_for(lambda: TINY_BANNER in d.serial_log("smt").read_text(errors="replace"), timeout=60)
     log = vm_log(d, "smt")
@@ -127,7 +121,7 @@ def test_required_nested_virtualization(
     d, gen = gen_daemon, gen_daemon.generation  # type: ignore[attr-defined]
     feature = host_nested_feature()
     cpu = f"<cpu mode='host-passthrough'><feature policy='require' name='{feature}'/></cpu>"
-    define(d, tmp_path, "nested", tiny_kernel, 1, cpu)
+    define(d, tmp_path, "nested", tiny_kernel, vcpus=1, extra=cpu)
     conn = libvirt.open(d.uri)
     try:
         dom = conn.lookupByName("nested")
@@ -166,7 +160,7 @@ def test_optional_nested_virtualization_starts_without_it(
 ) -> None:
     d, gen = gen_daemon, gen_daemon.generation  # type: ignore[attr-defined]
     cpu = f"<cpu mode='host-passthrough'><feature policy='optional' name='{host_nested_feature()}'/></cpu>"
-    define(d, tmp_path, "maybe", tiny_kernel, 1, cpu)
+    define(d, tmp_path, "maybe", tiny_kernel, vcpus=1, extra=cpu)
     virsh(d.uri, "start", "maybe")
     wait_for(lambda: TINY_BANNER in d.serial_log("maybe").read_text(errors="replace"), timeout=60)
     log = vm_log(d, "maybe")
@@ -274,7 +268,7 @@ def test_topology_and_features_survive_a_daemon_restart(daemon: DaemonProcess, t
         "<cpu mode='host-passthrough'><topology sockets='2' cores='1' threads='2'/>"
         "<feature policy='optional' name='vmx'/></cpu>"
     )
-    define(daemon, tmp_path, "keep", Path("/vmlinuz"), 4, cpu)
+    define(daemon, tmp_path, "keep", Path("/vmlinuz"), vcpus=4, extra=cpu)
     before = virsh(daemon.uri, "dumpxml", "keep").stdout
     assert "<topology sockets='2' dies='1' cores='1' threads='2'/>" in before
     assert "<feature policy='optional' name='vmx'/>" in before

@@ -14,13 +14,11 @@ import contextlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -29,7 +27,7 @@ from mshv_libvirt.driver import layout
 from mshv_libvirt.driver.migrate import KILL_AT_STEP_ENV
 from mshv_libvirt.lifecycle import PausedReason, RunningReason, State
 from mshv_libvirt.proc import pid_alive
-from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, vmm_processes, wait_for
+from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, vmm_processes, vmm_request_at, wait_for
 from tests.support.guests import TINY_BANNER
 from tests.support.report import write_report
 
@@ -62,19 +60,6 @@ MAX_STEPS = 200
 
 def xml_of(name: str, kernel: Path) -> str:
     return parse_domain_xml(domain_xml(name, kernel, memory_mib=32, uuid=UUIDS[name])).xml
-
-
-def vmm_status(control: Path) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(str(control))
-        s.sendall(b'{"id": 1, "cmd": "status"}\n')
-        buf = b""
-        while b"\n" not in buf:
-            chunk = s.recv(65536)
-            assert chunk, "VMM closed its control socket"
-            buf += chunk
-        return dict(json.loads(buf.split(b"\n", 1)[0])["result"])
 
 
 @dataclass
@@ -153,7 +138,7 @@ class OldLayout:
                 start_new_session=True,
             )
         wait_for(lambda: (run / f"{name}.ctl").exists(), timeout=30)
-        assert vmm_status(run / f"{name}.ctl")["state"] == ("paused" if paused else "running")
+        assert vmm_request_at(run / f"{name}.ctl", "status")["state"] == ("paused" if paused else "running")
         return proc
 
     def restore(self) -> None:

@@ -10,20 +10,18 @@ qemu_driver.c: processMonitorEOFEvent, processGuestPanicEvent).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import struct
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from mshv_libvirt.proc import pid_alive
-from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, wait_for
+from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, domstate, serial_log, virsh, wait_for
+from tests.support.events import REBOOT, Seen
+from tests.support.events import DomainEvents as Events
 from tests.support.guests import TINY_BANNER
 
 libvirt = pytest.importorskip("libvirt")
@@ -36,85 +34,13 @@ PANICKED = (E.VIR_DOMAIN_EVENT_CRASHED, E.VIR_DOMAIN_EVENT_CRASHED_PANICKED)
 STOPPED_CRASHED = (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_CRASHED)
 SHUTDOWN_GUEST = (E.VIR_DOMAIN_EVENT_SHUTDOWN, E.VIR_DOMAIN_EVENT_SHUTDOWN_GUEST)
 RESUMED_UNPAUSED = (E.VIR_DOMAIN_EVENT_RESUMED, E.VIR_DOMAIN_EVENT_RESUMED_UNPAUSED)
-REBOOT = "reboot"  # VIR_DOMAIN_EVENT_ID_REBOOT, in the same ordered list as the lifecycle events
 STOPPED_SHUTDOWN = (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN)
 STOPPED_DESTROYED = (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_DESTROYED)
 
 
-def serial_log(d: DaemonProcess, name: str) -> str:
-    path = d.serial_log(name)
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def domstate(d: DaemonProcess, name: str) -> str:
-    return virsh(d.uri, "domstate", "--reason", name).stdout.strip()
-
-
-def stale_files(d: DaemonProcess, name: str) -> list[str]:
-    return d.stale_runtime(name)
-
-
-Seen = tuple[int, int] | str
-
-
-class Events:
-    """Lifecycle and reboot events of each domain, in the order a libvirt-python client receives them."""
-
-    def __init__(self, uri: str) -> None:
-        from tests.support.events import ensure_event_loop
-
-        ensure_event_loop()
-        self.uri = uri
-        self._lock = threading.Lock()
-        self._seen: list[tuple[str, Seen]] = []
-        self._connect()
-
-    def _connect(self) -> None:
-        self.conn = libvirt.open(self.uri)
-        self._cb = self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_event, None)
-        self._reboot_cb = self.conn.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot, None
-        )
-
-    def reconnect(self) -> None:
-        """After a daemon restart: a new connection; what was seen so far is forgotten."""
-        self.close()
-        with self._lock:
-            self._seen.clear()
-        self._connect()
-
-    def _on_event(self, _conn: object, dom: Any, event: int, detail: int, _opaque: object) -> None:
-        with self._lock:
-            self._seen.append((dom.name(), (event, detail)))
-
-    def _on_reboot(self, _conn: object, dom: Any, _opaque: object) -> None:
-        with self._lock:
-            self._seen.append((dom.name(), REBOOT))
-
-    def of(self, name: str) -> list[Seen]:
-        with self._lock:
-            return [seen for n, seen in self._seen if n == name]
-
-    def wait(self, name: str, expected: list[Seen]) -> None:
-        try:
-            wait_for(lambda: len(self.of(name)) >= len(expected), timeout=10)
-        except AssertionError:
-            raise AssertionError(f"events of {name}: {self.of(name)}, expected {expected}") from None
-        time.sleep(0.2)  # nothing more may follow
-        assert self.of(name) == expected
-
-    def close(self) -> None:
-        with contextlib.suppress(libvirt.libvirtError):
-            self.conn.domainEventDeregisterAny(self._cb)
-        with contextlib.suppress(libvirt.libvirtError):
-            self.conn.domainEventDeregisterAny(self._reboot_cb)
-        with contextlib.suppress(libvirt.libvirtError):
-            self.conn.close()
-
-
 @pytest.fixture
 def events(daemon: DaemonProcess) -> Iterator[Events]:
-    ev = Events(daemon.uri)
+    ev = Events(uri=daemon.uri, reboot=True)
     yield ev
     ev.close()
 
@@ -133,10 +59,7 @@ def start_with_policy(d: DaemonProcess, tmp_path: Path, kernel: Path, name: str,
 
 def type_on_console(d: DaemonProcess, name: str, key: bytes) -> PtyProcess:
     con = PtyProcess(["virsh", "-c", d.uri, "console", name])
-    con.read_until(b"Escape character is")
-    # virsh switches the terminal to raw mode with TCSAFLUSH right after that line: input typed
-    # before that is discarded, so give it a moment.
-    time.sleep(0.5)
+    con.wait_console_ready()
     con.write(key)
     return con
 
@@ -153,10 +76,10 @@ def act(d: DaemonProcess, name: str, key: bytes, until: str) -> None:
 def test_on_crash_destroy(kvm: None, daemon: DaemonProcess, events: Events, tiny_kernel: Path, tmp_path: Path) -> None:
     start_with_policy(daemon, tmp_path, tiny_kernel, "crd", crash="destroy")
     act(daemon, "crd", b"c", "shut off (crashed)")
-    events.wait(
+    events.wait_domain(
         "crd", [(E.VIR_DOMAIN_EVENT_DEFINED, E.VIR_DOMAIN_EVENT_DEFINED_ADDED), BOOTED, PANICKED, STOPPED_CRASHED]
     )
-    assert stale_files(daemon, "crd") == []
+    assert daemon.stale_runtime("crd") == []
     assert daemon.vmm_pids() == []
 
 
@@ -189,12 +112,12 @@ def test_on_crash_coredump(
     finally:
         con.kill()
     after = [REBOOT, RESUMED_UNPAUSED] if policy == "coredump-restart" else [STOPPED_CRASHED]
-    events.wait(name, [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, PANICKED, *after])
+    events.wait_domain(name, [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, PANICKED, *after])
     (core,) = list(dumps.glob(f"*-{name}-*.core"))
     _check_core(core, memory_mib=64)
     if policy == "coredump-restart":
         virsh(daemon.uri, "destroy", name)
-    assert stale_files(daemon, name) == []
+    assert daemon.stale_runtime(name) == []
 
 
 def domid(d: DaemonProcess, name: str) -> str:
@@ -211,7 +134,7 @@ def test_on_crash_restart(kvm: None, daemon: DaemonProcess, events: Events, tiny
         con.kill()
     # QEMU's fake reboot from CRASHED: the CPUs start again with reason "crashed".
     assert domstate(daemon, "crr") == "running (crashed)"
-    events.wait("crr", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, PANICKED, REBOOT, RESUMED_UNPAUSED])
+    events.wait_domain("crr", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, PANICKED, REBOOT, RESUMED_UNPAUSED])
     wait_for(lambda: daemon.try_vmm_pid("crr") not in (None, pid))  # a new VMM...
     assert domid(daemon, "crr") == dom_id  # ...for the same domain, as a fake reboot keeps the id
     # the restarted domain is fully managed: console and destroy work
@@ -222,7 +145,7 @@ def test_on_crash_restart(kvm: None, daemon: DaemonProcess, events: Events, tiny
         con.kill()
     virsh(daemon.uri, "destroy", "crr")
     assert domstate(daemon, "crr") == "shut off (destroyed)"
-    assert stale_files(daemon, "crr") == []
+    assert daemon.stale_runtime("crr") == []
 
 
 def test_on_poweroff_restart(
@@ -237,17 +160,17 @@ def test_on_poweroff_restart(
         con.kill()
     # A fake reboot: no lifecycle event and no state change, only the REBOOT event of QEMU's system_reset.
     assert domstate(daemon, "por") == "running (booted)" and domid(daemon, "por") == dom_id
-    events.wait("por", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, REBOOT])
+    events.wait_domain("por", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, REBOOT])
     virsh(daemon.uri, "destroy", "por")
-    assert stale_files(daemon, "por") == []
+    assert daemon.stale_runtime("por") == []
 
 
 def test_on_reboot_destroy(kvm: None, daemon: DaemonProcess, events: Events, tiny_kernel: Path, tmp_path: Path) -> None:
     start_with_policy(daemon, tmp_path, tiny_kernel, "rbd", reboot="destroy")
     act(daemon, "rbd", b"r", "shut off (shutdown)")
-    events.wait("rbd", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, SHUTDOWN_GUEST, STOPPED_SHUTDOWN])
+    events.wait_domain("rbd", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, SHUTDOWN_GUEST, STOPPED_SHUTDOWN])
     assert serial_log(daemon, "rbd").count(TINY_BANNER) == 1
-    assert stale_files(daemon, "rbd") == []
+    assert daemon.stale_runtime("rbd") == []
 
 
 def test_on_reboot_restart_reboots_in_place(
@@ -263,7 +186,7 @@ def test_on_reboot_restart_reboots_in_place(
         con.kill()
     assert domstate(daemon, "rbr") == "running (booted)"
     assert daemon.vmm_pid("rbr") == pid
-    events.wait("rbr", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, REBOOT])  # QEMU sends only a reboot event
+    events.wait_domain("rbr", [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, REBOOT])  # QEMU sends only a reboot event
     virsh(daemon.uri, "destroy", "rbr")
 
 
@@ -287,7 +210,7 @@ def test_triple_fault_is_a_reset_not_a_crash(
     """KVM/QEMU turn a triple fault into a guest reset: on_reboot applies, on_crash (destroy here) does not."""
     name = f"tf-{reboot}"
     start_with_policy(daemon, tmp_path, tiny_kernel, name, reboot=reboot, crash="destroy")
-    pid = vmm_pid(daemon, name)
+    pid = daemon.vmm_pid(name)
     con = type_on_console(daemon, name, b"f")
     try:
         if reboot == "restart":
@@ -297,15 +220,11 @@ def test_triple_fault_is_a_reset_not_a_crash(
     finally:
         con.kill()
     assert domstate(daemon, name) == state
-    events.wait(name, [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, *expected])
+    events.wait_domain(name, [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED, *expected])
     if reboot == "restart":
-        assert vmm_pid(daemon, name) == pid  # reset in place
+        assert daemon.vmm_pid(name) == pid  # reset in place
         virsh(daemon.uri, "destroy", name)
-    assert stale_files(daemon, name) == []
-
-
-def vmm_pid(d: DaemonProcess, name: str) -> int:
-    return d.vmm_pid(name)
+    assert daemon.stale_runtime(name) == []
 
 
 @pytest.mark.parametrize(
@@ -330,12 +249,12 @@ def test_preserve(
 ) -> None:
     name = "pre-" + next(iter(policy))
     start_with_policy(daemon, tmp_path, tiny_kernel, name, **policy)
-    pid = vmm_pid(daemon, name)
+    pid = daemon.vmm_pid(name)
     act(daemon, name, key, state)
     head: list[tuple[int, int] | str] = [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED]
-    events.wait(name, head + expected)
+    events.wait_domain(name, head + expected)
     # The VMM keeps the frozen partition: the same process is still there, and nothing booted again.
-    assert pid_alive(pid) and vmm_pid(daemon, name) == pid
+    assert pid_alive(pid) and daemon.vmm_pid(name) == pid
     # The daemon hands the VMM its exit file open and empty; a report in it would mean the VMM ended.
     exit_file = daemon.vmm_file(name, "exit_file")
     assert not exit_file.exists() or exit_file.read_text() == ""
@@ -352,14 +271,14 @@ def test_preserve(
     daemon.start()
     events.reconnect()
     assert domstate(daemon, name) == state
-    assert pid_alive(pid) and vmm_pid(daemon, name) == pid
+    assert pid_alive(pid) and daemon.vmm_pid(name) == pid
     assert daemon.vmm_pids() == [pid]
 
     virsh(daemon.uri, "destroy", name)
     assert domstate(daemon, name) == "shut off (destroyed)"
-    events.wait(name, [STOPPED_DESTROYED])
+    events.wait_domain(name, [STOPPED_DESTROYED])
     wait_for(lambda: not pid_alive(pid), timeout=10)
-    assert stale_files(daemon, name) == []
+    assert daemon.stale_runtime(name) == []
     assert daemon.vmm_pids() == []
 
 
@@ -368,11 +287,11 @@ def test_preserved_vmm_dying_is_reported_per_table(
 ) -> None:
     """A preserved VMM that goes away (here: killed) leaves the domain per the table's VMM_DIED row."""
     start_with_policy(daemon, tmp_path, tiny_kernel, "pre-die", crash="preserve")
-    pid = vmm_pid(daemon, "pre-die")
+    pid = daemon.vmm_pid("pre-die")
     act(daemon, "pre-die", b"c", "crashed (panicked)")
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: domstate(daemon, "pre-die") == "shut off (crashed)", timeout=10)
-    events.wait(
+    events.wait_domain(
         "pre-die",
         [
             (E.VIR_DOMAIN_EVENT_DEFINED, 0),
@@ -381,4 +300,4 @@ def test_preserved_vmm_dying_is_reported_per_table(
             (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_FAILED),
         ],
     )
-    assert stale_files(daemon, "pre-die") == []
+    assert daemon.stale_runtime("pre-die") == []

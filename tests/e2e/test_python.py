@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, wait_for
-from tests.support.events import ensure_event_loop
+from tests.support.daemon import DOMAIN_EVENT_IDS, DaemonProcess, domain_xml, virsh, virsh_event, wait_for
+from tests.support.events import DomainEvents
 
 libvirt = pytest.importorskip("libvirt")
-
-
-@pytest.fixture
-def conn(daemon: DaemonProcess) -> Iterator[object]:
-    ensure_event_loop()
-    c = libvirt.open(daemon.uri)
-    yield c
-    c.close()
 
 
 def test_list_info_state(kvm: None, conn: object, daemon: DaemonProcess, tiny_kernel: Path) -> None:
@@ -63,14 +52,7 @@ def test_errors_are_libvirt_errors(conn: object) -> None:
 
 def test_lifecycle_event_callbacks(kvm: None, conn: object, daemon: DaemonProcess, tiny_kernel: Path) -> None:
     c = conn
-    seen: list[tuple[str, int, int]] = []
-    lock = threading.Lock()
-
-    def cb(_conn: object, dom: object, event: int, detail: int, _opaque: object) -> None:
-        with lock:
-            seen.append((dom.name(), event, detail))  # type: ignore[attr-defined]
-
-    cb_id = c.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, cb, None)  # type: ignore[attr-defined]
+    events = DomainEvents(c)
     try:
         dom = c.defineXML(domain_xml("ev1", tiny_kernel))  # type: ignore[attr-defined]
         dom.create()
@@ -89,19 +71,16 @@ def test_lifecycle_event_callbacks(kvm: None, conn: object, daemon: DaemonProces
             ("ev1", E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN),
             ("ev1", E.VIR_DOMAIN_EVENT_UNDEFINED, E.VIR_DOMAIN_EVENT_UNDEFINED_REMOVED),
         ]
-        wait_for(lambda: len(seen) >= len(expected))
-        time.sleep(0.2)
-        assert seen == expected
+        events.wait(expected, timeout=20)
     finally:
-        c.domainEventDeregisterAny(cb_id)  # type: ignore[attr-defined]
+        events.close()
 
 
 def test_virsh_event_loop_sees_other_clients_changes(
     kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
 ) -> None:
-    watcher = PtyProcess(["virsh", "-c", daemon.uri, "event", "--all", "--loop"])
+    watcher = virsh_event(daemon, "--all", "--loop", registrations=DOMAIN_EVENT_IDS)
     try:
-        time.sleep(0.5)  # let it register its 27 callbacks (only lifecycle and reboot are accepted)
         xml = tmp_path / "w.xml"
         xml.write_text(domain_xml("w1", tiny_kernel))
         virsh(daemon.uri, "define", str(xml))

@@ -7,104 +7,40 @@ the outcome against the processes and files that actually exist, not only agains
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from mshv_libvirt.domain import parse_domain_xml
 from mshv_libvirt.proc import pid_alive
-from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, vmm_processes, wait_for
+from tests.support.daemon import (
+    DaemonProcess,
+    console_roundtrip,
+    define,
+    domain_xml,
+    domstate,
+    kill_pids,
+    serial_log,
+    virsh,
+    vmm_processes,
+    vmm_request,
+    wait_for,
+)
+from tests.support.events import DomainEvents, ensure_event_loop
 from tests.support.guests import TINY_BANNER
+from tests.support.waits import assert_quiet, jitter
 
 libvirt = pytest.importorskip("libvirt")
 
 pytestmark = pytest.mark.virsh
-
-
-# -- helpers --------------------------------------------------------------------------------------
-
-
-def serial_log(d: DaemonProcess, name: str) -> str:
-    path = d.serial_log(name)
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def define(d: DaemonProcess, tmp_path: Path, name: str, kernel: Path, **kw: Any) -> None:
-    xml = tmp_path / f"{name}.xml"
-    xml.write_text(domain_xml(name, kernel, **kw))
-    virsh(d.uri, "define", str(xml))
-
-
-def domstate(d: DaemonProcess, name: str) -> str:
-    return virsh(d.uri, "domstate", "--reason", name).stdout.strip()
-
-
-def stale_files(d: DaemonProcess, name: str) -> list[str]:
-    return d.stale_runtime(name)
-
-
-def all_stale_files(d: DaemonProcess) -> list[str]:
-    return d.runtime_leftovers()
-
-
-def vmm_pid(d: DaemonProcess, name: str) -> int:
-    return d.vmm_pid(name)
-
-
-def vmm_request(d: DaemonProcess, name: str, cmd: str) -> dict[str, Any]:
-    """Talk to a VMM's control socket directly (the daemon may be dead)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(str(d.control_socket(name)))
-        s.sendall(json.dumps({"id": 1, "cmd": cmd}).encode() + b"\n")
-        buf = b""
-        while True:
-            chunk = s.recv(65536)
-            assert chunk, "VMM closed the control socket"
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                msg = json.loads(line)
-                if msg.get("id") == 1:
-                    assert msg["ok"], msg
-                    return dict(msg["result"])
-
-
-def console_roundtrip(d: DaemonProcess, name: str, text: bytes) -> None:
-    """``virsh console``: what we type reaches the guest, and its echo comes back."""
-    con = PtyProcess(["virsh", "-c", d.uri, "console", name])
-    try:
-        con.read_until(b"Escape character is")
-        time.sleep(0.5)  # virsh makes the terminal raw with TCSAFLUSH after that line: earlier input is lost
-        con.write(text)
-        con.read_until(text)
-        con.write(b"\x1d")  # Ctrl+]
-        assert con.wait() == 0
-    finally:
-        con.kill()
-
-
-def kill_leftover_vmms(d: DaemonProcess, pids: list[int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def event_loop() -> None:
-    from tests.support.events import ensure_event_loop
-
-    ensure_event_loop()
 
 
 # -- 1. daemon SIGKILL ----------------------------------------------------------------------------
@@ -118,13 +54,12 @@ def test_daemon_sigkill_reattaches_running_and_paused_domains(
         virsh(daemon.uri, "start", name)
     wait_for(lambda: TINY_BANNER in serial_log(daemon, "ka") and TINY_BANNER in serial_log(daemon, "kb"))
     virsh(daemon.uri, "suspend", "kb")
-    pids = {name: vmm_pid(daemon, name) for name in ("ka", "kb")}
+    pids = {name: daemon.vmm_pid(name) for name in ("ka", "kb")}
     ids = {name: virsh(daemon.uri, "domid", name).stdout.strip() for name in ("ka", "kb")}
 
     daemon.kill()
-    time.sleep(0.3)
     try:
-        assert all(pid_alive(p) for p in pids.values()), "VMMs must survive the daemon"
+        assert_quiet(lambda: all(pid_alive(p) for p in pids.values()), 0.3, "VMMs must survive the daemon")
         assert vmm_request(daemon, "ka", "status")["state"] == "running"
         assert vmm_request(daemon, "kb", "status")["state"] == "paused"
 
@@ -132,7 +67,7 @@ def test_daemon_sigkill_reattaches_running_and_paused_domains(
         assert domstate(daemon, "ka") == "running (booted)"
         assert domstate(daemon, "kb") == "paused (user)"
         assert {name: virsh(daemon.uri, "domid", name).stdout.strip() for name in ("ka", "kb")} == ids
-        assert {name: vmm_pid(daemon, name) for name in ("ka", "kb")} == pids
+        assert {name: daemon.vmm_pid(name) for name in ("ka", "kb")} == pids
         # a domain started now gets an id no re-attached domain has
         define(daemon, tmp_path, "kc", tiny_kernel)
         virsh(daemon.uri, "start", "kc")
@@ -148,10 +83,10 @@ def test_daemon_sigkill_reattaches_running_and_paused_domains(
             virsh(daemon.uri, "destroy", name)
             assert domstate(daemon, name) == "shut off (destroyed)"
         wait_for(lambda: not any(pid_alive(p) for p in pids.values()), timeout=10)
-        assert all_stale_files(daemon) == []
+        assert daemon.runtime_leftovers() == []
         assert daemon.vmm_pids() == []
     finally:
-        kill_leftover_vmms(daemon, list(pids.values()))
+        kill_pids(list(pids.values()))
 
 
 def test_domains_that_ended_while_the_daemon_was_dead(
@@ -162,7 +97,7 @@ def test_domains_that_ended_while_the_daemon_was_dead(
         define(daemon, tmp_path, name, tiny_kernel)
         virsh(daemon.uri, "start", name)
     wait_for(lambda: all(TINY_BANNER in serial_log(daemon, n) for n in names))
-    pids = {name: vmm_pid(daemon, name) for name in names}
+    pids = {name: daemon.vmm_pid(name) for name in names}
     pty = vmm_request(daemon, "gone-off", "status")["pty"]
 
     daemon.kill()
@@ -182,54 +117,46 @@ def test_domains_that_ended_while_the_daemon_was_dead(
         assert domstate(daemon, "gone-kill") == "shut off (crashed)"
         assert domstate(daemon, "still") == "running (booted)"
         for name in ("gone-term", "gone-off", "gone-kill"):
-            assert stale_files(daemon, name) == []
+            assert daemon.stale_runtime(name) == []
         # and they can be started again
         virsh(daemon.uri, "start", "gone-off")
         wait_for(lambda: serial_log(daemon, "gone-off").count(TINY_BANNER) == 2)
         for name in ("gone-off", "still"):
             virsh(daemon.uri, "destroy", name)
-        assert all_stale_files(daemon) == []
+        assert daemon.runtime_leftovers() == []
     finally:
-        kill_leftover_vmms(daemon, list(pids.values()))
+        kill_pids(list(pids.values()))
 
 
 # -- 2. VMM SIGKILL --------------------------------------------------------------------------------
 
 
 def test_vmm_sigkill_is_a_crash(kvm: None, daemon: DaemonProcess, tiny_kernel: Path) -> None:
-    event_loop()
+    ensure_event_loop()  # before the connection opens, as libvirt requires
     conn = libvirt.open(daemon.uri)
-    seen: list[tuple[str, int, int]] = []
-    lock = threading.Lock()
-
-    def cb(_conn: object, dom: Any, event: int, detail: int, _opaque: object) -> None:
-        with lock:
-            seen.append((dom.name(), event, detail))
-
-    cb_id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, cb, None)
+    events = DomainEvents(conn)
     try:
         dom = conn.defineXML(domain_xml("vk", tiny_kernel))
         dom.create()
         wait_for(lambda: TINY_BANNER in serial_log(daemon, "vk"))
-        pid = vmm_pid(daemon, "vk")
+        pid = daemon.vmm_pid("vk")
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF, timeout=10)
         assert dom.state() == [libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_CRASHED]
         assert domstate(daemon, "vk") == "shut off (crashed)"
         stopped = ("vk", libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED)
-        wait_for(lambda: stopped in seen, timeout=5)
-        assert seen[-1] == stopped
-        assert stale_files(daemon, "vk") == []
+        wait_for(lambda: stopped in events.seen, timeout=5)
+        assert events.seen[-1] == stopped
+        assert daemon.stale_runtime("vk") == []
         assert not pid_alive(pid)
 
         dom.create()
         wait_for(lambda: serial_log(daemon, "vk").count(TINY_BANNER) == 2)
         assert dom.state() == [libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED]
         dom.destroy()
-        assert stale_files(daemon, "vk") == []
+        assert daemon.stale_runtime("vk") == []
     finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.domainEventDeregisterAny(cb_id)
+        events.close()
         conn.close()
 
 
@@ -337,8 +264,8 @@ def test_concurrent_clients(kvm: None, daemon: DaemonProcess, tiny_kernel: Path)
             inconsistent.append(f"{name}: pidfile {recorded} but VMM process {live.get(name)}")
         if active and name not in daemon.records():
             inconsistent.append(f"{name}: running without a runtime record")
-        if not active and stale_files(daemon, name):
-            inconsistent.append(f"{name}: stale runtime files {stale_files(daemon, name)}")
+        if not active and daemon.stale_runtime(name):
+            inconsistent.append(f"{name}: stale runtime files {daemon.stale_runtime(name)}")
         if state is not None and name not in listing:
             inconsistent.append(f"{name}: not in virsh list")
         has_file = daemon.config_file(name).exists()
@@ -418,7 +345,7 @@ def test_daemon_sigkill_during_define_keeps_old_or_new_config(daemon: DaemonProc
         try:
             assert client.stdout is not None
             assert client.stdout.readline().strip() == "ready"
-            time.sleep(rng.uniform(0.02, 0.25))
+            jitter(rng, 0.02, 0.25)
             daemon.kill()
             out = client.communicate(timeout=20)[0].strip()
             defines += int(out or 0)
@@ -449,7 +376,7 @@ def test_daemon_sigkill_during_start_leaves_no_unmanaged_vmm(
         client = subprocess.Popen(
             ["virsh", "-c", daemon.uri, "start", "ks"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        time.sleep(rng.uniform(0.0, 0.3))
+        jitter(rng, 0.0, 0.3)
         daemon.kill()
         client.wait(timeout=20)
         daemon.start()
@@ -457,19 +384,19 @@ def test_daemon_sigkill_during_start_leaves_no_unmanaged_vmm(
         live = vmm_processes(daemon.run_dir)
         outcomes[state] += 1
         if state == "running (booted)":
-            assert live == {"ks": vmm_pid(daemon, "ks")}
+            assert live == {"ks": daemon.vmm_pid("ks")}
             virsh(daemon.uri, "destroy", "ks")
         else:
             assert state.startswith("shut off"), state
             assert live == {}
-        assert stale_files(daemon, "ks") == []
-        assert all_stale_files(daemon) == []
+        assert daemon.stale_runtime("ks") == []
+        assert daemon.runtime_leftovers() == []
     print("state after a daemon kill during start:", dict(outcomes))
 
     # The narrowest window, made deterministic: the VMM exists but neither its runtime record nor
     # its pidfile was written yet when the daemon died. It is found by its command line and stopped.
     virsh(daemon.uri, "start", "ks")
-    pid = vmm_pid(daemon, "ks")
+    pid = daemon.vmm_pid("ks")
     daemon.kill()
     runtime = daemon.runtime_dir("ks")
     for f in ("record.json", "vmm.pid"):
@@ -477,6 +404,6 @@ def test_daemon_sigkill_during_start_leaves_no_unmanaged_vmm(
     daemon.start()
     assert domstate(daemon, "ks").startswith("shut off")
     assert not pid_alive(pid) and vmm_processes(daemon.run_dir) == {}
-    assert all_stale_files(daemon) == []
+    assert daemon.runtime_leftovers() == []
     virsh(daemon.uri, "start", "ks")  # and it starts normally afterwards
     virsh(daemon.uri, "destroy", "ks")

@@ -14,18 +14,13 @@ from typing import Any
 
 import pytest
 
-from tests.support.daemon import DaemonProcess, domain_xml, running_daemon, virsh, vmm_processes, wait_for
+from tests.support.daemon import DaemonProcess, domain_xml, running_daemon, serial_log, virsh, vmm_processes, wait_for
 from tests.support.guests import TINY_AP_BANNER, TINY_BANNER
 
 pytestmark = [pytest.mark.virsh, pytest.mark.kvm]
 
 NOBODY = pwd.getpwnam("nobody")
 EACCES = 13
-
-
-def serial_log(d: DaemonProcess, name: str) -> str:
-    path = d.serial_log(name)
-    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def start(d: DaemonProcess, tmp_path: Path, name: str, kernel: Path, vcpus: int = 2) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import stat
 import struct
@@ -16,7 +17,8 @@ import pytest
 
 from mshv_libvirt.rpc.protocol import HEADER_SIZE, MAX_PACKET, STRING_MAX
 from mshv_libvirt.rpc.xdr import Packer
-from tests.support.daemon import DaemonProcess, domain_xml, virsh
+from tests.support.daemon import DaemonProcess, domain_xml, virsh, wait_for
+from tests.support.procfs import open_sockets, rss_kib
 from tests.support.rawrpc import (
     ERROR,
     OK,
@@ -34,14 +36,6 @@ from tests.support.rawrpc import (
 )
 
 pytestmark = pytest.mark.virsh
-
-
-def rss_kib(d: DaemonProcess) -> int:
-    assert d.proc is not None
-    for line in Path(f"/proc/{d.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def check_serving(d: DaemonProcess, conn: libvirt.virConnect | None = None) -> None:
@@ -311,30 +305,26 @@ def _flood(c: RawClient, packet: bytes, seconds: float) -> int:
     sent = 0
     view = b""
     deadline = time.monotonic() + seconds
-    stuck_since: float | None = None
     while time.monotonic() < deadline:
         if not view:
             view = packet
         try:
             n = c.sock.send(view)
         except BlockingIOError:
-            now = time.monotonic()
-            stuck_since = stuck_since or now
-            if now - stuck_since > 0.5:
-                break
-            time.sleep(0.01)
+            if not select.select([], [c.sock], [], 0.5)[1]:
+                break  # no room for 0.5 s: the daemon has stopped reading us
             continue
-        stuck_since = None
         sent += n
         view = view[n:]
     return sent
 
 
 def test_flooding_client_is_bounded_and_blocks_nobody(daemon: DaemonProcess) -> None:
+    sockets = open_sockets(daemon.pid)
     conn = libvirt.open(daemon.uri)
     floods: list[RawClient] = []
     try:
-        base = rss_kib(daemon)
+        base = rss_kib(daemon.pid)
         # Small calls (cheap replies), and calls whose error replies quote a 1 MiB name.
         small = RawClient(daemon.socket)
         small.handshake()
@@ -355,7 +345,7 @@ def test_flooding_client_is_bounded_and_blocks_nobody(daemon: DaemonProcess) -> 
             check_serving(daemon, conn)
         latency = (time.monotonic() - start) / 10
         assert "Domain" not in virsh(daemon.uri, "list", "--all", "--name").stdout
-        peak = rss_kib(daemon)
+        peak = rss_kib(daemon.pid)
         print(
             f"flood: small {small_bytes} B, big {big_bytes} B sent unread; RSS {base} -> {peak} KiB; "
             f"other client call latency {latency * 1000:.1f} ms"
@@ -367,7 +357,7 @@ def test_flooding_client_is_bounded_and_blocks_nobody(daemon: DaemonProcess) -> 
             c.close()
     check_serving(daemon, conn)
     conn.close()
-    time.sleep(0.5)
+    wait_for(lambda: open_sockets(daemon.pid) <= sockets, what="the daemon closed every flooding client")
     check_serving(daemon)
     assert "Traceback" not in daemon.log.read_text(errors="replace")
 
@@ -375,7 +365,7 @@ def test_flooding_client_is_bounded_and_blocks_nobody(daemon: DaemonProcess) -> 
 def test_many_stalled_large_packets_keep_memory_bounded(daemon: DaemonProcess) -> None:
     """The read-only socket is world-accessible: clients that each park almost a whole MAX_PACKET
     there must not add up to unbounded memory (they are dropped beyond a shared budget)."""
-    base = rss_kib(daemon)
+    base = rss_kib(daemon.pid)
     chunk = struct.pack(">I", MAX_PACKET) + bytes(MAX_PACKET - 4096)
     clients: list[RawClient] = []
     dropped = 0
@@ -387,8 +377,8 @@ def test_many_stalled_large_packets_keep_memory_bounded(daemon: DaemonProcess) -
                 c.send(chunk)
             except (BrokenPipeError, ConnectionResetError):
                 dropped += 1
-        time.sleep(0.3)
-        peak = rss_kib(daemon)
+        wait_for(lambda: all(c.unsent() == 0 for c in clients), what="the daemon read or dropped every client")
+        peak = rss_kib(daemon.pid)
         print(f"60 clients x {len(chunk) >> 20} MiB partial packets: {dropped} dropped, RSS {base} -> {peak} KiB")
         assert dropped > 0
         assert peak < 300 * 1024
@@ -413,19 +403,18 @@ def _eof_now(c: RawClient) -> bool:
 def test_readonly_clients_cannot_take_every_slot(daemon: DaemonProcess) -> None:
     from mshv_libvirt.rpc.server import MAX_CLIENTS, MAX_RO_CLIENTS
 
+    sockets = open_sockets(daemon.pid)
     clients = [RawClient(Path(f"{daemon.socket}-ro")) for _ in range(MAX_RO_CLIENTS + 20)]
     try:
         # The surplus read-only clients are refused; the owner's socket still has room.
-        deadline = time.monotonic() + 10
-        while (refused := sum(map(_eof_now, clients))) < 20 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        refused = wait_for(lambda: (n := sum(map(_eof_now, clients))) >= 20 and n, timeout=10)
         assert refused == 20
         assert MAX_CLIENTS - MAX_RO_CLIENTS > 100
         check_serving(daemon)
     finally:
         for c in clients:
             c.close()
-    time.sleep(0.2)
+    wait_for(lambda: open_sockets(daemon.pid) <= sockets, what="the daemon closed the refused and the accepted clients")
     with raw(Path(f"{daemon.socket}-ro")) as c:
         assert hostname_ok(c)
 

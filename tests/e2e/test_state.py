@@ -11,7 +11,6 @@ import collections
 import contextlib
 import os
 import re
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -22,44 +21,22 @@ import libvirt
 import pytest
 
 from mshv_libvirt.driver import layout
-from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, vmm_processes, wait_for
+from tests.support.daemon import (
+    DaemonProcess,
+    console_roundtrip,
+    define,
+    domain_xml,
+    domstate,
+    kill_pids,
+    serial_log,
+    virsh,
+    vmm_processes,
+    wait_for,
+)
 from tests.support.guests import TINY_BANNER
 from tests.support.report import write_report
 
 pytestmark = pytest.mark.virsh
-
-
-def serial_text(d: DaemonProcess, name: str) -> str:
-    path = d.serial_log(name)
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def define(d: DaemonProcess, tmp_path: Path, name: str, kernel: Path, **kw: Any) -> None:
-    xml = tmp_path / "dom.xml"
-    xml.write_text(domain_xml(name.replace("&", "&amp;").replace("<", "&lt;"), kernel, **kw))
-    virsh(d.uri, "define", str(xml))
-
-
-def domstate(d: DaemonProcess, name: str) -> str:
-    return virsh(d.uri, "domstate", "--reason", "--domain", name).stdout.strip()
-
-
-def console_roundtrip(d: DaemonProcess, name: str, text: bytes) -> None:
-    con = PtyProcess(["virsh", "-c", d.uri, "console", "--domain", name])
-    try:
-        con.wait_console_ready()
-        con.write(text)
-        con.read_until(text)
-        con.write(b"\x1d")
-        assert con.wait() == 0
-    finally:
-        con.kill()
-
-
-def kill_pids(pids: object) -> None:
-    for pid in list(pids):  # type: ignore[call-overload]
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 # -- items 1 and 2: names like temporaries, names like another domain's files ------------------------
@@ -76,10 +53,10 @@ def test_names_like_temporaries_and_other_files_survive_restarts(
         define(daemon, tmp_path, name, tiny_kernel, cmdline=f"console=ttyS0 who={name}")
     for name in running:
         virsh(daemon.uri, "start", "--domain", name)
-    wait_for(lambda: all(f"who={n}" in serial_text(daemon, n) for n in running))
+    wait_for(lambda: all(f"who={n}" in serial_log(daemon, n) for n in running))
     # Each guest's serial log is its own (x's is not x.serial's VMM log, nor the other way round).
     for name in running:
-        assert re.findall(r"who=(\S+)", serial_text(daemon, name)) == [name]
+        assert re.findall(r"who=(\S+)", serial_log(daemon, name)) == [name]
     virsh(daemon.uri, "destroy", "--domain", "x")
     virsh(daemon.uri, "start", "--domain", "x")
     virsh(daemon.uri, "destroy", "--domain", "x")
@@ -123,7 +100,7 @@ def test_run_dir_spelled_differently_keeps_running_vms(
     (a symlink, a relative path) must still re-attach, and remove nothing of a running VM."""
     define(daemon, tmp_path, "sp", tiny_kernel)
     virsh(daemon.uri, "start", "sp")
-    wait_for(lambda: TINY_BANNER in serial_text(daemon, "sp"))
+    wait_for(lambda: TINY_BANNER in serial_log(daemon, "sp"))
     pid = daemon.vmm_pid("sp")
     (tmp_path / "link").symlink_to(daemon.run_dir)
     try:
@@ -166,7 +143,7 @@ def test_names_at_the_length_limit_define_and_start(
             assert dom.name() == name
         for name in names:
             conn.lookupByName(name).create()
-        wait_for(lambda: all(TINY_BANNER in serial_text(daemon, n) for n in names))
+        wait_for(lambda: all(TINY_BANNER in serial_log(daemon, n) for n in names))
         for name in names:
             assert conn.lookupByName(name).state() == [libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED]
         # virsh too (the longest plain name, by name on the command line)

@@ -176,14 +176,16 @@ def registered(loop: EventLoop, uri: str, kind: str, tmp_path: Path) -> None:
     """Until ``loop`` has its callback: a throw-away pool (or network) is defined and undefined until
     the loop reports it."""
     probe = unique("probe")
-    deadline = time.monotonic() + 20
-    while not any(probe in line for line in loop.lines):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the event loop never reported the probe: {loop.lines}")
+
+    def reported() -> bool:
+        if any(probe in line for line in loop.lines):
+            return True
         if kind == "pool":
             run(uri, "pool-define-as", probe, "dir", "--target", str(tmp_path / probe))
             run(uri, "pool-undefine", probe)
-        time.sleep(0.1)
+        return False
+
+    wait_for(reported, timeout=20, interval=0.1, what=lambda: f"the event loop reporting the probe: {loop.lines}")
 
 
 def test_pool_event_loop_sees_what_libvirt_sees(daemon: DaemonProcess, tmp_path: Path) -> None:
@@ -478,7 +480,7 @@ def test_a_slow_download_is_not_buffered_by_the_daemon(daemon: DaemonProcess, tm
             first = st.recv(1 << 18)
             digest = hashlib.sha256(first)
             # The client reads no further: libvirtd keeps sending until the daemon stops reading it.
-            wait_for(lambda: unread_bytes(daemon.proc.pid) > 32 << 10)
+            wait_for(lambda: unread_bytes(daemon.pid) > 32 << 10)
             grown = rss_bytes(daemon.proc.pid) - before
             got = len(first)
             while True:
@@ -522,7 +524,7 @@ def test_an_upload_to_a_frozen_libvirtd_is_not_buffered_by_the_daemon(
         sender = threading.Thread(target=send, daemon=True)
         sender.start()
         # The daemon stops reading the client once libvirtd stops reading the daemon.
-        wait_for(lambda: unread_bytes(session_daemon.proc.pid) > 32 << 10)
+        wait_for(lambda: unread_bytes(session_daemon.pid) > 32 << 10)
         grown = rss_bytes(session_daemon.proc.pid) - before
         assert not sent.is_set()
         session_libvirtd.signal(signal.SIGCONT)

@@ -21,18 +21,12 @@ from mshv_libvirt.rpc.procnames import PROCEDURE_NAMES
 from mshv_libvirt.rpc.relay import RELAYED
 from mshv_libvirt.rpc.xdr import Packer, Unpacker
 from tests.support.daemon import DaemonProcess, domain_xml, virsh
+from tests.support.errors import error_of
 from tests.support.rawrpc import ERROR, raw
 
 pytestmark = pytest.mark.virsh
 
 API_XML = Path("/usr/share/libvirt/api/libvirt-api.xml")
-
-
-def error_of(call: Callable[[], object]) -> tuple[int, int, str]:
-    with pytest.raises(libvirt.libvirtError) as exc:
-        call()
-    err = exc.value
-    return err.get_error_code(), err.get_error_domain(), err.get_error_message()
 
 
 @pytest.fixture

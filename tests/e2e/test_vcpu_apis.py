@@ -10,32 +10,24 @@ libvirt's QEMU driver source for the rest (its messages quoted where compared).
 
 from __future__ import annotations
 
-import json
 import re
-import socket
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import libvirt
 import pytest
 
 from mshv_libvirt.rpc.xdr import Packer
-from tests.support.daemon import DaemonProcess, domain_xml, virsh, wait_for
+from tests.support.daemon import DaemonProcess, domain_xml, virsh, vmm_request, wait_for
+from tests.support.errors import error_of
+from tests.support.procfs import rss_kib
 from tests.support.rawrpc import ERROR, OK, error_message, raw
 
 pytestmark = pytest.mark.virsh
 
 CLOCK_TICK_NS = 10_000_000  # USER_HZ 100 on Linux
 AFFECT_LIVE, AFFECT_CONFIG = libvirt.VIR_DOMAIN_AFFECT_LIVE, libvirt.VIR_DOMAIN_AFFECT_CONFIG
-
-
-def error_of(call: Callable[[], object]) -> tuple[int, int, str]:
-    with pytest.raises(libvirt.libvirtError) as exc:
-        call()
-    err = exc.value
-    return err.get_error_code(), err.get_error_domain(), err.get_error_message()
 
 
 def code_message(call: Callable[[], object]) -> tuple[int, str]:
@@ -81,64 +73,19 @@ def thread_ticks(pid: int, tid: int | None = None) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def rss_kib(pid: int) -> int:
-    import os
-
-    fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
-    return int(fields[21]) * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def vmm_status(d: DaemonProcess, name: str) -> dict[str, Any]:
-    """The VMM's own answer on its control socket, past the daemon."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(str(d.control_socket(name)))
-        s.sendall(b'{"id": 7, "cmd": "status"}\n')
-        buf = b""
-        while True:
-            chunk = s.recv(65536)
-            assert chunk, "the VMM closed its control socket"
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                msg = json.loads(line)
-                if msg.get("id") == 7:
-                    assert msg["ok"], msg
-                    return dict(msg["result"])
-
-
-def vmm_pid(d: DaemonProcess, name: str) -> int:
-    return d.vmm_pid(name)
-
-
 def vcpu_tids(d: DaemonProcess, name: str) -> dict[int, int]:
     """vCPU index -> thread id from the VMM, each checked to be that VMM's thread named vcpuN."""
-    pid = vmm_pid(d, name)
-    tids = {int(k): int(v) for k, v in vmm_status(d, name)["vcpu_tids"].items()}
+    pid = d.vmm_pid(name)
+    tids = {int(k): int(v) for k, v in vmm_request(d, name, "status")["vcpu_tids"].items()}
     for index, tid in tids.items():
         assert Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() == f"vcpu{index}"
     return tids
 
 
 def other_threads(d: DaemonProcess, name: str) -> list[int]:
-    pid = vmm_pid(d, name)
+    pid = d.vmm_pid(name)
     vcpus = set(vcpu_tids(d, name).values())
     return [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir() if int(t.name) not in vcpus]
-
-
-@pytest.fixture
-def conn(daemon: DaemonProcess) -> Iterator[libvirt.virConnect]:
-    c = libvirt.open(daemon.uri)
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def ref() -> Iterator[libvirt.virConnect]:
-    """test:///default, for queries only (its state is shared by every connection of this process)."""
-    c = libvirt.open("test:///default")
-    yield c
-    c.close()
 
 
 @pytest.fixture
@@ -380,12 +327,12 @@ def running(kvm: None, conn: libvirt.virConnect, daemon: DaemonProcess, tiny_ker
     tune = f"<cputune><vcpupin vcpu='1' cpuset='{LAST}'/><emulatorpin cpuset='{FIRST}'/></cputune>"
     dom = conn.defineXML(domain_xml("run", tiny_kernel, vcpus=2, extra=tune))
     dom.create()
-    wait_for(lambda: len(vmm_status(daemon, "run")["vcpu_tids"]) == 2, timeout=BOOT)
+    wait_for(lambda: len(vmm_request(daemon, "run", "status")["vcpu_tids"]) == 2, timeout=BOOT)
     return dom
 
 
 def test_pins_are_applied_at_start(running: libvirt.virDomain, daemon: DaemonProcess) -> None:
-    pid, tids = vmm_pid(daemon, "run"), vcpu_tids(daemon, "run")
+    pid, tids = daemon.vmm_pid("run"), vcpu_tids(daemon, "run")
     assert allowed(pid, tids[0]) == set(ONLINE)  # unpinned: every online host CPU, as libvirt sets it
     assert allowed(pid, tids[1]) == {LAST}
     others = other_threads(daemon, "run")
@@ -395,7 +342,7 @@ def test_pins_are_applied_at_start(running: libvirt.virDomain, daemon: DaemonPro
 
 
 def test_vcpu_info_is_the_threads(running: libvirt.virDomain, daemon: DaemonProcess, ref: libvirt.virConnect) -> None:
-    pid, tids = vmm_pid(daemon, "run"), vcpu_tids(daemon, "run")
+    pid, tids = daemon.vmm_pid("run"), vcpu_tids(daemon, "run")
     before = {i: thread_ticks(pid, t) * CLOCK_TICK_NS for i, t in tids.items()}
     info, maps = running.vcpus()
     after = {i: thread_ticks(pid, t) * CLOCK_TICK_NS for i, t in tids.items()}
@@ -412,7 +359,7 @@ def test_vcpu_info_is_the_threads(running: libvirt.virDomain, daemon: DaemonProc
 
 
 def test_live_and_config_pinning(running: libvirt.virDomain, daemon: DaemonProcess) -> None:
-    pid = vmm_pid(daemon, "run")
+    pid = daemon.vmm_pid("run")
     tids = vcpu_tids(daemon, "run")
     running.pinVcpu(0, cpumap_tuple({FIRST}))  # the old API: live
     assert allowed(pid, tids[0]) == {FIRST} and allowed(pid, tids[1]) == {LAST}
@@ -439,8 +386,8 @@ def test_live_and_config_pinning(running: libvirt.virDomain, daemon: DaemonProce
     # Restarted, the domain runs with its config's pins.
     running.destroy()
     running.create()
-    wait_for(lambda: len(vmm_status(daemon, "run")["vcpu_tids"]) == 2, timeout=BOOT)
-    pid, tids = vmm_pid(daemon, "run"), vcpu_tids(daemon, "run")
+    wait_for(lambda: len(vmm_request(daemon, "run", "status")["vcpu_tids"]) == 2, timeout=BOOT)
+    pid, tids = daemon.vmm_pid("run"), vcpu_tids(daemon, "run")
     assert allowed(pid, tids[0]) == set(ONLINE) and allowed(pid, tids[1]) == {FIRST}
 
 
@@ -448,7 +395,7 @@ def test_pins_the_host_cannot_honour_fail_cleanly(running: libvirt.virDomain, da
     """A CPU the host does not have (virsh and libvirt-python refuse it before sending: sent raw). Live:
     libvirt's sched_setaffinity error and nothing changes; in the config: the next start fails with it."""
     absent = max(ONLINE) + 1
-    pid, tids = vmm_pid(daemon, "run"), vcpu_tids(daemon, "run")
+    pid, tids = daemon.vmm_pid("run"), vcpu_tids(daemon, "run")
     before = running.XMLDesc(0)
     bitmap = bytearray((absent + 8) // 8)
     bitmap[absent // 8] |= 1 << (absent % 8)
@@ -482,7 +429,7 @@ def test_pins_the_host_cannot_honour_fail_cleanly(running: libvirt.virDomain, da
 
 
 def test_running_domain_statistics(running: libvirt.virDomain, daemon: DaemonProcess, ref: libvirt.virConnect) -> None:
-    pid = vmm_pid(daemon, "run")
+    pid = daemon.vmm_pid("run")
     before = thread_ticks(pid) * CLOCK_TICK_NS
     (total,) = running.getCPUStats(True)
     after = thread_ticks(pid) * CLOCK_TICK_NS

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_reliability import serial_log, vmm_request
-from tests.support.daemon import DaemonProcess, domain_xml, wait_for
+from tests.support.daemon import DaemonProcess, domain_xml, serial_log, vmm_request, wait_for
+from tests.support.guests import LINUX_CMDLINE as CMDLINE
 from tests.support.guests import GuestUnavailable, debian_kernel
-from tests.vmm.test_linux_guest import CMDLINE
 
 libvirt = pytest.importorskip("libvirt")
 

@@ -18,8 +18,15 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from tests.e2e.test_reliability import serial_log, vmm_pid, vmm_request
-from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, wait_for
+from tests.support.daemon import (
+    DaemonProcess,
+    console_roundtrip,
+    domain_xml,
+    serial_log,
+    virsh,
+    vmm_request,
+    wait_for,
+)
 from tests.support.guests import TINY_AP_BANNER, TINY_BANNER
 
 libvirt = pytest.importorskip("libvirt")
@@ -39,19 +46,6 @@ def _started_aps(d: DaemonProcess, name: str) -> list[str]:
     return re.findall(rf"{TINY_AP_BANNER} (\d+)", serial_log(d, name))
 
 
-def _echo(d: DaemonProcess, name: str, text: bytes) -> None:
-    """Type into the guest's console and see it echoed: the guest's main loop runs (after its APs)."""
-    con = PtyProcess(["virsh", "-c", d.uri, "console", name])
-    try:
-        con.wait_console_ready()
-        con.write(text)
-        con.read_until(text)
-        con.write(b"\x1d")
-        assert con.wait() == 0
-    finally:
-        con.kill()
-
-
 @pytest.mark.parametrize(("vcpu", "online"), [("<vcpu current='1'>3</vcpu>", 1), ("<vcpu current='2'>3</vcpu>", 2)])
 def test_guest_starts_the_current_vcpus(
     kvm: None, daemon: DaemonProcess, tiny_kernel: Path, vcpu: str, online: int
@@ -62,7 +56,7 @@ def test_guest_starts_the_current_vcpus(
     wait_for(lambda: TINY_BANNER in serial_log(daemon, "cur"))
     if online > 1:
         wait_for(lambda: len(_started_aps(daemon, "cur")) == online - 1)
-    _echo(daemon, "cur", b"AP-COUNT-DONE")  # the guest went on after sending INIT-SIPI to every other CPU
+    console_roundtrip(daemon, "cur", b"AP-COUNT-DONE")  # the guest went on after sending INIT-SIPI to every other CPU
     assert _started_aps(daemon, "cur") == [str(i) for i in range(1, online)]
     status = vmm_request(daemon, "cur", "status")
     assert status["vcpus"] == online and len(status["vcpu_threads"]) == online
@@ -144,7 +138,7 @@ def test_setvcpus_config_boots_that_many(kvm: None, daemon: DaemonProcess, tiny_
     dom.setVcpusFlags(2, CONFIG)
     dom.create()
     wait_for(lambda: len(_started_aps(daemon, "grow")) == 1)
-    _echo(daemon, "grow", b"GROWN")
+    console_roundtrip(daemon, "grow", b"GROWN")
     assert _started_aps(daemon, "grow") == ["1"]
     assert vmm_request(daemon, "grow", "status")["vcpus"] == 2
     dom.destroy()
@@ -185,7 +179,7 @@ def test_current_memory_below_memory_without_balloon(kvm: None, daemon: DaemonPr
     wait_for(lambda: TINY_BANNER in serial_log(daemon, "mem"))
     # the guest got all of <memory>: the VMM maps one 128 MiB RAM range
     assert vmm_request(daemon, "mem", "status")["memory_kib"] == 131072
-    maps = Path(f"/proc/{vmm_pid(daemon, 'mem')}/maps").read_text().splitlines()
+    maps = Path(f"/proc/{daemon.vmm_pid('mem')}/maps").read_text().splitlines()
     sizes = [int(end, 16) - int(start, 16) for start, end in (m.split()[0].split("-") for m in maps)]
     assert 128 << 20 in sizes and 64 << 20 not in sizes
     # ... and reports it as libvirt's QEMU driver does without a balloon: current = maximum while running

@@ -7,23 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, running_daemon, virsh, wait_for
+from tests.support.daemon import (
+    DaemonProcess,
+    PtyProcess,
+    define,
+    domain_xml,
+    running_daemon,
+    serial_log,
+    virsh,
+    virsh_event,
+    wait_for,
+)
 from tests.support.guests import TINY_BANNER, TINY_POWERBUTTON
+from tests.support.waits import assert_quiet
 
 pytestmark = pytest.mark.virsh
-
-
-def serial_log(d: DaemonProcess, name: str) -> str:
-    path = d.serial_log(name)
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def define(d: DaemonProcess, tmp_path: Path, name: str, kernel: Path, **kw: object) -> Path:
-    xml = tmp_path / f"{name}.xml"
-    xml.write_text(domain_xml(name, kernel, **kw))  # type: ignore[arg-type]
-    out = virsh(d.uri, "define", str(xml)).stdout
-    assert f"Domain '{name}' defined" in out
-    return xml
 
 
 def test_connection_commands(daemon: DaemonProcess) -> None:
@@ -261,8 +259,7 @@ def test_idle_timeout_exits_only_without_clients_and_running_domains(
     try:
         define(d, tmp_path, "keep", tiny_kernel)
         virsh(d.uri, "start", "keep")
-        time.sleep(4)
-        assert d.alive()  # a running domain keeps the daemon up
+        assert_quiet(d.alive, 4, "a running domain keeps the daemon up past its --timeout of 2 s")
         virsh(d.uri, "destroy", "keep")
         assert d.proc is not None
         d.proc.wait(timeout=15)  # then it leaves, like libvirt's --timeout
@@ -297,9 +294,8 @@ def test_reset_reboots_at_once_and_sends_the_reboot_event(
     define(daemon, tmp_path, "rst", tiny_kernel)
     virsh(daemon.uri, "start", "rst")
     wait_for(lambda: serial_log(daemon, "rst").count(TINY_BANNER) == 1)
-    watcher = PtyProcess(["virsh", "-c", daemon.uri, "event", "rst", "--event", "reboot", "--loop"])
+    watcher = virsh_event(daemon, "rst", "--event", "reboot", "--loop")
     try:
-        time.sleep(0.5)
         virsh(daemon.uri, "reset", "rst")
         watcher.read_until(b"event 'reboot' for domain 'rst'")
     finally:

@@ -17,7 +17,7 @@ import pytest
 from lxml import etree
 
 from mshv_libvirt.domain.xml import parse_domain_xml
-from tests.support.daemon import DaemonProcess, virsh, wait_for
+from tests.support.daemon import DaemonProcess, serial_log, virsh, wait_for
 from tests.support.guests import TINY_AP_BANNER, TINY_BANNER
 
 pytestmark = pytest.mark.virsh
@@ -96,11 +96,6 @@ FULL_EXTRAS = [
     "--cpu",
     "host-passthrough",
 ]
-
-
-def serial_log(d: DaemonProcess, name: str) -> str:
-    path = d.serial_log(name)
-    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def names(d: DaemonProcess) -> set[str]:

@@ -22,7 +22,7 @@ import libvirt
 import pytest
 
 from tests.support import libvirtd, uitest
-from tests.support.daemon import DaemonProcess, domain_xml, virsh, wait_for
+from tests.support.daemon import DaemonProcess, domain_xml, domstate, virsh, wait_for
 from tests.support.guests import TINY_BANNER
 from tests.support.uitest import Desktop, Ui, node
 
@@ -118,10 +118,6 @@ def define_vm1(d: DaemonProcess, kernel: Path, tmp_path: Path, *, start: bool) -
         wait_for(lambda: TINY_BANNER in d.serial_log("vm1").read_text(errors="replace"), timeout=TIMEOUT)
 
 
-def domstate(d: DaemonProcess, name: str) -> str:
-    return virsh(d.uri, "domstate", name).stdout.strip()
-
-
 def row(name: str, state: str) -> dict[str, Any]:
     return node("table cell", f"{name}\n{state}")
 
@@ -143,16 +139,16 @@ def test_manager_window_shows_and_drives_the_domain(
         ui.click(MANAGER, row("vm1", "Paused"), mouse=True)
         ui.click(MANAGER, node("toggle button", "Pause"))
         ui.find(MANAGER, row("vm1", "Running"), timeout=TIMEOUT)
-        assert domstate(daemon, "vm1") == "running"
+        assert domstate(daemon, "vm1", reason=False) == "running"
         ui.click(MANAGER, node("toggle button", "Pause"))
         ui.find(MANAGER, row("vm1", "Paused"), timeout=TIMEOUT)
-        assert domstate(daemon, "vm1") == "paused"
+        assert domstate(daemon, "vm1", reason=False) == "paused"
         virsh(daemon.uri, "destroy", "vm1")
         ui.find(MANAGER, row("vm1", "Shutoff"), timeout=TIMEOUT)
         vm.screenshot("manager-shutoff")
         ui.click(MANAGER, node("push button", "Run"))  # starts the shut-off domain
         ui.find(MANAGER, row("vm1", "Running"), timeout=TIMEOUT)
-        assert domstate(daemon, "vm1") == "running"
+        assert domstate(daemon, "vm1", reason=False) == "running"
         virsh(daemon.uri, "destroy", "vm1")
         vm.alive()
     virsh(daemon.uri, "undefine", "vm1")

@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from mshv_libvirt.domain import MAX_ATTRIBUTES, MAX_DEPTH, MAX_ELEMENTS, MAX_TEXT_CHARS, MAX_XML_BYTES
 from tests.support.daemon import DaemonProcess, domain_xml, wait_for
 from tests.support.domain_docs import UUID, domain_document
+from tests.support.procfs import rss_kib, status_kib
 from tests.support.report import write_report
 from tests.support.validator_hook import GATE_ENV, LOG_ENV
 
@@ -76,13 +77,6 @@ def hooked(tmp_path: Path) -> Iterator[Hooked]:
         gate.unlink(missing_ok=True)
         d.stop()
         d.destroy_all_vmms()
-
-
-def _rss_kib(pid: int, field: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} for {pid}")
 
 
 def _metadata(inner: str) -> str:
@@ -164,7 +158,7 @@ def test_the_attribute_bomb_is_refused_at_once(hooked: Hooked) -> None:
     conn = hooked.conn()
     pid = hooked.daemon.proc.pid  # type: ignore[union-attr]
     hooked.reset()
-    rss_before, hwm_before = _rss_kib(pid), _rss_kib(pid, "VmHWM")
+    rss_before, hwm_before = rss_kib(pid), status_kib(pid, "VmHWM")
     started = time.monotonic()
     code, message = _define_error(conn, bomb)
     elapsed = time.monotonic() - started
@@ -173,7 +167,7 @@ def test_the_attribute_bomb_is_refused_at_once(hooked: Hooked) -> None:
         f"XML error: element <b:x> has more than {MAX_ATTRIBUTES} attributes",
     )
     assert hooked.calls() == []
-    growth = _rss_kib(pid, "VmHWM") - hwm_before
+    growth = status_kib(pid, "VmHWM") - hwm_before
     assert growth < 64 * 1024, f"peak memory grew by {growth} KiB"
     assert conn.listAllDomains() == []
     _report.update(

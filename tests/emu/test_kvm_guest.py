@@ -24,6 +24,8 @@ import pytest
 from mshv_libvirt._mshv import ffi, lib
 
 from tests.abi import facts as F
+from tests.support.procfs import in_guest
+from tests.support.waits import assert_quiet, wait_for
 
 from .emutil import (
     PAGE,
@@ -418,7 +420,7 @@ def test_two_vps_run_concurrently() -> None:
         g.long_mode(1, rip=CODE + 0x100)  # an AP: its RIP set explicitly makes it runnable
         results: dict[int, Msg | RunError] = {}
         t0 = run_in_thread(g, 0, results)
-        time.sleep(0.2)
+        wait_for(lambda: in_guest(t0), timeout=10, what="VP0 spinning in the guest")
         assert t0.is_alive()  # spinning in the guest, without holding the partition
         t1 = run_in_thread(g, 1, results)
         t1.join(10)
@@ -439,7 +441,7 @@ def test_ap_without_context_waits_for_sipi() -> None:
         g.load(0x9000, mov_dx(0x600)[1:] + OUT_DX_AL + CLI + HLT)  # real mode: mov dx, 0x600
         results: dict[int, Msg | RunError] = {}
         t1 = run_in_thread(g, 1, results)
-        time.sleep(0.2)
+        wait_for(lambda: in_guest(t1), timeout=10, what="VP1 in its run call, waiting for SIPI")
         assert t1.is_alive()
         for control, vector in ((5, 0), (6, 0x09)):  # INIT, then SIPI to page 0x9000
             h = hvcall(g.pt, 0x94, struct.pack("<QQQIBBH", 0, control, 1, vector, 0, 0, 0))
@@ -459,7 +461,7 @@ def test_signal_kicks_a_running_vp_out_with_eintr(guest: Guest) -> None:
     try:
         results: dict[int, Msg | RunError] = {}
         t = run_in_thread(guest, 0, results)
-        time.sleep(0.2)
+        wait_for(lambda: in_guest(t), timeout=10, what="the VP spinning in the guest")
         assert t.is_alive()
         for _ in range(50):
             signal.pthread_kill(_ident(t), signal.SIGUSR1)
@@ -479,8 +481,8 @@ def test_signal_kicks_a_halted_vp_out(guest: Guest) -> None:
     try:
         results: dict[int, Msg | RunError] = {}
         t = run_in_thread(guest, 0, results)
-        time.sleep(0.4)  # long enough for the halt monitor to look at it a few times
-        assert t.is_alive()
+        wait_for(lambda: in_guest(t), timeout=10, what="the VP halted in its run call")
+        assert_quiet(t.is_alive, 0.4, "the halt monitor (a scan every 10 ms) looks at it a few times, leaves it halted")
         signal.pthread_kill(_ident(t), signal.SIGUSR1)
         t.join(5)
         assert isinstance(results[0], RunError) and results[0].errno == errno.EINTR
@@ -526,7 +528,7 @@ def run_until_io(g: Guest, port: int, trigger: Callable[[], object] | None = Non
     """Run VP 0 on a thread (it halts with interrupts on), fire ``trigger``, expect OUT ``port``."""
     results: dict[int, Msg | RunError] = {}
     t = run_in_thread(g, 0, results)
-    time.sleep(0.3)
+    wait_for(lambda: in_guest(t), timeout=10, what="the VP halted in its run call")
     assert t.is_alive()  # halted, waiting for an interrupt
     if trigger:
         trigger()
@@ -560,8 +562,9 @@ def test_irqfd_through_msi_routing(guest: Guest) -> None:
         assert irqfd(guest.pt, efd, 30, flags=1) == 0
         results: dict[int, Msg | RunError] = {}
         t = run_in_thread(guest, 0, results)
+        wait_for(lambda: in_guest(t), timeout=10, what="the VP halted in its run call")
         os.write(efd, struct.pack("<Q", 1))
-        time.sleep(0.3)
+        assert_quiet(t.is_alive, 0.3, "a deassigned irqfd interrupts nothing")
         assert t.is_alive()
         hvcall(guest.pt, 0x94, struct.pack("<QQQIBBH", 0, 0, 0, 0x40, 0, 0, 0))
         t.join(10)

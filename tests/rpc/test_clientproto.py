@@ -26,7 +26,7 @@ from mshv_libvirt.rpc.protocol import (
     StreamPacket,
 )
 from mshv_libvirt.rpc.xdr import Packer
-from tests.rpc.test_protocol import CONNECT_OPEN, PING, PONG
+from tests.support.captured import CONNECT_OPEN, PING, PONG
 
 UPLOAD = 208  # REMOTE_PROC_STORAGE_VOL_UPLOAD
 HOLE = struct.pack(">qI", 1 << 20, 0)  # virNetStreamHole{length, flags}

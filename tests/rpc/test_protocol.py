@@ -27,14 +27,7 @@ from mshv_libvirt.rpc.protocol import (
     unknown_procedure,
 )
 from mshv_libvirt.rpc.xdr import Packer, Unpacker, XdrError
-
-# virsh's CONNECT_OPEN("mshv:///system"), 56 bytes, as captured.
-CONNECT_OPEN = bytes.fromhex(
-    "00000038 20008086 00000001 00000001 00000000 00000002 00000000"
-    "00000001 0000000e 6d736876 3a2f2f2f 73797374 656d0000 00000000".replace(" ", "")
-)
-PING = bytes.fromhex("0000001c 6b656570 00000001 00000001 00000002 00000000 00000000".replace(" ", ""))
-PONG = bytes.fromhex("0000001c 6b656570 00000001 00000002 00000002 00000000 00000000".replace(" ", ""))
+from tests.support.captured import CONNECT_OPEN, PING, PONG
 
 
 def events(conn: ServerConnection) -> list[object]:

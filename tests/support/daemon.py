@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pty
@@ -12,12 +13,16 @@ import signal
 import socket
 import subprocess
 import sys
+import termios
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mshv_libvirt.driver import layout
+from mshv_libvirt.rpc import calltrace
+from tests.support.waits import wait_for as wait_for  # re-exported: most tests import it from here
 
 VIRSH = "virsh"
 
@@ -157,6 +162,20 @@ class DaemonProcess:
         return sorted(p.name for p in self.run_dir.iterdir() if p.name not in keep and not _LOG_NAME.search(p.name))
 
     @property
+    def pid(self) -> int:
+        assert self.proc is not None, "the daemon was never started"
+        return self.proc.pid
+
+    def calls(self, number: int) -> int:
+        """How often real clients called procedure ``number`` of this daemon (its call trace, rpc/calltrace.py,
+        recorded as the handler runs: a count that reached N means the Nth call was handled)."""
+        trace = Path(os.environ[calltrace.ENV]) / f"{self.pid}.trace"
+        try:
+            return trace.read_text().split().count(str(number))
+        except FileNotFoundError:
+            return 0
+
+    @property
     def uri(self) -> str:
         return f"mshv+unix:///system?socket={self.socket}"
 
@@ -279,10 +298,15 @@ class PtyProcess:
         os.write(self.fd, data)
 
     def wait_console_ready(self, timeout: float = 30.0) -> None:
-        """``virsh console`` prints its banner, then switches the terminal to raw mode and drops what was
-        typed before; wait for the banner and give it a moment so keystrokes are not lost."""
+        """``virsh console`` prints its banner, then switches the terminal to raw mode (tcsetattr with
+        TCSAFLUSH, which drops what was typed before): wait for the banner, then for the terminal itself to
+        be raw (ECHO and ICANON off, seen from our side of the pty), so no keystroke is lost."""
         self.read_until(b"Escape character is", timeout)
-        time.sleep(0.5)
+        wait_for(self._raw, timeout, interval=0.01, what="virsh console's terminal in raw mode")
+
+    def _raw(self) -> bool:
+        lflag = termios.tcgetattr(self.fd)[3]
+        return not lflag & (termios.ECHO | termios.ICANON)
 
     def wait(self, timeout: float = 30.0) -> int:
         deadline = time.monotonic() + timeout
@@ -332,15 +356,6 @@ def domain_xml(
 """
 
 
-def wait_for(predicate: object, timeout: float = 20.0, interval: float = 0.05) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-
-
 @contextlib.contextmanager
 def running_daemon(root: Path, *extra_args: str) -> Iterator[DaemonProcess]:
     d = DaemonProcess(root, tuple(extra_args)).start()
@@ -349,3 +364,88 @@ def running_daemon(root: Path, *extra_args: str) -> Iterator[DaemonProcess]:
     finally:
         d.stop()
         d.destroy_all_vmms()
+
+
+# -- what many tests ask of a daemon's domains ----------------------------------------------------------
+
+EVENT_REGISTER_ANY = 316  # REMOTE_PROC_CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY (libvirt's remote_protocol.x)
+DOMAIN_EVENT_IDS = 27  # VIR_DOMAIN_EVENT_ID_LAST in libvirt 9.0's libvirt-domain.h: what `virsh event --all` asks for
+
+
+def serial_log(d: DaemonProcess, name: str) -> str:
+    """The domain's serial log as text so far ('' before the VMM created it)."""
+    path = d.serial_log(name)
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def domstate(d: DaemonProcess, name: str, *, reason: bool = True) -> str:
+    """``virsh domstate [--reason]``: e.g. ``running (booted)``."""
+    return virsh(d.uri, "domstate", *(("--reason",) if reason else ()), "--domain", name).stdout.strip()
+
+
+def define(d: DaemonProcess, tmp_path: Path, name: str, kernel: Path, **kw: Any) -> Path:
+    """``virsh define`` of :func:`domain_xml` (``name`` escaped: it is data); the XML file written."""
+    xml = tmp_path / f"define-{hashlib.sha256(name.encode()).hexdigest()[:16]}.xml"
+    xml.write_text(domain_xml(name.replace("&", "&amp;").replace("<", "&lt;"), kernel, **kw))
+    out = virsh(d.uri, "define", str(xml)).stdout
+    assert f"Domain '{name}' defined" in out, out
+    return xml
+
+
+def console_roundtrip(d: DaemonProcess, name: str, text: bytes) -> None:
+    """``virsh console``: what we type reaches the guest, and its echo comes back; Ctrl+] leaves with 0."""
+    con = PtyProcess([VIRSH, "-c", d.uri, "console", "--domain", name])
+    try:
+        con.wait_console_ready()
+        con.write(text)
+        con.read_until(text)
+        con.write(b"\x1d")
+        assert con.wait() == 0
+    finally:
+        con.kill()
+
+
+def virsh_event(d: DaemonProcess, *args: str, registrations: int = 1) -> PtyProcess:
+    """``virsh event ARGS`` on a pty, once the daemon has handled its ``registrations`` callback
+    registrations (``DOMAIN_EVENT_IDS`` for ``--all``): events after that reach it."""
+    before = d.calls(EVENT_REGISTER_ANY)
+    watcher = PtyProcess([VIRSH, "-c", d.uri, "event", *args])
+    try:
+        wait_for(
+            lambda: d.calls(EVENT_REGISTER_ANY) >= before + registrations,
+            what=lambda: f"virsh event registered {d.calls(EVENT_REGISTER_ANY) - before} callbacks: {watcher.output!r}",
+        )
+    except BaseException:
+        watcher.kill()
+        raise
+    return watcher
+
+
+def vmm_request_at(control: Path, cmd: str) -> dict[str, Any]:
+    """One request on a VMM's control socket, past the daemon (which may be dead); its result."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(control))
+        s.sendall(json.dumps({"id": 1, "cmd": cmd}).encode() + b"\n")
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            assert chunk, "the VMM closed its control socket"
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                msg = json.loads(line)
+                if msg.get("id") == 1:
+                    assert msg["ok"], msg
+                    return dict(msg["result"])
+
+
+def vmm_request(d: DaemonProcess, name: str, cmd: str) -> dict[str, Any]:
+    return vmm_request_at(d.control_socket(name), cmd)
+
+
+def kill_pids(pids: Iterable[int]) -> None:
+    """SIGKILL the processes a test started (by pid, never by name)."""
+    for pid in list(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

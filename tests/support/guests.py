@@ -43,10 +43,11 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support.waits import wait_for
 
 TINY_BANNER = "TINY-GUEST-UP"
 TINY_AP_BANNER = "TINY-AP-UP"
@@ -986,12 +987,17 @@ def tiny_counts(serial: str) -> list[tuple[int, dict[str, str]]]:
 
 def wait_tiny_counts(read: Callable[[], str], *, nth: int = 1, timeout: float) -> tuple[int, dict[str, str]]:
     """Wait (bounded) until the serial log read by ``read`` holds ``nth`` complete counters lines."""
-    deadline = time.monotonic() + timeout
-    while len(found := tiny_counts(read())) < nth:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"counters line {nth} not printed within {timeout} s: {read()[-2000:]!r}")
-        time.sleep(0.05)
+    found = wait_for(
+        lambda: (lines := tiny_counts(read()))[nth - 1 :] and lines,
+        timeout,
+        what=lambda: f"counters line {nth} printed: {read()[-2000:]!r}",
+    )
     return found[nth - 1]
+
+
+def tiny_keys(serial: str) -> list[str]:
+    """The scancodes the tiny guest reported (key lines), complete lines only."""
+    return re.findall(rf"^{TINY_KEY} ([0-9a-f]{{2}})\n", serial, re.M)
 
 
 def tiny_source() -> str:

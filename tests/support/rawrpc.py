@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import socket
+import struct
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +44,11 @@ class RawClient:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+
+    def unsent(self) -> int:
+        """Bytes sent that the daemon has not read yet (SIOCOUTQ; 0 once it read all, or dropped us)."""
+        buf = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        return int(struct.unpack("i", buf)[0])
 
     def packet(
         self,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mshv_libvirt.driver.vmm_client import vmm_command
+from tests.support.waits import wait_for
 
 
 class VmmProcess:
@@ -87,15 +88,15 @@ class VmmProcess:
             return ""
 
     def wait_serial(self, text: str, *, timeout: float, count: int = 1) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def seen() -> str | None:
             out = self.serial
             if out.count(text) >= count:
                 return out
             if self.proc.poll() is not None:
                 raise AssertionError(f"VMM exited ({self.proc.returncode}) before {text!r}: {self.diagnostics()}")
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {text!r} on serial: {self.diagnostics()}")
+            return None
+
+        return wait_for(seen, timeout, what=lambda: f"{text!r} on serial: {self.diagnostics()}")
 
     def exit_record(self) -> dict[str, Any] | None:
         try:
@@ -119,17 +120,18 @@ class VmmProcess:
 
     # -- control socket --------------------------------------------------------------------------
     def connect(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        def connected() -> socket.socket | None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.connect(self.config["control_socket"])
-                break
+                return sock
             except (FileNotFoundError, ConnectionRefusedError):
                 sock.close()
-                if time.monotonic() > deadline or self.proc.poll() is not None:
+                if self.proc.poll() is not None:
                     raise AssertionError(f"control socket never came up: {self.diagnostics()}") from None
-                time.sleep(0.05)
+                return None
+
+        sock = wait_for(connected, timeout, what=lambda: f"the control socket up: {self.diagnostics()}")
         self._sock = sock
         self._reader = threading.Thread(target=self._read_loop, args=(sock,), daemon=True)
         self._reader.start()

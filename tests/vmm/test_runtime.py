@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from mshv_libvirt.vmm.devices import keymap
-from tests.support.guests import TINY_AP_BANNER, TINY_BANNER, TINY_KEY, TINY_POWERBUTTON
+from tests.support.guests import TINY_AP_BANNER, TINY_BANNER, TINY_POWERBUTTON, tiny_keys
+from tests.support.waits import assert_quiet, wait_for
 from tests.vmm.harness import VmmProcess
 
 pytestmark = pytest.mark.kvm
@@ -56,16 +57,13 @@ def event_names(vm: VmmProcess) -> list[str]:
     return [e["event"] for e in vm.events]
 
 
-def keys_seen(vm: VmmProcess) -> list[str]:
-    return re.findall(rf"^{TINY_KEY} ([0-9a-f]{{2}})\n", vm.serial, re.M)
-
-
 def wait_keys(vm: VmmProcess, count: int) -> list[str]:
-    deadline = time.monotonic() + BOOT
-    while len(seen := keys_seen(vm)) < count:
-        assert time.monotonic() < deadline, f"{seen} {vm.diagnostics()}"
-        time.sleep(0.01)
-    return seen
+    return wait_for(
+        lambda: (seen := tiny_keys(vm.serial))[count - 1 :] and seen,
+        BOOT,
+        interval=0.01,
+        what=lambda: f"{tiny_keys(vm.serial)} {vm.diagnostics()}",
+    )
 
 
 def test_status_reports_the_running_vm(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
@@ -92,7 +90,9 @@ def test_pause_and_resume_reach_every_vcpu_once(kvm: None, tiny_kernel: Path, tm
         assert vm.command("status")["state"] == "paused"
         exits = vm.command("status")["exits"]
         vm.console_send(b"i")  # the guest would read the IOAPIC: an MMIO exit, a line on the serial port
-        time.sleep(0.3)  # a window in which a running vCPU would have taken the byte
+        assert_quiet(
+            lambda: vm.command("status")["exits"] == exits, 0.3, "a window in which a running vCPU would take the byte"
+        )
         assert vm.command("status")["exits"] == exits
         assert "TINY-IOAPIC-VERSION" not in vm.serial
         assert vm.command("resume") == {"state": "running"}

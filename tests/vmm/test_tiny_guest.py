@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
 from mshv_libvirt.vmm import layout
 from tests.support.guests import TINY_AP_BANNER, TINY_BANNER, TINY_BENCH_DONE, TINY_PCI_ECAM, TINY_POWERBUTTON
+from tests.support.waits import assert_quiet
 from tests.vmm.harness import VmmProcess
 
 pytestmark = pytest.mark.kvm
@@ -125,7 +125,7 @@ def test_pause_stops_the_guest_and_resume_continues(tiny_vm: VmmProcess) -> None
     assert tiny_vm.wait_event("paused", timeout=5)
     exits = tiny_vm.command("status")["exits"]
     tiny_vm.console_send(b"p")
-    time.sleep(1.0)
+    assert_quiet(lambda: tiny_vm.command("status")["exits"] == exits, 1.0, "paused: no guest instruction runs")
     assert tiny_vm.command("status")["exits"] == exits  # no guest instruction ran
     assert "p" not in tiny_vm.serial.split(TINY_BANNER, 1)[1].split("\n", 1)[1]
     assert tiny_vm.command("pause") == {"state": "paused"}  # idempotent
@@ -185,7 +185,7 @@ def test_two_vcpus_each_on_its_own_thread(kvm: None, tiny_kernel: Path, tmp_path
 def test_start_paused_runs_nothing_until_resumed(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
     with VmmProcess.start(tmp_path / "vm", tiny_kernel, start_paused=True) as vm:
         assert vm.command("status")["state"] == "paused"
-        time.sleep(0.5)
+        assert_quiet(lambda: TINY_BANNER not in vm.serial, 0.5, "started paused, the guest prints nothing")
         assert TINY_BANNER not in vm.serial
         vm.command("resume")
         vm.wait_serial(TINY_BANNER, timeout=BOOT)
@@ -211,8 +211,7 @@ def test_survives_clients_going_away_and_sighup(tiny_vm: VmmProcess) -> None:
     tiny_vm._sock.sendall(b'{"id": 99, "cmd": "status"}\n')
     tiny_vm.disconnect()  # gone before reading its reply, like a SIGKILLed daemon
     os.kill(tiny_vm.proc.pid, signal.SIGHUP)
-    time.sleep(0.3)
-    assert tiny_vm.proc.poll() is None
+    assert_quiet(lambda: tiny_vm.proc.poll() is None, 0.3, "SIGHUP does not end the VMM")
     assert tiny_vm.command("status")["state"] == "running"  # a new connection works
     tiny_vm.console_send(b"yes")
     tiny_vm.wait_console(b"yes", timeout=BOOT)

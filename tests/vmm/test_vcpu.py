@@ -10,7 +10,6 @@ import ctypes
 import io
 import queue
 import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -31,6 +30,7 @@ from mshv_libvirt.vmm.vcpu import (
     VmExitKind,
     install_kick_handler,
 )
+from tests.support.waits import assert_quiet, wait_for
 from tests.vmm import fakehv
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -169,12 +169,9 @@ def test_thread_state_machine_with_real_kicks(platform: Any) -> None:
     assert thread.state.value == "running"  # (mypy narrowed .state to PAUSED above)
     assert thread.request(VcpuEvent.PAUSE).kind is ResponseKind.PAUSED  # the kick got it out of run()
     vp.script.put(fakehv.io_message(0x3F8, 1, True, rax=ord("z"), rip=0x1000, length=1))
-    time.sleep(0.1)
-    assert out.getvalue() == b""  # paused: the scripted exit is not consumed
+    assert_quiet(lambda: out.getvalue() == b"", 0.1, "paused: the scripted exit is not consumed")
     assert thread.request(VcpuEvent.RESUME).kind is ResponseKind.RESUMED
-    deadline = time.monotonic() + 5
-    while out.getvalue() != b"z" and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: out.getvalue() == b"z", timeout=5, interval=0.01, what=out.getvalue)
     assert out.getvalue() == b"z" and thread.exits == 1
     assert thread.request(VcpuEvent.FINISH).kind is ResponseKind.FINISHED
     thread.join(5)
