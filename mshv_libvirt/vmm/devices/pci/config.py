@@ -9,6 +9,7 @@ all ones reads back its size mask and type bits.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +88,8 @@ class PciConfigSpace:
         self._set_wmask(COMMAND, 2, COMMAND_WRITABLE)
         self._set_wmask(INTERRUPT_LINE, 1, 0xFF)
         self._last_capability: int | None = None
+        # Called after every guest write with (offset, size): capabilities that act on writes (MSI-X).
+        self.write_hooks: list[Callable[[int, int], None]] = []
         self._capabilities_end = 0x40
 
     # -- construction ------------------------------------------------------------------------------
@@ -152,6 +155,8 @@ class PciConfigSpace:
             mask = self._wmask[offset + i]
             byte = (value >> (8 * i)) & 0xFF
             self._data[offset + i] = (self._data[offset + i] & ~mask) | (byte & mask)
+        for hook in self.write_hooks:
+            hook(offset, size)
 
     # -- the VMM's view ----------------------------------------------------------------------------
 
@@ -208,3 +213,5 @@ class PciConfigSpace:
                 f"PCI config state is for device {ids.hex()}, not {self._data[VENDOR_ID : DEVICE_ID + 2].hex()}"
             )
         self._data[:] = data
+        for hook in self.write_hooks:
+            hook(0, CONFIG_SIZE)
