@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -31,7 +30,6 @@ from mshv_libvirt.hv import (
     GuestMemory,
     MshvError,
     MshvSystem,
-    MsiRoute,
     PartitionFd,
     Reg,
     RegisterValue,
@@ -47,11 +45,12 @@ from .devices.acpi_pm import AcpiPm
 from .devices.bus import Bus, BusDevice
 from .devices.i8042 import I8042
 from .devices.ioapic import MMIO_SIZE as IOAPIC_MMIO_SIZE
-from .devices.ioapic import IoApic, MsiMessage
+from .devices.ioapic import IoApic
 from .devices.pci.bridge import CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, BarAllocator, ConfigPorts, Ecam, PciRootBus
 from .devices.pvpanic import PORT as PVPANIC_PORT
 from .devices.pvpanic import PvPanic
 from .devices.serial import Serial16550
+from .interrupts import IrqfdSink, MsiRouting
 from .vcpu import ExitGate, ExitHandler, VcpuEvent, VcpuThread, VmExit, VmExitKind
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,6 @@ log = logging.getLogger(__name__)
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
 I8042_PORT = 0x60
-IOAPIC_PINS = 24
 
 
 class BuildError(Exception):
@@ -140,42 +138,6 @@ class GuestRam:
         return [r for r, _ in self.regions]
 
 
-class IrqfdSink:
-    """IOAPIC pins -> MSIs: one eventfd per pin bound with irqfd to GSI = pin; the routing table
-    follows the redirection entries, so firing a pin is a single eventfd write from any thread."""
-
-    def __init__(self, partition: PartitionFd, pins: int = IOAPIC_PINS) -> None:
-        self._partition = partition
-        self._routes: dict[int, MsiRoute] = {}
-        self._fds: list[int] = []
-        try:
-            partition.set_msi_routing([])
-            for pin in range(pins):
-                fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-                self._fds.append(fd)
-                partition.irqfd(fd, pin)
-        except BaseException:
-            self.close()
-            raise
-
-    def route(self, pin: int, msi: MsiMessage | None) -> None:
-        if msi is None:
-            self._routes.pop(pin, None)
-        else:
-            self._routes[pin] = MsiRoute(pin, msi.address_lo, msi.address_hi, msi.data)
-        self._partition.set_msi_routing(sorted(self._routes.values(), key=lambda r: r.gsi))
-
-    def fire(self, pin: int) -> None:
-        if pin in self._routes:
-            os.eventfd_write(self._fds[pin], 1)
-
-    def close(self) -> None:
-        for fd in self._fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._fds = []
-
-
 @dataclass
 class Platform:
     pio: Bus
@@ -185,6 +147,7 @@ class Platform:
     i8042: I8042
     acpi_pm: AcpiPm | None
     pci: PciRootBus
+    routing: MsiRouting
 
 
 @dataclass
@@ -335,7 +298,8 @@ def attach_devices(
     resources: contextlib.ExitStack,
 ) -> Platform:
     try:
-        sink = IrqfdSink(partition)
+        routing = MsiRouting(partition)
+        sink = IrqfdSink(routing)
     except (MshvError, OSError) as err:
         raise AttachDevicesError(f"interrupt routing: {err}") from err
     resources.callback(sink.close)
@@ -363,7 +327,7 @@ def attach_devices(
         pm = AcpiPm(poweroff, reset, lambda level: ioapic.set_irq(acpi.SCI_IRQ, level))
         pio.register(acpi.PM1A_EVT_PORT, PM_BLOCK_SIZE, pm)
     pci = attach_pci(pio, mmio_bus, config, reset_register=pm.reset_register if pm is not None else None)
-    return Platform(pio, mmio_bus, serial, ioapic, i8042, pm, pci)
+    return Platform(pio, mmio_bus, serial, ioapic, i8042, pm, pci, routing)
 
 
 def attach_pci(pio: Bus, mmio_bus: Bus, config: VmmConfig, *, reset_register: BusDevice | None) -> PciRootBus:
