@@ -58,7 +58,7 @@ static struct {
 } threads[MAX_THREADS];
 static int active;                  /* the process filter is installed */
 static int report_fd = -1;          /* the exit file: a denied call is reported there too */
-static const char *const kind_names[] = {"main", "vCPU", "helper"};
+static const char *const kind_names[] = {"main", "vCPU", "helper", "device"};
 
 static pid_t self_tid(void)
 {
@@ -128,7 +128,7 @@ static void describe(struct buf *o, int nr, pid_t tid)
     put(o, thread ? thread : "?");
     put(o, " (tid ");
     put_num(o, tid);
-    if (kind >= 0 && kind <= 2) {
+    if (kind >= 0 && kind <= 3) {
         put(o, ", ");
         put(o, kind_names[kind]);
         put(o, " filter");
@@ -345,6 +345,18 @@ static const struct rule helper_rules[] = {
     ALLOW(restart_syscall),
 };
 
+/* A device thread (virtio-rng): sleeps in poll(2) on its kick and stop eventfds, reads its backend fd and
+ * eventfds, copies into guest memory (no system call), signals irqfd eventfds, and runs Python (locks,
+ * the allocator, the monotonic clock). No open, no ioctl: everything it touches was opened before. */
+static const struct rule device_rules[] = {
+    ALLOW(read),          ALLOW(write),          ALLOW(poll),           ALLOW(ppoll),
+    ALLOW(futex),         ALLOW(clock_gettime),  ALLOW(gettid),         ALLOW(getpid),
+    ALLOW(sched_yield),   ALLOW(munmap),         ALLOW(madvise),        ALLOW(mremap),
+    ALLOW(brk),           ALLOW_IF(mmap, 2, C_NOT_SET, PROT_EXEC),      ALLOW_IF(mprotect, 2, C_NOT_SET, PROT_EXEC),
+    ALLOW(rt_sigprocmask), ALLOW(rt_sigreturn),  ALLOW(restart_syscall), ALLOW(exit),
+    ALLOW(exit_group),
+};
+
 /* The main thread: the selector loop, control clients, VM (re)builds, logging and lazy imports (files
  * are opened read-only where Landlock allows), thread creation (threads only), core dumps. Every call a
  * vCPU or helper thread may make is here too: their lists stack on this one. */
@@ -459,7 +471,7 @@ static int compile(const struct rule *rules, size_t n, struct sock_filter *prog,
     return (int)k;
 }
 
-static const char *const default_names[] = {"main", "vcpu", "helper"};
+static const char *const default_names[] = {"main", "vcpu", "helper", "device"};
 _Static_assert(MSHV_SANDBOX_HELPER == 2, "abi/emu/emu_kvm.c calls the helper kind EMU_SANDBOX_HELPER (2)");
 
 int mshv_seccomp_install(int kind)
@@ -486,6 +498,10 @@ int mshv_seccomp_install(int kind)
     case MSHV_SANDBOX_HELPER:
         rules = helper_rules;
         n = sizeof(helper_rules) / sizeof(helper_rules[0]);
+        break;
+    case MSHV_SANDBOX_DEVICE:
+        rules = device_rules;
+        n = sizeof(device_rules) / sizeof(device_rules[0]);
         break;
     default:
         return -EINVAL;

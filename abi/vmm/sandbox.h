@@ -8,6 +8,7 @@
 #define MSHV_SANDBOX_PROCESS 0 /* the main/control thread; installed with TSYNC on every thread */
 #define MSHV_SANDBOX_VCPU 1    /* a vCPU thread's run loop */
 #define MSHV_SANDBOX_HELPER 2  /* the emulated device's halt monitor */
+#define MSHV_SANDBOX_DEVICE 3  /* a device thread (virtio backends) */
 
 int mshv_sandbox_no_new_privs(void);
 int mshv_landlock_abi(void);

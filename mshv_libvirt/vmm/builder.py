@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -50,6 +51,9 @@ from .devices.pci.bridge import CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, BarAll
 from .devices.pvpanic import PORT as PVPANIC_PORT
 from .devices.pvpanic import PvPanic
 from .devices.serial import Serial16550
+from .devices.virtio.pci import VirtioPciFunction
+from .devices.virtio.queue import DeviceMemory
+from .devices.virtio.rng import RateLimit, VirtioRng
 from .interrupts import IrqfdSink, MsiRouting
 from .vcpu import ExitGate, ExitHandler, VcpuEvent, VcpuThread, VmExit, VmExitKind
 
@@ -148,6 +152,8 @@ class Platform:
     acpi_pm: AcpiPm | None
     pci: PciRootBus
     routing: MsiRouting
+    bars: BarAllocator
+    virtio: list[VirtioPciFunction] = field(default_factory=list)
 
 
 @dataclass
@@ -326,11 +332,13 @@ def attach_devices(
     if config.acpi:
         pm = AcpiPm(poweroff, reset, lambda level: ioapic.set_irq(acpi.SCI_IRQ, level))
         pio.register(acpi.PM1A_EVT_PORT, PM_BLOCK_SIZE, pm)
-    pci = attach_pci(pio, mmio_bus, config, reset_register=pm.reset_register if pm is not None else None)
-    return Platform(pio, mmio_bus, serial, ioapic, i8042, pm, pci, routing)
+    pci, bars = attach_pci(pio, mmio_bus, config, reset_register=pm.reset_register if pm is not None else None)
+    return Platform(pio, mmio_bus, serial, ioapic, i8042, pm, pci, routing, bars)
 
 
-def attach_pci(pio: Bus, mmio_bus: Bus, config: VmmConfig, *, reset_register: BusDevice | None) -> PciRootBus:
+def attach_pci(
+    pio: Bus, mmio_bus: Bus, config: VmmConfig, *, reset_register: BusDevice | None
+) -> tuple[PciRootBus, BarAllocator]:
     """The root bus on ports 0xCF8-0xCFF (0xCF9, the ACPI reset register, inside them) and ECAM; every
     BAR placed, as firmware would have, before the guest runs."""
     assert acpi.RESET_PORT == CONFIG_ADDRESS_PORT + 1
@@ -342,7 +350,31 @@ def attach_pci(pio: Bus, mmio_bus: Bus, config: VmmConfig, *, reset_register: Bu
     )
     for function in pci.slots.values():
         bars.place(function.config)
-    return pci
+    return pci, bars
+
+
+def attach_virtio_devices(
+    partition: PartitionFd, ram: GuestRam, platform: Platform, config: VmmConfig, resources: contextlib.ExitStack
+) -> None:
+    """virtio-pci functions in their configured slots, BARs placed and mapped, device threads started."""
+    for rng_config in config.rng:
+        try:
+            fd = rng_config.fd
+            if fd is None:
+                fd = os.open(rng_config.backend, os.O_RDONLY | os.O_CLOEXEC)
+                resources.callback(os.close, fd)
+            rate = RateLimit(rng_config.rate_bytes, rng_config.rate_period_ms) if rng_config.rate_bytes else None
+            rng = VirtioRng(fd, rate)
+            function = VirtioPciFunction(rng, DeviceMemory(ram), platform.routing, partition, platform.mmio)
+            resources.callback(function.close)
+            platform.pci.add(function, rng_config.slot)
+            platform.bars.place(function.config)
+            function.sync_bar()
+            rng.start(function)
+            resources.callback(rng.stop)
+            platform.virtio.append(function)
+        except (MshvError, OSError, ValueError) as err:
+            raise AttachDevicesError(f"virtio-rng in PCI slot {rng_config.slot}: {err}") from err
 
 
 def load_kernel(ram: GuestRam, config: VmmConfig) -> loader.KernelImage:
@@ -500,6 +532,7 @@ def build_vm(
         ram = map_memory(partition, config.memory_bytes)
         memory.extend(mem for _, mem in ram.regions)
         platform = attach_devices(partition, config, console_write, gate, resources)
+        attach_virtio_devices(partition, ram, platform, config, resources)
         kernel = load_kernel(ram, config)
         write_platform_tables(ram, config)
         vps = create_vps(partition, config.vcpus, resources)

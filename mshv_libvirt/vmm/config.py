@@ -65,6 +65,38 @@ class HandedFds:
         return cls(**values)
 
 
+RNG_BACKENDS = ("/dev/urandom", "/dev/random")
+
+
+@dataclass(frozen=True)
+class RngConfig:
+    """A virtio-rng device (``<rng model='virtio'>``): its PCI slot on bus 0, backend and rate limit."""
+
+    slot: int
+    backend: str = "/dev/urandom"
+    rate_bytes: int | None = None  # <rate bytes=...>: at most this many bytes ...
+    rate_period_ms: int = 1000  # ... per this many milliseconds
+    fd: int | None = None  # the backend, opened by the daemon or by the VMM before its sandbox
+
+    @classmethod
+    def from_dict(cls, raw: object) -> RngConfig:
+        if not isinstance(raw, dict) or set(raw) - {"slot", "backend", "rate_bytes", "rate_period_ms", "fd"}:
+            raise ConfigError(
+                "config field 'rng' must be a list of objects with slot, backend, rate_bytes, rate_period_ms"
+            )
+        slot, backend = raw.get("slot"), raw.get("backend", "/dev/urandom")
+        rate, period, fd = raw.get("rate_bytes"), raw.get("rate_period_ms", 1000), raw.get("fd")
+        if not isinstance(slot, int) or isinstance(slot, bool) or not 1 <= slot <= 31:
+            raise ConfigError("config field 'rng.slot' must be a PCI slot between 1 and 31")
+        if backend not in RNG_BACKENDS:
+            raise ConfigError(f"config field 'rng.backend' must be one of {', '.join(RNG_BACKENDS)}")
+        for name, value, low in (("rate_bytes", rate, 1), ("rate_period_ms", period, 1), ("fd", fd, 0)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise ConfigError(f"config field 'rng.{name}' must be an integer of at least {low}")
+        assert period is not None
+        return cls(slot, backend, rate, period, fd)
+
+
 @dataclass(frozen=True)
 class VmmConfig:
     name: str
@@ -106,6 +138,7 @@ class VmmConfig:
     sandbox: bool = False
     # Honour the test-only control commands (docs/SECURITY.md); set only by tests.
     test_hooks: bool = False
+    rng: tuple[RngConfig, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_vcpus == 0:
@@ -150,6 +183,7 @@ class VmmConfig:
             fds=HandedFds.from_dict(raw.get("fds")),
             sandbox=get("sandbox", bool, False),
             test_hooks=get("test_hooks", bool, False),
+            rng=tuple(RngConfig.from_dict(r) for r in get("rng", list, [])),
         )
         if cfg.memory_bytes < 16 << 20 or cfg.memory_bytes % 4096:
             raise ConfigError("config field 'memory_bytes' must be a multiple of 4 KiB and at least 16 MiB")
@@ -174,6 +208,8 @@ class VmmConfig:
             raise ConfigError(f"config field 'serial_log_max_backups' must be between 0 and {MAX_LOG_BACKUPS}")
         if cfg.fds.serial_log and len(cfg.fds.serial_log) != cfg.serial_log_max_backups + 1:
             raise ConfigError("config field 'fds.serial_log' must hold the log and each of its backups")
+        if len({r.slot for r in cfg.rng}) != len(cfg.rng):
+            raise ConfigError("config field 'rng' puts two devices in one PCI slot")
         return cfg
 
     @classmethod

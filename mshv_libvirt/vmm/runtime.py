@@ -44,6 +44,8 @@ from .config import VmmConfig
 from .console import Console
 from .control import CommandError, ControlServer, JsonObject
 from .devices import keymap
+from .devices.virtio.pci import VirtioPciFunction
+from .devices.virtio.rng import VirtioRng
 from .vcpu import VcpuEvent, VmExit, VmExitKind, install_kick_handler
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,27 @@ def _default_build(
     config: VmmConfig, write: Callable[[bytes], object], on_exit: Callable[[VmExit], None], paused: bool
 ) -> builder.Vm:
     return builder.build_vm(config, write, on_exit, paused=paused)
+
+
+def _virtio_status(function: VirtioPciFunction) -> JsonObject:
+    """A virtio-pci function's counters: doorbells that exited to the VMM, interrupts, MSI-X irqfd writes."""
+    device = function.device
+    status: JsonObject = {
+        "device_id": device.device_id,
+        "bar": function.mapped_at,
+        "status": function.status,
+        "notify_exits": function.notify_exits,
+        "interrupts": function.interrupts,
+        "irqfd": [{"gsi": line.gsi, "fired": line.fired} for line in function.lines],
+    }
+    if isinstance(device, VirtioRng):
+        thread = device.thread
+        status.update(
+            served=device.served,
+            requests=device.requests,
+            thread=thread.native_id if thread is not None and thread.is_alive() else None,
+        )
+    return status
 
 
 class Vmm:
@@ -270,6 +293,7 @@ class Vmm:
             if vm
             else {},
             "exits": sum(t.exits for t in vm.vcpus) if vm else 0,
+            "virtio": [_virtio_status(f) for f in vm.platform.virtio] if vm else [],
             "sandbox": st.as_json() if (st := sandbox.state()) is not None else None,
         }
 
@@ -468,7 +492,12 @@ class Vmm:
             handed = dataclasses.replace(handed, kernel=images.open_checked("kernel", cfg.kernel, limit)[0])
         if cfg.initrd and handed.initrd is None:
             handed = dataclasses.replace(handed, initrd=images.open_checked("initrd", cfg.initrd, limit)[0])
-        return dataclasses.replace(cfg, fds=handed)
+        # virtio-rng backends: kept open for the VMM's life (every rebuild reads the same descriptor)
+        rngs = tuple(
+            r if r.fd is not None else dataclasses.replace(r, fd=os.open(r.backend, os.O_RDONLY | os.O_CLOEXEC))
+            for r in cfg.rng
+        )
+        return dataclasses.replace(cfg, fds=handed, rng=rngs)
 
     def _write_dirs(self) -> tuple[str, ...]:
         """Directories a sandboxed VMM still writes by path: only where it was given paths, not fds."""

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 PROCESS = 0
 VCPU = 1
 HELPER = 2
+DEVICE = 3  # a device thread (virtio backends): poll, read, write, Python
 
 HYPERVISOR_KINDS = {"/dev/mshv": 1, "/dev/kvm": 2}
 

@@ -37,6 +37,14 @@ class Bus:
         self._starts.insert(i, base)
         self._entries.insert(i, (base, length, device))
 
+    def unregister(self, base: int) -> None:
+        """Remove the range registered at ``base`` (a PCI BAR the guest moves)."""
+        i = bisect.bisect_left(self._starts, base)
+        if i == len(self._starts) or self._starts[i] != base:
+            raise ValueError(f"{self.name} has no range at {base:#x}")
+        del self._starts[i]
+        del self._entries[i]
+
     def lookup(self, addr: int, size: int) -> tuple[BusDevice, int] | None:
         """The device owning [addr, addr+size) and the offset into it, or None."""
         i = bisect.bisect_right(self._starts, addr) - 1

@@ -1,0 +1,1 @@
+"""virtio devices on the modern virtio-pci transport (virtio 1.2)."""
