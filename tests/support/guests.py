@@ -14,7 +14,8 @@ of the protected-mode part), so it boots through exactly the loader Linux uses. 
   the power button (prints ``TINY-GUEST-POWERBUTTON`` and powers off); between polls it sleeps on
   the LAPIC timer (one-shot, vector 0x40) with ``sti; hlt``; ``n`` prints its counters line
   (``TINY-IRQ-COUNTS mode=... tx= rx= serial= sci= kbd= timer= polls=``, see ``tiny_counts``);
-  ``d`` scans PCI bus 0 (devices) (``TINY_PCI_ASM``);
+  ``d`` scans PCI bus 0 (devices) (``TINY_PCI_ASM``); ``v`` drives the virtio-rng device
+  (``TINY_VIRTIO_ASM``): ``TINY-VIRTIO bytes= irqs= sum= kicks=`` (see ``tiny_virtio``);
 * counts NMIs (vector 2) and prints ``TINY-NMI <count, 8 hex digits>`` when the count changed, and prints
   ``TINY-KEY <hex byte>`` for every byte the i8042 has for it on port 0x60 (``TINY_EVENTS_ASM``, polled mode);
 * with ``tiny.irq`` on its command line, the same commands interrupt-driven (``TINY_IRQ_ASM``): no
@@ -59,6 +60,9 @@ TINY_KEY = "TINY-KEY"
 TINY_IRQ_FLAG = "tiny.irq"  # on the command line: the interrupt-driven mode (TINY_IRQ_ASM)
 TINY_COUNTS = "TINY-IRQ-COUNTS"
 TINY_PCI_ECAM = 0xE000_0000  # the VMM's layout.PCI_ECAM_ADDR (the guest reads no MCFG)
+TINY_VIRTIO = "TINY-VIRTIO"
+TINY_VIRTIO_ROUNDS = 2048  # requests per 'v' press: one buffer each, kicked, completed by an MSI-X interrupt
+TINY_VIRTIO_BUFFER = 64
 LINUX_MARKER = "MSHV-GUEST-READY"
 LINUX_POWERBUTTON = "MSHV-GUEST-POWERBUTTON"
 # Measured on kvm-pvm hosts (no VMX): the host emulates the guest's CPL0 code instruction by
@@ -133,6 +137,8 @@ dispatch:                       /* al = a byte typed on COM1 */
     je counts_command
     cmp $'d', %al
     je pci_scan
+    cmp $'v', %al
+    je virtio_rng
     call lock_print
     call putc
     movb $0, print_lock(%rip)
@@ -928,6 +934,310 @@ pci_class_msg: .asciz " class "
 pci_done_msg:  .asciz "TINY-PCI-DONE "
 """
 
+# virtio-rng ('v'): a minimal modern virtio-pci driver. The first press finds 1af4:1044 on bus 0 through
+# 0xCF8/0xCFC, reads BAR 0 (64-bit, above RAM: it maps that 2 MiB page itself, uncached), walks the
+# capability list for the common and notify configuration and the MSI-X table, negotiates VERSION_1,
+# routes MSI-X vector 0 to APIC 0 vector 0x33, enables MSI-X and bus mastering, and sets up queue 0
+# (8 entries, vector 0). Every press then makes TINY_VIRTIO_ROUNDS requests: one writable 64-byte
+# buffer made available, the doorbell written (a 16-bit store of the queue index), then `sti; hlt`
+# until the MSI-X handler counted the interrupt; the used element's length is added to the byte count
+# and the buffer's dwords to the checksum. It prints the totals since boot:
+# ``TINY-VIRTIO bytes=<hex> irqs=<hex> sum=<hex> kicks=<hex>``, or ``TINY-VIRTIO-FAIL <code>``
+# (1 no device, 2 FEATURES_OK refused, 3 vector refused, 4 used ring behind).
+TINY_VIRTIO_ASM = r"""
+    .set VIRTIO_VECTOR, 0x33
+    .set VQ_SIZE, 8
+    .set VIRTIO_ROUNDS, {rounds}
+    .set VIRTIO_BUF, {buffer}
+
+    .text
+    .code64
+virtio_rng:
+    pushfq                      /* polled mode runs with interrupts off, interrupt mode with them on */
+    call lock_print
+    cmpb $0, vio_ready(%rip)
+    jne 5f
+    call virtio_setup
+    test %eax, %eax
+    jnz 8f
+5:  xor %r12d, %r12d
+6:  call virtio_round
+    test %eax, %eax
+    jnz 8f
+    inc %r12d
+    cmp $VIRTIO_ROUNDS, %r12d
+    jb 6b
+    lea vio_msg(%rip), %rsi
+    call puts
+    mov vio_bytes(%rip), %ebx
+    call puthex32
+    lea vio_irqs_msg(%rip), %rsi
+    call puts
+    mov vio_irqs(%rip), %ebx
+    call puthex32
+    lea vio_sum_msg(%rip), %rsi
+    call puts
+    mov vio_sum(%rip), %ebx
+    call puthex32
+    lea vio_kicks_msg(%rip), %rsi
+    call puts
+    mov vio_kicks(%rip), %ebx
+    call puthex32
+    jmp 9f
+8:  mov %eax, %ebx
+    lea vio_fail_msg(%rip), %rsi
+    call puts
+    call puthex32
+9:  mov $'\n', %al
+    call putc
+    movb $0, print_lock(%rip)
+    popfq
+    jmp main_loop
+
+vio_cfg_read32:                 /* ecx = register of the device's config space -> eax */
+    mov vio_cfg(%rip), %eax
+    or %ecx, %eax
+    mov $0xcf8, %dx
+    out %eax, %dx
+    mov $0xcfc, %dx
+    in %dx, %eax
+    ret
+
+vio_cfg_write16:                /* ecx = register (2-byte aligned), r9w = value */
+    mov vio_cfg(%rip), %eax
+    mov %ecx, %edx
+    and $~3, %edx
+    or %edx, %eax
+    mov $0xcf8, %dx
+    out %eax, %dx
+    mov $0xcfc, %edx
+    and $3, %ecx
+    add %ecx, %edx
+    mov %r9d, %eax
+    out %ax, %dx
+    ret
+
+virtio_setup:
+    mov $1, %r12d
+1:  mov %r12d, %eax
+    shl $11, %eax
+    or $0x80000000, %eax
+    mov %eax, vio_cfg(%rip)
+    xor %ecx, %ecx
+    call vio_cfg_read32
+    cmp $0x10441af4, %eax
+    je 2f
+    inc %r12d
+    cmp $32, %r12d
+    jb 1b
+    mov $1, %eax
+    ret
+2:  mov $0x10, %ecx             /* BAR 0, 64-bit */
+    call vio_cfg_read32
+    and $0xfffffff0, %eax
+    mov %eax, %ebx
+    mov $0x14, %ecx
+    call vio_cfg_read32
+    shl $32, %rax
+    or %rbx, %rax
+    mov %rax, vio_bar(%rip)
+    call vio_map
+    mov $0x34, %ecx             /* the capability list */
+    call vio_cfg_read32
+    movzbl %al, %r13d
+3:  test %r13d, %r13d
+    jz 4f
+    mov %r13d, %ecx
+    call vio_cfg_read32         /* id, next, then (vendor capability) cap_len, cfg_type */
+    mov %eax, %r14d
+    cmp $0x11, %al
+    jne 31f
+    mov %r13d, vio_msix_cap(%rip)
+    lea 4(%r13), %ecx
+    call vio_cfg_read32
+    and $~7, %eax               /* table offset; BIR 0 */
+    mov %eax, vio_msix_table(%rip)
+    jmp 39f
+31: cmp $0x09, %al
+    jne 39f
+    mov %r14d, %r8d
+    shr $24, %r8d               /* cfg_type */
+    lea 8(%r13), %ecx
+    call vio_cfg_read32
+    cmp $1, %r8d
+    jne 32f
+    mov %eax, vio_common(%rip)
+    jmp 39f
+32: cmp $2, %r8d
+    jne 39f
+    mov %eax, vio_notify(%rip)
+    lea 16(%r13), %ecx
+    call vio_cfg_read32
+    mov %eax, vio_notify_mult(%rip)
+39: mov %r14d, %eax
+    shr $8, %eax
+    movzbl %al, %r13d
+    jmp 3b
+4:  lea idt(%rip), %rdi
+    lea virtio_isr(%rip), %rax
+    mov $VIRTIO_VECTOR, %ecx
+    call set_gate
+    mov vio_bar(%rip), %rbx
+    mov vio_common(%rip), %eax
+    add %rax, %rbx              /* rbx = common configuration */
+    movb $0, 20(%rbx)           /* device_status: reset, ACKNOWLEDGE, DRIVER */
+    movb $1, 20(%rbx)
+    movb $3, 20(%rbx)
+    movl $1, 8(%rbx)            /* driver_feature_select 1: VIRTIO_F_VERSION_1 (bit 32) */
+    movl $1, 12(%rbx)
+    movl $0, 8(%rbx)
+    movl $0, 12(%rbx)
+    movb $0xb, 20(%rbx)         /* FEATURES_OK, read back */
+    movzbl 20(%rbx), %eax
+    test $8, %al
+    jnz 5f
+    mov $2, %eax
+    ret
+5:  mov vio_bar(%rip), %rdi     /* MSI-X table entry 0: APIC 0, vector 0x33, unmasked */
+    mov vio_msix_table(%rip), %eax
+    add %rax, %rdi
+    movl $0xfee00000, (%rdi)
+    movl $0, 4(%rdi)
+    movl $VIRTIO_VECTOR, 8(%rdi)
+    movl $0, 12(%rdi)
+    mov vio_msix_cap(%rip), %ecx
+    add $2, %ecx
+    mov $0x8000, %r9d           /* MSI-X enable */
+    call vio_cfg_write16
+    mov $4, %ecx
+    mov $6, %r9d                /* COMMAND: memory space, bus master */
+    call vio_cfg_write16
+    lea vq_buf(%rip), %rax      /* descriptor 0: the one buffer, device-writable */
+    mov %rax, vq_desc(%rip)
+    movl $VIRTIO_BUF, vq_desc+8(%rip)
+    movw $2, vq_desc+12(%rip)
+    movw $0, 22(%rbx)           /* queue_select 0 */
+    movw $VQ_SIZE, 24(%rbx)
+    movw $0, 26(%rbx)           /* queue_msix_vector 0, read back */
+    movzwl 26(%rbx), %eax
+    test %eax, %eax
+    jz 6f
+    mov $3, %eax
+    ret
+6:  lea vq_desc(%rip), %rax
+    mov %rax, 32(%rbx)
+    lea vq_avail(%rip), %rax
+    mov %rax, 40(%rbx)
+    lea vq_used(%rip), %rax
+    mov %rax, 48(%rbx)
+    movw $1, 28(%rbx)           /* queue_enable */
+    movzwl 30(%rbx), %eax       /* queue_notify_off * multiplier + the notify offset */
+    imul vio_notify_mult(%rip), %eax
+    add vio_notify(%rip), %eax
+    add vio_bar(%rip), %rax
+    mov %rax, vio_doorbell(%rip)
+    movb $0xf, 20(%rbx)         /* DRIVER_OK */
+    movb $1, vio_ready(%rip)
+    xor %eax, %eax
+    ret
+
+vio_map:                        /* rax = BAR: map its 2 MiB page (uncached) when above the VMM's 4 GiB map */
+    mov %rax, %rcx
+    shr $30, %rcx               /* PDPT index */
+    cmp $4, %rcx
+    jb 1f
+    mov %rax, %rdx
+    shr $21, %rdx
+    and $511, %edx
+    and $~0x1fffff, %rax
+    or $0x9b, %rax              /* present, writable, PWT, PCD, 2 MiB */
+    lea vio_pd(%rip), %rdi
+    mov %rax, (%rdi,%rdx,8)
+    or $3, %rdi
+    mov %rdi, 0xa000(,%rcx,8)
+    mov %cr3, %rax
+    mov %rax, %cr3
+1:  ret
+
+virtio_round:                   /* one request: make the buffer available, kick, sleep until the MSI-X */
+    movzwl vq_avail+2(%rip), %eax
+    mov %eax, %ecx
+    and $(VQ_SIZE - 1), %ecx
+    lea vq_avail+4(%rip), %rdi
+    movw $0, (%rdi,%rcx,2)
+    mov vio_irqs(%rip), %r13d
+    inc %eax
+    mov %ax, vq_avail+2(%rip)
+    mov vio_doorbell(%rip), %rdi
+    movw $0, (%rdi)             /* the doorbell: an MSHV_IOEVENTFD, no exit */
+    incl vio_kicks(%rip)
+1:  cli
+    cmp vio_irqs(%rip), %r13d
+    jne 2f
+    sti
+    hlt
+    jmp 1b
+2:  sti
+    movzwl vq_used+2(%rip), %eax
+    cmp vq_avail+2(%rip), %ax
+    je 3f
+    mov $4, %eax
+    ret
+3:  dec %eax
+    and $(VQ_SIZE - 1), %eax
+    lea vq_used+4(%rip), %rdi
+    mov 4(%rdi,%rax,8), %eax    /* the used element's length */
+    add %eax, vio_bytes(%rip)
+    lea vq_buf(%rip), %rsi
+    mov $(VIRTIO_BUF / 4), %ecx
+4:  lodsl
+    add %eax, vio_sum(%rip)
+    dec %ecx
+    jnz 4b
+    xor %eax, %eax
+    ret
+
+virtio_isr:
+    lock incl vio_irqs(%rip)
+    push %rax
+    mov $LAPIC, %eax
+    movl $0, 0xb0(%rax)         /* EOI */
+    pop %rax
+    iretq
+
+    .data
+vio_msg:       .asciz "TINY-VIRTIO bytes="
+vio_irqs_msg:  .asciz " irqs="
+vio_sum_msg:   .asciz " sum="
+vio_kicks_msg: .asciz " kicks="
+vio_fail_msg:  .asciz "TINY-VIRTIO-FAIL "
+    .p2align 3
+vio_bar:       .quad 0
+vio_doorbell:  .quad 0
+vio_cfg:       .long 0
+vio_common:    .long 0
+vio_notify:    .long 0
+vio_notify_mult: .long 0
+vio_msix_cap:  .long 0
+vio_msix_table: .long 0
+vio_irqs:      .long 0
+vio_bytes:     .long 0
+vio_sum:       .long 0
+vio_kicks:     .long 0
+vio_ready:     .byte 0
+
+    .bss
+    .p2align 12
+vio_pd:        .skip 4096
+vq_desc:       .skip 16 * VQ_SIZE
+    .p2align 2
+vq_avail:      .skip 4 + 2 * VQ_SIZE + 2
+    .p2align 2
+vq_used:       .skip 4 + 8 * VQ_SIZE + 2
+    .p2align 4
+vq_buf:        .skip VIRTIO_BUF
+"""
+
 LINKER_SCRIPT = """
 ENTRY(start64)
 SECTIONS {
@@ -1000,6 +1310,14 @@ def tiny_keys(serial: str) -> list[str]:
     return re.findall(rf"^{TINY_KEY} ([0-9a-f]{{2}})\n", serial, re.M)
 
 
+def tiny_virtio(serial: str) -> list[dict[str, int]]:
+    """Every virtio-rng totals line the tiny guest printed (key ``v``), fields as numbers."""
+    return [
+        {k: int(v, 16) for k, v in (f.split("=", 1) for f in m.group(1).split())}
+        for m in re.finditer(re.escape(TINY_VIRTIO) + r" (bytes=.*)\n", serial)
+    ]
+
+
 def tiny_source() -> str:
     """The tiny guest's whole assembly source (also what its cache key is made of)."""
     return (
@@ -1007,6 +1325,7 @@ def tiny_source() -> str:
         + TINY_EVENTS_ASM
         + TINY_IRQ_ASM
         + TINY_PCI_ASM.replace("{ecam}", hex(TINY_PCI_ECAM))
+        + TINY_VIRTIO_ASM.replace("{rounds}", str(TINY_VIRTIO_ROUNDS)).replace("{buffer}", str(TINY_VIRTIO_BUFFER))
     )
 
 
@@ -1269,6 +1588,9 @@ __all__ = [
     "TINY_NMI",
     "TINY_PCI_ECAM",
     "TINY_POWERBUTTON",
+    "TINY_VIRTIO",
+    "TINY_VIRTIO_BUFFER",
+    "TINY_VIRTIO_ROUNDS",
     "DebianKernel",
     "GuestUnavailable",
     "build_initramfs",
@@ -1279,6 +1601,7 @@ __all__ = [
     "debian_kernel",
     "tiny_counts",
     "tiny_source",
+    "tiny_virtio",
     "wait_tiny_counts",
     "wrap_bzimage",
 ]
