@@ -34,6 +34,7 @@ class ErrorCode(IntEnum):
     OVERFLOW = 82
     OPERATION_UNSUPPORTED = 84
     XML_INVALID_SCHEMA = 92
+    DEVICE_MISSING = 99
 
 
 class ErrorDomain(IntEnum):
@@ -77,6 +78,7 @@ _PREFIX = {
     ErrorCode.OPERATION_UNSUPPORTED: "Operation not supported",
     ErrorCode.OVERFLOW: "numerical overflow",
     ErrorCode.XML_INVALID_SCHEMA: "XML document failed to validate against schema",
+    ErrorCode.DEVICE_MISSING: "device not found",
 }
 # Codes whose message is not "<prefix>: <detail>" (libvirt's virErrorMsgStrings): (without, with detail).
 _FORMATS = {

@@ -133,6 +133,12 @@ _DISK_BUSES = ("ide", "fdc", "scsi", "virtio", "xen", "usb", "uml", "sata", "sd"
 _DISK_DEVICES = ("disk", "cdrom", "floppy", "lun")
 # libvirt's bus for a <disk> without target bus= (domain_postparse.c), by target name prefix.
 _DISK_PREFIX_BUS = (("hd", "ide"), ("sd", "scsi"), ("vd", "virtio"), ("xvd", "xen"), ("ubd", "uml"))
+_RNG_MODELS = ("virtio", "virtio-transitional", "virtio-non-transitional")
+_RNG_MODELS_SUPPORTED = ("virtio", "virtio-non-transitional")  # both are what we build: modern-only virtio-pci
+_RNG_BACKENDS = ("random", "egd", "builtin")
+RNG_SOURCES = ("/dev/urandom", "/dev/random")
+_RNG_DEFAULT_SOURCE = "/dev/random"  # virDomainRNGDefPostParse
+_PCI_AUTO_FIRST_SLOT = 2  # libvirt's QEMU driver keeps slot 0 for the host bridge and 1 for the PIIX3
 _SERIAL_TARGET = "isa-serial"
 _CONSOLE_TARGET = "serial"
 
@@ -144,6 +150,34 @@ class CharDevice:
     kind: str  # "serial" | "console"
     port: int
     target_type: str  # "isa-serial" for serial; "serial" for console
+
+
+@dataclass(frozen=True)
+class PciAddress:
+    """``<address type='pci'>`` on the root bus (domain 0, bus 0, function 0 here)."""
+
+    slot: int
+    domain: int = 0
+    bus: int = 0
+    function: int = 0
+
+    def xml(self) -> str:
+        # virPCIDeviceAddressFormat's spelling
+        return (
+            f"<address type='pci' domain='0x{self.domain:04x}' bus='0x{self.bus:02x}' "
+            f"slot='0x{self.slot:02x}' function='0x{self.function:x}'/>"
+        )
+
+
+@dataclass(frozen=True)
+class RngDevice:
+    """``<rng model='virtio'>`` with ``<backend model='random'>``: a virtio-rng PCI function."""
+
+    model: str
+    backend: str  # the random device: /dev/urandom or /dev/random
+    address: PciAddress
+    rate_bytes: int = 0  # <rate bytes>; 0: no limit (libvirt prints no <rate> then)
+    rate_period_ms: int = 0  # <rate period>; 0: not given (the limit is then per 1000 ms, QEMU's default)
 
 
 @dataclass(frozen=True)
@@ -214,6 +248,7 @@ class DomainConfig:
             object.__setattr__(self, "current_vcpus", self.vcpus)
 
     cputune: Cputune = Cputune()
+    rngs: tuple[RngDevice, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1069,12 +1104,161 @@ def _disk_index(name: str) -> int | None:
     return idx
 
 
+def _prop_uint(el: etree._Element, attr: str) -> int | None:
+    """libvirt's virXMLPropUInt with base 0 (strtoul: 0x hex, 0 octal, decimal); None when absent."""
+    raw = el.get(attr)
+    if raw is None:
+        return None
+    text = raw.strip(_C_SPACE)
+    m = re.fullmatch(r"\+?(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*))", text, flags=re.ASCII)
+    value = -1
+    if m is not None:
+        hexa, octal, decimal = m.groups()
+        value = int(hexa, 16) if hexa else int(octal, 8) if octal else int(decimal)
+    if not 0 <= value <= _UINT_MAX:
+        expected = "Expected non-negative integer value"
+        raise _xml_error(f"Invalid value for attribute '{attr}' in element '{_qname(el)}': '{raw}'. {expected}")
+    return value
+
+
+def _pci_address(el: etree._Element) -> PciAddress | None:
+    atype = el.get("type")
+    if atype is None:
+        raise _domain_xml_error("No type specified for device address")
+    if atype != "pci":
+        raise unsupported(f"device address type '{atype}' {_NOT_SUPPORTED}; use type='pci'")
+    _check_attrs(el, ("type", "domain", "bus", "slot", "function"))
+    _leaf(el)
+    domain, bus, slot, function = (_prop_uint(el, a) or 0 for a in ("domain", "bus", "slot", "function"))
+    # virPCIDeviceAddressIsValid (util/virpci.c: no error domain)
+    if bus > 0xFF:
+        raise _xml_error(f"Invalid PCI address bus='0x{bus:x}', must be <= 0xFF", ErrorDomain.NONE)
+    if slot > 0x1F:
+        raise _xml_error(f"Invalid PCI address slot='0x{slot:x}', must be <= 0x1F", ErrorDomain.NONE)
+    if function > 7:
+        raise _xml_error(f"Invalid PCI address function=0x{function:x}, must be <= 7", ErrorDomain.NONE)
+    if domain == bus == slot == 0:
+        return None  # an empty address (virPCIDeviceAddressIsEmpty): one is assigned
+    if domain != 0 or bus != 0:
+        raise unsupported(f"PCI address {domain:04x}:{bus:02x} {_NOT_SUPPORTED}; devices live on bus 0000:00")
+    if function != 0:
+        raise unsupported(f"PCI function {function} {_NOT_SUPPORTED}; one function per slot")
+    return PciAddress(slot)
+
+
+def _rng(el: etree._Element) -> tuple[str, str, int, int, PciAddress | None]:
+    """virDomainRNGDefParseXML's checks, in its order, then what this driver can run."""
+    model = el.get("model")
+    if model is None:
+        raise _domain_xml_error("missing RNG device model")
+    if model not in _RNG_MODELS:
+        raise unsupported(f"unknown RNG model '{model}'")
+    _check_attrs(el, ("model",))
+    rate_el = el.find("rate")
+    rate = period = 0
+    if rate_el is not None:
+        try:
+            rate = _prop_uint(rate_el, "bytes") or 0
+        except VirtError:
+            raise _domain_xml_error("invalid RNG rate bytes value") from None
+        if rate > 0:
+            try:
+                period = _prop_uint(rate_el, "period") or 0
+            except VirtError:
+                raise _domain_xml_error("invalid RNG rate period value") from None
+    backends = [c for c in _elements(el) if c.tag == "backend"]
+    if len(backends) != 1:
+        raise _domain_xml_error("only one RNG backend is supported")
+    backend = backends[0].get("model")
+    if backend is None:
+        raise _domain_xml_error("missing RNG device backend model")
+    if backend not in _RNG_BACKENDS:
+        raise unsupported(f"unknown RNG backend model '{backend}'")
+    address: PciAddress | None = None
+    for child in _elements(el):
+        tag = _qname(child)
+        if tag == "rate":
+            _check_attrs(child, ("bytes", "period"))
+            _leaf(child)
+        elif tag == "address":
+            address = _pci_address(child)
+        elif tag != "backend":
+            raise unsupported(f"element <{tag}> in <rng> {_NOT_SUPPORTED}")
+    if model not in _RNG_MODELS_SUPPORTED:
+        raise unsupported(f"rng model '{model}' {_NOT_SUPPORTED}; use model='virtio'")
+    if backend != "random":
+        raise unsupported(f"rng backend model '{backend}' {_NOT_SUPPORTED}; use model='random'")
+    _check_attrs(backends[0], ("model",), "rng><backend")
+    source = _text(backends[0])
+    source = source.strip(_C_SPACE) if source is not None else None
+    source = source or _RNG_DEFAULT_SOURCE
+    if source not in RNG_SOURCES:
+        raise unsupported(f"rng backend '{source}' {_NOT_SUPPORTED}; use {' or '.join(RNG_SOURCES)}")
+    return model, source, rate, period, address
+
+
+def parse_device_xml(text: str) -> etree._Element:
+    """The device of attach-device/detach-device, checked as a define would check it: <rng> only."""
+    root = _parse_safely(text)
+    _check_bounds(root)
+    if root.tag != "rng":
+        raise unsupported(f"device <{_qname(root)}> {_NOT_SUPPORTED} by attach-device or detach-device")
+    _rng(root)
+    return root
+
+
+def find_rng(cfg: DomainConfig, device: etree._Element) -> int:
+    """The index in ``cfg.rngs`` of the first device ``device`` describes (virDomainRNGFind)."""
+    model, source, rate, period, address = _rng(device)
+    for i, rng in enumerate(cfg.rngs):
+        if (rng.model, rng.backend, rng.rate_bytes, rng.rate_period_ms) != (model, source, rate, period):
+            continue
+        if address is None or address == rng.address:
+            return i
+    raise VirtError(ErrorCode.DEVICE_MISSING, "no matching RNG device was found", ErrorDomain.DOMAIN)
+
+
+def _assign_pci(rngs: list[tuple[str, str, int, int, PciAddress | None]]) -> tuple[RngDevice, ...]:
+    """Explicit addresses kept (each slot once); the others get the first free slot from 2 up, in
+    document order, as libvirt's QEMU driver assigns them on a pci-root bus with no other devices."""
+    taken: set[int] = set()
+    for *_, address in rngs:
+        if address is None:
+            continue
+        if address.slot in taken:
+            raise unsupported(f"Attempted double use of PCI Address 0000:00:{address.slot:02x}.0")
+        taken.add(address.slot)
+    devices = []
+    for model, source, rate, period, address in rngs:
+        if address is None:
+            free = [slot for slot in range(_PCI_AUTO_FIRST_SLOT, 32) if slot not in taken]
+            if not free:
+                raise unsupported("No more available PCI slots")
+            address = PciAddress(free[0])
+            taken.add(free[0])
+        devices.append(RngDevice(model, source, address, rate, period))
+    return tuple(devices)
+
+
+def _format_rng(rng: RngDevice) -> list[tuple[int, str]]:
+    """virDomainRNGDefFormat's lines."""
+    lines = [(2, f"<rng model='{rng.model}'>")]
+    if rng.rate_bytes:
+        period = f" period='{rng.rate_period_ms}'" if rng.rate_period_ms else ""
+        lines.append((3, f"<rate bytes='{rng.rate_bytes}'{period}/>"))
+    lines.append((3, _tag_line("backend", (("model", "random"),), rng.backend)))
+    lines.append((3, rng.address.xml()))
+    lines.append((2, "</rng>"))
+    return lines
+
+
 @dataclass(frozen=True)
 class _Devices:
     serials: tuple[CharDevice, ...]
     consoles: tuple[CharDevice, ...]
     usb_none: bool
     memballoon_none: bool
+    rngs: tuple[RngDevice, ...] = ()
 
 
 def _devices(el: etree._Element | None) -> _Devices:
@@ -1083,10 +1267,13 @@ def _devices(el: etree._Element | None) -> _Devices:
     _check_attrs(el, ())
     serials: list[CharDevice] = []
     consoles: list[CharDevice] = []
+    rngs: list[tuple[str, str, int, int, PciAddress | None]] = []
     usb_none = memballoon_none = False
     for child in _elements(el):
         tag = _qname(child)
-        if tag == "serial":
+        if tag == "rng":
+            rngs.append(_rng(child))
+        elif tag == "serial":
             serials.append(_chardev(child, "serial"))
         elif tag == "console":
             consoles.append(_chardev(child, "console"))
@@ -1136,7 +1323,7 @@ def _devices(el: etree._Element | None) -> _Devices:
         serials.append(CharDevice("serial", 0, _SERIAL_TARGET))
     if serials and not consoles:
         consoles.append(CharDevice("console", 0, _CONSOLE_TARGET))
-    return _Devices(tuple(serials), tuple(consoles), usb_none, memballoon_none)
+    return _Devices(tuple(serials), tuple(consoles), usb_none, memballoon_none, _assign_pci(rngs))
 
 
 def _uuid(el: etree._Element | None) -> uuid.UUID:
@@ -1311,6 +1498,8 @@ def _format(
         ]
     if extras.memballoon_none:
         body.append((2, "<memballoon model='none'/>"))
+    for rng in devices.rngs:
+        body += _format_rng(rng)
     if body:
         add(1, "<devices>")
         for depth, line in body:
@@ -1482,6 +1671,7 @@ def _walk(root: etree._Element) -> DomainConfig:
         current_vcpus=current_vcpus,
         cpu_mode=cpu_attrs[0][1] if cpu_attrs else None,
         cputune=cputune,
+        rngs=devices.rngs,
     )
 
 

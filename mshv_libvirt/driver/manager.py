@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -241,6 +242,31 @@ def set_vcpus(count: int, *, maximum: bool) -> XmlEdit:
         if new_current != new_max:
             el.set("current", str(new_current))
         el.text = str(new_max)
+
+    return edit
+
+
+def add_device(device: etree._Element) -> XmlEdit:
+    """attach-device --config: the device joins <devices>; the re-parse checks it and assigns its address."""
+
+    def edit(root: etree._Element) -> None:
+        devices = root.find("devices")
+        if devices is None:
+            devices = etree.SubElement(root, "devices")
+        devices.append(copy.deepcopy(device))
+
+    return edit
+
+
+def remove_device(tag: str, index: int) -> XmlEdit:
+    """detach-device --config: the ``index``-th <tag> of <devices> (canonical XML keeps their order)."""
+
+    def edit(root: etree._Element) -> None:
+        devices = root.find("devices")
+        found = devices.findall(tag) if devices is not None else []
+        if devices is None or index >= len(found):
+            raise VirtError(ErrorCode.INTERNAL_ERROR, "domain XML is not in canonical form")
+        devices.remove(found[index])
 
     return edit
 
@@ -777,6 +803,16 @@ class DomainManager:
             "serial_log": str(files.serial_log),
             "threads_per_core": cfg.cpu.threads_per_core,
             "nested": cfg.cpu.nested,
+            # <rng>: the VMM opens the backend before its sandbox closes the file system
+            "rng": [
+                {
+                    "slot": rng.address.slot,
+                    "backend": rng.backend,
+                    "rate_bytes": rng.rate_bytes or None,
+                    "rate_period_ms": rng.rate_period_ms or 1000,
+                }
+                for rng in cfg.rngs
+            ],
         }
 
     async def _spawn(self, dom: Domain, paused: bool, *, keep_id: bool = False) -> None:

@@ -24,7 +24,17 @@ from urllib.parse import urlsplit
 from lxml import etree
 
 from mshv_libvirt.domain import MAX_VCPUS, DomainConfig, metadata
-from mshv_libvirt.driver.manager import Domain, DomainEvent, DomainManager, set_memory, set_text, set_vcpus
+from mshv_libvirt.domain.xml import find_rng, parse_device_xml
+from mshv_libvirt.driver.manager import (
+    Domain,
+    DomainEvent,
+    DomainManager,
+    add_device,
+    remove_device,
+    set_memory,
+    set_text,
+    set_vcpus,
+)
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_operation
 from mshv_libvirt.lifecycle import State
 from mshv_libvirt.vmm.devices import keymap
@@ -627,6 +637,32 @@ async def set_memory_flags(s: Session, dom: Domain, kib: int, flags: int) -> Non
     await s.manager.edit_config(dom, set_memory(kib, maximum=bool(flags & VCPU_MAXIMUM)), False, config)
 
 
+def _device_change(dom: Domain, flags: int, xml: str, verb: str) -> tuple[bool, etree._Element]:
+    """attach/detach-device: which configs, and the device (no hotplug: a live change is refused)."""
+    live, config = _affect(dom, flags)
+    if live and not dom.active:
+        raise invalid_operation("domain is not running")
+    device = parse_device_xml(xml)
+    if live:
+        raise VirtError(
+            ErrorCode.OPERATION_UNSUPPORTED,
+            f"{verb} of device <{device.tag}> to a running domain is not supported by the mshv driver "
+            "(no hotplug); use --config",
+        )
+    return config, device
+
+
+async def attach_device_flags(s: Session, dom: Domain, xml: str, flags: int) -> None:
+    config, device = await asyncio.to_thread(_device_change, dom, flags, xml, "live attach")
+    await s.manager.edit_config(dom, add_device(device), False, config)
+
+
+async def detach_device_flags(s: Session, dom: Domain, xml: str, flags: int) -> None:
+    config, device = await asyncio.to_thread(_device_change, dom, flags, xml, "live detach")
+    index = find_rng(dom.persistent or dom.config, device)
+    await s.manager.edit_config(dom, remove_device("rng", index), False, config)
+
+
 def list_all_snapshots(s: Session, dom: Domain, need_results: int, flags: int) -> bytes:
     p = Packer()
     p.uint(0)
@@ -935,6 +971,11 @@ PROCEDURES: dict[int, Procedure] = table(
     proc(200, get_vcpus_flags, DOM, Flags(_FLAGS_AFFECT | VCPU_MAXIMUM | VCPU_GUEST), ret=ret_int),
     proc(199, set_vcpus_flags, DOM, UINT, Flags(_FLAGS_AFFECT | VCPU_MAXIMUM)),
     proc(204, set_memory_flags, DOM, UHYPER, Flags(_FLAGS_AFFECT | VCPU_MAXIMUM)),
+    # devices: no hotplug; --config edits the persistent XML (<rng> only so far)
+    proc(8, lambda s, dom, xml: attach_device_flags(s, dom, xml, AFFECT_LIVE), DOM, STR),
+    proc(160, attach_device_flags, DOM, STR, Flags(_FLAGS_AFFECT)),
+    proc(13, lambda s, dom, xml: detach_device_flags(s, dom, xml, AFFECT_LIVE), DOM, STR),
+    proc(161, detach_device_flags, DOM, STR, Flags(_FLAGS_AFFECT)),
     proc(183, lambda s, dom, flags: False, DOM, Flags(0), ret=ret_bool),  # no managed save exists
     proc(187, lambda s, dom, flags: 0, DOM, UINT, ret=ret_int),  # no snapshots exist
     proc(274, list_all_snapshots, DOM, INT, UINT, ret=ret_raw),

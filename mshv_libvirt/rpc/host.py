@@ -250,7 +250,15 @@ def domain_capabilities_xml(emulator: str | None, arch: str | None, machine: str
     <graphics supported='no'/>
     <video supported='no'/>
     <hostdev supported='no'/>
-    <rng supported='no'/>
+    <rng supported='yes'>
+      <enum name='model'>
+        <value>virtio</value>
+        <value>virtio-non-transitional</value>
+      </enum>
+      <enum name='backendModel'>
+        <value>random</value>
+      </enum>
+    </rng>
     <filesystem supported='no'/>
     <tpm supported='no'/>
     <redirdev supported='no'/>

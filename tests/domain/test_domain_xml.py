@@ -787,7 +787,6 @@ def test_chardev_invalid(devices: str, fragment: str) -> None:
         "graphics",
         "video",
         "input",
-        "rng",
         "sound",
         "channel",
         "hostdev",
