@@ -158,3 +158,24 @@ def test_control_replaces_a_stale_socket(tmp_path: Path) -> None:
         sock.close()
     finally:
         loop.close()
+
+
+def test_rng_config() -> None:
+    cfg = VmmConfig.from_dict({**BASE, "rng": [{"slot": 2}, {"slot": 5, "backend": "/dev/random", "rate_bytes": 64}]})
+    assert [(r.slot, r.backend, r.rate_bytes, r.rate_period_ms, r.fd) for r in cfg.rng] == [
+        (2, "/dev/urandom", None, 1000, None),
+        (5, "/dev/random", 64, 1000, None),
+    ]
+    for bad, match in (
+        ({"rng": [{"slot": 0}]}, "slot between 1 and 31"),
+        ({"rng": [{"slot": 32}]}, "slot between 1 and 31"),
+        ({"rng": [{"slot": True}]}, "slot between 1 and 31"),
+        ({"rng": [{"slot": 2, "backend": "/dev/hwrng"}]}, "one of /dev/urandom, /dev/random"),
+        ({"rng": [{"slot": 2, "rate_bytes": 0}]}, "rng.rate_bytes' must be an integer of at least 1"),
+        ({"rng": [{"slot": 2, "rate_period_ms": -1}]}, "rng.rate_period_ms"),
+        ({"rng": [{"slot": 2, "colour": "red"}]}, "list of objects"),
+        ({"rng": [{"slot": 2}, {"slot": 2}]}, "two devices in one PCI slot"),
+        ({"rng": {"slot": 2}}, "wrong type"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            VmmConfig.from_dict({**BASE, **bad})

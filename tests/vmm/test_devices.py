@@ -340,3 +340,22 @@ def test_serial_wakes_the_host_once_when_a_full_fifo_is_half_drained() -> None:
     for _ in range(32):
         uart.read(serial.RBR_THR, 1)
     assert wakes == [0]
+
+
+def test_bus_unregister_frees_the_range() -> None:
+    class Reg:
+        def read(self, offset: int, size: int) -> int:
+            return 0x5A
+
+        def write(self, offset: int, size: int, value: int) -> None:
+            pass
+
+    bus = Bus("mmio")
+    bus.register(0x1000, 0x100, Reg())
+    assert bus.read(0x1010, 1) == 0x5A
+    with pytest.raises(ValueError, match="no range at 0x1010"):
+        bus.unregister(0x1010)
+    bus.unregister(0x1000)
+    assert bus.read(0x1010, 1) == 0xFF and bus.lookup(0x1000, 1) is None
+    bus.register(0x1080, 0x100, Reg())  # the freed range can be claimed again, overlapping the old one
+    assert bus.read(0x1100, 1) == 0x5A

@@ -11,6 +11,7 @@ vector's irqfd line.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,3 +78,21 @@ def test_entropy_reaches_the_guest_by_ioeventfd_and_msix_irqfd(rng_vm: VmmProces
     # The second press (no setup) made n kicks; the VMM saw only the exits of printing one line.
     grown = after_second["exits"] - after_first["exits"]
     assert grown < n // 4, f"{grown} exits for {n} kicks"
+
+
+def test_a_rebuilt_vm_gets_a_fresh_device_on_the_same_backend(rng_vm: VmmProcess) -> None:
+    rng_vm.wait_serial(TINY_BANNER, timeout=BOOT)
+    press(rng_vm, 1)
+    old = rng_vm.command("status")["virtio"][0]
+    rng_vm.console_send(b"r")  # guest reset: the VMM rebuilds the VM in place (on_reboot=restart)
+    rng_vm.wait_serial(TINY_BANNER, timeout=BOOT, count=2)
+    status = rng_vm.command("status")
+    assert status["boots"] == 2
+    (dev,) = status["virtio"]
+    assert dev["status"] == 0 and dev["served"] == 0  # a new device, reset, nothing served yet
+    assert dev["thread"] is not None and dev["thread"] != old["thread"]  # the old thread ended with its VM
+    assert str(old["thread"]) not in set(os.listdir(f"/proc/{rng_vm.proc.pid}/task"))
+    # The new guest's driver starts from scratch (its totals are per boot) on the same, still-open backend.
+    line, after = press(rng_vm, 2)
+    assert line["bytes"] == TINY_VIRTIO_ROUNDS * TINY_VIRTIO_BUFFER and line["irqs"] == TINY_VIRTIO_ROUNDS
+    assert after["virtio"][0]["notify_exits"] == 0
