@@ -55,7 +55,10 @@ cat >"$xml" <<EOF
   </os>
   <features><acpi/><apic/></features>
   <on_poweroff>destroy</on_poweroff>
-  <devices><serial type='pty'/></devices>
+  <devices>
+    <serial type='pty'/>
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+  </devices>
 </domain>
 EOF
 
@@ -75,7 +78,8 @@ cat <<EOF
 Then:
   virsh -c '$uri' console $name     the guest echoes what you type, except its command keys:
                                      q power off, r reset, c panic, f triple fault, b exit benchmark,
-                                     i IOAPIC version, n interrupt counters, d PCI scan; Ctrl+] leaves
+                                     i IOAPIC version, n interrupt counters, d PCI scan,
+                                     v entropy from its virtio-rng device; Ctrl+] leaves
   virsh -c '$uri' shutdown $name    presses its ACPI power button (it powers off)
   virsh -c '$uri' undefine $name    forgets it
 EOF
