@@ -12,7 +12,6 @@ vector's irqfd line.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from tests.support.guests import (
     TINY_VIRTIO_ROUNDS,
     tiny_virtio,
 )
+from tests.support.waits import wait_for
 from tests.vmm.harness import VmmProcess
 
 pytestmark = pytest.mark.kvm
@@ -46,10 +46,13 @@ def rng_vm(kvm: None, tiny_kernel: Path, tmp_path: Path) -> Iterator[VmmProcess]
 def press(vm: VmmProcess, nth: int) -> tuple[dict[str, int], dict[str, Any]]:
     """Press ``v`` and wait (bounded) for the ``nth`` complete totals line; then the VMM's status."""
     vm.console_send(b"v")
-    deadline = time.monotonic() + BOOT
-    while len(lines := tiny_virtio(vm.serial)) < nth:
-        assert "TINY-VIRTIO-FAIL" not in vm.serial and time.monotonic() < deadline, vm.diagnostics()
-        time.sleep(0.05)
+
+    def printed() -> list[dict[str, int]] | None:
+        assert "TINY-VIRTIO-FAIL" not in vm.serial, vm.diagnostics()
+        lines = tiny_virtio(vm.serial)
+        return lines if len(lines) >= nth else None
+
+    lines = wait_for(printed, BOOT, what=vm.diagnostics)
     return lines[-1], vm.command("status")
 
 
