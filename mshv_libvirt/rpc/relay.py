@@ -124,6 +124,7 @@ class Relay:
         self._connecting: dict[str, asyncio.Task[_Upstream]] = {}
         self._generation = 0  # bumped by close(): a connect that finishes after it is discarded
         self._streams: dict[int, tuple[_Upstream, int, int]] = {}  # client serial -> (upstream, serial, proc)
+        self._opening: set[int] = set()  # client serials of stream calls not yet answered upstream
         self._closing = False
 
     # -- calls ------------------------------------------------------------------------------------
@@ -148,28 +149,50 @@ class Relay:
             return self.conn.send_error(call, RemoteError(ErrorCode.SYSTEM_ERROR, ErrorDomain.RPC, f"{what}: {err}"))
         except VirtError as err:
             return self.conn.send_error(call, RemoteError(err.code, err.domain, err.message))
+        except Exception as err:  # anything unexpected (a malformed reply, say) still answers the call
+            log.exception("relaying %s failed", PROCEDURE_NAMES[call.proc][0])
+            what = up.what if up is not None else driver.scheme
+            return self.conn.send_error(
+                call, RemoteError(ErrorCode.INTERNAL_ERROR, ErrorDomain.RPC, f"internal error: {what}: {err}")
+            )
         return self._reply(call, reply)
 
     def _reply(self, call: Call, reply: Reply) -> bytes:
         return pack_packet(call.prog, call.proc, MessageType.REPLY, call.serial, reply.status, reply.payload, call.vers)
 
     async def _open_stream(self, call: Call, up: _Upstream, client: RemoteClient) -> bytes:
-        if len(self._streams) >= MAX_STREAMS or call.serial in self._streams:
-            detail = f"Too many open streams '{len(self._streams) + 1}' for limit '{MAX_STREAMS}'"
-            if call.serial in self._streams:
+        # Streams being opened count as open: several calls sent at once must not pass the limit together,
+        # nor share a client serial (a later reply would hide the earlier stream, open upstream for good).
+        held = len(self._streams) + len(self._opening)
+        if held >= MAX_STREAMS or call.serial in self._streams or call.serial in self._opening:
+            detail = f"Too many open streams '{held + 1}' for limit '{MAX_STREAMS}'"
+            if call.serial in self._streams or call.serial in self._opening:
                 detail = f"stream serial {call.serial} is already open"
             return self.conn.send_error(call, RemoteError(ErrorCode.RPC, ErrorDomain.RPC, detail))
 
         def on_reply(reply: Reply) -> None:
             # Sent from the reader, so the client has the reply before the stream data that follows it.
+            self._opening.discard(call.serial)
             if reply.status is Status.OK:
                 self._streams[call.serial] = (up, reply.serial, call.proc)
                 up.to_client[reply.serial] = call.serial
             self.send(self._reply(call, reply))
 
-        _, future = client.start_call(call.proc, call.payload, stream=True, on_reply=on_reply)
-        await future
+        self._opening.add(call.serial)
+        try:
+            _, future = client.start_call(call.proc, call.payload, stream=True, on_reply=on_reply)
+            await future
+        finally:
+            self._opening.discard(call.serial)
         return b""  # already sent
+
+    def _end_stream(self, up: _Upstream, upstream_serial: int) -> tuple[_Upstream, int, int] | None:
+        """Forget the client stream that ``up``'s stream ``upstream_serial`` is, and only that one."""
+        serial = up.to_client.pop(upstream_serial, None)
+        entry = self._streams.get(serial) if serial is not None else None
+        if serial is None or entry is None or entry[0] is not up or entry[1] != upstream_serial:
+            return None
+        return self._streams.pop(serial)
 
     # -- the upstream connections -----------------------------------------------------------------
     async def _upstream(self, driver: Driver, session: bool, readonly: bool) -> _Upstream:
@@ -216,7 +239,7 @@ class Relay:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 client = await RemoteClient.connect(path, handlers, up.what)
                 await client.open(uri, readonly)
-        except (OSError, TimeoutError, RemoteClosed, DaemonError, VirtError) as err:
+        except (OSError, TimeoutError, RemoteClosed, DaemonError, VirtError, LocalProtocolError, ValueError) as err:
             if client is not None:
                 client.close()
             log.info("libvirt's %s driver is not available (%s): %s", driver.scheme, up.what, err)
@@ -255,8 +278,7 @@ class Relay:
         mtype = MessageType.STREAM_HOLE if pkt.hole else MessageType.STREAM
         self.send(pack_packet(REMOTE_PROGRAM, pkt.proc, mtype, serial, pkt.status, pkt.payload))
         if not pkt.hole and pkt.status is not Status.CONTINUE:  # finished or aborted by the daemon
-            del up.to_client[pkt.serial]
-            self._streams.pop(serial, None)
+            self._end_stream(up, pkt.serial)
 
     def _upstream_closed(self, up: _Upstream, reason: str) -> None:
         if self._up.get(up.driver.scheme) is up:
@@ -264,8 +286,8 @@ class Relay:
         if up.client is not None and not self._closing:
             log.info("%s closed: %s", up.what, reason)
         error = RemoteError(ErrorCode.SYSTEM_ERROR, ErrorDomain.RPC, f"{up.what}: {reason}")
-        for serial in list(up.to_client.values()):
-            entry = self._streams.pop(serial, None)
+        for upstream_serial, serial in list(up.to_client.items()):
+            entry = self._end_stream(up, upstream_serial)
             if entry is not None and not self._closing:
                 self.send(self.conn.send_stream_error(entry[2], serial, error))
         up.to_client.clear()
@@ -300,5 +322,6 @@ class Relay:
                     up.client.close("the client closed its connection")
             self._up.clear()
             self._streams.clear()
+            self._opening.clear()
         finally:
             self._closing = False

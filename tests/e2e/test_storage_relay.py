@@ -15,6 +15,8 @@ import hashlib
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -25,9 +27,12 @@ import libvirt
 import pytest
 
 from mshv_libvirt.rpc import client as rpc_client
+from mshv_libvirt.rpc.xdr import Packer
+from tests.support import rawrpc
 from tests.support.daemon import DaemonProcess, virsh, wait_for
 from tests.support.events import ensure_event_loop
 from tests.support.libvirtd import (
+    SYSTEM_SOCKET,
     EventLoop,
     SessionLibvirtd,
     libvirtd_clients,
@@ -41,6 +46,7 @@ from tests.support.libvirtd import (
 pytestmark = pytest.mark.usefixtures("system_libvirtd")
 
 ORACLE = "storage:///system"
+PROC_STORAGE_VOL_UPLOAD = 208  # remote_protocol.x
 
 
 def remove_pool(uri: str, name: str) -> None:
@@ -438,7 +444,9 @@ def test_libvirtd_dying_mid_call_fails_each_pending_call_and_the_next_call_recon
 def test_a_frozen_libvirtd_is_given_up_after_the_keepalive_bound(
     session_daemon: DaemonProcess, session_libvirtd: SessionLibvirtd
 ) -> None:
-    bound = rpc_client.KEEPALIVE_INTERVAL * (rpc_client.KEEPALIVE_COUNT + 2)
+    # count+1 silent intervals, the first of which may start up to one interval late (the timer ticks per
+    # interval), and 2 s for a loaded host: measured 25.001 s once against a bound of exactly 25.
+    bound = rpc_client.KEEPALIVE_INTERVAL * (rpc_client.KEEPALIVE_COUNT + 2) + 2
     conn = libvirt.open(session_uri(session_daemon))
     try:
         conn.listAllStoragePools()
@@ -535,3 +543,109 @@ def test_an_upload_to_a_frozen_libvirtd_is_not_buffered_by_the_daemon(
         conn.close()
     assert (target / "up.raw").read_bytes() == data
     assert grown < 16 << 20, f"the daemon grew by {grown >> 20} MiB"
+
+
+def libvirtd_fds_under(directory: Path) -> int:
+    """Open files of the system libvirtd under ``directory``, read from /proc (its pid from the socket's
+    peer credentials): the oracle for streams left open upstream."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(SYSTEM_SOCKET))
+        pid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+    finally:
+        s.close()
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            count += os.readlink(fd).startswith(f"{directory}/")
+    return count
+
+
+def test_stream_calls_sharing_a_serial_open_one_stream_upstream(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """Several uploads sent at once with one serial (no real client does this): one is opened, the others get an
+    error, and finishing that serial leaves libvirtd with no file open (streams are never hidden or leaked)."""
+    name = unique()
+    target = tmp_path / name
+    with pools(ORACLE, name):
+        for args in (
+            ("pool-define-as", name, "dir", "--target", str(target)),
+            ("pool-build", name),
+            ("pool-start", name),
+        ):
+            run(ORACLE, *args)
+        for i in range(5):
+            run(ORACLE, "vol-create-as", name, f"v{i}", "1M", "--format", "raw")
+        with rawrpc.raw(daemon.socket) as c:
+            batch = b""
+            for i in range(5):
+                p = Packer()
+                for field in (name, f"v{i}", str(target / f"v{i}")):  # remote_nonnull_storage_vol: pool, name, key
+                    p.string(field)
+                p.uhyper(0)
+                p.uhyper(0)
+                p.uint(0)
+                batch += c.packet(PROC_STORAGE_VOL_UPLOAD, p.getvalue(), serial=500)[0]
+            c.send(batch)
+            replies: list[tuple[int, bytes]] = []
+            while len(replies) < 5:
+                fields, payload = c.recv()
+                if fields[4] == rawrpc.REPLY and fields[5] == 500:
+                    replies.append((fields[6], payload))
+            errors = [rawrpc.error_message(p)[1] for status, p in replies if status == rawrpc.ERROR]
+            assert len(errors) == 4, replies
+            assert set(errors) == {"stream serial 500 is already open"}, errors
+            assert libvirtd_fds_under(target) <= 1
+            # Finish the one stream: libvirtd closes the volume and says so.
+            c.send(c.packet(PROC_STORAGE_VOL_UPLOAD, b"", mtype=rawrpc.STREAM, serial=500)[0])
+            wait_for(lambda: libvirtd_fds_under(target) == 0, timeout=30, what="libvirtd closed every volume")
+            assert rawrpc.hostname_ok(c)
+
+
+def test_a_libvirtd_answering_garbage_gives_not_supported_never_a_hang(tmp_path: Path) -> None:
+    """A 'libvirtd' that answers every call with an empty OK reply (its handshake replies cannot be decoded):
+    the relayed call fails at once with libvirt's not-supported error, and the daemon keeps serving."""
+    runtime = tmp_path / "run"
+    (runtime / "libvirt").mkdir(parents=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(runtime / "libvirt" / "libvirt-sock"))
+    server.listen(4)
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(10)
+                with contextlib.suppress(OSError):
+                    while head := conn.recv(28, socket.MSG_WAITALL):
+                        length, prog, vers, proc, _, serial, _ = struct.unpack(">7I", head)
+                        conn.recv(length - 28, socket.MSG_WAITALL) if length > 28 else b""
+                        conn.sendall(struct.pack(">7I", 28, prog, vers, proc, rawrpc.REPLY, serial, rawrpc.OK))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    d = DaemonProcess(tmp_path / "d", env={"XDG_RUNTIME_DIR": str(runtime)}).start()
+    try:
+        conn = libvirt.open(session_uri(d))
+        try:
+            results: list[tuple[int, int, str, float]] = []
+            caller = threading.Thread(target=lambda: results.append(not_supported(conn.listAllStoragePools)))
+            caller.start()
+            caller.join(30)
+            assert not caller.is_alive(), "the relayed call never answered"
+            [(code, domain, message, took)] = results
+            assert (code, domain) == (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_FROM_STORAGE), message
+            assert took < 10
+            assert conn.getHostname()  # the daemon still serves this client
+        finally:
+            conn.close()
+        assert "Traceback" not in d.log.read_text(errors="replace")
+    finally:
+        d.stop()
+        stop.set()
+        thread.join(10)
+        server.close()
