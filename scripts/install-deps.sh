@@ -27,6 +27,9 @@ packages=(
     # test runner
     tox
 )
+# --- test guest kernel (scripts/build-test-kernel.sh): source tarball and its build tools ---
+packages+=(linux-source-6.1 flex bison libelf-dev bc libssl-dev make gcc xz-utils)
+# --- end test guest kernel ---
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
