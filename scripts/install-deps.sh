@@ -29,6 +29,8 @@ packages=(
 )
 # --- test guest kernel (scripts/build-test-kernel.sh): source tarball and its build tools ---
 packages+=(linux-source-6.1 flex bison libelf-dev bc libssl-dev make gcc xz-utils)
+# iasl -d: the DSDT test reads the generated AML back with ACPICA's own disassembler
+packages+=(acpica-tools)
 # --- end test guest kernel ---
 missing=()
 for p in "${packages[@]}"; do

@@ -1,6 +1,6 @@
 """The minimal ACPI table set a Linux guest needs on this machine, built as bytes.
 
-    RSDP (rev 2) -> XSDT -> FADT -> DSDT (only ``\\_S5``) and FACS
+    RSDP (rev 2) -> XSDT -> FADT -> DSDT (``\\_S5``, the PCI host bridge, the CMOS RTC) and FACS
                          -> MADT (one LAPIC per vCPU, one IOAPIC, SCI override)
                          -> MCFG (the PCI ECAM window of bus 0)
 
@@ -9,8 +9,12 @@ What Linux takes from each:
   is clear because there is no 8259 pair, so Linux never routes anything through a legacy PIC.
 * FADT: the PM1a event/control blocks and PM timer on I/O ports (our ``acpi_pm`` device), the SCI
   line, the reset register (0xCF9, value 6), the fixed power button (``PWR_BUTTON`` flag clear),
-  "no CMOS RTC" and "8042 present" boot-architecture flags. ``SMI_CMD`` is 0: ACPI mode is always on.
+  "8042 present" boot-architecture flag ("no CMOS RTC" only when there is none), the RTC's century
+  register. ``SMI_CMD`` is 0: ACPI mode is always on.
 * DSDT: ``\\_S5 = Package {5, 5, 0, 0}``; Linux's poweroff writes ``SLP_TYP=5 | SLP_EN`` to PM1a_CNT.
+  ``\\_SB_.PCI0``, the PCI host bridge (PNP0A08, compatible PNP0A03): with no firmware to ask, Linux
+  takes the bus range and the I/O and MMIO windows its BARs live in from its ``_CRS``, and finds no
+  root bus without it. ``\\_SB_.RTC_`` (PNP0B00): what rtc_cmos binds to, ports 0x70-0x71 and IRQ 8.
 * MCFG: where PCIe enhanced configuration space is (segment 0, bus 0 only).
 The SCI is declared edge-triggered, active high (interrupt source override) so it never depends on
 the IOAPIC seeing EOIs.
@@ -21,7 +25,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from . import layout
+from . import aml, layout
 
 OEM_ID = b"MSHVLV"
 OEM_TABLE_ID = b"MSHVLIBV"
@@ -51,6 +55,11 @@ BOOT_ARCH_NO_CMOS_RTC = 1 << 5
 
 GAS_SYSTEM_IO = 1
 
+RTC_PORT = 0x70
+RTC_PORTS_LENGTH = 2
+RTC_IRQ = 8
+RTC_CENTURY_REGISTER = 0x32  # the FADT's CENTURY field: the CMOS index Linux reads the century from
+
 
 def checksum(data: bytes | bytearray) -> int:
     """The byte that makes ``data`` sum to zero mod 256."""
@@ -69,11 +78,59 @@ def _gas(port: int, width_bits: int, access_size: int) -> bytes:
     return struct.pack("<BBBBQ", GAS_SYSTEM_IO, width_bits, 0, access_size, port)
 
 
-def dsdt() -> bytes:
-    # Name (_S5_, Package (4) {5, 5, 0, 0}): NameOp, NameSeg, PackageOp, PkgLength (counts itself),
-    # NumElements, BytePrefix 5, BytePrefix 5, ZeroOp, ZeroOp.
-    aml = b"\x08_S5_\x12\x08\x04\x0a" + bytes([SLP_TYP_S5]) + b"\x0a" + bytes([SLP_TYP_S5]) + b"\x00\x00"
-    return _table(b"DSDT", 2, aml)
+@dataclass(frozen=True)
+class PciWindows:
+    """What the host bridge decodes for its bus: the bus range, then (base, size) of each BAR window."""
+
+    buses: tuple[int, int]
+    io: tuple[int, int]
+    mmio32: tuple[int, int]
+    mmio64: tuple[int, int]
+
+
+def pci_windows(memory_bytes: int) -> PciWindows:
+    """The windows of the layout (layout.py), for a guest of ``memory_bytes``."""
+    return PciWindows(
+        buses=(0, layout.PCI_ECAM_SIZE // (1 << 20) - 1),
+        io=(layout.PCI_IO_START, layout.PCI_IO_SIZE),
+        mmio32=(layout.PCI_MMIO32_START, layout.PCI_MMIO32_SIZE),
+        mmio64=layout.pci_mmio64_window(memory_bytes),
+    )
+
+
+def pci_host_bridge(windows: PciWindows) -> bytes:
+    """Device (PCI0): the root bridge of segment 0, its config ports consumed, its windows produced."""
+    crs = aml.resource_template(
+        aml.word_bus_number(*windows.buses),
+        aml.io_port(0xCF8, 0xCF8, 1, 8),
+        aml.word_io(*windows.io),
+        aml.dword_memory(*windows.mmio32),
+        aml.qword_memory(*windows.mmio64),
+    )
+    return aml.device(
+        "PCI0",
+        aml.name("_HID", aml.eisa_id("PNP0A08")),
+        aml.name("_CID", aml.eisa_id("PNP0A03")),
+        aml.name("_SEG", aml.integer(0)),
+        aml.name("_BBN", aml.integer(windows.buses[0])),
+        aml.name("_UID", aml.integer(0)),
+        aml.name("_CRS", crs),
+    )
+
+
+def cmos_rtc() -> bytes:
+    crs = aml.resource_template(
+        aml.io_port(RTC_PORT, RTC_PORT, 1, RTC_PORTS_LENGTH),
+        aml.irq_no_flags(RTC_IRQ),
+    )
+    return aml.device("RTC", aml.name("_HID", aml.eisa_id("PNP0B00")), aml.name("_CRS", crs))
+
+
+def dsdt(pci: PciWindows | None = None, *, rtc: bool = False) -> bytes:
+    # Name (_S5_, Package (4) {5, 5, 0, 0}): Linux's poweroff takes SLP_TYPa/b from the first two.
+    s5 = aml.name("_S5", aml.package(*(aml.integer(v) for v in (SLP_TYP_S5, SLP_TYP_S5, 0, 0))))
+    devices = ([pci_host_bridge(pci)] if pci is not None else []) + ([cmos_rtc()] if rtc else [])
+    return _table(b"DSDT", 2, s5 + (aml.scope("\\_SB", *devices) if devices else b""))
 
 
 def facs() -> bytes:
@@ -81,7 +138,7 @@ def facs() -> bytes:
     return struct.pack("<4sIIIIIQB", b"FACS", 64, 0, 0, 0, 0, 0, 2).ljust(64, b"\0")
 
 
-def fadt(dsdt_addr: int, facs_addr: int) -> bytes:
+def fadt(dsdt_addr: int, facs_addr: int, *, rtc: bool = False) -> bytes:
     body = bytearray(276 - 36)
 
     def put(offset: int, fmt: str, *values: int) -> None:
@@ -97,7 +154,8 @@ def fadt(dsdt_addr: int, facs_addr: int) -> bytes:
     put(76, "<I", PM_TMR_PORT)
     put(88, "<BBBB", PM1_EVT_LEN, PM1_CNT_LEN, 0, PM_TMR_LEN)
     put(96, "<HH", 101, 1001)  # C2/C3 latencies above the limits: "not supported"
-    put(109, "<H", BOOT_ARCH_8042 | BOOT_ARCH_NO_VGA | BOOT_ARCH_NO_CMOS_RTC)
+    put(108, "<B", RTC_CENTURY_REGISTER if rtc else 0)
+    put(109, "<H", BOOT_ARCH_8042 | BOOT_ARCH_NO_VGA | (0 if rtc else BOOT_ARCH_NO_CMOS_RTC))
     put(112, "<I", FADT_WBINVD | FADT_C1_SUPPORTED | FADT_SLP_BUTTON | FADT_TMR_VAL_EXT | FADT_RESET_REG_SUP)
     put_bytes(116, _gas(RESET_PORT, 8, 1))
     put(128, "<B", RESET_VALUE)
@@ -141,10 +199,17 @@ class AcpiTables:
 
 
 def build_tables(
-    vcpus: int, *, base: int = layout.ACPI_START, ioapic_id: int | None = None, online: int | None = None
+    vcpus: int,
+    *,
+    base: int = layout.ACPI_START,
+    ioapic_id: int | None = None,
+    online: int | None = None,
+    pci: PciWindows | None = None,
+    rtc: bool = False,
 ) -> AcpiTables:
     """Lay the tables out back to back from ``base`` (16-byte aligned; FACS 64-byte aligned). ``vcpus``
-    CPUs are described, the first ``online`` (default: all) enabled."""
+    CPUs are described, the first ``online`` (default: all) enabled; the DSDT describes the PCI host
+    bridge with ``pci``'s windows and the CMOS RTC when asked."""
     if vcpus < 1 or vcpus > 254:
         raise ValueError("vcpus must be between 1 and 254")
     if online is not None and not 1 <= online <= vcpus:
@@ -161,8 +226,8 @@ def build_tables(
     rsdp_len = 36
     place(b"\0" * rsdp_len)  # patched below once the XSDT address is known
     facs_addr = place(facs(), 64)
-    dsdt_addr = place(dsdt())
-    fadt_addr = place(fadt(dsdt_addr, facs_addr))
+    dsdt_addr = place(dsdt(pci, rtc=rtc))
+    fadt_addr = place(fadt(dsdt_addr, facs_addr, rtc=rtc))
     madt_addr = place(madt(vcpus, apic_id, online))
     mcfg_addr = place(mcfg())
     xsdt_addr = place(_table(b"XSDT", 1, struct.pack("<QQQ", fadt_addr, madt_addr, mcfg_addr)))

@@ -420,7 +420,11 @@ def write_platform_tables(ram: GuestRam, config: VmmConfig) -> None:
         ram.write(mptable.MP_TABLE_ADDR, mp)
         if config.acpi:
             tables = acpi.build_tables(
-                config.max_vcpus, base=layout.ACPI_START, ioapic_id=config.max_vcpus, online=config.vcpus
+                config.max_vcpus,
+                base=layout.ACPI_START,
+                ioapic_id=config.max_vcpus,
+                online=config.vcpus,
+                pci=acpi.pci_windows(config.memory_bytes),
             )
             if tables.rsdp_addr + len(tables.blob) > mptable.MP_TABLE_ADDR:
                 raise ValueError("ACPI tables overlap the MP table")

@@ -16,6 +16,8 @@ Everything here is pure (bytes in, bytes out) so the layout is unit-tested witho
     0xE000_0000  PCI ECAM of bus 0 (1 MiB, reserved in e820, described by MCFG)
     0xFEC0_0000  IOAPIC (ours), 0xFEE0_0000 LAPIC (the hypervisor's)
     above RAM    64-bit PCI BARs: 64 GiB from the first 1 GiB boundary past the end of RAM (and 4 GiB)
+I/O ports 0x1000-0xFFFF are the host bridge's I/O window (its ACPI _CRS); every legacy port the VMM
+decodes (serial, i8042, RTC, ACPI PM, 0xCF8) is below 0x1000, outside it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ PCI_MMIO32_SIZE = 0x2000_0000
 PCI_ECAM_ADDR = 0xE000_0000
 PCI_ECAM_SIZE = 0x10_0000  # bus 0 only
 PCI_MMIO64_SIZE = 64 << 30
+PCI_IO_START = 0x1000
+PCI_IO_SIZE = 0x1_0000 - PCI_IO_START
 IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
 

@@ -107,6 +107,7 @@ PREREQUISITES: dict[str, Prerequisite] = {
         Prerequisite("dnsmasq", "dnsmasq-base", _file("/usr/sbin/dnsmasq")),  # libvirt's network driver
         Prerequisite("iproute2", "iproute2", _tools("ip")),
         Prerequisite("iptables", "iptables", _tools("iptables-save", "ip6tables-save")),
+        Prerequisite("iasl", "acpica-tools", _tools("iasl")),  # reads the generated ACPI tables back
         Prerequisite("systemd-analyze", "systemd", _tools("systemd-analyze")),
         Prerequisite("util-linux", "util-linux", _tools("unshare", "runuser")),
         Prerequisite("busybox-static", "busybox-static", _tools("busybox")),
