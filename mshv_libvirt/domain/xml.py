@@ -242,6 +242,7 @@ class DomainConfig:
     cpu: GuestCpu = GuestCpu()
     current_vcpus: int = 0  # online at boot (<vcpu current='N'>); 0 in a hand-built config means vcpus
     cpu_mode: str | None = None  # <cpu mode>, None without <cpu> or for the modelless custom (default) CPU
+    clock_offset: str = "utc"  # <clock offset>: 'utc' or 'localtime' (the CMOS RTC's zone)
 
     def __post_init__(self) -> None:
         if self.current_vcpus == 0:
@@ -926,16 +927,26 @@ def _guest_cpu(el: etree._Element | None, vcpus: int) -> tuple[GuestCpu, tuple[s
     return GuestCpu(topology, nested, nested_feature), lines
 
 
-def _clock(el: etree._Element | None) -> None:
+CLOCK_OFFSETS_SUPPORTED = ("utc", "localtime")
+
+
+def _clock(el: etree._Element | None) -> str:
+    """``<clock offset='utc'|'localtime'/>``: the zone the guest's CMOS RTC starts in (utc without
+    <clock>). Other offsets, their attributes and every <timer> are refused naming what was asked."""
     if el is None:
-        return
+        return "utc"
     offset = el.get("offset") or "utc"
     if offset not in _CLOCK_OFFSETS:
         raise unsupported(f"unknown clock offset '{offset}'")
     _check_attrs(el, ("offset",))
+    for child in _elements(el):
+        if child.tag == "timer":
+            timer = child.get("name")
+            raise unsupported(f"clock timer '{timer}' {_NOT_SUPPORTED}" if timer else f"clock timer {_NOT_SUPPORTED}")
     _leaf(el)
-    if offset != "utc":
-        raise unsupported(f"clock offset '{offset}' {_NOT_SUPPORTED}; use offset='utc'")
+    if offset not in CLOCK_OFFSETS_SUPPORTED:
+        raise unsupported(f"clock offset '{offset}' {_NOT_SUPPORTED}; use offset='utc' or offset='localtime'")
+    return offset
 
 
 def _lifecycle(el: etree._Element | None, default: str) -> str:
@@ -1426,6 +1437,7 @@ def _format(
     lifecycle: tuple[str, str, str],
     devices: _Devices,
     extras: _Extras,
+    clock_offset: str = "utc",
 ) -> str:
     lines = ["<domain type='hyperv'>"]
 
@@ -1471,7 +1483,7 @@ def _format(
         add(1, "</cpu>")
     elif extras.cpu_attrs is not None:
         add(1, _tag_line("cpu", extras.cpu_attrs))
-    add(1, "<clock offset='utc'/>")
+    add(1, _tag_line("clock", (("offset", clock_offset),)))
     for tag, value in zip(("on_poweroff", "on_reboot", "on_crash"), lifecycle, strict=True):
         add(1, _tag_line(tag, text=value))
     if extras.pm:
@@ -1605,7 +1617,7 @@ def _walk(root: etree._Element) -> DomainConfig:
     acpi, apic = _features(kids.get("features"))
     cpu_attrs = _cpu(kids.get("cpu"))
     guest_cpu, cpu_children = _guest_cpu(kids.get("cpu"), vcpus)
-    _clock(kids.get("clock"))
+    clock_offset = _clock(kids.get("clock"))
     lifecycle = (
         _lifecycle(kids.get("on_poweroff"), "destroy"),
         _lifecycle(kids.get("on_reboot"), "restart"),
@@ -1645,6 +1657,7 @@ def _walk(root: etree._Element) -> DomainConfig:
         lifecycle=lifecycle,
         devices=devices,
         extras=extras,
+        clock_offset=clock_offset,
     )
     return DomainConfig(
         name=name,
@@ -1672,6 +1685,7 @@ def _walk(root: etree._Element) -> DomainConfig:
         cpu_mode=cpu_attrs[0][1] if cpu_attrs else None,
         cputune=cputune,
         rngs=devices.rngs,
+        clock_offset=clock_offset,
     )
 
 

@@ -813,6 +813,7 @@ class DomainManager:
                 }
                 for rng in cfg.rngs
             ],
+            "clock_offset": cfg.clock_offset,
         }
 
     async def _spawn(self, dom: Domain, paused: bool, *, keep_id: bool = False) -> None:

@@ -12,6 +12,7 @@ ON_REBOOT = ("restart", "destroy", "preserve")
 ON_POWEROFF = ("destroy", "preserve")
 ON_CRASH = ("destroy", "preserve")
 NESTED = ("off", "optional", "require")
+CLOCK_OFFSETS = ("utc", "localtime")
 
 
 DEFAULT_LOG_MAX_SIZE = 2 << 20  # virtlogd's max_size
@@ -131,6 +132,9 @@ class VmmConfig:
     # vCPUs described to the guest (<vcpu current='vcpus'>max_vcpus</vcpu>); those past ``vcpus`` are
     # present but disabled in the MADT and MP table, and get no VP. 0: the same as ``vcpus``.
     max_vcpus: int = 0
+    # <clock offset>: the CMOS RTC starts at UTC, or at the VMM's local time ("localtime": the TZ the
+    # daemon, and so the VMM, runs with).
+    clock_offset: str = "utc"
     serial_log_max_size: int = DEFAULT_LOG_MAX_SIZE
     serial_log_max_backups: int = DEFAULT_LOG_MAX_BACKUPS
     fds: HandedFds = HandedFds()
@@ -178,6 +182,7 @@ class VmmConfig:
             threads_per_core=get("threads_per_core", int, 1),
             nested=get("nested", str, "off"),
             max_vcpus=get("max_vcpus", int, 0, optional=True),
+            clock_offset=get("clock_offset", str, "utc"),
             serial_log_max_size=get("serial_log_max_size", int, DEFAULT_LOG_MAX_SIZE),
             serial_log_max_backups=get("serial_log_max_backups", int, DEFAULT_LOG_MAX_BACKUPS),
             fds=HandedFds.from_dict(raw.get("fds")),
@@ -199,6 +204,7 @@ class VmmConfig:
             ("on_poweroff", ON_POWEROFF),
             ("on_crash", ON_CRASH),
             ("nested", NESTED),
+            ("clock_offset", CLOCK_OFFSETS),
         ):
             if getattr(cfg, key) not in allowed:
                 raise ConfigError(f"config field {key!r} must be one of {', '.join(allowed)}")

@@ -687,9 +687,14 @@ def test_cpu_invalid(cpu: str, code: ErrorCode, fragment: str) -> None:
 @pytest.mark.parametrize(
     ("clock", "fragment"),
     [
-        ("<clock offset='localtime'/>", "clock offset 'localtime'"),
+        ("<clock offset='variable'/>", "clock offset 'variable' is not supported by the mshv driver"),
+        ("<clock offset='timezone' timezone='Europe/Paris'/>", "attribute 'timezone' of <clock>"),
+        ("<clock offset='absolute' start='0'/>", "attribute 'start' of <clock>"),
         ("<clock offset='variable' adjustment='0'/>", "attribute 'adjustment' of <clock>"),
-        ("<clock offset='utc'><timer name='rtc'/></clock>", "element <timer> in <clock>"),
+        ("<clock offset='utc' adjustment='reset'/>", "attribute 'adjustment' of <clock>"),
+        ("<clock offset='utc'><timer name='rtc'/></clock>", "clock timer 'rtc' is not supported"),
+        ("<clock offset='localtime'><timer name='hpet' present='no'/></clock>", "clock timer 'hpet'"),
+        ("<clock offset='bogus'/>", "unknown clock offset 'bogus'"),
     ],
 )
 def test_clock_invalid(clock: str, fragment: str) -> None:
@@ -699,7 +704,18 @@ def test_clock_invalid(clock: str, fragment: str) -> None:
 
 
 def test_clock_without_offset_is_utc() -> None:
-    assert "<clock offset='utc'/>" in parse_domain_xml(dom("<clock/>")).xml
+    cfg = parse_domain_xml(dom("<clock/>"))
+    assert "<clock offset='utc'/>" in cfg.xml and cfg.clock_offset == "utc"
+    assert parse_domain_xml(dom("")).clock_offset == "utc"
+
+
+@pytest.mark.parametrize("offset", ["utc", "localtime"])
+def test_clock_offset_round_trips(offset: str) -> None:
+    cfg = parse_domain_xml(dom(f"<clock offset='{offset}'/>"), check_libvirt_schema=True)
+    assert cfg.clock_offset == offset
+    assert f"<clock offset='{offset}'/>" in cfg.xml
+    again = parse_domain_xml(cfg.xml, check_libvirt_schema=True)
+    assert again.clock_offset == offset and again.xml == cfg.xml
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,7 @@ def test_first_vm_script_defines_and_starts_the_tiny_guest(kvm: None, daemon: Da
     con = PtyProcess(["virsh", "-c", daemon.uri, "console", "first-vm"])
     try:
         con.wait_console_ready()
-        con.write(b"hello-42")  # no command keys (q r c f b i n d v)
+        con.write(b"hello-42")  # no command keys (q r c f b i n d v g)
         con.read_until(b"hello-42")
         con.write(b"\x1d")
         assert con.wait() == 0

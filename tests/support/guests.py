@@ -15,7 +15,8 @@ of the protected-mode part), so it boots through exactly the loader Linux uses. 
   the LAPIC timer (one-shot, vector 0x40) with ``sti; hlt``; ``n`` prints its counters line
   (``TINY-IRQ-COUNTS mode=... tx= rx= serial= sci= kbd= timer= polls=``, see ``tiny_counts``);
   ``d`` scans PCI bus 0 (devices) (``TINY_PCI_ASM``); ``v`` drives the virtio-rng device
-  (``TINY_VIRTIO_ASM``): ``TINY-VIRTIO bytes= irqs= sum= kicks=`` (see ``tiny_virtio``);
+  (``TINY_VIRTIO_ASM``): ``TINY-VIRTIO bytes= irqs= sum= kicks=`` (see ``tiny_virtio``); ``g`` reads
+  the CMOS RTC (get the time, ``TINY_RTC_ASM``);
 * counts NMIs (vector 2) and prints ``TINY-NMI <count, 8 hex digits>`` when the count changed, and prints
   ``TINY-KEY <hex byte>`` for every byte the i8042 has for it on port 0x60 (``TINY_EVENTS_ASM``, polled mode);
 * with ``tiny.irq`` on its command line, the same commands interrupt-driven (``TINY_IRQ_ASM``): no
@@ -139,6 +140,8 @@ dispatch:                       /* al = a byte typed on COM1 */
     je pci_scan
     cmp $'v', %al
     je virtio_rng
+    cmp $'g', %al
+    je rtc_read
     call lock_print
     call putc
     movb $0, print_lock(%rip)
@@ -1238,6 +1241,95 @@ vq_used:       .skip 4 + 8 * VQ_SIZE + 2
 vq_buf:        .skip VIRTIO_BUF
 """
 
+# CMOS RTC ('g'): as Linux's mc146818_get_time does, wait for UIP to clear, read the fields, and read
+# again if the seconds changed meanwhile; print them raw (in the format register B says, BCD by
+# default, so the hex digits are the decimal ones) as
+# ``TINY-RTC <century><year>-<month>-<day> <hours>:<minutes>:<seconds> b=<register B>``.
+TINY_RTC_ASM = r"""
+    .set CMOS_INDEX, 0x70
+    .set CMOS_DATA, 0x71
+
+    .text
+    .code64
+rtc_read:
+    call lock_print
+1:  mov $0x0a, %al
+    call cmos_get
+    test $0x80, %al             /* update in progress: the fields may be mid-change */
+    jnz 1b
+    xor %ecx, %ecx
+    lea rtc_regs(%rip), %rsi
+    lea rtc_vals(%rip), %rdi
+2:  mov (%rsi,%rcx), %al
+    call cmos_get
+    mov %al, (%rdi,%rcx)
+    inc %ecx
+    cmp $8, %ecx
+    jb 2b
+    mov rtc_vals(%rip), %al
+    cmp rtc_vals+7(%rip), %al   /* the seconds changed: a second boundary passed, read it all again */
+    jne 1b
+    lea rtc_msg(%rip), %rsi
+    call puts
+    mov $1, %r12d
+3:  lea rtc_vals(%rip), %rdi
+    movzbl (%rdi,%r12), %ebx
+    call puthex8
+    lea rtc_seps(%rip), %rsi
+    mov (%rsi,%r12), %al
+    test %al, %al
+    jz 4f
+    call putc
+4:  inc %r12d
+    cmp $8, %r12d
+    jb 3b
+    lea rtc_b_msg(%rip), %rsi
+    call puts
+    mov $0x0b, %al
+    call cmos_get
+    movzbl %al, %ebx
+    call puthex8
+    mov $'\n', %al
+    call putc
+    movb $0, print_lock(%rip)
+    jmp main_loop
+
+cmos_get:                       /* al = register -> al = its value; NMIs stay enabled (bit 7 clear) */
+    mov $CMOS_INDEX, %dx
+    out %al, %dx
+    mov $CMOS_DATA, %dx
+    in %dx, %al
+    ret
+
+puthex8:                        /* bl as 2 hex digits */
+    push %rcx
+    shl $24, %ebx
+    mov $2, %ecx
+1:  rol $4, %ebx
+    mov %bl, %al
+    and $0xf, %al
+    add $'0', %al
+    cmp $'9', %al
+    jbe 2f
+    add $('a' - '9' - 1), %al
+2:  push %rcx
+    call putc
+    pop %rcx
+    dec %ecx
+    jnz 1b
+    pop %rcx
+    ret
+
+    .data
+/* the seconds, then century, year, month, day, hours, minutes and the seconds again (compared) */
+rtc_regs:  .byte 0x00, 0x32, 0x09, 0x08, 0x07, 0x04, 0x02, 0x00
+rtc_seps:  .byte 0, 0, '-', '-', ' ', ':', ':', 0
+rtc_msg:   .asciz "TINY-RTC "
+rtc_b_msg: .asciz " b="
+    .bss
+rtc_vals:  .skip 8
+"""
+
 LINKER_SCRIPT = """
 ENTRY(start64)
 SECTIONS {
@@ -1326,6 +1418,7 @@ def tiny_source() -> str:
         + TINY_IRQ_ASM
         + TINY_PCI_ASM.replace("{ecam}", hex(TINY_PCI_ECAM))
         + TINY_VIRTIO_ASM.replace("{rounds}", str(TINY_VIRTIO_ROUNDS)).replace("{buffer}", str(TINY_VIRTIO_BUFFER))
+        + TINY_RTC_ASM
     )
 
 

@@ -42,7 +42,7 @@ def counts_after(vm: VmmProcess, nth: int = 1) -> tuple[int, dict[str, str]]:
 
 def test_typing_is_received_and_echoed_by_interrupt_handlers(irq_vm: VmmProcess) -> None:
     irq_vm.wait_serial(f"{TINY_BANNER} cmdline={CMDLINE}\n", timeout=BOOT)
-    irq_vm.console_send(b"hello-42")  # no command keys (q r c f b i n d v)
+    irq_vm.console_send(b"hello-42")  # no command keys (q r c f b i n d v g)
     irq_vm.wait_console(b"hello-42", timeout=BOOT)
     irq_vm.console_send(b"n")  # print the counters
     at, counts = counts_after(irq_vm)
