@@ -1244,10 +1244,13 @@ vq_buf:        .skip VIRTIO_BUF
 # CMOS RTC ('g'): as Linux's mc146818_get_time does, wait for UIP to clear, read the fields, and read
 # again if the seconds changed meanwhile; print them raw (in the format register B says, BCD by
 # default, so the hex digits are the decimal ones) as
-# ``TINY-RTC <century><year>-<month>-<day> <hours>:<minutes>:<seconds> b=<register B>``.
+# ``TINY-RTC <century><year>-<month>-<day> <hours>:<minutes>:<seconds> b=<register B>``. In tiny.irq mode
+# it then routes IOAPIC pin 8 to a handler, enables the update-ended interrupt (UIE), sleeps until two
+# have arrived, disables it and prints ``TINY-RTC-UIE <count, 8 hex digits>``.
 TINY_RTC_ASM = r"""
     .set CMOS_INDEX, 0x70
     .set CMOS_DATA, 0x71
+    .set RTC_VECTOR, 0x33
 
     .text
     .code64
@@ -1291,8 +1294,63 @@ rtc_read:
     call puthex8
     mov $'\n', %al
     call putc
+    cmpb $0, irq_mode(%rip)
+    je 9f
+    /* tiny.irq: take two update-ended interrupts through IOAPIC pin 8, then report them */
+    lea idt(%rip), %rdi
+    lea rtc_isr(%rip), %rax
+    mov $RTC_VECTOR, %ecx
+    call set_gate
+    mov $8, %ecx
+    mov $RTC_VECTOR, %eax
+    call ioapic_route
     movb $0, print_lock(%rip)
+    cli                         /* the handler selects register C: no CMOS access may interleave */
+    movl $0, rtc_irqs(%rip)
+    mov $0x0c, %al              /* drop flags set before now */
+    call cmos_get
+    mov $0x0b, %al
+    mov $0x12, %ah              /* UIE, 24 hour, BCD */
+    call cmos_put
+5:  cmpl $2, rtc_irqs(%rip)
+    jae 6f
+    sti
+    hlt
+    cli
+    jmp 5b
+6:  mov $0x0b, %al
+    mov $0x02, %ah
+    call cmos_put
+    sti
+    call lock_print
+    lea rtc_irq_msg(%rip), %rsi
+    call puts
+    mov rtc_irqs(%rip), %ebx
+    call puthex32
+    mov $'\n', %al
+    call putc
+9:  movb $0, print_lock(%rip)
     jmp main_loop
+
+rtc_isr:
+    push %rax
+    push %rdx
+    lock incl rtc_irqs(%rip)
+    mov $0x0c, %al              /* reading register C clears IRQF: IRQ 8 drops until the next update */
+    call cmos_get
+    mov $LAPIC, %eax
+    movl $0, 0xb0(%rax)
+    pop %rdx
+    pop %rax
+    iretq
+
+cmos_put:                       /* register al = ah */
+    mov $CMOS_INDEX, %dx
+    out %al, %dx
+    mov %ah, %al
+    mov $CMOS_DATA, %dx
+    out %al, %dx
+    ret
 
 cmos_get:                       /* al = register -> al = its value; NMIs stay enabled (bit 7 clear) */
     mov $CMOS_INDEX, %dx
@@ -1326,8 +1384,11 @@ rtc_regs:  .byte 0x00, 0x32, 0x09, 0x08, 0x07, 0x04, 0x02, 0x00
 rtc_seps:  .byte 0, 0, '-', '-', ' ', ':', ':', 0
 rtc_msg:   .asciz "TINY-RTC "
 rtc_b_msg: .asciz " b="
+rtc_irq_msg: .asciz "TINY-RTC-UIE "
     .bss
 rtc_vals:  .skip 8
+    .p2align 2
+rtc_irqs:  .skip 4
 """
 
 LINKER_SCRIPT = """

@@ -9,6 +9,8 @@ The same line from the polled mode shows that the counters tell the two apart.
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,3 +97,20 @@ def test_the_polled_mode_counts_its_polls(kvm: None, tiny_kernel: Path, tmp_path
         assert counts["mode"] == "polled"
         assert (counts["tx"], counts["rx"], counts["serial"], counts["sci"], counts["kbd"]) == ("0",) * 5
         assert int(counts["polls"]) > 0 and int(counts["timer"]) > 0
+
+
+def test_rtc_update_interrupts_arrive_on_ioapic_pin_8(irq_vm: VmmProcess) -> None:
+    # 'g' reads the clock, then sleeps in sti; hlt with UIE on until two update-ended interrupts came
+    # (the RTC's timer thread raises IRQ 8, the IOAPIC fires it through the irqfd); they are one
+    # second apart, so between 1 and 2 s pass after UIE is enabled.
+    irq_vm.wait_serial(f"{TINY_BANNER} cmdline={CMDLINE}\n", timeout=BOOT)
+    start = time.monotonic()
+    irq_vm.console_send(b"g")
+    irq_vm.wait_serial("TINY-RTC ", timeout=BOOT)
+    out = irq_vm.wait_serial("TINY-RTC-UIE 00000002\n", timeout=BOOT)
+    elapsed = time.monotonic() - start
+    assert 1.0 <= elapsed <= 2.0 + 3.0, elapsed  # 3 s of slack for a loaded host, none below one update
+    assert re.search(r"TINY-RTC \d{4}-\d\d-\d\d \d\d:\d\d:\d\d b=02\r?\n", out), out[-500:]
+    irq_vm.console_send(b"n")
+    _, counts = counts_after(irq_vm)
+    assert (counts["mode"], counts["polls"], counts["timer"]) == ("irq", "0", "0")
