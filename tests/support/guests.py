@@ -1250,7 +1250,7 @@ vq_buf:        .skip VIRTIO_BUF
 TINY_RTC_ASM = r"""
     .set CMOS_INDEX, 0x70
     .set CMOS_DATA, 0x71
-    .set RTC_VECTOR, 0x33
+    .set RTC_VECTOR, 0x34              /* 0x30-0x33: serial, SCI, i8042, virtio-rng */
 
     .text
     .code64
