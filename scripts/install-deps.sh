@@ -26,12 +26,11 @@ packages=(
     systemd
     # test runner
     tox
+    # the small test guest kernel (scripts/build-test-kernel.sh): its source tarball and build tools
+    linux-source-6.1 flex bison libelf-dev bc libssl-dev make gcc xz-utils
+    # iasl -d: the DSDT test reads the generated AML back with ACPICA's own disassembler
+    acpica-tools
 )
-# --- test guest kernel (scripts/build-test-kernel.sh): source tarball and its build tools ---
-packages+=(linux-source-6.1 flex bison libelf-dev bc libssl-dev make gcc xz-utils)
-# iasl -d: the DSDT test reads the generated AML back with ACPICA's own disassembler
-packages+=(acpica-tools)
-# --- end test guest kernel ---
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -20,6 +20,7 @@ import pytest
 from mshv_libvirt.vmm import layout
 from tests.support.guests import KVM_PVM_CLEARCPUID
 from tests.support.kernel import require_small_kernel
+from tests.support.waits import wait_for
 from tests.vmm.harness import VmmProcess
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
@@ -77,18 +78,21 @@ def test_small_kernel_finds_pci_and_rtc_then_waits_for_root(kvm: None, small_ker
     lines: list[tuple[float, float, str]] = []  # (seconds after VMM start, host wall clock, line)
     with VmmProcess.start(tmp_path / "vm", small_kernel, memory_mib=MEMORY_MIB, cmdline=CMDLINE) as vm:
         start = time.monotonic()
-        deadline = start + BOOT_TIMEOUT
         partial = ""
         consumed = 0
-        while time.monotonic() < deadline and vm.proc.poll() is None:
+
+        def boot_ended() -> bool:
+            """Collect the new serial lines; true at the root wait, a give-up line or the VMM's exit."""
+            nonlocal partial, consumed
             out = vm.serial
             chunk, consumed = out[consumed:], len(out)
             now, wall = round(time.monotonic() - start, 1), time.time()
             *complete, partial = (partial + chunk).split("\n")
             lines.extend((now, wall, line.rstrip("\r")) for line in complete)
-            if any(ROOT_WAIT in line for line in complete) or any(m in chunk for m in GAVE_UP):
-                break
-            time.sleep(0.2)
+            ended = any(ROOT_WAIT in line for line in complete) or any(m in chunk for m in GAVE_UP)
+            return ended or vm.proc.poll() is not None
+
+        wait_for(boot_ended, timeout=BOOT_TIMEOUT, interval=0.2, what=lambda: [line for _, _, line in lines[-8:]])
         seen: dict[str, float] = {}
         hctosys: tuple[float, int] | None = None
         for at, wall, line in lines:
