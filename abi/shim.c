@@ -91,6 +91,32 @@ void *mshv_alloc_pages(size_t len)
     return p == MAP_FAILED ? NULL : p;
 }
 
+/* Guest RAM proper: a memfd (sealed at its size) mapped shared, so a vhost-user backend can map the same
+ * pages from the descriptor (SET_MEM_TABLE) while the partition maps them from this address. The seals
+ * keep the file from shrinking under either mapping (SIGBUS) or growing. Returns the fd in *fd_out. */
+void *mshv_alloc_memfd_pages(size_t len, int *fd_out)
+{
+    *fd_out = -1;
+    int fd = memfd_create("mshv-guest-ram", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0)
+        return NULL;
+    if (ftruncate(fd, (off_t)len) < 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+        int err = errno;
+        close(fd);
+        errno = err;
+        return NULL;
+    }
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+    if (p == MAP_FAILED) {
+        int err = errno;
+        close(fd);
+        errno = err;
+        return NULL;
+    }
+    *fd_out = fd;
+    return p;
+}
+
 int mshv_free_pages(void *addr, size_t len)
 {
     return munmap(addr, len);

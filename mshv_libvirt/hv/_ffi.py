@@ -103,6 +103,16 @@ def alloc_pages(size: int) -> Any:
     return p
 
 
+def alloc_memfd_pages(size: int) -> tuple[Any, int]:
+    """(mapping, memfd): shared pages backed by a size-sealed memfd another process may map."""
+    fd_out = ffi.new("int *")
+    p = lib.mshv_alloc_memfd_pages(size, fd_out)
+    if p == NULL:
+        err = int(ffi.errno)
+        raise MemoryError(f"cannot map {size} bytes of guest memory in a memfd: {os.strerror(err)}")
+    return p, int(fd_out[0])
+
+
 def free_pages(p: Any, size: int) -> None:
     lib.mshv_free_pages(p, size)
 

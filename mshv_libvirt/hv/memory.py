@@ -1,7 +1,8 @@
-"""Guest RAM owned by Python: page-aligned anonymous shared memory."""
+"""Guest RAM owned by Python: page-aligned shared pages of a memfd sealed at its size."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from . import _ffi
@@ -13,13 +14,15 @@ class GuestMemory:
     """A page-aligned mapping handed to the partition with ``map_memory``.
 
     The mapping lives until ``close()``; the partition must unmap it first (the kernel pins
-    the pages while they are mapped).
+    the pages while they are mapped). ``fd`` is the memfd behind it (close-on-exec, sealed against
+    shrinking and growing): a vhost-user backend maps guest RAM from it.
     """
 
     def __init__(self, size: int) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"guest memory size must be a positive multiple of {PAGE_SIZE}, not {size}")
-        self._ptr: Any = _ffi.alloc_pages(size)
+        self._ptr: Any
+        self._ptr, self.fd = _ffi.alloc_memfd_pages(size)
         self.size = size
         self.address = _ffi.address(self._ptr)
 
@@ -45,6 +48,8 @@ class GuestMemory:
         if self._ptr is not None:
             _ffi.free_pages(self._ptr, self.size)
             self._ptr = None
+            os.close(self.fd)
+            self.fd = -1
 
     def __enter__(self) -> GuestMemory:
         return self
