@@ -11,6 +11,9 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "emu.h"
@@ -120,6 +123,38 @@ void *mshv_alloc_memfd_pages(size_t len, int *fd_out)
 int mshv_free_pages(void *addr, size_t len)
 {
     return munmap(addr, len);
+}
+
+/* A helper process that dies with us (a vhost-user backend): fork, and in the child (async-signal-safe
+ * calls only; the parent has threads) ask for SIGKILL when the parent dies, give up if it already has,
+ * close-on-exec everything but ``keep`` (which loses it), default signal handling (Python ignores
+ * SIGPIPE), exec. PR_SET_PDEATHSIG fires when the forking *thread* ends: call this from the main thread.
+ * Returns the pid (and a pidfd in *pidfd_out, -1 where pidfd_open is missing) or -errno. */
+int mshv_spawn_helper(const char *path, char *const argv[], const int *keep, int nkeep, int *pidfd_out)
+{
+    *pidfd_out = -1;
+    pid_t parent = getpid();
+    pid_t pid = fork();
+    if (pid < 0)
+        return -errno;
+    if (pid == 0) {
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != parent)
+            _exit(127);
+        syscall(SYS_close_range, 3, ~0U, 4 /* CLOSE_RANGE_CLOEXEC */);
+        for (int i = 0; i < nkeep; i++)
+            if (fcntl(keep[i], F_SETFD, 0) < 0)
+                _exit(127);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        for (int sig = 1; sig < 32; sig++)
+            if (sig != SIGKILL && sig != SIGSTOP)
+                signal(sig, SIG_DFL);
+        execv(path, argv);
+        _exit(127);
+    }
+    *pidfd_out = (int)syscall(SYS_pidfd_open, pid, 0);
+    return pid;
 }
 
 static void kick_handler(int signo)

@@ -113,6 +113,18 @@ def alloc_memfd_pages(size: int) -> tuple[Any, int]:
     return p, int(fd_out[0])
 
 
+def spawn_helper(argv: list[str], keep: tuple[int, ...]) -> tuple[int, int]:
+    """(pid, pidfd or -1): ``argv`` executed in a child that gets SIGKILL when this process dies."""
+    args = [ffi.new("char[]", a.encode()) for a in argv]
+    c_argv = ffi.new("char *[]", [*args, NULL])
+    c_keep = ffi.new("int[]", list(keep) or [0])
+    pidfd = ffi.new("int *")
+    pid = int(lib.mshv_spawn_helper(args[0], c_argv, c_keep, len(keep), pidfd))
+    if pid < 0:
+        raise OSError(-pid, f"cannot start {argv[0]}: {os.strerror(-pid)}")
+    return pid, int(pidfd[0])
+
+
 def free_pages(p: Any, size: int) -> None:
     lib.mshv_free_pages(p, size)
 

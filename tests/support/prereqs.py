@@ -102,6 +102,7 @@ PREREQUISITES: dict[str, Prerequisite] = {
         Prerequisite("virt-manager", "virt-manager", _tools("virt-manager")),
         Prerequisite("xvfb", "xvfb", _tools("Xvfb")),
         Prerequisite("qemu-img", "qemu-utils", _tools("qemu-img")),
+        Prerequisite("qemu-storage-daemon", "qemu-system-common", _tools("qemu-storage-daemon")),  # virtio-blk
         # libvirt's own daemon, whose storage and network drivers the relay tests talk to
         Prerequisite("libvirtd", "libvirt-daemon", _file("/usr/sbin/libvirtd")),
         Prerequisite("dnsmasq", "dnsmasq-base", _file("/usr/sbin/dnsmasq")),  # libvirt's network driver
@@ -136,6 +137,8 @@ PATH_NEEDS: dict[str, tuple[str, ...]] = {
     "tests/emu/test_c_harness.py": ("gcc",),
     "tests/domain/test_domain_xml.py": ("libvirt-schemas",),
     "tests/vmm/test_mmio_decode.py": ("binutils",),
+    "tests/vmm/test_vhost_user.py": ("qemu-storage-daemon", "qemu-img"),
+    "tests/vmm/test_virtio_blk.py": ("qemu-storage-daemon", "qemu-img"),
     "tests/vmm/test_linux_guest.py": ("kvm", "busybox-static", "apt"),
 }
 

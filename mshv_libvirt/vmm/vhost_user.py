@@ -1,0 +1,414 @@
+"""vhost-user: the VMM as frontend of a ``qemu-storage-daemon`` vhost-user-blk export.
+
+The protocol is QEMU's docs/interop/vhost-user.rst: a UNIX stream socket carrying little-endian
+messages (u32 request, u32 flags, u32 size, payload) with descriptors as SCM_RIGHTS. Python speaks it
+only to set a device up (features, the memory table, each ring's size, addresses, base, kick and call
+descriptors, on DRIVER_OK or a rebuild); no message is exchanged per request. The data path is then
+the kernel's: the guest's doorbell write signals the kick eventfd through MSHV_IOEVENTFD, the backend
+serves the ring from guest RAM it mapped from the memfds, and signals the call eventfd, which is an
+irqfd bound to the queue's MSI-X route, so the completion interrupt reaches the guest with no VMM code.
+
+``Backend`` is the supervised process: started with PR_SET_PDEATHSIG (it is SIGKILLed when the VMM
+dies, however it dies), its export listening on a socket the VMM connected to before anything else
+could, and a QMP monitor on a socketpair. ``stop()`` asks QMP to quit (a sandboxed VMM may not signal
+a process outside its Landlock domain) and SIGKILLs it where it may; either way it is reaped by pidfd.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import logging
+import os
+import select
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+from ..hv import _ffi
+
+log = logging.getLogger(__name__)
+
+# Requests (vhost-user.rst, "Front-end message types").
+GET_FEATURES = 1
+SET_FEATURES = 2
+SET_OWNER = 3
+SET_MEM_TABLE = 5
+SET_VRING_NUM = 8
+SET_VRING_ADDR = 9
+SET_VRING_BASE = 10
+GET_VRING_BASE = 11
+SET_VRING_KICK = 12
+SET_VRING_CALL = 13
+GET_PROTOCOL_FEATURES = 15
+SET_PROTOCOL_FEATURES = 16
+GET_QUEUE_NUM = 17
+SET_VRING_ENABLE = 18
+GET_CONFIG = 24
+
+FLAG_VERSION = 0x1
+FLAG_REPLY = 0x4
+FLAG_NEED_REPLY = 0x8
+HEADER = struct.Struct("<III")
+VRING_NOFD = 1 << 8  # SET_VRING_KICK/CALL: no descriptor (polling, or no notification)
+
+F_PROTOCOL_FEATURES = 1 << 30
+PROTOCOL_F_MQ = 1 << 0
+PROTOCOL_F_REPLY_ACK = 1 << 3
+PROTOCOL_F_CONFIG = 1 << 9
+WANTED_PROTOCOL = PROTOCOL_F_MQ | PROTOCOL_F_REPLY_ACK | PROTOCOL_F_CONFIG
+
+MAX_REGIONS = 8  # without CONFIGURE_MEM_SLOTS
+MAX_PAYLOAD = 4096
+TIMEOUT = 10.0
+
+
+class VhostUserError(OSError):
+    """The backend refused a request, answered nonsense or went away."""
+
+
+@dataclass(frozen=True)
+class MemRegion:
+    gpa: int
+    size: int
+    address: int  # where this process maps it: ring addresses are given in these terms
+    fd: int
+    offset: int = 0
+
+
+class Frontend:
+    """One vhost-user connection. Thread-safe; each call is one request (and its reply, if any)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._sock.settimeout(TIMEOUT)
+        self._lock = threading.Lock()
+        self.protocol_features = 0
+        self.has_protocol = False
+        self.regions: tuple[MemRegion, ...] = ()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    # -- messages ----------------------------------------------------------------------------------
+
+    def _send(self, request: int, payload: bytes = b"", fds: tuple[int, ...] = (), need_reply: bool = False) -> None:
+        flags = FLAG_VERSION | (FLAG_NEED_REPLY if need_reply else 0)
+        data = HEADER.pack(request, flags, len(payload)) + payload
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        try:
+            sent = self._sock.sendmsg([data], ancillary)
+        except OSError as err:
+            raise VhostUserError(err.errno, f"vhost-user request {request}: {err.strerror}") from err
+        if sent != len(data):
+            raise VhostUserError(0, f"vhost-user request {request}: short write")
+
+    def _recv_exact(self, n: int, request: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            try:
+                chunk = self._sock.recv(n - len(out))
+            except OSError as err:
+                raise VhostUserError(err.errno or 0, f"vhost-user reply to {request}: {err}") from err
+            if not chunk:
+                raise VhostUserError(0, f"vhost-user backend closed the connection (reply to request {request})")
+            out += chunk
+        return bytes(out)
+
+    def _reply(self, request: int) -> bytes:
+        got, flags, size = HEADER.unpack(self._recv_exact(HEADER.size, request))
+        if got != request or not flags & FLAG_REPLY or size > MAX_PAYLOAD:
+            raise VhostUserError(0, f"vhost-user: bad reply to request {request} (request {got}, flags {flags:#x})")
+        return self._recv_exact(size, request)
+
+    def _call(self, request: int, payload: bytes = b"") -> bytes:
+        with self._lock:
+            self._send(request, payload)
+            return self._reply(request)
+
+    def _set(self, request: int, payload: bytes = b"", fds: tuple[int, ...] = ()) -> None:
+        """A request without a reply of its own; acknowledged where REPLY_ACK was negotiated."""
+        ack = bool(self.protocol_features & PROTOCOL_F_REPLY_ACK)
+        with self._lock:
+            self._send(request, payload, fds, need_reply=ack)
+            if ack:
+                answer = self._reply(request)
+                if len(answer) != 8 or struct.unpack("<Q", answer)[0] != 0:
+                    raise VhostUserError(0, f"vhost-user backend refused request {request}")
+
+    def _u64(self, request: int) -> int:
+        answer = self._call(request)
+        if len(answer) != 8:
+            raise VhostUserError(0, f"vhost-user: reply to request {request} is {len(answer)} bytes, not 8")
+        return int(struct.unpack("<Q", answer)[0])
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def get_features(self) -> int:
+        return self._u64(GET_FEATURES)
+
+    def set_features(self, features: int) -> None:
+        self._set(SET_FEATURES, struct.pack("<Q", features))
+
+    def set_owner(self) -> None:
+        self._set(SET_OWNER)
+
+    def negotiate_protocol(self, features: int) -> None:
+        """When the backend offers VHOST_USER_F_PROTOCOL_FEATURES: agree on what both sides know."""
+        if features & F_PROTOCOL_FEATURES:
+            offered = self._u64(GET_PROTOCOL_FEATURES)
+            wanted = offered & WANTED_PROTOCOL
+            self._set(SET_PROTOCOL_FEATURES, struct.pack("<Q", wanted))
+            self.protocol_features = wanted
+            self.has_protocol = True
+
+    def get_queue_num(self) -> int:
+        return self._u64(GET_QUEUE_NUM) if self.protocol_features & PROTOCOL_F_MQ else 1
+
+    def get_config(self, size: int) -> bytes:
+        if not self.protocol_features & PROTOCOL_F_CONFIG:
+            raise VhostUserError(0, "vhost-user backend does not offer its device configuration")
+        answer = self._call(GET_CONFIG, struct.pack("<III", 0, size, 0) + bytes(size))
+        if len(answer) != 12 + size:
+            raise VhostUserError(0, f"vhost-user: GET_CONFIG answered {len(answer)} bytes")
+        return answer[12:]
+
+    def set_mem_table(self, regions: list[MemRegion]) -> None:
+        if not 0 < len(regions) <= MAX_REGIONS:
+            raise VhostUserError(0, f"vhost-user: {len(regions)} memory regions (1 to {MAX_REGIONS})")
+        payload = struct.pack("<II", len(regions), 0) + b"".join(
+            struct.pack("<QQQQ", r.gpa, r.size, r.address, r.offset) for r in regions
+        )
+        self._set(SET_MEM_TABLE, payload, tuple(r.fd for r in regions))
+        self.regions = tuple(regions)
+
+    def address_of(self, gpa: int, length: int) -> int:
+        """A guest-physical range as an address of this process (how rings are named to the backend)."""
+        for r in self.regions:
+            if r.gpa <= gpa and gpa + length <= r.gpa + r.size:
+                return r.address + (gpa - r.gpa)
+        raise VhostUserError(0, f"vhost-user: ring at {gpa:#x}+{length:#x} is not in guest RAM")
+
+    def set_vring_num(self, index: int, num: int) -> None:
+        self._set(SET_VRING_NUM, struct.pack("<II", index, num))
+
+    def set_vring_addr(self, index: int, desc: int, used: int, avail: int) -> None:
+        self._set(SET_VRING_ADDR, struct.pack("<IIQQQQ", index, 0, desc, used, avail, 0))
+
+    def set_vring_base(self, index: int, base: int) -> None:
+        self._set(SET_VRING_BASE, struct.pack("<II", index, base))
+
+    def get_vring_base(self, index: int) -> int:
+        """Stops the ring; answers the next available index the backend would have read."""
+        answer = self._call(GET_VRING_BASE, struct.pack("<II", index, 0))
+        if len(answer) != 8:
+            raise VhostUserError(0, "vhost-user: bad GET_VRING_BASE reply")
+        return int(struct.unpack("<II", answer)[1])
+
+    def set_vring_kick(self, index: int, fd: int | None) -> None:
+        self._vring_fd(SET_VRING_KICK, index, fd)
+
+    def set_vring_call(self, index: int, fd: int | None) -> None:
+        self._vring_fd(SET_VRING_CALL, index, fd)
+
+    def _vring_fd(self, request: int, index: int, fd: int | None) -> None:
+        value = index | (VRING_NOFD if fd is None else 0)
+        self._set(request, struct.pack("<Q", value), () if fd is None else (fd,))
+
+    def set_vring_enable(self, index: int, enable: bool) -> None:
+        if self.has_protocol:  # rings start disabled once PROTOCOL_FEATURES is negotiated, else enabled
+            self._set(SET_VRING_ENABLE, struct.pack("<II", index, int(enable)))
+
+
+# -- the backend process -----------------------------------------------------------------------------
+
+
+class BackendError(RuntimeError):
+    """The backend could not be started or did not come up."""
+
+
+def storage_daemon() -> str | None:
+    return shutil.which("qemu-storage-daemon")
+
+
+@dataclass(frozen=True)
+class BlockImage:
+    path: str
+    format: str = "raw"  # raw | qcow2
+    readonly: bool = False
+    direct: bool = False  # cache='none': O_DIRECT
+    queues: int = 1
+
+
+class Backend:
+    """A ``qemu-storage-daemon`` exporting one image as vhost-user-blk, connected and supervised."""
+
+    def __init__(self, image: BlockImage, *, executable: str | None = None) -> None:
+        exe = executable or storage_daemon()
+        if exe is None:
+            raise BackendError("qemu-storage-daemon is not installed (Debian: qemu-system-common)")
+        if image.format not in ("raw", "qcow2"):
+            raise BackendError(f"disk format {image.format!r} is not raw or qcow2")
+        self.image = image
+        self.pid = -1
+        self._pidfd = -1
+        self._status: int | None = None
+        tmp = tempfile.mkdtemp(prefix="mshv-vhost-")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        qmp_ours, qmp_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._qmp = qmp_ours
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # A path in a private directory, connected before the backend runs and unlinked at once:
+            # nobody but this VMM can become the frontend (an abstract name could be raced).
+            path = os.path.join(tmp, "blk.sock")
+            listener.bind(path)
+            listener.listen(1)
+            client.connect(path)
+            os.unlink(path)
+            argv = self._argv(exe, image, listener.fileno(), qmp_theirs.fileno())
+            self.pid, self._pidfd = _ffi.spawn_helper(argv, (listener.fileno(), qmp_theirs.fileno()))
+        except BaseException:
+            client.close()
+            qmp_ours.close()
+            raise
+        finally:
+            listener.close()
+            qmp_theirs.close()
+            os.rmdir(tmp)
+        self.frontend = Frontend(client)
+        try:
+            self._qmp_greeting()
+        except BaseException:
+            self.stop()
+            raise
+
+    @staticmethod
+    def _argv(exe: str, image: BlockImage, listen_fd: int, qmp_fd: int) -> list[str]:
+        ro = "on" if image.readonly else "off"
+        direct = "on" if image.direct else "off"
+        # Commas in a path are doubled, QEMU's escaping in option strings.
+        filename = image.path.replace(",", ",,")
+        file_node = f"driver=file,node-name=file0,filename={filename},read-only={ro},cache.direct={direct}"
+        if image.direct:
+            file_node += ",aio=native"
+        fmt_node = f"driver={image.format},node-name=disk0,file=file0,read-only={ro},cache.direct={direct}"
+        export = (
+            f"type=vhost-user-blk,id=export0,node-name=disk0,addr.type=fd,addr.str={listen_fd},"
+            f"writable={'off' if image.readonly else 'on'},num-queues={image.queues}"
+        )
+        return [
+            exe,
+            "--blockdev",
+            file_node,
+            "--blockdev",
+            fmt_node,
+            "--export",
+            export,
+            "--chardev",
+            f"socket,id=qmp0,fd={qmp_fd}",
+            "--monitor",
+            "chardev=qmp0,mode=control",  # last: its greeting means every export exists
+        ]
+
+    def _qmp_greeting(self) -> None:
+        """Wait (bounded) for QMP's greeting, and enter command mode; a daemon that exits instead failed."""
+        self._qmp.settimeout(TIMEOUT)
+        try:
+            line = self._qmp_line()
+            if b'"QMP"' not in line:
+                raise BackendError(f"qemu-storage-daemon: unexpected QMP greeting {line[:80]!r}")
+            self._qmp.sendall(b'{"execute": "qmp_capabilities"}\n')
+            answer = self._qmp_line()
+            if b'"return"' not in answer:
+                raise BackendError(f"qemu-storage-daemon: QMP refused capabilities: {answer[:200]!r}")
+        except (OSError, BackendError) as err:
+            status = self.wait(TIMEOUT)
+            why = f"exited with status {status}" if status is not None else f"did not come up ({err})"
+            raise BackendError(
+                f"qemu-storage-daemon for {self.image.path} {why}; its messages are in the VM's log"
+            ) from err
+
+    def _qmp_line(self) -> bytes:
+        buf = bytearray()
+        while not buf.endswith(b"\n"):
+            chunk = self._qmp.recv(4096)
+            if not chunk:
+                raise BackendError("qemu-storage-daemon closed its monitor")
+            buf += chunk
+            if len(buf) > 1 << 16:
+                raise BackendError("qemu-storage-daemon: QMP line too long")
+        return bytes(buf)
+
+    def qmp(self, command: str, **arguments: object) -> object:
+        """One QMP command's return value (events in between are skipped)."""
+        msg: dict[str, object] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        self._qmp.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            answer = json.loads(self._qmp_line())
+            if "return" in answer:
+                return answer["return"]
+            if "error" in answer:
+                raise BackendError(f"qemu-storage-daemon: {command}: {answer['error'].get('desc')}")
+
+    # -- supervision -------------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self.poll() is None
+
+    def poll(self) -> int | None:
+        """The exit status once the backend has ended (reaped), else None."""
+        if self._status is None and self.pid > 0:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self._status = -1
+            else:
+                if pid:
+                    self._status = os.waitstatus_to_exitcode(status)
+        return self._status
+
+    def wait(self, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if self._pidfd >= 0:
+                select.select([self._pidfd], [], [], left)  # readable once the process has ended
+            else:
+                time.sleep(min(left, 0.01))
+        return self._status
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the backend: QMP quit, then SIGKILL where allowed; reaped either way (idempotent)."""
+        with contextlib.suppress(OSError, BackendError, ValueError):
+            self._qmp.settimeout(1.0)
+            self._qmp.sendall(b'{"execute": "quit"}\n')
+        if self.wait(timeout) is None:
+            with contextlib.suppress(OSError):
+                if self._pidfd >= 0:
+                    signal_pidfd(self._pidfd)
+                else:
+                    os.kill(self.pid, 9)
+            if self.wait(timeout) is None:
+                log.error("qemu-storage-daemon %d did not end; it dies with the VMM (PR_SET_PDEATHSIG)", self.pid)
+        self.frontend.close()
+        self._qmp.close()
+        if self._pidfd >= 0 and self._status is not None:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
+def signal_pidfd(pidfd: int) -> None:
+    import signal
+
+    signal.pidfd_send_signal(pidfd, signal.SIGKILL)

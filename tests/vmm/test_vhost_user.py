@@ -1,0 +1,173 @@
+"""The vhost-user frontend against the real qemu-storage-daemon: negotiation, a queue in memfd guest RAM
+driven from the test (tests/support/vhost_queue.py), bytes checked in the image file (raw) or through
+qemu-io (qcow2); and supervision: the backend ends with its frontend, and dies with a SIGKILLed parent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mshv_libvirt.hv import GuestMemory
+from mshv_libvirt.vmm import vhost_user
+from mshv_libvirt.vmm.vhost_user import Backend, BackendError, BlockImage, MemRegion
+from tests.support.vhost_queue import AVAIL, DESC, S_OK, SECTOR, T_FLUSH, T_GET_ID, T_IN, T_OUT, USED, BlkQueue
+from tests.support.waits import wait_for
+
+MiB = 1 << 20
+F_VERSION_1, F_FLUSH, F_RO = 1 << 32, 1 << 9, 1 << 5
+
+
+def image_locked(path: Path) -> bool:
+    """The kernel's record (/proc/locks), not ours: does any process hold a lock on the image's inode?
+    (qemu-storage-daemon 7.2's export takes QEMU's OFD lock on byte 100, "consistent read", and shares
+    writing: the driver's own image lock is what keeps a second domain out.)"""
+    st = path.stat()
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(inode in line.split() for line in Path("/proc/locks").read_text().splitlines())
+
+
+def gone(pid: int) -> bool:
+    """Ended: no such process, or a zombie its new parent has yet to reap."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def start_queue(backend: Backend, mem: GuestMemory) -> BlkQueue:
+    fe = backend.frontend
+    features = fe.get_features()
+    fe.negotiate_protocol(features)
+    fe.set_owner()
+    fe.set_features(features & (F_VERSION_1 | F_FLUSH | F_RO | vhost_user.F_PROTOCOL_FEATURES))
+    fe.set_mem_table([MemRegion(0, mem.size, mem.address, mem.fd)])
+    q = BlkQueue(mem)
+    backend_queues.append(q)
+    fe.set_vring_num(0, q.size)
+    fe.set_vring_addr(0, fe.address_of(DESC, 16 * q.size), fe.address_of(USED, 4 + 8 * q.size), fe.address_of(AVAIL, 4))
+    fe.set_vring_base(0, 0)
+    fe.set_vring_kick(0, q.kick)
+    fe.set_vring_call(0, q.call)
+    fe.set_vring_enable(0, True)
+    return q
+
+
+backend_queues: list[BlkQueue] = []
+
+
+@pytest.fixture
+def mem() -> Iterator[GuestMemory]:
+    with GuestMemory(MiB) as m:
+        yield m
+    while backend_queues:
+        backend_queues.pop().close()
+
+
+def test_read_write_flush_through_qemu_storage_daemon_land_in_the_raw_file(tmp_path: Path, mem: GuestMemory) -> None:
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(4 * MiB))
+    backend = Backend(BlockImage(str(img)))
+    try:
+        assert image_locked(img)
+        fe = backend.frontend
+        q = start_queue(backend, mem)
+        assert fe.has_protocol and fe.protocol_features & vhost_user.PROTOCOL_F_CONFIG
+        capacity, _size_max, seg_max = struct.unpack_from("<QII", fe.get_config(24))
+        assert capacity == 4 * MiB // SECTOR and seg_max > 0
+        pattern = bytes((i * 7 + 3) & 0xFF for i in range(2 * SECTOR))
+        assert q.request(T_OUT, 5, pattern) == bytes([S_OK])
+        assert q.request(T_FLUSH, 0) == bytes([S_OK])
+        with img.open("rb") as f:  # the host sees the guest's write where it asked for it
+            f.seek(5 * SECTOR)
+            assert f.read(2 * SECTOR) == pattern
+        with img.open("r+b") as f:  # and the guest sees the host's
+            f.seek(9 * SECTOR)
+            f.write(b"host" * 128)
+        assert q.request(T_IN, 9, read_len=SECTOR) == bytes([S_OK]) + b"host" * 128
+        # GET_ID is answered by the backend itself: qemu-storage-daemon 7.2's export has no serial option.
+        answer = q.request(T_GET_ID, 0, read_len=20)
+        assert answer[0] == S_OK and answer[1:].rstrip(b"\0") == b"vhost_user_blk"
+        assert fe.get_vring_base(0) == 4  # stops the ring: four requests read from the available ring
+        pid = backend.pid
+    finally:
+        backend.stop()
+    assert backend.poll() == 0 and gone(pid)  # QMP quit: a clean exit, reaped by us
+    assert not image_locked(img)
+
+
+def test_qcow2_image_written_through_the_backend_reads_back_with_qemu_io(tmp_path: Path, mem: GuestMemory) -> None:
+    img = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "8M"], check=True, timeout=30)
+    backend = Backend(BlockImage(str(img), format="qcow2"))
+    try:
+        q = start_queue(backend, mem)
+        assert q.request(T_OUT, 100, b"\xa5" * SECTOR) == bytes([S_OK])
+        assert q.request(T_FLUSH, 0) == bytes([S_OK])
+    finally:
+        backend.stop()
+    r = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-r", "-c", f"read -P 0xa5 {100 * SECTOR} {SECTOR}", str(img)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout + r.stderr
+    check = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_readonly_export_refuses_writes_and_offers_ro(tmp_path: Path, mem: GuestMemory) -> None:
+    img = tmp_path / "ro.raw"
+    img.write_bytes(b"\x11" * MiB)
+    backend = Backend(BlockImage(str(img), readonly=True))
+    try:
+        assert backend.frontend.get_features() & F_RO
+        q = start_queue(backend, mem)
+        assert q.request(T_OUT, 0, b"\0" * SECTOR) != bytes([S_OK])
+        assert q.request(T_IN, 0, read_len=SECTOR) == bytes([S_OK]) + b"\x11" * SECTOR
+    finally:
+        backend.stop()
+    assert img.read_bytes() == b"\x11" * MiB
+
+
+def test_a_missing_image_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match=r"qemu-storage-daemon for .*nope.raw exited with status 1"):
+        Backend(BlockImage(str(tmp_path / "nope.raw")))
+
+
+def test_backend_dies_with_its_sigkilled_parent_and_unlocks_the_image(tmp_path: Path) -> None:
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(MiB))
+    script = (
+        "import sys\n"
+        "from mshv_libvirt.vmm.vhost_user import Backend, BlockImage\n"
+        "b = Backend(BlockImage(sys.argv[1]))\n"
+        "print(b.pid, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-I", "-c", script, str(img)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert not gone(child) and image_locked(img)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
+    wait_for(lambda: gone(child), 10, what=f"qemu-storage-daemon {child} ended with its parent")
+    wait_for(lambda: not image_locked(img), 10, what="image unlocked")
