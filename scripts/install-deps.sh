@@ -12,6 +12,8 @@ packages=(
     # would rewrite the host's firewall. qemu-img for qcow2 volumes; dnsmasq and iptables for the
     # network driver; ip (netns) and ss for the tests.
     libvirt-daemon qemu-utils dnsmasq-base iptables iproute2
+    # virtio-blk's data path: qemu-storage-daemon's vhost-user-blk export
+    qemu-system-common
     # host SMBIOS for virsh sysinfo, read through dmidecode as libvirt does
     dmidecode
     # test guests: the tiny guest (binutils), busybox initramfs, Debian kernel (apt-get download + dpkg-deb),
