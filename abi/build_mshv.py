@@ -50,7 +50,8 @@ int mshv_emu_kernel(int fd);
 void *mshv_alloc_pages(size_t len);
 void *mshv_alloc_memfd_pages(size_t len, int *fd_out);
 int mshv_free_pages(void *addr, size_t len);
-int mshv_spawn_helper(const char *path, char *const argv[], const int *keep, int nkeep, int *pidfd_out);
+int mshv_spawn_helper(const char *path, char *const argv[], const int *keep, int nkeep, int *lifeline_out,
+                      int *reaper_out, int *reaper_pidfd_out);
 int mshv_install_kick_handler(int signo);
 int mshv_dev_use_fd(int kind, int fd);
 void mshv_emu_prestart(void);

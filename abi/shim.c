@@ -7,6 +7,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -125,36 +126,116 @@ int mshv_free_pages(void *addr, size_t len)
     return munmap(addr, len);
 }
 
-/* A helper process that dies with us (a vhost-user backend): fork, and in the child (async-signal-safe
- * calls only; the parent has threads) ask for SIGKILL when the parent dies, give up if it already has,
- * close-on-exec everything but ``keep`` (which loses it), default signal handling (Python ignores
- * SIGPIPE), exec. PR_SET_PDEATHSIG fires when the forking *thread* ends: call this from the main thread.
- * Returns the pid (and a pidfd in *pidfd_out, -1 where pidfd_open is missing) or -errno. */
-int mshv_spawn_helper(const char *path, char *const argv[], const int *keep, int nkeep, int *pidfd_out)
+static void default_signals(void)
 {
-    *pidfd_out = -1;
-    pid_t parent = getpid();
-    pid_t pid = fork();
-    if (pid < 0)
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    for (int sig = 1; sig < 32; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP)
+            signal(sig, SIG_DFL);
+}
+
+/* The reaper: waits for EOF on the lifeline (every copy of its write end is the caller's, so EOF means
+ * the caller closed it or died, however it died) or for the helper's end. On EOF it SIGKILLs the helper.
+ * It exits with the helper's status, so the caller learns it by reaping the reaper. */
+static void reap(pid_t child)
+{
+    int pidfd = (int)syscall(SYS_pidfd_open, child, 0);
+    for (;;) {
+        struct pollfd p[2] = {{3, POLLIN, 0}, {pidfd, POLLIN, 0}};
+        int n = poll(p, pidfd >= 0 ? 2 : 1, pidfd >= 0 ? -1 : 100);
+        int status;
+        if (n < 0 && errno != EINTR)
+            break;
+        if (p[0].revents) {
+            kill(child, SIGKILL);
+            waitpid(child, &status, 0);
+            _exit(137);
+        }
+        if (waitpid(child, &status, WNOHANG) == child)
+            _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+    }
+    kill(child, SIGKILL);
+    _exit(137);
+}
+
+/* A helper process that dies with us (a vhost-user backend), however we die. PR_SET_PDEATHSIG alone
+ * is not enough: Landlock's signal scoping (ABI 6+) also refuses the kernel's parent-death signal from
+ * a sandboxed parent to a process outside its domain (measured). So a reaper process sits between us
+ * and the helper, outside the sandbox: it holds only the read end of a lifeline pipe and SIGKILLs the
+ * helper when the lifeline breaks. The helper gets PR_SET_PDEATHSIG from the reaper (unsandboxed, so it
+ * is delivered), the reaper from us (covers a death before any sandbox). In the forked children only
+ * async-signal-safe calls (the caller has threads). Call from the main thread: PR_SET_PDEATHSIG fires
+ * when the forking *thread* ends.
+ * Returns the helper's pid, the lifeline's write end (*lifeline_out) and the reaper's pid and pidfd
+ * (-1 where pidfd_open is missing); or -errno. */
+int mshv_spawn_helper(const char *path, char *const argv[], const int *keep, int nkeep, int *lifeline_out,
+                      int *reaper_out, int *reaper_pidfd_out)
+{
+    int life[2], info[2];
+    *lifeline_out = *reaper_out = *reaper_pidfd_out = -1;
+    if (pipe2(life, O_CLOEXEC) < 0)
         return -errno;
-    if (pid == 0) {
+    if (pipe2(info, O_CLOEXEC) < 0) {
+        int err = errno;
+        close(life[0]);
+        close(life[1]);
+        return -err;
+    }
+    pid_t parent = getpid();
+    pid_t reaper = fork();
+    if (reaper < 0) {
+        int err = errno;
+        close(life[0]);
+        close(life[1]);
+        close(info[0]);
+        close(info[1]);
+        return -err;
+    }
+    if (reaper == 0) {
         if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != parent)
             _exit(127);
-        syscall(SYS_close_range, 3, ~0U, 4 /* CLOSE_RANGE_CLOEXEC */);
-        for (int i = 0; i < nkeep; i++)
-            if (fcntl(keep[i], F_SETFD, 0) < 0)
+        default_signals();
+        pid_t self = getpid();
+        pid_t child = fork();
+        if (child == 0) {
+            if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != self)
                 _exit(127);
-        sigset_t none;
-        sigemptyset(&none);
-        sigprocmask(SIG_SETMASK, &none, NULL);
-        for (int sig = 1; sig < 32; sig++)
-            if (sig != SIGKILL && sig != SIGSTOP)
-                signal(sig, SIG_DFL);
-        execv(path, argv);
-        _exit(127);
+            syscall(SYS_close_range, 3, ~0U, 4 /* CLOSE_RANGE_CLOEXEC: the pipes too */);
+            for (int i = 0; i < nkeep; i++)
+                if (fcntl(keep[i], F_SETFD, 0) < 0)
+                    _exit(127);
+            execv(path, argv);
+            _exit(127);
+        }
+        int answer = child < 0 ? -errno : child;
+        ssize_t ignored = write(info[1], &answer, sizeof(answer));
+        (void)ignored;
+        if (child < 0)
+            _exit(127);
+        if (dup2(life[0], 3) < 0)
+            kill(child, SIGKILL);
+        syscall(SYS_close_range, 4, ~0U, 0); /* nothing else: no image, no socket stays open here */
+        reap(child);
     }
-    *pidfd_out = (int)syscall(SYS_pidfd_open, pid, 0);
-    return pid;
+    close(life[0]);
+    close(info[1]);
+    int answer = -EIO;
+    ssize_t got;
+    do
+        got = read(info[0], &answer, sizeof(answer));
+    while (got < 0 && errno == EINTR);
+    close(info[0]);
+    if (got != (ssize_t)sizeof(answer) || answer < 0) {
+        close(life[1]); /* the reaper, if it runs, ends */
+        waitpid(reaper, NULL, 0);
+        return answer < 0 ? answer : -EIO;
+    }
+    *lifeline_out = life[1];
+    *reaper_out = reaper;
+    *reaper_pidfd_out = (int)syscall(SYS_pidfd_open, reaper, 0);
+    return answer;
 }
 
 static void kick_handler(int signo)

@@ -345,7 +345,7 @@ static const struct rule helper_rules[] = {
     ALLOW(restart_syscall),
 };
 
-/* A device thread (virtio-rng): sleeps in poll(2) on its kick and stop eventfds, reads its backend fd and
+/* A device thread (virtio-rng, vhost-blk): sleeps in poll(2) on its kick and stop eventfds, reads its backend fd and
  * eventfds, copies into guest memory (no system call), signals irqfd eventfds, and runs Python (locks,
  * the allocator, the monotonic clock). No open, no ioctl: everything it touches was opened before. */
 static const struct rule device_rules[] = {
@@ -355,6 +355,8 @@ static const struct rule device_rules[] = {
     ALLOW(brk),           ALLOW_IF(mmap, 2, C_NOT_SET, PROT_EXEC),      ALLOW_IF(mprotect, 2, C_NOT_SET, PROT_EXEC),
     ALLOW(rt_sigprocmask), ALLOW(rt_sigreturn),  ALLOW(restart_syscall), ALLOW(exit),
     ALLOW(exit_group),
+    /* vhost-blk: setup messages on its connected vhost-user socket (descriptors as SCM_RIGHTS) */
+    ALLOW(sendmsg),       ALLOW(recvfrom),
 };
 
 /* The main thread: the selector loop, control clients, VM (re)builds, logging and lazy imports (files
@@ -404,6 +406,8 @@ static const struct rule process_rules[] = {
     ALLOW(accept4),
     ALLOW(recvfrom),
     ALLOW(sendto),
+    ALLOW(sendmsg), /* vhost-user setup: descriptors to a backend started before the sandbox */
+    ALLOW(wait4),   /* reaping that backend's reaper (the VMM's own child) */
     ALLOW(getsockname),
     ALLOW(shutdown),
     ALLOW(eventfd2),

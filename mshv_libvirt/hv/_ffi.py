@@ -113,16 +113,17 @@ def alloc_memfd_pages(size: int) -> tuple[Any, int]:
     return p, int(fd_out[0])
 
 
-def spawn_helper(argv: list[str], keep: tuple[int, ...]) -> tuple[int, int]:
-    """(pid, pidfd or -1): ``argv`` executed in a child that gets SIGKILL when this process dies."""
+def spawn_helper(argv: list[str], keep: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """(pid, lifeline, reaper pid, reaper pidfd or -1): ``argv`` run under a reaper that SIGKILLs it when
+    the lifeline (a pipe's write end, ours alone) closes, which it does when this process dies."""
     args = [ffi.new("char[]", a.encode()) for a in argv]
     c_argv = ffi.new("char *[]", [*args, NULL])
     c_keep = ffi.new("int[]", list(keep) or [0])
-    pidfd = ffi.new("int *")
-    pid = int(lib.mshv_spawn_helper(args[0], c_argv, c_keep, len(keep), pidfd))
+    out = ffi.new("int[3]")
+    pid = int(lib.mshv_spawn_helper(args[0], c_argv, c_keep, len(keep), out, out + 1, out + 2))
     if pid < 0:
         raise OSError(-pid, f"cannot start {argv[0]}: {os.strerror(-pid)}")
-    return pid, int(pidfd[0])
+    return pid, int(out[0]), int(out[1]), int(out[2])
 
 
 def free_pages(p: Any, size: int) -> None:

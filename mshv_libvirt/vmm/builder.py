@@ -20,7 +20,7 @@ import contextlib
 import errno
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -52,11 +52,13 @@ from .devices.pvpanic import PORT as PVPANIC_PORT
 from .devices.pvpanic import PvPanic
 from .devices.rtc import CmosRtc, local_utc_offset
 from .devices.serial import Serial16550
+from .devices.virtio.blk import BackendInfo, VirtioBlk
 from .devices.virtio.pci import VirtioPciFunction
 from .devices.virtio.queue import DeviceMemory
 from .devices.virtio.rng import RateLimit, VirtioRng
 from .interrupts import IrqfdSink, MsiRouting
 from .vcpu import ExitGate, ExitHandler, VcpuEvent, VcpuThread, VmExit, VmExitKind
+from .vhost_user import Backend, MemRegion
 
 log = logging.getLogger(__name__)
 
@@ -368,9 +370,15 @@ def attach_pci(
 
 
 def attach_virtio_devices(
-    partition: PartitionFd, ram: GuestRam, platform: Platform, config: VmmConfig, resources: contextlib.ExitStack
+    partition: PartitionFd,
+    ram: GuestRam,
+    platform: Platform,
+    config: VmmConfig,
+    resources: contextlib.ExitStack,
+    disks: Mapping[int, tuple[Backend, BackendInfo]] | None = None,
 ) -> None:
-    """virtio-pci functions in their configured slots, BARs placed and mapped, device threads started."""
+    """virtio-pci functions in their configured slots, BARs placed and mapped, device threads started.
+    ``disks``: each disk's running backend by PCI slot (the VMM's, kept across rebuilds)."""
     for rng_config in config.rng:
         try:
             fd = rng_config.fd
@@ -389,6 +397,23 @@ def attach_virtio_devices(
             platform.virtio.append(function)
         except (MshvError, OSError, ValueError) as err:
             raise AttachDevicesError(f"virtio-rng in PCI slot {rng_config.slot}: {err}") from err
+    regions = [MemRegion(r.gpa, r.size, mem.address, mem.fd) for r, mem in ram.regions]
+    for disk in config.disks:
+        try:
+            if disks is None or disk.slot not in disks:
+                raise ValueError("no backend was started for it")
+            backend, info = disks[disk.slot]
+            blk = VirtioBlk(backend, info, regions, disk.queues)
+            function = VirtioPciFunction(blk, DeviceMemory(ram), platform.routing, partition, platform.mmio)
+            resources.callback(function.close)
+            platform.pci.add(function, disk.slot)
+            platform.bars.place(function.config)
+            function.sync_bar()
+            blk.start(function)
+            resources.callback(blk.stop)  # before the irqfds and memory go: the backend's rings stop first
+            platform.virtio.append(function)
+        except (MshvError, OSError, ValueError) as err:
+            raise AttachDevicesError(f"virtio-blk in PCI slot {disk.slot}: {err}") from err
 
 
 def load_kernel(ram: GuestRam, config: VmmConfig) -> loader.KernelImage:
@@ -532,6 +557,7 @@ def build_vm(
     *,
     mode: HypervisorMode = "auto",
     paused: bool | None = None,
+    disks: Mapping[int, tuple[Backend, BackendInfo]] | None = None,
 ) -> Vm:
     gate = ExitGate(on_vm_exit)
     with contextlib.ExitStack() as resources:
@@ -551,7 +577,7 @@ def build_vm(
         ram = map_memory(partition, config.memory_bytes)
         memory.extend(mem for _, mem in ram.regions)
         platform = attach_devices(partition, config, console_write, gate, resources)
-        attach_virtio_devices(partition, ram, platform, config, resources)
+        attach_virtio_devices(partition, ram, platform, config, resources, disks)
         kernel = load_kernel(ram, config)
         write_platform_tables(ram, config)
         vps = create_vps(partition, config.vcpus, resources)

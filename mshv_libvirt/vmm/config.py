@@ -98,6 +98,55 @@ class RngConfig:
         return cls(slot, backend, rate, period, fd)
 
 
+DISK_FORMATS = ("raw", "qcow2")
+DISK_CACHES = ("default", "none", "writeback", "writethrough", "directsync", "unsafe")
+DISK_KEYS = {"slot", "path", "format", "readonly", "serial", "cache", "queues", "fd"}
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """A virtio-blk disk: its PCI slot on bus 0, image, format and options; served by a qemu-storage-daemon
+    vhost-user-blk backend the VMM starts before its sandbox and keeps for its life."""
+
+    slot: int
+    path: str
+    format: str = "raw"
+    readonly: bool = False
+    serial: str | None = None
+    cache: str = "default"  # 'none' and 'directsync': O_DIRECT
+    queues: int = 1
+    fd: int | None = None  # the image opened by the daemon: the backend opens /dev/fd/N (its inherited copy)
+
+    @classmethod
+    def from_dict(cls, raw: object) -> DiskConfig:
+        if not isinstance(raw, dict) or set(raw) - DISK_KEYS or "slot" not in raw or "path" not in raw:
+            raise ConfigError(f"config field 'disks' must be a list of objects with {', '.join(sorted(DISK_KEYS))}")
+        slot, path, fd, queues = raw["slot"], raw["path"], raw.get("fd"), raw.get("queues", 1)
+        fmt, cache, serial, ro = (
+            raw.get("format", "raw"),
+            raw.get("cache", "default"),
+            raw.get("serial"),
+            raw.get("readonly", False),
+        )
+        if not isinstance(slot, int) or isinstance(slot, bool) or not 1 <= slot <= 31:
+            raise ConfigError("config field 'disks.slot' must be a PCI slot between 1 and 31")
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise ConfigError("config field 'disks.path' must be a non-empty path")
+        if fmt not in DISK_FORMATS:
+            raise ConfigError(f"config field 'disks.format' must be one of {', '.join(DISK_FORMATS)}")
+        if cache not in DISK_CACHES:
+            raise ConfigError(f"config field 'disks.cache' must be one of {', '.join(DISK_CACHES)}")
+        if not isinstance(ro, bool):
+            raise ConfigError("config field 'disks.readonly' must be a boolean")
+        if serial is not None and (not isinstance(serial, str) or len(serial.encode()) > 20):
+            raise ConfigError("config field 'disks.serial' must be a string of at most 20 bytes")
+        if not isinstance(queues, int) or isinstance(queues, bool) or not 1 <= queues <= 64:
+            raise ConfigError("config field 'disks.queues' must be between 1 and 64")
+        if fd is not None and (not isinstance(fd, int) or isinstance(fd, bool) or fd < 0):
+            raise ConfigError("config field 'disks.fd' must be a descriptor number")
+        return cls(slot, path, fmt, ro, serial, cache, queues, fd)
+
+
 @dataclass(frozen=True)
 class VmmConfig:
     name: str
@@ -143,6 +192,7 @@ class VmmConfig:
     # Honour the test-only control commands (docs/SECURITY.md); set only by tests.
     test_hooks: bool = False
     rng: tuple[RngConfig, ...] = ()
+    disks: tuple[DiskConfig, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_vcpus == 0:
@@ -189,6 +239,7 @@ class VmmConfig:
             sandbox=get("sandbox", bool, False),
             test_hooks=get("test_hooks", bool, False),
             rng=tuple(RngConfig.from_dict(r) for r in get("rng", list, [])),
+            disks=tuple(DiskConfig.from_dict(d) for d in get("disks", list, [])),
         )
         if cfg.memory_bytes < 16 << 20 or cfg.memory_bytes % 4096:
             raise ConfigError("config field 'memory_bytes' must be a multiple of 4 KiB and at least 16 MiB")
@@ -216,6 +267,9 @@ class VmmConfig:
             raise ConfigError("config field 'fds.serial_log' must hold the log and each of its backups")
         if len({r.slot for r in cfg.rng}) != len(cfg.rng):
             raise ConfigError("config field 'rng' puts two devices in one PCI slot")
+        slots = [r.slot for r in cfg.rng] + [d.slot for d in cfg.disks]
+        if len(set(slots)) != len(slots):
+            raise ConfigError("config fields 'rng' and 'disks' put two devices in one PCI slot")
         return cfg
 
     @classmethod

@@ -39,11 +39,13 @@ from typing import Any
 from mshv_libvirt.atomicfile import write_atomic
 from mshv_libvirt.hv import MshvError
 
-from . import builder, coredump, images, sandbox
+from . import builder, coredump, images, sandbox, vhost_user
 from .config import VmmConfig
 from .console import Console
 from .control import CommandError, ControlServer, JsonObject
 from .devices import keymap
+from .devices.virtio import blk
+from .devices.virtio.blk import BackendInfo, VirtioBlk
 from .devices.virtio.pci import VirtioPciFunction
 from .devices.virtio.rng import VirtioRng
 from .vcpu import VcpuEvent, VmExit, VmExitKind, install_kick_handler
@@ -75,6 +77,16 @@ def _virtio_status(function: VirtioPciFunction) -> JsonObject:
         "interrupts": function.interrupts,
         "irqfd": [{"gsi": line.gsi, "fired": line.fired} for line in function.lines],
     }
+    if isinstance(device, VirtioBlk):
+        thread = device.thread
+        status.update(
+            backend_pid=device.backend.pid,
+            backend_alive=device.backend.alive,
+            features=device.features,
+            activations=device.activations,
+            error=device.error,
+            thread=thread.native_id if thread is not None and thread.is_alive() else None,
+        )
     if isinstance(device, VirtioRng):
         thread = device.thread
         status.update(
@@ -86,9 +98,10 @@ def _virtio_status(function: VirtioPciFunction) -> JsonObject:
 
 
 class Vmm:
-    def __init__(self, config: VmmConfig, build: BuildFn = _default_build) -> None:
+    def __init__(self, config: VmmConfig, build: BuildFn | None = None) -> None:
         self.config = config
-        self._build = build
+        self._build = build or self._build_with_disks
+        self._disks: dict[int, tuple[vhost_user.Backend, BackendInfo]] = {}  # by PCI slot, for the VMM's life
         self._selector = selectors.DefaultSelector()
         self._exits: queue.SimpleQueue[tuple[int, VmExit]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -106,6 +119,41 @@ class Vmm:
         self.boots = 0
 
     # -- plumbing --------------------------------------------------------------------------------
+    def _build_with_disks(
+        self, config: VmmConfig, write: Callable[[bytes], object], on_exit: Callable[[VmExit], None], paused: bool
+    ) -> builder.Vm:
+        return builder.build_vm(config, write, on_exit, paused=paused, disks=self._disks)
+
+    def _start_disk_backends(self, cfg: VmmConfig) -> None:
+        """One qemu-storage-daemon per disk, started and negotiated once; every VM build reuses it."""
+        for disk in cfg.disks:
+            image = vhost_user.BlockImage(
+                disk.path,
+                disk.format,
+                readonly=disk.readonly,
+                direct=disk.cache in ("none", "directsync"),
+                queues=disk.queues,
+                fd=disk.fd,
+            )
+            try:
+                backend = vhost_user.Backend(image)
+            except (vhost_user.BackendError, OSError) as err:
+                raise builder.AttachDevicesError(f"virtio-blk in PCI slot {disk.slot}: {err}") from err
+            try:
+                self._disks[disk.slot] = (backend, blk.prepare(backend))
+            except (vhost_user.VhostUserError, OSError) as err:
+                backend.stop()
+                raise builder.AttachDevicesError(f"virtio-blk in PCI slot {disk.slot}: {err}") from err
+            log.info("virtio-blk slot %d: qemu-storage-daemon pid %d serves %s", disk.slot, backend.pid, disk.path)
+
+    def _stop_disk_backends(self) -> None:
+        while self._disks:
+            _, (backend, _) = self._disks.popitem()
+            try:
+                backend.stop()
+            except Exception:
+                log.exception("stopping qemu-storage-daemon %d failed", backend.pid)
+
     def _post_exit(self, generation: int) -> Callable[[VmExit], None]:
         def post(exit_: VmExit) -> None:
             if generation == self._generation:
@@ -437,6 +485,7 @@ class Vmm:
             elif cfg.sandbox:
                 with contextlib.suppress(sandbox.SandboxError):  # none: the build step says so
                     sandbox.hand_over_device(*sandbox.probe_hypervisor())
+            self._start_disk_backends(cfg)  # before the sandbox: it can start no process
             if cfg.sandbox:
                 cfg = self.config = self._open_images(cfg)
                 # Everything the VMM will ever open is open now: from here on it opens nothing for writing.
@@ -472,6 +521,7 @@ class Vmm:
                 self._stop_vm()
             except Exception:
                 log.exception("teardown failed")
+            self._stop_disk_backends()
             self._write_exit(reason, detail)
             if self._control is not None:
                 self._control.flush_all()

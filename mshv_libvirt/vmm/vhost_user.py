@@ -8,10 +8,12 @@ the kernel's: the guest's doorbell write signals the kick eventfd through MSHV_I
 serves the ring from guest RAM it mapped from the memfds, and signals the call eventfd, which is an
 irqfd bound to the queue's MSI-X route, so the completion interrupt reaches the guest with no VMM code.
 
-``Backend`` is the supervised process: started with PR_SET_PDEATHSIG (it is SIGKILLed when the VMM
-dies, however it dies), its export listening on a socket the VMM connected to before anything else
-could, and a QMP monitor on a socketpair. ``stop()`` asks QMP to quit (a sandboxed VMM may not signal
-a process outside its Landlock domain) and SIGKILLs it where it may; either way it is reaped by pidfd.
+``Backend`` is the supervised process, started before the VMM's sandbox under a small reaper process
+(abi/shim.c ``mshv_spawn_helper``) that SIGKILLs it when the VMM's lifeline pipe breaks, which the
+kernel does when the VMM dies however it dies: PR_SET_PDEATHSIG from the VMM alone is not delivered
+once the VMM is in its Landlock domain (signal scoping covers the parent-death signal too; measured).
+Its export listens on a socket the VMM connected to before anything else could, its QMP monitor is on
+a socketpair. ``stop()`` asks QMP to quit, and closes the lifeline if that does not end it.
 """
 
 from __future__ import annotations
@@ -243,6 +245,7 @@ class BlockImage:
     readonly: bool = False
     direct: bool = False  # cache='none': O_DIRECT
     queues: int = 1
+    fd: int | None = None  # the image opened by whoever started the VMM: the backend opens its /dev/fd/N
 
 
 class Backend:
@@ -255,8 +258,10 @@ class Backend:
         if image.format not in ("raw", "qcow2"):
             raise BackendError(f"disk format {image.format!r} is not raw or qcow2")
         self.image = image
-        self.pid = -1
-        self._pidfd = -1
+        self.pid = -1  # qemu-storage-daemon's
+        self._reaper = -1  # our child, its parent: SIGKILLs it when the lifeline breaks, exits with its status
+        self._pidfd = -1  # the reaper's
+        self._lifeline = -1
         self._status: int | None = None
         tmp = tempfile.mkdtemp(prefix="mshv-vhost-")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -272,7 +277,8 @@ class Backend:
             client.connect(path)
             os.unlink(path)
             argv = self._argv(exe, image, listener.fileno(), qmp_theirs.fileno())
-            self.pid, self._pidfd = _ffi.spawn_helper(argv, (listener.fileno(), qmp_theirs.fileno()))
+            keep = (listener.fileno(), qmp_theirs.fileno()) + (() if image.fd is None else (image.fd,))
+            self.pid, self._lifeline, self._reaper, self._pidfd = _ffi.spawn_helper(argv, keep)
         except BaseException:
             client.close()
             qmp_ours.close()
@@ -293,7 +299,7 @@ class Backend:
         ro = "on" if image.readonly else "off"
         direct = "on" if image.direct else "off"
         # Commas in a path are doubled, QEMU's escaping in option strings.
-        filename = image.path.replace(",", ",,")
+        filename = (image.path if image.fd is None else f"/dev/fd/{image.fd}").replace(",", ",,")
         file_node = f"driver=file,node-name=file0,filename={filename},read-only={ro},cache.direct={direct}"
         if image.direct:
             file_node += ",aio=native"
@@ -366,9 +372,9 @@ class Backend:
 
     def poll(self) -> int | None:
         """The exit status once the backend has ended (reaped), else None."""
-        if self._status is None and self.pid > 0:
+        if self._status is None and self._reaper > 0:
             try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                pid, status = os.waitpid(self._reaper, os.WNOHANG)
             except ChildProcessError:
                 self._status = -1
             else:
@@ -383,32 +389,32 @@ class Backend:
             if left <= 0:
                 return None
             if self._pidfd >= 0:
-                select.select([self._pidfd], [], [], left)  # readable once the process has ended
+                poller = select.poll()
+                poller.register(self._pidfd, select.POLLIN)
+                poller.poll(max(1, int(left * 1000)))  # readable once the process has ended
             else:
                 time.sleep(min(left, 0.01))
         return self._status
 
     def stop(self, timeout: float = 5.0) -> None:
-        """End the backend: QMP quit, then SIGKILL where allowed; reaped either way (idempotent)."""
+        """End the backend: QMP quit (it flushes), else the lifeline closed (the reaper SIGKILLs it); reaped
+        either way. No signal is sent from here: a sandboxed VMM may not signal outside its domain."""
         with contextlib.suppress(OSError, BackendError, ValueError):
             self._qmp.settimeout(1.0)
             self._qmp.sendall(b'{"execute": "quit"}\n')
         if self.wait(timeout) is None:
-            with contextlib.suppress(OSError):
-                if self._pidfd >= 0:
-                    signal_pidfd(self._pidfd)
-                else:
-                    os.kill(self.pid, 9)
+            log.warning("qemu-storage-daemon %d ignored quit; killing it", self.pid)
+            self._close_lifeline()
             if self.wait(timeout) is None:
-                log.error("qemu-storage-daemon %d did not end; it dies with the VMM (PR_SET_PDEATHSIG)", self.pid)
+                log.error("qemu-storage-daemon %d (reaper %d) did not end", self.pid, self._reaper)
+        self._close_lifeline()
         self.frontend.close()
         self._qmp.close()
         if self._pidfd >= 0 and self._status is not None:
             os.close(self._pidfd)
             self._pidfd = -1
 
-
-def signal_pidfd(pidfd: int) -> None:
-    import signal
-
-    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    def _close_lifeline(self) -> None:
+        if self._lifeline >= 0:
+            fd, self._lifeline = self._lifeline, -1
+            os.close(fd)

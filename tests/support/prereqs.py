@@ -138,6 +138,7 @@ PATH_NEEDS: dict[str, tuple[str, ...]] = {
     "tests/domain/test_domain_xml.py": ("libvirt-schemas",),
     "tests/vmm/test_mmio_decode.py": ("binutils",),
     "tests/vmm/test_vhost_user.py": ("qemu-storage-daemon", "qemu-img"),
+    "tests/vmm/test_virtio_blk.py": ("qemu-storage-daemon", "qemu-img"),
     "tests/vmm/test_linux_guest.py": ("kvm", "busybox-static", "apt"),
 }
 

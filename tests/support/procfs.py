@@ -46,3 +46,12 @@ def in_guest(t: threading.Thread) -> bool:
         return False
     stime, guest_time = int(stat[12]), int(stat[40])  # fields 15 and 43 of proc(5), in clock ticks
     return (bool(syscall) and syscall[0] == str(IOCTL)) or guest_time > 0 or stime >= 2
+
+
+def process_gone(pid: int) -> bool:
+    """Ended: no such process, or a zombie its (new) parent has yet to reap."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")

@@ -17,6 +17,7 @@ import pytest
 from mshv_libvirt.hv import GuestMemory
 from mshv_libvirt.vmm import vhost_user
 from mshv_libvirt.vmm.vhost_user import Backend, BackendError, BlockImage, MemRegion
+from tests.support.procfs import process_gone
 from tests.support.vhost_queue import AVAIL, DESC, S_OK, SECTOR, T_FLUSH, T_GET_ID, T_IN, T_OUT, USED, BlkQueue
 from tests.support.waits import wait_for
 
@@ -31,15 +32,6 @@ def image_locked(path: Path) -> bool:
     st = path.stat()
     inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     return any(inode in line.split() for line in Path("/proc/locks").read_text().splitlines())
-
-
-def gone(pid: int) -> bool:
-    """Ended: no such process, or a zombie its new parent has yet to reap."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return True
-    return state in ("Z", "X")
 
 
 def start_queue(backend: Backend, mem: GuestMemory) -> BlkQueue:
@@ -99,7 +91,7 @@ def test_read_write_flush_through_qemu_storage_daemon_land_in_the_raw_file(tmp_p
         pid = backend.pid
     finally:
         backend.stop()
-    assert backend.poll() == 0 and gone(pid)  # QMP quit: a clean exit, reaped by us
+    assert backend.poll() == 0 and process_gone(pid)  # QMP quit: a clean exit, reaped by us
     assert not image_locked(img)
 
 
@@ -162,12 +154,12 @@ def test_backend_dies_with_its_sigkilled_parent_and_unlocks_the_image(tmp_path: 
     try:
         assert parent.stdout is not None
         child = int(parent.stdout.readline())
-        assert not gone(child) and image_locked(img)
+        assert not process_gone(child) and image_locked(img)
         parent.send_signal(signal.SIGKILL)
         parent.wait(10)
     finally:
         if parent.poll() is None:
             parent.kill()
             parent.wait(10)
-    wait_for(lambda: gone(child), 10, what=f"qemu-storage-daemon {child} ended with its parent")
+    wait_for(lambda: process_gone(child), 10, what=f"qemu-storage-daemon {child} ended with its parent")
     wait_for(lambda: not image_locked(img), 10, what="image unlocked")

@@ -359,7 +359,12 @@ class VirtioPciFunction:
         bad_features = self.driver_features & ~self.offered_features or not self.driver_features & F_VERSION_1
         if value & STATUS_FEATURES_OK and not self.status & STATUS_FEATURES_OK and bad_features:
             value &= ~STATUS_FEATURES_OK
+        was_ok = self.driver_ok
         self.status = (self.status & STATUS_NEEDS_RESET) | value
+        if self.driver_ok and not was_ok:
+            activate = getattr(self.device, "driver_ok", None)  # a device served elsewhere (vhost-user)
+            if activate is not None:
+                activate(self)
         if self.driver_ok:
             for n in range(len(self.queues)):
                 os.eventfd_write(self.kicks[n], 1)  # buffers posted before DRIVER_OK are looked at now

@@ -1,0 +1,259 @@
+"""virtio-blk over vhost-user: the VMM's virtio-pci function, driven as a guest driver drives it, against
+the real emulated /dev/mshv (doorbells as MSHV_IOEVENTFD, vectors as irqfd routes) and a real
+qemu-storage-daemon; then the VMM process with a disk: its backend lives and dies with it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mshv_libvirt.vmm import builder, layout
+from mshv_libvirt.vmm.devices.bus import Bus
+from mshv_libvirt.vmm.devices.pci import config as cfg
+from mshv_libvirt.vmm.devices.pci import msix
+from mshv_libvirt.vmm.devices.pci.bridge import BarAllocator, PciRootBus
+from mshv_libvirt.vmm.devices.virtio import blk
+from mshv_libvirt.vmm.devices.virtio import pci as vpci
+from mshv_libvirt.vmm.devices.virtio.queue import DeviceMemory
+from mshv_libvirt.vmm.interrupts import MsiRouting
+from mshv_libvirt.vmm.vhost_user import Backend, BlockImage, MemRegion
+from tests.support.procfs import process_gone
+from tests.support.vhost_queue import S_OK, SECTOR, T_FLUSH, T_IN, T_OUT
+from tests.support.waits import wait_for
+from tests.vmm.harness import VmmProcess
+
+MiB = 1 << 20
+RAM = 16 * MiB
+DESC, AVAIL, USED = 0x10_0000, 0x11_0000, 0x12_0000
+HDR, DATA, STATUS = 0x20_0000, 0x21_0000, 0x22_0000
+QSIZE = 16
+SLOT = 4
+
+
+def image_locked(path: Path) -> bool:
+    """The kernel's record (/proc/locks): a lock on the image's inode (the backend's, QEMU's byte-100 OFD lock)."""
+    st = path.stat()
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(inode in line.split() for line in Path("/proc/locks").read_text().splitlines())
+
+
+def ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@dataclass
+class Rig:
+    ram: builder.GuestRam
+    mmio: Bus
+    routing: MsiRouting
+    function: vpci.VirtioPciFunction
+    device: blk.VirtioBlk
+    backend: Backend
+    avail_idx: int = 0
+
+    @property
+    def bar(self) -> int:
+        assert self.function.mapped_at is not None
+        return self.function.mapped_at
+
+    def common_read(self, offset: int, size: int) -> int:
+        return self.mmio.read(self.bar + vpci.COMMON_OFFSET + offset, size)
+
+    def common_write(self, offset: int, size: int, value: int) -> None:
+        self.mmio.write(self.bar + vpci.COMMON_OFFSET + offset, size, value)
+
+    def device_config(self, offset: int, size: int) -> int:
+        return self.mmio.read(self.bar + vpci.DEVICE_OFFSET + offset, size)
+
+    def offered(self) -> int:
+        words = []
+        for select in (0, 1):
+            self.common_write(vpci.DEVICE_FEATURE_SELECT, 4, select)
+            words.append(self.common_read(vpci.DEVICE_FEATURE, 4))
+        return words[0] | words[1] << 32
+
+    def driver_init(self, features: int) -> None:
+        """Linux's virtio_pci_modern order: reset, ACK, DRIVER, features, FEATURES_OK, MSI-X, queue 0, DRIVER_OK."""
+        self.common_write(vpci.DEVICE_STATUS, 1, 0)
+        assert self.common_read(vpci.DEVICE_STATUS, 1) == 0
+        self.common_write(vpci.DEVICE_STATUS, 1, vpci.STATUS_ACKNOWLEDGE | vpci.STATUS_DRIVER)
+        for select in (0, 1):
+            self.common_write(vpci.DRIVER_FEATURE_SELECT, 4, select)
+            self.common_write(vpci.DRIVER_FEATURE, 4, (features >> (32 * select)) & 0xFFFFFFFF)
+        ok = vpci.STATUS_ACKNOWLEDGE | vpci.STATUS_DRIVER | vpci.STATUS_FEATURES_OK
+        self.common_write(vpci.DEVICE_STATUS, 1, ok)
+        assert self.common_read(vpci.DEVICE_STATUS, 1) & vpci.STATUS_FEATURES_OK
+        table = self.bar + vpci.MSIX_TABLE_OFFSET + 16  # vector 1 for the queue: APIC 0, vector 0x46
+        self.mmio.write(table, 4, 0xFEE00000)
+        self.mmio.write(table + 8, 4, 0x46)
+        self.mmio.write(table + 12, 4, 0)
+        self.function.config.write(self.function.msix.offset + 2, 2, msix.CONTROL_ENABLE)
+        self.common_write(vpci.QUEUE_SELECT, 2, 0)
+        self.common_write(vpci.QUEUE_SIZE, 2, QSIZE)
+        for reg, addr in ((vpci.QUEUE_DESC, DESC), (vpci.QUEUE_DRIVER, AVAIL), (vpci.QUEUE_DEVICE, USED)):
+            self.common_write(reg, 8, addr)
+        self.common_write(vpci.QUEUE_MSIX_VECTOR, 2, 1)
+        self.common_write(vpci.QUEUE_ENABLE, 2, 1)
+        for gpa, size in ((DESC, 16 * QSIZE), (AVAIL, 6 + 2 * QSIZE), (USED, 6 + 8 * QSIZE)):
+            self.ram.write(gpa, bytes(size))
+        self.avail_idx = 0
+        self.common_write(vpci.DEVICE_STATUS, 1, ok | vpci.STATUS_DRIVER_OK)
+
+    def used_idx(self) -> int:
+        return int(struct.unpack("<H", self.ram.read(USED + 2, 2))[0])
+
+    def request(self, kind: int, sector: int, data: bytes = b"", read_len: int = 0) -> bytes:
+        """One request kicked on the doorbell's eventfd (as MSHV_IOEVENTFD signals it); waits for the used ring."""
+        self.ram.write(HDR, struct.pack("<IIQ", kind, 0, sector))
+        self.ram.write(STATUS, b"\xff")
+        chain = [(HDR, 16, 0)]
+        if data:
+            self.ram.write(DATA, data)
+            chain.append((DATA, len(data), 0))
+        if read_len:
+            chain.append((DATA, read_len, 2))
+        chain.append((STATUS, 1, 2))
+        for n, (gpa, length, flags) in enumerate(chain):
+            more = n + 1 < len(chain)
+            self.ram.write(DESC + 16 * n, struct.pack("<QIHH", gpa, length, flags | int(more), n + 1 if more else 0))
+        self.ram.write(AVAIL + 4 + 2 * (self.avail_idx % QSIZE), struct.pack("<H", 0))
+        self.avail_idx += 1
+        self.ram.write(AVAIL + 2, struct.pack("<H", self.avail_idx & 0xFFFF))
+        os.eventfd_write(self.function.kicks[0], 1)
+        wait_for(lambda: self.used_idx() == self.avail_idx & 0xFFFF, 10, 0.002, "request completed in the used ring")
+        return self.ram.read(STATUS, 1) + (self.ram.read(DATA, read_len) if read_len else b"")
+
+
+@contextlib.contextmanager
+def rig(image: BlockImage) -> Iterator[Rig]:
+    with builder.open_hypervisor("emulated") as system, contextlib.ExitStack() as stack:
+        partition = system.create_partition()
+        stack.callback(partition.close)
+        partition.initialize()
+        ram = builder.map_memory(partition, RAM)
+        for _, mem in ram.regions:
+            stack.callback(mem.close)
+        backend = Backend(image)
+        stack.callback(backend.stop)
+        info = blk.prepare(backend)
+        regions = [MemRegion(r.gpa, r.size, mem.address, mem.fd) for r, mem in ram.regions]
+        device = blk.VirtioBlk(backend, info, regions)
+        mmio = Bus("mmio")
+        routing = MsiRouting(partition)
+        function = vpci.VirtioPciFunction(device, DeviceMemory(ram), routing, partition, mmio)
+        stack.callback(function.close)
+        PciRootBus().add(function, SLOT)
+        BarAllocator((layout.PCI_MMIO32_START, layout.PCI_MMIO32_SIZE), layout.pci_mmio64_window(RAM)).place(
+            function.config
+        )
+        function.sync_bar()
+        device.start(function)
+        stack.callback(device.stop)
+        yield Rig(ram, mmio, routing, function, device, backend)
+
+
+def test_identity_configuration_and_features_come_from_the_backend(tmp_path: Path) -> None:
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(3 * MiB))
+    with rig(BlockImage(str(img))) as r:
+        space = r.function.config
+        assert space.read(0, 4) == 0x1042_1AF4 and space.read(cfg.CLASS_CODE, 3) == 0x010000
+        assert r.device_config(0, 8) == 3 * MiB // SECTOR  # capacity in sectors
+        assert r.device_config(20, 4) == SECTOR  # blk_size
+        assert r.device_config(12, 4) > 0  # seg_max
+        offered = r.offered()
+        want = vpci.F_VERSION_1 | blk.F_FLUSH | blk.F_SEG_MAX | blk.F_BLK_SIZE | blk.F_INDIRECT_DESC
+        want |= blk.F_EVENT_IDX | blk.F_DISCARD | blk.F_WRITE_ZEROES
+        assert offered == want  # the backend's offer, masked (no RO: writable; no MQ: one queue)
+        assert r.device.info.features & (1 << 11) and not offered & (1 << 11)  # CONFIG_WCE not passed on
+    ro = tmp_path / "ro.raw"
+    ro.write_bytes(bytes(MiB))
+    with rig(BlockImage(str(ro), readonly=True)) as r:
+        assert r.offered() & blk.F_RO
+
+
+def test_requests_flow_from_the_doorbell_eventfd_to_the_backend_and_complete_on_the_irqfd(
+    kvm: None, tmp_path: Path
+) -> None:
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(2 * MiB))
+    with rig(BlockImage(str(img))) as r:
+        r.driver_init(vpci.F_VERSION_1 | blk.F_FLUSH | blk.F_INDIRECT_DESC | blk.F_EVENT_IDX)
+        assert r.device.activations == 1 and r.device.error is None
+        assert r.routing.route(r.function.lines[1].gsi) is not None  # the backend's call fd is a routed irqfd
+        pattern = bytes(range(256)) * 4
+        assert r.request(T_OUT, 7, pattern) == bytes([S_OK])
+        assert r.request(T_FLUSH, 0) == bytes([S_OK])
+        with img.open("rb") as f:
+            f.seek(7 * SECTOR)
+            assert f.read(len(pattern)) == pattern
+        assert r.request(T_IN, 7, read_len=SECTOR) == bytes([S_OK]) + pattern[:SECTOR]
+        assert r.function.notify_exits == 0 and r.function.interrupts == 0  # no Python on the data path
+        # A reset stops the ring before the status reads 0; the driver sets the device up again.
+        r.driver_init(vpci.F_VERSION_1 | blk.F_FLUSH)
+        assert r.device.activations == 2
+        assert r.request(T_IN, 8, read_len=SECTOR) == bytes([S_OK]) + pattern[SECTOR:]
+
+
+def test_the_vmm_runs_one_backend_per_disk_and_a_sigkill_takes_it_down(
+    kvm: None, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(MiB))
+    disks = [{"slot": SLOT, "path": str(img), "format": "raw"}]
+    with VmmProcess.start(tmp_path / "vm", tiny_kernel, cmdline="console=ttyS0 tiny", sandbox=True, disks=disks) as vm:
+        vm.connect()
+        status = vm.command("status")
+        (dev,) = status["virtio"]
+        pid = dev["backend_pid"]
+        assert dev["device_id"] == 2 and dev["backend_alive"] and dev["thread"] is not None
+        reaper = ppid(pid)
+        assert ppid(reaper) == vm.proc.pid  # the VMM's child (the reaper) started it
+        assert image_locked(img)
+        os.kill(vm.proc.pid, signal.SIGKILL)
+        vm.proc.wait(10)
+        wait_for(lambda: process_gone(pid) and process_gone(reaper), 10, what=f"qemu-storage-daemon {pid} gone")
+        wait_for(lambda: not image_locked(img), 10, what="the image unlocked")
+
+
+def test_a_destroyed_vmm_ends_its_backend_cleanly(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    img = tmp_path / "disk.qcow2"
+    import subprocess
+
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True, timeout=30)
+    disks = [{"slot": SLOT, "path": str(img), "format": "qcow2", "cache": "none"}]
+    with VmmProcess.start(tmp_path / "vm", tiny_kernel, cmdline="console=ttyS0 tiny", sandbox=True, disks=disks) as vm:
+        vm.connect()
+        (dev,) = vm.command("status")["virtio"]
+        pid = dev["backend_pid"]
+        vm.request("destroy")
+        record = vm.wait_exit(timeout=30)
+        assert record["reason"] == "destroyed", record
+        assert process_gone(pid) and not image_locked(img)
+        assert "did not end" not in vm.diagnostics()  # QMP quit ended it: no fallback to PDEATHSIG
+
+
+def test_a_disk_whose_backend_cannot_start_fails_the_vmm_with_the_reason(tiny_kernel: Path, tmp_path: Path) -> None:
+    disks = [{"slot": SLOT, "path": str(tmp_path / "missing.raw")}]
+    with VmmProcess.start(tmp_path / "vm", tiny_kernel, sandbox=True, disks=disks) as vm:
+        record = vm.wait_exit(timeout=30)
+        assert record["reason"] == "error"
+        assert record["detail"].startswith(
+            f"Cannot attach the platform devices: virtio-blk in PCI slot {SLOT}: qemu-storage-daemon for "
+        ), record
+        assert "missing.raw" in vm.diagnostics()  # the daemon's own message is in the VM's log
+
+
+@pytest.mark.parametrize("bad", [{"slot": 0, "path": "/x"}, {"slot": 3, "path": "/x", "format": "vmdk"}])
+def test_disk_config_validation(bad: dict[str, object]) -> None:
+    from mshv_libvirt.vmm.config import ConfigError, DiskConfig
+
+    with pytest.raises(ConfigError, match="disks"):
+        DiskConfig.from_dict(bad)
