@@ -17,6 +17,8 @@ of the protected-mode part), so it boots through exactly the loader Linux uses. 
   ``d`` scans PCI bus 0 (devices) (``TINY_PCI_ASM``); ``v`` drives the virtio-rng device
   (``TINY_VIRTIO_ASM``): ``TINY-VIRTIO bytes= irqs= sum= kicks=`` (see ``tiny_virtio``); ``g`` reads
   the CMOS RTC (get the time, ``TINY_RTC_ASM``);
+  (``TINY_VIRTIO_ASM``): ``TINY-VIRTIO bytes= irqs= sum= kicks=`` (see ``tiny_virtio``); ``j`` writes a
+  pattern to a virtio-blk disk, flushes and reads it back (``TINY_BLK_ASM``, see ``tiny_blk``);
 * counts NMIs (vector 2) and prints ``TINY-NMI <count, 8 hex digits>`` when the count changed, and prints
   ``TINY-KEY <hex byte>`` for every byte the i8042 has for it on port 0x60 (``TINY_EVENTS_ASM``, polled mode);
 * with ``tiny.irq`` on its command line, the same commands interrupt-driven (``TINY_IRQ_ASM``): no
@@ -64,6 +66,9 @@ TINY_PCI_ECAM = 0xE000_0000  # the VMM's layout.PCI_ECAM_ADDR (the guest reads n
 TINY_VIRTIO = "TINY-VIRTIO"
 TINY_VIRTIO_ROUNDS = 2048  # requests per 'v' press: one buffer each, kicked, completed by an MSI-X interrupt
 TINY_VIRTIO_BUFFER = 64
+TINY_BLK = "TINY-BLK"
+TINY_BLK_SECTOR = 0x30  # where each 'j' press writes its pattern
+TINY_BLK_BYTES = 4096  # eight sectors: one data descriptor per request
 LINUX_MARKER = "MSHV-GUEST-READY"
 LINUX_POWERBUTTON = "MSHV-GUEST-POWERBUTTON"
 # Measured on kvm-pvm hosts (no VMX): the host emulates the guest's CPL0 code instruction by
@@ -142,6 +147,8 @@ dispatch:                       /* al = a byte typed on COM1 */
     je virtio_rng
     cmp $'g', %al
     je rtc_read
+    cmp $'j', %al
+    je virtio_blk
     call lock_print
     call putc
     movb $0, print_lock(%rip)
@@ -1391,6 +1398,340 @@ rtc_vals:  .skip 8
 rtc_irqs:  .skip 4
 """
 
+# virtio-blk ('j'): the same minimal modern virtio-pci driver for 1af4:1042 (vector 0 -> 0x35, queue 0 of
+# 8 entries, VERSION_1 and FLUSH negotiated). Press p (from 1) fills a TINY_BLK_BYTES buffer with dwords
+# seed + (k + 1) * 0x9e3779b9 (seed = p * 0x01000193), writes it at sector TINY_BLK_SECTOR, flushes, reads
+# the sectors back into a zeroed buffer and sums its dwords. Each request is a chain (header, data, status;
+# a flush has no data) made available, kicked on the doorbell and waited for in `sti; hlt` until the used
+# ring caught up (the interrupt comes from the backend's call eventfd, an irqfd). It prints
+# ``TINY-BLK press=<hex> capacity=<hex> sum=<hex> irqs=<hex>`` or ``TINY-BLK-FAIL <code>``
+# (1 no device, 2 FEATURES_OK refused, 3 vector refused, 4 used ring ahead, 0x10 + status: request failed).
+TINY_BLK_ASM = r"""
+    .set BLK_VECTOR, 0x35              /* 0x30-0x34: serial, SCI, i8042, virtio-rng, RTC */
+    .set BQ_SIZE, 8
+    .set BLK_SECTOR, {sector}
+    .set BLK_BYTES, {nbytes}
+
+    .text
+    .code64
+virtio_blk:
+    pushfq
+    call lock_print
+    cmpb $0, blk_ready(%rip)
+    jne 5f
+    call blk_setup
+    test %eax, %eax
+    jnz 8f
+5:  call blk_fill
+    mov $1, %edi                /* VIRTIO_BLK_T_OUT: the data descriptor is device-readable */
+    lea blk_wbuf(%rip), %rsi
+    xor %edx, %edx
+    call blk_request
+    test %eax, %eax
+    jnz 8f
+    mov $4, %edi                /* VIRTIO_BLK_T_FLUSH: no data */
+    xor %esi, %esi
+    call blk_request
+    test %eax, %eax
+    jnz 8f
+    xor %edi, %edi              /* VIRTIO_BLK_T_IN: device-writable */
+    lea blk_rbuf(%rip), %rsi
+    mov $2, %edx
+    call blk_request
+    test %eax, %eax
+    jnz 8f
+    lea blk_rbuf(%rip), %rsi
+    mov $(BLK_BYTES / 4), %ecx
+    xor %ebx, %ebx
+4:  lodsl
+    add %eax, %ebx
+    dec %ecx
+    jnz 4b
+    mov %ebx, blk_sum(%rip)
+    lea blk_msg(%rip), %rsi
+    call puts
+    mov blk_presses(%rip), %ebx
+    call puthex32
+    lea blk_cap_msg(%rip), %rsi
+    call puts
+    mov blk_capacity(%rip), %ebx
+    call puthex32
+    lea blk_sum_msg(%rip), %rsi
+    call puts
+    mov blk_sum(%rip), %ebx
+    call puthex32
+    lea blk_irqs_msg(%rip), %rsi
+    call puts
+    mov blk_irqs(%rip), %ebx
+    call puthex32
+    jmp 9f
+8:  mov %eax, %ebx
+    lea blk_fail_msg(%rip), %rsi
+    call puts
+    call puthex32
+9:  mov $'\n', %al
+    call putc
+    movb $0, print_lock(%rip)
+    popfq
+    jmp main_loop
+
+blk_cfg_read32:                 /* ecx = register of the device's config space -> eax */
+    mov blk_cfg(%rip), %eax
+    or %ecx, %eax
+    mov $0xcf8, %dx
+    out %eax, %dx
+    mov $0xcfc, %dx
+    in %dx, %eax
+    ret
+
+blk_cfg_write16:                /* ecx = register (2-byte aligned), r9w = value */
+    mov blk_cfg(%rip), %eax
+    mov %ecx, %edx
+    and $~3, %edx
+    or %edx, %eax
+    mov $0xcf8, %dx
+    out %eax, %dx
+    mov $0xcfc, %edx
+    and $3, %ecx
+    add %ecx, %edx
+    mov %r9d, %eax
+    out %ax, %dx
+    ret
+
+blk_setup:
+    mov $1, %r12d
+1:  mov %r12d, %eax
+    shl $11, %eax
+    or $0x80000000, %eax
+    mov %eax, blk_cfg(%rip)
+    xor %ecx, %ecx
+    call blk_cfg_read32
+    cmp $0x10421af4, %eax
+    je 2f
+    inc %r12d
+    cmp $32, %r12d
+    jb 1b
+    mov $1, %eax
+    ret
+2:  mov $0x10, %ecx             /* BAR 0, 64-bit */
+    call blk_cfg_read32
+    and $0xfffffff0, %eax
+    mov %eax, %ebx
+    mov $0x14, %ecx
+    call blk_cfg_read32
+    shl $32, %rax
+    or %rbx, %rax
+    mov %rax, blk_bar(%rip)
+    call vio_map
+    mov $0x34, %ecx
+    call blk_cfg_read32
+    movzbl %al, %r13d
+3:  test %r13d, %r13d
+    jz 4f
+    mov %r13d, %ecx
+    call blk_cfg_read32
+    mov %eax, %r14d
+    cmp $0x11, %al
+    jne 31f
+    mov %r13d, blk_msix_cap(%rip)
+    lea 4(%r13), %ecx
+    call blk_cfg_read32
+    and $~7, %eax
+    mov %eax, blk_msix_table(%rip)
+    jmp 39f
+31: cmp $0x09, %al
+    jne 39f
+    mov %r14d, %r8d
+    shr $24, %r8d               /* cfg_type */
+    lea 8(%r13), %ecx
+    call blk_cfg_read32
+    cmp $1, %r8d
+    jne 32f
+    mov %eax, blk_common(%rip)
+    jmp 39f
+32: cmp $4, %r8d
+    jne 33f
+    mov %eax, blk_devcfg(%rip)
+    jmp 39f
+33: cmp $2, %r8d
+    jne 39f
+    mov %eax, blk_notify(%rip)
+    lea 16(%r13), %ecx
+    call blk_cfg_read32
+    mov %eax, blk_notify_mult(%rip)
+39: mov %r14d, %eax
+    shr $8, %eax
+    movzbl %al, %r13d
+    jmp 3b
+4:  lea idt(%rip), %rdi
+    lea blk_isr(%rip), %rax
+    mov $BLK_VECTOR, %ecx
+    call set_gate
+    mov blk_bar(%rip), %rbx
+    mov blk_devcfg(%rip), %eax
+    mov (%rbx,%rax), %eax       /* capacity (low 32 bits), from the backend's configuration */
+    mov %eax, blk_capacity(%rip)
+    mov blk_common(%rip), %eax
+    add %rax, %rbx
+    movb $0, 20(%rbx)           /* reset, ACKNOWLEDGE, DRIVER */
+    movb $1, 20(%rbx)
+    movb $3, 20(%rbx)
+    movl $1, 8(%rbx)            /* VIRTIO_F_VERSION_1 (bit 32) */
+    movl $1, 12(%rbx)
+    movl $0, 8(%rbx)
+    movl $0x200, 12(%rbx)       /* VIRTIO_BLK_F_FLUSH (bit 9) */
+    movb $0xb, 20(%rbx)
+    movzbl 20(%rbx), %eax
+    test $8, %al
+    jnz 5f
+    mov $2, %eax
+    ret
+5:  mov blk_bar(%rip), %rdi     /* MSI-X table entry 0: APIC 0, BLK_VECTOR, unmasked */
+    mov blk_msix_table(%rip), %eax
+    add %rax, %rdi
+    movl $0xfee00000, (%rdi)
+    movl $0, 4(%rdi)
+    movl $BLK_VECTOR, 8(%rdi)
+    movl $0, 12(%rdi)
+    mov blk_msix_cap(%rip), %ecx
+    add $2, %ecx
+    mov $0x8000, %r9d
+    call blk_cfg_write16
+    mov $4, %ecx
+    mov $6, %r9d                /* memory space, bus master */
+    call blk_cfg_write16
+    movw $0, 22(%rbx)
+    movw $BQ_SIZE, 24(%rbx)
+    movw $0, 26(%rbx)
+    movzwl 26(%rbx), %eax
+    test %eax, %eax
+    jz 6f
+    mov $3, %eax
+    ret
+6:  lea bq_desc(%rip), %rax
+    mov %rax, 32(%rbx)
+    lea bq_avail(%rip), %rax
+    mov %rax, 40(%rbx)
+    lea bq_used(%rip), %rax
+    mov %rax, 48(%rbx)
+    movw $1, 28(%rbx)
+    movzwl 30(%rbx), %eax
+    imul blk_notify_mult(%rip), %eax
+    add blk_notify(%rip), %eax
+    add blk_bar(%rip), %rax
+    mov %rax, blk_doorbell(%rip)
+    movb $0xf, 20(%rbx)         /* DRIVER_OK: the VMM hands the ring to the backend now */
+    movb $1, blk_ready(%rip)
+    xor %eax, %eax
+    ret
+
+blk_fill:                       /* the press's pattern into blk_wbuf; blk_rbuf zeroed */
+    incl blk_presses(%rip)
+    mov blk_presses(%rip), %eax
+    imul $0x01000193, %eax
+    lea blk_wbuf(%rip), %rdi
+    mov $(BLK_BYTES / 4), %ecx
+1:  add $0x9e3779b9, %eax
+    stosl
+    dec %ecx
+    jnz 1b
+    lea blk_rbuf(%rip), %rdi
+    mov $(BLK_BYTES / 4), %ecx
+    xor %eax, %eax
+    rep stosl
+    ret
+
+blk_request:                    /* edi = type, rsi = data buffer or 0, edx = its flags -> eax = 0 or failure */
+    movl %edi, blk_hdr(%rip)
+    movl $0, blk_hdr+4(%rip)
+    movq $BLK_SECTOR, blk_hdr+8(%rip)
+    movb $0xff, blk_status(%rip)
+    lea blk_hdr(%rip), %rax
+    mov %rax, bq_desc(%rip)     /* descriptor 0: the header */
+    movl $16, bq_desc+8(%rip)
+    movw $1, bq_desc+12(%rip)   /* NEXT */
+    movw $2, bq_desc+14(%rip)
+    test %rsi, %rsi
+    jz 1f
+    movw $1, bq_desc+14(%rip)
+    mov %rsi, bq_desc+16(%rip)  /* descriptor 1: the data */
+    movl $BLK_BYTES, bq_desc+24(%rip)
+    or $1, %edx
+    mov %dx, bq_desc+28(%rip)
+    movw $2, bq_desc+30(%rip)
+1:  lea blk_status(%rip), %rax
+    mov %rax, bq_desc+32(%rip)  /* descriptor 2: the status byte */
+    movl $1, bq_desc+40(%rip)
+    movw $2, bq_desc+44(%rip)   /* WRITE */
+    movw $0, bq_desc+46(%rip)
+    movzwl bq_avail+2(%rip), %eax
+    mov %eax, %ecx
+    and $(BQ_SIZE - 1), %ecx
+    lea bq_avail+4(%rip), %rdi
+    movw $0, (%rdi,%rcx,2)
+    inc %eax
+    mov %ax, bq_avail+2(%rip)
+    mov blk_doorbell(%rip), %rdi
+    movw $0, (%rdi)             /* the doorbell: MSHV_IOEVENTFD straight to the backend's kick */
+2:  cli
+    movzwl bq_used+2(%rip), %eax
+    cmp bq_avail+2(%rip), %ax
+    je 3f
+    sti
+    hlt                         /* woken by the backend's completion (its call eventfd is an irqfd) */
+    jmp 2b
+3:  sti
+    movzbl blk_status(%rip), %eax
+    test %eax, %eax
+    jz 4f
+    add $0x10, %eax
+4:  ret
+
+blk_isr:
+    lock incl blk_irqs(%rip)
+    push %rax
+    mov $LAPIC, %eax
+    movl $0, 0xb0(%rax)
+    pop %rax
+    iretq
+
+    .data
+blk_msg:       .asciz "TINY-BLK press="
+blk_cap_msg:   .asciz " capacity="
+blk_sum_msg:   .asciz " sum="
+blk_irqs_msg:  .asciz " irqs="
+blk_fail_msg:  .asciz "TINY-BLK-FAIL "
+    .p2align 3
+blk_bar:       .quad 0
+blk_doorbell:  .quad 0
+blk_cfg:       .long 0
+blk_common:    .long 0
+blk_devcfg:    .long 0
+blk_notify:    .long 0
+blk_notify_mult: .long 0
+blk_msix_cap:  .long 0
+blk_msix_table: .long 0
+blk_irqs:      .long 0
+blk_sum:       .long 0
+blk_presses:   .long 0
+blk_capacity:  .long 0
+blk_ready:     .byte 0
+
+    .bss
+    .p2align 4
+bq_desc:       .skip 16 * BQ_SIZE
+    .p2align 2
+bq_avail:      .skip 4 + 2 * BQ_SIZE + 2
+    .p2align 2
+bq_used:       .skip 4 + 8 * BQ_SIZE + 2
+    .p2align 4
+blk_hdr:       .skip 16
+blk_status:    .skip 16
+    .p2align 12
+blk_wbuf:      .skip BLK_BYTES
+blk_rbuf:      .skip BLK_BYTES
+"""
+
 LINKER_SCRIPT = """
 ENTRY(start64)
 SECTIONS {
@@ -1471,6 +1812,24 @@ def tiny_virtio(serial: str) -> list[dict[str, int]]:
     ]
 
 
+def tiny_blk(serial: str) -> list[dict[str, int]]:
+    """Every virtio-blk line the tiny guest printed (key ``j``), fields as numbers."""
+    return [
+        {k: int(v, 16) for k, v in (f.split("=") for f in m.group(1).split())}
+        for m in re.finditer(re.escape(TINY_BLK) + r" (press=.*)\n", serial)
+    ]
+
+
+def tiny_blk_pattern(press: int) -> bytes:
+    """What press ``press`` writes at TINY_BLK_SECTOR (the guest's formula)."""
+    value = (press * 0x01000193) & 0xFFFFFFFF
+    words = []
+    for _ in range(TINY_BLK_BYTES // 4):
+        value = (value + 0x9E3779B9) & 0xFFFFFFFF
+        words.append(value)
+    return struct.pack(f"<{len(words)}I", *words)
+
+
 def tiny_source() -> str:
     """The tiny guest's whole assembly source (also what its cache key is made of)."""
     return (
@@ -1480,6 +1839,7 @@ def tiny_source() -> str:
         + TINY_PCI_ASM.replace("{ecam}", hex(TINY_PCI_ECAM))
         + TINY_VIRTIO_ASM.replace("{rounds}", str(TINY_VIRTIO_ROUNDS)).replace("{buffer}", str(TINY_VIRTIO_BUFFER))
         + TINY_RTC_ASM
+        + TINY_BLK_ASM.replace("{sector}", hex(TINY_BLK_SECTOR)).replace("{nbytes}", str(TINY_BLK_BYTES))
     )
 
 

@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import struct
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,14 @@ from mshv_libvirt.vmm.devices.virtio import pci as vpci
 from mshv_libvirt.vmm.devices.virtio.queue import DeviceMemory
 from mshv_libvirt.vmm.interrupts import MsiRouting
 from mshv_libvirt.vmm.vhost_user import Backend, BlockImage, MemRegion
+from tests.support.guests import (
+    TINY_BANNER,
+    TINY_BLK_BYTES,
+    TINY_BLK_SECTOR,
+    TINY_IRQ_FLAG,
+    tiny_blk,
+    tiny_blk_pattern,
+)
 from tests.support.procfs import process_gone
 from tests.support.vhost_queue import S_OK, SECTOR, T_FLUSH, T_IN, T_OUT
 from tests.support.waits import wait_for
@@ -225,8 +234,6 @@ def test_the_vmm_runs_one_backend_per_disk_and_a_sigkill_takes_it_down(
 
 def test_a_destroyed_vmm_ends_its_backend_cleanly(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
     img = tmp_path / "disk.qcow2"
-    import subprocess
-
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True, timeout=30)
     disks = [{"slot": SLOT, "path": str(img), "format": "qcow2", "cache": "none"}]
     with VmmProcess.start(tmp_path / "vm", tiny_kernel, cmdline="console=ttyS0 tiny", sandbox=True, disks=disks) as vm:
@@ -257,3 +264,51 @@ def test_disk_config_validation(bad: dict[str, object]) -> None:
 
     with pytest.raises(ConfigError, match="disks"):
         DiskConfig.from_dict(bad)
+
+
+def press_blk(vm: VmmProcess, nth: int) -> dict[str, int]:
+    vm.console_send(b"j")
+
+    def printed() -> list[dict[str, int]] | None:
+        assert "TINY-BLK-FAIL" not in vm.serial, vm.diagnostics()
+        lines = tiny_blk(vm.serial)
+        return lines if len(lines) >= nth else None
+
+    return wait_for(printed, 60, what=vm.diagnostics)[-1]
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_the_tiny_guest_writes_flushes_and_reads_back_through_the_backend(
+    kvm: None, tiny_kernel: Path, tmp_path: Path, fmt: str
+) -> None:
+    img = tmp_path / f"disk.{fmt}"
+    size = 2 * MiB
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(img), str(size)], check=True, timeout=30)
+    disks = [{"slot": SLOT, "path": str(img), "format": fmt}]
+    cmdline = f"console=ttyS0 tiny {TINY_IRQ_FLAG}"
+    with VmmProcess.start(tmp_path / "vm", tiny_kernel, cmdline=cmdline, sandbox=True, disks=disks) as vm:
+        vm.wait_serial(TINY_BANNER, timeout=60)
+        vm.connect()
+        for press in (1, 2):
+            line = press_blk(vm, press)
+            pattern = tiny_blk_pattern(press)
+            total = sum(struct.unpack(f"<{len(pattern) // 4}I", pattern)) & 0xFFFFFFFF
+            assert line == {"press": press, "capacity": size // SECTOR, "sum": total, "irqs": line["irqs"]}
+            assert line["irqs"] >= 3 * press  # one completion interrupt per request at least (write, flush, read)
+        (dev,) = vm.command("status")["virtio"]
+        assert dev["status"] == 0xF and dev["activations"] == 1 and dev["error"] is None
+        assert dev["notify_exits"] == 0  # every doorbell went to the backend's kick without the VMM
+        assert dev["interrupts"] == 0  # and every interrupt came from the backend's call, not from Python
+        vm.request("destroy")
+        assert vm.wait_exit(timeout=30)["reason"] == "destroyed"
+    raw = img
+    if fmt == "qcow2":  # qemu-img's reading of the image, not ours
+        check = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stdout + check.stderr
+        raw = tmp_path / "converted.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(img), str(raw)], check=True, timeout=30)
+    with raw.open("rb") as f:
+        f.seek(TINY_BLK_SECTOR * SECTOR)
+        assert f.read(TINY_BLK_BYTES) == tiny_blk_pattern(2)  # the second press's pattern, where the guest put it
+        f.seek(0)
+        assert f.read(TINY_BLK_SECTOR * SECTOR) == bytes(TINY_BLK_SECTOR * SECTOR)  # nothing before it
