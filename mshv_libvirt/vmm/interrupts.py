@@ -79,6 +79,9 @@ class IrqfdLine:
         self.gsi = gsi
         self.fired = 0  # eventfd writes made (status and tests)
         self._routed = False
+        # Set for a line another process signals (a vhost-user backend's call): its interrupts while the
+        # vector is masked are lost (no route), so one is sent when it is routed again, as if pending.
+        self.fire_when_routed = False
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             routing.partition.irqfd(self.fd, gsi)
@@ -88,7 +91,9 @@ class IrqfdLine:
 
     def route(self, msi: MsiMessage | None) -> None:
         self._routing.set(self.gsi, msi)
-        self._routed = msi is not None
+        was, self._routed = self._routed, msi is not None
+        if self._routed and not was and self.fire_when_routed:
+            self.fire()
 
     def fire(self) -> None:
         if self._routed and self.fd >= 0:

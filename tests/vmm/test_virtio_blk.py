@@ -142,6 +142,7 @@ class Rig:
 
 @contextlib.contextmanager
 def rig(image: BlockImage) -> Iterator[Rig]:
+    """The function on a real emulated partition with 16 MiB of memfd RAM and a real backend for ``image``."""
     with builder.open_hypervisor("emulated") as system, contextlib.ExitStack() as stack:
         partition = system.create_partition()
         stack.callback(partition.close)
@@ -153,7 +154,7 @@ def rig(image: BlockImage) -> Iterator[Rig]:
         stack.callback(backend.stop)
         info = blk.prepare(backend)
         regions = [MemRegion(r.gpa, r.size, mem.address, mem.fd) for r, mem in ram.regions]
-        device = blk.VirtioBlk(backend, info, regions)
+        device = blk.VirtioBlk(backend, info, regions, image.queues)
         mmio = Bus("mmio")
         routing = MsiRouting(partition)
         function = vpci.VirtioPciFunction(device, DeviceMemory(ram), routing, partition, mmio)
@@ -186,6 +187,9 @@ def test_identity_configuration_and_features_come_from_the_backend(tmp_path: Pat
     ro.write_bytes(bytes(MiB))
     with rig(BlockImage(str(ro), readonly=True)) as r:
         assert r.offered() & blk.F_RO
+    with rig(BlockImage(str(ro), queues=3)) as r:  # multiqueue: one ring per queue, each its own vector
+        assert r.offered() & blk.F_MQ and r.device_config(34, 2) == 3 and r.common_read(vpci.NUM_QUEUES, 2) == 3
+        assert r.function.msix.vectors == 4
 
 
 def test_requests_flow_from_the_doorbell_eventfd_to_the_backend_and_complete_on_the_irqfd(
@@ -205,6 +209,15 @@ def test_requests_flow_from_the_doorbell_eventfd_to_the_backend_and_complete_on_
             assert f.read(len(pattern)) == pattern
         assert r.request(T_IN, 7, read_len=SECTOR) == bytes([S_OK]) + pattern[:SECTOR]
         assert r.function.notify_exits == 0 and r.function.interrupts == 0  # no Python on the data path
+        # A masked vector has no route, so the backend's signal is lost: unmasking sends one interrupt.
+        line = r.function.lines[1]
+        entry = r.bar + vpci.MSIX_TABLE_OFFSET + 16 + 12
+        r.mmio.write(entry, 4, 1)
+        assert r.routing.route(line.gsi) is None
+        assert r.request(T_IN, 7, read_len=SECTOR)[0] == S_OK
+        fired = line.fired
+        r.mmio.write(entry, 4, 0)
+        assert r.routing.route(line.gsi) is not None and line.fired == fired + 1
         # A reset stops the ring before the status reads 0; the driver sets the device up again.
         r.driver_init(vpci.F_VERSION_1 | blk.F_FLUSH)
         assert r.device.activations == 2
@@ -312,3 +325,26 @@ def test_the_tiny_guest_writes_flushes_and_reads_back_through_the_backend(
         assert f.read(TINY_BLK_BYTES) == tiny_blk_pattern(2)  # the second press's pattern, where the guest put it
         f.seek(0)
         assert f.read(TINY_BLK_SECTOR * SECTOR) == bytes(TINY_BLK_SECTOR * SECTOR)  # nothing before it
+
+
+def test_a_rebuilt_vm_reuses_the_backend_with_its_new_memory(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(MiB))
+    disks = [{"slot": SLOT, "path": str(img)}]
+    with VmmProcess.start(tmp_path / "vm", tiny_kernel, cmdline="console=ttyS0 tiny", sandbox=True, disks=disks) as vm:
+        vm.wait_serial(TINY_BANNER, timeout=60)
+        vm.connect()
+        press_blk(vm, 1)
+        (old,) = vm.command("status")["virtio"]
+        vm.console_send(b"r")  # guest reset: the VM is rebuilt in place, new guest RAM memfds
+        vm.wait_serial(TINY_BANNER, timeout=60, count=2)
+        (new,) = vm.command("status")["virtio"]
+        assert new["backend_pid"] == old["backend_pid"] and new["backend_alive"]  # one backend for the VMM's life
+        assert new["status"] == 0 and new["activations"] == 0 and new["thread"] != old["thread"]
+        line = press_blk(vm, 2)  # the new guest's first press (its counters start again)
+        assert line["press"] == 1 and line["sum"] == tiny_blk(vm.serial)[0]["sum"]
+        (dev,) = vm.command("status")["virtio"]
+        assert dev["activations"] == 1 and dev["error"] is None
+    with img.open("rb") as f:
+        f.seek(TINY_BLK_SECTOR * SECTOR)
+        assert f.read(TINY_BLK_BYTES) == tiny_blk_pattern(1)

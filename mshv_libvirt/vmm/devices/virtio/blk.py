@@ -131,7 +131,11 @@ class VirtioBlk:
             if not q.ready:
                 continue
             vector = q.msix_vector
-            call = transport.lines[vector].fd if vectors_on and vector != NO_VECTOR else None
+            call = None
+            if vectors_on and vector != NO_VECTOR:
+                line = transport.lines[vector]
+                line.fire_when_routed = True  # what the backend signals while the vector is masked is lost
+                call = line.fd
             rings.append(_Ring(n, q.size, q.desc, q.driver, q.device, call, transport.kicks[n]))
         features = transport.driver_features
         self._run(lambda: self._start_rings(features, rings))
