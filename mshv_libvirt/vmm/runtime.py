@@ -132,6 +132,7 @@ class Vmm:
                 disk.format,
                 readonly=disk.readonly,
                 direct=disk.cache in ("none", "directsync"),
+                no_flush=disk.cache == "unsafe",
                 queues=disk.queues,
                 fd=disk.fd,
             )

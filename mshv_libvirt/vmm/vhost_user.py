@@ -243,7 +243,8 @@ class BlockImage:
     path: str
     format: str = "raw"  # raw | qcow2
     readonly: bool = False
-    direct: bool = False  # cache='none': O_DIRECT
+    direct: bool = False  # cache='none'|'directsync': O_DIRECT
+    no_flush: bool = False  # cache='unsafe': the guest's flushes are ignored
     queues: int = 1
     fd: int | None = None  # the image opened by whoever started the VMM: the backend opens its /dev/fd/N
 
@@ -300,10 +301,11 @@ class Backend:
         direct = "on" if image.direct else "off"
         # Commas in a path are doubled, QEMU's escaping in option strings.
         filename = (image.path if image.fd is None else f"/dev/fd/{image.fd}").replace(",", ",,")
-        file_node = f"driver=file,node-name=file0,filename={filename},read-only={ro},cache.direct={direct}"
+        cache = f"cache.direct={direct},cache.no-flush={'on' if image.no_flush else 'off'}"
+        file_node = f"driver=file,node-name=file0,filename={filename},read-only={ro},{cache}"
         if image.direct:
             file_node += ",aio=native"
-        fmt_node = f"driver={image.format},node-name=disk0,file=file0,read-only={ro},cache.direct={direct}"
+        fmt_node = f"driver={image.format},node-name=disk0,file=file0,read-only={ro},{cache}"
         export = (
             f"type=vhost-user-blk,id=export0,node-name=disk0,addr.type=fd,addr.str={listen_fd},"
             f"writable={'off' if image.readonly else 'on'},num-queues={image.queues}"

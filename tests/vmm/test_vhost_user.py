@@ -4,6 +4,7 @@ qemu-io (qcow2); and supervision: the backend ends with its frontend, and dies w
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import struct
@@ -163,3 +164,26 @@ def test_backend_dies_with_its_sigkilled_parent_and_unlocks_the_image(tmp_path: 
             parent.wait(10)
     wait_for(lambda: process_gone(child), 10, what=f"qemu-storage-daemon {child} ended with its parent")
     wait_for(lambda: not image_locked(img), 10, what="image unlocked")
+
+
+@pytest.mark.parametrize(
+    ("image", "want"),
+    [
+        (BlockImage("", "qcow2", direct=True), {"drv": "qcow2", "ro": False, "direct": True, "no-flush": False}),
+        (BlockImage("", readonly=True, no_flush=True), {"drv": "raw", "ro": True, "direct": False, "no-flush": True}),
+    ],
+)
+def test_the_backend_opens_the_image_as_configured(tmp_path: Path, image: BlockImage, want: dict[str, object]) -> None:
+    """qemu-storage-daemon's own account (QMP query-named-block-nodes) of the node the export serves."""
+    img = tmp_path / "disk.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", image.format, str(img), "1M"], check=True, timeout=30)
+    backend = Backend(dataclasses.replace(image, path=str(img)))
+    try:
+        nodes = backend.qmp("query-named-block-nodes")
+        assert isinstance(nodes, list)
+        (disk,) = [n for n in nodes if n["node-name"] == "disk0"]
+        got = {"drv": disk["drv"], "ro": disk["ro"], "direct": disk["cache"]["direct"]}
+        got["no-flush"] = disk["cache"]["no-flush"]
+        assert got == want and disk["file"] == str(img)
+    finally:
+        backend.stop()
