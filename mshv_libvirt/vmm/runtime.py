@@ -147,9 +147,28 @@ class Vmm:
                 raise builder.AttachDevicesError(f"virtio-blk in PCI slot {disk.slot}: {err}") from err
             log.info("virtio-blk slot %d: qemu-storage-daemon pid %d serves %s", disk.slot, backend.pid, disk.path)
 
+    def _backend_ended(self, slot: int) -> Callable[[int], None]:
+        """A disk's backend died under the running VM: the device needs a reset and says why; the VM runs on."""
+
+        def ended(_mask: int) -> None:
+            backend, _ = self._disks[slot]
+            self._selector.unregister(backend.pidfd)
+            why = f"qemu-storage-daemon {backend.pid} for {backend.image.path} {backend.describe_end()}"
+            log.error("virtio-blk slot %d: %s", slot, why)
+            vm = self._vm
+            for function in vm.platform.virtio if vm else []:
+                if isinstance(function.device, VirtioBlk) and function.device.backend is backend:
+                    function.device.error = why
+                    with function.lock:
+                        function.needs_reset(why)
+
+        return ended
+
     def _stop_disk_backends(self) -> None:
         while self._disks:
             _, (backend, _) = self._disks.popitem()
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(backend.pidfd)
             try:
                 backend.stop()
             except Exception:
@@ -493,6 +512,9 @@ class Vmm:
                 sandbox.enter(report_fd=fds.exit, write_paths=self._write_dirs())
             self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
             self._selector.register(self._console.fileno(), selectors.EVENT_READ, self._console_input)
+            for slot, (backend, _) in self._disks.items():
+                if backend.pidfd >= 0:
+                    self._selector.register(backend.pidfd, selectors.EVENT_READ, self._backend_ended(slot))
             self._console_watched = True
             self._start_vm(paused=cfg.start_paused)
             while self._finish is None:

@@ -337,7 +337,7 @@ class Backend:
                 raise BackendError(f"qemu-storage-daemon: QMP refused capabilities: {answer[:200]!r}")
         except (OSError, BackendError) as err:
             status = self.wait(TIMEOUT)
-            why = f"exited with status {status}" if status is not None else f"did not come up ({err})"
+            why = self.describe_end() if status is not None else f"did not come up ({err})"
             raise BackendError(
                 f"qemu-storage-daemon for {self.image.path} {why}; its messages are in the VM's log"
             ) from err
@@ -369,6 +369,11 @@ class Backend:
     # -- supervision -------------------------------------------------------------------------------
 
     @property
+    def pidfd(self) -> int:
+        """Readable once the backend has ended (the reaper's pidfd; -1 where pidfd_open is missing)."""
+        return self._pidfd
+
+    @property
     def alive(self) -> bool:
         return self.poll() is None
 
@@ -381,8 +386,16 @@ class Backend:
                 self._status = -1
             else:
                 if pid:
-                    self._status = os.waitstatus_to_exitcode(status)
+                    code = os.waitstatus_to_exitcode(status)
+                    # The reaper exits with the backend's status, 128 + N when signal N killed it.
+                    self._status = -(code - 128) if 128 < code < 160 else code
         return self._status
+
+    def describe_end(self) -> str:
+        status = self.poll()
+        if status is None:
+            return "is running"
+        return f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
 
     def wait(self, timeout: float) -> int | None:
         deadline = time.monotonic() + timeout

@@ -348,3 +348,30 @@ def test_a_rebuilt_vm_reuses_the_backend_with_its_new_memory(kvm: None, tiny_ker
     with img.open("rb") as f:
         f.seek(TINY_BLK_SECTOR * SECTOR)
         assert f.read(TINY_BLK_BYTES) == tiny_blk_pattern(1)
+
+
+def test_a_backend_that_dies_under_the_guest_is_reported_and_the_vm_runs_on(
+    kvm: None, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(MiB))
+    disks = [{"slot": SLOT, "path": str(img)}]
+    with VmmProcess.start(tmp_path / "vm", tiny_kernel, cmdline="console=ttyS0 tiny", sandbox=True, disks=disks) as vm:
+        vm.wait_serial(TINY_BANNER, timeout=60)
+        vm.connect()
+        press_blk(vm, 1)
+        (dev,) = vm.command("status")["virtio"]
+        os.kill(dev["backend_pid"], signal.SIGKILL)  # the test may signal it; the sandboxed VMM may not
+
+        def reported() -> dict[str, object] | None:
+            (d,) = vm.command("status")["virtio"]
+            return d if not d["backend_alive"] and d["error"] else None
+
+        dev = wait_for(reported, 10, what=vm.diagnostics)
+        assert dev["status"] & vpci.STATUS_NEEDS_RESET and "was killed by signal 9" in str(dev["error"])
+        assert vm.command("status")["state"] == "running"
+        vm.console_send(b"xyz")  # the guest itself is untouched
+        vm.wait_console(b"xyz", timeout=30)
+        vm.request("destroy")
+        assert vm.wait_exit(timeout=30)["reason"] == "destroyed"
+    assert not image_locked(img)
