@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -363,7 +364,7 @@ def test_a_backend_that_dies_under_the_guest_is_reported_and_the_vm_runs_on(
         (dev,) = vm.command("status")["virtio"]
         os.kill(dev["backend_pid"], signal.SIGKILL)  # the test may signal it; the sandboxed VMM may not
 
-        def reported() -> dict[str, object] | None:
+        def reported() -> dict[str, Any] | None:
             (d,) = vm.command("status")["virtio"]
             return d if not d["backend_alive"] and d["error"] else None
 
