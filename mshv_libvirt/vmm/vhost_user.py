@@ -235,7 +235,11 @@ class BackendError(RuntimeError):
 
 
 def storage_daemon() -> str | None:
-    return shutil.which("qemu-storage-daemon")
+    """The installed qemu-storage-daemon (a VMM's PATH may be minimal: Debian's location is tried too)."""
+    found = shutil.which("qemu-storage-daemon")
+    if found is None and os.access("/usr/bin/qemu-storage-daemon", os.X_OK):
+        found = "/usr/bin/qemu-storage-daemon"
+    return found
 
 
 @dataclass(frozen=True)
