@@ -27,6 +27,7 @@ from .protocol import (
     Ignored,
     LocalProtocolError,
     MessageType,
+    PacketReader,
     Ping,
     Pong,
     RemoteProtocolError,
@@ -77,14 +78,11 @@ class Skipped:
 ClientEvent = Reply | Message | StreamPacket | Ping | Pong | Skipped | Ignored | ConnectionClosed
 
 
-class ClientConnection:
+class ClientConnection(PacketReader[ClientEvent]):
     """One connection to a libvirt daemon, client side."""
 
     def __init__(self, max_packet: int = MAX_PACKET) -> None:
-        self.max_packet = max_packet
-        self.state = ConnState.OPEN
-        self._buf = bytearray()
-        self._eof = False
+        super().__init__(max_packet)
         self._skip = 0  # bytes still to drop of an oversized packet
         self._next_serial = 0
         self._pending: dict[int, int] = {}  # serial -> proc of calls awaiting their reply
@@ -151,22 +149,6 @@ class ClientConnection:
             self._skip -= dropped
             data = data[dropped:]
         self._buf += data
-
-    def next_event(self) -> ClientEvent | _NeedData:
-        if self.state is ConnState.ERROR:
-            raise RemoteProtocolError("connection is in the error state")
-        if self.state is ConnState.CLOSED:
-            return ConnectionClosed()
-        try:
-            event = self._parse()
-        except RemoteProtocolError:
-            self.state = ConnState.ERROR
-            self._buf.clear()
-            raise
-        if event is NEED_DATA and self._eof:
-            self.state = ConnState.CLOSED
-            return ConnectionClosed()
-        return event
 
     def _parse(self) -> ClientEvent | _NeedData:
         if self._skip or len(self._buf) < HEADER_SIZE:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from .xdr import Packer
 
@@ -182,14 +183,41 @@ def unknown_procedure(proc: int) -> RemoteError:
     return RemoteError(39, 7, f"unknown procedure: {proc}")
 
 
-class ServerConnection:
-    """One client connection, server side."""
+E = TypeVar("E")
+
+
+class PacketReader(Generic[E]):
+    """What both ends of a connection share: the state, the input buffer, EOF, and turning parsed
+    packets into events (a subclass's ``_parse``), with a parse error ending the connection."""
 
     def __init__(self, max_packet: int = MAX_PACKET) -> None:
         self.max_packet = max_packet
         self.state = ConnState.OPEN
         self._buf = bytearray()
         self._eof = False
+
+    def next_event(self) -> E | ConnectionClosed | _NeedData:
+        if self.state is ConnState.ERROR:
+            raise RemoteProtocolError("connection is in the error state")
+        if self.state is ConnState.CLOSED:
+            return ConnectionClosed()
+        try:
+            event = self._parse()
+        except RemoteProtocolError:
+            self.state = ConnState.ERROR
+            self._buf.clear()
+            raise
+        if event is NEED_DATA and self._eof:
+            self.state = ConnState.CLOSED
+            return ConnectionClosed()
+        return event
+
+    def _parse(self) -> E | _NeedData:
+        raise NotImplementedError
+
+
+class ServerConnection(PacketReader[Event]):
+    """One client connection, server side."""
 
     @property
     def buffered(self) -> int:
@@ -205,22 +233,6 @@ class ServerConnection:
             self._eof = True
         else:
             self._buf += data
-
-    def next_event(self) -> Event | _NeedData:
-        if self.state is ConnState.ERROR:
-            raise RemoteProtocolError("connection is in the error state")
-        if self.state is ConnState.CLOSED:
-            return ConnectionClosed()
-        try:
-            event = self._parse()
-        except RemoteProtocolError:
-            self.state = ConnState.ERROR
-            self._buf.clear()
-            raise
-        if event is NEED_DATA and self._eof:
-            self.state = ConnState.CLOSED
-            return ConnectionClosed()
-        return event
 
     def _parse(self) -> Event | _NeedData:
         if len(self._buf) < 4:
