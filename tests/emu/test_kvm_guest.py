@@ -536,9 +536,19 @@ def run_until_io(g: Guest, port: int, trigger: Callable[[], object] | None = Non
     assert not t.is_alive(), "guest did not exit"
     msg = results[0]
     assert not isinstance(msg, RunError), msg.errno
-    assert msg.type == IO and int(msg.io.port_number) == port, hex(msg.type)
+    assert msg.type == IO and int(msg.io.port_number) == port, exit_summary(msg)
     g.complete(msg)
     return msg
+
+
+def exit_summary(msg: Msg) -> str:
+    """What an unexpected exit was, for the failure message (an EOI names its vector: CI once saw an EOI
+    exit where the handler's OUT was expected, not reproduced since)."""
+    if msg.type == F.HVMSG_X64_APIC_EOI:
+        return f"APIC EOI exit, vp {int(msg.eoi.vp_index)} vector {int(msg.eoi.interrupt_vector):#x}"
+    if msg.type == IO:
+        return f"IO exit, port {int(msg.io.port_number):#x} rip {int(msg.io.header.rip):#x}"
+    return hex(msg.type)
 
 
 def test_assert_virtual_interrupt_reaches_the_guest(guest: Guest) -> None:
