@@ -39,6 +39,7 @@ from lxml import etree
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, unsupported
 
 from . import metadata
+from .addresses import PciAddress, assign_pci
 
 __all__ = [
     "LIBVIRT_DOMAIN_SCHEMA",
@@ -138,7 +139,6 @@ _RNG_MODELS_SUPPORTED = ("virtio", "virtio-non-transitional")  # both are what w
 _RNG_BACKENDS = ("random", "egd", "builtin")
 RNG_SOURCES = ("/dev/urandom", "/dev/random")
 _RNG_DEFAULT_SOURCE = "/dev/random"  # virDomainRNGDefPostParse
-_PCI_AUTO_FIRST_SLOT = 2  # libvirt's QEMU driver keeps slot 0 for the host bridge and 1 for the PIIX3
 _SERIAL_TARGET = "isa-serial"
 _CONSOLE_TARGET = "serial"
 
@@ -150,23 +150,6 @@ class CharDevice:
     kind: str  # "serial" | "console"
     port: int
     target_type: str  # "isa-serial" for serial; "serial" for console
-
-
-@dataclass(frozen=True)
-class PciAddress:
-    """``<address type='pci'>`` on the root bus (domain 0, bus 0, function 0 here)."""
-
-    slot: int
-    domain: int = 0
-    bus: int = 0
-    function: int = 0
-
-    def xml(self) -> str:
-        # virPCIDeviceAddressFormat's spelling
-        return (
-            f"<address type='pci' domain='0x{self.domain:04x}' bus='0x{self.bus:02x}' "
-            f"slot='0x{self.slot:02x}' function='0x{self.function:x}'/>"
-        )
 
 
 @dataclass(frozen=True)
@@ -1230,25 +1213,12 @@ def find_rng(cfg: DomainConfig, device: etree._Element) -> int:
 
 
 def _assign_pci(rngs: list[tuple[str, str, int, int, PciAddress | None]]) -> tuple[RngDevice, ...]:
-    """Explicit addresses kept (each slot once); the others get the first free slot from 2 up, in
-    document order, as libvirt's QEMU driver assigns them on a pci-root bus with no other devices."""
-    taken: set[int] = set()
-    for *_, address in rngs:
-        if address is None:
-            continue
-        if address.slot in taken:
-            raise unsupported(f"Attempted double use of PCI Address 0000:00:{address.slot:02x}.0")
-        taken.add(address.slot)
-    devices = []
-    for model, source, rate, period, address in rngs:
-        if address is None:
-            free = [slot for slot in range(_PCI_AUTO_FIRST_SLOT, 32) if slot not in taken]
-            if not free:
-                raise unsupported("No more available PCI slots")
-            address = PciAddress(free[0])
-            taken.add(free[0])
-        devices.append(RngDevice(model, source, address, rate, period))
-    return tuple(devices)
+    """The PCI devices with their addresses (addresses.assign_pci over all of them, document order)."""
+    addresses = assign_pci([address for *_, address in rngs])
+    return tuple(
+        RngDevice(model, source, address, rate, period)
+        for (model, source, rate, period, _), address in zip(rngs, addresses, strict=True)
+    )
 
 
 def _format_rng(rng: RngDevice) -> list[tuple[int, str]]:

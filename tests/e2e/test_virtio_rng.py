@@ -171,8 +171,12 @@ def test_explicit_addresses_are_kept_and_others_fill_around_them(ours: Any) -> N
     finally:
         dom.undefine()
     clash = document("hyperv", explicit + explicit)
-    with pytest.raises(libvirt.libvirtError, match=r"Attempted double use of PCI Address 0000:00:02\.0"):
+    with pytest.raises(libvirt.libvirtError, match=r"Attempted double use of PCI Address 0000:00:02\.0") as info:
         ours.defineXML(clash)
+    assert (info.value.get_error_code(), info.value.get_error_domain()) == (
+        libvirt.VIR_ERR_XML_ERROR,
+        libvirt.VIR_FROM_DOMAIN,
+    )
 
 
 def test_domcapabilities_lists_rng(daemon: DaemonProcess) -> None:
