@@ -153,6 +153,26 @@ class CharDevice:
 
 
 @dataclass(frozen=True)
+class DiskDevice:
+    """``<disk device='disk'>`` on ``bus='virtio'``: a virtio-blk PCI function (vmm DiskConfig)."""
+
+    type: str  # 'file' | 'block' | 'volume'
+    target: str  # <target dev>, e.g. 'vda'
+    address: PciAddress
+    path: str | None = None  # <source file> or <source dev>; None for a volume disk
+    pool: str | None = None  # <source pool volume> of a volume disk
+    volume: str | None = None
+    driver_name: str | None = None  # <driver name>: only 'qemu'; None when not given (not printed)
+    format: str | None = None  # <driver type>: 'raw' | 'qcow2'; None when not given (raw, no probing)
+    cache: str | None = None
+    io: str | None = None
+    discard: str | None = None
+    readonly: bool = False
+    serial: str | None = None
+    boot_order: int | None = None
+
+
+@dataclass(frozen=True)
 class RngDevice:
     """``<rng model='virtio'>`` with ``<backend model='random'>``: a virtio-rng PCI function."""
 
@@ -233,6 +253,7 @@ class DomainConfig:
 
     cputune: Cputune = Cputune()
     rngs: tuple[RngDevice, ...] = ()
+    disks: tuple[DiskDevice, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1061,28 +1082,174 @@ def _chardev(el: etree._Element, kind: str) -> CharDevice:
     return CharDevice(kind, port, ttype)
 
 
-def _disk(el: etree._Element) -> VirtError:
-    """The refusal for a <disk> (no disk devices exist yet), after libvirt's own checks of it: a disk
-    without target bus= is refused naming the bus libvirt would infer from the target name."""
-    device = el.get("device")
-    if device is not None and device not in _DISK_DEVICES:
-        return _prop_enum_error(el, "device", device)
+_DISK_TYPES = ("file", "block", "dir", "network", "volume", "nvme", "vhostuser")
+_DISK_TYPES_SUPPORTED = ("file", "block", "volume")
+_DISK_CACHES = ("default", "none", "writethrough", "writeback", "directsync", "unsafe")
+_DISK_IO = ("native", "threads", "io_uring")
+_DISK_IO_SUPPORTED = ("threads",)  # qemu-storage-daemon's default aio
+_DISK_DISCARD = ("unmap", "ignore")
+_DISK_DISCARD_SUPPORTED = ("ignore",)  # the backend's default; the device offers no discard
+_DISK_FORMATS_SUPPORTED = ("raw", "qcow2")
+_DISK_SOURCE_ATTRS = {"file": ("file",), "block": ("dev",), "volume": ("pool", "volume")}
+
+
+@dataclass(frozen=True)
+class _DiskRequest:
+    """A parsed <disk> before its PCI address is assigned."""
+
+    fields: dict[str, object]
+    address: PciAddress | None
+
+
+def _disk(el: etree._Element) -> _DiskRequest:
+    """virDomainDiskDefParseXML's checks that matter here, then what this driver can run: a
+    device='disk' on bus='virtio' backed by a file, a block device or a storage volume."""
+    dtype = el.get("type", "file")
+    if dtype not in _DISK_TYPES:
+        raise _prop_enum_error(el, "type", dtype)
+    device = el.get("device", "disk")
+    if device not in _DISK_DEVICES:
+        raise _prop_enum_error(el, "device", device)
     target = el.find("target")
     dev = target.get("dev") if target is not None else None
     bus = target.get("bus") if target is not None else None
     if target is not None and bus is not None and bus not in _DISK_BUSES:
-        return _prop_enum_error(target, "bus", bus)
+        raise _prop_enum_error(target, "bus", bus)
     if not dev:
         source = el.find("source")
         path = next((source.get(a) for a in ("file", "dev", "dir", "name") if source is not None and source.get(a)), "")
-        return VirtError(ErrorCode.NO_TARGET, path or "", ErrorDomain.DOMAIN)
+        raise VirtError(ErrorCode.NO_TARGET, path or "", ErrorDomain.DOMAIN)
     inferred = bus is None
     if bus is None:
         bus = "fdc" if device == "floppy" else next((b for p, b in _DISK_PREFIX_BUS if dev.startswith(p)), "ide")
     if el.find("address") is None and _disk_index(dev) is None:
-        return _domain_xml_error(f"Unknown disk name '{dev}' and no address specified")
-    how = f" (inferred from target '{dev}')" if inferred else ""
-    return unsupported(f"disk bus '{bus}'{how} {_NOT_SUPPORTED}")
+        raise _domain_xml_error(f"Unknown disk name '{dev}' and no address specified")
+    if device != "disk":
+        raise unsupported(f"disk device '{device}' {_NOT_SUPPORTED}; use device='disk'")
+    if bus != "virtio":
+        how = f" (inferred from target '{dev}')" if inferred else ""
+        raise unsupported(f"disk bus '{bus}'{how} {_NOT_SUPPORTED}; use bus='virtio'")
+    if dtype not in _DISK_TYPES_SUPPORTED:
+        raise unsupported(f"disk type '{dtype}' {_NOT_SUPPORTED}; use type='file', 'block' or 'volume'")
+    _check_attrs(el, ("type", "device"))
+    fields: dict[str, object] = {"type": dtype, "target": dev}
+    address: PciAddress | None = None
+    seen: set[str] = set()
+    for child in _elements(el):
+        tag = _qname(child)
+        if tag in seen:
+            raise unsupported(f"more than one <{tag}> in <disk> {_NOT_SUPPORTED}")
+        seen.add(tag)
+        if tag == "driver":
+            _check_attrs(child, ("name", "type", "cache", "io", "discard"), "disk><driver")
+            _leaf(child)
+            name, fmt = child.get("name"), child.get("type")
+            if name is not None and name != "qemu":
+                raise unsupported(f"disk driver name '{name}' {_NOT_SUPPORTED}; use name='qemu'")
+            if fmt is not None and fmt not in _DISK_FORMATS_SUPPORTED:
+                raise unsupported(f"disk format '{fmt}' {_NOT_SUPPORTED}; use type='raw' or type='qcow2'")
+            for attr, values, supported in (
+                ("cache", _DISK_CACHES, _DISK_CACHES),
+                ("io", _DISK_IO, _DISK_IO_SUPPORTED),
+                ("discard", _DISK_DISCARD, _DISK_DISCARD_SUPPORTED),
+            ):
+                value = child.get(attr)
+                if value is None:
+                    continue
+                if value not in values:
+                    raise _prop_enum_error(child, attr, value)
+                if value not in supported:
+                    raise unsupported(f"disk driver {attr}='{value}' {_NOT_SUPPORTED}")
+                fields[attr] = value
+            fields["driver_name"], fields["format"] = name, fmt
+        elif tag == "source":
+            attrs = _DISK_SOURCE_ATTRS[dtype]
+            _check_attrs(child, attrs, "disk><source")
+            _leaf(child)
+            if dtype == "volume":
+                pool, volume = child.get("pool"), child.get("volume")
+                if not pool or not volume:
+                    raise _domain_xml_error("'pool' and 'volume' must be specified together for 'pool' type source")
+                fields["pool"], fields["volume"] = pool, volume
+            else:
+                fields["path"] = child.get(attrs[0]) or None
+        elif tag == "target":
+            _check_attrs(child, ("dev", "bus"), "disk><target")
+            _leaf(child)
+        elif tag == "readonly":
+            _check_attrs(child, ())
+            _leaf(child)
+            fields["readonly"] = True
+        elif tag == "serial":
+            _check_attrs(child, ())
+            _leaf(child)
+            serial = _text(child)
+            if serial is not None:
+                if not re.fullmatch(r"[A-Za-z0-9_ .+-]+", serial):
+                    raise _domain_xml_error(f"disk serial '{serial}' contains characters other than [A-Za-z0-9_ .+-]")
+                if len(serial) > 20:
+                    raise unsupported("disk serial longer than 20 characters (virtio-blk's ID) " + _NOT_SUPPORTED)
+                fields["serial"] = serial
+        elif tag == "boot":
+            _check_attrs(child, ("order",), "disk><boot")
+            _leaf(child)
+            order = _prop_uint(child, "order")
+            if order is None or order == 0:
+                raise _domain_xml_error("boot order must be a positive integer")
+            fields["boot_order"] = order
+        elif tag == "address":
+            address = _pci_address(child)
+        else:
+            raise unsupported(f"element <{tag}> in <disk> {_NOT_SUPPORTED}")
+    if dtype != "volume" and "path" not in fields:
+        raise unsupported(f"a <disk type='{dtype}'> without <source> (an empty drive) {_NOT_SUPPORTED}")
+    if dtype == "volume" and "pool" not in fields:
+        raise unsupported(f"a <disk type='volume'> without <source pool volume> {_NOT_SUPPORTED}")
+    return _DiskRequest(fields, address)
+
+
+def _check_disk_targets(disks: list[_DiskRequest]) -> None:
+    """virDomainDiskDefCheckDuplicateInfo's duplicate target check (domain_validate.c)."""
+    for i, a in enumerate(disks):
+        for b in disks[i + 1 :]:
+            if a.fields["target"] == b.fields["target"]:
+                src_a, src_b = (d.fields.get("path") or "<null>" for d in (a, b))
+                raise _xml_error(
+                    f"target '{a.fields['target']}' duplicated for disk sources '{src_a}' and '{src_b}'",
+                    ErrorDomain.DOMAIN,
+                )
+
+
+def _format_disk(disk: DiskDevice) -> list[tuple[int, str]]:
+    """virDomainDiskDefFormat's lines for the subset this driver accepts."""
+    lines = [(2, f"<disk type='{disk.type}' device='disk'>")]
+    driver = tuple(
+        (k, v)
+        for k, v in (
+            ("name", disk.driver_name),
+            ("type", disk.format),
+            ("cache", disk.cache),
+            ("io", disk.io),
+            ("discard", disk.discard),
+        )
+        if v is not None
+    )
+    if driver:
+        lines.append((3, _tag_line("driver", driver)))
+    if disk.type == "volume":
+        lines.append((3, _tag_line("source", (("pool", disk.pool or ""), ("volume", disk.volume or "")))))
+    else:
+        lines.append((3, _tag_line("source", ((_DISK_SOURCE_ATTRS[disk.type][0], disk.path or ""),))))
+    lines.append((3, _tag_line("target", (("dev", disk.target), ("bus", "virtio")))))
+    if disk.readonly:
+        lines.append((3, "<readonly/>"))
+    if disk.serial is not None:
+        lines.append((3, _tag_line("serial", text=disk.serial)))
+    if disk.boot_order is not None:
+        lines.append((3, _tag_line("boot", (("order", str(disk.boot_order)),))))
+    lines.append((3, disk.address.xml()))
+    lines.append((2, "</disk>"))
+    return lines
 
 
 def _disk_index(name: str) -> int | None:
@@ -1212,13 +1379,21 @@ def find_rng(cfg: DomainConfig, device: etree._Element) -> int:
     raise VirtError(ErrorCode.DEVICE_MISSING, "no matching RNG device was found", ErrorDomain.DOMAIN)
 
 
-def _assign_pci(rngs: list[tuple[str, str, int, int, PciAddress | None]]) -> tuple[RngDevice, ...]:
-    """The PCI devices with their addresses (addresses.assign_pci over all of them, document order)."""
-    addresses = assign_pci([address for *_, address in rngs])
-    return tuple(
-        RngDevice(model, source, address, rate, period)
-        for (model, source, rate, period, _), address in zip(rngs, addresses, strict=True)
+def _assign_pci(
+    disks: list[_DiskRequest], rngs: list[tuple[str, str, int, int, PciAddress | None]]
+) -> tuple[tuple[DiskDevice, ...], tuple[RngDevice, ...]]:
+    """The PCI devices with their addresses: addresses.assign_pci over all of them in libvirt's
+    qemuDomainAssignDevicePCISlots order (disks before rngs), each kind in document order."""
+    addresses = assign_pci([d.address for d in disks] + [address for *_, address in rngs])
+    disk_devices = tuple(
+        DiskDevice(address=address, **d.fields)  # type: ignore[arg-type]
+        for d, address in zip(disks, addresses[: len(disks)], strict=True)
     )
+    rng_devices = tuple(
+        RngDevice(model, source, address, rate, period)
+        for (model, source, rate, period, _), address in zip(rngs, addresses[len(disks) :], strict=True)
+    )
+    return disk_devices, rng_devices
 
 
 def _format_rng(rng: RngDevice) -> list[tuple[int, str]]:
@@ -1240,6 +1415,7 @@ class _Devices:
     usb_none: bool
     memballoon_none: bool
     rngs: tuple[RngDevice, ...] = ()
+    disks: tuple[DiskDevice, ...] = ()
 
 
 def _devices(el: etree._Element | None) -> _Devices:
@@ -1249,6 +1425,7 @@ def _devices(el: etree._Element | None) -> _Devices:
     serials: list[CharDevice] = []
     consoles: list[CharDevice] = []
     rngs: list[tuple[str, str, int, int, PciAddress | None]] = []
+    disks: list[_DiskRequest] = []
     usb_none = memballoon_none = False
     for child in _elements(el):
         tag = _qname(child)
@@ -1259,7 +1436,7 @@ def _devices(el: etree._Element | None) -> _Devices:
         elif tag == "console":
             consoles.append(_chardev(child, "console"))
         elif tag == "disk":
-            raise _disk(child)
+            disks.append(_disk(child))
         elif tag == "memballoon":
             model = child.get("model")
             if model is None:
@@ -1304,7 +1481,9 @@ def _devices(el: etree._Element | None) -> _Devices:
         serials.append(CharDevice("serial", 0, _SERIAL_TARGET))
     if serials and not consoles:
         consoles.append(CharDevice("console", 0, _CONSOLE_TARGET))
-    return _Devices(tuple(serials), tuple(consoles), usb_none, memballoon_none, _assign_pci(rngs))
+    _check_disk_targets(disks)
+    disk_devices, rng_devices = _assign_pci(disks, rngs)
+    return _Devices(tuple(serials), tuple(consoles), usb_none, memballoon_none, rng_devices, disk_devices)
 
 
 def _uuid(el: etree._Element | None) -> uuid.UUID:
@@ -1462,6 +1641,8 @@ def _format(
             add(2, _tag_line(tag, (("enabled", enabled),)))
         add(1, "</pm>")
     body: list[tuple[int, str]] = []
+    for disk in devices.disks:
+        body += _format_disk(disk)
     if extras.usb_none:
         body.append((2, "<controller type='usb' index='0' model='none'/>"))
     for s in devices.serials:
@@ -1655,6 +1836,7 @@ def _walk(root: etree._Element) -> DomainConfig:
         cpu_mode=cpu_attrs[0][1] if cpu_attrs else None,
         cputune=cputune,
         rngs=devices.rngs,
+        disks=devices.disks,
         clock_offset=clock_offset,
     )
 

@@ -819,6 +819,9 @@ class DomainManager:
     async def _spawn(self, dom: Domain, paused: bool, *, keep_id: bool = False) -> None:
         cfg = dom.live or dom.persistent
         assert cfg is not None
+        if cfg.disks:
+            # Defined disks are not yet handed to the VMM (driver wiring pending): refused, never dropped.
+            raise unsupported("starting a domain with <disk> devices is not supported by the mshv driver yet")
         # The id names the runtime directory: taken at once (before any await: starts run concurrently),
         # and not given again even if the start fails, as libvirt does. A restart in place (QEMU's fake
         # reboot) keeps the domain's id, and so its directory.

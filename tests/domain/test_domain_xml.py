@@ -828,18 +828,43 @@ def test_unsupported_devices(device: str) -> None:
     [
         ("<target dev='hda'/>", "disk bus 'ide' (inferred from target 'hda')"),
         ("<target dev='sdb'/>", "disk bus 'scsi' (inferred from target 'sdb')"),
-        ("<target dev='vdaa'/>", "disk bus 'virtio' (inferred from target 'vdaa')"),
         ("<target dev='xvda'/>", "disk bus 'xen' (inferred from target 'xvda')"),
+        ("<target dev='ubda'/>", "disk bus 'uml' (inferred from target 'ubda')"),
         ("<target dev='vda' bus='sata'/>", "disk bus 'sata'"),
+        ("<target dev='vda' bus='scsi'/>", "disk bus 'scsi'"),
     ],
 )
-def test_disks_refused_naming_the_bus(target: str, bus: str) -> None:
-    # No disk devices exist yet: never treated as virtio, refused naming the bus libvirt would use.
+def test_non_virtio_disks_refused_naming_the_bus(target: str, bus: str) -> None:
+    # Issue 21 item 5: an inferred bus is never treated as virtio; the refusal names the inferred bus.
     e = err(dom(f"<devices><disk type='file' device='disk'><source file='/d.img'/>{target}</disk></devices>"))
+    assert (e.code, e.domain, e.message) == (
+        ErrorCode.CONFIG_UNSUPPORTED,
+        ErrorDomain.DOMAIN,
+        f"unsupported configuration: {bus} is not supported by the mshv driver; use bus='virtio'",
+    )
+
+
+@pytest.mark.parametrize("device", ["cdrom", "floppy", "lun"])
+def test_disk_devices_other_than_disk_refused_naming_them(device: str) -> None:
+    target = "fda" if device == "floppy" else "vda"
+    e = err(
+        dom(
+            f"<devices><disk type='file' device='{device}'><source file='/d.img'/>"
+            f"<target dev='{target}' bus='virtio'/></disk></devices>"
+        )
+    )
     assert (e.code, e.message) == (
         ErrorCode.CONFIG_UNSUPPORTED,
-        f"unsupported configuration: {bus} is not supported by the mshv driver",
+        f"unsupported configuration: disk device '{device}' is not supported by the mshv driver; use device='disk'",
     )
+
+
+def test_a_virtio_disk_without_bus_is_accepted_with_the_inferred_bus_printed() -> None:
+    cfg = parse_domain_xml(
+        dom("<devices><disk type='file'><source file='/d.img'/><target dev='vdaa'/></disk></devices>")
+    )
+    assert [(d.target, d.path, d.address.slot) for d in cfg.disks] == [("vdaa", "/d.img", 2)]
+    assert "<target dev='vdaa' bus='virtio'/>" in cfg.xml
 
 
 @pytest.mark.parametrize(
