@@ -35,7 +35,7 @@ from tests.support.guests import (
     tiny_blk_pattern,
 )
 from tests.support.procfs import process_gone
-from tests.support.vhost_queue import S_OK, SECTOR, T_FLUSH, T_IN, T_OUT
+from tests.support.vhost_queue import S_OK, SECTOR, T_FLUSH, T_GET_ID, T_IN, T_OUT
 from tests.support.waits import wait_for
 from tests.vmm.harness import VmmProcess
 
@@ -223,6 +223,25 @@ def test_requests_flow_from_the_doorbell_eventfd_to_the_backend_and_complete_on_
         r.driver_init(vpci.F_VERSION_1 | blk.F_FLUSH)
         assert r.device.activations == 2
         assert r.request(T_IN, 8, read_len=SECTOR) == bytes([S_OK]) + pattern[SECTOR:]
+
+
+# virtio-blk's GET_ID answer: VIRTIO_BLK_ID_BYTES, NUL-padded when shorter.
+ID_BYTES = 20
+
+
+def test_get_id_answers_the_backends_fixed_serial_not_the_disks(kvm: None, tmp_path: Path) -> None:
+    """qemu-storage-daemon 7.2's vhost-user-blk export answers GET_ID with the fixed string "vhost_user_blk"
+    (``--export type=vhost-user-blk,...,serial=x`` is refused: "Parameter 'serial' is unexpected"), and the
+    backend serves the ring without the VMM: a disk's ``serial`` cannot reach the guest through this backend.
+    This test pins the limitation down, so a backend that starts answering something else fails it
+    (docs/DESIGN.md would then change)."""
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(MiB))
+    with rig(BlockImage(str(img))) as r:
+        r.driver_init(vpci.F_VERSION_1 | blk.F_FLUSH)
+        answer = r.request(T_GET_ID, 0, read_len=ID_BYTES)
+        assert answer[0] == S_OK
+        assert answer[1:].rstrip(b"\0") == b"vhost_user_blk", answer
 
 
 def test_the_vmm_runs_one_backend_per_disk_and_a_sigkill_takes_it_down(
