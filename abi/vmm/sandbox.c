@@ -58,7 +58,7 @@ static struct {
 } threads[MAX_THREADS];
 static int active;                  /* the process filter is installed */
 static int report_fd = -1;          /* the exit file: a denied call is reported there too */
-static const char *const kind_names[] = {"main", "vCPU", "helper", "device"};
+static const char *const kind_names[] = {"main", "vCPU", "helper", "device", "net"};
 
 static pid_t self_tid(void)
 {
@@ -128,7 +128,7 @@ static void describe(struct buf *o, int nr, pid_t tid)
     put(o, thread ? thread : "?");
     put(o, " (tid ");
     put_num(o, tid);
-    if (kind >= 0 && kind <= 3) {
+    if (kind >= 0 && kind <= 4) {
         put(o, ", ");
         put(o, kind_names[kind]);
         put(o, " filter");
@@ -359,6 +359,16 @@ static const struct rule device_rules[] = {
     ALLOW(sendmsg),       ALLOW(recvfrom),
 };
 
+/* A virtio-net I/O thread (abi/vmm/net.c): epoll on its eventfds and tap, readv/writev between the tap
+ * and guest RAM, eventfd reads and writes, its mutex and condition variable. Pure C: no allocator. */
+static const struct rule net_rules[] = {
+    ALLOW(epoll_wait),    ALLOW(epoll_pwait),    ALLOW(epoll_ctl),      ALLOW(read),
+    ALLOW(write),         ALLOW(readv),          ALLOW(writev),         ALLOW(futex),
+    ALLOW(gettid),        ALLOW(getpid),         ALLOW(rt_sigprocmask), ALLOW(rt_sigreturn),
+    ALLOW(restart_syscall), ALLOW(madvise),      ALLOW(munmap),         ALLOW(exit),
+    ALLOW(exit_group),
+};
+
 /* The main thread: the selector loop, control clients, VM (re)builds, logging and lazy imports (files
  * are opened read-only where Landlock allows), thread creation (threads only), core dumps. Every call a
  * vCPU or helper thread may make is here too: their lists stack on this one. */
@@ -475,7 +485,7 @@ static int compile(const struct rule *rules, size_t n, struct sock_filter *prog,
     return (int)k;
 }
 
-static const char *const default_names[] = {"main", "vcpu", "helper", "device"};
+static const char *const default_names[] = {"main", "vcpu", "helper", "device", "net", "?", "?", "?"};
 _Static_assert(MSHV_SANDBOX_HELPER == 2, "abi/emu/emu_kvm.c calls the helper kind EMU_SANDBOX_HELPER (2)");
 
 int mshv_seccomp_install(int kind)
@@ -507,6 +517,10 @@ int mshv_seccomp_install(int kind)
         rules = device_rules;
         n = sizeof(device_rules) / sizeof(device_rules[0]);
         break;
+    case MSHV_SANDBOX_NET:
+        rules = net_rules;
+        n = sizeof(net_rules) / sizeof(net_rules[0]);
+        break;
     default:
         return -EINVAL;
     }
@@ -537,7 +551,7 @@ int mshv_sandbox_thread_enter(int kind, const char *name)
 {
     if (!mshv_sandbox_active())
         return 0;
-    const char *n = name ? name : default_names[kind & 3];
+    const char *n = name ? name : default_names[kind & 7];
     prctl(PR_SET_NAME, n, 0, 0, 0); /* top -H, /proc/PID/task/TID/comm; the process list allows it */
     int rc = mshv_sandbox_register_thread(n);
     if (rc < 0)

@@ -1,0 +1,108 @@
+"""Network namespaces a test creates and deletes: nothing here touches the host's own interfaces,
+routes or firewall. A tap is created inside the namespace (the creating thread enters it first), so
+the host never has the interface; its fd works from any namespace."""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import socket
+import struct
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+T = TypeVar("T")
+
+CLONE_NEWNET = 0x40000000
+TUNSETIFF = 0x400454CA
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+ETH_P_ALL = 0x0003
+VNET_HDR_LEN = 12
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _in_netns(name: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on a fresh thread that entered namespace ``name`` (setns is per thread)."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err))
+            finally:
+                os.close(fd)
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+class NetNs:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def run(self, *argv: str) -> None:
+        subprocess.run(["ip", "netns", "exec", self.name, *argv], check=True, capture_output=True)
+
+    def open_tap(self, ifname: str) -> int:
+        """A tap (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, 12-byte header) inside the namespace, up; its fd."""
+
+        def create() -> int:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+            try:
+                fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", ifname.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+                fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+
+        fd = _in_netns(self.name, create)
+        self.run("ip", "link", "set", ifname, "up")
+        return fd
+
+    def packet_socket(self, ifname: str) -> socket.socket:
+        """A raw AF_PACKET socket bound to ``ifname`` in the namespace (the peer)."""
+
+        def create() -> socket.socket:
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            s.bind((ifname, 0))
+            return s
+
+        return _in_netns(self.name, create)
+
+    def link_exists(self, ifname: str) -> bool:
+        r = subprocess.run(["ip", "-n", self.name, "link", "show", ifname], capture_output=True)
+        return r.returncode == 0
+
+
+@contextmanager
+def netns(tag: str) -> Iterator[NetNs]:
+    """A namespace named after the test and this process, IPv6 off (no autoconfiguration chatter), deleted after."""
+    name = f"mshv-{tag}-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    try:
+        ns = NetNs(name)
+        ns.run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+        ns.run("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True, capture_output=True)
