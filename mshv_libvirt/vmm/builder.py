@@ -53,6 +53,7 @@ from .devices.pvpanic import PvPanic
 from .devices.rtc import CmosRtc, local_utc_offset
 from .devices.serial import Serial16550
 from .devices.virtio.blk import BackendInfo, VirtioBlk
+from .devices.virtio.net import VirtioNet, parse_mac
 from .devices.virtio.pci import VirtioPciFunction
 from .devices.virtio.queue import DeviceMemory
 from .devices.virtio.rng import RateLimit, VirtioRng
@@ -414,6 +415,20 @@ def attach_virtio_devices(
             platform.virtio.append(function)
         except (MshvError, OSError, ValueError) as err:
             raise AttachDevicesError(f"virtio-blk in PCI slot {disk.slot}: {err}") from err
+    for nic in config.net:
+        try:
+            net = VirtioNet(nic.fd, parse_mac(nic.mac), regions, mtu=nic.mtu, link_up=nic.link_up)
+            resources.callback(net.stop)  # runs last (ExitStack order): the thread ends after the transport closed
+            function = VirtioPciFunction(net, DeviceMemory(ram), platform.routing, partition, platform.mmio)
+            resources.callback(function.close)
+            resources.callback(net.reset)  # the I/O thread lets go of the rings before the irqfds close
+            platform.pci.add(function, nic.slot)
+            platform.bars.place(function.config)
+            function.sync_bar()
+            net.start(function)
+            platform.virtio.append(function)
+        except (MshvError, OSError, ValueError) as err:
+            raise AttachDevicesError(f"virtio-net in PCI slot {nic.slot}: {err}") from err
 
 
 def load_kernel(ram: GuestRam, config: VmmConfig) -> loader.KernelImage:

@@ -147,6 +147,41 @@ class DiskConfig:
         return cls(slot, path, fmt, ro, serial, cache, queues, fd)
 
 
+NET_KEYS = {"slot", "fd", "mac", "mtu", "link_up"}
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """A virtio-net interface: its PCI slot on bus 0 and the tap the daemon opened (IFF_TAP|IFF_NO_PI|
+    IFF_VNET_HDR) and handed over, the guest's MAC, the MTU offered to the driver, the initial link state."""
+
+    slot: int
+    fd: int
+    mac: str
+    mtu: int | None = None
+    link_up: bool = True
+
+    @classmethod
+    def from_dict(cls, raw: object) -> NetConfig:
+        if not isinstance(raw, dict) or set(raw) - NET_KEYS or not {"slot", "fd", "mac"} <= set(raw):
+            raise ConfigError(f"config field 'net' must be a list of objects with {', '.join(sorted(NET_KEYS))}")
+        slot, fd, mac, mtu, link_up = raw["slot"], raw["fd"], raw["mac"], raw.get("mtu"), raw.get("link_up", True)
+        if not isinstance(slot, int) or isinstance(slot, bool) or not 1 <= slot <= 31:
+            raise ConfigError("config field 'net.slot' must be a PCI slot between 1 and 31")
+        if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
+            raise ConfigError("config field 'net.fd' must be a descriptor number")
+        parts = mac.split(":") if isinstance(mac, str) else []
+        if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts):
+            raise ConfigError("config field 'net.mac' must be a MAC address (six colon-separated hex bytes)")
+        if int(parts[0], 16) & 1:
+            raise ConfigError("config field 'net.mac' must not be a multicast address")
+        if mtu is not None and (not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= 65535):
+            raise ConfigError("config field 'net.mtu' must be between 68 and 65535")
+        if not isinstance(link_up, bool):
+            raise ConfigError("config field 'net.link_up' must be a boolean")
+        return cls(slot, fd, mac.lower(), mtu, link_up)
+
+
 @dataclass(frozen=True)
 class VmmConfig:
     name: str
@@ -193,6 +228,7 @@ class VmmConfig:
     test_hooks: bool = False
     rng: tuple[RngConfig, ...] = ()
     disks: tuple[DiskConfig, ...] = ()
+    net: tuple[NetConfig, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_vcpus == 0:
@@ -240,6 +276,7 @@ class VmmConfig:
             test_hooks=get("test_hooks", bool, False),
             rng=tuple(RngConfig.from_dict(r) for r in get("rng", list, [])),
             disks=tuple(DiskConfig.from_dict(d) for d in get("disks", list, [])),
+            net=tuple(NetConfig.from_dict(n) for n in get("net", list, [])),
         )
         if cfg.memory_bytes < 16 << 20 or cfg.memory_bytes % 4096:
             raise ConfigError("config field 'memory_bytes' must be a multiple of 4 KiB and at least 16 MiB")
@@ -267,9 +304,9 @@ class VmmConfig:
             raise ConfigError("config field 'fds.serial_log' must hold the log and each of its backups")
         if len({r.slot for r in cfg.rng}) != len(cfg.rng):
             raise ConfigError("config field 'rng' puts two devices in one PCI slot")
-        slots = [r.slot for r in cfg.rng] + [d.slot for d in cfg.disks]
+        slots = [r.slot for r in cfg.rng] + [d.slot for d in cfg.disks] + [n.slot for n in cfg.net]
         if len(set(slots)) != len(slots):
-            raise ConfigError("config fields 'rng' and 'disks' put two devices in one PCI slot")
+            raise ConfigError("config fields 'rng', 'disks' and 'net' put two devices in one PCI slot")
         return cfg
 
     @classmethod

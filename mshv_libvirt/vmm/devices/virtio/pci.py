@@ -380,6 +380,14 @@ class VirtioPciFunction:
         else:
             self.isr |= ISR_QUEUE  # no INTx pin is wired: a driver without MSI-X polls
 
+    def config_changed(self) -> None:
+        """The device configuration changed (a link went up or down): a new generation and a config interrupt."""
+        with self.lock:
+            self.config_generation = (self.config_generation + 1) & 0xFF
+            self.isr |= ISR_CONFIG
+            if self.msix.enabled and self.config_msix_vector != NO_VECTOR:
+                self.msix.fire(self.config_msix_vector)
+
     def needs_reset(self, why: str) -> None:
         """The driver broke the queue protocol: stop, and say so (DEVICE_NEEDS_RESET and a config interrupt)."""
         self.on_error(why)

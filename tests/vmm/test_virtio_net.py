@@ -1,0 +1,208 @@
+"""virtio-net on the virtio-pci transport (vmm/devices/virtio/net.py): a driver programs the device as
+Linux does, the compiled I/O thread moves frames between guest RAM and a tap in a test namespace."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from mshv_libvirt.vmm import builder, layout
+from mshv_libvirt.vmm.config import ConfigError, VmmConfig
+from mshv_libvirt.vmm.devices.bus import Bus
+from mshv_libvirt.vmm.devices.pci.bridge import BarAllocator, PciRootBus
+from mshv_libvirt.vmm.devices.virtio import net as vnet
+from mshv_libvirt.vmm.devices.virtio import pci as vpci
+from mshv_libvirt.vmm.devices.virtio.queue import DeviceMemory
+from mshv_libvirt.vmm.interrupts import MsiRouting
+from mshv_libvirt.vmm.vhost_user import MemRegion
+from tests.support.netns import netns
+from tests.support.waits import wait_for
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+QSIZE = 8
+RINGS = [(0x10_0000, 0x10_1000, 0x10_2000), (0x11_0000, 0x11_1000, 0x11_2000)]
+BUFS = 0x20_0000
+MAC = "52:54:00:ab:cd:ef"
+ETHERTYPE = 0x88B5
+
+
+@dataclass
+class Rig:
+    ram: builder.GuestRam
+    mmio: Bus
+    function: vpci.VirtioPciFunction
+    net: vnet.VirtioNet
+    peer: socket.socket
+
+    @property
+    def bar(self) -> int:
+        assert self.function.mapped_at is not None
+        return self.function.mapped_at
+
+    def common_write(self, offset: int, size: int, value: int) -> None:
+        self.mmio.write(self.bar + vpci.COMMON_OFFSET + offset, size, value)
+
+    def common_read(self, offset: int, size: int) -> int:
+        return self.mmio.read(self.bar + vpci.COMMON_OFFSET + offset, size)
+
+    def device_cfg(self, offset: int, size: int) -> int:
+        return self.mmio.read(self.bar + vpci.DEVICE_OFFSET + offset, size)
+
+    def offered(self) -> int:
+        value = 0
+        for select in (0, 1):
+            self.common_write(vpci.DEVICE_FEATURE_SELECT, 4, select)
+            value |= self.common_read(vpci.DEVICE_FEATURE, 4) << (32 * select)
+        return value
+
+    def driver_init(self, features: int) -> None:
+        self.common_write(vpci.DEVICE_STATUS, 1, 0)
+        self.common_write(vpci.DEVICE_STATUS, 1, 3)
+        for select in (0, 1):
+            self.common_write(vpci.DRIVER_FEATURE_SELECT, 4, select)
+            self.common_write(vpci.DRIVER_FEATURE, 4, (features >> (32 * select)) & 0xFFFFFFFF)
+        self.common_write(vpci.DEVICE_STATUS, 1, 0xB)
+        assert self.common_read(vpci.DEVICE_STATUS, 1) & vpci.STATUS_FEATURES_OK
+        for n, (desc, avail, used) in enumerate(RINGS):
+            self.common_write(vpci.QUEUE_SELECT, 2, n)
+            self.common_write(vpci.QUEUE_SIZE, 2, QSIZE)
+            for reg, addr in ((vpci.QUEUE_DESC, desc), (vpci.QUEUE_DRIVER, avail), (vpci.QUEUE_DEVICE, used)):
+                self.common_write(reg, 8, addr)
+            self.common_write(vpci.QUEUE_ENABLE, 2, 1)
+        self.common_write(vpci.DEVICE_STATUS, 1, 0xF)
+
+    def post(self, q: int, slot: int, gpa: int, length: int, flags: int) -> None:
+        desc, avail, _ = RINGS[q]
+        self.ram.write(desc + 16 * slot, struct.pack("<QIHH", gpa, length, flags, 0))
+        self.ram.write(avail + 4 + 2 * slot, struct.pack("<H", slot))
+        self.ram.write(avail + 2, struct.pack("<H", slot + 1))
+        os.eventfd_write(self.function.kicks[q], 1)
+
+    def used(self, q: int) -> int:
+        return int(struct.unpack("<H", self.ram.read(RINGS[q][2] + 2, 2))[0])
+
+
+@contextlib.contextmanager
+def rig(mtu: int | None = 1500) -> Iterator[Rig]:
+    with (
+        netns("vnet") as ns,
+        builder.open_hypervisor("emulated") as system,
+        contextlib.ExitStack() as stack,
+    ):
+        tap = ns.open_tap("vt1")
+        stack.callback(os.close, tap)
+        peer = ns.packet_socket("vt1")
+        stack.callback(peer.close)
+        partition = system.create_partition()
+        stack.callback(partition.close)
+        partition.initialize()
+        ram = builder.map_memory(partition, 16 << 20)
+        for _, mem in ram.regions:
+            stack.callback(mem.close)
+        regions = [MemRegion(r.gpa, r.size, mem.address, mem.fd) for r, mem in ram.regions]
+        net = vnet.VirtioNet(tap, vnet.parse_mac(MAC), regions, mtu=mtu)
+        stack.callback(net.stop)
+        mmio = Bus("mmio")
+        function = vpci.VirtioPciFunction(net, DeviceMemory(ram), MsiRouting(partition), partition, mmio)
+        stack.callback(function.close)
+        stack.callback(net.reset)
+        bus = PciRootBus()
+        bus.add(function, 5)
+        BarAllocator((layout.PCI_MMIO32_START, layout.PCI_MMIO32_SIZE), layout.pci_mmio64_window(16 << 20)).place(
+            function.config
+        )
+        function.sync_bar()
+        net.start(function)
+        yield Rig(ram, mmio, function, net, peer)
+
+
+def frame(payload: bytes) -> bytes:
+    return bytes.fromhex("ffffffffffff525400abcdef") + struct.pack("!H", ETHERTYPE) + payload
+
+
+def test_identity_config_and_features() -> None:
+    with rig() as r:
+        assert r.function.config.read(0, 4) == 0x1041_1AF4  # modern virtio-net
+        assert bytes(r.device_cfg(i, 1) for i in range(6)) == vnet.parse_mac(MAC)
+        assert r.device_cfg(6, 2) == vnet.S_LINK_UP
+        assert r.device_cfg(10, 2) == 1500
+        offered = r.offered()
+        for bit in (vnet.F_MAC, vnet.F_STATUS, vnet.F_MTU, vnet.F_CSUM, vnet.F_EVENT_IDX, vpci.F_VERSION_1):
+            assert offered & bit
+        assert offered & vnet.F_GUEST_CSUM  # a Linux tap accepts TUNSETOFFLOAD
+
+
+def test_link_down_is_status_and_a_config_change() -> None:
+    with rig() as r:
+        generation = r.common_read(vpci.CONFIG_GENERATION, 1)
+        r.net.set_link(False)
+        assert r.device_cfg(6, 2) == 0
+        assert r.common_read(vpci.CONFIG_GENERATION, 1) == (generation + 1) & 0xFF
+        assert r.function.isr & vpci.ISR_CONFIG
+        assert r.net.to_dict() == {"version": vnet.STATE_VERSION, "link_up": False, "activations": 0}
+
+
+def test_frames_through_the_transport_both_ways() -> None:
+    with rig() as r:
+        r.driver_init(vpci.F_VERSION_1 | vnet.F_MAC | vnet.F_STATUS)
+        assert r.net.activations == 1
+        r.post(0, 0, BUFS, 2048, 2)
+        sent = frame(b"guest-bound" * 30)
+        r.peer.send(sent)
+        wait_for(lambda: r.used(0) == 1, timeout=10, what="rx buffer used")
+        (length,) = struct.unpack("<I", r.ram.read(RINGS[0][2] + 8, 4))
+        assert r.ram.read(BUFS + 12, length - 12) == sent
+        out = frame(b"host-bound" * 30)
+        r.ram.write(BUFS + 0x10000, bytes(12) + out)
+        r.post(1, 0, BUFS + 0x10000, 12 + len(out), 0)
+        r.peer.settimeout(5)
+        while (data := r.peer.recv(4096))[12:14] != struct.pack("!H", ETHERTYPE):
+            pass
+        assert data == out
+        stats = r.net.stats()
+        assert (stats["rx_packets"], stats["tx_packets"]) == (1, 1)
+
+
+def test_a_hostile_buffer_needs_a_reset() -> None:
+    with rig() as r:
+        r.driver_init(vpci.F_VERSION_1 | vnet.F_MAC)
+        r.post(0, 0, (16 << 20) - 100, 2048, 2)  # runs past the end of guest RAM
+        r.peer.send(frame(b"x" * 60))
+        wait_for(lambda: r.common_read(vpci.DEVICE_STATUS, 1) & vpci.STATUS_NEEDS_RESET, timeout=10, what="reset")
+        assert r.net.error is not None and "outside guest RAM" in r.net.error
+        assert r.used(0) == 0
+
+
+BASE = {"name": "n", "memory_bytes": 64 << 20, "kernel": "/k"}
+
+
+@pytest.mark.parametrize(
+    ("net", "message"),
+    [
+        ([{"slot": 3, "fd": 5}], "config field 'net' must be a list of objects"),
+        ([{"slot": 0, "fd": 5, "mac": MAC}], "'net.slot' must be a PCI slot"),
+        ([{"slot": 3, "fd": -1, "mac": MAC}], "'net.fd' must be a descriptor"),
+        ([{"slot": 3, "fd": 5, "mac": "52:54:00:ab:cd"}], "'net.mac' must be a MAC"),
+        ([{"slot": 3, "fd": 5, "mac": "01:54:00:ab:cd:ef"}], "must not be a multicast"),
+        ([{"slot": 3, "fd": 5, "mac": MAC, "mtu": 20}], "'net.mtu' must be between"),
+        ([{"slot": 3, "fd": 5, "mac": MAC, "link_up": 1}], "'net.link_up' must be a boolean"),
+        ([{"slot": 3, "fd": 5, "mac": MAC}, {"slot": 3, "fd": 6, "mac": MAC}], "two devices in one PCI slot"),
+    ],
+)
+def test_config_validation(net: list[dict[str, object]], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        VmmConfig.from_dict({**BASE, "net": net})
+
+
+def test_config_slot_shared_with_a_disk_is_refused() -> None:
+    with pytest.raises(ConfigError, match="'rng', 'disks' and 'net' put two devices in one PCI slot"):
+        VmmConfig.from_dict({**BASE, "disks": [{"slot": 3, "path": "/d"}], "net": [{"slot": 3, "fd": 5, "mac": MAC}]})
+    cfg = VmmConfig.from_dict({**BASE, "net": [{"slot": 4, "fd": 5, "mac": MAC.upper(), "mtu": 9000}]})
+    assert cfg.net[0].mac == MAC and cfg.net[0].mtu == 9000 and cfg.net[0].link_up
