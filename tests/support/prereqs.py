@@ -50,6 +50,17 @@ def _file(path: str) -> Callable[[], str | None]:
     return probe
 
 
+def _netns() -> str | None:
+    """Network namespaces with a tap in them: root (CAP_NET_ADMIN), /dev/net/tun and ip."""
+    import os
+
+    if os.geteuid() != 0:
+        return "not root: network namespaces and taps need CAP_NET_ADMIN"
+    if not Path("/dev/net/tun").exists():
+        return "/dev/net/tun does not exist"
+    return _tools("ip")()
+
+
 def probe_guest_execution() -> str | None:
     """Create a partition (a KVM VM on the emulated device), map memory, run ``out`` in real mode and
     expect the port-I/O intercept: None when that works, else the step that failed and its error."""
@@ -107,6 +118,7 @@ PREREQUISITES: dict[str, Prerequisite] = {
         Prerequisite("libvirtd", "libvirt-daemon", _file("/usr/sbin/libvirtd")),
         Prerequisite("dnsmasq", "dnsmasq-base", _file("/usr/sbin/dnsmasq")),  # libvirt's network driver
         Prerequisite("iproute2", "iproute2", _tools("ip")),
+        Prerequisite("netns", "root, /dev/net/tun and iproute2", _netns, debian=False),  # virtio-net tests
         Prerequisite("iptables", "iptables", _tools("iptables-save", "ip6tables-save")),
         Prerequisite("iasl", "acpica-tools", _tools("iasl")),  # reads the generated ACPI tables back
         Prerequisite("systemd-analyze", "systemd", _tools("systemd-analyze")),
@@ -139,6 +151,8 @@ PATH_NEEDS: dict[str, tuple[str, ...]] = {
     "tests/vmm/test_mmio_decode.py": ("binutils",),
     "tests/vmm/test_vhost_user.py": ("qemu-storage-daemon", "qemu-img"),
     "tests/vmm/test_virtio_blk.py": ("qemu-storage-daemon", "qemu-img"),
+    "tests/vmm/test_net_io.py": ("netns",),
+    "tests/vmm/test_virtio_net.py": ("netns",),
     "tests/vmm/test_linux_guest.py": ("kvm", "busybox-static", "apt"),
 }
 
