@@ -44,7 +44,7 @@ from mshv_libvirt.lifecycle import (
 from mshv_libvirt.lifecycle.states import UndefinedDetail, lookup
 from mshv_libvirt.proc import host_memory_kib, pid_alive, task_stat
 
-from . import cputune, layout
+from . import cputune, disks, layout
 from .migrate import migrate_legacy_layout
 from .store import ConfigStore
 from .vmm_client import VmmError, VmmFiles, VmmHandle, find_vmm_processes, is_our_vmm, same_file
@@ -819,9 +819,14 @@ class DomainManager:
     async def _spawn(self, dom: Domain, paused: bool, *, keep_id: bool = False) -> None:
         cfg = dom.live or dom.persistent
         assert cfg is not None
-        if cfg.disks:
-            # Defined disks are not yet handed to the VMM (driver wiring pending): refused, never dropped.
-            raise unsupported("starting a domain with <disk> devices is not supported by the mshv driver yet")
+        # The images are opened, checked and locked before anything else (no await: synchronous).
+        with disks.open_disks(cfg) as opened:
+            await self._spawn_with(dom, cfg, paused, opened, keep_id=keep_id)
+        # the daemon's copies are closed: the VMM's own (and its backends') hold the images and their locks
+
+    async def _spawn_with(
+        self, dom: Domain, cfg: DomainConfig, paused: bool, opened: disks.OpenedDisks, *, keep_id: bool
+    ) -> None:
         # The id names the runtime directory: taken at once (before any await: starts run concurrently),
         # and not given again even if the start fails, as libvirt does. A restart in place (QEMU's fake
         # reboot) keeps the domain's id, and so its directory.
@@ -830,10 +835,11 @@ class DomainManager:
             self._next_id += 1
         files = VmmFiles.for_domain(self.paths.run_dir, self.paths.log_dir, dom_id, dom.name)
         vmm_config = self._vmm_config(dom, cfg, paused, dom_id, files)
+        vmm_config["disks"] = opened.config
         if cfg.cpu.nested == "require":
             await _check_nested(cfg)
         try:
-            handle = await VmmHandle.spawn(dom.name, files, vmm_config, self.vmm_options)
+            handle = await VmmHandle.spawn(dom.name, files, vmm_config, self.vmm_options, pass_fds=opened.fds)
         except VmmError as err:
             files.remove_runtime()
             raise _failed(f"domain '{dom.name}' failed to start: {err}") from err

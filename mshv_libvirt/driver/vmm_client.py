@@ -21,7 +21,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,8 +255,16 @@ class VmmHandle:
     # -- creation --------------------------------------------------------------------------------
     @classmethod
     async def spawn(
-        cls, name: str, files: VmmFiles, vmm_config: JsonObject, options: VmmOptions | None = None
+        cls,
+        name: str,
+        files: VmmFiles,
+        vmm_config: JsonObject,
+        options: VmmOptions | None = None,
+        *,
+        pass_fds: Sequence[int] = (),
     ) -> VmmHandle:
+        """Start a VMM for ``vmm_config``; ``pass_fds`` are the caller's descriptors it also inherits
+        (the caller keeps and closes them, e.g. disk images, whose numbers the config names)."""
         try:
             files.dir.mkdir(mode=0o700, exist_ok=True)
             files.remove_vmm_files()
@@ -284,7 +292,7 @@ class VmmHandle:
                     stdout=log,
                     stderr=log,
                     start_new_session=True,
-                    pass_fds=launch.pass_fds,
+                    pass_fds=[*launch.pass_fds, *pass_fds],
                     cwd="/",
                     **launch.credentials,  # the unprivileged VMM user (system mode)
                 )

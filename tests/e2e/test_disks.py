@@ -1,0 +1,190 @@
+"""<disk> end to end: a domain with a virtio-blk disk started through virsh against the real daemon, the
+tiny guest writing through it (console key ``j``) and the host reading the bytes back from the image; the
+daemon's start checks: an image that cannot be opened gets libvirt's storage error, a volume disk is
+refused by name, and a writable image another running domain holds is refused with QEMU's lock wording
+until that domain's VMM is gone (SIGKILLed here: the lock dies with its process)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, running_daemon, virsh, wait_for
+from tests.support.guests import TINY_BANNER, TINY_BLK_BYTES, TINY_BLK_SECTOR, TINY_IRQ_FLAG, tiny_blk, tiny_blk_pattern
+from tests.support.procfs import process_gone
+
+libvirt = pytest.importorskip("libvirt")
+
+pytestmark = pytest.mark.virsh
+
+MiB = 1 << 20
+SECTOR = 512
+CMDLINE = f"console=ttyS0 tiny {TINY_IRQ_FLAG}"
+
+
+def disk_xml(path: Path, fmt: str = "raw", *, kind: str = "file", dev: str = "vda") -> str:
+    source = f"<source file='{path}'/>" if kind == "file" else f"<source dev='{path}'/>"
+    return (
+        f"<disk type='{kind}' device='disk'><driver name='qemu' type='{fmt}'/>{source}"
+        f"<target dev='{dev}' bus='virtio'/></disk>"
+    )
+
+
+def document(name: str, kernel: Path, disks: str) -> str:
+    return domain_xml(name, kernel, cmdline=CMDLINE).replace("<serial type='pty'/>", f"<serial type='pty'/>{disks}")
+
+
+def image_locked(path: Path) -> bool:
+    """The kernel's record (/proc/locks): any lock on the image's inode (ours or qemu-storage-daemon's)."""
+    st = path.stat()
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(inode in line.split() for line in Path("/proc/locks").read_text().splitlines())
+
+
+def refusal(dom: Any) -> tuple[int, int, str]:
+    with pytest.raises(libvirt.libvirtError) as info:
+        dom.create()
+    return (info.value.get_error_code(), info.value.get_error_domain(), info.value.get_error_message())
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    with running_daemon(tmp_path_factory.mktemp("disks") / "d") as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def conn(daemon: DaemonProcess) -> Iterator[Any]:
+    c = libvirt.open(daemon.uri)
+    yield c
+    c.close()
+
+
+def test_an_image_that_cannot_be_opened_gets_libvirts_storage_error(
+    conn: Any, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.img"
+    dom = conn.defineXML(document("disk-missing", tiny_kernel, disk_xml(missing)))
+    try:
+        assert refusal(dom) == (
+            libvirt.VIR_ERR_SYSTEM_ERROR,
+            libvirt.VIR_FROM_STORAGE,
+            f"Cannot access storage file '{missing}': No such file or directory",
+        )
+        assert not dom.isActive()
+    finally:
+        dom.undefine()
+
+
+def test_a_volume_disk_is_refused_at_start_by_name(conn: Any, tiny_kernel: Path) -> None:
+    volume = "<disk type='volume' device='disk'><source pool='p' volume='v'/><target dev='vda' bus='virtio'/></disk>"
+    dom = conn.defineXML(document("disk-volume", tiny_kernel, volume))
+    try:
+        code, domain, message = refusal(dom)
+        assert (code, domain) == (libvirt.VIR_ERR_CONFIG_UNSUPPORTED, libvirt.VIR_FROM_DOMAIN), message
+        assert "type='volume'" in message and "'vda'" in message, message
+    finally:
+        dom.undefine()
+
+
+def write_through_console(daemon: DaemonProcess, name: str, presses: int) -> dict[str, int]:
+    """Press ``j`` in ``virsh console`` until the guest printed ``presses`` TINY-BLK lines; the last one."""
+    log = daemon.serial_log(name)
+    wait_for(lambda: log.exists() and TINY_BANNER in log.read_text(errors="replace"), 60)
+    con = PtyProcess(["virsh", "-c", daemon.uri, "console", name])
+    try:
+        con.wait_console_ready()
+        for press in range(1, presses + 1):
+            con.write(b"j")
+            wait_for(
+                lambda press=press: len(tiny_blk(log.read_text(errors="replace"))) >= press,
+                60,
+                what=lambda: log.read_text(errors="replace")[-2000:],
+            )
+        con.write(b"\x1d")
+        assert con.wait() == 0
+    finally:
+        con.kill()
+    text = log.read_text(errors="replace")
+    assert "TINY-BLK-FAIL" not in text, text[-2000:]
+    return tiny_blk(text)[-1]
+
+
+def assert_image_holds(raw: Path, press: int) -> None:
+    with raw.open("rb") as f:
+        f.seek(TINY_BLK_SECTOR * SECTOR)
+        assert f.read(TINY_BLK_BYTES) == tiny_blk_pattern(press)  # where the guest put it
+        f.seek(0)
+        assert f.read(TINY_BLK_SECTOR * SECTOR) == bytes(TINY_BLK_SECTOR * SECTOR)  # nothing before it
+
+
+def test_the_guest_writes_a_raw_image_and_a_second_domain_waits_for_its_lock(
+    kvm: None, daemon: DaemonProcess, conn: Any, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    img = tmp_path / "disk.raw"
+    size = 2 * MiB
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(img), str(size)], check=True, timeout=30)
+    first = conn.defineXML(document("disk-first", tiny_kernel, disk_xml(img)))
+    second = conn.defineXML(document("disk-second", tiny_kernel, disk_xml(img)))
+    try:
+        out = virsh(daemon.uri, "start", "disk-first").stdout
+        assert "Domain 'disk-first' started" in out, out
+        blklist = virsh(daemon.uri, "domblklist", "disk-first").stdout
+        assert re.search(rf"^\s*vda\s+{re.escape(str(img))}\s*$", blklist, flags=re.M), blklist
+        line = write_through_console(daemon, "disk-first", 2)
+        assert line["press"] == 2 and line["capacity"] == size // SECTOR, line
+        assert_image_holds(img, 2)  # the guest flushed: the host reads its bytes from the image
+
+        started = virsh(daemon.uri, "start", "disk-second", check=False)
+        assert started.returncode != 0
+        assert f'Failed to get "write" lock\nIs another process using the image [{img}]?' in started.stderr, (
+            started.stderr
+        )
+        assert not second.isActive() and first.isActive()
+
+        pid = daemon.vmm_pid("disk-first")
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: process_gone(pid) and not first.isActive())
+        wait_for(lambda: not image_locked(img))  # the VMM's backend followed it: nothing holds the image
+        out = virsh(daemon.uri, "start", "disk-second").stdout
+        assert "Domain 'disk-second' started" in out, out
+        assert image_locked(img)
+        line = write_through_console(daemon, "disk-second", 1)
+        assert line["press"] == 1, line
+        second.destroy()
+        wait_for(lambda: not second.isActive() and not image_locked(img))
+        assert_image_holds(img, 1)
+    finally:
+        for dom in (first, second):
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+
+
+def test_the_guest_writes_a_qcow2_image_that_qemu_img_reads_back(
+    kvm: None, daemon: DaemonProcess, conn: Any, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    img = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), str(2 * MiB)], check=True, timeout=30)
+    dom = conn.defineXML(document("disk-qcow2", tiny_kernel, disk_xml(img, "qcow2")))
+    try:
+        dom.create()
+        assert write_through_console(daemon, "disk-qcow2", 1)["press"] == 1
+        dom.destroy()
+        wait_for(lambda: not dom.isActive() and not image_locked(img))
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+    check = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    raw = tmp_path / "converted.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(img), str(raw)], check=True, timeout=30)
+    assert_image_holds(raw, 1)
