@@ -45,9 +45,13 @@ def _write_lock(fd: int) -> bool:
 
 
 def cannot_access(path: str, err: OSError) -> VirtError:
-    """libvirt's virStorageSourceReportBrokenChain: a system error from the storage layer."""
+    """libvirt's virStorageSourceReportBrokenChain: a system error from the storage layer naming who tried
+    (libvirt 9.0's QEMU driver names the qemu user; the daemon opens the image itself, so its own ids)."""
     reason = os.strerror(err.errno) if err.errno else str(err)
-    return VirtError(ErrorCode.SYSTEM_ERROR, f"Cannot access storage file '{path}': {reason}", ErrorDomain.STORAGE)
+    who = f"(as uid:{os.geteuid()}, gid:{os.getegid()})"
+    return VirtError(
+        ErrorCode.SYSTEM_ERROR, f"Cannot access storage file '{path}' {who}: {reason}", ErrorDomain.STORAGE
+    )
 
 
 def lock_failed(path: str) -> VirtError:
