@@ -169,7 +169,7 @@ def test_define_rejects_unsupported_xml(daemon: DaemonProcess, tmp_path: Path) -
     bad = tmp_path / "bad.xml"
     bad.write_text(
         "<domain type='hyperv'><name>bad</name><memory>65536</memory><os><type>hvm</type></os>"
-        "<devices><disk type='file' device='disk'><source file='/x'/><target dev='vda'/></disk></devices></domain>"
+        "<devices><disk type='file' device='cdrom'><source file='/x'/><target dev='sda'/></disk></devices></domain>"
     )
     res = virsh(daemon.uri, "define", str(bad), check=False)
     assert res.returncode != 0

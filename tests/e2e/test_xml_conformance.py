@@ -172,7 +172,6 @@ CORPUS = (
     d("disk-bus-unknown", SERIAL, DISK.format("<target dev='vda' bus='pci'/>")),
     d("disk-hd-no-bus", SERIAL, DISK.format("<target dev='hda'/>"), "unsupported", "disk bus 'ide'"),
     d("disk-sd-no-bus", SERIAL, DISK.format("<target dev='sda'/>"), "unsupported", "disk bus 'scsi'"),
-    d("disk-vd-no-bus", SERIAL, DISK.format("<target dev='vda'/>"), "unsupported", "disk bus 'virtio'"),
     d("element-unknown", NAME, NAME + "<foo/>", "unsupported", "element <foo>"),
     d("stray-text", POWEROFF, POWEROFF + "junk", "schema"),
     # well-formedness (libvirt's catchXMLError: file:line: message, the line, a pointer)
