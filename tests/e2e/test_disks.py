@@ -29,11 +29,11 @@ SECTOR = 512
 CMDLINE = f"console=ttyS0 tiny {TINY_IRQ_FLAG}"
 
 
-def disk_xml(path: Path, fmt: str = "raw", *, kind: str = "file", dev: str = "vda") -> str:
+def disk_xml(path: Path, fmt: str = "raw", *, kind: str = "file", dev: str = "vda", readonly: bool = False) -> str:
     source = f"<source file='{path}'/>" if kind == "file" else f"<source dev='{path}'/>"
     return (
         f"<disk type='{kind}' device='disk'><driver name='qemu' type='{fmt}'/>{source}"
-        f"<target dev='{dev}' bus='virtio'/></disk>"
+        f"<target dev='{dev}' bus='virtio'/>{'<readonly/>' if readonly else ''}</disk>"
     )
 
 
@@ -190,3 +190,37 @@ def test_the_guest_writes_a_qcow2_image_that_qemu_img_reads_back(
     raw = tmp_path / "converted.raw"
     subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(img), str(raw)], check=True, timeout=30)
     assert_image_holds(raw, 1)
+
+
+def test_read_only_disks_share_an_image(
+    kvm: None, daemon: DaemonProcess, conn: Any, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    img = tmp_path / "shared.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(img), str(MiB)], check=True, timeout=30)
+    doms = [conn.defineXML(document(f"disk-ro-{n}", tiny_kernel, disk_xml(img, readonly=True))) for n in (1, 2)]
+    try:
+        for dom in doms:
+            dom.create()  # no write lock on a read-only image: both run
+        assert all(dom.isActive() for dom in doms)
+        for dom in doms:
+            wait_for(lambda dom=dom: TINY_BANNER in daemon.serial_log(dom.name()).read_text(errors="replace"), 60)
+        # each VMM holds the descriptor the daemon handed over, opened read-only
+        modes = [
+            _fdinfo_flags(pid, fd.name) & os.O_ACCMODE
+            for pid in (daemon.vmm_pid(dom.name()) for dom in doms)
+            for fd in Path(f"/proc/{pid}/fd").iterdir()
+            if fd.resolve() == img
+        ]
+        assert modes == [os.O_RDONLY, os.O_RDONLY]
+    finally:
+        for dom in doms:
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+
+
+def _fdinfo_flags(pid: int, fd: str) -> int:
+    for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("flags:"):
+            return int(line.split()[1], 8)
+    raise AssertionError(f"no flags in /proc/{pid}/fdinfo/{fd}")
