@@ -180,8 +180,8 @@ def test_identity_configuration_and_features_come_from_the_backend(tmp_path: Pat
         assert r.device_config(20, 4) == SECTOR  # blk_size
         assert r.device_config(12, 4) > 0  # seg_max
         offered = r.offered()
-        want = vpci.F_VERSION_1 | blk.F_FLUSH | blk.F_SEG_MAX | blk.F_BLK_SIZE | blk.F_INDIRECT_DESC
-        want |= blk.F_EVENT_IDX | blk.F_DISCARD | blk.F_WRITE_ZEROES
+        want = vpci.F_VERSION_1 | blk.F_FLUSH | blk.F_SEG_MAX | blk.F_BLK_SIZE | vpci.F_INDIRECT_DESC
+        want |= vpci.F_EVENT_IDX | blk.F_DISCARD | blk.F_WRITE_ZEROES
         assert offered == want  # the backend's offer, masked (no RO: writable; no MQ: one queue)
         assert r.device.info.features & (1 << 11) and not offered & (1 << 11)  # CONFIG_WCE not passed on
     ro = tmp_path / "ro.raw"
@@ -199,7 +199,7 @@ def test_requests_flow_from_the_doorbell_eventfd_to_the_backend_and_complete_on_
     img = tmp_path / "disk.raw"
     img.write_bytes(bytes(2 * MiB))
     with rig(BlockImage(str(img))) as r:
-        r.driver_init(vpci.F_VERSION_1 | blk.F_FLUSH | blk.F_INDIRECT_DESC | blk.F_EVENT_IDX)
+        r.driver_init(vpci.F_VERSION_1 | blk.F_FLUSH | vpci.F_INDIRECT_DESC | vpci.F_EVENT_IDX)
         assert r.device.activations == 1 and r.device.error is None
         assert r.routing.route(r.function.lines[1].gsi) is not None  # the backend's call fd is a routed irqfd
         pattern = bytes(range(256)) * 4

@@ -134,7 +134,7 @@ def test_identity_config_and_features() -> None:
         assert r.device_cfg(6, 2) == vnet.S_LINK_UP
         assert r.device_cfg(10, 2) == 1500
         offered = r.offered()
-        for bit in (vnet.F_MAC, vnet.F_STATUS, vnet.F_MTU, vnet.F_CSUM, vnet.F_EVENT_IDX, vpci.F_VERSION_1):
+        for bit in (vnet.F_MAC, vnet.F_STATUS, vnet.F_MTU, vnet.F_CSUM, vpci.F_EVENT_IDX, vpci.F_VERSION_1):
             assert offered & bit
         assert offered & vnet.F_GUEST_CSUM  # a Linux tap accepts TUNSETOFFLOAD
 

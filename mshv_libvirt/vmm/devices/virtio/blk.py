@@ -28,7 +28,7 @@ from typing import Any
 
 from ... import sandbox
 from ...vhost_user import F_PROTOCOL_FEATURES, Backend, MemRegion, VhostUserError
-from .pci import NO_VECTOR, VirtioPciFunction
+from .pci import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, NO_VECTOR, VirtioPciFunction
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,6 @@ F_FLUSH = 1 << 9
 F_MQ = 1 << 12
 F_DISCARD = 1 << 13
 F_WRITE_ZEROES = 1 << 14
-F_INDIRECT_DESC = 1 << 28
-F_EVENT_IDX = 1 << 29
-F_VERSION_1 = 1 << 32
 # What we pass through of the backend's offer (the transport adds VERSION_1 itself). SEG_MAX and
 # BLK_SIZE only say that those configuration fields are valid.
 SUPPORTED = F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH | F_MQ | F_DISCARD | F_WRITE_ZEROES | F_INDIRECT_DESC | F_EVENT_IDX

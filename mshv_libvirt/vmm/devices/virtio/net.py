@@ -33,7 +33,7 @@ from mshv_libvirt._mshv import ffi, lib
 
 from ... import sandbox
 from ...vhost_user import MemRegion
-from .pci import NO_VECTOR, VirtioPciFunction
+from .pci import F_EVENT_IDX, NO_VECTOR, VirtioPciFunction
 
 DEVICE_ID = 1
 CLASS_NETWORK_ETHERNET = 0x020000
@@ -51,7 +51,6 @@ F_GUEST_TSO6 = 1 << 8
 F_HOST_TSO4 = 1 << 11
 F_HOST_TSO6 = 1 << 12
 F_STATUS = 1 << 16
-F_EVENT_IDX = 1 << 29
 S_LINK_UP = 1
 
 TUNSETOFFLOAD = 0x400454D0

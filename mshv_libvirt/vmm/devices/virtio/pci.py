@@ -56,6 +56,9 @@ NOTIFY_MULTIPLIER = 4
 MSIX_TABLE_OFFSET, MSIX_PBA_OFFSET = 0x4000, 0x5000
 WINDOW_SIZE = 0x1000
 
+# Transport feature bits (virtio 1.2 section 6), the same for every device type.
+F_INDIRECT_DESC = 1 << 28
+F_EVENT_IDX = 1 << 29
 F_VERSION_1 = 1 << 32
 NO_VECTOR = 0xFFFF
 
