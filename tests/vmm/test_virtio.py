@@ -18,12 +18,12 @@ from mshv_libvirt.vmm import builder, layout
 from mshv_libvirt.vmm.devices.bus import Bus
 from mshv_libvirt.vmm.devices.pci import config as cfg
 from mshv_libvirt.vmm.devices.pci import msix
-from mshv_libvirt.vmm.devices.pci.bridge import BarAllocator, PciRootBus
 from mshv_libvirt.vmm.devices.virtio import pci as vpci
 from mshv_libvirt.vmm.devices.virtio.queue import DESC_F_WRITE, DeviceMemory
 from mshv_libvirt.vmm.devices.virtio.rng import RateLimit, VirtioRng
 from mshv_libvirt.vmm.interrupts import MsiRouting
 from tests.support import waits
+from tests.support.virtio_rig import partition_with_ram, place_on_root_bus
 
 DESC, AVAIL, USED, BUFS = 0x10_0000, 0x11_0000, 0x12_0000, 0x20_0000
 QSIZE = 8
@@ -107,12 +107,7 @@ class Rig:
 @contextlib.contextmanager
 def rig(rate: RateLimit | None = None) -> Iterator[Rig]:
     with builder.open_hypervisor("emulated") as system, contextlib.ExitStack() as stack:
-        partition = system.create_partition()
-        stack.callback(partition.close)
-        partition.initialize()
-        ram = builder.map_memory(partition, 16 << 20)
-        for _, mem in ram.regions:
-            stack.callback(mem.close)
+        partition, ram = partition_with_ram(system, 16 << 20, stack)
         mmio = Bus("mmio")
         routing = MsiRouting(partition)
         dirty: list[tuple[int, int]] = []
@@ -123,12 +118,7 @@ def rig(rate: RateLimit | None = None) -> Iterator[Rig]:
             rng, DeviceMemory(ram, lambda gpa, n: dirty.append((gpa, n))), routing, partition, mmio
         )
         stack.callback(function.close)
-        bus = PciRootBus()
-        bus.add(function, 3)
-        BarAllocator((layout.PCI_MMIO32_START, layout.PCI_MMIO32_SIZE), layout.pci_mmio64_window(16 << 20)).place(
-            function.config
-        )
-        function.sync_bar()
+        place_on_root_bus(function, 3, 16 << 20)
         rng.start(function)
         stack.callback(rng.stop)
         yield Rig(partition, ram, mmio, function, rng, dirty)

@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 
-from mshv_libvirt.vmm import builder, layout
+from mshv_libvirt.vmm import builder
 from mshv_libvirt.vmm.devices.bus import Bus
 from mshv_libvirt.vmm.devices.pci import config as cfg
 from mshv_libvirt.vmm.devices.pci import msix
-from mshv_libvirt.vmm.devices.pci.bridge import BarAllocator, PciRootBus
 from mshv_libvirt.vmm.devices.virtio import blk
 from mshv_libvirt.vmm.devices.virtio import pci as vpci
 from mshv_libvirt.vmm.devices.virtio.queue import DeviceMemory
@@ -36,6 +35,7 @@ from tests.support.guests import (
 )
 from tests.support.procfs import process_gone
 from tests.support.vhost_queue import S_OK, SECTOR, T_FLUSH, T_GET_ID, T_IN, T_OUT
+from tests.support.virtio_rig import partition_with_ram, place_on_root_bus
 from tests.support.waits import wait_for
 from tests.vmm.harness import VmmProcess
 
@@ -145,12 +145,7 @@ class Rig:
 def rig(image: BlockImage) -> Iterator[Rig]:
     """The function on a real emulated partition with 16 MiB of memfd RAM and a real backend for ``image``."""
     with builder.open_hypervisor("emulated") as system, contextlib.ExitStack() as stack:
-        partition = system.create_partition()
-        stack.callback(partition.close)
-        partition.initialize()
-        ram = builder.map_memory(partition, RAM)
-        for _, mem in ram.regions:
-            stack.callback(mem.close)
+        partition, ram = partition_with_ram(system, RAM, stack)
         backend = Backend(image)
         stack.callback(backend.stop)
         info = blk.prepare(backend)
@@ -160,11 +155,7 @@ def rig(image: BlockImage) -> Iterator[Rig]:
         routing = MsiRouting(partition)
         function = vpci.VirtioPciFunction(device, DeviceMemory(ram), routing, partition, mmio)
         stack.callback(function.close)
-        PciRootBus().add(function, SLOT)
-        BarAllocator((layout.PCI_MMIO32_START, layout.PCI_MMIO32_SIZE), layout.pci_mmio64_window(RAM)).place(
-            function.config
-        )
-        function.sync_bar()
+        place_on_root_bus(function, SLOT, RAM)
         device.start(function)
         stack.callback(device.stop)
         yield Rig(ram, mmio, routing, function, device, backend)

@@ -12,16 +12,16 @@ from dataclasses import dataclass
 
 import pytest
 
-from mshv_libvirt.vmm import builder, layout
+from mshv_libvirt.vmm import builder
 from mshv_libvirt.vmm.config import ConfigError, VmmConfig
 from mshv_libvirt.vmm.devices.bus import Bus
-from mshv_libvirt.vmm.devices.pci.bridge import BarAllocator, PciRootBus
 from mshv_libvirt.vmm.devices.virtio import net as vnet
 from mshv_libvirt.vmm.devices.virtio import pci as vpci
 from mshv_libvirt.vmm.devices.virtio.queue import DeviceMemory
 from mshv_libvirt.vmm.interrupts import MsiRouting
 from mshv_libvirt.vmm.vhost_user import MemRegion
 from tests.support.netns import netns
+from tests.support.virtio_rig import partition_with_ram, place_on_root_bus
 from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -100,12 +100,7 @@ def rig(mtu: int | None = 1500) -> Iterator[Rig]:
         stack.callback(os.close, tap)
         peer = ns.packet_socket("vt1")
         stack.callback(peer.close)
-        partition = system.create_partition()
-        stack.callback(partition.close)
-        partition.initialize()
-        ram = builder.map_memory(partition, 16 << 20)
-        for _, mem in ram.regions:
-            stack.callback(mem.close)
+        partition, ram = partition_with_ram(system, 16 << 20, stack)
         regions = [MemRegion(r.gpa, r.size, mem.address, mem.fd) for r, mem in ram.regions]
         net = vnet.VirtioNet(tap, vnet.parse_mac(MAC), regions, mtu=mtu)
         stack.callback(net.stop)
@@ -113,12 +108,7 @@ def rig(mtu: int | None = 1500) -> Iterator[Rig]:
         function = vpci.VirtioPciFunction(net, DeviceMemory(ram), MsiRouting(partition), partition, mmio)
         stack.callback(function.close)
         stack.callback(net.reset)
-        bus = PciRootBus()
-        bus.add(function, 5)
-        BarAllocator((layout.PCI_MMIO32_START, layout.PCI_MMIO32_SIZE), layout.pci_mmio64_window(16 << 20)).place(
-            function.config
-        )
-        function.sync_bar()
+        place_on_root_bus(function, 5, 16 << 20)
         net.start(function)
         yield Rig(ram, mmio, function, net, peer)
 
