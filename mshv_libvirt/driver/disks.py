@@ -16,7 +16,6 @@ answer, which the start path does not ask for yet.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
@@ -26,6 +25,8 @@ from typing import Any
 
 from mshv_libvirt.domain import DomainConfig
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, unsupported
+
+from .vmm_launch import HeldFds
 
 # struct flock on Linux x86_64: l_type, l_whence (short), l_start, l_len (off_t), l_pid (int), padding.
 _FLOCK = "hhqqi4x"
@@ -64,23 +65,10 @@ def lock_failed(path: str) -> VirtError:
 
 
 @dataclass
-class OpenedDisks:
+class OpenedDisks(HeldFds):
     """The VMM config's ``disks`` entries and the daemon's descriptors behind them (closed by :meth:`close`)."""
 
     config: list[dict[str, Any]] = field(default_factory=list)
-    fds: list[int] = field(default_factory=list)
-
-    def close(self) -> None:
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds = []
-
-    def __enter__(self) -> OpenedDisks:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def open_disks(cfg: DomainConfig) -> OpenedDisks:
@@ -98,7 +86,7 @@ def open_disks(cfg: DomainConfig) -> OpenedDisks:
                 fd = os.open(disk.path, flags)
             except OSError as err:
                 raise cannot_access(disk.path, err) from err
-            opened.fds.append(fd)
+            opened.keep(fd)
             if not disk.readonly and not _write_lock(fd):
                 raise lock_failed(disk.path)
             opened.config.append(

@@ -839,7 +839,7 @@ class DomainManager:
         if cfg.cpu.nested == "require":
             await _check_nested(cfg)
         try:
-            handle = await VmmHandle.spawn(dom.name, files, vmm_config, self.vmm_options, pass_fds=opened.fds)
+            handle = await VmmHandle.spawn(dom.name, files, vmm_config, self.vmm_options, pass_fds=opened.pass_fds)
         except VmmError as err:
             files.remove_runtime()
             raise _failed(f"domain '{dom.name}' failed to start: {err}") from err

@@ -18,7 +18,7 @@ import pwd
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from mshv_libvirt.atomicfile import write_atomic
 from mshv_libvirt.vmm import images
@@ -107,13 +107,11 @@ def options_from_conf(conf: dict[str, str | int], *, system: bool) -> VmmOptions
 
 
 @dataclass
-class Launch:
-    """Descriptors and arguments for one VMM start; closing it closes the daemon's copies."""
+class HeldFds:
+    """Descriptors the daemon holds for a VMM it starts (the VMM inherits them); closing closes the daemon's
+    copies."""
 
-    config: dict[str, Any]
     pass_fds: list[int] = field(default_factory=list)
-    args: list[str] = field(default_factory=list)
-    credentials: dict[str, Any] = field(default_factory=dict)
 
     def keep(self, fd: int) -> int:
         self.pass_fds.append(fd)
@@ -125,11 +123,20 @@ class Launch:
                 os.close(fd)
         self.pass_fds = []
 
-    def __enter__(self) -> Launch:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class Launch(HeldFds):
+    """Descriptors and arguments for one VMM start."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+    credentials: dict[str, Any] = field(default_factory=dict)
 
 
 def _listen(path: Path) -> socket.socket:
@@ -158,7 +165,7 @@ def prepare(vmm_config: dict[str, Any], options: VmmOptions, *, config_path: Pat
 
     credentials = options.credentials()
     cfg = dict(vmm_config)
-    launch = Launch(cfg, credentials=credentials)
+    launch = Launch(config=cfg, credentials=credentials)
     try:
         limit = int(cfg["memory_bytes"])
         fds: dict[str, Any] = {}
