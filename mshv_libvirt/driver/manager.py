@@ -149,6 +149,22 @@ def _failed(detail: str) -> VirtError:
     return VirtError(ErrorCode.OPERATION_FAILED, detail, ErrorDomain.DOMAIN)
 
 
+async def _open_disks(cfg: DomainConfig) -> disks.OpenedDisks:
+    """:func:`disks.open_disks` off the event loop (an image on a slow or hung file system must not stall
+    every client); a start cancelled meanwhile still closes what the thread opened, and with it the locks."""
+    job = asyncio.ensure_future(asyncio.to_thread(disks.open_disks, cfg))
+
+    def close_unclaimed(done: asyncio.Future[disks.OpenedDisks]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            done.result().close()
+
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        job.add_done_callback(close_unclaimed)
+        raise
+
+
 async def _check_nested(cfg: DomainConfig) -> None:
     """A required vmx/svm the kernel (or hypervisor) cannot give is refused before any VMM runs, with
     the error libvirt's QEMU driver gives for a CPU feature the host lacks."""
@@ -819,8 +835,8 @@ class DomainManager:
     async def _spawn(self, dom: Domain, paused: bool, *, keep_id: bool = False) -> None:
         cfg = dom.live or dom.persistent
         assert cfg is not None
-        # The images are opened, checked and locked before anything else (no await: synchronous).
-        with disks.open_disks(cfg) as opened:
+        # The images are opened, checked and locked before anything else.
+        with await _open_disks(cfg) as opened:
             await self._spawn_with(dom, cfg, paused, opened, keep_id=keep_id)
         # the daemon's copies are closed: the VMM's own (and its backends') hold the images and their locks
 

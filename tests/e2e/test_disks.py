@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, running_daemon, virsh, wait_for
 from tests.support.guests import TINY_BANNER, TINY_BLK_BYTES, TINY_BLK_SECTOR, TINY_IRQ_FLAG, tiny_blk, tiny_blk_pattern
-from tests.support.procfs import process_gone
+from tests.support.procfs import image_locked, process_gone
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -39,13 +39,6 @@ def disk_xml(path: Path, fmt: str = "raw", *, kind: str = "file", dev: str = "vd
 
 def document(name: str, kernel: Path, disks: str) -> str:
     return domain_xml(name, kernel, cmdline=CMDLINE).replace("<serial type='pty'/>", f"<serial type='pty'/>{disks}")
-
-
-def image_locked(path: Path) -> bool:
-    """The kernel's record (/proc/locks): any lock on the image's inode (ours or qemu-storage-daemon's)."""
-    st = path.stat()
-    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    return any(inode in line.split() for line in Path("/proc/locks").read_text().splitlines())
 
 
 def refusal(dom: Any) -> tuple[int, int, str]:

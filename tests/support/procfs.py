@@ -55,3 +55,10 @@ def process_gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return state in ("Z", "X")
+
+
+def image_locked(path: Path) -> bool:
+    """The kernel's record (/proc/locks): any lock on the file's inode (the daemon's, a VMM's, a backend's)."""
+    st = path.stat()
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(inode in line.split() for line in Path("/proc/locks").read_text().splitlines())
