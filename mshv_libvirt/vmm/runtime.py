@@ -17,6 +17,11 @@ bounded queue served by the main loop, so the command never blocks it.
 Under on_poweroff/on_reboot/on_crash = preserve the guest's ending does not end the process: every
 vCPU is finished, the partition and its memory stay, ``status`` reports ``shutdown``/``crashed`` and
 only ``destroy`` (or a signal) ends it, with reason ``destroyed``.
+
+``set-link`` (``domif-setlink``) takes ``mac`` and ``up``: the virtio-net device with that MAC
+changes STATUS's link bit and interrupts its driver; the state outlives a reset or reboot of the
+VM. ``status`` lists each virtio-net device's counters from its compiled I/O thread (rx/tx
+packets, bytes, drops: ``domifstat``).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from .control import CommandError, ControlServer, JsonObject
 from .devices import keymap
 from .devices.virtio import blk
 from .devices.virtio.blk import BackendInfo, VirtioBlk
+from .devices.virtio.net import VirtioNet
 from .devices.virtio.pci import VirtioPciFunction
 from .devices.virtio.rng import VirtioRng
 from .vcpu import VcpuEvent, VmExit, VmExitKind, install_kick_handler
@@ -87,6 +93,14 @@ def _virtio_status(function: VirtioPciFunction) -> JsonObject:
             error=device.error,
             thread=thread.native_id if thread is not None and thread.is_alive() else None,
         )
+    if isinstance(device, VirtioNet):
+        status.update(
+            mac=":".join(f"{b:02x}" for b in device.mac),
+            link_up=bool(device.config_read(6, 2) & 1),  # what the driver reads in STATUS
+            activations=device.activations,
+            error=device.error,
+            **device.stats(),
+        )
     if isinstance(device, VirtioRng):
         thread = device.thread
         status.update(
@@ -117,6 +131,7 @@ class Vmm:
         self._key_events: deque[tuple[float, bytes]] = deque()  # (due on the monotonic clock, scancodes)
         self._keys_free_at = 0.0  # when the last queued key event is due: a new send-key starts after it
         self.boots = 0
+        self._links: dict[str, bool] = {}  # set-link's state by MAC, kept across VM rebuilds
 
     # -- plumbing --------------------------------------------------------------------------------
     def _build_with_disks(
@@ -195,6 +210,10 @@ class Vmm:
         self._vm.platform.serial.on_rx_room = self._wake  # console input resumes as soon as the guest drains
         self._paused = paused
         self.boots += 1
+        for net in self._nets():
+            mac = ":".join(f"{b:02x}" for b in net.mac)
+            if mac in self._links and self._links[mac] != net.link_up:
+                net.set_link(self._links[mac], notify=False)  # a fresh device: its driver reads STATUS
 
     def _stop_vm(self) -> None:
         vm, self._vm = self._vm, None
@@ -282,6 +301,24 @@ class Vmm:
             return f"; core dump to {path} failed: {err}"
         log.info("guest memory dumped to %s (%d bytes)", path, size)
         return f"; core dumped to {path}"
+
+    def _nets(self) -> list[VirtioNet]:
+        vm = self._vm
+        if vm is None:
+            return []
+        return [f.device for f in vm.platform.virtio if isinstance(f.device, VirtioNet)]
+
+    def _set_link(self, request: JsonObject) -> None:
+        mac, up = request.get("mac"), request.get("up")
+        if not isinstance(mac, str) or not isinstance(up, bool):
+            raise CommandError("set-link needs 'mac' (a string) and 'up' (a boolean)")
+        want = mac.lower()
+        for net in self._nets():
+            if ":".join(f"{b:02x}" for b in net.mac) == want:
+                net.set_link(up)
+                self._links[want] = up
+                return
+        raise CommandError(f"no network interface with MAC address {mac!r}")
 
     def _press_power_button(self) -> None:
         vm = self._vm
@@ -378,6 +415,7 @@ class Vmm:
             "reset",
             "inject-nmi",
             "send-key",
+            "set-link",
         ):
             # The guest already ended; its frozen vCPUs must never run again. Only destroy applies.
             raise CommandError(f"domain is not running (the guest is {self._preserved}, preserved until destroy)")
@@ -399,6 +437,8 @@ class Vmm:
             self._inject_nmi()
         elif cmd == "send-key":
             self._send_key(request)
+        elif cmd == "set-link":
+            self._set_link(request)
         elif cmd == "destroy":
             self._finish = ("destroyed", "destroyed by the host")
         elif cmd.startswith("test-") and self.config.test_hooks:

@@ -17,7 +17,7 @@ from tests.support.waits import wait_for
 
 
 class VmmProcess:
-    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, workdir: Path, config: dict[str, Any], pass_fds: tuple[int, ...] = ()) -> None:
         self.workdir = workdir
         self.config = config
         self.config_path = workdir / "vm.json"
@@ -31,6 +31,7 @@ class VmmProcess:
             stderr=self._stderr,
             cwd=str(workdir),
             start_new_session=True,  # like the daemon: the VMM outlives whoever started it
+            pass_fds=pass_fds,  # e.g. a tap the config's "net" names, as the daemon hands it over
         )
         self._sock: socket.socket | None = None
         self._reader: threading.Thread | None = None
@@ -51,6 +52,7 @@ class VmmProcess:
         vcpus: int = 1,
         memory_mib: int = 64,
         cmdline: str = "console=ttyS0",
+        pass_fds: tuple[int, ...] = (),
         **extra: Any,
     ) -> VmmProcess:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +73,7 @@ class VmmProcess:
             "serial_log": str(workdir / "serial.log"),
             **extra,
         }
-        return cls(workdir, config)
+        return cls(workdir, config, pass_fds)
 
     def __enter__(self) -> VmmProcess:
         return self
