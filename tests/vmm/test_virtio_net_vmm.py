@@ -1,9 +1,11 @@
 """virtio-net in a real VMM process: the tap is created in a test namespace and handed over as the
-config's "net" fd, ``set-link`` and ``status`` go through the VMM's control socket."""
+config's "net" fd, ``set-link`` and ``status`` go through the VMM's control socket, and a SIGKILL of
+the VMM leaves neither a thread of it nor the tap behind."""
 
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +14,8 @@ from typing import Any
 import pytest
 
 from tests.support.netns import NetNs, netns
+from tests.support.procfs import process_gone
+from tests.support.waits import wait_for
 from tests.vmm.harness import VmmProcess
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -73,3 +77,48 @@ def test_set_link_survives_a_reset_and_bad_requests_are_refused(kvm: None, tiny_
 def test_link_down_from_the_config(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
     with vmm_with_tap(tiny_kernel, tmp_path, link_up=False) as (vm, _ns):
         assert net_status(vm)["link_up"] is False
+
+
+def tids(pid: int) -> set[int]:
+    return {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+def session_members(sid: int) -> set[int]:
+    """Processes whose session id is ``sid`` (the VMM leads its own session), read from /proc."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat[3]) == sid and stat[0] not in ("Z", "X"):  # field 6 of proc(5): session
+            found.add(int(entry))
+    return found
+
+
+def holds_tun(pid: int) -> bool:
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/net/tun":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_a_sigkilled_vmm_leaves_no_thread_and_releases_the_tap(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    with vmm_with_tap(tiny_kernel, tmp_path) as (vm, ns):
+        pid = vm.proc.pid
+        net_status(vm)  # the device is built: its I/O and watcher threads run
+        threads = tids(pid)
+        assert len(threads) > 1
+        assert holds_tun(pid)
+        assert ns.link_exists(TAP)  # only the VMM's descriptor keeps the non-persistent tap
+        os.kill(pid, signal.SIGKILL)
+        vm.proc.wait(10)
+        assert process_gone(pid)
+        assert not any(Path(f"/proc/{pid}/task/{t}").exists() for t in threads)
+        wait_for(lambda: not session_members(pid), 10, what=f"every process of session {pid} gone")
+        wait_for(lambda: not ns.link_exists(TAP), 10, what=f"tap {TAP} gone from {ns.name}")
