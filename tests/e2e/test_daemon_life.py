@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ import mshv_libvirt
 from mshv_libvirt.driver import layout
 from mshv_libvirt.proc import pid_alive
 from tests.support.daemon import (
+    SIGTERM_BOUND,
     DaemonProcess,
     PtyProcess,
     console_roundtrip,
@@ -29,6 +29,7 @@ from tests.support.daemon import (
     domstate,
     kill_pids,
     serial_log,
+    sigterm,
     virsh,
     vmm_processes,
     wait_for,
@@ -38,26 +39,6 @@ from tests.support.guests import TINY_BANNER
 libvirt = pytest.importorskip("libvirt")
 
 pytestmark = pytest.mark.virsh
-
-SIGTERM_BOUND = 5.0  # seconds (issue 12 item 1)
-
-
-def sigterm(d: DaemonProcess) -> float:
-    """SIGTERM the daemon; the seconds until it exited (it must exit with 0 within SIGTERM_BOUND)."""
-    assert d.proc is not None
-    t0 = time.monotonic()
-    d.proc.send_signal(signal.SIGTERM)
-    try:
-        code = d.proc.wait(SIGTERM_BOUND)
-    except subprocess.TimeoutExpired as err:
-        d.proc.kill()
-        d.proc.wait()
-        raise AssertionError(
-            f"virtmshvd still running {SIGTERM_BOUND} s after SIGTERM:\n{d.log.read_text()[-3000:]}"
-        ) from err
-    assert code == 0, d.log.read_text()[-3000:]
-    return time.monotonic() - t0
-
 
 # -- issue 12 item 1: SIGTERM ------------------------------------------------------------------------
 

@@ -253,6 +253,26 @@ class DaemonProcess:
                 os.kill(pid, signal.SIGKILL)
 
 
+SIGTERM_BOUND = 5.0  # seconds (issue 12 item 1)
+
+
+def sigterm(d: DaemonProcess) -> float:
+    """SIGTERM the daemon; the seconds until it exited (it must exit with 0 within SIGTERM_BOUND)."""
+    assert d.proc is not None
+    t0 = time.monotonic()
+    d.proc.send_signal(signal.SIGTERM)
+    try:
+        code = d.proc.wait(SIGTERM_BOUND)
+    except subprocess.TimeoutExpired as err:
+        d.proc.kill()
+        d.proc.wait()
+        raise AssertionError(
+            f"virtmshvd still running {SIGTERM_BOUND} s after SIGTERM:\n{d.log.read_text()[-3000:]}"
+        ) from err
+    assert code == 0, d.log.read_text()[-3000:]
+    return time.monotonic() - t0
+
+
 def virsh(uri: str, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(
         [VIRSH, "-c", uri, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
