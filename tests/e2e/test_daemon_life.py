@@ -19,7 +19,6 @@ import pytest
 
 import mshv_libvirt
 from mshv_libvirt.driver import layout
-from mshv_libvirt.proc import pid_alive
 from tests.support.daemon import (
     SIGTERM_BOUND,
     DaemonProcess,
@@ -35,6 +34,7 @@ from tests.support.daemon import (
     wait_for,
 )
 from tests.support.guests import TINY_BANNER
+from tests.support.procfs import process_alive, process_gone
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -62,7 +62,7 @@ def test_sigterm_with_running_and_paused_vms(
         con.wait_console_ready()
         elapsed = sigterm(daemon)
         print(f"SIGTERM to exit: {elapsed:.2f} s")
-        assert vmm_processes(daemon.run_dir) == before and all(pid_alive(p) for p in before.values())
+        assert vmm_processes(daemon.run_dir) == before and all(process_alive(p) for p in before.values())
         con.read_until(b"Disconnected from", timeout=10)  # the clients see the connection end
         events.wait(10)
 
@@ -75,7 +75,7 @@ def test_sigterm_with_running_and_paused_vms(
         console_roundtrip(daemon, "tp", b"RESUMED-AFTER")
         for name in before:
             virsh(daemon.uri, "destroy", name)
-        wait_for(lambda: not any(pid_alive(p) for p in before.values()), timeout=10)
+        wait_for(lambda: not any(process_alive(p) for p in before.values()), timeout=10)
         assert daemon.runtime_leftovers() == []
         sigterm(daemon)  # and with nothing running
     finally:
@@ -112,14 +112,14 @@ def test_sigterm_with_a_call_waiting_on_a_stopped_vmm(
         wait_for(lambda: _recv_queue(pid) > 0, timeout=15)  # the daemon's "pause" request sits in the VMM's socket
         print(f"SIGTERM to exit, a call in flight: {sigterm(daemon):.2f} s")
         assert client.wait(10) != 0  # the call ended with the connection
-        assert pid_alive(pid)
+        assert process_alive(pid)
         os.kill(pid, signal.SIGCONT)
         daemon.start()
         # The VMM carried out the request it had read: the new daemon sees it paused (or still running).
         wait_for(lambda: domstate(daemon, "tw") in ("paused (unknown)", "running (booted)"), timeout=10)
         assert daemon.vmm_pid("tw") == pid
         virsh(daemon.uri, "destroy", "tw")
-        wait_for(lambda: not pid_alive(pid), timeout=10)
+        wait_for(lambda: process_gone(pid), timeout=10)
     finally:
         client.kill()
         client.wait()
@@ -224,7 +224,7 @@ def test_daemon_mode_and_the_installed_package(kvm: None, tmp_path: Path, tiny_k
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        wait_for(lambda: not pid_alive(pid), timeout=SIGTERM_BOUND)
+        wait_for(lambda: process_gone(pid), timeout=SIGTERM_BOUND)
         kill_pids([vmm] if vmm else [])
     assert not pidfile.exists() and not (d.run_dir / layout.DAEMON_PIDFILE).exists()
 
@@ -298,7 +298,7 @@ def test_second_daemon_is_refused_and_the_first_keeps_everything(
         virsh(daemon.uri, "start", "lk")
         vmm = daemon.vmm_pid("lk")
         daemon.kill()
-        assert pid_alive(vmm)
+        assert process_alive(vmm)
         daemon.start()
         assert daemon.proc is not None and pidfile.read_text() == f"{daemon.proc.pid}\n"
         assert domstate(daemon, "lk") == "running (booted)" and daemon.vmm_pid("lk") == vmm

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.daemon import DaemonProcess, running_daemon, virsh, wait_for
+from tests.support.daemon import DaemonProcess, running_daemon, virsh, vmm_processes, wait_for
 from tests.support.disks import SECTOR, assert_image_holds, disk_xml, document, write_through_console
 from tests.support.guests import TINY_BANNER
 from tests.support.procfs import image_locked, process_gone
@@ -101,9 +101,16 @@ def test_the_guest_writes_a_raw_image_and_a_second_domain_waits_for_its_lock(
         assert not second.isActive() and first.isActive()
 
         pid = daemon.vmm_pid("disk-first")
+        # The tests' own scan sees the VMM, its backend's reaper (a fork of it) and qemu-storage-daemon.
+        run = daemon.processes()
+        assert vmm_processes(daemon.run_dir) == {"disk-first": pid}, run
+        assert [p.argv[0].rsplit("/", 1)[-1] for p in run.values()].count("qemu-storage-daemon") == 1, run
+        assert len(run) == 3, run
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: process_gone(pid) and not first.isActive())
-        wait_for(lambda: not image_locked(img))  # the VMM's backend followed it: nothing holds the image
+        # The VMM's backend followed it: no process of the run is left, nothing holds the image.
+        wait_for(lambda: not daemon.processes(), what=daemon.processes)
+        wait_for(lambda: not image_locked(img))
         out = virsh(daemon.uri, "start", "disk-second").stdout
         assert "Domain 'disk-second' started" in out, out
         assert image_locked(img)
@@ -111,6 +118,7 @@ def test_the_guest_writes_a_raw_image_and_a_second_domain_waits_for_its_lock(
         assert line["press"] == 1, line
         second.destroy()
         wait_for(lambda: not second.isActive() and not image_locked(img))
+        wait_for(lambda: not daemon.processes(), what=daemon.processes)
         assert_image_holds(img, 1)
     finally:
         for dom in (first, second):

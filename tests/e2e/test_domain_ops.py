@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 
-from mshv_libvirt.proc import pid_alive
 from mshv_libvirt.rpc.xdr import Packer
 from tests.support.daemon import DaemonProcess, domain_xml, domstate, serial_log, virsh, wait_for
 from tests.support.errors import error_or_none
 from tests.support.events import DomainEvents
 from tests.support.guests import TINY_BANNER, TINY_NMI, tiny_keys
+from tests.support.procfs import process_gone
 from tests.support.rawrpc import ERROR, error_message, raw
 from tests.support.waits import assert_quiet
 
@@ -263,7 +263,7 @@ def test_virsh_start_autodestroy_ends_with_virsh(
                 ("ad", E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_DESTROYED),
             ]
         )
-        assert daemon.vmm_pids() == []
+        assert daemon.processes() == {}
         # Without the flag the same start outlives virsh; and a later plain start is not autodestroyed.
         virsh(daemon.uri, "start", "ad")
         assert_quiet(lambda: domstate(daemon, "ad") == "running (booted)", 0.5, "a plain start outlives virsh")
@@ -295,7 +295,7 @@ def test_autodestroy_follows_its_connection(
     assert other.close() == 0
     wait_for(lambda: error_or_none(lambda: conn.lookupByName("tr")) is not None, timeout=15)
     assert error_or_none(lambda: conn.lookupByName("tr"))[0] == libvirt.VIR_ERR_NO_DOMAIN  # type: ignore[index]
-    wait_for(lambda: not pid_alive(pid), timeout=10)
+    wait_for(lambda: process_gone(pid), timeout=10)
     assert conn.lookupByName("kept").isActive() == 1
     conn.lookupByName("kept").destroy()
 
@@ -311,7 +311,7 @@ def test_autodestroy_follows_its_connection(
         os.kill(child.pid, signal.SIGKILL)
         child.wait(10)
         wait_for(lambda: error_or_none(lambda: conn.lookupByName("killed")) is not None, timeout=15)
-        assert not pid_alive(pid)
+        assert process_gone(pid)
     finally:
         with contextlib.suppress(ProcessLookupError):
             child.kill()
@@ -329,13 +329,13 @@ def test_autodestroy_domains_end_with_the_daemon(
     c.lookupByName("stays").createWithFlags(libvirt.VIR_DOMAIN_START_AUTODESTROY)
     pid = daemon.vmm_pid("stays")
     daemon.stop()
-    assert not pid_alive(pid)
+    assert process_gone(pid)
     with contextlib.suppress(libvirt.libvirtError):
         c.close()
     assert not (daemon.run_dir / "stays.json").exists()  # no record: nothing for the next daemon to re-attach
     daemon.start()
     assert domstate(daemon, "stays") == "shut off (unknown)"  # (a shut-off reason is not kept across restarts)
-    assert daemon.vmm_pids() == []
+    assert daemon.processes() == {}
 
 
 # --- inject-nmi and send-key ----------------------------------------------------------------------------

@@ -26,9 +26,9 @@ from mshv_libvirt.domain import parse_domain_xml
 from mshv_libvirt.driver import layout
 from mshv_libvirt.driver.migrate import KILL_AT_STEP_ENV
 from mshv_libvirt.lifecycle import PausedReason, RunningReason, State
-from mshv_libvirt.proc import pid_alive
 from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, virsh, vmm_processes, vmm_request_at, wait_for
 from tests.support.guests import TINY_BANNER
+from tests.support.procfs import process_alive
 from tests.support.report import write_report
 
 pytestmark = [pytest.mark.virsh, pytest.mark.slow]
@@ -262,7 +262,7 @@ def test_sigkill_at_every_migration_step_loses_nothing(old_layout: OldLayout) ->
     virsh(d.uri, "resume", "x.vmm")
     for name in RUNNING:
         virsh(d.uri, "destroy", "--domain", name)
-    wait_for(lambda: not any(pid_alive(p) for p in old.pids.values()), timeout=15)
+    wait_for(lambda: not any(process_alive(p) for p in old.pids.values()), timeout=15)
     assert d.runtime_leftovers() == []
     old_files = [p.name for p in d.run_dir.iterdir() if p.name.endswith((".ctl", ".pid", ".exit", ".json"))]
     assert old_files == [layout.DAEMON_PIDFILE]

@@ -18,11 +18,20 @@ from pathlib import Path
 
 import pytest
 
-from mshv_libvirt.proc import pid_alive
-from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, domstate, serial_log, virsh, wait_for
+from tests.support.daemon import (
+    DaemonProcess,
+    PtyProcess,
+    domain_xml,
+    domstate,
+    serial_log,
+    virsh,
+    vmm_processes,
+    wait_for,
+)
 from tests.support.events import REBOOT, Seen
 from tests.support.events import DomainEvents as Events
 from tests.support.guests import TINY_BANNER
+from tests.support.procfs import process_alive, process_gone
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -80,7 +89,7 @@ def test_on_crash_destroy(kvm: None, daemon: DaemonProcess, events: Events, tiny
         "crd", [(E.VIR_DOMAIN_EVENT_DEFINED, E.VIR_DOMAIN_EVENT_DEFINED_ADDED), BOOTED, PANICKED, STOPPED_CRASHED]
     )
     assert daemon.stale_runtime("crd") == []
-    assert daemon.vmm_pids() == []
+    assert daemon.processes() == {}
 
 
 def _check_core(core: Path, memory_mib: int) -> None:
@@ -254,7 +263,7 @@ def test_preserve(
     head: list[tuple[int, int] | str] = [(E.VIR_DOMAIN_EVENT_DEFINED, 0), BOOTED]
     events.wait_domain(name, head + expected)
     # The VMM keeps the frozen partition: the same process is still there, and nothing booted again.
-    assert pid_alive(pid) and daemon.vmm_pid(name) == pid
+    assert process_alive(pid) and daemon.vmm_pid(name) == pid
     # The daemon hands the VMM its exit file open and empty; a report in it would mean the VMM ended.
     exit_file = daemon.vmm_file(name, "exit_file")
     assert not exit_file.exists() or exit_file.read_text() == ""
@@ -263,23 +272,23 @@ def test_preserve(
     for refused in ("start", "suspend", "resume", "shutdown", "reboot"):
         res = virsh(daemon.uri, refused, name, check=False)
         assert res.returncode != 0, refused
-    assert domstate(daemon, name) == state and pid_alive(pid)
+    assert domstate(daemon, name) == state and process_alive(pid)
 
     # A daemon crash and restart re-attaches to that same VMM and keeps the preserved state.
     daemon.kill()
-    assert pid_alive(pid)
+    assert process_alive(pid)
     daemon.start()
     events.reconnect()
     assert domstate(daemon, name) == state
-    assert pid_alive(pid) and daemon.vmm_pid(name) == pid
-    assert daemon.vmm_pids() == [pid]
+    assert process_alive(pid) and daemon.vmm_pid(name) == pid
+    assert vmm_processes(daemon.run_dir) == {name: pid} and set(daemon.processes()) == {pid}
 
     virsh(daemon.uri, "destroy", name)
     assert domstate(daemon, name) == "shut off (destroyed)"
     events.wait_domain(name, [STOPPED_DESTROYED])
-    wait_for(lambda: not pid_alive(pid), timeout=10)
+    wait_for(lambda: process_gone(pid), timeout=10)
     assert daemon.stale_runtime(name) == []
-    assert daemon.vmm_pids() == []
+    assert daemon.processes() == {}
 
 
 def test_preserved_vmm_dying_is_reported_per_table(

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from mshv_libvirt.domain import parse_domain_xml
-from mshv_libvirt.proc import pid_alive
 from tests.support.daemon import (
     DaemonProcess,
     console_roundtrip,
@@ -36,6 +35,7 @@ from tests.support.daemon import (
 )
 from tests.support.events import DomainEvents, ensure_event_loop
 from tests.support.guests import TINY_BANNER
+from tests.support.procfs import process_alive, process_gone
 from tests.support.waits import assert_quiet, jitter
 
 libvirt = pytest.importorskip("libvirt")
@@ -59,7 +59,7 @@ def test_daemon_sigkill_reattaches_running_and_paused_domains(
 
     daemon.kill()
     try:
-        assert_quiet(lambda: all(pid_alive(p) for p in pids.values()), 0.3, "VMMs must survive the daemon")
+        assert_quiet(lambda: all(process_alive(p) for p in pids.values()), 0.3, "VMMs must survive the daemon")
         assert vmm_request(daemon, "ka", "status")["state"] == "running"
         assert vmm_request(daemon, "kb", "status")["state"] == "paused"
 
@@ -82,9 +82,9 @@ def test_daemon_sigkill_reattaches_running_and_paused_domains(
         for name in ("ka", "kb"):
             virsh(daemon.uri, "destroy", name)
             assert domstate(daemon, name) == "shut off (destroyed)"
-        wait_for(lambda: not any(pid_alive(p) for p in pids.values()), timeout=10)
+        wait_for(lambda: not any(process_alive(p) for p in pids.values()), timeout=10)
         assert daemon.runtime_leftovers() == []
-        assert daemon.vmm_pids() == []
+        assert daemon.processes() == {}
     finally:
         kill_pids(list(pids.values()))
 
@@ -109,7 +109,7 @@ def test_domains_that_ended_while_the_daemon_was_dead(
         finally:
             os.close(fd)
         os.kill(pids["gone-kill"], signal.SIGKILL)  # no exit report at all
-        wait_for(lambda: not any(pid_alive(pids[n]) for n in ("gone-term", "gone-off", "gone-kill")), timeout=15)
+        wait_for(lambda: not any(process_alive(pids[n]) for n in ("gone-term", "gone-off", "gone-kill")), timeout=15)
 
         daemon.start()
         assert domstate(daemon, "gone-term") == "shut off (destroyed)"
@@ -148,7 +148,7 @@ def test_vmm_sigkill_is_a_crash(kvm: None, daemon: DaemonProcess, tiny_kernel: P
         wait_for(lambda: stopped in events.seen, timeout=5)
         assert events.seen[-1] == stopped
         assert daemon.stale_runtime("vk") == []
-        assert not pid_alive(pid)
+        assert process_gone(pid)
 
         dom.create()
         wait_for(lambda: serial_log(daemon, "vk").count(TINY_BANNER) == 2)
@@ -403,7 +403,7 @@ def test_daemon_sigkill_during_start_leaves_no_unmanaged_vmm(
         (runtime / f).unlink()
     daemon.start()
     assert domstate(daemon, "ks").startswith("shut off")
-    assert not pid_alive(pid) and vmm_processes(daemon.run_dir) == {}
+    assert process_gone(pid) and vmm_processes(daemon.run_dir) == {}
     assert daemon.runtime_leftovers() == []
     virsh(daemon.uri, "start", "ks")  # and it starts normally afterwards
     virsh(daemon.uri, "destroy", "ks")

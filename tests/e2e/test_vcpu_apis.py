@@ -425,7 +425,7 @@ def test_pins_the_host_cannot_honour_fail_cleanly(running: libvirt.virDomain, da
         r"cannot set CPU affinity on process \d+: Invalid argument", message
     ), message
     assert running.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
-    wait_for(lambda: not daemon.vmm_pids(), timeout=20)
+    wait_for(lambda: not daemon.processes(), timeout=20, what=daemon.processes)
 
 
 def test_running_domain_statistics(running: libvirt.virDomain, daemon: DaemonProcess, ref: libvirt.virConnect) -> None:

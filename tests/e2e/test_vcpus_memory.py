@@ -163,7 +163,7 @@ def test_host_model_is_accepted_at_define_and_refused_at_start(
         )
         assert _error(dom.create) == expected  # ... and refuses to start it, with this message
         assert _error(lambda xml=xml, mode=mode: conn.createXML(xml.replace(f"cpu-{mode}", f"t-{mode}"), 0)) == expected
-        assert not dom.isActive() and daemon.vmm_pids() == []
+        assert not dom.isActive() and daemon.processes() == {}
         dom.undefine()
     conn.close()
 

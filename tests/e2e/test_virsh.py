@@ -76,7 +76,7 @@ def test_define_start_info_suspend_resume_destroy_undefine(
 
     virsh(daemon.uri, "destroy", "vm1")
     assert virsh(daemon.uri, "domstate", "--reason", "vm1").stdout.strip() == "shut off (destroyed)"
-    assert daemon.vmm_pids() == []
+    assert daemon.processes() == {}
     res = virsh(daemon.uri, "suspend", "vm1", check=False)
     assert "Requested operation is not valid: domain is not running" in res.stderr
 
@@ -344,7 +344,7 @@ def test_start_failures_say_why(kvm: None, daemon: DaemonProcess, tiny_kernel: P
     res = virsh(daemon.uri, "start", "huge", check=False)
     assert "needs 68719476736 KiB of memory but the host has" in res.stderr
     assert time.monotonic() - started < 10
-    assert daemon.vmm_pids() == []
+    assert daemon.processes() == {}
 
 
 def test_setvcpus_setmem_setmaxmem_change_the_config(

@@ -22,6 +22,7 @@ from typing import Any
 
 from mshv_libvirt.driver import layout
 from mshv_libvirt.rpc import calltrace
+from tests.support.procfs import RUN_MARK, Proc, run_processes
 from tests.support.waits import wait_for as wait_for  # re-exported: most tests import it from here
 
 VIRSH = "virsh"
@@ -39,30 +40,29 @@ def _accepts(path: Path) -> bool:
 
 
 def vmm_processes(run_dir: Path) -> dict[str, int]:
-    """name -> pid of every live VMM process whose command line names a config under ``run_dir``.
-
-    The tests' own /proc scan (not the driver's): a process counts when it runs ``mshv_libvirt.vmm``
-    and its ``--config`` file lies in ``run_dir`` or one level below; the name is read from that file.
-    """
+    """name -> pid of every live VMM of ``run_dir``'s daemon, from the tests' own scan (``run_processes``):
+    a process running ``mshv_libvirt.vmm`` whose ``--config`` lies in ``run_dir`` or one level below (the
+    name is read from that file), not counting its forks (a disk backend's reaper runs the same command
+    line until it is replaced; its parent is the VMM). Two VMMs for one name fail the test."""
+    procs = run_processes(run_dir)
     out: dict[str, int] = {}
     root = os.path.realpath(run_dir)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for pid, p in procs.items():
+        argv = p.argv
+        if "mshv_libvirt.vmm" not in argv or "--config" not in argv[:-1]:
             continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        if b"mshv_libvirt.vmm" not in argv or b"--config" not in argv or stat.rsplit(")", 1)[1].split()[0] == "Z":
-            continue
-        config = os.path.realpath(os.fsdecode(argv[argv.index(b"--config") + 1]))
+        parent = procs.get(p.ppid)
+        if parent is not None and parent.argv == argv:
+            continue  # a fork of the VMM, not another VMM
+        config = os.path.realpath(argv[argv.index("--config") + 1])
         if os.path.dirname(config) != root and os.path.dirname(os.path.dirname(config)) != root:
             continue
         try:
-            out[str(json.loads(Path(config).read_text())["name"])] = int(entry)
+            name = str(json.loads(Path(config).read_text())["name"])
         except (OSError, ValueError, KeyError):
-            out[f"?{config}"] = int(entry)
+            name = f"?{config}"
+        assert name not in out, f"two VMMs for {name!r}: {procs[out[name]]!r} and {p!r}"
+        out[name] = pid
     return out
 
 
@@ -207,7 +207,8 @@ class DaemonProcess:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **self.env},
+            # A mark the tests' process scan follows into everything the daemon spawns (procfs.RUN_MARK).
+            env={**os.environ, **self.env, RUN_MARK: str(self.run_dir)},
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -238,16 +239,14 @@ class DaemonProcess:
                 self.proc.kill()
                 self.proc.wait()
 
-    def vmm_pids(self) -> list[int]:
-        pids = []
-        for pidfile in self.run_dir.glob(f"*/{layout.VMM_PIDFILE}"):
-            with contextlib.suppress(ValueError, OSError):
-                pids.append(int(pidfile.read_text()))
-        return pids
+    def processes(self) -> dict[int, Proc]:
+        """Every live process of this daemon's run besides the daemon itself (VMMs, their backends, anything
+        they forked), by the tests' own /proc scan (``procfs.run_processes``), not the daemon's pidfiles."""
+        return run_processes(self.run_dir, besides=(self.pid,) if self.alive() else ())
 
     def destroy_all_vmms(self) -> None:
-        """Test clean-up: no VMM may outlive its test (also those that never wrote a pidfile)."""
-        pids = set(self.vmm_pids()) | set(vmm_processes(self.run_dir).values())
+        """Test clean-up: no process of the run may outlive its test (also VMMs that never wrote a pidfile)."""
+        pids = set(self.processes()) - {os.getpid()}
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -1,10 +1,13 @@
-"""The tests' own reading of /proc (not the driver's): memory, threads."""
+"""The tests' own reading of /proc (not the driver's): memory, threads, and which processes a test's
+daemon has left (``run_processes``, the oracle of every "no process left" check)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 IOCTL = 16  # x86_64 syscall number of ioctl(2), as /proc/<tid>/syscall prints it
@@ -62,3 +65,92 @@ def image_locked(path: Path) -> bool:
     st = path.stat()
     inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     return any(inode in line.split() for line in Path("/proc/locks").read_text().splitlines())
+
+
+def process_alive(pid: int) -> bool:
+    return not process_gone(pid)
+
+
+RUN_MARK = "MSHV_TEST_RUN_DIR"  # set by tests/support/daemon.py in the daemon's environment; nothing reads it
+
+
+@dataclass(frozen=True)
+class Proc:
+    """One live process as /proc shows it (proc(5): stat fields 4, 5, 6)."""
+
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    argv: tuple[str, ...]
+
+    def __repr__(self) -> str:
+        return f"<{self.pid} ppid {self.ppid} sid {self.sid}: {' '.join(self.argv)[:160]}>"
+
+
+def live_processes() -> dict[int, Proc]:
+    """Every process that is neither a zombie nor dead, by pid."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if stat[0] in ("Z", "X"):
+            continue
+        pid = int(entry)
+        out[pid] = Proc(pid, int(stat[1]), int(stat[2]), int(stat[3]), tuple(os.fsdecode(a) for a in argv if a))
+    return out
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + "/")
+
+
+def _names(p: Proc, spelt: re.Pattern[str], root: str) -> bool:
+    """The process's command line, working directory or environment names the run directory."""
+    for arg in p.argv:
+        if spelt.search(arg):  # also inside "--opt=PATH" or "filename=PATH,..."
+            return True
+        if "/" in arg and not arg.startswith("/"):  # a relative path: from the process's cwd
+            with contextlib.suppress(OSError):
+                if _under(os.path.realpath(os.path.join(os.readlink(f"/proc/{p.pid}/cwd"), arg)), root):
+                    return True
+        elif arg.startswith("/") and _under(os.path.realpath(arg), root):  # through a symlink
+            return True
+    with contextlib.suppress(OSError):
+        if _under(os.path.realpath(os.readlink(f"/proc/{p.pid}/cwd")), root):
+            return True
+    with contextlib.suppress(OSError):
+        for var in Path(f"/proc/{p.pid}/environ").read_bytes().split(b"\0"):
+            if var.startswith(RUN_MARK.encode() + b"=") and _under(
+                os.path.realpath(os.fsdecode(var[len(RUN_MARK) + 1 :])), root
+            ):
+                return True
+    return False
+
+
+def run_processes(run_dir: Path, *, besides: tuple[int, ...] = ()) -> dict[int, Proc]:
+    """Every live process that belongs to a test daemon's run directory, by the tests' own rules (not the
+    driver's pidfiles or its VMM scan): a process whose command line, working directory or environment
+    (``RUN_MARK``, inherited by whatever the daemon spawns) names ``run_dir``; every descendant of one; and
+    every member of a session one of them is in (a VMM leads its own; a disk's backend reaper and the
+    qemu-storage-daemon it forks stay in it after the VMM is gone), except the test's own session.
+    ``besides`` are left out, with their descendants only when these are found by another rule (the
+    daemon itself: its ``--run-dir`` names the directory)."""
+    procs = live_processes()
+    root = os.path.realpath(run_dir)
+    # Either spelling, ending there or at a separator (so ".../run" does not name ".../run2").
+    spelt = re.compile("(?:" + "|".join(re.escape(s) for s in {str(run_dir), root}) + r")(?=$|[/,:;\s])")
+    found = {pid for pid, p in procs.items() if _names(p, spelt, root)}
+    ours = os.getsid(0)
+    while True:
+        sessions = {procs[pid].sid for pid in found} - {ours}
+        more = {pid for pid, p in procs.items() if pid not in found and (p.ppid in found or p.sid in sessions)}
+        if not more:
+            break
+        found |= more
+    return {pid: procs[pid] for pid in sorted(found) if pid not in besides}
