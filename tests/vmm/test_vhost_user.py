@@ -187,3 +187,28 @@ def test_the_backend_opens_the_image_as_configured(tmp_path: Path, image: BlockI
         assert got == want and disk["file"] == str(img)
     finally:
         backend.stop()
+
+
+def test_the_export_keeps_no_request_counters(tmp_path: Path, mem: GuestMemory) -> None:
+    """Why domblkstat answers -1: qemu-storage-daemon 7.2's vhost-user-blk export does no block accounting
+    (QEMU's virtio-blk-handler.c calls no block_acct_*). Its BlockBackend is anonymous, so query-blockstats
+    lists nothing, and node-level counters are never kept: only the highest written offset moves. Should a
+    backend ever count, this fails and domblkstat can report its figures."""
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(MiB))
+    backend = Backend(BlockImage(str(img)))
+    try:
+        q = start_queue(backend, mem)
+        assert q.request(T_OUT, 8, b"\x5a" * 4096) == bytes([S_OK])
+        assert q.request(T_FLUSH, 0) == bytes([S_OK])
+        assert q.request(T_IN, 8, read_len=4096) == bytes([S_OK]) + b"\x5a" * 4096
+        assert backend.qmp("query-blockstats") == []
+        nodes = backend.qmp("query-blockstats", **{"query-nodes": True})
+        assert isinstance(nodes, list)
+        counted = ("rd_operations", "rd_bytes", "wr_operations", "wr_bytes", "flush_operations")
+        for node in nodes:
+            assert {k: node["stats"][k] for k in counted} == dict.fromkeys(counted, 0), node["node-name"]
+            assert node["stats"]["wr_highest_offset"] == 8 * SECTOR + 4096, node["node-name"]
+        assert sorted(n["node-name"] for n in nodes) == ["disk0", "file0"]
+    finally:
+        backend.stop()
