@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import stat
+import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from mshv_libvirt.domain import DomainConfig
 from mshv_libvirt.domain.xml import DiskDevice
 from mshv_libvirt.driver.cputune import set_emulatorpin, set_vcpupin, vcpu_threads
+from mshv_libvirt.driver.disks import cannot_access
 from mshv_libvirt.driver.manager import Domain
 from mshv_libvirt.driver.vmm_client import VmmError
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_argument, invalid_operation
@@ -65,6 +68,8 @@ MEMORY_STAT_ACTUAL_BALLOON, MEMORY_STAT_RSS, MEMORY_STAT_NR = 6, 7, 13
 JOB_STATS_COMPLETED, JOB_STATS_KEEP_COMPLETED = 1, 2
 TP_INT, TP_UINT, TP_LLONG, TP_ULLONG, TP_DOUBLE, TP_BOOLEAN, TP_STRING = range(1, 8)
 TypedParam = tuple[str, int, Any]
+QCOW2_MAGIC = b"QFI\xfb"
+QCOW2_HEADER = struct.Struct(">4sIQIIQ")  # magic, version, backing file offset and size, cluster bits, size
 
 
 def _rpc_internal(detail: str) -> VirtError:
@@ -487,6 +492,74 @@ def block_stats(s: Session, dom: Domain, path: str) -> bytes:
     return p.getvalue()
 
 
+def _not_assigned(path: str) -> VirtError:
+    return VirtError(ErrorCode.INVALID_ARG, f"invalid path {path} not assigned to domain")  # qemuDomainGetBlockInfo
+
+
+def _stat_sizes(disk: DiskDevice) -> tuple[int, int, int]:
+    """(capacity, allocation, physical) of an image on the host, as libvirt 9.0 reads them for an inactive
+    domain (virStorageSourceUpdateBackingSizes, then the format header for the capacity: qcow2's size field)."""
+    assert disk.path is not None
+    try:
+        fd = os.open(disk.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise cannot_access(disk.path, err) from err
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            capacity, allocation, physical = st.st_size, st.st_blocks * 512, st.st_size
+        else:  # a block device: its size, and everything counts as allocated
+            capacity = allocation = physical = os.lseek(fd, 0, os.SEEK_END)
+        if disk.format == "qcow2":
+            header = os.pread(fd, QCOW2_HEADER.size, 0)
+            if len(header) < QCOW2_HEADER.size or header[:4] != QCOW2_MAGIC:
+                raise VirtError(ErrorCode.INTERNAL_ERROR, f"cannot read header '{disk.path}'")
+            capacity = QCOW2_HEADER.unpack(header)[5]  # the virtual size
+            if not stat.S_ISREG(st.st_mode):
+                allocation = 0  # qcow2 on a block device: only the running backend knows its highest write
+    except OSError as err:
+        raise VirtError(
+            ErrorCode.SYSTEM_ERROR, f"cannot read header '{disk.path}': {err.strerror}", ErrorDomain.NONE
+        ) from err
+    finally:
+        os.close(fd)
+    return capacity, allocation, physical
+
+
+async def get_block_info(s: Session, dom: Domain, path: str, flags: int) -> bytes:
+    cfg = dom.config
+    disk = disk_by_name(cfg, path)
+    if disk is None:
+        raise _not_assigned(path)
+    if disk.path is None:
+        raise VirtError(ErrorCode.INVALID_ARG, f"disk '{path}' does not currently have a source assigned")
+    if not dom.active or dom.vmm is None:
+        capacity, allocation, physical = await asyncio.to_thread(_stat_sizes, disk)
+    else:
+        try:
+            info = await dom.vmm.request("block-info")
+        except VmmError as err:
+            raise VirtError(ErrorCode.OPERATION_FAILED, f"cannot query the VMM: {err}") from err
+        entry = next((d for d in info.get("disks", []) if d.get("slot") == disk.address.slot), None)
+        if entry is None:
+            raise VirtError(ErrorCode.INTERNAL_ERROR, f"failed to gather stats for disk '{disk.target}'")
+        # qemuDomainGetBlockInfo's rules on what QEMU reports: capacity is the virtual size; allocation the
+        # highest offset written (a qcow2 file: its allocated size), the allocated size while nothing was
+        # written; physical is the image's own size where allocated size is 0 or allocation equals it, else
+        # the allocated size.
+        capacity, actual = int(entry["virtual_size"]), int(entry["actual_size"])
+        allocation = actual if disk.type == "file" and disk.format == "qcow2" else int(entry["wr_highest_offset"])
+        if actual == 0 or allocation == 0 or allocation == actual:
+            allocation = allocation or actual
+            physical = (await asyncio.to_thread(_stat_sizes, disk))[2]
+        else:
+            physical = actual
+    p = Packer()
+    for value in (allocation, capacity, physical):  # remote_domain_get_block_info_ret's order
+        p.uhyper(value)
+    return p.getvalue()
+
+
 def interface_stats(s: Session, dom: Domain, device: str) -> bytes:
     if not dom.active:
         raise invalid_operation("domain is not running")
@@ -618,5 +691,6 @@ PROCEDURES: tuple[Procedure, ...] = (
     proc(163, get_job_info, DOM, ret=ret_raw),
     proc(298, get_job_stats, DOM, Flags(JOB_STATS_COMPLETED | JOB_STATS_KEEP_COMPLETED), ret=ret_raw),
     proc(64, block_stats, DOM, STR, ret=ret_raw),
+    proc(194, get_block_info, DOM, STR, Flags(0), ret=ret_raw),
     proc(65, interface_stats, DOM, STR, ret=ret_raw),
 )

@@ -22,6 +22,9 @@ only ``destroy`` (or a signal) ends it, with reason ``destroyed``.
 changes STATUS's link bit and interrupts its driver; the state outlives a reset or reboot of the
 VM. ``status`` lists each virtio-net device's counters from its compiled I/O thread (rx/tx
 packets, bytes, drops: ``domifstat``).
+
+``block-info`` asks each disk's backend (QMP) for its image's virtual and allocated size and the
+highest offset written (``domblkinfo``).
 """
 
 from __future__ import annotations
@@ -109,6 +112,10 @@ def _virtio_status(function: VirtioPciFunction) -> JsonObject:
             thread=thread.native_id if thread is not None and thread.is_alive() else None,
         )
     return status
+
+
+def _dicts(value: object) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
 class Vmm:
@@ -320,6 +327,30 @@ class Vmm:
                 return
         raise CommandError(f"no network interface with MAC address {mac!r}")
 
+    def _block_info(self) -> JsonObject:
+        """Each disk's sizes as its backend knows them (domblkinfo): the format node's virtual and allocated
+        size, and the highest offset written to the file beneath it (QMP; the backend counts nothing else)."""
+        disks = []
+        for slot, (backend, _) in sorted(self._disks.items()):
+            try:
+                nodes = backend.qmp("query-named-block-nodes", flat=True)
+                stats = backend.qmp("query-blockstats", **{"query-nodes": True})
+            except (vhost_user.BackendError, OSError, ValueError) as err:
+                raise CommandError(f"virtio-blk in PCI slot {slot}: {err}") from err
+            image = next((n["image"] for n in _dicts(nodes) if n.get("node-name") == "disk0"), None)
+            file = next((n["stats"] for n in _dicts(stats) if n.get("node-name") == "file0"), None)
+            if not isinstance(image, dict) or not isinstance(file, dict):
+                raise CommandError(f"virtio-blk in PCI slot {slot}: the backend does not describe its image")
+            disks.append(
+                {
+                    "slot": slot,
+                    "virtual_size": int(image["virtual-size"]),
+                    "actual_size": int(image.get("actual-size", 0)),
+                    "wr_highest_offset": int(file["wr_highest_offset"]),
+                }
+            )
+        return {"disks": disks}
+
     def _press_power_button(self) -> None:
         vm = self._vm
         if vm is None:
@@ -407,6 +438,8 @@ class Vmm:
             raise CommandError("domain is shutting down")
         if cmd == "status":
             return self.status()
+        if cmd == "block-info":
+            return self._block_info()
         if self._preserved is not None and cmd in (
             "pause",
             "resume",

@@ -7,6 +7,7 @@ target and by source path."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -214,6 +215,57 @@ def test_domblkstat_finds_a_disk_by_target_or_source_and_reports_what_the_data_p
             assert virsh(daemon.uri, "domblkstat", "disk-stat", name).stdout.strip() == "", name
         bad = virsh(daemon.uri, "domblkstat", "disk-stat", "vdz", check=False)
         assert bad.returncode == 1 and "error: invalid argument: invalid path: vdz" in bad.stderr, bad.stderr
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+
+
+def qemu_img_info(path: Path) -> dict[str, Any]:
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert isinstance(info, dict)
+    return info
+
+
+def test_domblkinfo_as_libvirt_reports_it_for_raw_and_qcow2_inactive_and_running(
+    kvm: None, daemon: DaemonProcess, conn: Any, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    raw, qcow2 = tmp_path / "info.raw", tmp_path / "info.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), str(MiB)], check=True, timeout=30)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), str(2 * MiB)], check=True, timeout=30)
+    dom = conn.defineXML(document("disk-info", tiny_kernel, disk_xml(raw) + disk_xml(qcow2, "qcow2", dev="vdb")))
+    try:
+        # Inactive: libvirt reads the files (capacity: the size, or qcow2's virtual size; allocation: the
+        # blocks the file holds; physical: its length). Oracles: qemu-img info and stat.
+        for name, img in (("vda", raw), (str(raw), raw), ("vdb", qcow2), (str(qcow2), qcow2)):
+            info, st = qemu_img_info(img), img.stat()
+            assert info["actual-size"] == st.st_blocks * 512
+            assert dom.blockInfo(name) == [info["virtual-size"], st.st_blocks * 512, st.st_size], name
+        assert dom.blockInfo("vdb")[0] == 2 * MiB
+        not_assigned = (libvirt.VIR_ERR_INVALID_ARG, "invalid argument: invalid path vdz not assigned to domain")
+        with pytest.raises(libvirt.libvirtError) as info_error:
+            dom.blockInfo("vdz")
+        assert (info_error.value.get_error_code(), info_error.value.get_error_message()) == not_assigned
+
+        dom.create()
+        assert write_through_console(daemon, "disk-info", 1)["press"] == 1
+        # Running: what the backend reports, by qemuDomainGetBlockInfo's rules. The raw disk's allocation is
+        # the highest offset the guest wrote (its pattern's end); its physical is then the blocks the file
+        # holds unless those are the same. The qcow2 disk (not written) reports its file's blocks and length.
+        highest = TINY_BLK_SECTOR * SECTOR + TINY_BLK_BYTES
+        st = raw.stat()
+        blocks = st.st_blocks * 512
+        assert dom.blockInfo("vda") == [MiB, highest, st.st_size if blocks in (0, highest) else blocks]
+        st = qcow2.stat()
+        assert dom.blockInfo(str(qcow2)) == [2 * MiB, st.st_blocks * 512, st.st_size]
+        out = virsh(daemon.uri, "domblkinfo", "disk-info", "vdb").stdout
+        want_out = f"Capacity:       {2 * MiB}\nAllocation:     {st.st_blocks * 512}\nPhysical:       {st.st_size}\n"
+        assert out.strip("\n") == want_out.strip("\n"), out
+        bad = virsh(daemon.uri, "domblkinfo", "disk-info", "vdz", check=False)
+        want = virsh("test:///default", "domblkinfo", "test", "vdz", check=False)
+        assert bad.returncode == want.returncode == 1 and bad.stderr == want.stderr, bad.stderr
     finally:
         if dom.isActive():
             dom.destroy()
