@@ -672,8 +672,8 @@ def list_all_snapshots(s: Session, dom: Domain, need_results: int, flags: int) -
 
 # ---- domain stats (virsh domstats, virt-manager's graphs) -----------------------------------------------
 
-STATS_STATE, STATS_CPU_TOTAL, STATS_BALLOON, STATS_VCPU = 1, 2, 4, 8
-STATS_SUPPORTED = STATS_STATE | STATS_CPU_TOTAL | STATS_BALLOON | STATS_VCPU
+STATS_STATE, STATS_CPU_TOTAL, STATS_BALLOON, STATS_VCPU, STATS_BLOCK = 1, 2, 4, 8, 32
+STATS_SUPPORTED = STATS_STATE | STATS_CPU_TOTAL | STATS_BALLOON | STATS_VCPU | STATS_BLOCK
 STATS_ENFORCE = 1 << 31
 STATS_FLAG_FILTERS = (
     LIST_ACTIVE
@@ -686,13 +686,15 @@ STATS_FLAG_FILTERS = (
     | LIST_OTHER
 )
 STATS_FLAGS = STATS_FLAG_FILTERS | (1 << 29) | (1 << 30) | STATS_ENFORCE  # NOWAIT, BACKING: nothing to wait for
-TP_INT, TP_UINT, TP_ULLONG = 1, 2, 4
+TP_INT, TP_UINT, TP_ULLONG, TP_STRING = 1, 2, 4, 7
 
 
-def _pack_param(p: Packer, field: str, kind: int, value: int) -> None:
+def _pack_param(p: Packer, field: str, kind: int, value: int | str) -> None:
     p.string(field)
     p.int(kind)
-    if kind == TP_ULLONG:
+    if isinstance(value, str):
+        p.string(value)
+    elif kind == TP_ULLONG:
         p.uhyper(value)
     elif kind == TP_UINT:
         p.uint(value)
@@ -700,8 +702,8 @@ def _pack_param(p: Packer, field: str, kind: int, value: int) -> None:
         p.int(value)
 
 
-def _domain_stats(s: Session, dom: Domain, stats: int) -> list[tuple[str, int, int]]:
-    out: list[tuple[str, int, int]] = []
+async def _domain_stats(s: Session, dom: Domain, stats: int) -> list[tuple[str, int, int | str]]:
+    out: list[tuple[str, int, int | str]] = []
     if stats & STATS_STATE:
         out += [("state.state", TP_INT, int(dom.status.state)), ("state.reason", TP_INT, int(dom.status.reason))]
     if stats & STATS_CPU_TOTAL and dom.active:
@@ -716,6 +718,8 @@ def _domain_stats(s: Session, dom: Domain, stats: int) -> list[tuple[str, int, i
         out += [("balloon.current", TP_ULLONG, cfg.current_memory_kib), ("balloon.maximum", TP_ULLONG, cfg.memory_kib)]
     if stats & STATS_VCPU:
         out += [("vcpu.current", TP_UINT, cfg.current_vcpus), ("vcpu.maximum", TP_UINT, cfg.vcpus)]
+    if stats & STATS_BLOCK:
+        out += await monitor.domain_block_stats(dom)
     return out
 
 
@@ -726,7 +730,7 @@ class _DomainList(Arg):
         return [unpack_domain(u) for _ in range(u.array_len(DOMAIN_LIST_MAX))]
 
 
-def get_all_domain_stats(s: Session, wanted: list[tuple[str, bytes, int]], stats: int, flags: int) -> bytes:
+async def get_all_domain_stats(s: Session, wanted: list[tuple[str, bytes, int]], stats: int, flags: int) -> bytes:
     if wanted and flags & STATS_FLAG_FILTERS:
         raise VirtError(ErrorCode.INVALID_ARG, "filtering is not supported by virDomainListGetStats")
     if flags & STATS_ENFORCE and stats & ~STATS_SUPPORTED:
@@ -744,7 +748,7 @@ def get_all_domain_stats(s: Session, wanted: list[tuple[str, bytes, int]], stats
     p.uint(len(doms))
     for dom in doms:
         pack_domain(p, dom)
-        params = _domain_stats(s, dom, stats)
+        params = await _domain_stats(s, dom, stats)
         p.uint(len(params))
         for field, kind, value in params:
             _pack_param(p, field, kind, value)

@@ -270,3 +270,61 @@ def test_domblkinfo_as_libvirt_reports_it_for_raw_and_qcow2_inactive_and_running
         if dom.isActive():
             dom.destroy()
         dom.undefine()
+
+
+def test_domstats_block_as_libvirt_9_names_it_running_and_inactive(
+    kvm: None, daemon: DaemonProcess, conn: Any, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    raw, qcow2 = tmp_path / "stats.raw", tmp_path / "stats.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), str(MiB)], check=True, timeout=30)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), str(2 * MiB)], check=True, timeout=30)
+    dom = conn.defineXML(document("disk-stats", tiny_kernel, disk_xml(raw) + disk_xml(qcow2, "qcow2", dev="vdb")))
+
+    def block_group() -> dict[str, Any]:
+        ((got, record),) = conn.domainListGetStats([dom], libvirt.VIR_DOMAIN_STATS_BLOCK)
+        assert got.name() == "disk-stats"
+        assert isinstance(record, dict)
+        return record
+
+    try:
+        # Inactive: the sizes read from the files (qemu-img info and stat are the oracle), each when not 0.
+        raw_blocks = raw.stat().st_blocks * 512
+        inactive = {
+            "block.count": 2,
+            "block.0.name": "vda",
+            "block.0.path": str(raw),
+            **({"block.0.allocation": raw_blocks} if raw_blocks else {}),
+            "block.0.capacity": MiB,
+            "block.0.physical": MiB,
+            "block.1.name": "vdb",
+            "block.1.path": str(qcow2),
+            "block.1.allocation": qemu_img_info(qcow2)["actual-size"],
+            "block.1.capacity": 2 * MiB,
+            "block.1.physical": qcow2.stat().st_size,
+        }
+        assert block_group() == inactive
+
+        dom.create()
+        assert write_through_console(daemon, "disk-stats", 1)["press"] == 1
+        # Running: allocation is the highest offset written (the guest's pattern's end on vda; nothing on
+        # vdb), physical the allocated size (qemu-img info -U). No rd/wr/fl counters: the backend keeps none.
+        running = {
+            "block.count": 2,
+            "block.0.name": "vda",
+            "block.0.path": str(raw),
+            "block.0.allocation": TINY_BLK_SECTOR * SECTOR + TINY_BLK_BYTES,
+            "block.0.capacity": MiB,
+            "block.0.physical": qemu_img_info(raw)["actual-size"],
+            "block.1.name": "vdb",
+            "block.1.path": str(qcow2),
+            "block.1.allocation": 0,
+            "block.1.capacity": 2 * MiB,
+            "block.1.physical": qemu_img_info(qcow2)["actual-size"],
+        }
+        assert block_group() == running
+        out = virsh(daemon.uri, "domstats", "--block", "disk-stats").stdout
+        assert out.split() == ["Domain:", "'disk-stats'"] + [f"{k}={v}" for k, v in running.items()], out
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()

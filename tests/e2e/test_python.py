@@ -130,13 +130,14 @@ def test_domain_stats(kvm: None, conn: object, daemon: DaemonProcess, tiny_kerne
     assert st1["state.state"] == libvirt.VIR_DOMAIN_RUNNING and st1["vcpu.current"] == 2
     assert st1["balloon.maximum"] == 32768 and st1["cpu.time"] == st1["cpu.user"] + st1["cpu.system"] > 0
     assert "cpu.time" not in records["st2"]  # no CPU time for a domain that is not running
+    assert st1["block.count"] == 0 and not any(k.startswith("block.0.") for k in st1)  # a domain without disks
     active = c.getAllDomainStats(  # type: ignore[attr-defined]
         libvirt.VIR_DOMAIN_STATS_STATE, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
     )
     assert [(d.name(), sorted(s)) for d, s in active] == [("st1", ["state.reason", "state.state"])]
     with pytest.raises(libvirt.libvirtError) as exc:  # a group we lack, enforced
         c.getAllDomainStats(  # type: ignore[attr-defined]
-            libvirt.VIR_DOMAIN_STATS_BLOCK, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ENFORCE_STATS
+            libvirt.VIR_DOMAIN_STATS_INTERFACE, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ENFORCE_STATS
         )
     assert exc.value.get_error_code() == libvirt.VIR_ERR_OPERATION_UNSUPPORTED
     out = virsh(daemon.uri, "domstats", "st1").stdout
