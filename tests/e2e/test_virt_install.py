@@ -4,21 +4,35 @@ virt-install runs under /usr/bin/python3 with python3-libvirt, so it is started 
 its own HOME (it writes ``~/.cache/virt-manager/virt-install.log``). In virtinst 4.1 a direct kernel
 boot is an "install method" only together with ``--import``; ``--boot kernel=…`` alone fails with
 "An install method must be specified".
+
+Disks: virtinst 4.1 decides every qemu-only default by the URI's scheme (``VirtinstConnection.is_qemu``), so
+against mshv:// it never picks bus='virtio' (``Guest.supports_virtiodisk`` needs qemu://: the default is
+'ide') and writes no ``<driver>`` (``conn_disk_driver_name_qemu``). The daemon refuses the IDE default by
+name; ``bus=virtio`` is the one disk option these tests add. Pools are libvirt's own
+(``storage:///system``, relayed); each test's pools are those whose directory is under its tmp_path,
+removed straight through libvirt afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 from lxml import etree
 
 from mshv_libvirt.domain.xml import parse_domain_xml
 from tests.support.daemon import DaemonProcess, serial_log, virsh, wait_for
-from tests.support.guests import TINY_AP_BANNER, TINY_BANNER
+from tests.support.disks import SECTOR, assert_image_holds, write_through_console
+from tests.support.guests import TINY_AP_BANNER, TINY_BANNER, TINY_IRQ_FLAG
+from tests.support.libvirtd import unique
+from tests.support.procfs import image_locked
 
 pytestmark = pytest.mark.virsh
 
@@ -51,8 +65,12 @@ def virt_install(
     return res
 
 
-def base_args(name: str, kernel: Path, *, cmdline: str = "console=ttyS0") -> list[str]:
-    """The smallest invocation that boots a kernel image: no disk, no network, no graphics."""
+def base_args(
+    name: str, kernel: Path, *, cmdline: str = "console=ttyS0", disk: tuple[str, ...] = ("none",)
+) -> list[str]:
+    """The smallest invocation that boots a kernel image: no disk (unless ``disk`` gives --disk's
+    values), no network, no graphics."""
+    disks = [arg for value in disk for arg in ("--disk", value)]
     return [
         "--name",
         name,
@@ -63,8 +81,7 @@ def base_args(name: str, kernel: Path, *, cmdline: str = "console=ttyS0") -> lis
         "--import",
         "--boot",
         f"kernel={kernel},kernel_args={cmdline}",
-        "--disk",
-        "none",
+        *disks,
         "--network",
         "none",
         "--graphics",
@@ -178,4 +195,113 @@ def test_unsupported_device_is_refused_by_name(daemon: DaemonProcess, tiny_kerne
     res = virt_install(daemon, tmp_path / "home", *args, check=False)
     assert res.returncode != 0
     assert "device <interface> is not supported by the mshv driver" in res.stderr
+    assert names(daemon) == set()
+
+
+# ---- disks ------------------------------------------------------------------------------------
+
+BLK_CMDLINE = f"console=ttyS0 tiny {TINY_IRQ_FLAG}"  # the tiny guest's virtio-blk driver runs interrupt-driven
+IDE_REFUSAL = "unsupported configuration: disk bus 'ide' is not supported by the mshv driver; use bus='virtio'"
+
+
+def pools_under(conn: libvirt.virConnect, root: Path) -> list[libvirt.virStoragePool]:
+    """libvirt's own pools whose directory is ``root`` or under it."""
+    found = []
+    for pool in conn.listAllStoragePools():
+        target = etree.fromstring(pool.XMLDesc(0).encode()).findtext("target/path") or ""
+        if Path(target) == root or Path(target).is_relative_to(root):
+            found.append(pool)
+    return found
+
+
+@pytest.fixture
+def storage(system_libvirtd: None, tmp_path: Path) -> Iterator[libvirt.virConnect]:
+    """libvirt's storage driver itself (the oracle, not the relay); every pool defined during the test with
+    its directory under tmp_path (the test's, or one virtinst defines for a disk path) is removed after."""
+    conn = libvirt.open("storage:///system")
+    try:
+        yield conn
+    finally:
+        for pool in pools_under(conn, tmp_path):
+            with contextlib.suppress(libvirt.libvirtError):
+                if pool.isActive():
+                    pool.destroy()
+                pool.undefine()
+        conn.close()
+
+
+def dir_pool(conn: libvirt.virConnect, root: Path) -> libvirt.virStoragePool:
+    name = unique("mshvvi")
+    pool = conn.storagePoolDefineXML(
+        f"<pool type='dir'><name>{name}</name><target><path>{root / name}</path></target></pool>"
+    )
+    pool.build(0)
+    pool.create(0)
+    return pool
+
+
+def test_the_default_ide_disk_is_refused_by_name_and_its_volume_removed(
+    daemon: DaemonProcess, storage: libvirt.virConnect, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    """Needs no KVM: refused at createXML. virt-install allocated the volume first and removes it itself."""
+    pool = dir_pool(storage, tmp_path)
+    args = base_args("vi5", tiny_kernel, disk=(f"pool={pool.name()},size=0.01",))
+    res = virt_install(daemon, tmp_path / "home", *args, check=False)
+    assert res.returncode != 0
+    assert "Allocating 'vi5.img'" in res.stdout and IDE_REFUSAL in res.stderr, res.stdout + res.stderr
+    assert names(daemon) == set()
+    pool.refresh(0)
+    assert pool.listVolumes() == []  # libvirt's own listing: virt-install deleted what it allocated
+
+
+def written_disk(d: DaemonProcess, name: str) -> etree._Element:
+    disks = etree.fromstring(virsh(d.uri, "dumpxml", name).stdout.encode()).findall("devices/disk")
+    assert len(disks) == 1
+    return disks[0]
+
+
+def qemu_virtual_size(path: Path) -> int:
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True, timeout=30)
+    assert info.returncode == 0, info.stderr
+    return int(json.loads(info.stdout)["virtual-size"])
+
+
+def test_a_volume_it_allocates_in_a_pool_is_written_by_the_guest(
+    kvm: None, daemon: DaemonProcess, storage: libvirt.virConnect, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    pool = dir_pool(storage, tmp_path)
+    args = base_args("vi6", tiny_kernel, cmdline=BLK_CMDLINE, disk=(f"pool={pool.name()},size=0.01,bus=virtio",))
+    res = virt_install(daemon, tmp_path / "home", *args)
+    assert "Domain creation completed" in res.stdout + res.stderr
+    vol = pool.storageVolLookupByName("vi6.img")  # libvirt's storage driver has the volume virt-install made
+    path = Path(vol.path())
+    disk = written_disk(daemon, "vi6")
+    assert (disk.get("type"), disk.get("device")) == ("file", "disk")
+    assert (disk.find("source").get("file"), disk.find("target").get("bus")) == (str(path), "virtio")  # type: ignore[union-attr]
+    line = write_through_console(daemon, "vi6", 1)
+    # virtinst sized it 0.01 GiB, not a whole number of sectors; QEMU's block layer, which serves it, rounds up
+    assert line["press"] == 1 and line["capacity"] == qemu_virtual_size(path) // SECTOR, line
+    assert_image_holds(path, 1)  # the guest flushed: the host reads its bytes from the volume's file
+    virsh(daemon.uri, "destroy", "vi6")
+    wait_for(lambda: not image_locked(path))
+    virsh(daemon.uri, "undefine", "vi6")
+    assert names(daemon) == set()
+
+
+def test_an_image_path_outside_any_pool_is_written_by_the_guest(
+    kvm: None, daemon: DaemonProcess, storage: libvirt.virConnect, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    """virtinst makes a pool of the image's directory (through the relay); the storage fixture removes it."""
+    img = tmp_path / unique("mshvvi") / "disk.raw"
+    img.parent.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(img), "2M"], check=True, timeout=30)
+    args = base_args("vi7", tiny_kernel, cmdline=BLK_CMDLINE, disk=(f"path={img},bus=virtio",))
+    virt_install(daemon, tmp_path / "home", *args)
+    assert written_disk(daemon, "vi7").find("source").get("file") == str(img)  # type: ignore[union-attr]
+    line = write_through_console(daemon, "vi7", 2)
+    assert line["press"] == 2 and line["capacity"] == (2 << 20) // SECTOR, line
+    assert_image_holds(img, 2)
+    virsh(daemon.uri, "destroy", "vi7")
+    wait_for(lambda: not image_locked(img))
+    virsh(daemon.uri, "undefine", "vi7")
     assert names(daemon) == set()

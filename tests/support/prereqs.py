@@ -141,7 +141,7 @@ PATH_NEEDS: dict[str, tuple[str, ...]] = {
     "tests/e2e/test_python.py": ("libvirt-python", "libvirt-schemas"),
     "tests/e2e/test_policies.py": ("libvirt-python",),
     "tests/e2e/test_reliability.py": ("libvirt-python",),
-    "tests/e2e/test_virt_install.py": ("virt-install",),
+    "tests/e2e/test_virt_install.py": ("virt-install", "libvirtd", "libvirt-python", "qemu-img", "qemu-storage-daemon"),
     "tests/e2e/test_virt_manager.py": ("virt-manager", "xvfb", "libvirtd", "libvirt-python", "qemu-img"),
     "tests/e2e/test_paths.py": ("systemd-analyze", "util-linux"),
     "tests/e2e/test_disks.py": ("qemu-storage-daemon", "qemu-img", "libvirt-python"),
