@@ -132,6 +132,11 @@ _USB_MODELS = (
 )  # fmt: skip
 _DISK_BUSES = ("ide", "fdc", "scsi", "virtio", "xen", "usb", "uml", "sata", "sd")  # "none" is refused (NONZERO)
 _DISK_DEVICES = ("disk", "cdrom", "floppy", "lun")
+# virDomainDiskModel; 'default' is the absent model (libvirt accepts it and prints nothing).
+_DISK_MODELS = ("default", "virtio", "virtio-transitional", "virtio-non-transitional")
+DISK_MODELS_SUPPORTED = ("virtio", "virtio-non-transitional")  # as the rng's: modern-only virtio-pci
+DISK_DEVICES_SUPPORTED = ("disk",)
+DISK_BUSES_SUPPORTED = ("virtio",)
 # libvirt's bus for a <disk> without target bus= (domain_postparse.c), by target name prefix.
 _DISK_PREFIX_BUS = (("hd", "ide"), ("sd", "scsi"), ("vd", "virtio"), ("xvd", "xen"), ("ubd", "uml"))
 _RNG_MODELS = ("virtio", "virtio-transitional", "virtio-non-transitional")
@@ -159,6 +164,7 @@ class DiskDevice:
     type: str  # 'file' | 'block' | 'volume'
     target: str  # <target dev>, e.g. 'vda'
     address: PciAddress
+    model: str | None = None  # <disk model>: 'virtio' | 'virtio-non-transitional'; None when not given
     path: str | None = None  # <source file> or <source dev>; None for a volume disk
     pool: str | None = None  # <source pool volume> of a volume disk
     volume: str | None = None
@@ -1110,6 +1116,9 @@ def _disk(el: etree._Element) -> _DiskRequest:
     device = el.get("device", "disk")
     if device not in _DISK_DEVICES:
         raise _prop_enum_error(el, "device", device)
+    model = el.get("model")
+    if model is not None and model not in _DISK_MODELS:
+        raise _prop_enum_error(el, "model", model)
     target = el.find("target")
     dev = target.get("dev") if target is not None else None
     bus = target.get("bus") if target is not None else None
@@ -1124,15 +1133,19 @@ def _disk(el: etree._Element) -> _DiskRequest:
         bus = "fdc" if device == "floppy" else next((b for p, b in _DISK_PREFIX_BUS if dev.startswith(p)), "ide")
     if el.find("address") is None and _disk_index(dev) is None:
         raise _domain_xml_error(f"Unknown disk name '{dev}' and no address specified")
-    if device != "disk":
+    if device not in DISK_DEVICES_SUPPORTED:
         raise unsupported(f"disk device '{device}' {_NOT_SUPPORTED}; use device='disk'")
-    if bus != "virtio":
+    if bus not in DISK_BUSES_SUPPORTED:
         how = f" (inferred from target '{dev}')" if inferred else ""
         raise unsupported(f"disk bus '{bus}'{how} {_NOT_SUPPORTED}; use bus='virtio'")
     if dtype not in _DISK_TYPES_SUPPORTED:
         raise unsupported(f"disk type '{dtype}' {_NOT_SUPPORTED}; use type='file', 'block' or 'volume'")
-    _check_attrs(el, ("type", "device"))
+    if model not in (None, "default", *DISK_MODELS_SUPPORTED):
+        raise unsupported(f"disk model '{model}' {_NOT_SUPPORTED}; use model='virtio'")
+    _check_attrs(el, ("type", "device", "model"))
     fields: dict[str, object] = {"type": dtype, "target": dev}
+    if model in DISK_MODELS_SUPPORTED:
+        fields["model"] = model
     address: PciAddress | None = None
     seen: set[str] = set()
     for child in _elements(el):
@@ -1222,7 +1235,8 @@ def _check_disk_targets(disks: list[_DiskRequest]) -> None:
 
 def _format_disk(disk: DiskDevice) -> list[tuple[int, str]]:
     """virDomainDiskDefFormat's lines for the subset this driver accepts."""
-    lines = [(2, f"<disk type='{disk.type}' device='disk'>")]
+    model = f" model='{disk.model}'" if disk.model is not None else ""
+    lines = [(2, f"<disk type='{disk.type}' device='disk'{model}>")]
     driver = tuple(
         (k, v)
         for k, v in (

@@ -859,6 +859,20 @@ def test_disk_devices_other_than_disk_refused_naming_them(device: str) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("model", "printed"),
+    [("virtio", " model='virtio'"), ("virtio-non-transitional", " model='virtio-non-transitional'"), ("default", "")],
+)
+def test_disk_models_of_modern_virtio_are_kept_as_libvirt_prints_them(model: str, printed: str) -> None:
+    """As test:///default: 'default' is the absent model and is not printed."""
+    cfg = parse_domain_xml(
+        dom(f"<devices><disk type='file' model='{model}'><source file='/d.img'/><target dev='vda'/></disk></devices>")
+    )
+    assert [d.model for d in cfg.disks] == [model if printed else None]
+    assert f"<disk type='file' device='disk'{printed}>" in cfg.xml
+    assert parse_domain_xml(cfg.xml) == cfg
+
+
 def test_a_virtio_disk_without_bus_is_accepted_with_the_inferred_bus_printed() -> None:
     cfg = parse_domain_xml(
         dom("<devices><disk type='file'><source file='/d.img'/><target dev='vdaa'/></disk></devices>")
@@ -885,6 +899,23 @@ def test_a_virtio_disk_without_bus_is_accepted_with_the_inferred_bus_printed() -
             "<disk type='file'><target dev='vda' bus='pci'/></disk>",
             ErrorCode.XML_ERROR,
             "XML error: Invalid value for attribute 'bus' in element 'target': 'pci'.",
+        ),
+        # test:///default's words for the same documents (libvirt 9.0)
+        (
+            "<disk type='file' model='xyz'><source file='/d.img'/><target dev='vda'/></disk>",
+            ErrorCode.XML_ERROR,
+            "XML error: Invalid value for attribute 'model' in element 'disk': 'xyz'.",
+        ),
+        (
+            "<disk type='file' model=''><source file='/d.img'/><target dev='vda'/></disk>",
+            ErrorCode.XML_ERROR,
+            "XML error: Invalid value for attribute 'model' in element 'disk': ''.",
+        ),
+        (
+            "<disk type='file' model='virtio-transitional'><source file='/d.img'/><target dev='vda'/></disk>",
+            ErrorCode.CONFIG_UNSUPPORTED,
+            "unsupported configuration: disk model 'virtio-transitional' is not supported by the mshv driver; "
+            "use model='virtio'",
         ),
     ],
 )
