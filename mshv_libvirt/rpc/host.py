@@ -17,6 +17,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from mshv_libvirt.domain import MAX_VCPUS
+from mshv_libvirt.domain.xml import DISK_BUSES_SUPPORTED, DISK_DEVICES_SUPPORTED, DISK_MODELS_SUPPORTED
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_argument
 from mshv_libvirt.proc import SYS_CPU, host_memory_kib, read_cpu_list
 
@@ -219,6 +220,22 @@ def _host_passthrough_xml(offer: HypervisorOffer) -> str:
     </mode>"""
 
 
+def _enum(name: str, values: Collection[str], indent: str) -> str:
+    """A domcapabilities <enum> as libvirt's virDomainCapsEnumFormat prints it."""
+    if not values:
+        return f"{indent}<enum name='{name}'/>"
+    inner = "".join(f"{indent}  <value>{v}</value>\n" for v in values)
+    return f"{indent}<enum name='{name}'>\n{inner}{indent}</enum>"
+
+
+def _disk_xml() -> str:
+    """<disk>: what domain/xml.py runs, in the QEMU driver's shape (virDomainCapsDeviceDiskFormat): a disk on
+    virtio-blk, no cdrom, floppy or lun and no other bus."""
+    enums = (("diskDevice", DISK_DEVICES_SUPPORTED), ("bus", DISK_BUSES_SUPPORTED), ("model", DISK_MODELS_SUPPORTED))
+    body = "\n".join(_enum(name, values, "      ") for name, values in enums)
+    return f"    <disk supported='yes'>\n{body}\n    </disk>"
+
+
 def check_hypervisor(arch: str | None, virttype: str | None) -> None:
     """The (arch, virttype) a domcapabilities-style call names must be this driver's (None: the default)."""
     if arch not in (None, "x86_64"):
@@ -246,7 +263,7 @@ def domain_capabilities_xml(emulator: str | None, arch: str | None, machine: str
   </cpu>
   <memoryBacking supported='no'/>
   <devices>
-    <disk supported='no'/>
+{_disk_xml()}
     <graphics supported='no'/>
     <video supported='no'/>
     <hostdev supported='no'/>

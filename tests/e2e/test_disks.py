@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lxml import etree
 
 from tests.support.daemon import DaemonProcess, running_daemon, virsh, vmm_processes, wait_for
 from tests.support.disks import SECTOR, assert_image_holds, disk_xml, document, write_through_console
-from tests.support.guests import TINY_BANNER
+from tests.support.guests import TINY_BANNER, TINY_BLK_BYTES, TINY_BLK_SECTOR
 from tests.support.procfs import image_locked, process_gone
 
 libvirt = pytest.importorskip("libvirt")
@@ -324,6 +325,83 @@ def test_domstats_block_as_libvirt_9_names_it_running_and_inactive(
         assert block_group() == running
         out = virsh(daemon.uri, "domstats", "--block", "disk-stats").stdout
         assert out.split() == ["Domain:", "'disk-stats'"] + [f"{k}={v}" for k, v in running.items()], out
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+
+
+# ---- domcapabilities <disk>: what define accepts, in the shape of libvirt's QEMU driver ---------------
+
+DOMAINCAPS_RNG = Path("/usr/share/libvirt/schemas/domaincaps.rng")
+DISK_DEFAULTS = (("diskDevice", "disk"), ("bus", "virtio"), ("model", "virtio"))
+DISK_REFUSAL = {"diskDevice": "disk device '{}'", "bus": "disk bus '{}'", "model": "disk model '{}'"}
+
+
+def disk_enums(caps_xml: str) -> dict[str, list[str]]:
+    disk = etree.fromstring(caps_xml.encode()).find("devices/disk")
+    assert disk is not None and disk.get("supported") == "yes", caps_xml
+    return {e.get("name", ""): [v.text or "" for v in e.findall("value")] for e in disk.findall("enum")}
+
+
+def probe_disk(enum: str, value: str) -> str:
+    """A virtio disk with one of its enum attributes set to ``value``."""
+    device, bus, model = (value if enum == name else dflt for name, dflt in DISK_DEFAULTS)
+    return (
+        f"<disk type='file' device='{device}' model='{model}'><source file='/nonexistent.img'/>"
+        f"<target dev='vda' bus='{bus}'/></disk>"
+    )
+
+
+def test_domcapabilities_disk_lists_exactly_what_define_accepts(
+    system_libvirtd: None, daemon: DaemonProcess, conn: Any, tiny_kernel: Path
+) -> None:
+    """The oracle for the shape and the candidate values is libvirt's QEMU driver on this host (its
+    domcapabilities from libvirtd's qemu:///system); the oracle for "supported" is define itself."""
+    ours = virsh(daemon.uri, "domcapabilities").stdout
+    qemu = disk_enums(virsh("qemu:///system", "domcapabilities").stdout)
+    listed = disk_enums(ours)
+    assert list(listed) == list(qemu) == ["diskDevice", "bus", "model"]
+    for name, values in listed.items():
+        assert values == [v for v in qemu[name] if v in values], (name, values, qemu[name])  # QEMU's order
+    for name, candidates in qemu.items():
+        for value in candidates:
+            xml = document(f"disk-caps-{name}-{value}", tiny_kernel, probe_disk(name, value))
+            if value in listed[name]:
+                conn.defineXML(xml).undefine()
+                continue
+            with pytest.raises(libvirt.libvirtError) as info:
+                conn.defineXML(xml)
+            err = info.value
+            assert (err.get_error_code(), err.get_error_domain()) == (
+                libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+                libvirt.VIR_FROM_DOMAIN,
+            ), (name, value, err.get_error_message())
+            assert f"{DISK_REFUSAL[name].format(value)} is not supported by the mshv driver" in str(err), str(err)
+    assert conn.listDefinedDomains() == []
+    assert listed == {"diskDevice": ["disk"], "bus": ["virtio"], "model": ["virtio", "virtio-non-transitional"]}
+    if DOMAINCAPS_RNG.is_file():  # what libvirt's own clients validate against
+        schema = etree.RelaxNG(etree.parse(str(DOMAINCAPS_RNG)))
+        assert schema.validate(etree.fromstring(ours.encode())), schema.error_log
+
+
+@pytest.mark.parametrize("model", ["virtio", "virtio-non-transitional"])
+def test_each_listed_disk_model_runs_and_the_guest_writes(
+    kvm: None, daemon: DaemonProcess, conn: Any, tiny_kernel: Path, tmp_path: Path, model: str
+) -> None:
+    assert model in disk_enums(virsh(daemon.uri, "domcapabilities").stdout)["model"]
+    img = tmp_path / "model.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(img), str(MiB)], check=True, timeout=30)
+    disk = disk_xml(img).replace("device='disk'>", f"device='disk' model='{model}'>")
+    name = f"disk-model-{model}"
+    dom = conn.defineXML(document(name, tiny_kernel, disk))
+    try:
+        assert f"<disk type='file' device='disk' model='{model}'>" in dom.XMLDesc(0)  # printed as libvirt does
+        dom.create()
+        assert write_through_console(daemon, name, 1)["press"] == 1
+        dom.destroy()
+        wait_for(lambda: not image_locked(img))
+        assert_image_holds(img, 1)
     finally:
         if dom.isActive():
             dom.destroy()

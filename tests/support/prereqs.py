@@ -114,6 +114,8 @@ PREREQUISITES: dict[str, Prerequisite] = {
         Prerequisite("xvfb", "xvfb", _tools("Xvfb")),
         Prerequisite("qemu-img", "qemu-utils", _tools("qemu-img")),
         Prerequisite("qemu-storage-daemon", "qemu-system-common", _tools("qemu-storage-daemon")),  # virtio-blk
+        # libvirt's QEMU driver answers domcapabilities only with its emulator: the oracle for <disk>'s shape
+        Prerequisite("qemu-system-x86", "qemu-system-x86", _tools("qemu-system-x86_64")),
         # libvirt's own daemon, whose storage and network drivers the relay tests talk to
         Prerequisite("libvirtd", "libvirt-daemon", _file("/usr/sbin/libvirtd")),
         Prerequisite("dnsmasq", "dnsmasq-base", _file("/usr/sbin/dnsmasq")),  # libvirt's network driver
@@ -144,7 +146,7 @@ PATH_NEEDS: dict[str, tuple[str, ...]] = {
     "tests/e2e/test_virt_install.py": ("virt-install", "libvirtd", "libvirt-python", "qemu-img", "qemu-storage-daemon"),
     "tests/e2e/test_virt_manager.py": ("virt-manager", "xvfb", "libvirtd", "libvirt-python", "qemu-img"),
     "tests/e2e/test_paths.py": ("systemd-analyze", "util-linux"),
-    "tests/e2e/test_disks.py": ("qemu-storage-daemon", "qemu-img", "libvirt-python"),
+    "tests/e2e/test_disks.py": ("qemu-storage-daemon", "qemu-img", "libvirt-python", "libvirtd", "qemu-system-x86"),
     "tests/e2e/test_storage_relay.py": ("libvirtd", "qemu-img", "libvirt-python"),
     "tests/e2e/test_network_relay.py": ("libvirtd", "dnsmasq", "iproute2", "iptables", "libvirt-python"),
     "tests/emu/test_c_harness.py": ("gcc",),
