@@ -161,13 +161,34 @@ def find_vmm_processes(run_dir: Path) -> list[tuple[Path, int]]:
 
     That is ``<run_dir>/<id>/vmm.json``, or ``<run_dir>/<name>.vmm.json`` for VMMs started by an
     earlier version. Found in /proc rather than through pidfiles: a VMM killed-over during start-up
-    may not have written its pidfile yet, and must still be found.
+    may not have written its pidfile yet, and must still be found. A VMM's own children with its
+    command line are not VMMs: the reaper of each disk backend is forked without an exec
+    (abi/shim.c ``mshv_spawn_helper``), and stopping it as an orphan would kill the running guest's disk.
     """
     out: list[tuple[Path, int]] = []
     try:
         entries = [e for e in os.listdir("/proc") if e.isdigit()]
     except OSError:
         return out
+    found = _vmm_candidates(entries, run_dir)
+    for pid, config in found.items():
+        parent = _parent_of(pid)
+        if parent in found and same_file(found[parent], config):
+            continue  # a forked helper of that VMM
+        out.append((config, pid))
+    return out
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _vmm_candidates(entries: list[str], run_dir: Path) -> dict[int, Path]:
+    """pid -> config of every live process running a VMM command line with its config in ``run_dir``."""
+    out: dict[int, Path] = {}
     for entry in entries:
         pid = int(entry)
         config = vmm_config_of(pid)
@@ -180,7 +201,7 @@ def find_vmm_processes(run_dir: Path) -> list[tuple[Path, int]]:
         else:
             continue
         if same_file(home, run_dir) and pid_alive(pid):
-            out.append((config, pid))
+            out[pid] = config
     return out
 
 

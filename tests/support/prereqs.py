@@ -147,6 +147,7 @@ PATH_NEEDS: dict[str, tuple[str, ...]] = {
     "tests/e2e/test_virt_manager.py": ("virt-manager", "xvfb", "libvirtd", "libvirt-python", "qemu-img"),
     "tests/e2e/test_paths.py": ("systemd-analyze", "util-linux"),
     "tests/e2e/test_disks.py": ("qemu-storage-daemon", "qemu-img", "libvirt-python", "libvirtd", "qemu-system-x86"),
+    "tests/e2e/test_disk_survival.py": ("qemu-storage-daemon", "qemu-img"),
     "tests/e2e/test_storage_relay.py": ("libvirtd", "qemu-img", "libvirt-python"),
     "tests/e2e/test_network_relay.py": ("libvirtd", "dnsmasq", "iproute2", "iptables", "libvirt-python"),
     "tests/emu/test_c_harness.py": ("gcc",),
