@@ -4,28 +4,43 @@ The reproduction of the robustness issue: 64 read-only clients each send 34 GetX
 900 KB domain and never read the replies (before the limits: the daemon grew from 49 MiB to 1.8 GiB).
 libvirtd's rule (max_client_requests = 5: a call counts until its reply is completely written to the
 socket; past it the client is not read) bounds each such client to a few replies. The daemon's RSS is
-read from /proc by the test; the replies are counted by the clients themselves.
+read from /proc by the test; the replies are counted by the clients themselves. Events count in the
+same queue: a client that registered for events and stopped reading is dropped at MAX_QUEUED (the kernel's
+hang-up on its socket) while other clients get their events and answers; the calls running for one client
+stop at libvirtd's 5 (counted by the validator hook, tests/support/validator_hook.py).
 """
 
 from __future__ import annotations
 
+import fcntl
+import select
+import struct
+import termios
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
 import pytest
 
+from mshv_libvirt.rpc.dispatch import MAX_CALLBACKS
+from mshv_libvirt.rpc.server import MAX_QUEUED
 from mshv_libvirt.rpc.xdr import Packer, Unpacker
-from tests.support.daemon import DaemonProcess, domain_xml
-from tests.support.events import ensure_event_loop
+from tests.support.daemon import DaemonProcess, domain_xml, wait_for
+from tests.support.events import DomainEvents, ensure_event_loop
 from tests.support.procfs import rss_kib
-from tests.support.rawrpc import OK, RawClient
+from tests.support.rawrpc import MESSAGE, OK, PROC_DEFINE_XML, REPLY, RawClient
 from tests.support.report import write_report
-from tests.support.waits import settle
+from tests.support.validator_hook import GATE_ENV, LOG_ENV
+from tests.support.waits import assert_quiet, settle
 
 pytestmark = pytest.mark.virsh
 
 PROC_LOOKUP_BY_NAME, PROC_GET_XML_DESC = 23, 14
+MAX_CLIENT_REQUESTS = 5  # libvirtd.conf's max_client_requests default (libvirt 9.0), not ours to choose
+PROC_REGISTER_ANY = 316  # REMOTE_PROC_CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY
+PROC_LIFECYCLE_EVENT = 318  # REMOTE_PROC_DOMAIN_EVENT_CALLBACK_LIFECYCLE
 CLIENTS, CALLS, DESCRIPTION = 64, 34, 900_000
 
 
@@ -144,4 +159,178 @@ def test_event_callbacks_per_connection_are_bounded(daemon: DaemonProcess) -> No
         assert c.roundtrip(317, p.getvalue())[0] == OK
         assert register(libvirt.VIR_DOMAIN_EVENT_ID_REBOOT)[0] == OK
     finally:
+        c.close()
+
+
+def _hung_up(c: RawClient) -> bool:
+    """The daemon closed its end of ``c`` (the kernel's POLLHUP), whatever ``c`` left unread."""
+    poller = select.poll()
+    poller.register(c.sock, select.POLLHUP)
+    return any(ev & select.POLLHUP for _, ev in poller.poll(0))
+
+
+def _unread(c: RawClient) -> int:
+    """Bytes delivered to ``c``'s socket that it has not read (SIOCINQ)."""
+    return int(struct.unpack("i", fcntl.ioctl(c.sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
+
+
+class Prober(threading.Thread):
+    """A third client asking the daemon something, one call after the other, timing every answer."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(daemon=True)
+        self.conn = libvirt.open(uri)
+        self.stop = threading.Event()
+        self.latencies: list[float] = []
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.monotonic()
+            assert self.conn.getVersion() > 0
+            self.latencies.append(time.monotonic() - t0)
+
+
+def test_a_client_that_never_reads_its_events_is_dropped_and_nobody_else_notices(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """Issue 19 item 7, with events: a raw client registers the most lifecycle callbacks a connection may
+    hold and never reads again, while a second client defines and undefines a domain in a loop. The
+    daemon queues that client's events up to MAX_QUEUED and then drops it (the kernel reports the hang-up
+    on the client's socket); its RSS (from /proc) grows by no more than that queue meanwhile; a
+    libvirt-python event client receives every event in order and a third client is answered throughout."""
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"\0" * 4096)
+    name = "event-flood-" + "n" * 200  # long names make big events: fewer loops to the limit
+    xml = domain_xml(name, kernel)
+    gen = libvirt.open(daemon.uri)
+    reader = DomainEvents(uri=daemon.uri)
+    prober = Prober(daemon.uri)
+    sink = RawClient(daemon.socket)
+    try:
+        sink.handshake()
+        for _ in range(MAX_CALLBACKS):
+            p = Packer()
+            p.int(libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE)
+            p.uint(0)  # no domain filter
+            assert sink.roundtrip(PROC_REGISTER_ANY, p.getvalue())[0] == OK
+        # One loop read in full: what each define + undefine puts in the sink's queue, measured.
+        gen.defineXML(xml).undefine()
+        per_loop = 0
+        for _ in range(2 * MAX_CALLBACKS):
+            fields, _ = sink.recv()
+            assert (fields[3], fields[4]) == (PROC_LIFECYCLE_EVENT, MESSAGE), fields
+            per_loop += fields[0]
+        assert _unread(sink) == 0
+        loops_expected = MAX_QUEUED // per_loop
+        assert daemon.proc is not None
+        base = peak = rss_kib(daemon.proc.pid)
+        prober.start()
+
+        loops = 0
+        while not _hung_up(sink) and loops < 3 * loops_expected:
+            gen.defineXML(xml).undefine()
+            loops += 1
+            peak = max(peak, rss_kib(daemon.proc.pid))
+        wait_for(lambda: _hung_up(sink), timeout=5, what=f"the sink dropped after {loops} loops")
+        # What the daemon still held for the sink when it dropped it: all it generated less what the kernel
+        # took into the sink's socket. The drop comes at the limit, give or take the loop that crossed it.
+        held = loops * per_loop - _unread(sink)
+        print(
+            f"dropped after {loops} loops ({per_loop} B each; {loops_expected} expected), holding {held} B; "
+            f"RSS {base} -> {peak} KiB; other client's slowest answer {max(prober.latencies):.3f} s"
+        )
+        assert MAX_QUEUED - per_loop <= held <= MAX_QUEUED + 2 * per_loop, (held, MAX_QUEUED, per_loop)
+        assert (peak - base) * 1024 < 2 * MAX_QUEUED, (base, peak)
+
+        # The others: the daemon serves on; the event reader got every event of every loop, in order.
+        gen.defineXML(xml).undefine()
+        pair = [
+            (name, libvirt.VIR_DOMAIN_EVENT_DEFINED, libvirt.VIR_DOMAIN_EVENT_DEFINED_ADDED),
+            (name, libvirt.VIR_DOMAIN_EVENT_UNDEFINED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED_REMOVED),
+        ]
+        reader.wait(pair * (loops + 2), timeout=30)
+        prober.stop.set()
+        prober.join(10)
+        assert len(prober.latencies) >= loops // 10, len(prober.latencies)
+        assert max(prober.latencies) < 2.0, max(prober.latencies)
+        write_report(
+            "event_flood",
+            {
+                "callbacks": MAX_CALLBACKS,
+                "bytes_per_loop": per_loop,
+                "loops_to_drop": loops,
+                "held_at_drop": held,
+                "max_queued": MAX_QUEUED,
+                "daemon_rss_base_kib": base,
+                "daemon_rss_peak_kib": peak,
+                "other_client_max_latency_s": round(max(prober.latencies), 3),
+                "other_client_answers": len(prober.latencies),
+            },
+        )
+    finally:
+        prober.stop.set()
+        sink.close()
+        reader.close()
+        gen.close()
+
+
+@pytest.fixture
+def gated(tmp_path: Path) -> Iterator[tuple[DaemonProcess, Path, Path]]:
+    """The daemon under tests/support/validator_hook.py: (daemon, validator log, gate file)."""
+    log, gate = tmp_path / "validator.log", tmp_path / "gate"
+    d = DaemonProcess(
+        tmp_path / "d", module="tests.support.validator_hook", env={LOG_ENV: str(log), GATE_ENV: str(gate)}
+    )
+    d.start()
+    try:
+        yield d, log, gate
+    finally:
+        gate.unlink(missing_ok=True)
+        d.stop()
+
+
+def test_calls_in_flight_per_client_stop_at_max_client_requests(
+    gated: tuple[DaemonProcess, Path, Path], tmp_path: Path
+) -> None:
+    """libvirtd's max_client_requests (5): a client that sends 12 defines at once while every validation is
+    held (the hook's gate) has exactly 5 of them running (the hook's log counts the validator entries); the
+    rest are not read until one finishes. Another client is answered meanwhile; once the gate opens every
+    define is carried out and answered."""
+    daemon, log, gate = gated
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"\0" * 4096)
+    calls = 12
+
+    def entered() -> int:
+        return sum(line.startswith("enter") for line in log.read_text().splitlines()) if log.exists() else 0
+
+    c = RawClient(daemon.socket)
+    try:
+        c.handshake()
+        gate.touch()
+        batch = []
+        for i in range(calls):
+            p = Packer()
+            p.string(domain_xml(f"inflight-{i}", kernel))
+            batch.append(c.packet(PROC_DEFINE_XML, p.getvalue()))
+        c.send(b"".join(data for data, _ in batch))
+        wait_for(lambda: entered() >= MAX_CLIENT_REQUESTS, timeout=20)
+        # Held: no sixth call starts while five run (2 s: many times what a started define takes to reach
+        # the validator, measured as the wait above).
+        assert_quiet(lambda: entered() == MAX_CLIENT_REQUESTS, 2.0, "no call past max_client_requests starts")
+        other = libvirt.open(daemon.uri)
+        t0 = time.monotonic()
+        assert other.getVersion() > 0 and time.monotonic() - t0 < 2.0
+        assert [d.name() for d in other.listAllDomains()] == []
+        gate.unlink()
+        answers: dict[int, int] = {}
+        while len(answers) < calls:
+            fields, _ = c.recv()
+            if fields[4] == REPLY:
+                answers[fields[5]] = fields[6]
+        assert answers == {serial: OK for _, serial in batch}
+        assert sorted(d.name() for d in other.listAllDomains()) == sorted(f"inflight-{i}" for i in range(calls))
+        other.close()
+    finally:
+        gate.unlink(missing_ok=True)
         c.close()
