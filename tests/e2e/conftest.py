@@ -27,8 +27,14 @@ def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
 
 @pytest.fixture
 def system_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
-    """The system instance (libvirt's "privileged" driver: SMBIOS, CPU tuning), on temporary paths."""
-    d = DaemonProcess(tmp_path / "sys", system=True).start()
+    """The system instance (libvirt's "privileged" driver: SMBIOS, CPU tuning), on temporary paths.
+
+    With a mshv.conf of its own: the host's /etc/libvirt/mshv.conf and its default VMM user
+    (libvirt-mshv, which only scripts/install.sh creates; .ci/run does not) are not the test's to rely on.
+    Its VMMs run as nobody:nogroup, an unprivileged user every Debian system has."""
+    conf = tmp_path / "mshv.conf"
+    conf.write_text('user = "nobody"\ngroup = "nogroup"\n')
+    d = DaemonProcess(tmp_path / "sys", ("--vmm-conf", str(conf)), system=True).start()
     try:
         yield d
     finally:
