@@ -20,8 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 GUEST_TEST = "tests/hv/test_wrappers.py::test_guest_out_arrives_as_an_io_intercept"
 
 
-def nested_pytest(tmp_path: Path, *args: str, ci: bool) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "CI"}
+def nested_pytest(
+    tmp_path: Path, *args: str, ci: bool, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**{k: v for k, v in os.environ.items() if k != "CI"}, **(env or {})}
     env.update(MSHV_LIBVIRT_EMU_KVM="0", MSHV_LIBVIRT_REPORT_DIR=str(tmp_path / "reports"))
     if ci:
         env["CI"] = "1"
@@ -49,14 +51,28 @@ def test_under_ci_the_run_stops_at_its_start_naming_kvm(tmp_path: Path) -> None:
 
 
 def test_under_ci_a_skip_the_table_does_not_foresee_fails(tmp_path: Path) -> None:
-    # The C harness skips itself when the emulator has no KVM (it still runs the validation half);
-    # nothing in the table says it needs KVM, so the CI run gets that far and the skip becomes a failure.
-    res = nested_pytest(tmp_path, "tests/emu/test_c_harness.py", "-k", "plain", ci=True)
+    # A plugin skips a test that needs nothing from the table (the C harness's validation half) as it
+    # starts, as a test's own check would: the CI run gets that far and the skip becomes a failure.
+    (tmp_path / "unforeseen_skip.py").write_text(
+        "import pytest\n\n\n@pytest.hookimpl(tryfirst=True)\ndef pytest_runtest_call(item):\n"
+        "    pytest.skip('a skip no table foresees')\n"
+    )
+    target = "tests/emu/test_c_harness.py::test_c_harness_validation_half[plain]"
+    extra = {"PYTHONPATH": str(tmp_path)}
+    res = nested_pytest(tmp_path, target, "-p", "unforeseen_skip", ci=True, env=extra)
     assert res.returncode == 1, res.stdout + res.stderr
-    assert "CI is set: this test skipped (no usable /dev/kvm" in res.stdout
+    assert "CI is set: this test skipped (a skip no table foresees)" in res.stdout
     assert "1 failed" in res.stdout
-    res = nested_pytest(tmp_path, "tests/emu/test_c_harness.py", "-k", "plain", ci=False)
+    res = nested_pytest(tmp_path, target, "-p", "unforeseen_skip", ci=False, env=extra)
     assert res.returncode == 0 and "1 skipped" in res.stdout, res.stdout
+
+
+def test_the_c_harness_guest_half_is_gated_on_the_one_probe(tmp_path: Path) -> None:
+    """Its own exit 77 ("no usable /dev/kvm") used to be a skip of its own; now the ``kvm`` fixture decides."""
+    target = "tests/emu/test_c_harness.py::test_c_harness_guest_half[plain]"
+    res = nested_pytest(tmp_path, target, ci=True)
+    assert res.returncode == 4 and "no tests ran" in res.stdout, res.stdout + res.stderr
+    assert re.search(r"CI is set and prerequisites .*\n  kvm \(.*\) -- needed by 1 test\(s\)", res.stdout + res.stderr)
 
 
 def test_the_tables_name_real_paths_and_packages_install_deps_installs() -> None:
