@@ -11,6 +11,7 @@ import pytest
 
 from mshv_libvirt.rpc import calltrace
 from tests.support import prereqs
+from tests.support.coverage import undriven
 from tests.support.guests import GuestUnavailable, build_tiny_guest
 from tests.support.report import ENV, read_reports
 
@@ -48,45 +49,19 @@ def _whole_suite(config: pytest.Config) -> bool:
     )
 
 
-# Relayed procedures (rpc/relay.py) are not table rows and have no code of their own: every number goes
-# the same way, so each *path* through the relay must be driven rather than each number: per driver a
-# plain call, event (de)registration (the events coming back are asserted by the tests), both volume
-# streams, and NETWORK_UPDATE (its arguments' order depends on a feature we answer).
-RELAY_PATHS = (
-    "virConnectListAllStoragePools",
-    "virConnectStoragePoolEventRegisterAny",
-    "virConnectStoragePoolEventDeregisterAny",
-    "virStorageVolUpload",
-    "virStorageVolDownload",
-    "virConnectListAllNetworks",
-    "virConnectNetworkEventRegisterAny",
-    "virConnectNetworkEventDeregisterAny",
-    "virNetworkUpdate",
-    "virNetworkGetDHCPLeases",
-)
-
-
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail a whole-suite run in which some implemented procedure (or relay path) was never driven by a
     real client."""
     if exitstatus != 0 or not _whole_suite(session.config):
         return
-    from mshv_libvirt.rpc.dispatch import PROCEDURES
-    from mshv_libvirt.rpc.procnames import PROCEDURE_NAMES
-    from mshv_libvirt.rpc.relay import RELAYED
-
-    driven = calltrace.read_traces(Path(os.environ[calltrace.ENV]))
-    required = {n: PROCEDURES[n].name for n in PROCEDURES}
-    relayed = {n: name for n, (name, *_) in PROCEDURE_NAMES.items() if n in RELAYED and name in RELAY_PATHS}
-    assert len(relayed) == len(RELAY_PATHS)
-    required |= relayed
-    missing = sorted(set(required) - driven)
+    missing = undriven(Path(os.environ[calltrace.ENV]))
     if missing:
-        names = ", ".join(f"{n} {required[n]}" for n in missing)
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.ensure_newline()
-            reporter.write_line(f"procedures no real client (virsh, libvirt-python) drove: {names}", red=True)
+            reporter.write_line(
+                f"procedures no real client (virsh, libvirt-python) drove: {', '.join(missing)}", red=True
+            )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
