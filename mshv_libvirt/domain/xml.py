@@ -1373,13 +1373,45 @@ def _rng(el: etree._Element) -> tuple[str, str, int, int, PciAddress | None]:
 
 
 def parse_device_xml(text: str) -> etree._Element:
-    """The device of attach-device/detach-device, checked as a define would check it: <rng> only."""
+    """The device of attach-device/detach-device, checked as a define would check it: <rng> or <disk>."""
     root = _parse_safely(text)
     _check_bounds(root)
-    if root.tag != "rng":
+    if root.tag == "rng":
+        _rng(root)
+    elif root.tag == "disk":
+        _disk(root)
+    else:
         raise unsupported(f"device <{_qname(root)}> {_NOT_SUPPORTED} by attach-device or detach-device")
-    _rng(root)
     return root
+
+
+def disk_target(device: etree._Element) -> str:
+    """The <target dev> of a <disk> parse_device_xml accepted."""
+    return str(_disk(device).fields["target"])
+
+
+def disk_insert_index(cfg: DomainConfig, target: str) -> int:
+    """Where virDomainDiskInsert puts a new disk among ``cfg.disks``: before the first one whose target
+    sorts after it (by virDiskNameToIndex; every disk here is on the virtio bus), else last. The attach
+    refusal of a target in use is qemuDomainAttachDeviceConfig's."""
+    if any(d.target == target for d in cfg.disks):
+        raise VirtError(ErrorCode.OPERATION_INVALID, f"target {target} already exists", ErrorDomain.DOMAIN)
+    index = _disk_index(target)
+    for i, d in enumerate(cfg.disks):
+        other = _disk_index(d.target)
+        if index is not None and other is not None and other > index:
+            return i
+    return len(cfg.disks)
+
+
+def find_disk(cfg: DomainConfig, device: etree._Element) -> int:
+    """The index in ``cfg.disks`` of the disk with the device's target (qemuDomainDetachDeviceConfig matches
+    on the target alone)."""
+    target = disk_target(device)
+    for i, d in enumerate(cfg.disks):
+        if d.target == target:
+            return i
+    raise VirtError(ErrorCode.DEVICE_MISSING, f"no target device {target}", ErrorDomain.DOMAIN)
 
 
 def find_rng(cfg: DomainConfig, device: etree._Element) -> int:

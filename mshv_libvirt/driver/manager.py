@@ -274,6 +274,26 @@ def add_device(device: etree._Element) -> XmlEdit:
     return edit
 
 
+def insert_disk(device: etree._Element, index: int) -> XmlEdit:
+    """attach-device --config of a <disk>: placed as the ``index``-th <disk> (libvirt keeps disks ordered by
+    target); the re-parse checks it and assigns its address."""
+
+    def edit(root: etree._Element) -> None:
+        devices = root.find("devices")
+        if devices is None:
+            devices = etree.SubElement(root, "devices")
+        disks = devices.findall("disk")
+        new = copy.deepcopy(device)
+        if index < len(disks):
+            disks[index].addprevious(new)
+        elif disks:
+            disks[-1].addnext(new)
+        else:
+            devices.insert(0, new)
+
+    return edit
+
+
 def remove_device(tag: str, index: int) -> XmlEdit:
     """detach-device --config: the ``index``-th <tag> of <devices> (canonical XML keeps their order)."""
 

@@ -24,12 +24,13 @@ from urllib.parse import urlsplit
 from lxml import etree
 
 from mshv_libvirt.domain import MAX_VCPUS, DomainConfig, metadata
-from mshv_libvirt.domain.xml import find_rng, parse_device_xml
+from mshv_libvirt.domain.xml import disk_insert_index, disk_target, find_disk, find_rng, parse_device_xml
 from mshv_libvirt.driver.manager import (
     Domain,
     DomainEvent,
     DomainManager,
     add_device,
+    insert_disk,
     remove_device,
     set_memory,
     set_text,
@@ -654,13 +655,20 @@ def _device_change(dom: Domain, flags: int, xml: str, verb: str) -> tuple[bool, 
 
 async def attach_device_flags(s: Session, dom: Domain, xml: str, flags: int) -> None:
     config, device = await asyncio.to_thread(_device_change, dom, flags, xml, "live attach")
-    await s.manager.edit_config(dom, add_device(device), False, config)
+    if device.tag == "disk":
+        index = disk_insert_index(dom.persistent or dom.config, disk_target(device))
+        await s.manager.edit_config(dom, insert_disk(device, index), False, config)
+    else:
+        await s.manager.edit_config(dom, add_device(device), False, config)
 
 
 async def detach_device_flags(s: Session, dom: Domain, xml: str, flags: int) -> None:
     config, device = await asyncio.to_thread(_device_change, dom, flags, xml, "live detach")
-    index = find_rng(dom.persistent or dom.config, device)
-    await s.manager.edit_config(dom, remove_device("rng", index), False, config)
+    if device.tag == "disk":
+        index = find_disk(dom.persistent or dom.config, device)
+    else:
+        index = find_rng(dom.persistent or dom.config, device)
+    await s.manager.edit_config(dom, remove_device(device.tag, index), False, config)
 
 
 def list_all_snapshots(s: Session, dom: Domain, need_results: int, flags: int) -> bytes:

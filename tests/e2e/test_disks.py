@@ -406,3 +406,66 @@ def test_each_listed_disk_model_runs_and_the_guest_writes(
         if dom.isActive():
             dom.destroy()
         dom.undefine()
+
+
+def inactive_disks(dom: Any) -> list[str]:
+    return re.findall(r"<disk .*?</disk>", dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), flags=re.S)
+
+
+def test_attach_and_detach_disk_change_the_persistent_config_only(
+    kvm: None, daemon: DaemonProcess, conn: Any, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "a.raw", tmp_path / "b.raw"
+    for img in (first, second):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(img), str(MiB)], check=True, timeout=30)
+    dom = conn.defineXML(document("disk-attach", tiny_kernel, ""))
+    # The oracle for what an attach leaves: the same domain defined with those disks from the start, as
+    # virsh attach-disk writes them (no <driver>, no bus).
+    plain = "<disk type='file' device='disk'><source file='{}'/><target dev='{}'/></disk>"
+    both = conn.defineXML(
+        document("disk-attach-ref", tiny_kernel, plain.format(first, "vda") + plain.format(second, "vdb"))
+    )
+    want = inactive_disks(both)
+    both.undefine()
+    try:
+        # virsh attach-disk's own XML (no bus: virtio from the name), vdb first: vda still goes before it,
+        # as virDomainDiskInsert orders disks by target; the addresses are the first free slots.
+        virsh(daemon.uri, "attach-disk", "disk-attach", str(second), "vdb", "--config")
+        virsh(daemon.uri, "attach-disk", "disk-attach", str(first), "vda", "--config")
+        got = inactive_disks(dom)
+        assert [re.sub(r"<address [^>]*/>", "", d) for d in got] == [re.sub(r"<address [^>]*/>", "", d) for d in want]
+        slots = [re.search(r"slot='(0x[0-9a-f]+)'", d) for d in got]
+        assert sorted(m.group(1) for m in slots if m) == ["0x02", "0x03"]
+        again = virsh(daemon.uri, "attach-disk", "disk-attach", str(first), "vdb", "--config", check=False)
+        assert again.returncode == 1
+        assert "error: Requested operation is not valid: target vdb already exists" in again.stderr, again.stderr
+        with pytest.raises(libvirt.libvirtError) as missing:
+            dom.detachDeviceFlags(disk_xml(first, dev="vdz"), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        assert (missing.value.get_error_code(), missing.value.get_error_message()) == (
+            libvirt.VIR_ERR_DEVICE_MISSING,
+            "device not found: no target device vdz",
+        )
+
+        dom.create()  # the attached disks are there at start
+        blklist = virsh(daemon.uri, "domblklist", "disk-attach").stdout
+        assert re.findall(r"^\s*(vd[a-z])\s+(\S+)\s*$", blklist, flags=re.M) == [
+            ("vda", str(first)),
+            ("vdb", str(second)),
+        ]
+        # running: no hotplug, so a live change is refused and nothing changes; --config alone applies
+        for cmd in (["attach-disk", "disk-attach", str(first), "vdc"], ["detach-disk", "disk-attach", "vdb"]):
+            live = virsh(daemon.uri, *cmd, "--live", check=False)
+            assert live.returncode == 1 and "no hotplug" in live.stderr, live.stderr
+        with pytest.raises(libvirt.libvirtError) as live_error:
+            dom.detachDeviceFlags(disk_xml(second, dev="vdb"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        assert live_error.value.get_error_code() == libvirt.VIR_ERR_OPERATION_UNSUPPORTED
+        virsh(daemon.uri, "detach-disk", "disk-attach", "vdb", "--config")
+        assert len(inactive_disks(dom)) == 1 and "vdb" in virsh(daemon.uri, "domblklist", "disk-attach").stdout
+        dom.destroy()
+        dom.create()  # the next start has the persistent config: vda only
+        blklist = virsh(daemon.uri, "domblklist", "disk-attach").stdout
+        assert re.findall(r"^\s*(vd[a-z])\s+(\S+)\s*$", blklist, flags=re.M) == [("vda", str(first))]
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()

@@ -203,9 +203,10 @@ def test_attach_and_detach_only_with_config(daemon: DaemonProcess, ours: Any, tm
         with pytest.raises(libvirt.libvirtError, match="no matching RNG device was found") as missing:
             dom.detachDeviceFlags(other, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         assert missing.value.get_error_code() == libvirt.VIR_ERR_DEVICE_MISSING
-        with pytest.raises(libvirt.libvirtError) as disk:
-            dom.attachDeviceFlags("<disk type='file'/>", libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-        assert disk.value.get_error_code() == libvirt.VIR_ERR_CONFIG_UNSUPPORTED and "<disk>" in str(disk.value)
+        with pytest.raises(libvirt.libvirtError) as other_device:
+            dom.attachDeviceFlags("<watchdog model='i6300esb'/>", libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        assert other_device.value.get_error_code() == libvirt.VIR_ERR_CONFIG_UNSUPPORTED
+        assert "<watchdog>" in str(other_device.value)
         virsh(daemon.uri, "detach-device", "rng-attach", str(device), "--config")
         assert rng_elements(dom.XMLDesc(0)) == []
     finally:
