@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -33,7 +34,7 @@ from mshv_libvirt.driver.vmm_launch import (
     options_from_conf,
     read_conf,
 )
-from mshv_libvirt.rpc import host
+from mshv_libvirt.rpc import host, volumes
 from mshv_libvirt.rpc.server import Daemon, Listener
 from mshv_libvirt.vmm.config import MAX_LOG_BACKUPS
 
@@ -216,6 +217,9 @@ async def _serve(args: argparse.Namespace, system: bool, paths: Paths, ready: in
     if not system:
         session_socket().parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     manager = DomainManager(paths, autostart=not args.no_autostart, vmm_options=vmm_options(args, system))
+    # libvirt's QEMU driver asks storage:///system when privileged (root), else storage:///session
+    # (virGetConnectStorage), whichever mode the daemon runs in.
+    manager.translate_volume = functools.partial(volumes.translate, session=os.geteuid() != 0)
     await manager.load()
     daemon = Daemon(manager, "mshv:///system" if system else "mshv:///session")
     await daemon.listen(build_listeners(args, system))

@@ -26,6 +26,8 @@ class ErrorCode(IntEnum):
     RPC = 39
     NO_DOMAIN = 42
     AUTH_FAILED = 45
+    NO_STORAGE_POOL = 49
+    NO_STORAGE_VOL = 50
     OPERATION_INVALID = 55
     CONFIG_UNSUPPORTED = 67
     OPERATION_TIMEOUT = 68
@@ -69,6 +71,8 @@ _PREFIX = {
     ErrorCode.DOM_EXIST: "operation failed",
     ErrorCode.OPERATION_DENIED: "operation forbidden",
     ErrorCode.NO_DOMAIN: "Domain not found",
+    ErrorCode.NO_STORAGE_POOL: "Storage pool not found",
+    ErrorCode.NO_STORAGE_VOL: "Storage volume not found",
     ErrorCode.OPERATION_INVALID: "Requested operation is not valid",
     ErrorCode.CONFIG_UNSUPPORTED: "unsupported configuration",
     ErrorCode.OPERATION_TIMEOUT: "Timed out during operation",

@@ -10,8 +10,8 @@ lock then belongs to the VMM's (and its backend's) copy and ends with them, a SI
 The lock covers byte 0 only: QEMU's own image locks (which qemu-storage-daemon takes on its own open of
 the file) are on bytes 100 and up, so the two never conflict.
 
-Volume disks (<source pool volume>) are refused at start: resolving them needs the storage relay's
-answer, which the start path does not ask for yet.
+Volume disks (<source pool volume>) come here with the path libvirt's storage driver gave for their volume
+at this start (rpc/volumes.py); they are then opened and locked like the others.
 """
 
 from __future__ import annotations
@@ -76,11 +76,8 @@ def open_disks(cfg: DomainConfig) -> OpenedDisks:
     opened = OpenedDisks()
     try:
         for disk in cfg.disks:
-            if disk.type == "volume" or disk.path is None:
-                raise unsupported(
-                    f"disk '{disk.target}' of type='volume' cannot be started by the mshv driver yet; "
-                    "use type='file' or type='block' with the volume's path"
-                )
+            if disk.path is None:  # a volume disk the start did not resolve (DomainManager._translate_volumes)
+                raise unsupported(f"disk '{disk.target}' of type='volume' has no path: its volume was not resolved")
             flags = (os.O_RDONLY if disk.readonly else os.O_RDWR) | os.O_CLOEXEC
             try:
                 fd = os.open(disk.path, flags)

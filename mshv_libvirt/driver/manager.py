@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from lxml import etree
 
 from mshv_libvirt.atomicfile import remove_durable, sweep_temporaries, write_atomic
 from mshv_libvirt.domain import DomainConfig, format_domain_xml, parse_domain_xml
-from mshv_libvirt.domain.xml import CPU_MODES_RUNNABLE
+from mshv_libvirt.domain.xml import CPU_MODES_RUNNABLE, DiskDevice
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_operation, no_domain, unsupported
 from mshv_libvirt.lifecycle import (
     Action,
@@ -378,6 +379,9 @@ class DomainManager:
         self._autostart = autostart
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        # <disk type='volume'> at start: (pool, volume) -> (path, 'file'|'block') from libvirt's storage
+        # driver (rpc/volumes.py, set by the daemon); None: volume disks are refused at start.
+        self.translate_volume: Callable[[str, str], Awaitable[tuple[str, str]]] | None = None
 
     # -- start-up ---------------------------------------------------------------------------------
     async def load(self) -> None:
@@ -852,9 +856,27 @@ class DomainManager:
             "clock_offset": cfg.clock_offset,
         }
 
+    async def _translate_volumes(self, cfg: DomainConfig) -> DomainConfig:
+        """Each volume disk with its volume's path (virDomainDiskTranslateSourcePool at every start)."""
+        if not any(d.type == "volume" for d in cfg.disks):
+            return cfg
+        translate = self.translate_volume
+        found: list[DiskDevice] = []
+        for disk in cfg.disks:
+            if disk.type == "volume" and disk.pool is not None and disk.volume is not None:
+                if translate is None:
+                    raise unsupported(f"disk '{disk.target}' of type='volume' needs libvirt's storage driver")
+                path, _kind = await translate(disk.pool, disk.volume)
+                disk = dataclasses.replace(disk, path=path)
+            found.append(disk)
+        return dataclasses.replace(cfg, disks=tuple(found))
+
     async def _spawn(self, dom: Domain, paused: bool, *, keep_id: bool = False) -> None:
         cfg = dom.live or dom.persistent
         assert cfg is not None
+        cfg = await self._translate_volumes(cfg)
+        if dom.live is not None:
+            dom.live = cfg  # the running config knows each volume's path (domblkinfo, domblkstat by path)
         # The images are opened, checked and locked before anything else.
         with await _open_disks(cfg) as opened:
             await self._spawn_with(dom, cfg, paused, opened, keep_id=keep_id)

@@ -12,7 +12,7 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from lxml import etree
 from tests.support.daemon import DaemonProcess, running_daemon, virsh, vmm_processes, wait_for
 from tests.support.disks import SECTOR, assert_image_holds, disk_xml, document, write_through_console
 from tests.support.guests import TINY_BANNER, TINY_BLK_BYTES, TINY_BLK_SECTOR
+from tests.support.libvirtd import unique
 from tests.support.procfs import image_locked, process_gone
 
 libvirt = pytest.importorskip("libvirt")
@@ -64,17 +65,6 @@ def test_an_image_that_cannot_be_opened_gets_libvirts_storage_error(
             "No such file or directory",
         )
         assert not dom.isActive()
-    finally:
-        dom.undefine()
-
-
-def test_a_volume_disk_is_refused_at_start_by_name(conn: Any, tiny_kernel: Path) -> None:
-    volume = "<disk type='volume' device='disk'><source pool='p' volume='v'/><target dev='vda' bus='virtio'/></disk>"
-    dom = conn.defineXML(document("disk-volume", tiny_kernel, volume))
-    try:
-        code, domain, message = refusal(dom)
-        assert (code, domain) == (libvirt.VIR_ERR_CONFIG_UNSUPPORTED, libvirt.VIR_FROM_DOMAIN), message
-        assert "type='volume'" in message and "'vda'" in message, message
     finally:
         dom.undefine()
 
@@ -469,3 +459,101 @@ def test_attach_and_detach_disk_change_the_persistent_config_only(
         if dom.isActive():
             dom.destroy()
         dom.undefine()
+
+
+def volume_xml(pool: str, volume: str, dev: str = "vda") -> str:
+    return (
+        f"<disk type='volume' device='disk'><driver name='qemu' type='raw'/><source pool='{pool}' volume='{volume}'/>"
+        f"<target dev='{dev}' bus='virtio'/></disk>"
+    )
+
+
+@pytest.fixture
+def test_pool(system_libvirtd: None, tmp_path: Path) -> Iterator[Any]:
+    """A dir pool with a 1 MiB raw volume 'v.raw', made and removed straight through libvirt's
+    storage:///system (not through the code under test)."""
+    storage = libvirt.open("storage:///system")
+    name = unique("mshvblk")
+    target = tmp_path / "pool"
+    target.mkdir()
+    pool = storage.storagePoolDefineXML(
+        f"<pool type='dir'><name>{name}</name><target><path>{target}</path></target></pool>", 0
+    )
+    try:
+        pool.create(0)
+        pool.createXML(
+            f"<volume><name>v.raw</name><capacity>{MiB}</capacity><target><format type='raw'/></target></volume>", 0
+        )
+        yield pool
+    finally:
+        if pool.isActive():
+            for vol in pool.listAllVolumes():
+                vol.delete(0)
+            pool.destroy()
+        pool.undefine()
+        storage.close()
+
+
+def test_a_volume_disk_is_resolved_through_libvirts_storage_driver_at_start(
+    kvm: None, daemon: DaemonProcess, conn: Any, tiny_kernel: Path, test_pool: Any
+) -> None:
+    pool = test_pool.name()
+    path = Path(test_pool.storageVolLookupByName("v.raw").path())
+    dom = conn.defineXML(document("disk-volume", tiny_kernel, volume_xml(pool, "v.raw")))
+    try:
+        dom.create()
+        assert write_through_console(daemon, "disk-volume", 1)["press"] == 1
+        assert_image_holds(path, 1)  # the guest's bytes are in the volume libvirt's storage driver named
+        live = dom.XMLDesc(0)
+        assert f"<source pool='{pool}' volume='v.raw'/>" in live and str(path) not in live, live  # as libvirt prints it
+        assert dom.blockInfo(str(path))[0] == MiB  # the running disk is known by the volume's path too
+        dom.destroy()
+        wait_for(lambda: not dom.isActive() and not image_locked(path))
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+
+
+def test_a_volume_disk_that_cannot_be_resolved_gets_libvirts_error(
+    daemon: DaemonProcess, conn: Any, tiny_kernel: Path, test_pool: Any
+) -> None:
+    pool = test_pool.name()
+    storage = libvirt.open("storage:///system")  # the oracle: libvirt's own answers to the same lookups
+    try:
+        cases = []
+
+        def missing_pool() -> object:
+            return storage.storagePoolLookupByName("nope" + pool)
+
+        def missing_volume() -> object:
+            return storage.storagePoolLookupByName(pool).storageVolLookupByName("nope.raw")
+
+        lookups: list[tuple[Callable[[], object], str]] = [
+            (missing_pool, volume_xml("nope" + pool, "v.raw")),
+            (missing_volume, volume_xml(pool, "nope.raw")),
+        ]
+        for lookup, xml in lookups:
+            with pytest.raises(libvirt.libvirtError) as want:
+                lookup()
+            cases.append(
+                (xml, (want.value.get_error_code(), want.value.get_error_domain(), want.value.get_error_message()))
+            )
+    finally:
+        storage.close()
+    # and libvirt's own refusal of a pool that is not active (domain_conf.c), once the pool is stopped
+    inactive = (
+        libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+        libvirt.VIR_FROM_DOMAIN,
+        f"unsupported configuration: storage pool '{pool}' containing volume 'v.raw' is not active",
+    )
+    cases.append((volume_xml(pool, "v.raw"), inactive))
+    for n, (xml, expected) in enumerate(cases):
+        if n == len(cases) - 1:
+            test_pool.destroy()
+        dom = conn.defineXML(document("disk-volume-bad", tiny_kernel, xml))
+        try:
+            assert refusal(dom) == expected
+            assert not dom.isActive()
+        finally:
+            dom.undefine()
