@@ -27,10 +27,11 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.resources
+import os
 import re
 import threading
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +191,34 @@ class RngDevice:
 
 
 @dataclass(frozen=True)
+class NetDevice:
+    """``<interface type='network'|'bridge'|'ethernet'>`` with ``<model type='virtio'>``: a virtio-net PCI
+    function on a tap the daemon creates at start (vmm NetConfig)."""
+
+    type: str  # 'network' | 'bridge' | 'ethernet'
+    mac: str  # lower-case 52:54:00:xx:xx:xx form; generated at define when absent
+    address: PciAddress
+    model: str = "virtio"  # 'virtio' | 'virtio-non-transitional' (both: modern-only virtio-pci)
+    network: str | None = None  # <source network> of type='network'
+    bridge: str | None = None  # <source bridge> of type='bridge'
+    target: str | None = None  # <target dev> the user chose; None: a vnetN is generated at start
+    mtu: int | None = None  # <mtu size>; None: not given (the tap keeps the bridge's)
+    link_state: str | None = None  # <link state>: 'up' | 'down'; None: not given (up)
+    queues: int = 0  # <driver queues>; 0: not given (one queue pair)
+
+
+@dataclass(frozen=True)
+class NetLive:
+    """What a running interface adds to the live XML: the tap's name and, for type='network', the
+    port libvirt's network driver gave it (its id and the network's bridge)."""
+
+    ifname: str
+    portid: str | None = None
+    bridge: str | None = None
+    link_state: str | None = None  # after domif-setlink; None: as configured
+
+
+@dataclass(frozen=True)
 class CpuTopology:
     """``<cpu><topology>``: sockets x dies x cores x threads, whose product is the vCPU count."""
 
@@ -260,6 +289,7 @@ class DomainConfig:
     cputune: Cputune = Cputune()
     rngs: tuple[RngDevice, ...] = ()
     disks: tuple[DiskDevice, ...] = ()
+    nets: tuple[NetDevice, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1426,20 +1456,28 @@ def find_rng(cfg: DomainConfig, device: etree._Element) -> int:
 
 
 def _assign_pci(
-    disks: list[_DiskRequest], rngs: list[tuple[str, str, int, int, PciAddress | None]]
-) -> tuple[tuple[DiskDevice, ...], tuple[RngDevice, ...]]:
+    nets: list[_NetRequest], disks: list[_DiskRequest], rngs: list[tuple[str, str, int, int, PciAddress | None]]
+) -> tuple[tuple[NetDevice, ...], tuple[DiskDevice, ...], tuple[RngDevice, ...]]:
     """The PCI devices with their addresses: addresses.assign_pci over all of them in libvirt's
-    qemuDomainAssignDevicePCISlots order (disks before rngs), each kind in document order."""
-    addresses = assign_pci([d.address for d in disks] + [address for *_, address in rngs])
+    qemuDomainAssignDevicePCISlots order (interfaces, disks, rngs), each kind in document order."""
+    requested = [n.address for n in nets] + [d.address for d in disks] + [address for *_, address in rngs]
+    addresses = assign_pci(requested)
+    net_addresses = addresses[: len(nets)]
+    disk_addresses = addresses[len(nets) : len(nets) + len(disks)]
+    rng_addresses = addresses[len(nets) + len(disks) :]
+    net_devices = tuple(
+        NetDevice(address=address, **n.fields)  # type: ignore[arg-type]
+        for n, address in zip(nets, net_addresses, strict=True)
+    )
     disk_devices = tuple(
         DiskDevice(address=address, **d.fields)  # type: ignore[arg-type]
-        for d, address in zip(disks, addresses[: len(disks)], strict=True)
+        for d, address in zip(disks, disk_addresses, strict=True)
     )
     rng_devices = tuple(
         RngDevice(model, source, address, rate, period)
-        for (model, source, rate, period, _), address in zip(rngs, addresses[len(disks) :], strict=True)
+        for (model, source, rate, period, _), address in zip(rngs, rng_addresses, strict=True)
     )
-    return disk_devices, rng_devices
+    return net_devices, disk_devices, rng_devices
 
 
 def _format_rng(rng: RngDevice) -> list[tuple[int, str]]:
@@ -1454,6 +1492,224 @@ def _format_rng(rng: RngDevice) -> list[tuple[int, str]]:
     return lines
 
 
+_NET_TYPES = (
+    "user",
+    "ethernet",
+    "vhostuser",
+    "server",
+    "client",
+    "mcast",
+    "network",
+    "bridge",
+    "internal",
+    "direct",
+    "hostdev",
+    "udp",
+    "vdpa",
+    "null",
+    "vds",
+)
+_NET_TYPES_SUPPORTED = ("network", "bridge", "ethernet")
+_NET_TYPES_WITH_SOURCE = ("network", "bridge", "internal", "direct", "hostdev", "vdpa", "vds")  # a <source> is required
+_NET_MODELS_SUPPORTED = ("virtio", "virtio-non-transitional")  # modern-only virtio-pci, as for <rng>
+_NET_MODELS_CASELESS = ("virtio", "virtio-transitional", "virtio-non-transitional")  # libvirt's enum is caseless
+_NET_MODEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+_NET_LINK_STATES = ("up", "down")
+# virDomainNetDefParseXML drops these target names from an inactive definition: they are the ones
+# libvirt generates (VIR_NET_GENERATED_VNET_PREFIX and the macvtap/macvlan ones) and a new is made at start.
+NET_GENERATED_PREFIXES = ("vnet", "macvtap", "macvlan")
+NET_MTU_RANGE = (68, 65535)  # virtio-net's MTU field; the VMM's config refuses anything else
+NET_MAC_PREFIX = (0x52, 0x54, 0x00)  # libvirt's (QEMU's) locally administered prefix
+
+
+@dataclass(frozen=True)
+class _NetRequest:
+    """A parsed <interface> before its PCI address is assigned."""
+
+    fields: dict[str, object]
+    address: PciAddress | None
+
+
+def parse_mac(text: str) -> str | None:
+    """libvirt's virMacAddrParse: six ':'-separated groups of one or two hex digits; the canonical
+    lower-case form, or None."""
+    parts = text.split(":")
+    if len(parts) != 6 or not all(re.fullmatch(r"[0-9a-fA-F]{1,2}", p, flags=re.ASCII) for p in parts):
+        return None
+    return ":".join(f"{int(p, 16):02x}" for p in parts)
+
+
+def generate_mac() -> str:
+    """virDomainNetGenerateMAC: 52:54:00 and three random bytes."""
+    return ":".join(f"{b:02x}" for b in (*NET_MAC_PREFIX, *os.urandom(3)))
+
+
+def _net_uint(el: etree._Element, attr: str) -> int | None:
+    """virXMLPropUInt with base 10 (white space and '+' before the digits, no hex); None when absent."""
+    raw = el.get(attr)
+    if raw is None:
+        return None
+    value = _strtoul(raw, positive=True, maximum=_UINT_MAX)
+    if value is None:
+        expected = "Expected non-negative integer value"
+        raise _xml_error(f"Invalid value for attribute '{attr}' in element '{_qname(el)}': '{raw}'. {expected}")
+    return value
+
+
+def _interface(el: etree._Element) -> _NetRequest:
+    """virDomainNetDefParseXML's checks for the elements read here, in its order, then what this driver
+    runs: a virtio-net device on a tap, attached to a libvirt network's bridge, a named bridge, or
+    nothing (type='ethernet')."""
+    ntype = el.get("type", "user")
+    if ntype not in _NET_TYPES:
+        raise _prop_enum_error(el, "type", ntype)
+    kids: dict[str, etree._Element] = {}
+    for child in _elements(el):
+        kids.setdefault(_qname(child), child)  # libvirt reads the first of each
+    source = kids.get("source")
+    if source is None and ntype in _NET_TYPES_WITH_SOURCE:
+        raise _domain_xml_error(f"interface type='{ntype}' requires a 'source' element")
+    fields: dict[str, object] = {"type": ntype}
+    mac_el = kids.get("mac")
+    raw_mac = mac_el.get("address") if mac_el is not None else None
+    if raw_mac is not None:
+        mac = parse_mac(raw_mac)
+        if mac is None:
+            raise _domain_xml_error(f"unable to parse mac address '{raw_mac}'")
+        if int(mac[:2], 16) & 1:
+            raise _domain_xml_error(f"expected unicast mac address, found multicast '{mac}'")
+    fields["mac"] = mac if raw_mac is not None else generate_mac()  # kept in the stored definition
+    if source is not None and ntype in ("network", "bridge"):
+        value = source.get(ntype)
+        if value is None:
+            raise _xml_error(f"Missing required attribute '{ntype}' in element 'source'")
+        fields[ntype] = value
+    model_el = kids.get("model")
+    model = model_el.get("type") or None if model_el is not None else None
+    if model is not None:
+        if model.lower() in _NET_MODELS_CASELESS:
+            model = model.lower()
+        elif not set(model) <= _NET_MODEL_CHARS:
+            raise VirtError(ErrorCode.INVALID_ARG, "Model name contains invalid characters", ErrorDomain.DOMAIN)
+    driver = kids.get("driver")
+    if driver is not None and (model is None or model in _NET_MODELS_CASELESS):
+        fields["queues"] = _net_uint(driver, "queues") or 0
+    mtu_el = kids.get("mtu")
+    if mtu_el is not None and mtu_el.get("size"):  # an empty size is no size, as for libvirt
+        mtu = _strtoul(mtu_el.get("size", ""), positive=True, maximum=_UINT_MAX)
+        if mtu is None:
+            raise _domain_xml_error("malformed mtu size")
+        if mtu:
+            fields["mtu"] = mtu
+    link = kids.get("link")
+    state = link.get("state") or None if link is not None else None
+    if state is not None:
+        if state not in _NET_LINK_STATES:
+            raise unsupported(f"unknown interface link state '{state}'")
+        fields["link_state"] = state
+    # What this driver runs.
+    if ntype not in _NET_TYPES_SUPPORTED:
+        raise unsupported(
+            f"interface type '{ntype}' {_NOT_SUPPORTED}; use type='network', type='bridge' or type='ethernet'"
+        )
+    if model is not None and model not in _NET_MODELS_SUPPORTED:
+        raise unsupported(f"interface model '{model}' {_NOT_SUPPORTED}; use type='virtio'")
+    fields["model"] = model or "virtio"  # the driver's default model (QEMU's post-parse fills in its own)
+    _check_attrs(el, ("type",))
+    address: PciAddress | None = None
+    seen: set[str] = set()
+    for child in list(_elements(el)):
+        tag = _qname(child)
+        if tag in seen:
+            raise unsupported(f"more than one <{tag}> in <interface> {_NOT_SUPPORTED}")
+        seen.add(tag)
+        if tag == "mac":
+            _check_attrs(child, ("address",), "interface><mac")
+            _leaf(child, "interface><mac")
+        elif tag == "source":
+            if ntype == "ethernet":
+                raise unsupported(f"element <source> in <interface type='ethernet'> {_NOT_SUPPORTED}")
+            # A running domain's XML carries the port and its bridge in <source network>: libvirt
+            # ignores them in a definition, so a dumpxml defines again.
+            allowed = ("network", "portid", "bridge") if ntype == "network" else ("bridge",)
+            _check_attrs(child, allowed, "interface><source")
+            _leaf(child, "interface><source")
+            if ntype == "network":
+                for runtime in ("portid", "bridge"):
+                    child.attrib.pop(runtime, "")
+        elif tag == "target":
+            _check_attrs(child, ("dev",), "interface><target")
+            _leaf(child, "interface><target")
+            dev = child.get("dev")
+            if dev is not None and not dev.startswith(NET_GENERATED_PREFIXES):
+                if not dev:
+                    raise unsupported(f"an empty <target dev> in <interface> {_NOT_SUPPORTED}")
+                fields["target"] = dev
+        elif tag == "model":
+            _check_attrs(child, ("type",), "interface><model")
+            _leaf(child, "interface><model")
+        elif tag == "driver":
+            _check_attrs(child, ("queues",), "interface><driver")
+            _leaf(child, "interface><driver")
+        elif tag == "mtu":
+            _check_attrs(child, ("size",), "interface><mtu")
+            _leaf(child, "interface><mtu")
+        elif tag == "link":
+            _check_attrs(child, ("state",), "interface><link")
+            _leaf(child, "interface><link")
+        elif tag == "alias":
+            # A running domain's netN alias: ignored by a definition, as libvirt ignores it.
+            _check_attrs(child, ("name",), "interface><alias")
+            _leaf(child, "interface><alias")
+            name = child.get("name", "")
+            if not re.fullmatch(r"net[0-9]+", name, flags=re.ASCII):
+                raise unsupported(f"interface alias '{name}' {_NOT_SUPPORTED}")
+            el.remove(child)
+        elif tag == "address":
+            address = _pci_address(child)
+        else:
+            raise unsupported(f"element <{tag}> in <interface> {_NOT_SUPPORTED}")
+    queues = fields.get("queues", 0)
+    if isinstance(queues, int) and queues > 1:
+        raise unsupported(f"interface driver queues='{queues}' {_NOT_SUPPORTED} (its virtio-net has one queue pair)")
+    fields["queues"] = 0  # 1 is one queue pair: libvirt does not print it either
+    size = fields.get("mtu")
+    if isinstance(size, int) and not NET_MTU_RANGE[0] <= size <= NET_MTU_RANGE[1]:
+        low, high = NET_MTU_RANGE
+        raise unsupported(f"interface mtu size='{size}' {_NOT_SUPPORTED}; use {low} to {high}")
+    return _NetRequest(fields, address)
+
+
+def _format_net(net: NetDevice, live: NetLive | None = None, alias: str | None = None) -> list[tuple[int, str]]:
+    """virDomainNetDefFormat's lines for the subset this driver accepts (``live``: a running domain's)."""
+    lines = [(2, f"<interface type='{net.type}'>"), (3, _tag_line("mac", (("address", net.mac),)))]
+    if net.type == "network":
+        source: tuple[tuple[str, str], ...] = (("network", net.network or ""),)
+        if live is not None and live.portid is not None:
+            source += (("portid", live.portid),)
+        if live is not None and live.bridge is not None:
+            source += (("bridge", live.bridge),)
+        lines.append((3, _tag_line("source", source)))
+    elif net.type == "bridge":
+        lines.append((3, _tag_line("source", (("bridge", net.bridge or ""),))))
+    ifname = live.ifname if live is not None else net.target
+    if ifname is not None:
+        lines.append((3, _tag_line("target", (("dev", ifname),))))
+    lines.append((3, _tag_line("model", (("type", net.model),))))
+    if net.queues > 1:
+        lines.append((3, _tag_line("driver", (("queues", str(net.queues)),))))
+    state = live.link_state if live is not None and live.link_state is not None else net.link_state
+    if state is not None:
+        lines.append((3, _tag_line("link", (("state", state),))))
+    if net.mtu is not None:
+        lines.append((3, _tag_line("mtu", (("size", str(net.mtu)),))))
+    if alias is not None:
+        lines.append((3, _tag_line("alias", (("name", alias),))))
+    lines.append((3, net.address.xml()))
+    lines.append((2, "</interface>"))
+    return lines
+
+
 @dataclass(frozen=True)
 class _Devices:
     serials: tuple[CharDevice, ...]
@@ -1462,6 +1718,7 @@ class _Devices:
     memballoon_none: bool
     rngs: tuple[RngDevice, ...] = ()
     disks: tuple[DiskDevice, ...] = ()
+    nets: tuple[NetDevice, ...] = ()
 
 
 def _devices(el: etree._Element | None) -> _Devices:
@@ -1472,6 +1729,7 @@ def _devices(el: etree._Element | None) -> _Devices:
     consoles: list[CharDevice] = []
     rngs: list[tuple[str, str, int, int, PciAddress | None]] = []
     disks: list[_DiskRequest] = []
+    nets: list[_NetRequest] = []
     usb_none = memballoon_none = False
     for child in _elements(el):
         tag = _qname(child)
@@ -1483,6 +1741,8 @@ def _devices(el: etree._Element | None) -> _Devices:
             consoles.append(_chardev(child, "console"))
         elif tag == "disk":
             disks.append(_disk(child))
+        elif tag == "interface":
+            nets.append(_interface(child))
         elif tag == "memballoon":
             model = child.get("model")
             if model is None:
@@ -1528,8 +1788,8 @@ def _devices(el: etree._Element | None) -> _Devices:
     if serials and not consoles:
         consoles.append(CharDevice("console", 0, _CONSOLE_TARGET))
     _check_disk_targets(disks)
-    disk_devices, rng_devices = _assign_pci(disks, rngs)
-    return _Devices(tuple(serials), tuple(consoles), usb_none, memballoon_none, rng_devices, disk_devices)
+    net_devices, disk_devices, rng_devices = _assign_pci(nets, disks, rngs)
+    return _Devices(tuple(serials), tuple(consoles), usb_none, memballoon_none, rng_devices, disk_devices, net_devices)
 
 
 def _uuid(el: etree._Element | None) -> uuid.UUID:
@@ -1691,6 +1951,8 @@ def _format(
         body += _format_disk(disk)
     if extras.usb_none:
         body.append((2, "<controller type='usb' index='0' model='none'/>"))
+    for net in devices.nets:
+        body += _format_net(net)
     for s in devices.serials:
         body += [
             (2, "<serial type='pty'>"),
@@ -1883,6 +2145,7 @@ def _walk(root: etree._Element) -> DomainConfig:
         cputune=cputune,
         rngs=devices.rngs,
         disks=devices.disks,
+        nets=devices.nets,
         clock_offset=clock_offset,
     )
 
@@ -1890,14 +2153,35 @@ def _walk(root: etree._Element) -> DomainConfig:
 _ROOT_OPEN = "<domain type='hyperv'>"
 
 
-def format_domain_xml(cfg: DomainConfig, *, domain_id: int | None = None, pty: str | None = None) -> str:
+def _block(lines: list[tuple[int, str]]) -> str:
+    return "".join("  " * depth + line + "\n" for depth, line in lines)
+
+
+def format_domain_xml(
+    cfg: DomainConfig,
+    *,
+    domain_id: int | None = None,
+    pty: str | None = None,
+    nets: Sequence[NetLive | None] = (),
+) -> str:
     """``virsh dumpxml`` text: the canonical XML, plus ``id='N'`` while the domain runs and, like libvirt,
-    the serial port's allocated pty (``<source path>``, console ``tty``) and its alias."""
+    the serial port's allocated pty (``<source path>``, console ``tty``) and its alias, and each running
+    interface's tap (``<target dev>``), port (``<source portid bridge>``), live link state and ``netN`` alias
+    (``nets``: by index in ``cfg.nets``; None for one not started)."""
     if domain_id is None or domain_id < 0:  # libvirt uses -1 for "not running"
         return cfg.xml
     if not cfg.xml.startswith(_ROOT_OPEN):
         raise VirtError(ErrorCode.INTERNAL_ERROR, "domain XML is not in canonical form")
     text = f"<domain type='hyperv' id='{int(domain_id)}'>" + cfg.xml[len(_ROOT_OPEN) :]
+    cursor = 0
+    for index, (net, live) in enumerate(zip(cfg.nets, nets, strict=False)):
+        stored = _block(_format_net(net))
+        at = text.find(stored, cursor)
+        if at < 0:
+            raise VirtError(ErrorCode.INTERNAL_ERROR, "domain XML is not in canonical form")
+        shown = stored if live is None else _block(_format_net(net, live, f"net{index}"))
+        text = text[:at] + shown + text[at + len(stored) :]
+        cursor = at + len(shown)
     if pty is not None:
         src = f"      <source path='{_esc_attr(pty)}'/>\n"
         alias = "      <alias name='serial0'/>\n"

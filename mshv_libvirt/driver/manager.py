@@ -874,6 +874,9 @@ class DomainManager:
     async def _spawn(self, dom: Domain, paused: bool, *, keep_id: bool = False) -> None:
         cfg = dom.live or dom.persistent
         assert cfg is not None
+        if cfg.nets:
+            # Defined interfaces get no tap yet (driver wiring pending): refused, never dropped.
+            raise unsupported("starting a domain with <interface> devices is not supported by the mshv driver yet")
         cfg = await self._translate_volumes(cfg)
         if dom.live is not None:
             dom.live = cfg  # the running config knows each volume's path (domblkinfo, domblkstat by path)

@@ -799,7 +799,6 @@ def test_chardev_invalid(devices: str, fragment: str) -> None:
 @pytest.mark.parametrize(
     "device",
     [
-        "interface",
         "graphics",
         "video",
         "input",

@@ -85,6 +85,7 @@ MEM, VCPU = "<memory unit='MiB'>64</memory>", "<vcpu>1</vcpu>"
 OS, OSTYPE = "<os><type arch='x86_64'>hvm</type><kernel>/k</kernel></os>", "<type arch='x86_64'>hvm</type>"
 POWEROFF, SERIAL = "<on_poweroff>destroy</on_poweroff>", "<serial type='pty'/>"
 DISK = "<disk type='file' device='disk'><source file='/tmp/x.img'/>{}</disk>"
+IFACE = "<interface type='ethernet'>{}</interface>"
 
 CORPUS = (
     # names and ids
@@ -172,6 +173,17 @@ CORPUS = (
     d("disk-bus-unknown", SERIAL, DISK.format("<target dev='vda' bus='pci'/>")),
     d("disk-hd-no-bus", SERIAL, DISK.format("<target dev='hda'/>"), "unsupported", "disk bus 'ide'"),
     d("disk-sd-no-bus", SERIAL, DISK.format("<target dev='sda'/>"), "unsupported", "disk bus 'scsi'"),
+    d("iface-type-unknown", SERIAL, SERIAL + "<interface type='bogus'/>"),
+    d("iface-network-no-source", SERIAL, SERIAL + "<interface type='network'/>"),
+    d("iface-bridge-no-attribute", SERIAL, SERIAL + "<interface type='bridge'><source/></interface>"),
+    d("iface-mac-unparsable", SERIAL, SERIAL + IFACE.format("<mac address='52-54-00-00-00-01'/>")),
+    d("iface-mac-multicast", SERIAL, SERIAL + IFACE.format("<mac address='01:00:5e:00:00:01'/>")),
+    d("iface-model-characters", SERIAL, SERIAL + IFACE.format("<model type='e 1000'/>")),
+    d("iface-queues-letters", SERIAL, SERIAL + IFACE.format("<model type='virtio'/><driver queues='x'/>")),
+    d("iface-mtu-malformed", SERIAL, SERIAL + IFACE.format("<mtu size='0x500'/>")),
+    d("iface-link-state-unknown", SERIAL, SERIAL + IFACE.format("<link state='sideways'/>")),
+    d("iface-type-user", SERIAL, SERIAL + "<interface type='user'/>", "unsupported", "interface type 'user'"),
+    d("iface-model-e1000", SERIAL, SERIAL + IFACE.format("<model type='e1000'/>"), "unsupported", "model 'e1000'"),
     d("element-unknown", NAME, NAME + "<foo/>", "unsupported", "element <foo>"),
     d("stray-text", POWEROFF, POWEROFF + "junk", "schema"),
     # well-formedness (libvirt's catchXMLError: file:line: message, the line, a pointer)
