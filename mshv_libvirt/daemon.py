@@ -216,7 +216,12 @@ def prepare_run_dir(paths: Paths, system: bool) -> None:
 async def _serve(args: argparse.Namespace, system: bool, paths: Paths, ready: int | None) -> int:
     if not system:
         session_socket().parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    manager = DomainManager(paths, autostart=not args.no_autostart, vmm_options=vmm_options(args, system))
+    # Interfaces' network ports: an unprivileged session's own network driver; root's (whose taps join
+    # the system's bridges) the system one's.
+    ports_session = not system and os.geteuid() != 0
+    manager = DomainManager(
+        paths, autostart=not args.no_autostart, vmm_options=vmm_options(args, system), session=ports_session
+    )
     # libvirt's QEMU driver asks storage:///system when privileged (root), else storage:///session
     # (virGetConnectStorage), whichever mode the daemon runs in.
     manager.translate_volume = functools.partial(volumes.translate, session=os.geteuid() != 0)

@@ -25,6 +25,7 @@ class ErrorCode(IntEnum):
     SYSTEM_ERROR = 38
     RPC = 39
     NO_DOMAIN = 42
+    NO_NETWORK = 43
     AUTH_FAILED = 45
     NO_STORAGE_POOL = 49
     NO_STORAGE_VOL = 50
@@ -37,6 +38,7 @@ class ErrorCode(IntEnum):
     OPERATION_UNSUPPORTED = 84
     XML_INVALID_SCHEMA = 92
     DEVICE_MISSING = 99
+    NO_NETWORK_PORT = 107
 
 
 class ErrorDomain(IntEnum):
@@ -73,6 +75,8 @@ _PREFIX = {
     ErrorCode.NO_DOMAIN: "Domain not found",
     ErrorCode.NO_STORAGE_POOL: "Storage pool not found",
     ErrorCode.NO_STORAGE_VOL: "Storage volume not found",
+    ErrorCode.NO_NETWORK: "Network not found",
+    ErrorCode.NO_NETWORK_PORT: "network port not found",
     ErrorCode.OPERATION_INVALID: "Requested operation is not valid",
     ErrorCode.CONFIG_UNSUPPORTED: "unsupported configuration",
     ErrorCode.OPERATION_TIMEOUT: "Timed out during operation",

@@ -45,7 +45,7 @@ from mshv_libvirt.lifecycle import (
 from mshv_libvirt.lifecycle.states import UndefinedDetail, lookup
 from mshv_libvirt.proc import host_memory_kib, pid_alive, task_stat
 
-from . import cputune, disks, layout
+from . import cputune, disks, layout, nets
 from .migrate import migrate_legacy_layout
 from .store import ConfigStore
 from .vmm_client import VmmError, VmmFiles, VmmHandle, find_vmm_processes, is_our_vmm, same_file
@@ -91,6 +91,9 @@ class Domain:
     # The client connection that started it with VIR_DOMAIN_START_AUTODESTROY: when that connection
     # ends, the domain is destroyed (libvirt's close callback). Cleared when the domain stops.
     autodestroy: object | None = None
+    # The running interfaces' taps and network ports (by index in the live config's nets), kept in the
+    # runtime record: their ports are deleted when the VMM is gone, whichever daemon sees that.
+    nets: list[nets.RunningNet] = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -363,8 +366,17 @@ class DomainTable(dict[str, "Domain"]):
 
 
 class DomainManager:
-    def __init__(self, paths: Paths, *, autostart: bool = True, vmm_options: VmmOptions | None = None) -> None:
+    def __init__(
+        self,
+        paths: Paths,
+        *,
+        autostart: bool = True,
+        vmm_options: VmmOptions | None = None,
+        session: bool = False,
+    ) -> None:
         self.vmm_options = vmm_options or VmmOptions()  # VMM user, serial log cap (vmm_launch.py)
+        self.session = session  # network ports come from network:///session then
+        self._ifnames = nets.IfnameAllocator()
         # Absolute: records and VMM configs name these paths, and a daemon may change its directory.
         self.paths = paths = Paths(
             Path(os.path.abspath(paths.config_dir)),
@@ -461,6 +473,7 @@ class DomainManager:
             live = parse_domain_xml(str(raw["xml"]), trusted=True)
             status = Status(State(int(raw["state"])), int(raw["reason"]))
             files = VmmFiles.from_json(raw["files"])
+            running = [nets.RunningNet.from_json(n) for n in raw.get("nets", [])]
             if not same_file(files.dir, record.parent):
                 raise ValueError(f"it belongs in {files.dir}")
         except (OSError, ValueError, KeyError, TypeError, VirtError) as err:
@@ -470,7 +483,9 @@ class DomainManager:
         if dom is None:
             dom = Domain(name, live.uuid, None)
             self._domains[name] = dom
-        dom.live, dom.id, dom.status = live, dom_id, status
+        dom.live, dom.id, dom.status, dom.nets = live, dom_id, status, running
+        for net in running:
+            self._ifnames.reserve(net.ifname)
         self._next_id = max(self._next_id, dom_id + 1)
         handle: VmmHandle | None = None
         preserved: Input | None = None
@@ -741,6 +756,7 @@ class DomainManager:
                 if handle is not None:
                     await handle.kill()
                     handle.files.remove_runtime()
+                await self._unplug(dom)
             elif t.action in (Action.SPAWN_VMM, Action.SPAWN_VMM_PAUSED):
                 await self._spawn(dom, paused=t.action is Action.SPAWN_VMM_PAUSED)
         except VmmError as err:
@@ -790,6 +806,7 @@ class DomainManager:
             "reason": int(status.reason),
             "xml": dom.live.xml,
             "files": files.to_json(),  # exactly what this VMM was given (see VmmFiles)
+            "nets": [net.to_json() for net in dom.nets],
         }
         write_atomic(files.record, json.dumps(record).encode())
 
@@ -874,19 +891,30 @@ class DomainManager:
     async def _spawn(self, dom: Domain, paused: bool, *, keep_id: bool = False) -> None:
         cfg = dom.live or dom.persistent
         assert cfg is not None
-        if cfg.nets:
-            # Defined interfaces get no tap yet (driver wiring pending): refused, never dropped.
-            raise unsupported("starting a domain with <interface> devices is not supported by the mshv driver yet")
         cfg = await self._translate_volumes(cfg)
         if dom.live is not None:
             dom.live = cfg  # the running config knows each volume's path (domblkinfo, domblkstat by path)
-        # The images are opened, checked and locked before anything else.
+        # The images are opened, checked and locked before anything else, then the interfaces plugged.
         with await _open_disks(cfg) as opened:
-            await self._spawn_with(dom, cfg, paused, opened, keep_id=keep_id)
-        # the daemon's copies are closed: the VMM's own (and its backends') hold the images and their locks
+            plugged = await nets.plug(cfg, self.session, self._ifnames)
+            try:
+                with plugged:
+                    await self._spawn_with(dom, cfg, paused, opened, plugged, keep_id=keep_id)
+            except BaseException:
+                await nets.unplug(plugged.running, self.session)  # the taps went with the descriptors
+                raise
+        # the daemon's copies are closed: the VMM's own (and its backends') hold the images and their locks,
+        # and the taps
 
     async def _spawn_with(
-        self, dom: Domain, cfg: DomainConfig, paused: bool, opened: disks.OpenedDisks, *, keep_id: bool
+        self,
+        dom: Domain,
+        cfg: DomainConfig,
+        paused: bool,
+        opened: disks.OpenedDisks,
+        plugged: nets.PluggedNets,
+        *,
+        keep_id: bool,
     ) -> None:
         # The id names the runtime directory: taken at once (before any await: starts run concurrently),
         # and not given again even if the start fails, as libvirt does. A restart in place (QEMU's fake
@@ -897,10 +925,13 @@ class DomainManager:
         files = VmmFiles.for_domain(self.paths.run_dir, self.paths.log_dir, dom_id, dom.name)
         vmm_config = self._vmm_config(dom, cfg, paused, dom_id, files)
         vmm_config["disks"] = opened.config
+        vmm_config["net"] = plugged.config
         if cfg.cpu.nested == "require":
             await _check_nested(cfg)
         try:
-            handle = await VmmHandle.spawn(dom.name, files, vmm_config, self.vmm_options, pass_fds=opened.pass_fds)
+            handle = await VmmHandle.spawn(
+                dom.name, files, vmm_config, self.vmm_options, pass_fds=opened.pass_fds + plugged.pass_fds
+            )
         except VmmError as err:
             files.remove_runtime()
             raise _failed(f"domain '{dom.name}' failed to start: {err}") from err
@@ -911,11 +942,17 @@ class DomainManager:
             files.remove_runtime()
             raise
         dom.id = dom_id
+        dom.nets = list(plugged.running)
         self._adopt(dom, handle)
         # Record the VMM at once: a daemon killed before the caller commits the transition must still
         # find (and re-attach to) this VMM. The status is the one the spawn transitions lead to.
         provisional = Status(State.PAUSED, PausedReason.USER) if paused else Status(State.RUNNING, RunningReason.BOOTED)
         self._write_record(dom, provisional)
+
+    async def _unplug(self, dom: Domain) -> None:
+        """The VMM is gone, and with it the taps: release the interfaces' network ports."""
+        running, dom.nets = dom.nets, []
+        await nets.unplug(running, self.session)
 
     async def _pin(self, handle: VmmHandle, cfg: DomainConfig) -> None:
         """Apply ``cfg``'s <cputune> to the VMM's threads (their ids from its status)."""
@@ -1027,6 +1064,7 @@ class DomainManager:
             out = transition(dom.status.state, Input.VMM_DIED)
         settle_crash_dump(files.config, reason == "crash")
         files.remove_runtime()
+        await self._unplug(dom)
         if out.action is Action.RESTART_VMM:
             # QEMU's fake reboot: the same domain (id included) boots again, paused only if it stays paused.
             restarted = Transition(out.status, out.events, Action.NONE, out.reboot_event)
@@ -1187,7 +1225,8 @@ class DomainManager:
             return format_domain_xml(dom.persistent)
         cfg = dom.config
         pty = dom.vmm.pty if dom.active and dom.vmm is not None else None
-        return format_domain_xml(cfg, domain_id=dom.id if dom.active else None, pty=pty)
+        running = [net.live() for net in dom.nets] if dom.active else []
+        return format_domain_xml(cfg, domain_id=dom.id if dom.active else None, pty=pty, nets=running)
 
     def console_pty(self, dom: Domain) -> str:
         if not dom.active or dom.vmm is None:

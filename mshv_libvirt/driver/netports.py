@@ -1,0 +1,140 @@
+"""Ports of libvirt's network driver for ``<interface type='network'>``, as libvirt's own hypervisor drivers
+take them (virDomainNetCreatePort / virNetworkPortDelete): at start the daemon asks the network driver
+(``network:///system``, or the session one, on the socket the relay uses) for a port owned by the domain,
+and the port's plug names the bridge the tap joins; when the VM stops or dies the port is deleted, so the
+network's port accounting (net-port-list, DHCP and bandwidth) stays right. A connection per request: these
+happen at start and stop, never per packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid as uuidlib
+from dataclasses import dataclass
+from xml.sax.saxutils import escape
+
+from lxml import etree
+
+from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError
+from mshv_libvirt.rpc.xdr import Packer, Unpacker, XdrError
+
+__all__ = ["NetworkPort", "create_port", "delete_port"]
+
+PROC_NETWORK_LOOKUP_BY_NAME = 46
+PROC_NETWORK_PORT_CREATE_XML = 406
+PROC_NETWORK_PORT_GET_XML_DESC = 409
+PROC_NETWORK_PORT_DELETE = 410
+_STRING_MAX = 4 << 20  # REMOTE_STRING_MAX
+_TIMEOUT = 30.0  # a network driver that does not answer a port request in this long is not coming back
+
+
+@dataclass(frozen=True)
+class NetworkPort:
+    network: str
+    network_uuid: bytes
+    portid: str  # the port's UUID, shown as <source portid> in the live XML
+    bridge: str  # the plug's bridge: what the tap joins
+
+
+def _passed_on(code: int, domain: int, message: str) -> VirtError:
+    """The network driver's error as it gave it (code, domain, message), as the relay passes its errors."""
+    try:
+        err = VirtError(ErrorCode(code), message, ErrorDomain(domain))
+    except ValueError:
+        err = VirtError(ErrorCode.INTERNAL_ERROR, message, ErrorDomain.NETWORK)
+    err.message = message
+    return err
+
+
+async def _call(session: bool, calls: list[tuple[int, bytes]]) -> list[Unpacker]:
+    """Each call's ret, on one connection opened for them."""
+    # Imported here: the relay module imports the driver package.
+    from mshv_libvirt.rpc.client import DaemonError, Handlers, RemoteClient, RemoteClosed
+    from mshv_libvirt.rpc.relay import NETWORK, socket_path
+
+    path = socket_path(NETWORK, session, readonly=False)
+    uri = f"network:///{'session' if session else 'system'}"
+    client: RemoteClient | None = None
+    try:
+        async with asyncio.timeout(_TIMEOUT):
+            client = await RemoteClient.connect(path, Handlers(), f"{uri} on {path}")
+            await client.open(uri, readonly=False)
+            return [await client.call_ok(proc, payload) for proc, payload in calls]
+    except DaemonError as err:
+        raise _passed_on(err.error.code, err.error.domain, err.error.message) from None
+    except (OSError, TimeoutError, RemoteClosed, XdrError) as err:
+        raise VirtError(
+            ErrorCode.OPERATION_FAILED, f"libvirt's network driver ({uri} on {path}) is not available: {err}"
+        ) from None
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _network(p: Packer, name: str, raw_uuid: bytes) -> None:
+    p.string(name)  # remote_nonnull_network
+    p.opaque_fixed(raw_uuid, 16)
+
+
+def _port_xml(domain: str, domain_uuid: str, mac: str, port_uuid: str) -> str:
+    # virDomainNetDefToNetworkPort: the port's UUID, its owner, the guest's MAC
+    return (
+        f"<networkport><uuid>{port_uuid}</uuid><owner><name>{escape(domain)}</name><uuid>{domain_uuid}</uuid>"
+        f"</owner><mac address='{mac}'/></networkport>"
+    )
+
+
+def _plug_bridge(xml: str, network: str) -> str:
+    """The bridge of the port's plug. Plugs into a bridge (a libvirt network with its own bridge, or
+    forward mode='bridge') are what a tap can join; a macvtap or hostdev plug is not."""
+    plug = etree.fromstring(xml.encode()).find("plug")
+    kind = plug.get("type") if plug is not None else None
+    bridge = plug.get("bridge") if plug is not None else None
+    if kind not in ("network", "bridge") or not bridge:
+        raise VirtError(
+            ErrorCode.CONFIG_UNSUPPORTED,
+            f"network '{network}' gives a port of type '{kind}'; the mshv driver can only attach a tap to a bridge",
+        )
+    return bridge
+
+
+async def create_port(session: bool, network: str, domain: str, domain_uuid: str, mac: str) -> NetworkPort:
+    """A port of ``network`` for the interface with ``mac`` of ``domain``; its bridge from the port's plug."""
+    p = Packer()
+    p.string(network)
+    (found,) = await _call(session, [(PROC_NETWORK_LOOKUP_BY_NAME, p.getvalue())])
+    name, net_uuid = found.string(_STRING_MAX), found.opaque_fixed(16)
+    portid = str(uuidlib.uuid4())
+    p = Packer()
+    _network(p, name, net_uuid)
+    p.string(_port_xml(domain, domain_uuid, mac, portid))
+    p.uint(0)
+    (created,) = await _call(session, [(PROC_NETWORK_PORT_CREATE_XML, p.getvalue())])
+    created.string(_STRING_MAX)
+    created.opaque_fixed(16)
+    port_uuid = created.opaque_fixed(16)
+    port = NetworkPort(name, net_uuid, str(uuidlib.UUID(bytes=port_uuid)), "")
+    try:
+        p = Packer()
+        _network(p, name, net_uuid)
+        p.opaque_fixed(port_uuid, 16)
+        p.uint(0)
+        (desc,) = await _call(session, [(PROC_NETWORK_PORT_GET_XML_DESC, p.getvalue())])
+        bridge = _plug_bridge(desc.string(_STRING_MAX), name)
+    except BaseException:
+        await delete_port(session, port)
+        raise
+    return NetworkPort(name, net_uuid, port.portid, bridge)
+
+
+async def delete_port(session: bool, port: NetworkPort) -> None:
+    """virNetworkPortDelete; a port (or network) already gone is no error: it is what was asked for."""
+    p = Packer()
+    _network(p, port.network, port.network_uuid)
+    p.opaque_fixed(uuidlib.UUID(port.portid).bytes, 16)
+    p.uint(0)
+    try:
+        await _call(session, [(PROC_NETWORK_PORT_DELETE, p.getvalue())])
+    except VirtError as err:
+        if err.code not in (ErrorCode.NO_NETWORK, ErrorCode.NO_NETWORK_PORT):
+            raise

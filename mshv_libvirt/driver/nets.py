@@ -1,0 +1,141 @@
+"""A domain's interfaces at start and stop: a port of libvirt's network driver for type='network', a tap on
+the right bridge for each (taps.py), and the VMM's "net" config with the taps' descriptors; at stop the
+ports are deleted (the taps go with the VMM's descriptors)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from mshv_libvirt.domain import DomainConfig
+from mshv_libvirt.domain.xml import NetLive
+from mshv_libvirt.errors import ErrorCode, VirtError
+
+from .netports import NetworkPort, create_port, delete_port
+from .taps import create_tap, interface_exists
+from .vmm_launch import HeldFds
+
+log = logging.getLogger(__name__)
+
+VNET_PREFIX = "vnet"  # VIR_NET_GENERATED_VNET_PREFIX
+_VNET_MAX = 1 << 16  # names wrap around after this many, as libvirt's virNetDevGenerateName
+
+
+@dataclass(frozen=True)
+class RunningNet:
+    """A started interface: its tap's name and, for type='network', its port."""
+
+    ifname: str
+    port: NetworkPort | None = None
+
+    def live(self) -> NetLive:
+        if self.port is None:
+            return NetLive(self.ifname)
+        return NetLive(self.ifname, portid=self.port.portid, bridge=self.port.bridge)
+
+    def to_json(self) -> dict[str, Any]:
+        port = self.port
+        return {
+            "ifname": self.ifname,
+            "port": None
+            if port is None
+            else {
+                "network": port.network,
+                "network_uuid": port.network_uuid.hex(),
+                "portid": port.portid,
+                "bridge": port.bridge,
+            },
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> RunningNet:
+        port = raw.get("port")
+        return cls(
+            str(raw["ifname"]),
+            None
+            if port is None
+            else NetworkPort(
+                str(port["network"]), bytes.fromhex(str(port["network_uuid"])), str(port["portid"]), str(port["bridge"])
+            ),
+        )
+
+
+class IfnameAllocator:
+    """libvirt's generated tap names: vnetN with N counting up for the daemon's life (a name that exists is
+    skipped), past the names of the running domains a restarted daemon re-attached to."""
+
+    def __init__(self) -> None:
+        self._last = -1
+
+    def reserve(self, name: str) -> None:
+        m = re.fullmatch(rf"{VNET_PREFIX}([0-9]+)", name)
+        if m is not None:
+            self._last = max(self._last, int(m.group(1)))
+
+    def next(self) -> str:
+        for _ in range(_VNET_MAX):
+            self._last = (self._last + 1) % _VNET_MAX
+            name = f"{VNET_PREFIX}{self._last}"
+            if not interface_exists(name):
+                return name
+        raise VirtError(ErrorCode.INTERNAL_ERROR, f"No free {VNET_PREFIX}N network device name")
+
+
+@dataclass
+class PluggedNets(HeldFds):
+    """The taps (the daemon's descriptors, closed once the VMM has its own), the VMM's "net" entries and
+    what the domain's runtime record keeps of them."""
+
+    config: list[dict[str, Any]] = field(default_factory=list)
+    running: list[RunningNet] = field(default_factory=list)
+
+
+async def plug(cfg: DomainConfig, session: bool, names: IfnameAllocator) -> PluggedNets:
+    """Ports and taps for every interface of ``cfg``, in order; on a failure what was made is undone."""
+    plugged = PluggedNets()
+    try:
+        for net in cfg.nets:
+            port: NetworkPort | None = None
+            bridge = net.bridge
+            if net.type == "network":
+                port = await create_port(session, net.network or "", cfg.name, str(cfg.uuid), net.mac)
+                bridge = port.bridge
+            try:
+                ifname = net.target or names.next()
+                tap = create_tap(ifname, net.mac, mtu=net.mtu, bridge=bridge)
+            except BaseException:
+                if port is not None:
+                    await _delete_quietly(session, port)
+                raise
+            plugged.running.append(RunningNet(tap.name, port))
+            plugged.config.append(
+                {
+                    "slot": net.address.slot,
+                    "fd": plugged.keep(tap.fd),
+                    "mac": net.mac,
+                    "mtu": net.mtu,
+                    "link_up": net.link_state != "down",
+                }
+            )
+    except BaseException:
+        plugged.close()
+        await unplug(plugged.running, session)
+        raise
+    return plugged
+
+
+async def _delete_quietly(session: bool, port: NetworkPort) -> None:
+    try:
+        await delete_port(session, port)
+    except VirtError as err:
+        # The VM is gone either way; libvirt's network driver keeps the port until it is deleted by hand.
+        log.error("cannot delete port %s of network %s: %s", port.portid, port.network, err)
+
+
+async def unplug(running: list[RunningNet], session: bool) -> None:
+    """The interfaces' VMM is gone (or never ran): delete their ports."""
+    for net in running:
+        if net.port is not None:
+            await _delete_quietly(session, net.port)

@@ -1,0 +1,114 @@
+"""The tap devices of a domain's interfaces, created by the daemon at start as libvirt's QEMU driver creates
+them (virNetDevTapCreateInBridgePort): IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, the host side's MAC the guest's with
+its first byte 0xFE (so a bridge never takes it as its own), the MTU asked for or else the bridge's, a port
+of the bridge, up.
+
+A tap is not persistent: it lives as long as a descriptor of it is open. The daemon hands its descriptor
+to the VMM and closes its own copy, so the tap goes with the VMM however that ends (destroy, a crash,
+SIGKILL) and outlives a daemon restart with the VMM. Nothing here runs per packet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError
+
+__all__ = ["IFNAMSIZ", "Tap", "create_tap", "interface_exists"]
+
+TUN_PATH = "/dev/net/tun"
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+IFF_UP = 0x1
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+SIOCGIFMTU = 0x8921
+SIOCSIFMTU = 0x8922
+SIOCSIFHWADDR = 0x8924
+SIOCBRADDIF = 0x89A2
+ARPHRD_ETHER = 1
+IFNAMSIZ = 16  # with its NUL
+_IFREQ = 40  # sizeof(struct ifreq) on Linux (64-bit)
+
+
+def _system_error(detail: str, err: OSError) -> VirtError:
+    # virReportSystemError: "<detail>: <strerror>", VIR_ERR_SYSTEM_ERROR from util (no error domain)
+    return VirtError(ErrorCode.SYSTEM_ERROR, f"{detail}: {os.strerror(err.errno or errno.EIO)}", ErrorDomain.NONE)
+
+
+def _ifreq(name: str, tail: bytes = b"") -> bytes:
+    return struct.pack(f"{IFNAMSIZ}s", name.encode()) + tail.ljust(_IFREQ - IFNAMSIZ, b"\0")
+
+
+def interface_exists(name: str) -> bool:
+    return Path("/sys/class/net", name).exists()
+
+
+@dataclass
+class Tap:
+    name: str
+    fd: int  # the daemon's descriptor until the VMM has its own; closing it (with no other) removes the tap
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def _ctl(sock: socket.socket, request: int, req: bytes) -> bytes:
+    return fcntl.ioctl(sock.fileno(), request, req)
+
+
+def create_tap(name: str, mac: str, *, mtu: int | None, bridge: str | None) -> Tap:
+    """A tap named ``name`` for a guest with MAC ``mac``, a port of ``bridge`` when given, up; the VirtError
+    libvirt reports where a step fails (nothing is left behind then)."""
+    if len(name.encode()) >= IFNAMSIZ:
+        raise _system_error(f"Network interface name '{name}' is too long", OSError(errno.ERANGE, ""))
+    try:
+        fd = os.open(TUN_PATH, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as err:
+        raise _system_error(f"Unable to open {TUN_PATH}, is tun module loaded?", err) from None
+    tap = Tap(name, fd)
+    try:
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, struct.pack("H", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)))
+        except OSError as err:
+            raise _system_error(f"Unable to create tap device {name}", err) from None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            host_mac = bytes([0xFE, *bytes.fromhex(mac.replace(":", ""))[1:]])
+            try:
+                _ctl(sock, SIOCSIFHWADDR, _ifreq(name, struct.pack("H6s", ARPHRD_ETHER, host_mac)))
+            except OSError as err:
+                raise _system_error(f"Cannot set interface MAC on '{name}'", err) from None
+            if mtu is None and bridge is not None:
+                try:
+                    mtu = struct.unpack_from("i", _ctl(sock, SIOCGIFMTU, _ifreq(bridge)), IFNAMSIZ)[0]
+                except OSError as err:
+                    raise _system_error(f"Cannot get interface MTU on '{bridge}'", err) from None
+            if mtu is not None:
+                try:
+                    _ctl(sock, SIOCSIFMTU, _ifreq(name, struct.pack("i", mtu)))
+                except OSError as err:
+                    raise _system_error(f"Cannot set interface MTU on '{name}'", err) from None
+            if bridge is not None:
+                try:
+                    _ctl(sock, SIOCBRADDIF, _ifreq(bridge, struct.pack("i", socket.if_nametoindex(name))))
+                except OSError as err:
+                    raise _system_error(f"Unable to add bridge {bridge} port {name}", err) from None
+            try:
+                flags = struct.unpack_from("H", _ctl(sock, SIOCGIFFLAGS, _ifreq(name)), IFNAMSIZ)[0]
+                _ctl(sock, SIOCSIFFLAGS, _ifreq(name, struct.pack("H", flags | IFF_UP)))
+            except OSError as err:
+                raise _system_error(f"Cannot set interface flags on '{name}'", err) from None
+    except BaseException:
+        tap.close()
+        raise
+    return tap

@@ -1,0 +1,143 @@
+"""<interface> end to end: a running domain's taps and network ports, through real virsh against the real
+daemon, with libvirt's own network driver (``network:///system``) for type='network'.
+
+Everything is on one isolated libvirt network (no ``<forward>``) with a test-unique name, bridge and
+subnet, which the test defines and removes; type='bridge' joins that network's bridge and type='ethernet'
+a tap of a test-unique name on no bridge. Oracles are not the code under test: ``ip -o link`` for the taps
+(their bridge and state), real virsh against ``network:///system`` for the ports (``net-port-list``),
+/proc for the VMM, and the host's routes and firewall rules, which must be what they were.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import DaemonProcess, domain_xml, domstate, running_daemon, serial_log, virsh, wait_for
+from tests.support.guests import TINY_BANNER
+from tests.support.libvirtd import unique
+from tests.support.networks import ORACLE, free_subnet, host_network_state, isolated_network_xml, remove_network, sh
+from tests.support.procfs import process_gone
+
+pytestmark = [pytest.mark.virsh, pytest.mark.usefixtures("system_libvirtd")]
+
+NET_MAC, BRIDGE_MAC, ETH_MAC = "52:54:00:6e:00:01", "52:54:00:6e:00:02", "52:54:00:6e:00:03"
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    with running_daemon(tmp_path_factory.mktemp("ifaces") / "d") as d:
+        yield d
+
+
+@pytest.fixture
+def network(tmp_path: Path) -> Iterator[str]:
+    """An isolated network of libvirt's, started; its name is its bridge's."""
+    before = host_network_state()
+    name = unique("mshvn")[:13]
+    xml = tmp_path / "net.xml"
+    xml.write_text(isolated_network_xml(name, free_subnet()))
+    try:
+        virsh(ORACLE, "net-define", str(xml))
+        virsh(ORACLE, "net-start", name)
+        yield name
+    finally:
+        remove_network(name)
+        assert host_network_state() == before
+
+
+def link(ifname: str) -> str:
+    """``ip -o link show`` of one device ('' when it does not exist)."""
+    out = sh("ip", "-o", "link", "show")
+    return next((line for line in out.splitlines() if re.match(rf"\d+: {re.escape(ifname)}[@:]", line)), "")
+
+
+def link_lines(names: tuple[str, ...]) -> list[str]:
+    return [link(n) for n in names]
+
+
+def all_gone(names: tuple[str, ...]) -> bool:
+    """None of ``names`` exists any more."""
+    return link_lines(names) == [""] * len(names)
+
+
+def ports(network: str) -> list[str]:
+    out = virsh(ORACLE, "net-port-list", network, "--uuid").stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def started_taps(daemon: DaemonProcess, name: str) -> list[str]:
+    return re.findall(r"<target dev='([^']+)'/>", virsh(daemon.uri, "dumpxml", name).stdout)
+
+
+def test_taps_and_ports_follow_the_vm(
+    kvm: None, daemon: DaemonProcess, tiny_kernel: Path, network: str, tmp_path: Path
+) -> None:
+    name, eth = unique("ifvm"), unique("mshvt")[:15]
+    interfaces = (
+        f"<interface type='network'><mac address='{NET_MAC}'/><source network='{network}'/>"
+        "<model type='virtio'/></interface>"
+        f"<interface type='bridge'><mac address='{BRIDGE_MAC}'/><source bridge='{network}'/>"
+        "<model type='virtio'/><mtu size='1400'/></interface>"
+        f"<interface type='ethernet'><mac address='{ETH_MAC}'/><target dev='{eth}'/><model type='virtio'/></interface>"
+    )
+    xml = tmp_path / "vm.xml"
+    xml.write_text(domain_xml(name, tiny_kernel).replace("<serial type='pty'/>", f"<serial type='pty'/>{interfaces}"))
+    virsh(daemon.uri, "define", str(xml))
+    try:
+        for ending in ("sigkill", "destroy"):
+            virsh(daemon.uri, "start", name)
+            wait_for(lambda: TINY_BANNER in serial_log(daemon, name), 120, what="banner")
+            taps = started_taps(daemon, name)
+            assert len(taps) == 3 and taps[2] == eth and all(re.fullmatch(r"vnet\d+", t) for t in taps[:2]), taps
+            # each tap: up, on the bridge asked for (the network's for both), the host side's MAC the
+            # guest's with fe: first (libvirt's), the MTU asked for or the bridge's
+            for tap, mac, bridge in ((taps[0], NET_MAC, network), (taps[1], BRIDGE_MAC, network), (eth, ETH_MAC, None)):
+                shown = link(tap)
+                assert ",UP" in shown and f"link/ether fe:{mac[3:]}" in shown, shown
+                assert (f" master {bridge} " in shown) == (bridge is not None), shown
+            assert " mtu 1400 " in link(taps[1]) and " mtu 1500 " in link(taps[0])
+            # the port libvirt's network driver gave the type='network' interface, and only that one
+            port = ports(network)
+            live = virsh(daemon.uri, "dumpxml", name).stdout
+            assert len(port) == 1 and f"portid='{port[0]}' bridge='{network}'" in live, (port, live)
+            listed = virsh(daemon.uri, "domiflist", name).stdout
+            assert re.search(rf"{taps[0]}\s+network\s+{network}\s+virtio\s+{NET_MAC}", listed), listed
+            pid = daemon.vmm_pid(name)
+            if ending == "sigkill":
+                os.kill(pid, signal.SIGKILL)
+            else:
+                virsh(daemon.uri, "destroy", name)
+            wait_for(lambda pid=pid: process_gone(pid), 30, what="VMM gone")
+            wait_for(lambda: domstate(daemon, name, reason=False) == "shut off", 30, what="shut off")
+            wait_for(partial(all_gone, tuple(taps)), 30, what=partial(link_lines, tuple(taps)))
+            wait_for(lambda: ports(network) == [], 30, what=lambda: ports(network))
+            assert started_taps(daemon, name) == [eth]  # the shut-off definition keeps the name the user chose
+    finally:
+        virsh(daemon.uri, "destroy", name, check=False)
+        virsh(daemon.uri, "undefine", name, check=False)
+
+
+def test_a_network_that_does_not_exist_fails_the_start_with_libvirts_error(
+    daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    name, missing = unique("ifvm"), unique("nonet")
+    iface = f"<interface type='network'><source network='{missing}'/></interface>"
+    xml = tmp_path / "vm.xml"
+    xml.write_text(domain_xml(name, tiny_kernel).replace("<serial type='pty'/>", f"<serial type='pty'/>{iface}"))
+    virsh(daemon.uri, "define", str(xml))
+    try:
+        res = virsh(daemon.uri, "start", name, check=False)
+        oracle = virsh(ORACLE, "net-info", missing, check=False)
+        assert res.returncode == 1 and oracle.returncode == 1
+        assert f"error: Network not found: no network with matching name '{missing}'" in res.stderr, res.stderr
+        assert f"error: Network not found: no network with matching name '{missing}'" in oracle.stderr
+        assert domstate(daemon, name, reason=False) == "shut off"
+    finally:
+        virsh(daemon.uri, "undefine", name, check=False)

@@ -1,0 +1,80 @@
+"""libvirt networks and host network state for tests: isolated networks (no ``<forward>``) with test-unique
+names, bridges and subnets, removed straight through libvirt; the host's routes and firewall rules, which
+such a network must leave as they were."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+import subprocess
+
+import libvirt
+
+ORACLE = "network:///system"
+
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout
+
+
+def without_libvirt_scaffolding(saved: str) -> str:
+    """``iptables-save`` output without what libvirtd sets up once, at its first network start, and keeps
+    for its life: its empty private chains (LIBVIRT_INP, _OUT, _FWI, _FWO, _FWX, _PRT), the jumps to them,
+    and tables holding nothing else (only ACCEPT policies). Removing them would break libvirtd's next
+    network start; any rule a network leaves in them still shows."""
+    lines = [re.sub(r"\[\d+:\d+\]", "", line) for line in saved.splitlines() if not line.startswith("#")]
+    used = {ln.split()[1] for ln in lines if ln.startswith("-A LIBVIRT_")}
+    empty = {ln[1:].split()[0] for ln in lines if ln.startswith(":LIBVIRT_")} - used
+    kept = [
+        ln
+        for ln in lines
+        if not (ln.startswith(":") and ln[1:].split()[0] in empty)
+        and not (ln.startswith("-A ") and ln.split()[-1] in empty and ln.split()[-2] == "-j")
+    ]
+    out: list[str] = []
+    for table in "\n".join(kept).split("COMMIT"):
+        body = [ln for ln in table.strip().splitlines() if ln]
+        if any(not ln.startswith(("*", ":")) or not ln.rstrip().endswith("ACCEPT") for ln in body[1:]):
+            out.append("\n".join(body) + "\nCOMMIT")
+    return "\n".join(out)
+
+
+def host_network_state() -> dict[str, str]:
+    """The host's routes and firewall rules (without counters): an isolated test network leaves them as found."""
+    rules = {tool: without_libvirt_scaffolding(sh(tool)) for tool in ("iptables-save", "ip6tables-save")}
+    return {**rules, "routes": sh("ip", "-4", "route") + sh("ip", "-6", "route")}
+
+
+def free_subnet() -> str:
+    """A 10.x.y.0/24 no route of this host uses ("10.x.y" returned), always as long (virsh pads its
+    columns to the longest address)."""
+    routes = sh("ip", "-4", "route") + sh("ip", "-4", "addr")
+    for _ in range(100):
+        prefix = f"10.{random.randint(200, 254)}.{random.randint(100, 255)}"
+        if f"{prefix}." not in routes:
+            return prefix
+    raise AssertionError("no free 10.x.y.0/24 subnet")
+
+
+def isolated_network_xml(name: str, subnet: str) -> str:
+    # The bridge has the network's name (13 characters: within IFNAMSIZ); no <forward>: isolated.
+    return (
+        f"<network><name>{name}</name><bridge name='{name}' stp='off' delay='0'/>"
+        f"<ip address='{subnet}.1' netmask='255.255.255.0'>"
+        f"<dhcp><range start='{subnet}.100' end='{subnet}.200'/></dhcp></ip></network>"
+    )
+
+
+def remove_network(name: str) -> None:
+    """Clean-up straight through libvirt (not through the code under test)."""
+    with contextlib.suppress(libvirt.libvirtError):
+        conn = libvirt.open(ORACLE)
+        try:
+            net = conn.networkLookupByName(name)
+            if net.isActive():
+                net.destroy()
+            if net.isPersistent():
+                net.undefine()
+        finally:
+            conn.close()
