@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from mshv_libvirt.domain import DomainConfig
-from mshv_libvirt.domain.xml import DiskDevice
+from mshv_libvirt.domain.xml import DiskDevice, parse_mac
 from mshv_libvirt.driver.cputune import set_emulatorpin, set_vcpupin, vcpu_threads
 from mshv_libvirt.driver.disks import cannot_access
 from mshv_libvirt.driver.manager import Domain
@@ -609,10 +609,39 @@ async def get_block_info(s: Session, dom: Domain, path: str, flags: int) -> byte
     return p.getvalue()
 
 
-def interface_stats(s: Session, dom: Domain, device: str) -> bytes:
+def _find_net(dom: Domain, device: str) -> int:
+    """virDomainNetFind: a MAC address names the interface with it (refused when several have it), anything
+    else its tap or its alias (netN); the interface's index."""
+    cfg = dom.config
+    mac = parse_mac(device)
+    if mac is not None:
+        found = [i for i, net in enumerate(cfg.nets) if net.mac == mac]
+        if len(found) > 1:
+            raise VirtError(ErrorCode.OPERATION_FAILED, f"multiple devices matching MAC address {mac} found")
+        if found:
+            return found[0]
+    else:
+        for i, running in enumerate(dom.nets):
+            if device in (running.ifname, f"net{i}"):
+                return i
+    raise VirtError(ErrorCode.INVALID_ARG, f"'{device}' is not a known interface")
+
+
+async def interface_stats(s: Session, dom: Domain, device: str) -> bytes:
+    """The counters of the interface's virtio-net data path in the VMM, as the guest sees them (rx: what the
+    guest received), which is what libvirt reports from the tap with its rx and tx swapped."""
     if not dom.active:
         raise invalid_operation("domain is not running")
-    raise VirtError(ErrorCode.INVALID_ARG, f"'{device}' is not a known interface")  # a domain has no NICs yet
+    index = _find_net(dom, device)
+    mac = dom.config.nets[index].mac
+    status = await _status(dom)
+    entry = next((d for d in status.get("virtio", []) if d.get("device_id") == 1 and d.get("mac") == mac), None)
+    if entry is None:
+        raise VirtError(ErrorCode.OPERATION_FAILED, f"the VMM reports no virtio-net device with MAC address {mac}")
+    p = Packer()
+    for key in ("rx_bytes", "rx_packets", None, "rx_drops", "tx_bytes", "tx_packets", None, "tx_drops"):
+        p.hyper(int(entry.get(key, 0)) if key is not None else 0)  # no error counts: the data path has none
+    return p.getvalue()
 
 
 # ---- host -------------------------------------------------------------------------------------------------

@@ -109,6 +109,15 @@ def test_taps_and_ports_follow_the_vm(
             assert len(port) == 1 and f"portid='{port[0]}' bridge='{network}'" in live, (port, live)
             listed = virsh(daemon.uri, "domiflist", name).stdout
             assert re.search(rf"{taps[0]}\s+network\s+{network}\s+virtio\s+{NET_MAC}", listed), listed
+            # domifstat by tap, MAC or alias: the VMM's data-path counters (the tiny guest drives no
+            # virtio-net, so none has moved), printed as virsh prints libvirt's; an unknown one is refused
+            by_name = virsh(daemon.uri, "domifstat", name, taps[1]).stdout
+            fields = [f"{d}_{c}" for d in ("rx", "tx") for c in ("bytes", "packets", "errs", "drop")]
+            assert [ln.split()[1:] for ln in by_name.splitlines() if ln.strip()] == [[f, "0"] for f in fields], by_name
+            assert virsh(daemon.uri, "domifstat", name, BRIDGE_MAC).stdout == by_name.replace(taps[1], BRIDGE_MAC)
+            assert virsh(daemon.uri, "domifstat", name, "net1").stdout == by_name.replace(taps[1], "net1")
+            unknown = virsh(daemon.uri, "domifstat", name, "nosuch0", check=False)
+            assert "error: invalid argument: 'nosuch0' is not a known interface" in unknown.stderr, unknown.stderr
             pid = daemon.vmm_pid(name)
             if ending == "sigkill":
                 os.kill(pid, signal.SIGKILL)
