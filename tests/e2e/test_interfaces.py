@@ -150,3 +150,38 @@ def test_a_network_that_does_not_exist_fails_the_start_with_libvirts_error(
         assert domstate(daemon, name, reason=False) == "shut off"
     finally:
         virsh(daemon.uri, "undefine", name, check=False)
+
+
+def test_a_restarted_daemon_keeps_the_tap_and_port_and_deletes_the_port_of_a_vmm_that_died_meanwhile(
+    kvm: None, tiny_kernel: Path, network: str, tmp_path: Path
+) -> None:
+    name = unique("ifvm")
+    iface = f"<interface type='network'><mac address='{NET_MAC}'/><source network='{network}'/></interface>"
+    xml = tmp_path / "vm.xml"
+    xml.write_text(domain_xml(name, tiny_kernel).replace("<serial type='pty'/>", f"<serial type='pty'/>{iface}"))
+    with running_daemon(tmp_path / "d") as daemon:
+        virsh(daemon.uri, "define", str(xml))
+        virsh(daemon.uri, "start", name)
+        (tap,) = started_taps(daemon, name)
+        port = ports(network)
+        assert len(port) == 1
+        daemon.kill()  # a crash: no clean-up
+        daemon.start()
+        # re-attached: the same tap on the bridge, the same port, shown in the live XML
+        assert started_taps(daemon, name) == [tap] and f" master {network} " in link(tap)
+        assert ports(network) == port
+        assert f"portid='{port[0]}'" in virsh(daemon.uri, "dumpxml", name).stdout
+        # the VMM dies while no daemon watches: the next daemon deletes its port; the tap went with it
+        pid = daemon.vmm_pid(name)
+        daemon.kill()
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: process_gone(pid), 30, what="VMM gone")
+        assert link(tap) == "" and ports(network) == port
+        daemon.start()
+        assert domstate(daemon, name, reason=False) == "shut off"
+        wait_for(lambda: ports(network) == [], 30, what=lambda: ports(network))
+        # and it starts (and stops) again with a new tap and port
+        virsh(daemon.uri, "start", name)
+        assert re.fullmatch(r"vnet\d+", started_taps(daemon, name)[0])
+        virsh(daemon.uri, "destroy", name)
+        wait_for(lambda: ports(network) == [], 30, what=lambda: ports(network))
