@@ -2,8 +2,8 @@
 
 No sockets, no event loop, no threads (h11/h2 shape). The asyncio adapter in ``server.py`` feeds
 ``receive_data`` and writes what the ``send_*`` methods return. Facts (header layout, keepalive,
-stream status codes) are from libvirt's ``virnetprotocol.x``/``virkeepaliveprotocol.x`` as recorded in
-shared/reference/libvirt-remote.md.
+stream status codes) are from libvirt 9.0's ``src/rpc/virnetprotocol.x`` and
+``src/rpc/virkeepaliveprotocol.x``; the bounds the daemon chooses are in docs/DAEMON.md ("RPC layering").
 """
 
 from __future__ import annotations

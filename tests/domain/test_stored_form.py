@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 
-from mshv_libvirt.domain import MAX_XML_BYTES, format_domain_xml, parse_domain_xml
+from mshv_libvirt.domain import format_domain_xml, parse_domain_xml
 from mshv_libvirt.errors import VirtError
 from tests.support.domain_docs import domain_document
+from tests.support.limits import MAX_XML_BYTES
 
 # what a running domain's dumpxml adds: a large id and the longest pty path Linux hands out
 RUNNING = {"domain_id": 2**31 - 1, "pty": "/dev/pts/" + "9" * 7}

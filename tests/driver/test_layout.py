@@ -1,5 +1,6 @@
 """The on-disk naming (driver/layout.py) is injective: no two domains, no two kinds of file and no temporary
-can ever share a path, whatever the names (issue 19 items 1, 2 and 10)."""
+can ever share a path, whatever the names (issue 19 items 1, 2 and 10). The limits are stated in
+tests/support/limits.py (Linux's NAME_MAX and sun_path, docs/DAEMON.md's name and run-directory bounds)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from mshv_libvirt.atomicfile import TMP_MARK, temporary_writer, tmp_sibling
 from mshv_libvirt.driver import layout
 from mshv_libvirt.driver.vmm_client import VmmFiles
 from mshv_libvirt.errors import ErrorCode, VirtError
+from tests.support.limits import MAX_DOMAIN_ID, MAX_ESCAPED_NAME_BYTES, MAX_RUN_DIR_BYTES, NAME_MAX, SUN_PATH_MAX
 
 RUN, LOG, CONF = Path("/r/run"), Path("/r/run"), Path("/r/etc")  # logs in the run dir: the tests' default
 
@@ -89,7 +91,7 @@ def assert_all_distinct(domains: list[tuple[str, int]]) -> None:
             # Nothing named after a domain can be taken for a temporary, or be one.
             assert not path.name.startswith("."), owner
             assert temporary_writer(path.name) is None, owner
-            assert len(path.name.encode()) <= layout.NAME_MAX
+            assert len(path.name.encode()) <= NAME_MAX
 
 
 def test_issue_collisions_are_gone() -> None:
@@ -157,20 +159,20 @@ def _refused(name: str) -> VirtError:
     ids=["ascii", "2-byte", "3-byte", "4-byte", "percent", "control"],
 )
 def test_name_limit(char: str, size: int) -> None:
-    longest = char * (layout.MAX_ESCAPED_NAME_BYTES // size)
+    longest = char * (MAX_ESCAPED_NAME_BYTES // size)
     layout.check_name(longest)
-    for path in domain_paths(longest, layout.MAX_DOMAIN_ID).values():
-        assert len(path.name.encode()) <= layout.NAME_MAX
+    for path in domain_paths(longest, MAX_DOMAIN_ID).values():
+        assert len(path.name.encode()) <= NAME_MAX
     err = _refused(longest + char)
     assert err.code == ErrorCode.CONFIG_UNSUPPORTED
-    assert "too long" in err.message and str(layout.MAX_ESCAPED_NAME_BYTES) in err.message
-    layout.check_name("." + "a" * (layout.MAX_ESCAPED_NAME_BYTES - 3))  # a leading dot counts 3
-    _refused("." + "a" * (layout.MAX_ESCAPED_NAME_BYTES - 2))
+    assert "too long" in err.message and str(MAX_ESCAPED_NAME_BYTES) in err.message
+    layout.check_name("." + "a" * (MAX_ESCAPED_NAME_BYTES - 3))  # a leading dot counts 3
+    _refused("." + "a" * (MAX_ESCAPED_NAME_BYTES - 2))
 
 
 def test_run_dir_length_bound() -> None:
-    room = layout.SUN_PATH_MAX - len(f"/{layout.MAX_DOMAIN_ID}/{layout.CONTROL}")
+    room = MAX_RUN_DIR_BYTES
     layout.check_run_dir(Path("/" + "r" * (room - 1)))
     with pytest.raises(ValueError, match="too long"):
         layout.check_run_dir(Path("/" + "r" * room))
-    assert layout.longest_socket_path(Path("/run/libvirt/mshv")) < layout.SUN_PATH_MAX
+    assert layout.longest_socket_path(Path("/run/libvirt/mshv")) < SUN_PATH_MAX

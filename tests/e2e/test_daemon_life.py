@@ -34,6 +34,7 @@ from tests.support.daemon import (
     wait_for,
 )
 from tests.support.guests import TINY_BANNER
+from tests.support.limits import MAX_RUN_DIR_BYTES
 from tests.support.procfs import process_alive, process_gone
 
 libvirt = pytest.importorskip("libvirt")
@@ -315,7 +316,7 @@ def dirs_args(tmp_path: Path, run_dir: Path) -> list[str]:
 
 
 def test_run_dir_too_long_for_control_sockets_is_refused(tmp_path: Path) -> None:
-    room = layout.SUN_PATH_MAX - len(f"/{layout.MAX_DOMAIN_ID}/{layout.CONTROL}")
+    room = MAX_RUN_DIR_BYTES
     run_dir = tmp_path / ("r" * max(1, room - len(str(tmp_path)) + 1))
     assert len(str(run_dir)) > room
     res = subprocess.run(

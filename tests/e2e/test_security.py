@@ -1,5 +1,8 @@
 """Security and limits of a real virtmshvd: the read-only socket, socket modes, packet and string
-limits, and clients that stall, flood or send hostile packets (none may hurt the other clients)."""
+limits, and clients that stall, flood or send hostile packets (none may hurt the other clients).
+
+Expected limits come from tests/support/limits.py (libvirt's remote_protocol.x / virnetprotocol.x and
+docs/DAEMON.md), not from the daemon's modules."""
 
 from __future__ import annotations
 
@@ -15,9 +18,9 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from mshv_libvirt.rpc.protocol import HEADER_SIZE, MAX_PACKET, STRING_MAX
 from mshv_libvirt.rpc.xdr import Packer
 from tests.support.daemon import DaemonProcess, domain_xml, virsh, wait_for
+from tests.support.limits import HEADER_SIZE, MAX_CLIENTS, MAX_PACKET, MAX_RO_CLIENTS, STRING_MAX
 from tests.support.procfs import open_sockets, rss_kib
 from tests.support.rawrpc import (
     ERROR,
@@ -401,8 +404,6 @@ def _eof_now(c: RawClient) -> bool:
 
 
 def test_readonly_clients_cannot_take_every_slot(daemon: DaemonProcess) -> None:
-    from mshv_libvirt.rpc.server import MAX_CLIENTS, MAX_RO_CLIENTS
-
     sockets = open_sockets(daemon.pid)
     clients = [RawClient(Path(f"{daemon.socket}-ro")) for _ in range(MAX_RO_CLIENTS + 20)]
     try:

@@ -20,7 +20,6 @@ from typing import Any
 import libvirt
 import pytest
 
-from mshv_libvirt.driver import layout
 from tests.support.daemon import (
     DaemonProcess,
     console_roundtrip,
@@ -34,6 +33,7 @@ from tests.support.daemon import (
     wait_for,
 )
 from tests.support.guests import TINY_BANNER
+from tests.support.limits import MAX_ESCAPED_NAME_BYTES
 from tests.support.report import write_report
 
 pytestmark = pytest.mark.virsh
@@ -119,7 +119,7 @@ def test_run_dir_spelled_differently_keeps_running_vms(
 
 # -- item 10: every name define accepts starts -------------------------------------------------------
 
-LIMIT = layout.MAX_ESCAPED_NAME_BYTES
+LIMIT = MAX_ESCAPED_NAME_BYTES  # docs/DAEMON.md "On-disk layout", stated in tests/support/limits.py
 
 
 def limit_names() -> list[str]:

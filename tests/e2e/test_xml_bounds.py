@@ -9,6 +9,8 @@ validator (and can hold it blocked), so these tests see structurally where valid
 * a daemon start never runs it (stored configs are read back through the trusted parse);
 * whatever define accepts, its stored form and its dumpxml are accepted again by define and by the next
   daemon (generated documents), including libvirt's memory limits and the stored-size limit.
+
+The bounds are docs/DAEMON.md's ("Driver"), stated in tests/support/limits.py, not imported from the driver.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from mshv_libvirt.domain import MAX_ATTRIBUTES, MAX_DEPTH, MAX_ELEMENTS, MAX_TEXT_CHARS, MAX_XML_BYTES
 from tests.support.daemon import DaemonProcess, domain_xml, wait_for
 from tests.support.domain_docs import UUID, domain_document
+from tests.support.limits import MAX_ATTRIBUTES, MAX_DEPTH, MAX_ELEMENTS, MAX_TEXT_CHARS, MAX_XML_BYTES
 from tests.support.procfs import rss_kib, status_kib
 from tests.support.report import write_report
 from tests.support.validator_hook import GATE_ENV, LOG_ENV

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from mshv_libvirt.rpc.clientproto import ClientConnection, Message, Reply, Skipped
 from mshv_libvirt.rpc.protocol import (
     HEADER,
-    MAX_PACKET,
     NEED_DATA,
     REMOTE_PROGRAM,
     ConnectionClosed,
@@ -27,6 +26,7 @@ from mshv_libvirt.rpc.protocol import (
 )
 from mshv_libvirt.rpc.xdr import Packer
 from tests.support.captured import CONNECT_OPEN, PING, PONG
+from tests.support.limits import MAX_PACKET
 
 UPLOAD = 208  # REMOTE_PROC_STORAGE_VOL_UPLOAD
 HOLE = struct.pack(">qI", 1 << 20, 0)  # virNetStreamHole{length, flags}

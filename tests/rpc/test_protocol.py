@@ -1,4 +1,5 @@
-"""The sans-IO core against byte sequences captured from real virsh/libvirtd (libvirt-remote.md)."""
+"""The sans-IO core against byte sequences captured from real virsh/libvirtd (tests/support/captured.py says
+from which versions and where their layout is defined)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from hypothesis import strategies as st
 
 import mshv_libvirt.rpc.protocol as protocol_module
 from mshv_libvirt.rpc.protocol import (
-    MAX_PACKET,
     NEED_DATA,
     Call,
     ConnectionClosed,
@@ -28,6 +28,7 @@ from mshv_libvirt.rpc.protocol import (
 )
 from mshv_libvirt.rpc.xdr import Packer, Unpacker, XdrError
 from tests.support.captured import CONNECT_OPEN, PING, PONG
+from tests.support.limits import MAX_PACKET
 
 
 def events(conn: ServerConnection) -> list[object]:

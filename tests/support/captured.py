@@ -1,4 +1,10 @@
-"""Packets captured from real virsh/libvirtd (shared/reference libvirt-remote.md), byte for byte."""
+"""Packets captured byte for byte from virsh 9.0.0 talking to libvirtd 9.0.0 (Debian 12) on its UNIX socket.
+
+Their layout is libvirt's: the header of src/rpc/virnetprotocol.x (length word, program, version,
+procedure, type, serial, status), the keepalive program of src/rpc/virkeepaliveprotocol.x (PING 1, PONG 2)
+and the calls of src/remote/remote_protocol.x; docs/DAEMON.md ("RPC layering") says what the daemon does
+with them.
+"""
 
 from __future__ import annotations
 

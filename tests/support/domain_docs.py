@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from hypothesis import strategies as st
 
-from mshv_libvirt.domain import MAX_ATTRIBUTES, MAX_DEPTH, MAX_TEXT_CHARS
+from tests.support.limits import MAX_ATTRIBUTES, MAX_DEPTH, MAX_TEXT_CHARS
 
 # Characters XML 1.0 can carry (no surrogates, no C0 controls other than \t \n \r).
 xml_chars = st.characters(codec="utf-8", exclude_characters="\x0b\x0c\ufffe\uffff").filter(

@@ -11,8 +11,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mshv_libvirt.rpc.protocol import HEADER, HEADER_SIZE, REMOTE_PROGRAM, STRING_MAX
+from mshv_libvirt.rpc.protocol import HEADER, REMOTE_PROGRAM
 from mshv_libvirt.rpc.xdr import Packer, Unpacker
+from tests.support.limits import HEADER_SIZE, STRING_MAX
 
 PROC_OPEN, PROC_LOOKUP_BY_NAME, PROC_LIST_DOMAINS, PROC_LIST_DEFINED = 1, 23, 37, 21
 PROC_GET_HOSTNAME, PROC_AUTH_LIST, PROC_DEFINE_XML = 59, 66, 11
