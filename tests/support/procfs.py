@@ -157,20 +157,13 @@ def run_processes(run_dir: Path, *, besides: tuple[int, ...] = ()) -> dict[int, 
 
 
 def descendants(pid: int) -> dict[int, str]:
-    """pid -> executable name (argv[0]'s base name) of every live descendant of ``pid``, from /proc's parent links."""
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-                if stat[0] not in ("Z", "X"):
-                    parent[int(entry)] = int(stat[1])
+    """pid -> executable name (argv[0]'s base name) of every live descendant of ``pid``, by parent links."""
+    procs = live_processes()
     found: dict[int, str] = {}
     frontier = [pid]
     while frontier:
-        p = frontier.pop()
-        for child in (c for c, pp in parent.items() if pp == p):
-            with contextlib.suppress(OSError):
-                found[child] = os.path.basename(Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0].decode())
-            frontier.append(child)
+        parent = frontier.pop()
+        for child in (p for p in procs.values() if p.ppid == parent):
+            found[child.pid] = os.path.basename(child.argv[0]) if child.argv else ""
+            frontier.append(child.pid)
     return found
