@@ -34,6 +34,7 @@ from .table import (
     INT,
     OPT_STR,
     STR,
+    UHYPER,
     UINT,
     Arg,
     Flags,
@@ -609,6 +610,32 @@ async def get_block_info(s: Session, dom: Domain, path: str, flags: int) -> byte
     return p.getvalue()
 
 
+RESIZE_BYTES = 1  # VIR_DOMAIN_BLOCK_RESIZE_BYTES; libvirt 9.0 knows no other flag
+ULLONG_MAX = (1 << 64) - 1
+
+
+async def block_resize(s: Session, dom: Domain, path: str, size: int, flags: int) -> None:
+    """qemuDomainBlockResize's checks in its order, then the backend resizes the image (the guest is told by
+    a config-change interrupt); the XML does not change."""
+    if not flags & RESIZE_BYTES:
+        if size > ULLONG_MAX // 1024:
+            raise VirtError(ErrorCode.OVERFLOW, f"size must be less than {ULLONG_MAX // 1024}")
+        size *= 1024
+    if not dom.active or dom.vmm is None:
+        raise invalid_operation("domain is not running")
+    disk = disk_by_name(dom.config, path)
+    if disk is None:
+        raise VirtError(ErrorCode.INVALID_ARG, f"disk '{path}' was not found in the domain config")
+    if disk.path is None or disk.readonly:
+        raise VirtError(ErrorCode.OPERATION_UNSUPPORTED, f"can't resize empty or readonly disk '{disk.target}'")
+    if disk.format == "qcow2":
+        size = (size + 511) // 512 * 512  # qcow2 is sized in 512-byte sectors: rounded up, as libvirt does
+    try:
+        await dom.vmm.request("block-resize", args={"slot": disk.address.slot, "size": size})
+    except VmmError as err:
+        raise VirtError(ErrorCode.INTERNAL_ERROR, f"unable to execute QEMU command 'block_resize': {err}") from err
+
+
 def _find_net(dom: Domain, device: str) -> int:
     """virDomainNetFind: a MAC address names the interface with it (refused when several have it), anything
     else its tap or its alias (netN); the interface's index."""
@@ -770,5 +797,6 @@ PROCEDURES: tuple[Procedure, ...] = (
     proc(298, get_job_stats, DOM, Flags(JOB_STATS_COMPLETED | JOB_STATS_KEEP_COMPLETED), ret=ret_raw),
     proc(64, block_stats, DOM, STR, ret=ret_raw),
     proc(194, get_block_info, DOM, STR, Flags(0), ret=ret_raw),
+    proc(251, block_resize, DOM, STR, UHYPER, Flags(RESIZE_BYTES)),
     proc(65, interface_stats, DOM, STR, ret=ret_raw),
 )

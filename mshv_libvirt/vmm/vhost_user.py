@@ -234,6 +234,14 @@ class BackendError(RuntimeError):
     """The backend could not be started or did not come up."""
 
 
+class QmpError(BackendError):
+    """A QMP command the backend refused; ``desc`` is QEMU's own message."""
+
+    def __init__(self, command: str, desc: str) -> None:
+        super().__init__(f"qemu-storage-daemon: {command}: {desc}")
+        self.desc = desc
+
+
 def storage_daemon() -> str | None:
     """The installed qemu-storage-daemon (a VMM's PATH may be minimal: Debian's location is tried too)."""
     found = shutil.which("qemu-storage-daemon")
@@ -368,7 +376,7 @@ class Backend:
             if "return" in answer:
                 return answer["return"]
             if "error" in answer:
-                raise BackendError(f"qemu-storage-daemon: {command}: {answer['error'].get('desc')}")
+                raise QmpError(command, str(answer["error"].get("desc")))
 
     # -- supervision -------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from tests.support.daemon import DaemonProcess, running_daemon, virsh, vmm_processes, wait_for
+from tests.support.daemon import DaemonProcess, running_daemon, virsh, vmm_processes, vmm_request, wait_for
 from tests.support.disks import SECTOR, assert_image_holds, disk_xml, document, write_through_console
 from tests.support.guests import TINY_BANNER, TINY_BLK_BYTES, TINY_BLK_SECTOR
 from tests.support.libvirtd import unique
@@ -557,3 +557,64 @@ def test_a_volume_disk_that_cannot_be_resolved_gets_libvirts_error(
             assert not dom.isActive()
         finally:
             dom.undefine()
+
+
+def blk_status(daemon: DaemonProcess, name: str) -> list[dict[str, Any]]:
+    """The VMM's own account of its virtio-blk devices (device id 2), in slot order."""
+    return [v for v in vmm_request(daemon, name, "status")["virtio"] if v["device_id"] == 2]
+
+
+def test_blockresize_grows_the_image_through_the_backend_and_the_guest_reads_the_new_capacity(
+    kvm: None, daemon: DaemonProcess, conn: Any, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    raw, qcow2, ro = tmp_path / "grow.raw", tmp_path / "grow.qcow2", tmp_path / "ro.raw"
+    for img, fmt in ((raw, "raw"), (qcow2, "qcow2"), (ro, "raw")):
+        subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(img), str(MiB)], check=True, timeout=30)
+    disks = disk_xml(raw) + disk_xml(qcow2, "qcow2", dev="vdb") + disk_xml(ro, dev="vdc", readonly=True)
+    dom = conn.defineXML(document("disk-resize", tiny_kernel, disks))
+
+    def error(call: Callable[[], object]) -> tuple[int, str]:
+        with pytest.raises(libvirt.libvirtError) as info:
+            call()
+        return info.value.get_error_code(), info.value.get_error_message()
+
+    try:
+        # qemuDomainBlockResize's refusals, in its order: not running, then the disk, then a read-only one
+        not_running = (libvirt.VIR_ERR_OPERATION_INVALID, "Requested operation is not valid: domain is not running")
+        assert error(lambda: dom.blockResize("vda", 2 * MiB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)) == not_running
+        dom.create()
+        assert write_through_console(daemon, "disk-resize", 1)["capacity"] == MiB // SECTOR
+        assert error(lambda: dom.blockResize("vdz", 2 * MiB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)) == (
+            libvirt.VIR_ERR_INVALID_ARG,
+            "invalid argument: disk 'vdz' was not found in the domain config",
+        )
+        assert error(lambda: dom.blockResize("vdc", 2 * MiB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)) == (
+            libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
+            "Operation not supported: can't resize empty or readonly disk 'vdc'",
+        )
+        before = blk_status(daemon, "disk-resize")
+        out = virsh(daemon.uri, "blockresize", "disk-resize", "vda", "2M").stdout
+        assert "Block device 'vda' is resized" in out, out
+        # the image grew (qemu-img info and stat are the oracle), the device says so and told its driver
+        assert qemu_img_info(raw)["virtual-size"] == raw.stat().st_size == 2 * MiB
+        after = blk_status(daemon, "disk-resize")
+        assert after[0]["capacity"] == 2 * MiB // SECTOR
+        assert after[0]["config_generation"] == before[0]["config_generation"] + 1
+        assert [a["config_generation"] for a in after[1:]] == [b["config_generation"] for b in before[1:]]
+        assert write_through_console(daemon, "disk-resize", 1)["capacity"] == 2 * MiB // SECTOR  # the guest reads it
+        assert dom.blockInfo("vda")[0] == 2 * MiB
+        # without BYTES the size is in KiB; qcow2 is rounded up to whole sectors
+        dom.blockResize(str(raw), 3072, 0)
+        assert qemu_img_info(raw)["virtual-size"] == 3 * MiB
+        dom.blockResize("vdb", 2 * MiB + 100, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+        assert qemu_img_info(qcow2)["virtual-size"] == 2 * MiB + SECTOR
+        assert blk_status(daemon, "disk-resize")[1]["capacity"] == (2 * MiB + SECTOR) // SECTOR
+        assert "<disk" in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)  # the XML names no size: unchanged
+        dom.destroy()
+        wait_for(lambda: not dom.isActive() and not image_locked(raw))
+        check = subprocess.run(["qemu-img", "check", str(qcow2)], capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stdout + check.stderr
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()

@@ -1423,6 +1423,10 @@ virtio_blk:
     test %eax, %eax
     jnz 8f
 5:  call blk_fill
+    mov blk_bar(%rip), %rbx     /* capacity read again at each press: a resize (blockresize) shows */
+    mov blk_devcfg(%rip), %eax
+    mov (%rbx,%rax), %eax
+    mov %eax, blk_capacity(%rip)
     mov $1, %edi                /* VIRTIO_BLK_T_OUT: the data descriptor is device-readable */
     lea blk_wbuf(%rip), %rsi
     xor %edx, %edx

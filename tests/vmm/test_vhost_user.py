@@ -212,3 +212,26 @@ def test_the_export_keeps_no_request_counters(tmp_path: Path, mem: GuestMemory) 
         assert sorted(n["node-name"] for n in nodes) == ["disk0", "file0"]
     finally:
         backend.stop()
+
+
+def test_a_resized_export_serves_the_new_range_but_keeps_its_old_config(tmp_path: Path, mem: GuestMemory) -> None:
+    """Why blockresize takes the capacity from the node (QMP), not from GET_CONFIG: qemu-storage-daemon 7.2's
+    export serves the grown range at once while its device configuration keeps the old capacity."""
+    img = tmp_path / "grow.raw"
+    img.write_bytes(bytes(MiB))
+    backend = Backend(BlockImage(str(img)))
+    try:
+        q = start_queue(backend, mem)
+        past_end = MiB // SECTOR  # the first sector beyond the old size
+        assert q.request(T_IN, past_end, read_len=SECTOR)[0] != S_OK
+        assert backend.qmp("block_resize", **{"node-name": "disk0", "size": 2 * MiB}) == {}
+        assert img.stat().st_size == 2 * MiB
+        nodes = backend.qmp("query-named-block-nodes", flat=True)
+        assert isinstance(nodes, list)
+        (node,) = [n for n in nodes if n["node-name"] == "disk0"]
+        assert node["image"]["virtual-size"] == 2 * MiB
+        assert struct.unpack_from("<Q", backend.frontend.get_config(8))[0] == MiB // SECTOR  # still the old one
+        assert q.request(T_IN, past_end, read_len=SECTOR) == bytes([S_OK]) + bytes(SECTOR)
+        assert q.request(T_IN, 2 * MiB // SECTOR, read_len=SECTOR)[0] != S_OK  # the new end holds
+    finally:
+        backend.stop()

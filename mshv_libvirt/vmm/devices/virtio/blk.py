@@ -137,6 +137,12 @@ class VirtioBlk:
         features = transport.driver_features
         self._run(lambda: self._start_rings(features, rings))
 
+    def set_capacity(self, sectors: int) -> None:
+        """The backend's image was resized (blockresize): the new capacity, and a config-change interrupt."""
+        struct.pack_into("<Q", self._config, 0, sectors)
+        if self._transport is not None:
+            self._transport.config_changed()
+
     def to_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "activations": self.activations}
 
