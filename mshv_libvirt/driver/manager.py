@@ -208,6 +208,21 @@ def _edited(cfg: DomainConfig, edit: XmlEdit, *, trusted: bool = False) -> Domai
     return parse_domain_xml(etree.tostring(root, encoding="unicode"), check_libvirt_schema=not trusted, trusted=trusted)
 
 
+def _volume_paths(cfg: DomainConfig) -> dict[str, str]:
+    return {d.target: d.path for d in cfg.disks if d.type == "volume" and d.path is not None}
+
+
+def _with_volume_paths(cfg: DomainConfig, paths: dict[str, str]) -> DomainConfig:
+    """A running domain's volume disks with the paths they were resolved to at its start (its record)."""
+    if not isinstance(paths, dict) or not paths:
+        return cfg
+    disks = tuple(
+        dataclasses.replace(d, path=str(paths[d.target])) if d.type == "volume" and d.target in paths else d
+        for d in cfg.disks
+    )
+    return dataclasses.replace(cfg, disks=disks)
+
+
 def live_config(cfg: DomainConfig) -> DomainConfig:
     """The config a started domain runs with. Without a balloon device the guest gets all of <memory>,
     and libvirt's QEMU driver then reports currentMemory equal to it (qemuProcessRefreshBalloonState):
@@ -470,7 +485,7 @@ class DomainManager:
             raw = json.loads(record.read_text())
             name, dom_id = str(raw["name"]), int(raw["id"])
             pid = int(raw["pid"]) if raw.get("pid") is not None else None
-            live = parse_domain_xml(str(raw["xml"]), trusted=True)
+            live = _with_volume_paths(parse_domain_xml(str(raw["xml"]), trusted=True), raw.get("volumes") or {})
             status = Status(State(int(raw["state"])), int(raw["reason"]))
             files = VmmFiles.from_json(raw["files"])
             running = [nets.RunningNet.from_json(n) for n in raw.get("nets", [])]
@@ -656,6 +671,8 @@ class DomainManager:
             if config and dom.persistent is None:
                 raise invalid_operation("cannot change persistent config of a transient domain")
             new_live = await asyncio.to_thread(_edited, dom.live, edit) if live and dom.live is not None else None
+            if new_live is not None and dom.live is not None:  # the re-parsed XML names no volume's path
+                new_live = _with_volume_paths(new_live, _volume_paths(dom.live))
             if new_live is not None and apply_live is not None:
                 await apply_live(dom, new_live)
             if config and dom.persistent is not None:
@@ -805,6 +822,8 @@ class DomainManager:
             "state": int(status.state),
             "reason": int(status.reason),
             "xml": dom.live.xml,
+            # what each volume disk was resolved to at start: the XML names only its pool and volume
+            "volumes": _volume_paths(dom.live),
             "files": files.to_json(),  # exactly what this VMM was given (see VmmFiles)
             "nets": [net.to_json() for net in dom.nets],
         }

@@ -495,24 +495,36 @@ def test_pool(system_libvirtd: None, tmp_path: Path) -> Iterator[Any]:
 
 
 def test_a_volume_disk_is_resolved_through_libvirts_storage_driver_at_start(
-    kvm: None, daemon: DaemonProcess, conn: Any, tiny_kernel: Path, test_pool: Any
+    kvm: None, tiny_kernel: Path, test_pool: Any, tmp_path: Path
 ) -> None:
     pool = test_pool.name()
     path = Path(test_pool.storageVolLookupByName("v.raw").path())
-    dom = conn.defineXML(document("disk-volume", tiny_kernel, volume_xml(pool, "v.raw")))
-    try:
-        dom.create()
-        assert write_through_console(daemon, "disk-volume", 1)["press"] == 1
-        assert_image_holds(path, 1)  # the guest's bytes are in the volume libvirt's storage driver named
-        live = dom.XMLDesc(0)
-        assert f"<source pool='{pool}' volume='v.raw'/>" in live and str(path) not in live, live  # as libvirt prints it
-        assert dom.blockInfo(str(path))[0] == MiB  # the running disk is known by the volume's path too
-        dom.destroy()
-        wait_for(lambda: not dom.isActive() and not image_locked(path))
-    finally:
-        if dom.isActive():
+    # a daemon of its own: it is restarted below, and re-attaches to the running domain
+    with running_daemon(tmp_path / "d") as d:
+        c = libvirt.open(d.uri)
+        dom = c.defineXML(document("disk-volume", tiny_kernel, volume_xml(pool, "v.raw")))
+        try:
+            dom.create()
+            assert write_through_console(d, "disk-volume", 1)["press"] == 1
+            assert_image_holds(path, 1)  # the guest's bytes are in the volume libvirt's storage driver named
+            live = dom.XMLDesc(0)
+            assert f"<source pool='{pool}' volume='v.raw'/>" in live and str(path) not in live, live  # as libvirt
+            assert dom.blockInfo(str(path))[0] == MiB  # the running disk is known by the volume's path too
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_TITLE, "t", None, None, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            assert dom.blockInfo(str(path))[0] == MiB  # a live edit re-parses the XML: the path stays
+            c.close()
+            d.stop()
+            d.start()  # the new daemon takes the running domain over from its record
+            c = libvirt.open(d.uri)
+            dom = c.lookupByName("disk-volume")
+            assert dom.isActive() and dom.blockInfo(str(path))[0] == MiB
             dom.destroy()
-        dom.undefine()
+            wait_for(lambda: not dom.isActive() and not image_locked(path))
+        finally:
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+            c.close()
 
 
 def test_a_volume_disk_that_cannot_be_resolved_gets_libvirts_error(
