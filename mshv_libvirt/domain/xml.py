@@ -1403,13 +1403,16 @@ def _rng(el: etree._Element) -> tuple[str, str, int, int, PciAddress | None]:
 
 
 def parse_device_xml(text: str) -> etree._Element:
-    """The device of attach-device/detach-device, checked as a define would check it: <rng> or <disk>."""
+    """The device of attach-device/detach-device/update-device, checked as a define would check it: <rng>,
+    <disk> or <interface>."""
     root = _parse_safely(text)
     _check_bounds(root)
     if root.tag == "rng":
         _rng(root)
     elif root.tag == "disk":
         _disk(root)
+    elif root.tag == "interface":
+        _interface(copy.deepcopy(root))  # (the check drops a live XML's runtime parts from what it reads)
     else:
         raise unsupported(f"device <{_qname(root)}> {_NOT_SUPPORTED} by attach-device or detach-device")
     return root
@@ -1442,6 +1445,51 @@ def find_disk(cfg: DomainConfig, device: etree._Element) -> int:
         if d.target == target:
             return i
     raise VirtError(ErrorCode.DEVICE_MISSING, f"no target device {target}", ErrorDomain.DOMAIN)
+
+
+def find_net(cfg: DomainConfig, device: etree._Element) -> int:
+    """virDomainNetFindIdx: the index in ``cfg.nets`` of the one interface with the MAC and the PCI address
+    ``device`` gives (each only where given)."""
+    request = _interface(copy.deepcopy(device))
+    mac_el = device.find("mac")
+    mac = request.fields["mac"] if mac_el is not None and mac_el.get("address") is not None else None
+    found = [
+        i
+        for i, net in enumerate(cfg.nets)
+        if (mac is None or net.mac == mac) and (request.address is None or net.address == request.address)
+    ]
+    if len(found) > 1:
+        if mac is not None:
+            raise VirtError(ErrorCode.OPERATION_FAILED, f"multiple devices matching MAC address {mac} found")
+        raise VirtError(ErrorCode.OPERATION_FAILED, "multiple matching devices found")
+    if not found:
+        if mac is not None and request.address is not None:
+            detail = f"no device matching MAC address {mac} found on {request.address}"
+        elif request.address is not None:
+            detail = f"no device found on {request.address}"
+        elif mac is not None:
+            detail = f"no device matching MAC address {mac} found"
+        else:
+            detail = "no device found"
+        raise VirtError(ErrorCode.DEVICE_MISSING, detail, ErrorDomain.DOMAIN)
+    return found[0]
+
+
+def net_link_update(cfg: DomainConfig, device: etree._Element) -> tuple[int, str]:
+    """update-device of an <interface> (virsh domif-setlink): the interface and the link state asked for;
+    anything else changed is refused, as libvirt's QEMU driver refuses what it cannot change live."""
+    index = find_net(cfg, device)
+    request = _interface(copy.deepcopy(device))
+    net = cfg.nets[index]
+    for key in ("type", "model", "network", "bridge", "target", "mtu", "queues"):
+        if request.fields.get(key, getattr(NetDevice, key, None)) != getattr(net, key):
+            raise VirtError(
+                ErrorCode.OPERATION_UNSUPPORTED,
+                f"cannot modify network device {key} of the interface with MAC address {net.mac} "
+                "(the mshv driver changes only its link state)",
+            )
+    state = request.fields.get("link_state")
+    return index, state if isinstance(state, str) else "up"
 
 
 def find_rng(cfg: DomainConfig, device: etree._Element) -> int:

@@ -326,6 +326,21 @@ def remove_device(tag: str, index: int) -> XmlEdit:
     return edit
 
 
+def set_link_state(index: int, state: str) -> XmlEdit:
+    """domif-setlink: the ``index``-th <interface>'s <link state>."""
+
+    def edit(root: etree._Element) -> None:
+        devices = root.find("devices")
+        found = devices.findall("interface") if devices is not None else []
+        if index >= len(found):
+            raise VirtError(ErrorCode.INTERNAL_ERROR, "domain XML is not in canonical form")
+        for old in found[index].findall("link"):
+            found[index].remove(old)
+        etree.SubElement(found[index], "link", state=state)
+
+    return edit
+
+
 def set_memory(kib: int, *, maximum: bool) -> XmlEdit:
     """<memory> (maximum) or <currentMemory>, in KiB; currentMemory never exceeds memory."""
 
@@ -967,6 +982,19 @@ class DomainManager:
         # find (and re-attach to) this VMM. The status is the one the spawn transitions lead to.
         provisional = Status(State.PAUSED, PausedReason.USER) if paused else Status(State.RUNNING, RunningReason.BOOTED)
         self._write_record(dom, provisional)
+
+    async def apply_links(self, dom: Domain, cfg: DomainConfig) -> None:
+        """The running VM's interfaces take ``cfg``'s link states (STATUS link bit and a config interrupt)."""
+        handle, old = dom.vmm, dom.live
+        if handle is None or old is None:
+            raise invalid_operation("domain is not running")
+        for before, after in zip(old.nets, cfg.nets, strict=True):
+            if (before.link_state != "down") == (after.link_state != "down"):
+                continue
+            try:
+                await handle.request("set-link", args={"mac": after.mac, "up": after.link_state != "down"})
+            except VmmError as err:
+                raise _failed(f"cannot set the link state of interface {after.mac}: {err}") from err
 
     async def _unplug(self, dom: Domain) -> None:
         """The VMM is gone, and with it the taps: release the interfaces' network ports."""

@@ -24,7 +24,15 @@ from urllib.parse import urlsplit
 from lxml import etree
 
 from mshv_libvirt.domain import MAX_VCPUS, DomainConfig, metadata
-from mshv_libvirt.domain.xml import disk_insert_index, disk_target, find_disk, find_rng, parse_device_xml
+from mshv_libvirt.domain.xml import (
+    disk_insert_index,
+    disk_target,
+    find_disk,
+    find_net,
+    find_rng,
+    net_link_update,
+    parse_device_xml,
+)
 from mshv_libvirt.driver.manager import (
     Domain,
     DomainEvent,
@@ -32,10 +40,12 @@ from mshv_libvirt.driver.manager import (
     add_device,
     insert_disk,
     remove_device,
+    set_link_state,
     set_memory,
     set_text,
     set_vcpus,
 )
+from mshv_libvirt.driver.vmm_client import VmmError
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_operation
 from mshv_libvirt.lifecycle import State
 from mshv_libvirt.vmm.devices import keymap
@@ -664,11 +674,39 @@ async def attach_device_flags(s: Session, dom: Domain, xml: str, flags: int) -> 
 
 async def detach_device_flags(s: Session, dom: Domain, xml: str, flags: int) -> None:
     config, device = await asyncio.to_thread(_device_change, dom, flags, xml, "live detach")
+    cfg = dom.persistent or dom.config
     if device.tag == "disk":
-        index = find_disk(dom.persistent or dom.config, device)
+        index = find_disk(cfg, device)
+    elif device.tag == "interface":
+        index = find_net(cfg, device)
     else:
-        index = find_rng(dom.persistent or dom.config, device)
-    await s.manager.edit_config(dom, remove_device(device.tag, index), False, config)
+        index = find_rng(cfg, device)
+    await s.manager.edit_config(dom, remove_device(str(device.tag), index), False, config)
+
+
+async def update_device_flags(s: Session, dom: Domain, xml: str, flags: int) -> None:
+    """virsh domif-setlink (and update-device of an <interface>): the link state, live and/or in the
+    persistent config; nothing else of a device changes."""
+    live, config = _affect(dom, flags)
+    if live and not dom.active:
+        raise invalid_operation("domain is not running")
+    device = await asyncio.to_thread(parse_device_xml, xml)
+    if device.tag != "interface":
+        raise VirtError(
+            ErrorCode.OPERATION_UNSUPPORTED, f"update of device <{device.tag}> is not supported by the mshv driver"
+        )
+    edits = []
+    for wanted, cfg in ((live, dom.live), (config, dom.persistent)):
+        if wanted and cfg is not None:
+            edits.append(net_link_update(cfg, device))
+    if live and config and len(edits) == 2 and edits[0][0] != edits[1][0]:
+        # the same interface sits at another index in the two configs: change each on its own
+        await s.manager.edit_config(dom, set_link_state(*edits[0]), True, False, apply_live=s.manager.apply_links)
+        await s.manager.edit_config(dom, set_link_state(*edits[1]), False, True)
+        return
+    if not edits:
+        raise invalid_operation("cannot change persistent config of a transient domain")
+    await s.manager.edit_config(dom, set_link_state(*edits[0]), live, config, apply_live=s.manager.apply_links)
 
 
 def list_all_snapshots(s: Session, dom: Domain, need_results: int, flags: int) -> bytes:
@@ -680,8 +718,8 @@ def list_all_snapshots(s: Session, dom: Domain, need_results: int, flags: int) -
 
 # ---- domain stats (virsh domstats, virt-manager's graphs) -----------------------------------------------
 
-STATS_STATE, STATS_CPU_TOTAL, STATS_BALLOON, STATS_VCPU, STATS_BLOCK = 1, 2, 4, 8, 32
-STATS_SUPPORTED = STATS_STATE | STATS_CPU_TOTAL | STATS_BALLOON | STATS_VCPU | STATS_BLOCK
+STATS_STATE, STATS_CPU_TOTAL, STATS_BALLOON, STATS_VCPU, STATS_INTERFACE, STATS_BLOCK = 1, 2, 4, 8, 16, 32
+STATS_SUPPORTED = STATS_STATE | STATS_CPU_TOTAL | STATS_BALLOON | STATS_VCPU | STATS_INTERFACE | STATS_BLOCK
 STATS_ENFORCE = 1 << 31
 STATS_FLAG_FILTERS = (
     LIST_ACTIVE
@@ -710,6 +748,34 @@ def _pack_param(p: Packer, field: str, kind: int, value: int | str) -> None:
         p.int(value)
 
 
+# libvirt's field -> the VMM's counter (None: the data path counts no errors)
+_NET_STATS: tuple[tuple[str, str | None], ...] = tuple(
+    (f"{d}.{field}", f"{d}_{key}" if key else None)
+    for d in ("rx", "tx")
+    for field, key in (("bytes", "bytes"), ("pkts", "packets"), ("errs", None), ("drop", "drops"))
+)
+
+
+async def _interface_stats(dom: Domain) -> list[tuple[str, int, int | str]]:
+    """qemuDomainGetStatsInterface's fields for a running domain: net.count, then per interface its tap and the
+    counters of its virtio-net data path as the guest sees them (libvirt's swapped tap view)."""
+    handle, cfg = dom.vmm, dom.live
+    if not dom.active or handle is None or cfg is None:
+        return []
+    try:
+        status = await handle.request("status")
+    except VmmError:
+        return []  # it is ending: a domain's stats are left out rather than failing the whole list
+    devices = {d.get("mac"): d for d in status.get("virtio", []) if d.get("device_id") == 1}
+    out: list[tuple[str, int, int | str]] = [("net.count", TP_UINT, len(cfg.nets))]
+    for i, (net, running) in enumerate(zip(cfg.nets, dom.nets, strict=False)):
+        entry = devices.get(net.mac, {})
+        out.append((f"net.{i}.name", TP_STRING, running.ifname))
+        for field, key in _NET_STATS:
+            out.append((f"net.{i}.{field}", TP_ULLONG, int(entry.get(key, 0)) if key is not None else 0))
+    return out
+
+
 async def _domain_stats(s: Session, dom: Domain, stats: int) -> list[tuple[str, int, int | str]]:
     out: list[tuple[str, int, int | str]] = []
     if stats & STATS_STATE:
@@ -726,6 +792,9 @@ async def _domain_stats(s: Session, dom: Domain, stats: int) -> list[tuple[str, 
         out += [("balloon.current", TP_ULLONG, cfg.current_memory_kib), ("balloon.maximum", TP_ULLONG, cfg.memory_kib)]
     if stats & STATS_VCPU:
         out += [("vcpu.current", TP_UINT, cfg.current_vcpus), ("vcpu.maximum", TP_UINT, cfg.vcpus)]
+    # libvirt's order of the groups (qemuDomainGetStatsWorkers): ..., vcpu, interface, block
+    if stats & STATS_INTERFACE:
+        out += await _interface_stats(dom)
     if stats & STATS_BLOCK:
         out += await monitor.domain_block_stats(dom)
     return out
@@ -988,6 +1057,7 @@ PROCEDURES: dict[int, Procedure] = table(
     proc(160, attach_device_flags, DOM, STR, Flags(_FLAGS_AFFECT)),
     proc(13, lambda s, dom, xml: detach_device_flags(s, dom, xml, AFFECT_LIVE), DOM, STR),
     proc(161, detach_device_flags, DOM, STR, Flags(_FLAGS_AFFECT)),
+    proc(174, update_device_flags, DOM, STR, Flags(_FLAGS_AFFECT)),
     proc(183, lambda s, dom, flags: False, DOM, Flags(0), ret=ret_bool),  # no managed save exists
     proc(187, lambda s, dom, flags: 0, DOM, UINT, ret=ret_int),  # no snapshots exist
     proc(274, list_all_snapshots, DOM, INT, UINT, ret=ret_raw),

@@ -9,9 +9,10 @@ import re
 
 import libvirt
 import pytest
+from lxml import etree
 
 from mshv_libvirt.domain import format_domain_xml, parse_domain_xml
-from mshv_libvirt.domain.xml import NetLive
+from mshv_libvirt.domain.xml import NetLive, find_net, net_link_update, parse_device_xml
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError
 
 _names = itertools.count()
@@ -300,3 +301,77 @@ def test_live_xml_shows_the_tap_the_port_and_the_alias_and_defines_again() -> No
     model = "<model type='virtio'/>\n"
     assert again.xml == cfg.xml.replace(model, model + "      <link state='down'/>\n", 1)
     assert format_domain_xml(cfg) == cfg.xml
+
+
+TWO = (
+    "<interface type='network'><mac address='52:54:00:00:00:01'/><source network='lan'/></interface>"
+    "<interface type='bridge'><mac address='52:54:00:00:00:02'/><source bridge='br0'/></interface>"
+)
+
+
+def device(xml: str) -> etree._Element:
+    return parse_device_xml(xml)
+
+
+@pytest.mark.parametrize(
+    ("iface", "found"),
+    [
+        ("<interface type='bridge'><mac address='52:54:00:00:00:02'/><source bridge='x'/></interface>", 1),
+        ("<interface type='network'><mac address='52:54:0:0:0:1'/><source network='lan'/></interface>", 0),
+        (
+            "<interface type='ethernet'><address type='pci' domain='0x0000' bus='0x00' slot='0x03' function='0x0'/>"
+            "</interface>",
+            1,
+        ),
+    ],
+)
+def test_an_interface_is_found_by_its_mac_and_address(iface: str, found: int) -> None:
+    assert find_net(parse_domain_xml(ours_xml(TWO)), device(iface)) == found
+
+
+@pytest.mark.parametrize(
+    ("iface", "code", "message"),
+    [
+        (
+            "<interface type='ethernet'><mac address='52:54:00:00:00:09'/></interface>",
+            ErrorCode.DEVICE_MISSING,
+            "device not found: no device matching MAC address 52:54:00:00:00:09 found",
+        ),
+        (
+            "<interface type='ethernet'><mac address='52:54:00:00:00:01'/>"
+            "<address type='pci' domain='0x0000' bus='0x00' slot='0x03' function='0x0'/></interface>",
+            ErrorCode.DEVICE_MISSING,
+            "device not found: no device matching MAC address 52:54:00:00:00:01 found on 0000:00:03.0",
+        ),
+        (
+            "<interface type='ethernet'><address type='pci' domain='0x0000' bus='0x00' slot='0x09' function='0x0'/>"
+            "</interface>",
+            ErrorCode.DEVICE_MISSING,
+            "device not found: no device found on 0000:00:09.0",
+        ),
+        (
+            "<interface type='ethernet'/>",
+            ErrorCode.OPERATION_FAILED,
+            "operation failed: multiple matching devices found",
+        ),
+    ],
+)
+def test_what_matches_no_interface_or_several_is_libvirts_error(iface: str, code: ErrorCode, message: str) -> None:
+    e = error(lambda: find_net(parse_domain_xml(ours_xml(TWO)), device(iface)))
+    assert e == (code, ErrorDomain.DOMAIN, message)
+
+
+def test_an_update_changes_the_link_state_only() -> None:
+    cfg = parse_domain_xml(ours_xml(TWO))
+    live = format_domain_xml(cfg, domain_id=1, nets=[NetLive("vnet0", "6b5e4dbc-41ae-4a39-9a3d-2bd3a6f6d8e1", "br7")])
+    # virsh domif-setlink sends the live XML's element with <link> changed
+    first = blocks(live)[0].replace("<model type='virtio'/>", "<model type='virtio'/><link state='down'/>")
+    assert net_link_update(cfg, device(first)) == (0, "down")
+    assert net_link_update(cfg, device(blocks(cfg.xml)[1])) == (1, "up")
+    changed = blocks(cfg.xml)[1].replace("<source bridge='br0'/>", "<source bridge='br1'/>")
+    assert error(lambda: net_link_update(cfg, device(changed))) == (
+        ErrorCode.OPERATION_UNSUPPORTED,
+        ErrorDomain.DOMAIN,
+        "Operation not supported: cannot modify network device bridge of the interface with MAC address "
+        "52:54:00:00:00:02 (the mshv driver changes only its link state)",
+    )

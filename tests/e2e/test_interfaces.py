@@ -16,10 +16,20 @@ import signal
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.support.daemon import DaemonProcess, domain_xml, domstate, running_daemon, serial_log, virsh, wait_for
+from tests.support.daemon import (
+    DaemonProcess,
+    domain_xml,
+    domstate,
+    running_daemon,
+    serial_log,
+    virsh,
+    vmm_request,
+    wait_for,
+)
 from tests.support.guests import TINY_BANNER
 from tests.support.libvirtd import unique
 from tests.support.networks import ORACLE, free_subnet, host_network_state, isolated_network_xml, remove_network, sh
@@ -38,8 +48,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
 
 @pytest.fixture
 def network(tmp_path: Path) -> Iterator[str]:
-    """An isolated network of libvirt's, started; its name is its bridge's."""
-    before = host_network_state()
+    """An isolated network of libvirt's, started; its name is its bridge's. Afterwards no route or firewall
+    rule of the host names its bridge (other tests on this machine change the rest of that state meanwhile)."""
     name = unique("mshvn")[:13]
     xml = tmp_path / "net.xml"
     xml.write_text(isolated_network_xml(name, free_subnet()))
@@ -49,7 +59,8 @@ def network(tmp_path: Path) -> Iterator[str]:
         yield name
     finally:
         remove_network(name)
-        assert host_network_state() == before
+        left = {what: [ln for ln in text.splitlines() if name in ln] for what, text in host_network_state().items()}
+        assert left == {what: [] for what in left}, left
 
 
 def link(ifname: str) -> str:
@@ -113,9 +124,15 @@ def test_taps_and_ports_follow_the_vm(
             # virtio-net, so none has moved), printed as virsh prints libvirt's; an unknown one is refused
             by_name = virsh(daemon.uri, "domifstat", name, taps[1]).stdout
             fields = [f"{d}_{c}" for d in ("rx", "tx") for c in ("bytes", "packets", "errs", "drop")]
+            dotted = [f"{d}.{c}" for d in ("rx", "tx") for c in ("bytes", "pkts", "errs", "drop")]
             assert [ln.split()[1:] for ln in by_name.splitlines() if ln.strip()] == [[f, "0"] for f in fields], by_name
             assert virsh(daemon.uri, "domifstat", name, BRIDGE_MAC).stdout == by_name.replace(taps[1], BRIDGE_MAC)
             assert virsh(daemon.uri, "domifstat", name, "net1").stdout == by_name.replace(taps[1], "net1")
+            stats = virsh(daemon.uri, "domstats", name, "--interface").stdout.split()
+            assert stats[2:] == [
+                "net.count=3",
+                *(f"net.{i}.{kv}" for i, t in enumerate(taps) for kv in [f"name={t}", *(f"{f}=0" for f in dotted)]),
+            ], stats
             unknown = virsh(daemon.uri, "domifstat", name, "nosuch0", check=False)
             assert "error: invalid argument: 'nosuch0' is not a known interface" in unknown.stderr, unknown.stderr
             pid = daemon.vmm_pid(name)
@@ -128,6 +145,7 @@ def test_taps_and_ports_follow_the_vm(
             wait_for(partial(all_gone, tuple(taps)), 30, what=partial(link_lines, tuple(taps)))
             wait_for(lambda: ports(network) == [], 30, what=lambda: ports(network))
             assert started_taps(daemon, name) == [eth]  # the shut-off definition keeps the name the user chose
+            assert not any(eth in text for text in host_network_state().values())  # no route left on its tap
     finally:
         virsh(daemon.uri, "destroy", name, check=False)
         virsh(daemon.uri, "undefine", name, check=False)
@@ -176,7 +194,9 @@ def test_a_restarted_daemon_keeps_the_tap_and_port_and_deletes_the_port_of_a_vmm
         daemon.kill()
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: process_gone(pid), 30, what="VMM gone")
-        assert link(tap) == "" and ports(network) == port
+        # (the kernel removes a tap once its last descriptor is closed: soon after the process is gone)
+        wait_for(partial(all_gone, (tap,)), 30, what=partial(link_lines, (tap,)))
+        assert ports(network) == port
         daemon.start()
         assert domstate(daemon, name, reason=False) == "shut off"
         wait_for(lambda: ports(network) == [], 30, what=lambda: ports(network))
@@ -185,3 +205,80 @@ def test_a_restarted_daemon_keeps_the_tap_and_port_and_deletes_the_port_of_a_vmm
         assert re.fullmatch(r"vnet\d+", started_taps(daemon, name)[0])
         virsh(daemon.uri, "destroy", name)
         wait_for(lambda: ports(network) == [], 30, what=lambda: ports(network))
+
+
+def interfaces_of(xml: str) -> list[str]:
+    return re.findall(r"^    <interface.*?</interface>\n", xml, re.S | re.M)
+
+
+def test_attach_detach_interface_config_and_domif_setlink(
+    kvm: None, daemon: DaemonProcess, tiny_kernel: Path, network: str, tmp_path: Path
+) -> None:
+    name = unique("ifvm")
+    xml = tmp_path / "vm.xml"
+    xml.write_text(domain_xml(name, tiny_kernel))
+    virsh(daemon.uri, "define", str(xml))
+    try:
+        # attach-interface builds the <interface> and attaches it to the persistent config: a MAC is
+        # generated and kept, and a PCI address assigned
+        virsh(daemon.uri, "attach-interface", name, "network", network, "--model", "virtio", "--config")
+        # without --config virsh calls virDomainAttachDevice (live): refused for a shut-off domain, as libvirt
+        off = virsh(daemon.uri, "attach-interface", name, "bridge", network, "--model", "virtio", check=False)
+        assert "error: Requested operation is not valid: domain is not running" in off.stderr, off.stderr
+        virsh(
+            daemon.uri,
+            "attach-interface",
+            name,
+            "bridge",
+            network,
+            "--mac",
+            BRIDGE_MAC,
+            "--model",
+            "virtio",
+            "--config",
+        )
+        persistent = virsh(daemon.uri, "dumpxml", name, "--inactive").stdout
+        first, second = interfaces_of(persistent)
+        mac = re.search(r"<mac address='(52:54:00:[0-9a-f:]{8})'/>", first)
+        assert mac and f"<source network='{network}'/>" in first and "slot='0x02'" in first, first
+        assert f"<mac address='{BRIDGE_MAC}'/>" in second and "slot='0x03'" in second, second
+        # detach-interface finds it by type (and MAC) in the persistent XML and detaches that element
+        none = virsh(daemon.uri, "detach-interface", name, "bridge", "--mac", NET_MAC, "--config", check=False)
+        assert f"error: No interface with MAC address {NET_MAC} was found" in none.stderr, none.stderr  # virsh's
+        virsh(daemon.uri, "detach-interface", name, "bridge", "--mac", BRIDGE_MAC, "--config")
+        assert interfaces_of(virsh(daemon.uri, "dumpxml", name, "--inactive").stdout) == [first]
+        virsh(daemon.uri, "start", name)
+        wait_for(lambda: TINY_BANNER in serial_log(daemon, name), 120, what="banner")
+        # no hotplug: a live attach is refused and changes nothing
+        live = virsh(daemon.uri, "attach-interface", name, "bridge", network, "--model", "virtio", check=False)
+        assert "(no hotplug); use --config" in live.stderr, live.stderr
+        (tap,) = started_taps(daemon, name)
+        assert virsh(daemon.uri, "domif-getlink", name, tap).stdout.split() == [tap, "up"]
+        # domif-setlink: the VMM's virtio-net STATUS link bit (its status), the live XML; not the config
+        virsh(daemon.uri, "domif-setlink", name, tap, "down")
+        assert vmm_net(daemon, name, mac.group(1))["link_up"] is False
+        assert virsh(daemon.uri, "domif-getlink", name, tap).stdout.split() == [tap, "down"]
+        assert "<link state=" not in virsh(daemon.uri, "dumpxml", name, "--inactive").stdout
+        virsh(daemon.uri, "domif-setlink", name, mac.group(1), "up")
+        assert vmm_net(daemon, name, mac.group(1))["link_up"] is True
+        # --config: the persistent definition only; the running VM keeps its link up
+        # (by MAC: the definition has no tap name, so virsh finds no 'vnetN' there, as with libvirt's drivers)
+        assert (
+            "interface 'vnet" in virsh(daemon.uri, "domif-setlink", name, tap, "down", "--config", check=False).stderr
+        )
+        virsh(daemon.uri, "domif-setlink", name, mac.group(1), "down", "--config")
+        assert "<link state='down'/>" in virsh(daemon.uri, "dumpxml", name, "--inactive").stdout
+        assert vmm_net(daemon, name, mac.group(1))["link_up"] is True
+        virsh(daemon.uri, "destroy", name)
+        virsh(daemon.uri, "start", name)  # the definition's link state is the new VM's
+        wait_for(lambda: vmm_net(daemon, name, mac.group(1))["link_up"] is False, 30, what="link down at start")
+        virsh(daemon.uri, "destroy", name)
+    finally:
+        virsh(daemon.uri, "destroy", name, check=False)
+        virsh(daemon.uri, "undefine", name, check=False)
+
+
+def vmm_net(daemon: DaemonProcess, name: str, mac: str) -> dict[str, Any]:
+    """The VMM's own report of its virtio-net device with ``mac`` (the VMM is not the daemon under test)."""
+    status = vmm_request(daemon, name, "status")
+    return next(d for d in status["virtio"] if d.get("device_id") == 1 and d.get("mac") == mac)
