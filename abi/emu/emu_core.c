@@ -40,6 +40,19 @@ struct handle {
 static pthread_mutex_t tab_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct handle *tab;
 static int tab_len;
+static unsigned long tab_epoch; /* bumped (under tab_lock) whenever an entry is set or cleared */
+
+/* The kcmp that proves a number is still our file is a system call, and a VMM makes two VP-fd calls
+ * per exit (RUN_VP, the register hypercall). So a thread remembers the VP numbers it has verified,
+ * valid until the table changes. The price (docs/ABI.md §9.6): a VP number closed with plain
+ * close(2), reused for another file, and then used on the same thread before any emulated handle is
+ * created or closed is still taken for the VP. Device and partition handles are checked every time. */
+#define TL_VPS 2
+static __thread struct {
+    int fd;
+    unsigned long epoch;
+} tl_vp[TL_VPS] = {{-1, 0}, {-1, 0}};
+static __thread int tl_next;
 
 void emu_partition_get(struct emu_partition *pt)
 {
@@ -94,7 +107,15 @@ static int lookup(int fd, struct handle *out)
         pthread_mutex_unlock(&tab_lock);
         return 0;
     }
-    if (fresh(fd, &tab[fd])) {
+    int known = 0;
+    for (int i = 0; i < TL_VPS; i++)
+        known |= tl_vp[i].fd == fd && tl_vp[i].epoch == tab_epoch;
+    if (known || fresh(fd, &tab[fd])) {
+        if (!known && tab[fd].kind == EMU_KIND_VP) {
+            tl_vp[tl_next].fd = fd;
+            tl_vp[tl_next].epoch = tab_epoch;
+            tl_next = (tl_next + 1) % TL_VPS;
+        }
         *out = tab[fd];
         struct emu_partition *pt = handle_partition(out);
         if (pt)
@@ -104,6 +125,7 @@ static int lookup(int fd, struct handle *out)
     }
     stale = tab[fd];
     tab[fd].kind = 0;
+    tab_epoch++;
     pthread_mutex_unlock(&tab_lock);
     release(&stale);
     return 0;
@@ -150,6 +172,7 @@ int emu_handle_new(enum emu_kind kind, void *obj)
     }
     struct handle stale = tab[fd];
     tab[fd] = (struct handle){kind, obj, shadow, 0};
+    tab_epoch++;
     pthread_mutex_unlock(&tab_lock);
     if (stale.kind) /* the number was closed behind our back and has just come back */
         release(&stale);
@@ -348,6 +371,7 @@ int emu_close(int fd)
     struct handle h = tab[fd];
     int ours = fresh(fd, &h);
     tab[fd].kind = 0;
+    tab_epoch++;
     pthread_mutex_unlock(&tab_lock);
     int r = ours ? close(fd) : 0;
     int e = errno;

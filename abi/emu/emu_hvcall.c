@@ -207,10 +207,23 @@ static uint16_t vp_header(struct call *c, struct emu_vp **vpp)
         return HV_STATUS_SUCCESS;
     }
     /* Reading a VP that is inside KVM_RUN would block until it exits; the hypervisor only
-     * touches suspended VPs (inferred status). */
+     * touches suspended VPs (inferred status). Checked again under regs_lock (vp_lock). */
     if (emu_kvm_vp_running(vp))
         return HV_STATUS_INVALID_VP_STATE;
     *vpp = vp;
+    return HV_STATUS_SUCCESS;
+}
+
+/* Register access runs under the VP's regs_lock: RUN_VP takes it to consume what was written and
+ * to publish the next exit's registers, so a call from another thread (the partition fd) sees one
+ * or the other. 0, or INVALID_VP_STATE if the VP went into RUN_VP meanwhile (lock not held). */
+static uint16_t vp_lock(struct emu_vp *vp)
+{
+    pthread_mutex_lock(&vp->regs_lock);
+    if (emu_kvm_vp_running(vp)) {
+        pthread_mutex_unlock(&vp->regs_lock);
+        return HV_STATUS_INVALID_VP_STATE;
+    }
     return HV_STATUS_SUCCESS;
 }
 
@@ -220,7 +233,7 @@ static uint16_t get_vp_registers(struct call *c)
     uint16_t st;
     if (16 + 4u * c->reps > EMU_PAGE || 16u * c->reps > EMU_PAGE)
         return HV_STATUS_INVALID_HYPERCALL_INPUT; /* rep list must fit the hypercall pages */
-    if ((st = vp_header(c, &vp)) || c->err)
+    if ((st = vp_header(c, &vp)) || c->err || (st = vp_lock(vp)))
         return st;
     struct emu_regctx ctx;
     emu_regctx_init(&ctx, vp);
@@ -228,11 +241,12 @@ static uint16_t get_vp_registers(struct call *c)
         union hv_register_value v;
         memset(&v, 0, sizeof(v));
         if ((st = emu_reg_get(&ctx, rd32(c->in + 16 + 4u * i), &v)))
-            return st; /* reps completed so far stay reported */
+            break; /* reps completed so far stay reported */
         memcpy(c->out + 16u * i, &v, sizeof(v));
         c->done = i + 1;
     }
-    return HV_STATUS_SUCCESS;
+    pthread_mutex_unlock(&vp->regs_lock);
+    return st;
 }
 
 static uint16_t set_vp_registers(struct call *c)
@@ -241,7 +255,7 @@ static uint16_t set_vp_registers(struct call *c)
     uint16_t st = HV_STATUS_SUCCESS, fst;
     if (16 + 32u * c->reps > EMU_PAGE)
         return HV_STATUS_INVALID_HYPERCALL_INPUT;
-    if ((st = vp_header(c, &vp)) || c->err)
+    if ((st = vp_header(c, &vp)) || c->err || (st = vp_lock(vp)))
         return st;
     struct emu_regctx ctx;
     emu_regctx_init(&ctx, vp);
@@ -254,6 +268,7 @@ static uint16_t set_vp_registers(struct call *c)
     }
     /* Registers before a failing element stay set, as with the hypervisor. */
     fst = emu_regctx_flush(&ctx);
+    pthread_mutex_unlock(&vp->regs_lock);
     if (fst && !st) {
         st = fst;
         c->done = 0;
@@ -273,10 +288,12 @@ static uint16_t translate_va(struct call *c)
         c->err = ENODEV;
         return HV_STATUS_SUCCESS;
     }
-    if (emu_kvm_vp_running(vp))
-        return HV_STATUS_INVALID_VP_STATE;
+    uint16_t st = vp_lock(vp);
+    if (st)
+        return st;
     uint64_t gpa = 0, hva, avail;
     int res = emu_kvm_translate(vp, in.gva_page << 12, !!(in.control_flags & EMU_GVA_VALIDATE_WRITE), &gpa);
+    pthread_mutex_unlock(&vp->regs_lock);
     if (res < 0)
         return HV_STATUS_INVALID_VP_STATE;
     if (res == EMU_GVA_SUCCESS && !emu_gpa_lookup(c->pt, gpa, &hva, &avail, NULL))
@@ -424,11 +441,14 @@ static uint16_t run_call(struct call *c)
     }
 }
 
-long emu_root_hvcall(struct emu_partition *pt, int from_partition_fd, uint64_t arg)
+long emu_root_hvcall(struct emu_partition *pt, struct emu_vp *caller, uint64_t arg)
 {
     struct mshv_root_hvcall a;
     size_t i;
-    if (emu_copy_from_user(&a, arg, sizeof(a)))
+    int from_partition_fd = caller == NULL;
+    /* On a VP fd (the VMM's per-exit register calls) the argument and buffers are remembered
+     * once they copied (emu_vp_copy_*). */
+    if (emu_vp_copy_from_user(caller, &a, arg, sizeof(a)))
         return -EFAULT;
     if (a.status || !a.in_ptr || a.in_sz < sizeof(uint64_t) || emu_nonzero(a.rsvd, sizeof(a.rsvd)) ||
         a.in_sz > MSHV_HV_PAGE_SIZE)
@@ -449,7 +469,7 @@ long emu_root_hvcall(struct emu_partition *pt, int from_partition_fd, uint64_t a
     if (!in)
         return -ENOMEM;
     long rc = 0;
-    if (emu_copy_from_user(in, a.in_ptr, a.in_sz)) {
+    if (emu_vp_copy_from_user(caller, in, a.in_ptr, a.in_sz)) {
         rc = -EFAULT;
         goto out;
     }
@@ -464,9 +484,9 @@ long emu_root_hvcall(struct emu_partition *pt, int from_partition_fd, uint64_t a
     rc = -emu_hv_status_errno(status);
     a.status = status;
     a.reps = a.reps ? c.done : 0;
-    if (emu_copy_to_user(arg, &a, sizeof(a)))
+    if (emu_vp_copy_to_user(caller, arg, &a, sizeof(a)))
         rc = -EFAULT;
-    if (a.out_ptr && emu_copy_to_user(a.out_ptr, c.out, a.out_sz))
+    if (a.out_ptr && emu_vp_copy_to_user(caller, a.out_ptr, c.out, a.out_sz))
         rc = -EFAULT;
 out:
     free(in);

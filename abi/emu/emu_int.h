@@ -103,6 +103,24 @@ struct emu_ioeventfd {
 };
 
 #define EMU_SOFT_REGS 48
+#define EMU_UBUFS 16
+
+/* A user page a VP's calls already copied through (emu_vp_copy_*): 0 empty, else page | 1 (read)
+ * | 2 (read and write). */
+struct emu_ubuf {
+    uint64_t page;
+};
+
+/* A port-I/O intercept whose KVM completion has not run yet (emu_kvm.c, "deferred completion").
+ * `view` is the VP as mshv shows it (RIP at the instruction); KVM itself is still mid-instruction. */
+struct emu_pend {
+    int active;
+    int is_in, size;
+    uint64_t next;              /* RIP after the instruction */
+    struct kvm_regs exit;       /* the view as reported, to see what the VMM changed */
+    struct kvm_regs view;
+    struct kvm_sregs sview;
+};
 
 struct emu_soft_reg {
     uint32_t name;
@@ -128,11 +146,12 @@ struct emu_vp {
     int in_run;
     pid_t tid;
     int blocked_scans;
-    int kicked;                 /* the monitor sent a kick during this RUN_VP */
     uint64_t last_kick_ns;
     struct emu_vp *mon_next;
-    int sigmask_valid;
-    uint64_t sigmask;
+    pthread_mutex_t regs_lock;  /* pend, and register access from other threads against RUN_VP */
+    struct emu_pend pend;
+    struct emu_ubuf ubuf[EMU_UBUFS];
+    int ubuf_next;
 };
 
 struct emu_partition {
@@ -163,6 +182,10 @@ struct emu_partition {
 /* ---- emu_uaccess.c ---- */
 EMU_LOCAL int emu_copy_from_user(void *dst, uint64_t src, size_t n);
 EMU_LOCAL int emu_copy_to_user(uint64_t dst, const void *src, size_t n);
+struct emu_vp;
+/* The same, remembering buffers that copied once for this VP (vp may be NULL: no memory). */
+EMU_LOCAL int emu_vp_copy_from_user(struct emu_vp *vp, void *dst, uint64_t src, size_t n);
+EMU_LOCAL int emu_vp_copy_to_user(struct emu_vp *vp, uint64_t dst, const void *src, size_t n);
 EMU_LOCAL int emu_access_ok(uint64_t addr, uint64_t size);
 EMU_LOCAL int emu_vma_present(uint64_t addr);
 EMU_LOCAL int emu_range_mapped(uint64_t addr, uint64_t size);
@@ -200,7 +223,7 @@ EMU_LOCAL long emu_vp_ioctl(struct emu_vp *vp, uint32_t cmd, uint64_t arg);
 EMU_LOCAL uint32_t emu_vp_state_size(struct emu_vp *vp, int type);
 
 /* ---- emu_hvcall.c ---- */
-EMU_LOCAL long emu_root_hvcall(struct emu_partition *pt, int from_partition_fd, uint64_t arg);
+EMU_LOCAL long emu_root_hvcall(struct emu_partition *pt, struct emu_vp *caller, uint64_t arg);
 EMU_LOCAL int emu_hv_status_errno(uint16_t status);
 EMU_LOCAL uint16_t emu_prop_get(struct emu_partition *pt, uint32_t code, uint64_t *value);
 
@@ -219,6 +242,8 @@ EMU_LOCAL int emu_kvm_routing(struct emu_partition *pt);
 EMU_LOCAL int emu_kvm_signal_msi(struct emu_partition *pt, uint32_t addr_lo, uint32_t addr_hi, uint32_t data);
 EMU_LOCAL long emu_kvm_run(struct emu_vp *vp, struct hv_message *msg);
 EMU_LOCAL int emu_kvm_vp_running(struct emu_vp *vp);
+/* Runs a deferred I/O completion now (KVM as the VMM left the view); callers hold regs_lock. */
+EMU_LOCAL int emu_kvm_settle(struct emu_vp *vp);
 EMU_LOCAL uint32_t emu_kvm_xsave_size(void);
 EMU_LOCAL uint64_t emu_kvm_xsave_states(void);
 EMU_LOCAL uint32_t emu_kvm_phys_bits(void);

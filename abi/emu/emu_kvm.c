@@ -21,15 +21,19 @@
  * with immediate_exit = 1 (KVM_RUN returns EINTR without entering the guest), (3) read the
  * registers again, (4) work out where the instruction starts and how long it is, without
  * assuming either convention, by decoding, and (5) put the pre-exit registers back with RIP at
- * the instruction.
+ * the instruction. Plain IN/OUT skip (2)-(5) once the host's convention is confirmed (see
+ * "deferred completion").
  *
  * HLT: with the LAPIC in the kernel KVM halts the vCPU itself and never exits. A monitor
  * thread watches each running vCPU's "blocking" statistic and, once one has been blocked for a
  * while, kicks its thread with a private real-time signal; the VP then reports HVMSG_X64_HALT
  * if it is halted with interrupts disabled (nothing can wake it), or goes back into the guest.
- * The kick never becomes a spurious EINTR: while in RUN_VP all signals are blocked except
- * inside KVM_RUN (KVM_SET_SIGNAL_MASK installs the caller's mask there), so after an EINTR the
- * pending set says exactly whose signal it was.
+ * The kick never becomes a spurious EINTR: its handler marks the thread it lands on, so after an
+ * EINTR that mark says whether it was ours (see "Signals" at emu_kvm_run).
+ *
+ * Per exit the fast path costs one system call, the KVM_RUN: registers come from
+ * KVM_CAP_SYNC_REGS, plain port I/O is completed by KVM's own pending completion ("deferred
+ * completion" below), guest RAM is read directly, and the signal mask is left alone.
  */
 #include <cpuid.h>
 #include <errno.h>
@@ -608,7 +612,9 @@ static int walk(struct emu_partition *pt, const struct kvm_sregs *s, uint64_t li
 int emu_kvm_translate(struct emu_vp *vp, uint64_t gva, int write, uint64_t *gpa)
 {
     struct kvm_sregs s;
-    if (ioctl(vp->vcpu_fd, KVM_GET_SREGS, &s) < 0)
+    if (vp->pend.active)
+        s = vp->pend.sview; /* an I/O completion changes no special register */
+    else if (ioctl(vp->vcpu_fd, KVM_GET_SREGS, &s) < 0)
         return -1;
     return walk(vp->pt, &s, gva, write, gpa);
 }
@@ -701,6 +707,17 @@ static int need(struct emu_regctx *c, unsigned g)
     void *dst[] = {&c->regs, &c->sregs, &c->dregs, &c->fpu, &c->xcrs, &c->ev};
     if (c->have & g)
         return 1;
+    if (c->vp->pend.active && (g == G_REGS || g == G_SREGS)) {
+        /* A deferred I/O completion: the VP as mshv shows it, without asking KVM. */
+        if (g == G_REGS)
+            c->regs = c->vp->pend.view;
+        else
+            c->sregs = c->vp->pend.sview;
+        c->have |= g;
+        return 1;
+    }
+    if (emu_kvm_settle(c->vp) < 0)
+        return 0; /* anything else is KVM's own state: let it finish the I/O first */
     int i = __builtin_ctz(g);
     if (ioctl(c->vp->vcpu_fd, get[i], dst[i]) < 0)
         return 0;
@@ -970,7 +987,7 @@ uint16_t emu_reg_get(struct emu_regctx *c, uint32_t name, union hv_register_valu
     uint32_t msr = msr_of(name);
     if (msr) {
         uint64_t v;
-        if (!msr_rw(vp, msr, &v, 0))
+        if (emu_kvm_settle(vp) < 0 || !msr_rw(vp, msr, &v, 0))
             return HV_STATUS_INVALID_PARAMETER;
         out->reg64 = v;
         return 0;
@@ -1093,6 +1110,8 @@ uint16_t emu_reg_set(struct emu_regctx *c, uint32_t name, const union hv_registe
     uint32_t msr = msr_of(name);
     if (msr) {
         uint64_t v = in->reg64;
+        if (emu_kvm_settle(vp) < 0)
+            return HV_STATUS_INVALID_VP_STATE;
         return msr_rw(vp, msr, &v, 1) ? 0 : HV_STATUS_INVALID_REGISTER_VALUE;
     }
     if (is_soft(name)) {
@@ -1108,6 +1127,15 @@ uint16_t emu_reg_set(struct emu_regctx *c, uint32_t name, const union hv_registe
 uint16_t emu_regctx_flush(struct emu_regctx *c)
 {
     int fd = c->vp->vcpu_fd;
+    if (c->vp->pend.active && c->dirty == G_REGS) {
+        /* Only general registers written (RIP, RAX: the VMM completing the I/O): they stay in
+         * the view until RUN_VP, which hands them to KVM's pending completion for free. */
+        c->vp->pend.view = c->regs;
+        c->dirty = 0;
+        return 0;
+    }
+    if (c->dirty && emu_kvm_settle(c->vp) < 0)
+        return HV_STATUS_INVALID_VP_STATE;
     /* Special registers first: mode changes (CR0/CR4/EFER/CS) must be consistent as a set. */
     if ((c->dirty & G_SREGS) && ioctl(fd, KVM_SET_SREGS, &c->sregs) < 0)
         return HV_STATUS_INVALID_REGISTER_VALUE;
@@ -1151,16 +1179,23 @@ static int kick_sig = 0; /* 0: not chosen yet, -1: none available */
 #define MON_PERIOD_NS 10000000ull        /* scan every 10 ms */
 #define MON_REKICK_NS 100000000ull       /* at most one kick per 100 ms per VP */
 
+/* Set by our kick on the thread it lands on: tells the monitor's EINTR from the caller's. */
+static __thread volatile sig_atomic_t tls_kicked;
+
 static void kick_handler(int sig)
 {
-    (void)sig; /* consumed with sigtimedwait; a stray delivery must not kill the process */
+    (void)sig;
+    tls_kicked = 1;
 }
 
 static int kick_signal(void)
 {
+    int known = __atomic_load_n(&kick_sig, __ATOMIC_ACQUIRE);
+    if (known)
+        return known; /* chosen once per process; no lock on the way into every RUN_VP */
     pthread_mutex_lock(&mon_lock);
     if (kick_sig == 0) {
-        kick_sig = -1;
+        int none = -1;
         const char *env = getenv("MSHV_LIBVIRT_EMU_KICK_SIGNAL");
         int want = env ? atoi(env) : 0;
         for (int s = want ? want : SIGRTMAX - 1; s >= SIGRTMIN + 2; s = want ? 0 : s - 1) {
@@ -1170,13 +1205,15 @@ static int kick_signal(void)
                 sa.sa_handler = kick_handler;
                 sigemptyset(&sa.sa_mask);
                 if (sigaction(s, &sa, NULL) == 0) {
-                    kick_sig = s;
+                    __atomic_store_n(&kick_sig, s, __ATOMIC_RELEASE);
                     break;
                 }
             }
             if (want)
                 break;
         }
+        if (kick_sig == 0)
+            __atomic_store_n(&kick_sig, none, __ATOMIC_RELEASE);
     }
     int s = kick_sig;
     pthread_mutex_unlock(&mon_lock);
@@ -1214,7 +1251,6 @@ static void *monitor(void *arg)
             vp->blocked_scans = b == 0 ? 0 : vp->blocked_scans + 1;
             if (vp->blocked_scans >= 2 && now - vp->last_kick_ns >= MON_REKICK_NS && kick_sig > 0) {
                 vp->last_kick_ns = now;
-                vp->kicked = 1;
                 syscall(SYS_tgkill, emu_self(), vp->tid, kick_sig);
             }
         }
@@ -1249,7 +1285,6 @@ static void mon_enter(struct emu_vp *vp)
     if (!tid)
         tid = (pid_t)syscall(SYS_gettid);
     vp->tid = tid;
-    vp->kicked = 0;
     vp->blocked_scans = 0;
     vp->last_kick_ns = 0;
     __atomic_store_n(&vp->in_run, 1, __ATOMIC_RELEASE);
@@ -1285,32 +1320,6 @@ static void mon_leave(struct emu_vp *vp)
 int emu_kvm_vp_running(struct emu_vp *vp)
 {
     return __atomic_load_n(&vp->in_run, __ATOMIC_ACQUIRE);
-}
-
-static int take_kick(void)
-{
-    if (kick_sig <= 0)
-        return 0;
-    sigset_t s;
-    struct timespec zero = {0, 0};
-    int got = 0;
-    sigemptyset(&s);
-    sigaddset(&s, kick_sig);
-    while (sigtimedwait(&s, NULL, &zero) == kick_sig)
-        got = 1;
-    return got;
-}
-
-/* Is a signal pending that the caller's mask lets through (i.e. one meant to kick us)? */
-static int caller_signal_pending(const sigset_t *caller)
-{
-    sigset_t p;
-    if (sigpending(&p) < 0)
-        return 1;
-    for (int s = 1; s < 65; s++)
-        if (s != kick_sig && sigismember(&p, s) == 1 && sigismember(caller, s) != 1)
-            return 1;
-    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1434,6 +1443,111 @@ static void outs_undo(struct emu_vp *vp, const struct kvm_sregs *s, const struct
         back->rcx = with_adsize(r0->rcx, r0->rcx + count, in->adsize);
 }
 
+/* ---- deferred completion of plain port I/O ----
+ * The slow way to give an I/O exit mshv semantics costs four system calls: let KVM finish its
+ * half now (a KVM_RUN with immediate_exit), read the registers it left, put back the pre-exit ones.
+ * For IN/OUT without a string operation the emulator can instead leave KVM mid-instruction, report
+ * the VP at the instruction from the registers KVM_CAP_SYNC_REGS put in kvm_run, and hand the
+ * VMM's completion (RIP past the instruction; for IN, RAX) to KVM's own pending completion at the
+ * next RUN_VP: KVM then advances RIP and loads RAX from kvm_run's data in the same KVM_RUN that
+ * enters the guest. Any other register access in between (special registers written, MSRs, FPU,
+ * state pages) or any other completion first runs the slow way (emu_kvm_settle), so what a VMM can
+ * observe is the same. Two facts make it sound, and both are checked, not assumed:
+ *   - where the instruction is: the bytes must leave only one reading (decoded at RIP, or ending
+ *     at RIP because KVM already advanced past it); otherwise the slow way decides;
+ *   - what KVM's completion does for that class (IN/OUT, at/past): each class is used only after a
+ *     slow-way exit of it was seen to do exactly that (RIP moved by the length, or not at all; RAX
+ *     loaded from the data, or untouched); one contradiction turns the class off for good. */
+
+/* 1: RIP at the instruction, 2: already past it, 0: undecided. *len: its length. */
+static int io_classify(const struct code_window *w, int mode, int is_in, uint16_t port, int size, uint64_t rdx,
+                       int *len)
+{
+    struct emu_insn in;
+    int at = 0, past = 0;
+    memset(&in, 0, sizeof(in));
+    if (emu_decode(win_at(w, 0), w->fwd, mode, &in) > 0 && emu_insn_is_io(&in, is_in, port, size, rdx) &&
+        (in.opcode & 0xFC) != 0x6C)
+        at = in.len;
+    for (int l = 1; l <= w->back && !past; l++)
+        if (emu_decode(win_at(w, l), l, mode, &in) == l && emu_insn_is_io(&in, is_in, port, size, rdx) &&
+            (in.opcode & 0xFC) != 0x6C)
+            past = l;
+    if (at && !past) {
+        *len = at;
+        return 1;
+    }
+    if (past && !at && !is_in) { /* an IN past its instruction: KVM's completion unknown, slow way */
+        *len = past;
+        return 2;
+    }
+    return 0;
+}
+
+/* [is_in][class - 1]: 0 not seen, 1 confirmed, -1 contradicted (per process: a host property). */
+static int io_conv[2][2];
+#define IO_PROBE 0xA5A5A5A5u /* what an IN reads while its completion is being observed */
+
+static uint64_t in_result(uint64_t rax, int size, uint64_t data)
+{
+    /* IN of 1 or 2 bytes keeps the rest of RAX; IN of 4 zero-extends, as KVM and a CPU do. */
+    if (size >= 4)
+        return data & 0xFFFFFFFFull;
+    uint64_t mask = size == 2 ? 0xFFFFull : 0xFFull;
+    return (rax & ~mask) | (data & mask);
+}
+
+static void io_message(struct emu_vp *vp, struct hv_message *msg, const struct kvm_regs *r,
+                       const struct kvm_sregs *s, uint64_t start, int len, int before, const struct code_window *w,
+                       int is_in, uint16_t port, int size, int string, int rep)
+{
+    struct hv_x64_io_port_intercept_message *m = (void *)msg->payload;
+    memset(m, 0, sizeof(*m));
+    fill_header(&m->header, vp, r, s, start, len, is_in ? HV_INTERCEPT_ACCESS_READ : HV_INTERCEPT_ACCESS_WRITE);
+    m->port_number = port;
+    m->access_info = (uint8_t)(size | string << 3 | (string && rep) << 4);
+    m->rax = r->rax;
+    m->instruction_byte_count = (uint8_t)win_count(w, before);
+    memcpy(m->instruction_bytes, win_at(w, before), m->instruction_byte_count);
+    m->ds_segment = seg_to_hv(&s->ds);
+    m->es_segment = seg_to_hv(&s->es);
+    m->rcx = r->rcx;
+    m->rsi = r->rsi;
+    m->rdi = r->rdi;
+    set_type(msg, HVMSG_X64_IO_PORT_INTERCEPT, sizeof(*m));
+}
+
+/* At RUN_VP: 1 if the VMM did exactly what KVM's pending completion will do (and its IN result is
+ * now in kvm_run's data), so that KVM_RUN alone completes the instruction. */
+static int pend_resume(struct emu_vp *vp)
+{
+    struct emu_pend *p = &vp->pend;
+    struct kvm_regs want = p->view;
+    uint64_t rax = want.rax;
+    if (want.rip != p->next)
+        return 0;
+    want.rip = p->exit.rip;
+    want.rax = p->exit.rax;
+    if (memcmp(&want, &p->exit, sizeof(want)) != 0)
+        return 0; /* another register changed too */
+    if (!p->is_in)
+        return rax == p->exit.rax;
+    if (rax != in_result(p->exit.rax, p->size, rax) || vp->run->exit_reason != KVM_EXIT_IO)
+        return 0;
+    memcpy((uint8_t *)vp->run + vp->run->io.data_offset, &rax, (size_t)p->size);
+    return 1;
+}
+
+int emu_kvm_settle(struct emu_vp *vp)
+{
+    if (!vp->pend.active)
+        return 0;
+    vp->pend.active = 0;
+    if (complete_pending(vp) < 0 || ioctl(vp->vcpu_fd, KVM_SET_REGS, &vp->pend.view) < 0)
+        return -1;
+    return 0;
+}
+
 static int io_exit(struct emu_vp *vp, struct hv_message *msg)
 {
     struct kvm_run *run = vp->run;
@@ -1445,17 +1559,40 @@ static int io_exit(struct emu_vp *vp, struct hv_message *msg)
     uint8_t data[512];
     size_t dlen = (size_t)size * count < sizeof(data) ? (size_t)size * count : sizeof(data);
     memcpy(data, (uint8_t *)run + run->io.data_offset, dlen);
-    if (is_in)
-        memset((uint8_t *)run + run->io.data_offset, 0, (size_t)size * count);
-    if (exit_regs(vp, &r0, &s) < 0 || complete_pending(vp) < 0 || ioctl(vp->vcpu_fd, KVM_GET_REGS, &r1) < 0)
+    if (exit_regs(vp, &r0, &s) < 0)
         return -EIO;
     int mode = cpu_mode(&s, r0.rflags);
     struct code_window w;
+    fetch_window(vp->pt, &s, mode, r0.rip, &w);
+    int clen = 0, kind = vp->sync_regs ? io_classify(&w, mode, is_in, port, size, r0.rdx, &clen) : 0;
+    if (kind && __atomic_load_n(&io_conv[is_in][kind - 1], __ATOMIC_RELAXED) == 1) {
+        struct emu_pend *p = &vp->pend;
+        uint64_t start = kind == 2 ? r0.rip - (uint64_t)clen : r0.rip;
+        p->is_in = is_in;
+        p->size = size;
+        p->next = start + (uint64_t)clen;
+        p->exit = r0;
+        p->exit.rip = start;
+        p->view = p->exit;
+        p->sview = s;
+        p->active = 1;
+        io_message(vp, msg, &p->view, &s, start, clen, kind == 2 ? clen : 0, &w, is_in, port, size, 0, 0);
+        return 0;
+    }
+    if (is_in) {
+        /* Observing a plain IN's completion: a known value shows whether KVM loads RAX from the data. */
+        uint32_t probe = IO_PROBE;
+        uint8_t *d = (uint8_t *)run + run->io.data_offset;
+        memset(d, 0, (size_t)size * count);
+        if (kind == 1)
+            memcpy(d, &probe, (size_t)size);
+    }
+    if (complete_pending(vp) < 0 || ioctl(vp->vcpu_fd, KVM_GET_REGS, &r1) < 0)
+        return -EIO;
     struct emu_insn in;
     uint64_t start = r0.rip;
     int len = 0, before = 0;
     uint64_t delta = r1.rip - r0.rip;
-    fetch_window(vp->pt, &s, mode, r0.rip, &w);
     memset(&in, 0, sizeof(in));
     if (delta >= 1 && delta <= (uint64_t)w.fwd && emu_decode(win_at(&w, 0), (int)delta, mode, &in) == (int)delta &&
         emu_insn_is_io(&in, is_in, port, size, r0.rdx)) {
@@ -1476,29 +1613,25 @@ static int io_exit(struct emu_vp *vp, struct hv_message *msg)
         if (!len && emu_decode(win_at(&w, 0), w.fwd, mode, &in) > 0 && emu_insn_is_io(&in, is_in, port, size, r0.rdx))
             len = in.len;
     }
+    int string = len && (in.opcode & 0xFC) == 0x6C && in.map == 1;
+    if (kind && !string && len == clen && (before > 0) == (kind == 2)) {
+        /* What KVM's completion did for this class, against what the deferred way relies on. */
+        uint64_t rax = is_in ? in_result(r0.rax, size, IO_PROBE) : r0.rax;
+        int ok = r1.rax == rax && r1.rip == (kind == 1 ? r0.rip + (uint64_t)len : r0.rip);
+        int *c = &io_conv[is_in][kind - 1];
+        if (!ok)
+            __atomic_store_n(c, -1, __ATOMIC_RELAXED);
+        else if (__atomic_load_n(c, __ATOMIC_RELAXED) == 0)
+            __atomic_store_n(c, 1, __ATOMIC_RELAXED);
+    }
     /* Back to the state before the instruction, as the hypervisor leaves it. */
     struct kvm_regs back = r0;
     back.rip = start;
-    int string = len && (in.opcode & 0xFC) == 0x6C && in.map == 1;
     if (string && !is_in)
         outs_undo(vp, &s, &in, &r0, &back, start, size, count, data, dlen);
     if (ioctl(vp->vcpu_fd, KVM_SET_REGS, &back) < 0)
         return -EIO;
-    r0 = back; /* the message shows the VP as it now is */
-    struct hv_x64_io_port_intercept_message *m = (void *)msg->payload;
-    memset(m, 0, sizeof(*m));
-    fill_header(&m->header, vp, &r0, &s, start, len, is_in ? HV_INTERCEPT_ACCESS_READ : HV_INTERCEPT_ACCESS_WRITE);
-    m->port_number = port;
-    m->access_info = (uint8_t)(size | string << 3 | (string && in.rep) << 4);
-    m->rax = r0.rax;
-    m->instruction_byte_count = (uint8_t)win_count(&w, before);
-    memcpy(m->instruction_bytes, win_at(&w, before), m->instruction_byte_count);
-    m->ds_segment = seg_to_hv(&s.ds);
-    m->es_segment = seg_to_hv(&s.es);
-    m->rcx = r0.rcx;
-    m->rsi = r0.rsi;
-    m->rdi = r0.rdi;
-    set_type(msg, HVMSG_X64_IO_PORT_INTERCEPT, sizeof(*m));
+    io_message(vp, msg, &back, &s, start, len, before, &w, is_in, port, size, string, in.rep);
     return 0;
 }
 
@@ -1909,32 +2042,38 @@ static int handle_exit(struct emu_vp *vp, struct hv_message *msg)
     }
 }
 
+/* Signals. RUN_VP leaves the caller's signal mask alone (changing it twice per exit was two system
+ * calls of every exit): a signal the caller lets through interrupts KVM_RUN and its handler runs when
+ * KVM_RUN returns, as it would when the kernel's RUN_VP returns EINTR. The monitor's kick is told
+ * apart by its own handler (tls_kicked), so it never becomes an EINTR. What this gives up (docs/ABI.md
+ * §9.6): a caller's signal whose handler runs while the emulator is between two KVM_RUNs of one
+ * RUN_VP (an exit completed inside, or in the same return as a monitor kick) does not end that
+ * RUN_VP; the VMM kicks again until its vCPU answers (vmm/vcpu.py). */
+static __thread int tls_kick_unblocked;
+
 long emu_kvm_run(struct emu_vp *vp, struct hv_message *msg)
 {
-    sigset_t all, caller;
     int ks = kick_signal();
-    sigfillset(&all);
-    static const int sync_sigs[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS, SIGABRT};
-    for (size_t i = 0; i < sizeof(sync_sigs) / sizeof(sync_sigs[0]); i++)
-        sigdelset(&all, sync_sigs[i]);
-    pthread_sigmask(SIG_BLOCK, &all, &caller);
-    /* Inside KVM_RUN the caller's own mask applies, with our kick signal let through. */
-    uint64_t kmask;
-    memcpy(&kmask, &caller, sizeof(kmask));
-    if (ks > 0)
-        kmask &= ~(1ull << (ks - 1));
-    if (!vp->sigmask_valid || vp->sigmask != kmask) {
-        /* struct kvm_signal_mask is {u32 len; u8 sigset[]}: the set starts at byte 4. */
-        uint8_t sm[sizeof(struct kvm_signal_mask) + sizeof(kmask)];
-        struct kvm_signal_mask h = {sizeof(kmask)};
-        memcpy(sm, &h, sizeof(h));
-        memcpy(sm + sizeof(h), &kmask, sizeof(kmask));
-        if (ioctl(vp->vcpu_fd, KVM_SET_SIGNAL_MASK, sm) == 0) {
-            vp->sigmask = kmask;
-            vp->sigmask_valid = 1;
-        }
+    if (ks > 0 && !tls_kick_unblocked) {
+        /* once per thread: the kick must reach KVM_RUN even if the thread was born blocking it */
+        sigset_t k;
+        sigemptyset(&k);
+        sigaddset(&k, ks);
+        pthread_sigmask(SIG_UNBLOCK, &k, NULL);
+        tls_kick_unblocked = 1;
     }
-    mon_enter(vp);
+    tls_kicked = 0; /* a kick that landed after the last RUN_VP is stale */
+    pthread_mutex_lock(&vp->regs_lock);
+    int settled = 0;
+    if (vp->pend.active && pend_resume(vp))
+        vp->pend.active = 0; /* this KVM_RUN completes the I/O as the VMM did */
+    else
+        settled = emu_kvm_settle(vp);
+    if (settled == 0)
+        mon_enter(vp); /* from here register calls from other threads are INVALID_VP_STATE */
+    pthread_mutex_unlock(&vp->regs_lock);
+    if (settled < 0)
+        return -EIO;
     long rc;
     for (;;) {
         vp->run->immediate_exit = 0;
@@ -1942,9 +2081,10 @@ long emu_kvm_run(struct emu_vp *vp, struct hv_message *msg)
         if (r < 0) {
             int e = errno;
             if (e == EINTR) {
-                int ours = take_kick();
-                if (caller_signal_pending(&caller) || !ours) {
-                    rc = -EINTR; /* somebody kicked the VP: let their handler run */
+                int ours = tls_kicked;
+                tls_kicked = 0;
+                if (!ours) {
+                    rc = -EINTR; /* the caller's signal: its handler has run */
                     break;
                 }
                 if (halted_for_good(vp, msg)) {
@@ -1963,9 +2103,8 @@ long emu_kvm_run(struct emu_vp *vp, struct hv_message *msg)
         if (rc != 1)
             break;
     }
-    mon_leave(vp);
-    if (vp->kicked)
-        take_kick(); /* a kick that raced with our exit */
-    pthread_sigmask(SIG_SETMASK, &caller, NULL);
+    pthread_mutex_lock(&vp->regs_lock);
+    mon_leave(vp); /* the next exit's registers (vp->pend) are published with this */
+    pthread_mutex_unlock(&vp->regs_lock);
     return rc;
 }

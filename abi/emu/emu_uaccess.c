@@ -134,6 +134,69 @@ int emu_copy_to_user(uint64_t dst, const void *src, size_t n)
     return pipe_copy((void *)(uintptr_t)dst, src, n);
 }
 
+/* The kernel's copy_{from,to}_user costs no system call; the probes above cost one each. A VP's
+ * hot calls (RUN_VP's message buffer, the register hypercall's argument and buffers) touch the same
+ * few pages every time, so a page that a copy for this VP reached once (for reading, or for
+ * writing) is copied with memcpy after that. A bad pointer is still EFAULT: only pages that were
+ * reached successfully are remembered, each with the access that succeeded. Callers hold the VP's
+ * lock. The price (docs/ABI.md §9.6): a page unmapped or write-protected after it served this VP
+ * and then passed again faults in the caller instead of answering EFAULT. */
+static int ubuf_covers(const struct emu_vp *vp, uint64_t addr, size_t n, int write)
+{
+    uint64_t need = write ? 2 : 1;
+    for (uint64_t pg = addr & ~(EMU_PAGE - 1); pg < addr + n; pg += EMU_PAGE) {
+        int found = 0;
+        for (int i = 0; i < EMU_UBUFS && !found; i++)
+            found = (vp->ubuf[i].page & ~(EMU_PAGE - 1)) == pg && (vp->ubuf[i].page & 3) >= need;
+        if (!found)
+            return 0;
+    }
+    return 1;
+}
+
+static void ubuf_remember(struct emu_vp *vp, uint64_t addr, size_t n, int write)
+{
+    uint64_t access = write ? 2 : 1;
+    if (n > 2 * EMU_PAGE)
+        return; /* only the small per-call buffers */
+    for (uint64_t pg = addr & ~(EMU_PAGE - 1); pg < addr + n; pg += EMU_PAGE) {
+        int i;
+        for (i = 0; i < EMU_UBUFS && (vp->ubuf[i].page & ~(EMU_PAGE - 1)) != pg; i++) {
+        }
+        if (i == EMU_UBUFS || !vp->ubuf[i].page) {
+            i = vp->ubuf_next;
+            vp->ubuf_next = (vp->ubuf_next + 1) % EMU_UBUFS;
+            vp->ubuf[i].page = pg;
+        }
+        if ((vp->ubuf[i].page & 3) < access)
+            vp->ubuf[i].page = pg | access;
+    }
+}
+
+int emu_vp_copy_from_user(struct emu_vp *vp, void *dst, uint64_t src, size_t n)
+{
+    if (vp && n && ubuf_covers(vp, src, n, 0)) {
+        memcpy(dst, (const void *)(uintptr_t)src, n);
+        return 0;
+    }
+    int rc = emu_copy_from_user(dst, src, n);
+    if (vp && n && rc == 0)
+        ubuf_remember(vp, src, n, 0);
+    return rc;
+}
+
+int emu_vp_copy_to_user(struct emu_vp *vp, uint64_t dst, const void *src, size_t n)
+{
+    if (vp && n && ubuf_covers(vp, dst, n, 1)) {
+        memcpy((void *)(uintptr_t)dst, src, n);
+        return 0;
+    }
+    int rc = emu_copy_to_user(dst, src, n);
+    if (vp && n && rc == 0)
+        ubuf_remember(vp, dst, n, 1);
+    return rc;
+}
+
 /* vma_lookup(): is there any mapping at addr? mincore() fails with ENOMEM on a hole. */
 int emu_vma_present(uint64_t addr)
 {

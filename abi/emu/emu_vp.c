@@ -25,6 +25,7 @@ struct emu_vp *emu_vp_alloc(struct emu_partition *pt, uint32_t index, int *err)
         return NULL;
     }
     pthread_mutex_init(&vp->lock, NULL);
+    pthread_mutex_init(&vp->regs_lock, NULL);
     vp->pt = pt;
     vp->index = index;
     vp->vcpu_fd = -1;
@@ -61,6 +62,7 @@ void emu_vp_free(struct emu_vp *vp)
     for (int i = 0; i < MSHV_VP_STATE_COUNT; i++)
         free(vp->state[i]);
     pthread_mutex_destroy(&vp->lock);
+    pthread_mutex_destroy(&vp->regs_lock);
     free(vp);
 }
 
@@ -115,6 +117,16 @@ static long get_set_state(struct emu_vp *vp, uint64_t arg, int is_set)
         goto out;
     }
     int kvm = vp->vcpu_fd >= 0;
+    if (kvm) {
+        /* LAPIC and XSAVE state go to KVM directly: first let it finish a deferred I/O. */
+        pthread_mutex_lock(&vp->regs_lock);
+        int settled = emu_kvm_settle(vp);
+        pthread_mutex_unlock(&vp->regs_lock);
+        if (settled < 0) {
+            rc = -EIO;
+            goto out;
+        }
+    }
     if (a.type == MSHV_VP_STATE_LAPIC && kvm) {
         rc = is_set ? emu_kvm_set_lapic(vp, buf) : emu_kvm_get_lapic(vp, buf);
     } else if (a.type == MSHV_VP_STATE_XSAVE && kvm) {
@@ -147,7 +159,8 @@ static long run_vp(struct emu_vp *vp, uint64_t arg)
     if (rc < 0)
         return rc;
     memcpy(vp->msg_page, &msg, sizeof(msg)); /* what a mapping of pgoff 1 shows */
-    if (emu_copy_to_user(arg, &msg, sizeof(msg)))
+    /* The VMM's message buffer is checked the first time it is used, then written directly. */
+    if (emu_vp_copy_to_user(vp, arg, &msg, sizeof(msg)))
         return -EFAULT;
     return 0;
 }
@@ -167,7 +180,7 @@ long emu_vp_ioctl(struct emu_vp *vp, uint32_t cmd, uint64_t arg)
         r = get_set_state(vp, arg, 1);
         break;
     case MSHV_ROOT_HVCALL:
-        r = emu_root_hvcall(vp->pt, 0, arg);
+        r = emu_root_hvcall(vp->pt, vp, arg);
         break;
     default:
         r = -ENOTTY;
