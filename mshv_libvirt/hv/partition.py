@@ -45,25 +45,43 @@ class HvcallResult:
     output: bytes
 
 
-def hvcall(fd: int, code: int, data: bytes, out_size: int = 0, reps: int = 0) -> HvcallResult:
+class HvcallBuffers:
+    """One hypercall's argument and page-sized input and output, kept for reuse.
+
+    A VP's register calls (two per exit in the VMM) then pass the same three buffers every time
+    instead of three fresh allocations, which also lets the emulated device check them once.
+    Not thread-safe: the owner serialises its use (``VpFd`` does).
+    """
+
+    def __init__(self) -> None:
+        # SAFETY: owned here, so they outlive every ioctl that points at them.
+        self.inbuf = _ffi.new("uint8_t[]", 4096)
+        self.outbuf = _ffi.new("uint8_t[]", 4096)
+        self.arg = _ffi.new("struct mshv_root_hvcall *")
+        self.in_ptr = _ffi.address(self.inbuf)
+        self.out_ptr = _ffi.address(self.outbuf)
+
+
+def hvcall(
+    fd: int, code: int, data: bytes, out_size: int = 0, reps: int = 0, bufs: HvcallBuffers | None = None
+) -> HvcallResult:
     """MSHV_ROOT_HVCALL on any fd that accepts it; raises on errno or HV_STATUS failure."""
     if not 8 <= len(data) <= 4096 or out_size > 4096:
         raise ValueError("hypercall input must be 8..4096 bytes and output at most 4096")
-    # SAFETY: both buffers are cffi-owned and outlive the ioctl; the kernel writes partition_id
-    # into input bytes 0..7 and at most out_sz bytes of output. rsvd and status stay zero (MBZ).
-    inbuf = _ffi.new("uint8_t[]", data)
-    outbuf = _ffi.new("uint8_t[]", max(out_size, 1))
-    arg = _ffi.new(
-        "struct mshv_root_hvcall *",
-        {
-            "code": code,
-            "reps": reps,
-            "in_sz": len(data),
-            "out_sz": out_size,
-            "in_ptr": _ffi.address(inbuf),
-            "out_ptr": _ffi.address(outbuf) if out_size else 0,
-        },
-    )
+    if bufs is None:
+        bufs = HvcallBuffers()
+    # The kernel writes partition_id into its own copy of input bytes 0..7 and at most out_sz bytes
+    # of output. rsvd stays zero (MBZ); status is reset, the previous call wrote it back.
+    _ffi.memmove_to(bufs.in_ptr, data)
+    arg = bufs.arg
+    arg.code = code
+    arg.reps = reps
+    arg.in_sz = len(data)
+    arg.out_sz = out_size
+    arg.status = 0
+    arg.in_ptr = bufs.in_ptr
+    arg.out_ptr = bufs.out_ptr if out_size else 0
+    outbuf = bufs.outbuf
     _, err = _ffi.ioctl(fd, MSHV_ROOT_HVCALL, arg)
     status = int(arg.status)
     if err or status:

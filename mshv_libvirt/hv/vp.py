@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import errno
 import struct
+import threading
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from . import _ffi
 from .errors import MshvError
 from .ioctls import MSHV_GET_VP_STATE, MSHV_RUN_VP, MSHV_SET_VP_STATE
 from .messages import HvMessage
 from .regs import SEGMENT_REGS, TABLE_REGS, RegisterValue, Segment, TableRegister
+
+if TYPE_CHECKING:
+    from .partition import HvcallBuffers
 
 HVCALL_GET_VP_REGISTERS = 0x0050
 HVCALL_SET_VP_REGISTERS = 0x0051
@@ -50,6 +55,8 @@ class VpFd:
         self.index = index
         # SAFETY: the 256-byte message buffer is reused by run(); callers get decoded copies.
         self._run_buf = _ffi.new("struct mshv_run_vp *")
+        self._bufs: HvcallBuffers | None = None
+        self._bufs_lock = threading.Lock()
 
     @classmethod
     def _from_fd(cls, fd: int, index: int) -> VpFd:
@@ -71,9 +78,17 @@ class VpFd:
         return HvMessage._decode(_ffi.cast_ptr("struct hv_message *", _ffi.address(self._run_buf)), raw)
 
     def _hvcall(self, code: int, data: bytes, out_size: int, reps: int) -> bytes:
-        from .partition import hvcall  # local: partition imports this module
+        from .partition import HvcallBuffers, hvcall  # local: partition imports this module
 
-        return hvcall(self.fileno(), code, data, out_size, reps).output
+        # The VP thread's own calls reuse this VP's buffers; a second thread meanwhile gets fresh ones.
+        if not self._bufs_lock.acquire(blocking=False):
+            return hvcall(self.fileno(), code, data, out_size, reps).output
+        try:
+            if self._bufs is None:
+                self._bufs = HvcallBuffers()
+            return hvcall(self.fileno(), code, data, out_size, reps, self._bufs).output
+        finally:
+            self._bufs_lock.release()
 
     def get_registers(self, names: Sequence[int]) -> list[RegisterValue]:
         values: list[RegisterValue] = []
