@@ -127,6 +127,7 @@ PREREQUISITES: dict[str, Prerequisite] = {
         Prerequisite("util-linux", "util-linux", _tools("unshare", "runuser")),
         Prerequisite("busybox-static", "busybox-static", _tools("busybox")),
         Prerequisite("apt", "apt", _tools("apt-get", "apt-cache", "dpkg-deb")),  # the Linux guest's kernel
+        Prerequisite("strace", "strace", _tools("strace")),  # counts the system calls of an exit
     )
 }
 
@@ -151,6 +152,7 @@ PATH_NEEDS: dict[str, tuple[str, ...]] = {
     "tests/e2e/test_storage_relay.py": ("libvirtd", "qemu-img", "libvirt-python"),
     "tests/e2e/test_network_relay.py": ("libvirtd", "dnsmasq", "iproute2", "iptables", "libvirt-python"),
     "tests/emu/test_c_harness.py": ("gcc",),
+    "tests/emu/test_exit_syscalls.py": ("strace",),
     "tests/domain/test_domain_xml.py": ("libvirt-schemas",),
     "tests/vmm/test_mmio_decode.py": ("binutils",),
     "tests/vmm/test_vhost_user.py": ("qemu-storage-daemon", "qemu-img"),
