@@ -1,18 +1,25 @@
 #!/usr/bin/env python3
 """IO-exit round trips per second: our VMM path vs. a minimal C loop on /dev/kvm.
 
-Three numbers, same host, same run:
+Four numbers (five with a baseline), same host, same run:
 
 * ``c-kvm``: a C program compiled here from the source below (our own code) puts a guest that
   executes ``out %al, $0x80`` in a loop directly on /dev/kvm and counts KVM_RUN round trips.
   This is the floor: one ioctl and nothing else per exit.
+* ``c-mshv``: the same guest and loop in C over the /dev/mshv ABI (MSHV_RUN_VP, then the
+  SET_VP_REGISTERS hypercall for RIP), through the compiled module's shim: the emulated device on
+  KVM here. Its ratio to ``c-kvm`` is the emulated device's own cost per exit.
 * ``hv-loop``: the same guest through ``mshv_libvirt.hv`` (emulated /dev/mshv on KVM here), with a
   Python loop that only completes the OUT (``set_registers(RIP)``) -- the cost of our ABI layer.
 * ``vmm``: the tiny test guest under the real VMM process (``python -m mshv_libvirt.vmm``), which
   on ``b`` executes 20000 OUTs to port 0x80; timed from sending ``b`` on the console pty to
   ``BENCH-DONE`` on it, minus the measured console round trip. This includes the device bus.
 
-Run: ``.venv/bin/python benchmarks/io_exit.py [--exits N]``. Sides that cannot run say why.
+The C sides run alternately for ``--rounds`` rounds (a change of load then hits each alike);
+``--baseline-abi DIR`` adds ``c-mshv`` built from another checkout's ``abi/`` (before/after in one run).
+
+Run: ``.venv/bin/python benchmarks/io_exit.py [--exits N] [--rounds R] [--baseline-abi DIR]``. Sides that
+cannot run say why.
 """
 
 from __future__ import annotations
@@ -86,24 +93,167 @@ int main(int argc, char **argv) {
 }
 """
 
+# The same guest and loop over /dev/mshv's ABI (abi/include), built with the compiled module's C
+# sources (abi/shim.c, abi/emu): the emulated device here, the kernel's where /dev/mshv exists. Per
+# exit: MSHV_RUN_VP and the SET_VP_REGISTERS hypercall that moves RIP past the OUT, as a VMM does.
+C_MSHV_SOURCE = r"""
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <time.h>
+#include "hv_defs.h"
+#include "mshv_uapi.h"
+#include "shim.h"
+
+#define dev_ioctl mshv_dev_ioctl
+
+static int set_regs(int vp, const struct hv_register_assoc *r, int n) {
+    static uint8_t in[4096];
+    struct hv_input_set_vp_registers h = {0};
+    memcpy(in, &h, sizeof h);
+    memcpy(in + sizeof h, r, sizeof(*r) * n);
+    struct mshv_root_hvcall c = {0};
+    c.code = HVCALL_SET_VP_REGISTERS;
+    c.reps = (uint16_t)n;
+    c.in_sz = (uint16_t)(sizeof h + sizeof(*r) * n);
+    c.in_ptr = (uint64_t)(uintptr_t)in;
+    return dev_ioctl(vp, MSHV_ROOT_HVCALL, &c) < 0 || c.status || c.reps != n ? -1 : 0;
+}
+
+static struct hv_register_assoc reg(uint32_t name, uint64_t v) {
+    struct hv_register_assoc a = {0};
+    a.name = name;
+    a.value.reg64 = v;
+    return a;
+}
+
+static struct hv_register_assoc seg(uint32_t name, uint16_t sel, uint16_t attr) {
+    struct hv_register_assoc a = {0};
+    a.name = name;
+    a.value.segment.limit = 0xffffffff;
+    a.value.segment.selector = sel;
+    a.value.segment.attributes = attr;
+    return a;
+}
+
+int main(int argc, char **argv) {
+    long n = argc > 1 ? atol(argv[1]) : 100000;
+    int dev = mshv_dev_open(0);
+    if (dev < 0) { perror("open /dev/mshv"); return 2; }
+    struct mshv_create_partition cp = {0x7, 0}; /* LAPIC, X2APIC, GPA super pages */
+    int pt = (int)dev_ioctl(dev, MSHV_CREATE_PARTITION, &cp);
+    if (pt < 0 || dev_ioctl(pt, MSHV_INITIALIZE_PARTITION, NULL) < 0) { perror("partition"); return 2; }
+    uint8_t *ram = mmap(NULL, 0x200000, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    struct mshv_user_mem_region m = {0};
+    m.size = 0x200000;
+    m.userspace_addr = (uint64_t)(uintptr_t)ram;
+    m.flags = (1 << MSHV_SET_MEM_BIT_WRITABLE) | (1 << MSHV_SET_MEM_BIT_EXECUTABLE);
+    if (dev_ioctl(pt, MSHV_SET_GUEST_MEMORY, &m) < 0) { perror("memory"); return 2; }
+    uint64_t *pml4 = (uint64_t *)(ram + 0x9000), *pdpt = (uint64_t *)(ram + 0xa000);
+    uint64_t *pd = (uint64_t *)(ram + 0xb000);
+    pml4[0] = 0xa003; pdpt[0] = 0xb003; pd[0] = 0x83;
+    static const uint8_t code[] = {0xe6, 0x80, 0xeb, 0xfc}; /* 1: out %al, $0x80 ; jmp 1b */
+    memcpy(ram + 0x1000, code, sizeof code);
+    struct mshv_create_vp cv = {0};
+    int vp = (int)dev_ioctl(pt, MSHV_CREATE_VP, &cv);
+    struct hv_register_assoc boot[] = {
+        reg(HV_X64_REGISTER_CR0, 0x80000011), reg(HV_X64_REGISTER_CR3, 0x9000),
+        reg(HV_X64_REGISTER_CR4, 0x20), reg(HV_X64_REGISTER_EFER, 0x500),
+        seg(HV_X64_REGISTER_CS, 8, 0xa09b), seg(HV_X64_REGISTER_DS, 16, 0xc093),
+        seg(HV_X64_REGISTER_ES, 16, 0xc093), seg(HV_X64_REGISTER_SS, 16, 0xc093),
+        seg(HV_X64_REGISTER_FS, 16, 0xc093), seg(HV_X64_REGISTER_GS, 16, 0xc093),
+        reg(HV_X64_REGISTER_RFLAGS, 2), reg(HV_X64_REGISTER_RIP, 0x1000),
+    };
+    if (vp < 0 || set_regs(vp, boot, sizeof boot / sizeof boot[0])) { perror("vp"); return 2; }
+    struct mshv_run_vp run;
+    struct timespec a, b;
+    long done = 0;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    while (done < n) {
+        if (dev_ioctl(vp, MSHV_RUN_VP, &run) < 0) continue;
+        const struct hv_message *msg = (const void *)run.msg_buf;
+        const struct hv_x64_io_port_intercept_message *io = (const void *)msg->payload;
+        if (msg->header.message_type != HVMSG_X64_IO_PORT_INTERCEPT) {
+            fprintf(stderr, "unexpected message %#x\n", msg->header.message_type);
+            return 1;
+        }
+        struct hv_register_assoc rip = reg(HV_X64_REGISTER_RIP,
+                                           io->header.rip + (io->header.instruction_length_cr8 & 0xf));
+        if (set_regs(vp, &rip, 1)) { perror("complete"); return 1; }
+        done++;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    double secs = (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9;
+    printf("{\"exits\": %ld, \"seconds\": %.6f, \"backend\": \"%s\"}\n", done, secs,
+           mshv_dev_is_emulated(dev) ? "emulated" : "mshv");
+    return 0;
+}
+"""
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def c_kvm(exits: int) -> dict[str, object]:
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return {"error": "no usable /dev/kvm"}
+def build_c(tmp: Path, name: str, source: str, abi: Path | None = None) -> Path | str:
+    """Compiles one C side; with ``abi`` also that checkout's shim and emulated device."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        return {"error": "no C compiler"}
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "io_exit.c"
-        src.write_text(C_SOURCE)
-        subprocess.run([cc, "-O2", "-o", str(Path(tmp) / "io_exit"), str(src)], check=True)
-        out = subprocess.run([str(Path(tmp) / "io_exit"), str(exits)], capture_output=True, text=True, timeout=600)
+        return "no C compiler"
+    src = tmp / f"{name}.c"
+    src.write_text(source)
+    exe = tmp / name
+    cmd = [cc, "-O2", "-o", str(exe), str(src)]
+    if abi is not None:
+        cmd += ["-D_GNU_SOURCE", f"-I{abi}", f"-I{abi / 'include'}", f"-I{abi / 'emu'}"]
+        cmd += [str(abi / "shim.c"), *map(str, sorted((abi / "emu").glob("*.c"))), "-lpthread"]
+    build = subprocess.run(cmd, capture_output=True, text=True)
+    return exe if build.returncode == 0 else build.stderr.strip()[-500:]
+
+
+def run_c(exe: Path, exits: int) -> dict[str, object]:
+    out = subprocess.run([str(exe), str(exits)], capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         return {"error": out.stderr.strip()}
     result: dict[str, object] = json.loads(out.stdout)
     return result
+
+
+def c_sides(exits: int, rounds: int, baseline_abi: Path | None) -> dict[str, dict[str, object]]:
+    """The C loops, alternated for ``rounds`` rounds so that a change of load hits every side alike;
+    each side's figure is its exits and seconds summed over the rounds."""
+    results: dict[str, dict[str, object]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        exes: dict[str, Path] = {}
+        wanted: list[tuple[str, str, Path | None]] = [
+            ("c-kvm", C_SOURCE, None),
+            ("c-mshv", C_MSHV_SOURCE, REPO / "abi"),
+        ]
+        if baseline_abi is not None:
+            wanted.append(("c-mshv-baseline", C_MSHV_SOURCE, baseline_abi))
+        for name, source, abi in wanted:
+            if name == "c-kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+                results[name] = {"error": "no usable /dev/kvm"}
+                continue
+            built = build_c(Path(tmp), name, source, abi)
+            if isinstance(built, str):
+                results[name] = {"error": built}
+            else:
+                exes[name] = built
+                results[name] = {"exits": 0, "seconds": 0.0}
+        for _ in range(rounds):
+            for name, exe in exes.items():
+                r = run_c(exe, exits)
+                if "error" in r or "error" in results[name]:
+                    results[name] = r if "error" in r else results[name]
+                    continue
+                total = results[name]
+                total["exits"] = int(total["exits"]) + int(r["exits"])  # type: ignore[call-overload]
+                total["seconds"] = float(total["seconds"]) + float(r["seconds"])  # type: ignore[arg-type]
+                if "backend" in r:
+                    total["backend"] = r["backend"]
+    return results
 
 
 def hv_loop(exits: int) -> dict[str, object]:
@@ -167,18 +317,27 @@ def vmm_side() -> dict[str, object]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--exits", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=5, help="alternated runs of the C sides")
+    parser.add_argument(
+        "--baseline-abi", type=Path, help="also build c-mshv from this abi/ directory (e.g. an older checkout)"
+    )
     args = parser.parse_args()
-    results = {"c-kvm": c_kvm(args.exits), "hv-loop": hv_loop(args.exits), "vmm": vmm_side()}
-    base = results["c-kvm"]
+    results = c_sides(args.exits, args.rounds, args.baseline_abi)
+    results["hv-loop"] = hv_loop(args.exits)
+    results["vmm"] = vmm_side()
+    rates = {
+        name: float(r["exits"]) / float(r["seconds"])  # type: ignore[arg-type]
+        for name, r in results.items()
+        if "error" not in r
+    }
     for name, r in results.items():
-        if "error" in r:
-            print(f"{name:8s}  cannot run: {r['error']}")
+        if name not in rates:
+            print(f"{name:16s}  cannot run: {r['error']}")
             continue
-        rate = float(r["exits"]) / float(r["seconds"])  # type: ignore[arg-type]
-        line = f"{name:8s}  {rate:12.0f} exits/s  ({r['exits']} exits in {float(r['seconds']):.3f} s)"  # type: ignore[arg-type]
-        if "error" not in base and name != "c-kvm":
-            base_rate = float(base["exits"]) / float(base["seconds"])  # type: ignore[arg-type]
-            line += f"  = {rate / base_rate:.3f} x c-kvm"
+        line = f"{name:16s}  {rates[name]:12.0f} exits/s  ({r['exits']} exits in {float(r['seconds']):.3f} s)"  # type: ignore[arg-type]
+        for base in ("c-kvm", "c-mshv"):
+            if base in rates and name not in ("c-kvm", base):
+                line += f"  = {rates[name] / rates[base]:.3f} x {base}"
         print(line)
     return 0
 
