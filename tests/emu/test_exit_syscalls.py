@@ -17,14 +17,14 @@ before the change (2026-12-04, same workload shape): 24.1 per exit (10 process_v
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from tests.support import straced
 
 pytestmark = [
     pytest.mark.kvm,
@@ -46,23 +46,6 @@ SLOW_PATH = (
     "process_vm_writev",
     "rt_sigprocmask",
 )
-CALL = re.compile(r"^(\d+)\s+(\w+)\((.*)$")
-
-
-def calls_between_markers(lines: list[str], marker_dir: Path, tid: int) -> Counter[str]:
-    """System calls the thread ``tid`` entered between the two markers, ioctls by request name."""
-    begin = next(i for i, line in enumerate(lines) if f"{marker_dir}/begin" in line)
-    end = next(i for i, line in enumerate(lines) if f"{marker_dir}/end" in line)
-    counted: Counter[str] = Counter()
-    for line in lines[begin + 1 : end]:
-        m = CALL.match(line)  # "<... resumed>" continuations and signal lines do not match
-        if m is None or int(m.group(1)) != tid:
-            continue
-        name = m.group(2)
-        if name == "ioctl":  # "9, KVM_RUN, 0) = 0" or "9, KVM_RUN <unfinished ...>"
-            name += " " + re.split(r"[ ,)]+", m.group(3))[1]
-        counted[name] += 1
-    return counted
 
 
 def test_a_port_io_exit_costs_at_most_two_system_calls(tmp_path: Path) -> None:
@@ -90,7 +73,7 @@ def test_a_port_io_exit_costs_at_most_two_system_calls(tmp_path: Path) -> None:
     if report["backend"] != "emulated":
         pytest.skip("/dev/mshv exists: the kernel's driver, not the emulated device, serves the exits")
     exits = report["exits"]
-    calls = calls_between_markers(out.read_text().splitlines(), tmp_path, report["tid"])
+    calls = straced.between(out.read_text().splitlines(), f"{tmp_path}/begin", f"{tmp_path}/end", report["tid"])
     per_exit = {name: round(n / exits, 3) for name, n in calls.most_common()}
     assert {name: per_exit[name] for name in SLOW_PATH if name in calls} == {}, per_exit
     assert calls["ioctl KVM_RUN"] == exits, per_exit  # one KVM_RUN per exit, none to complete it

@@ -155,6 +155,7 @@ PATH_NEEDS: dict[str, tuple[str, ...]] = {
     "tests/emu/test_exit_syscalls.py": ("strace",),
     "tests/domain/test_domain_xml.py": ("libvirt-schemas",),
     "tests/vmm/test_mmio_decode.py": ("binutils",),
+    "tests/vmm/test_vmm_exit_syscalls.py": ("strace",),
     "tests/vmm/test_vhost_user.py": ("qemu-storage-daemon", "qemu-img"),
     "tests/vmm/test_virtio_blk.py": ("qemu-storage-daemon", "qemu-img"),
     "tests/vmm/test_net_io.py": ("netns",),
