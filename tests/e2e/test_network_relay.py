@@ -85,6 +85,15 @@ def dhcp_client(bridge: str, mac: str) -> Iterator[Callable[[], str]]:
             sh("ip", "link", "del", veth)
 
 
+def _oracle_leases(name: str) -> list[dict[str, object]]:
+    oracle = libvirt.open(ORACLE)
+    try:
+        leases: list[dict[str, object]] = oracle.networkLookupByName(name).DHCPLeases()
+        return leases
+    finally:
+        oracle.close()
+
+
 def network_sequence(uri: str, name: str, subnet: str, tmp_path: Path) -> list[str]:
     """What virsh prints for an isolated network's life, with its name, subnet, UUID, MAC and times generic."""
     xml = tmp_path / f"{name}.xml"
@@ -110,6 +119,9 @@ def network_sequence(uri: str, name: str, subnet: str, tmp_path: Path) -> list[s
 
         def lease() -> str:
             leases.append(client[0]())
+            # dnsmasq acknowledges before its lease helper has written libvirt's status file: wait until
+            # libvirt itself lists the lease, so both sides' net-dhcp-leases read the same file.
+            wait_for(lambda: leases[-1] in (x["ipaddr"] for x in _oracle_leases(name)), 30)
             return f"leased {leases[-1]}"
 
         def python_leases() -> str:

@@ -135,9 +135,9 @@ def test_domain_stats(kvm: None, conn: object, daemon: DaemonProcess, tiny_kerne
         libvirt.VIR_DOMAIN_STATS_STATE, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
     )
     assert [(d.name(), sorted(s)) for d, s in active] == [("st1", ["state.reason", "state.state"])]
-    with pytest.raises(libvirt.libvirtError) as exc:  # a group we lack, enforced
+    with pytest.raises(libvirt.libvirtError) as exc:  # a group we lack (perf events), enforced
         c.getAllDomainStats(  # type: ignore[attr-defined]
-            libvirt.VIR_DOMAIN_STATS_INTERFACE, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ENFORCE_STATS
+            libvirt.VIR_DOMAIN_STATS_PERF, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ENFORCE_STATS
         )
     assert exc.value.get_error_code() == libvirt.VIR_ERR_OPERATION_UNSUPPORTED
     out = virsh(daemon.uri, "domstats", "st1").stdout
