@@ -6,13 +6,16 @@ libvirtd's rule (max_client_requests = 5: a call counts until its reply is compl
 socket; past it the client is not read) bounds each such client to a few replies. The daemon's RSS is
 read from /proc by the test; the replies are counted by the clients themselves. Events count in the
 same queue: a client that registered for events and stopped reading is dropped at MAX_QUEUED (the kernel's
-hang-up on its socket) while other clients get their events and answers; the calls running for one client
-stop at libvirtd's 5 (counted by the validator hook, tests/support/validator_hook.py).
+hang-up on its socket) while other clients get their events and answers; a console client that does not
+read stops being read instead (the daemon's epoll set, from /proc); the calls running for one client stop
+at libvirtd's 5 (counted by the validator hook, tests/support/validator_hook.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import os
 import select
 import struct
 import termios
@@ -24,20 +27,22 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from mshv_libvirt.rpc.dispatch import MAX_CALLBACKS
+from mshv_libvirt.rpc.dispatch import MAX_CALLBACKS, PROC_OPEN_CONSOLE
+from mshv_libvirt.rpc.protocol import Status
 from mshv_libvirt.rpc.server import MAX_QUEUED
 from mshv_libvirt.rpc.xdr import Packer, Unpacker
-from tests.support.daemon import DaemonProcess, domain_xml, wait_for
+from tests.support.daemon import DaemonProcess, domain_xml, serial_log, virsh, wait_for
 from tests.support.events import DomainEvents, ensure_event_loop
+from tests.support.guests import TINY_BANNER
 from tests.support.procfs import rss_kib
-from tests.support.rawrpc import MESSAGE, OK, PROC_DEFINE_XML, REPLY, RawClient
+from tests.support.rawrpc import MESSAGE, OK, PROC_DEFINE_XML, PROC_LOOKUP_BY_NAME, REPLY, STREAM, RawClient
 from tests.support.report import write_report
 from tests.support.validator_hook import GATE_ENV, LOG_ENV
 from tests.support.waits import assert_quiet, settle
 
 pytestmark = pytest.mark.virsh
 
-PROC_LOOKUP_BY_NAME, PROC_GET_XML_DESC = 23, 14
+PROC_GET_XML_DESC = 14
 MAX_CLIENT_REQUESTS = 5  # libvirtd.conf's max_client_requests default (libvirt 9.0), not ours to choose
 PROC_REGISTER_ANY = 316  # REMOTE_PROC_CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY
 PROC_LIFECYCLE_EVENT = 318  # REMOTE_PROC_DOMAIN_EVENT_CALLBACK_LIFECYCLE
@@ -333,4 +338,105 @@ def test_calls_in_flight_per_client_stop_at_max_client_requests(
         other.close()
     finally:
         gate.unlink(missing_ok=True)
+        c.close()
+
+
+IOAPIC_LINE = "TINY-IOAPIC-VERSION 00170020\n"  # what the tiny guest prints for each "i" typed at it
+
+
+def _fds_of(pid: int, path: str) -> set[int]:
+    """The descriptors of process ``pid`` open on ``path`` (/proc/PID/fd)."""
+    out: set[int] = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == path:
+                out.add(int(fd.name))
+    return out
+
+
+def _polled(pid: int) -> set[int]:
+    """Every descriptor some epoll instance of ``pid`` watches: the kernel's ``tfd`` lines in the fdinfo of
+    its eventpoll descriptors (asyncio's selector is one), i.e. what its event loop reads."""
+    out: set[int] = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == "anon_inode:[eventpoll]":
+                for line in Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines():
+                    if line.startswith("tfd:"):
+                        out.add(int(line.split()[1]))
+    return out
+
+
+def test_a_console_client_that_never_reads_stops_being_read(
+    kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    """Issue 19 item 7, with console data: a raw client opens the console of a running guest, types at it and
+    never reads. Once its output queue is full the daemon stops reading the guest's pty (the kernel's epoll
+    set of the daemon no longer holds the pty's descriptor) instead of queueing more; the guest runs on (its
+    log keeps growing); another client is answered; when the client reads, the daemon reads the pty again
+    and the client gets the start of the guest's output, in order."""
+    xml = tmp_path / "talky.xml"
+    xml.write_text(domain_xml("talky", tiny_kernel))
+    virsh(daemon.uri, "define", str(xml))
+    virsh(daemon.uri, "start", "talky")
+    c = RawClient(daemon.socket)
+    try:
+        wait_for(lambda: TINY_BANNER in serial_log(daemon, "talky"), timeout=60)
+        pty = virsh(daemon.uri, "ttyconsole", "talky").stdout.strip()
+        c.handshake()
+        p = Packer()
+        p.string("talky")
+        status, dom = c.roundtrip(PROC_LOOKUP_BY_NAME, p.getvalue())
+        assert status == OK
+        p = Packer()
+        p.uint(0)  # dev_name: NULL (the first console)
+        p.uint(0)  # flags
+        console = c.call(PROC_OPEN_CONSOLE, dom + p.getvalue())
+        assert c.reply(console)[0] == OK
+        pid = daemon.pid
+
+        def reading() -> bool:
+            """The daemon's event loop watches a descriptor of the guest's pty."""
+            return bool(_fds_of(pid, pty) & _polled(pid))
+
+        wait_for(reading, what=lambda: (_fds_of(pid, pty), _polled(pid)))
+
+        def typed(n: int) -> None:
+            c.send(c.packet(PROC_OPEN_CONSOLE, b"i" * n, mtype=STREAM, status=Status.CONTINUE, serial=console)[0])
+
+        def printed() -> int:
+            return serial_log(daemon, "talky").count(IOAPIC_LINE)
+
+        # Type in batches the guest can take (the pty's input buffer is small) until the daemon stops
+        # reading the pty. Each read of the pty is one stream packet (28 bytes of header): read a few bytes
+        # at a time, as here, the queue's 256 KiB are 900-1 400 lines; read 4 KiB at a time (a fast guest), the
+        # client's socket buffer fills first (~200 KB). 20 000 lines (580 KB) are past both.
+        sent = 0
+        while reading() and sent < 20_000:
+            typed(500)
+            sent += 500
+            wait_for(lambda sent=sent: not reading() or printed() >= sent, timeout=120, what=printed)
+        assert not reading(), f"the daemon still reads the pty after {sent} lines"
+        stopped_at = printed()
+        typed(200)  # the guest runs on: its output goes to its log while the console is not read
+        wait_for(lambda: printed() >= stopped_at + 200, timeout=60, what=printed)
+        assert not reading()
+        other = libvirt.open(daemon.uri)
+        t0 = time.monotonic()
+        assert other.getVersion() > 0 and time.monotonic() - t0 < 2.0
+        other.close()
+
+        received = bytearray()
+        c.sock.settimeout(1.0)
+        with contextlib.suppress(TimeoutError):
+            while True:  # until nothing came for a second
+                fields, payload = c.recv()
+                if (fields[3], fields[4], fields[5]) == (PROC_OPEN_CONSOLE, STREAM, console):
+                    received += payload
+        assert reading()  # read again once its queue drained
+        log = serial_log(daemon, "talky")
+        print(f"pty no longer read after {stopped_at} lines; the client got {len(received)} of {len(log)} bytes")
+        assert log.encode().startswith(bytes(received)) and len(received) > len(TINY_BANNER), received[-200:]
+        virsh(daemon.uri, "destroy", "talky")
+    finally:
         c.close()
