@@ -1,8 +1,8 @@
-"""A running domain with a disk outlives its daemon (issue 12 item 1, with disks): after a SIGTERM (which
-must end the daemon within 5 s) or a SIGKILL of the daemon, the VMM and its qemu-storage-daemon run on and
-the image stays locked; the next daemon re-attaches the domain with its disk: virsh lists it running with
-the disk, the guest answers on its console and writes and reads its disk, a second domain on the same
-image is refused with the lock error; its destroy then ends the backend and frees the image.
+"""A running or paused domain with a disk outlives its daemon (issue 12 item 1, with disks): after a SIGTERM
+(which must end the daemon within 5 s) or a SIGKILL of the daemon, the VMM and its qemu-storage-daemon run
+on and the image stays locked; the next daemon re-attaches the domain with its disk: virsh lists it in its
+state with the disk, the guest answers on its console and writes and reads its disk, a second domain on
+the same image is refused with the lock error; its destroy then ends the backend and frees the image.
 
 Every process and lock is read from /proc by the test (tests/support/procfs.py), not asked of the daemon.
 """
@@ -43,10 +43,16 @@ def lock_refusal(image: Path) -> str:
     return f'Failed to get "write" lock\nIs another process using the image [{image}]?'
 
 
-@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+# Every signal with every format while running; paused (issue 12 item 1: "running and paused VMs") once each.
+CASES = [(how, fmt, "running") for how in ("sigterm", "sigkill") for fmt in ("raw", "qcow2")] + [
+    ("sigterm", "qcow2", "paused"),
+    ("sigkill", "raw", "paused"),
+]
+
+
+@pytest.mark.parametrize(("how", "fmt", "state"), CASES, ids=["-".join(c) for c in CASES])
 def test_a_domain_with_a_disk_survives_its_daemon(
-    kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path, how: str, fmt: str
+    kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path, how: str, fmt: str, state: str
 ) -> None:
     img = tmp_path / f"disk.{fmt}"
     size = 2 * MiB
@@ -64,9 +70,11 @@ def test_a_domain_with_a_disk_survives_its_daemon(
         serving = backends(vmm)
         assert len(serving) == 1, tree
         assert image_locked(img)
+        if state == "paused":
+            virsh(daemon.uri, "suspend", "keep")
 
         if how == "sigterm":
-            print(f"SIGTERM to exit, a domain with a {fmt} disk running: {sigterm(daemon):.2f} s")
+            print(f"SIGTERM to exit, a domain with a {fmt} disk {state}: {sigterm(daemon):.2f} s")
         else:
             daemon.kill()
         assert not process_gone(vmm) and descendants(vmm) == tree, (tree, descendants(vmm))
@@ -76,11 +84,13 @@ def test_a_domain_with_a_disk_survives_its_daemon(
         # the new daemon left the VMM's children alone (a backend's reaper shares the VMM's command line)
         assert descendants(vmm) == tree, (tree, descendants(vmm), daemon.log.read_text()[-2000:])
         listed = virsh(daemon.uri, "list").stdout
-        assert re.search(r"^\s*\d+\s+keep\s+running\s*$", listed, flags=re.M), listed
-        assert domstate(daemon, "keep") == "running (booted)"
+        assert re.search(rf"^\s*\d+\s+keep\s+{state}\s*$", listed, flags=re.M), listed
+        assert domstate(daemon, "keep") == ("running (booted)" if state == "running" else "paused (user)")
         assert daemon.vmm_pid("keep") == vmm
         blklist = virsh(daemon.uri, "domblklist", "keep").stdout
         assert re.search(rf"^\s*vda\s+{re.escape(str(img))}\s*$", blklist, flags=re.M), blklist
+        if state == "paused":
+            virsh(daemon.uri, "resume", "keep")
         console_roundtrip(daemon, "keep", b"AFTER-RESTART")
         line = write_through_console(daemon, "keep", 1)  # written, flushed and read back by the guest
         assert line["press"] == 2 and line["capacity"] == size // SECTOR, line
