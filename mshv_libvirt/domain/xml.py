@@ -215,7 +215,6 @@ class NetLive:
     ifname: str
     portid: str | None = None
     bridge: str | None = None
-    link_state: str | None = None  # after domif-setlink; None: as configured
 
 
 @dataclass(frozen=True)
@@ -1746,9 +1745,8 @@ def _format_net(net: NetDevice, live: NetLive | None = None, alias: str | None =
     lines.append((3, _tag_line("model", (("type", net.model),))))
     if net.queues > 1:
         lines.append((3, _tag_line("driver", (("queues", str(net.queues)),))))
-    state = live.link_state if live is not None and live.link_state is not None else net.link_state
-    if state is not None:
-        lines.append((3, _tag_line("link", (("state", state),))))
+    if net.link_state is not None:  # (a running domain's is its live config's: domif-setlink changes that)
+        lines.append((3, _tag_line("link", (("state", net.link_state),))))
     if net.mtu is not None:
         lines.append((3, _tag_line("mtu", (("size", str(net.mtu)),))))
     if alias is not None:
