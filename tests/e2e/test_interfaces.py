@@ -32,7 +32,7 @@ from tests.support.daemon import (
 )
 from tests.support.guests import TINY_BANNER
 from tests.support.libvirtd import unique
-from tests.support.networks import ORACLE, free_subnet, host_network_state, isolated_network_xml, remove_network, sh
+from tests.support.networks import ORACLE, host_network_state, isolated_network, net_ports, sh
 from tests.support.procfs import process_gone
 
 pytestmark = [pytest.mark.virsh, pytest.mark.usefixtures("system_libvirtd")]
@@ -48,19 +48,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
 
 @pytest.fixture
 def network(tmp_path: Path) -> Iterator[str]:
-    """An isolated network of libvirt's, started; its name is its bridge's. Afterwards no route or firewall
-    rule of the host names its bridge (other tests on this machine change the rest of that state meanwhile)."""
-    name = unique("mshvn")[:13]
-    xml = tmp_path / "net.xml"
-    xml.write_text(isolated_network_xml(name, free_subnet()))
-    try:
-        virsh(ORACLE, "net-define", str(xml))
-        virsh(ORACLE, "net-start", name)
+    with isolated_network(tmp_path) as name:
         yield name
-    finally:
-        remove_network(name)
-        left = {what: [ln for ln in text.splitlines() if name in ln] for what, text in host_network_state().items()}
-        assert left == {what: [] for what in left}, left
 
 
 def link(ifname: str) -> str:
@@ -76,11 +65,6 @@ def link_lines(names: tuple[str, ...]) -> list[str]:
 def all_gone(names: tuple[str, ...]) -> bool:
     """None of ``names`` exists any more."""
     return link_lines(names) == [""] * len(names)
-
-
-def ports(network: str) -> list[str]:
-    out = virsh(ORACLE, "net-port-list", network, "--uuid").stdout
-    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def started_taps(daemon: DaemonProcess, name: str) -> list[str]:
@@ -115,7 +99,7 @@ def test_taps_and_ports_follow_the_vm(
                 assert (f" master {bridge} " in shown) == (bridge is not None), shown
             assert " mtu 1400 " in link(taps[1]) and " mtu 1500 " in link(taps[0])
             # the port libvirt's network driver gave the type='network' interface, and only that one
-            port = ports(network)
+            port = net_ports(network)
             live = virsh(daemon.uri, "dumpxml", name).stdout
             assert len(port) == 1 and f"portid='{port[0]}' bridge='{network}'" in live, (port, live)
             listed = virsh(daemon.uri, "domiflist", name).stdout
@@ -143,7 +127,7 @@ def test_taps_and_ports_follow_the_vm(
             wait_for(lambda pid=pid: process_gone(pid), 30, what="VMM gone")
             wait_for(lambda: domstate(daemon, name, reason=False) == "shut off", 30, what="shut off")
             wait_for(partial(all_gone, tuple(taps)), 30, what=partial(link_lines, tuple(taps)))
-            wait_for(lambda: ports(network) == [], 30, what=lambda: ports(network))
+            wait_for(lambda: net_ports(network) == [], 30, what=lambda: net_ports(network))
             assert started_taps(daemon, name) == [eth]  # the shut-off definition keeps the name the user chose
             assert not any(eth in text for text in host_network_state().values())  # no route left on its tap
     finally:
@@ -181,13 +165,13 @@ def test_a_restarted_daemon_keeps_the_tap_and_port_and_deletes_the_port_of_a_vmm
         virsh(daemon.uri, "define", str(xml))
         virsh(daemon.uri, "start", name)
         (tap,) = started_taps(daemon, name)
-        port = ports(network)
+        port = net_ports(network)
         assert len(port) == 1
         daemon.kill()  # a crash: no clean-up
         daemon.start()
         # re-attached: the same tap on the bridge, the same port, shown in the live XML
         assert started_taps(daemon, name) == [tap] and f" master {network} " in link(tap)
-        assert ports(network) == port
+        assert net_ports(network) == port
         assert f"portid='{port[0]}'" in virsh(daemon.uri, "dumpxml", name).stdout
         # the VMM dies while no daemon watches: the next daemon deletes its port; the tap went with it
         pid = daemon.vmm_pid(name)
@@ -196,15 +180,15 @@ def test_a_restarted_daemon_keeps_the_tap_and_port_and_deletes_the_port_of_a_vmm
         wait_for(lambda: process_gone(pid), 30, what="VMM gone")
         # (the kernel removes a tap once its last descriptor is closed: soon after the process is gone)
         wait_for(partial(all_gone, (tap,)), 30, what=partial(link_lines, (tap,)))
-        assert ports(network) == port
+        assert net_ports(network) == port
         daemon.start()
         assert domstate(daemon, name, reason=False) == "shut off"
-        wait_for(lambda: ports(network) == [], 30, what=lambda: ports(network))
+        wait_for(lambda: net_ports(network) == [], 30, what=lambda: net_ports(network))
         # and it starts (and stops) again with a new tap and port
         virsh(daemon.uri, "start", name)
         assert re.fullmatch(r"vnet\d+", started_taps(daemon, name)[0])
         virsh(daemon.uri, "destroy", name)
-        wait_for(lambda: ports(network) == [], 30, what=lambda: ports(network))
+        wait_for(lambda: net_ports(network) == [], 30, what=lambda: net_ports(network))
 
 
 def interfaces_of(xml: str) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from tests.support.daemon import DaemonProcess, serial_log, virsh, wait_for
 from tests.support.disks import SECTOR, assert_image_holds, write_through_console
 from tests.support.guests import TINY_AP_BANNER, TINY_BANNER, TINY_IRQ_FLAG
 from tests.support.libvirtd import unique
+from tests.support.networks import isolated_network, net_ports
 from tests.support.procfs import image_locked
 
 pytestmark = pytest.mark.virsh
@@ -306,3 +308,27 @@ def test_an_image_path_outside_any_pool_is_written_by_the_guest(
     wait_for(lambda: not image_locked(img))
     virsh(daemon.uri, "undefine", "vi7")
     assert names(daemon) == set()
+
+
+@pytest.mark.usefixtures("system_libvirtd")
+def test_network_interface_on_an_isolated_network(
+    kvm: None, daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    """``--network network=NET,model=virtio`` (virtinst offers virtio only to QEMU connections, so the model
+    is named): the domain runs with a tap on the network's bridge and a port of libvirt's network driver,
+    and the port goes with the domain."""
+    with isolated_network(tmp_path) as net:
+        args = base_args("vi5", tiny_kernel)
+        i = args.index("--network")
+        args[i + 1] = f"network={net},model=virtio,mac=52:54:00:6e:00:0a"
+        virt_install(daemon, tmp_path / "home", *args)
+        try:
+            wait_for(lambda: TINY_BANNER in serial_log(daemon, "vi5"))
+            listed = virsh(daemon.uri, "domiflist", "vi5").stdout
+            assert re.search(rf"vnet\d+\s+network\s+{net}\s+virtio\s+52:54:00:6e:00:0a", listed), listed
+            assert len(net_ports(net)) == 1
+            virsh(daemon.uri, "destroy", "vi5")
+            wait_for(lambda: net_ports(net) == [], what=lambda: net_ports(net))
+        finally:
+            virsh(daemon.uri, "destroy", "vi5", check=False)
+            virsh(daemon.uri, "undefine", "vi5", check=False)

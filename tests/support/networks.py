@@ -8,8 +8,13 @@ import contextlib
 import random
 import re
 import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import libvirt
+
+from tests.support.daemon import virsh
 
 ORACLE = "network:///system"
 
@@ -78,3 +83,26 @@ def remove_network(name: str) -> None:
                 net.undefine()
         finally:
             conn.close()
+
+
+@contextlib.contextmanager
+def isolated_network(tmp_path: Path) -> Iterator[str]:
+    """An isolated network of libvirt's, started; its name is its bridge's. Afterwards no route or firewall
+    rule of the host names its bridge (other tests on this machine change the rest of that state meanwhile)."""
+    name = f"mshvn{uuid.uuid4().hex[:8]}"
+    xml = tmp_path / f"{name}.xml"
+    xml.write_text(isolated_network_xml(name, free_subnet()))
+    try:
+        virsh(ORACLE, "net-define", str(xml))
+        virsh(ORACLE, "net-start", name)
+        yield name
+    finally:
+        remove_network(name)
+        left = {what: [ln for ln in text.splitlines() if name in ln] for what, text in host_network_state().items()}
+        assert left == {what: [] for what in left}, left
+
+
+def net_ports(network: str) -> list[str]:
+    """``virsh net-port-list --uuid`` against libvirt's own network driver."""
+    out = virsh(ORACLE, "net-port-list", network, "--uuid").stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
