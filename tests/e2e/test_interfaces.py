@@ -86,7 +86,7 @@ def test_taps_and_ports_follow_the_vm(
     xml.write_text(domain_xml(name, tiny_kernel).replace("<serial type='pty'/>", f"<serial type='pty'/>{interfaces}"))
     virsh(daemon.uri, "define", str(xml))
     try:
-        for ending in ("sigkill", "destroy"):
+        for ending in ("sigkill", "destroy", "guest power-off"):
             virsh(daemon.uri, "start", name)
             wait_for(lambda: TINY_BANNER in serial_log(daemon, name), 120, what="banner")
             taps = started_taps(daemon, name)
@@ -122,8 +122,10 @@ def test_taps_and_ports_follow_the_vm(
             pid = daemon.vmm_pid(name)
             if ending == "sigkill":
                 os.kill(pid, signal.SIGKILL)
-            else:
+            elif ending == "destroy":
                 virsh(daemon.uri, "destroy", name)
+            else:
+                virsh(daemon.uri, "shutdown", name)  # the ACPI power button: the tiny guest powers off
             wait_for(lambda pid=pid: process_gone(pid), 30, what="VMM gone")
             wait_for(lambda: domstate(daemon, name, reason=False) == "shut off", 30, what="shut off")
             wait_for(partial(all_gone, tuple(taps)), 30, what=partial(link_lines, tuple(taps)))
