@@ -138,3 +138,44 @@ async def delete_port(session: bool, port: NetworkPort) -> None:
     except VirtError as err:
         if err.code not in (ErrorCode.NO_NETWORK, ErrorCode.NO_NETWORK_PORT):
             raise
+
+
+PROC_NETWORK_GET_DHCP_LEASES = 341
+_LEASES_MAX = 65536  # REMOTE_NETWORK_DHCP_LEASES_MAX
+
+
+@dataclass(frozen=True)
+class Lease:
+    type: int  # VIR_IP_ADDR_TYPE_IPV4 (0) | _IPV6 (1)
+    ipaddr: str
+    prefix: int
+
+
+async def dhcp_leases(session: bool, network: str, mac: str) -> list[Lease]:
+    """virNetworkGetDHCPLeases of ``network`` for ``mac``: what its dnsmasq leased (libvirt's lease file)."""
+    p = Packer()
+    p.string(network)
+    (found,) = await _call(session, [(PROC_NETWORK_LOOKUP_BY_NAME, p.getvalue())])
+    name, net_uuid = found.string(_STRING_MAX), found.opaque_fixed(16)
+    p = Packer()
+    _network(p, name, net_uuid)
+    p.opt_string(mac)
+    p.int(1)  # need_results
+    p.uint(0)
+    (u,) = await _call(session, [(PROC_NETWORK_GET_DHCP_LEASES, p.getvalue())])
+    leases: list[Lease] = []
+    try:
+        for _ in range(u.array_len(_LEASES_MAX)):
+            u.string(_STRING_MAX)  # iface
+            u.hyper()  # expirytime
+            kind = u.int()
+            u.opt_string(_STRING_MAX)  # mac
+            u.opt_string(_STRING_MAX)  # iaid
+            ipaddr = u.string(_STRING_MAX)
+            prefix = u.uint()
+            u.opt_string(_STRING_MAX)  # hostname
+            u.opt_string(_STRING_MAX)  # clientid
+            leases.append(Lease(int(kind), ipaddr, int(prefix)))
+    except XdrError as err:
+        raise VirtError(ErrorCode.RPC, f"malformed DHCP leases from libvirt's network driver: {err}") from None
+    return leases

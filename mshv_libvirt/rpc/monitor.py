@@ -23,6 +23,7 @@ from mshv_libvirt.domain.xml import DiskDevice, parse_mac
 from mshv_libvirt.driver.cputune import set_emulatorpin, set_vcpupin, vcpu_threads
 from mshv_libvirt.driver.disks import cannot_access
 from mshv_libvirt.driver.manager import Domain
+from mshv_libvirt.driver.netports import dhcp_leases
 from mshv_libvirt.driver.vmm_client import VmmError
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_argument, invalid_operation
 from mshv_libvirt.proc import task_stat
@@ -671,6 +672,57 @@ async def interface_stats(s: Session, dom: Domain, device: str) -> bytes:
     return p.getvalue()
 
 
+IFADDR_SOURCE_LEASE, IFADDR_SOURCE_AGENT, IFADDR_SOURCE_ARP = 0, 1, 2
+_ARP_TABLE = "/proc/net/arp"
+_IFACES_MAX = 2048  # REMOTE_DOMAIN_INTERFACE_MAX
+
+
+def _arp_table() -> list[tuple[str, str]]:
+    """(IPv4 address, MAC) of the host's neighbour table (what libvirt's virArpTableGet reads)."""
+    try:
+        with open(_ARP_TABLE) as f:
+            rows = f.read().splitlines()[1:]
+    except OSError as err:
+        detail = f"failed to read {_ARP_TABLE}: {err.strerror}"
+        raise VirtError(ErrorCode.SYSTEM_ERROR, detail, ErrorDomain.NONE) from None
+    return [(cols[0], cols[3].lower()) for cols in (row.split() for row in rows) if len(cols) >= 4]
+
+
+async def interface_addresses(s: Session, dom: Domain, source: int, flags: int) -> bytes:
+    """domifaddr --source lease (the DHCP leases of libvirt's network driver for each type='network'
+    interface's MAC) or --source arp (the host's ARP table), as libvirt's QEMU driver answers them."""
+    if source == IFADDR_SOURCE_AGENT:
+        raise VirtError(ErrorCode.ARGUMENT_UNSUPPORTED, "the mshv driver has no guest agent")
+    if source not in (IFADDR_SOURCE_LEASE, IFADDR_SOURCE_ARP):
+        raise VirtError(ErrorCode.ARGUMENT_UNSUPPORTED, f"Unknown IP address data source {source}")
+    if not dom.active or dom.live is None:
+        raise invalid_operation("domain is not running")
+    cfg, running = dom.live, list(dom.nets)
+    found: list[tuple[str, str, list[tuple[int, str, int]]]] = []  # (tap, MAC, [(type, address, prefix)])
+    if source == IFADDR_SOURCE_LEASE:
+        for net, run in zip(cfg.nets, running, strict=False):
+            if net.type != "network":
+                continue
+            leases = await dhcp_leases(s.manager.session, net.network or "", net.mac)
+            if leases:
+                found.append((run.ifname, net.mac, [(le.type, le.ipaddr, le.prefix) for le in leases]))
+    else:
+        table = await asyncio.to_thread(_arp_table)
+        for net, run in zip(cfg.nets, running, strict=False):
+            found += [(run.ifname, net.mac, [(0, ip, 0)]) for ip, mac in table if mac == net.mac]
+    p = Packer()
+    p.uint(min(len(found), _IFACES_MAX))
+    for name, mac, addrs in found[:_IFACES_MAX]:
+        p.string(name)
+        p.opt_string(mac)
+        p.uint(len(addrs))
+        for kind, addr, prefix in addrs:
+            p.int(kind)
+            p.string(addr)
+            p.uint(prefix)
+    return p.getvalue()
+
+
 # ---- host -------------------------------------------------------------------------------------------------
 
 
@@ -799,4 +851,5 @@ PROCEDURES: tuple[Procedure, ...] = (
     proc(194, get_block_info, DOM, STR, Flags(0), ret=ret_raw),
     proc(251, block_resize, DOM, STR, UHYPER, Flags(RESIZE_BYTES)),
     proc(65, interface_stats, DOM, STR, ret=ret_raw),
+    proc(353, interface_addresses, DOM, UINT, Flags(0), ret=ret_raw),
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -32,7 +33,7 @@ from tests.support.daemon import (
 )
 from tests.support.guests import TINY_BANNER
 from tests.support.libvirtd import unique
-from tests.support.networks import ORACLE, host_network_state, isolated_network, net_ports, sh
+from tests.support.networks import ORACLE, dhcp_client, host_network_state, isolated_network, net_ports, sh
 from tests.support.procfs import process_gone
 
 pytestmark = [pytest.mark.virsh, pytest.mark.usefixtures("system_libvirtd")]
@@ -268,3 +269,43 @@ def vmm_net(daemon: DaemonProcess, name: str, mac: str) -> dict[str, Any]:
     """The VMM's own report of its virtio-net device with ``mac`` (the VMM is not the daemon under test)."""
     status = vmm_request(daemon, name, "status")
     return next(d for d in status["virtio"] if d.get("device_id") == 1 and d.get("mac") == mac)
+
+
+LEASE_MAC = "52:54:00:6e:00:0b"
+
+
+def test_domifaddr_from_the_networks_leases_and_the_hosts_arp_table(
+    kvm: None, daemon: DaemonProcess, tiny_kernel: Path, network: str, tmp_path: Path
+) -> None:
+    """The tiny guest drives no NIC, so the DHCP client is udhcpc in a namespace of the test's own, its veth on
+    the network's bridge with the interface's MAC: the lease is libvirt's dnsmasq's for that MAC either way."""
+    name = unique("ifvm")
+    iface = f"<interface type='network'><mac address='{LEASE_MAC}'/><source network='{network}'/></interface>"
+    xml = tmp_path / "vm.xml"
+    xml.write_text(domain_xml(name, tiny_kernel).replace("<serial type='pty'/>", f"<serial type='pty'/>{iface}"))
+    virsh(daemon.uri, "define", str(xml))
+    try:
+        virsh(daemon.uri, "start", name)
+        (tap,) = started_taps(daemon, name)
+        none = virsh(daemon.uri, "domifaddr", name, "--source", "lease").stdout
+        assert LEASE_MAC not in none  # no lease yet: the interface is not listed
+        with dhcp_client(network, LEASE_MAC) as lease:
+            address = lease()
+            leases = virsh(ORACLE, "net-dhcp-leases", network, "--mac", LEASE_MAC).stdout
+            assert f"{address}/24" in leases, leases
+            shown = virsh(daemon.uri, "domifaddr", name, "--source", "lease").stdout
+            assert re.search(rf"^ {tap}\s+{LEASE_MAC}\s+ipv4\s+{re.escape(address)}/24$", shown, re.M), shown
+            # one datagram from the host to the test's namespace (on the test bridge) puts it in the ARP table
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                udp.sendto(b"arp", (address, 9))  # the discard port
+            wait_for(lambda: LEASE_MAC in sh("ip", "-4", "neigh", "show", address), 30, what="ARP entry")
+            shown = virsh(daemon.uri, "domifaddr", name, "--source", "arp").stdout
+            assert re.search(rf"^ {tap}\s+{LEASE_MAC}\s+ipv4\s+{re.escape(address)}/0$", shown, re.M), shown
+        agent = virsh(daemon.uri, "domifaddr", name, "--source", "agent", check=False)
+        assert "argument unsupported: the mshv driver has no guest agent" in agent.stderr, agent.stderr
+        virsh(daemon.uri, "destroy", name)
+        off = virsh(daemon.uri, "domifaddr", name, check=False)
+        assert "error: Requested operation is not valid: domain is not running" in off.stderr, off.stderr
+    finally:
+        virsh(daemon.uri, "destroy", name, check=False)
+        virsh(daemon.uri, "undefine", name, check=False)

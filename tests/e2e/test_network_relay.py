@@ -21,9 +21,10 @@ import pytest
 
 from tests.support.daemon import DaemonProcess, virsh, wait_for
 from tests.support.events import ensure_event_loop
-from tests.support.libvirtd import EventLoop, SessionLibvirtd, missing, session_uri, unique
+from tests.support.libvirtd import EventLoop, SessionLibvirtd, session_uri, unique
 from tests.support.networks import (
     ORACLE,
+    dhcp_client,
     free_subnet,
     host_network_state,
     isolated_network_xml,
@@ -48,41 +49,6 @@ def networks(*names: str) -> Iterator[None]:
     finally:
         for name in names:
             remove_network(name)
-
-
-@contextlib.contextmanager
-def dhcp_client(bridge: str, mac: str) -> Iterator[Callable[[], str]]:
-    """A namespace with a veth on ``bridge``; the callable runs udhcpc there and returns the leased address."""
-    busybox = "/bin/busybox"
-    if not Path(busybox).exists():
-        missing("busybox (busybox-static) is needed for a DHCP client")
-    ns, veth, peer = unique("mshvns"), unique("mshvv"), unique("mshvp")
-    sh("ip", "netns", "add", ns)
-    try:
-        sh("ip", "link", "add", veth, "type", "veth", "peer", "name", peer)
-        sh("ip", "link", "set", peer, "netns", ns)
-        sh("ip", "-n", ns, "link", "set", peer, "address", mac, "up")
-        sh("ip", "link", "set", veth, "master", bridge, "up")
-
-        def lease() -> str:
-            out = subprocess.run(
-                [
-                    *("ip", "netns", "exec", ns, busybox, "udhcpc", "-i", peer, "-n", "-q", "-t", "10", "-T", "1"),
-                    *("-s", "/bin/true", "-x", "hostname:guest"),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            m = re.search(r"lease of (\S+) obtained", out.stdout + out.stderr)
-            assert m, f"udhcpc got no lease:\n{out.stdout}{out.stderr}"
-            return m.group(1)
-
-        yield lease
-    finally:
-        sh("ip", "netns", "del", ns)  # takes the veth pair with it
-        with contextlib.suppress(subprocess.CalledProcessError):
-            sh("ip", "link", "del", veth)
 
 
 def _oracle_leases(name: str) -> list[dict[str, object]]:

@@ -9,12 +9,13 @@ import random
 import re
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import libvirt
 
 from tests.support.daemon import virsh
+from tests.support.libvirtd import missing, unique
 
 ORACLE = "network:///system"
 
@@ -106,3 +107,38 @@ def net_ports(network: str) -> list[str]:
     """``virsh net-port-list --uuid`` against libvirt's own network driver."""
     out = virsh(ORACLE, "net-port-list", network, "--uuid").stdout
     return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def dhcp_client(bridge: str, mac: str) -> Iterator[Callable[[], str]]:
+    """A namespace with a veth on ``bridge``; the callable runs udhcpc there and returns the leased address."""
+    busybox = "/bin/busybox"
+    if not Path(busybox).exists():
+        missing("busybox (busybox-static) is needed for a DHCP client")
+    ns, veth, peer = unique("mshvns"), unique("mshvv"), unique("mshvp")
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "link", "add", veth, "type", "veth", "peer", "name", peer)
+        sh("ip", "link", "set", peer, "netns", ns)
+        sh("ip", "-n", ns, "link", "set", peer, "address", mac, "up")
+        sh("ip", "link", "set", veth, "master", bridge, "up")
+
+        def lease() -> str:
+            out = subprocess.run(
+                [
+                    *("ip", "netns", "exec", ns, busybox, "udhcpc", "-i", peer, "-n", "-q", "-t", "10", "-T", "1"),
+                    *("-s", "/bin/true", "-x", "hostname:guest"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            m = re.search(r"lease of (\S+) obtained", out.stdout + out.stderr)
+            assert m, f"udhcpc got no lease:\n{out.stdout}{out.stderr}"
+            return m.group(1)
+
+        yield lease
+    finally:
+        sh("ip", "netns", "del", ns)  # takes the veth pair with it
+        with contextlib.suppress(subprocess.CalledProcessError):
+            sh("ip", "link", "del", veth)
