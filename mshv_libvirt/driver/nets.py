@@ -14,13 +14,14 @@ from mshv_libvirt.domain.xml import NetLive
 from mshv_libvirt.errors import ErrorCode, VirtError
 
 from .netports import NetworkPort, create_port, delete_port
-from .taps import create_tap, interface_exists
+from .taps import Tap, TapBusy, create_tap, interface_exists
 from .vmm_launch import HeldFds
 
 log = logging.getLogger(__name__)
 
 VNET_PREFIX = "vnet"  # VIR_NET_GENERATED_VNET_PREFIX
 _VNET_MAX = 1 << 16  # names wrap around after this many, as libvirt's virNetDevGenerateName
+_BUSY_RETRIES = 8
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,7 @@ async def plug(cfg: DomainConfig, session: bool, names: IfnameAllocator) -> Plug
                 port = await create_port(session, net.network or "", cfg.name, str(cfg.uuid), net.mac)
                 bridge = port.bridge
             try:
-                ifname = net.target or names.next()
-                tap = create_tap(ifname, net.mac, mtu=net.mtu, bridge=bridge)
+                tap = _tap(net.target, names, net.mac, net.mtu, bridge)
             except BaseException:
                 if port is not None:
                     await _delete_quietly(session, port)
@@ -124,6 +124,17 @@ async def plug(cfg: DomainConfig, session: bool, names: IfnameAllocator) -> Plug
         await unplug(plugged.running, session)
         raise
     return plugged
+
+
+def _tap(target: str | None, names: IfnameAllocator, mac: str, mtu: int | None, bridge: str | None) -> Tap:
+    if target is not None:
+        return create_tap(target, mac, mtu=mtu, bridge=bridge)
+    for _ in range(_BUSY_RETRIES):
+        try:
+            return create_tap(names.next(), mac, mtu=mtu, bridge=bridge)
+        except TapBusy:
+            continue  # taken between the check and the create (another daemon's VM): the next name
+    return create_tap(names.next(), mac, mtu=mtu, bridge=bridge)
 
 
 async def _delete_quietly(session: bool, port: NetworkPort) -> None:

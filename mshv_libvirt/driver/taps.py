@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError
 
-__all__ = ["IFNAMSIZ", "Tap", "create_tap", "interface_exists"]
+__all__ = ["IFNAMSIZ", "Tap", "TapBusy", "create_tap", "interface_exists"]
 
 TUN_PATH = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
@@ -38,6 +38,10 @@ SIOCBRADDIF = 0x89A2
 ARPHRD_ETHER = 1
 IFNAMSIZ = 16  # with its NUL
 _IFREQ = 40  # sizeof(struct ifreq) on Linux (64-bit)
+
+
+class TapBusy(VirtError):
+    """TUNSETIFF found a tap of that name in use (another daemon's VM took a generated name meanwhile)."""
 
 
 def _system_error(detail: str, err: OSError) -> VirtError:
@@ -81,7 +85,10 @@ def create_tap(name: str, mac: str, *, mtu: int | None, bridge: str | None) -> T
         try:
             fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, struct.pack("H", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)))
         except OSError as err:
-            raise _system_error(f"Unable to create tap device {name}", err) from None
+            e = _system_error(f"Unable to create tap device {name}", err)
+            if err.errno == errno.EBUSY:
+                raise TapBusy(e.code, e.detail, e.domain) from None
+            raise e from None
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             host_mac = bytes([0xFE, *bytes.fromhex(mac.replace(":", ""))[1:]])
             try:

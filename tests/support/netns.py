@@ -59,6 +59,10 @@ class NetNs:
     def __init__(self, name: str) -> None:
         self.name = name
 
+    def call(self, fn: Callable[[], T]) -> T:
+        """``fn``'s result, run on a thread inside the namespace (what it creates lives there)."""
+        return _in_netns(self.name, fn)
+
     def run(self, *argv: str) -> None:
         subprocess.run(["ip", "netns", "exec", self.name, *argv], check=True, capture_output=True)
 
