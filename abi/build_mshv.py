@@ -66,6 +66,10 @@ SANDBOX_CDEF = "\n".join(
 NET_CDEF = "\n".join(
     line for line in (VMM / "net.h").read_text().splitlines() if line and not line.startswith(("#", "/*"))
 )
+# The test-only virtio-blk driver (abi/vmm/blkq.c) a benchmark and a test drive a handed-over queue with.
+BLKQ_CDEF = "\n".join(
+    line for line in (VMM / "blkq.h").read_text().splitlines() if line and not line.startswith(("#", "/*", " *"))
+)
 # (Its MSHV_SANDBOX_* kinds stay out of the module: it exports only upstream ABI constants; vmm/sandbox.py
 # names them, and tests/vmm/test_sandbox_native.py checks the vCPU kind by its report.)
 
@@ -95,14 +99,18 @@ def _version() -> str:
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(
-    "\n".join(cdef_from_header((INCLUDE / h).read_text()) for h in HEADERS) + SHIM_CDEF + SANDBOX_CDEF + NET_CDEF
+    "\n".join(cdef_from_header((INCLUDE / h).read_text()) for h in HEADERS)
+    + SHIM_CDEF
+    + SANDBOX_CDEF
+    + NET_CDEF
+    + BLKQ_CDEF
 )
 
 _sources = [str(HERE / "shim.c"), *sorted(str(p) for p in EMU.glob("*.c")), *sorted(str(p) for p in VMM.glob("*.c"))]
 ffibuilder.set_source(
     "mshv_libvirt._mshv",
     "\n".join(f'#include "{h}"' for h in HEADERS)
-    + '\n#include "emu.h"\n#include "shim.h"\n#include "sandbox.h"\n#include "net.h"\n'
+    + '\n#include "emu.h"\n#include "shim.h"\n#include "sandbox.h"\n#include "net.h"\n#include "blkq.h"\n'
     + f'static const char *const mshv_libvirt_version = "{_version()}";\n'
     + syscall_names_source(),
     sources=[str(Path(s).relative_to(HERE.parent)) for s in _sources],

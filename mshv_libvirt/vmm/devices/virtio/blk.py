@@ -151,6 +151,22 @@ class VirtioBlk:
             raise ValueError(f"virtio-blk state version {state.get('version')!r} is not {STATE_VERSION}")
         self.activations = int(state["activations"])
 
+    # -- test-only: the hand-over mode -------------------------------------------------------------
+
+    def hand_over(self, size: int, desc: int, driver: int, device: int, kick_fd: int, call_fd: int) -> int:
+        """Test-only (benchmarks/blk.py, tests/vmm/test_blk_handover.py; never reached from a VM's config):
+        serve ring 0 to a driver outside any guest, as DRIVER_OK would, with ``call_fd`` (an eventfd the
+        caller reads) where the ring's MSI-X irqfd would be. The driver accepts every feature the device
+        offers, as Linux's does; returns them (VERSION_1 included). Called without the device thread: the
+        caller is no vCPU. ``release()`` stops the ring."""
+        features = F_VERSION_1 | self.features
+        self._start_rings(features, [_Ring(0, size, desc, driver, device, call_fd, kick_fd)])
+        return features
+
+    def release(self) -> None:
+        """Test-only: the handed-over ring stops (GET_VRING_BASE answered) before this returns."""
+        self._stop_rings()
+
     # -- the device thread -------------------------------------------------------------------------
 
     def start(self, transport: VirtioPciFunction) -> None:
