@@ -19,6 +19,8 @@ packages=(
     # test guests: the tiny guest (binutils), busybox initramfs, Debian kernel (apt-get download + dpkg-deb),
     # peers for benchmarks, disk images
     apt busybox-static cpio xz-utils zstd kmod qemu-system-x86 qemu-utils util-linux
+    # benchmarks/blk.py's reference: fio on the disk's raw image (qemu-img bench for qcow2)
+    fio
     # system calls per VM exit, counted from outside (tests/emu/test_exit_syscalls.py)
     strace
     # virt-manager under a virtual screen (the tests set GSETTINGS_BACKEND=memory)
