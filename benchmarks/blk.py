@@ -9,7 +9,7 @@ ring, sleeping on the call eventfd where the guest's MSI-X irqfd would be. Pytho
 one result per case. Each case then runs the reference on the same file right after:
 
 * raw, ``cache='none'`` (``cache.direct=on,aio=native``): ``fio --ioengine=libaio --direct=1``, uniformly
-  random offsets on both sides (fio ``--norandommap --randrepeat=0``, ours xorshift), each ``--seconds`` long;
+  random offsets on both sides (fio ``--norandommap --randrepeat=0``, ours xorshift), each run ``--seconds`` long;
 * qcow2, ``cache='none'``: ``qemu-img bench -t none -i native`` for as many requests as ours completed in
   ``--seconds``; it has no random mode, so both sides walk the same offsets, each ``(previous + step) %
   size`` as qemu-img 7.2 does: step = block (sequential) or 7919 blocks (a permutation of all 4 KiB blocks:
@@ -20,7 +20,11 @@ ours / reference (IOPS; MiB/s); at depth 1 also the mean latency (fio's ``lat_ns
 elapsed / count). Targets (reported, not gated): sequential >= 0.9, 4 KiB QD32 >= 0.7, QD1 latency <=
 reference + 20 us. The image files are filled with random bytes (a reading side must touch the disk).
 
-Run: ``.tox/py/bin/python benchmarks/blk.py [--seconds S] [--size-mib N] [--dir D] [--json]``. Not run by tox.
+Each side runs ``--rounds`` times per case, the two alternating which goes first (a drifting load then hits
+both alike), and is reported pooled: all its requests over all its time.
+
+Run: ``.tox/py/bin/python benchmarks/blk.py [--seconds S] [--rounds R] [--size-mib N] [--dir D] [--json]``.
+Not run by tox.
 """
 
 from __future__ import annotations
@@ -141,7 +145,7 @@ def fio(image: Path, case: Case, seconds: float) -> Side:
         f"--rw={case.fio_rw}",
         f"--bs={case.block}",
         f"--iodepth={case.depth}",
-        f"--runtime={seconds}",
+        f"--runtime={int(seconds * 1000)}ms",  # fio reads a bare "0.3" as 0: no limit
         "--time_based",
         "--norandommap",
         "--randrepeat=0",
@@ -166,6 +170,14 @@ def qemu_img_bench(image: Path, case: Case, count: int) -> Side:
     return Side(count / secs, count * case.block / secs / MiB, secs / count * 1e6, count, secs)
 
 
+def pooled(runs: list[Side]) -> Side:
+    """Rounds of one side as one run: their requests over their time; latency weighted by requests."""
+    requests, seconds = sum(r.requests for r in runs), sum(r.seconds for r in runs)
+    lat = sum(r.lat_us * r.requests for r in runs) / requests
+    mib = sum(r.mib_s * r.seconds for r in runs) / seconds
+    return Side(requests / seconds, mib, lat, requests, seconds)
+
+
 def verdict(case: Case, a: Side, b: Side) -> str:
     if case.depth == 1:
         return "met" if a.lat_us <= b.lat_us + 20 else "missed"
@@ -175,7 +187,8 @@ def verdict(case: Case, a: Side, b: Side) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=3.0, help="per case and side")
+    ap.add_argument("--seconds", type=float, default=1.5, help="per case, side and round")
+    ap.add_argument("--rounds", type=int, default=2, help="per case and side, alternating which goes first")
     ap.add_argument("--size-mib", type=int, default=256, help="image size")
     ap.add_argument("--dir", type=Path, default=None, help="where the images go (not tmpfs: O_DIRECT)")
     ap.add_argument("--json", action="store_true")
@@ -192,8 +205,21 @@ def main() -> int:
         print(f"load average at start: {load()}", file=sys.stderr)
         for fmt, image in (("raw", raw), ("qcow2", qcow2)):
             for case in CASES:
-                a = ours(image, fmt, case, size, args.seconds)
-                b = fio(image, case, args.seconds) if fmt == "raw" else qemu_img_bench(image, case, a.requests)
+                ours_runs: list[Side] = []
+                ref_runs: list[Side] = []
+                for n in range(args.rounds):
+                    # Rounds alternate which side goes first, so a drifting load hits both alike. qemu-img
+                    # bench is count-based: it does as many requests as ours did in the first round.
+                    first_ours = n % 2 == 0
+                    if first_ours:
+                        ours_runs.append(ours(image, fmt, case, size, args.seconds))
+                    count = ours_runs[0].requests
+                    ref_runs.append(
+                        fio(image, case, args.seconds) if fmt == "raw" else qemu_img_bench(image, case, count)
+                    )
+                    if not first_ours:
+                        ours_runs.append(ours(image, fmt, case, size, args.seconds))
+                a, b = pooled(ours_runs), pooled(ref_runs)
                 rows.append((fmt, case, a, b))
                 print(f"{fmt} {case.name}: {a.iops:.0f} / {b.iops:.0f} IOPS = {a.iops / b.iops:.3f}", file=sys.stderr)
         print(f"load average at end: {load()}", file=sys.stderr)
