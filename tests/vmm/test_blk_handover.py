@@ -5,6 +5,7 @@ qemu-storage-daemon, the bytes checked in the image file by the host, so the ben
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,3 +80,29 @@ def test_a_timed_run_at_depth_32_and_a_refused_job(raw_queue: tuple[Path, Handed
     assert 0 < timed.lat_mean_us <= timed.lat_max_us
     with pytest.raises(DriverError, match=r"depth 86 is not within 1\.\.85"):
         q.run(Job(T_IN, BLOCK, depth=86, span=SPAN, count=1))
+
+
+def test_c_driver_through_a_qcow2_backend_lands_where_qemu_img_reads_it(tmp_path: Path) -> None:
+    img, flat = tmp_path / "disk.qcow2", tmp_path / "flat.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True, timeout=30)
+    backend = Backend(BlockImage(str(img), format="qcow2", direct=True))
+    try:
+        with GuestMemory(ram_for(8, BLOCK)) as mem:
+            device = blk.VirtioBlk(backend, blk.prepare(backend), [MemRegion(0, mem.size, mem.address, mem.fd)])
+            q = HandedQueue(device, mem)
+            try:
+                # The benchmark's qcow2 walk: (previous + step) % span, a permutation of the span's blocks.
+                n = SPAN // BLOCK
+                wrote = q.run(
+                    Job(T_OUT, BLOCK, depth=8, span=SPAN, stride=True, step=7919 * BLOCK, count=n, stamp=True)
+                )
+                assert (wrote.requests, wrote.errors) == (n, 0)
+            finally:
+                q.close()
+    finally:
+        backend.stop()  # QMP quit: qcow2's metadata flushed
+    subprocess.run(["qemu-img", "check", "-q", str(img)], check=True, timeout=30)
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(img), str(flat)], check=True, timeout=30)
+    data = flat.read_bytes()
+    assert sector_stamps(data[:SPAN]) == list(range(SPAN // SECTOR))
+    assert data[SPAN:] == bytes(len(data) - SPAN)
