@@ -1422,6 +1422,14 @@ def disk_target(device: etree._Element) -> str:
     return str(_disk(device).fields["target"])
 
 
+def disk_volume(device: etree._Element) -> tuple[str, str] | None:
+    """(pool, volume) of a <disk type='volume'> parse_device_xml accepted; None for other disks."""
+    fields = _disk(device).fields
+    if fields.get("type") != "volume":
+        return None
+    return str(fields["pool"]), str(fields["volume"])
+
+
 def disk_insert_index(cfg: DomainConfig, target: str) -> int:
     """Where virDomainDiskInsert puts a new disk among ``cfg.disks``: before the first one whose target
     sorts after it (by virDiskNameToIndex; every disk here is on the virtio bus), else last. The attach

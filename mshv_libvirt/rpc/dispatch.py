@@ -27,6 +27,7 @@ from mshv_libvirt.domain import MAX_VCPUS, DomainConfig, metadata
 from mshv_libvirt.domain.xml import (
     disk_insert_index,
     disk_target,
+    disk_volume,
     find_disk,
     find_net,
     find_rng,
@@ -667,6 +668,9 @@ async def attach_device_flags(s: Session, dom: Domain, xml: str, flags: int) -> 
     config, device = await asyncio.to_thread(_device_change, dom, flags, xml, "live attach")
     if device.tag == "disk":
         index = disk_insert_index(dom.persistent or dom.config, disk_target(device))
+        volume = disk_volume(device)
+        if volume is not None and s.manager.translate_volume is not None:
+            await s.manager.translate_volume(*volume)  # qemuDomainAttachDeviceConfig resolves it: libvirt's errors
         await s.manager.edit_config(dom, insert_disk(device, index), False, config)
     else:
         await s.manager.edit_config(dom, add_device(device), False, config)

@@ -553,6 +553,12 @@ def test_a_volume_disk_that_cannot_be_resolved_gets_libvirts_error(
             )
     finally:
         storage.close()
+    dom = conn.defineXML(document("disk-volume-attach", tiny_kernel, ""))
+    try:  # a volume that resolves attaches
+        dom.attachDeviceFlags(volume_xml(pool, "v.raw"), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        assert f"<source pool='{pool}' volume='v.raw'/>" in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    finally:
+        dom.undefine()
     # and libvirt's own refusal of a pool that is not active (domain_conf.c), once the pool is stopped
     inactive = (
         libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
@@ -567,6 +573,16 @@ def test_a_volume_disk_that_cannot_be_resolved_gets_libvirts_error(
         try:
             assert refusal(dom) == expected
             assert not dom.isActive()
+        finally:
+            dom.undefine()
+        # attach-device --config resolves the volume too (qemuDomainAttachDeviceConfig), with the same answers
+        dom = conn.defineXML(document("disk-volume-attach", tiny_kernel, ""))
+        try:
+            with pytest.raises(libvirt.libvirtError) as attach:
+                dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            got = (attach.value.get_error_code(), attach.value.get_error_domain(), attach.value.get_error_message())
+            assert got == expected
+            assert "<disk" not in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
         finally:
             dom.undefine()
 
