@@ -369,13 +369,13 @@ class Vmm:
             backend.qmp("block_resize", **{"node-name": "disk0", "size": size})
         except vhost_user.QmpError as err:
             raise CommandError(err.desc) from err  # QEMU's words, which libvirt passes on
-        except (vhost_user.BackendError, OSError) as err:
+        except (vhost_user.BackendError, OSError, ValueError) as err:
             raise CommandError(str(err)) from err
         # qemu-storage-daemon 7.2 serves the new range at once but keeps its old configuration (GET_CONFIG
         # answers the old capacity; tests/vmm/test_vhost_user.py): the capacity is the node's new size.
         try:
             nodes = backend.qmp("query-named-block-nodes", flat=True)
-        except (vhost_user.BackendError, OSError) as err:
+        except (vhost_user.BackendError, OSError, ValueError) as err:
             raise CommandError(str(err)) from err
         image = next((n["image"] for n in _dicts(nodes) if n.get("node-name") == "disk0"), None)
         if not isinstance(image, dict):

@@ -68,6 +68,7 @@ WANTED_PROTOCOL = PROTOCOL_F_MQ | PROTOCOL_F_REPLY_ACK | PROTOCOL_F_CONFIG
 MAX_REGIONS = 8  # without CONFIGURE_MEM_SLOTS
 MAX_PAYLOAD = 4096
 TIMEOUT = 10.0
+QMP_TIMEOUT = 5.0  # a query or a resize answers in milliseconds; a stopped backend must not hold the VMM longer
 
 
 class VhostUserError(OSError):
@@ -276,6 +277,9 @@ class Backend:
         self._pidfd = -1  # the reaper's
         self._lifeline = -1
         self._status: int | None = None
+        self._qmp_buf = bytearray()
+        self._qmp_lock = threading.Lock()
+        self._qmp_id = 0
         tmp = tempfile.mkdtemp(prefix="mshv-vhost-")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         qmp_ours, qmp_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -355,28 +359,37 @@ class Backend:
             ) from err
 
     def _qmp_line(self) -> bytes:
-        buf = bytearray()
-        while not buf.endswith(b"\n"):
+        """The next line from the monitor; what one read brought beyond it waits for the next call."""
+        while b"\n" not in self._qmp_buf:
             chunk = self._qmp.recv(4096)
             if not chunk:
                 raise BackendError("qemu-storage-daemon closed its monitor")
-            buf += chunk
-            if len(buf) > 1 << 16:
+            self._qmp_buf += chunk
+            if len(self._qmp_buf) > 1 << 16:
                 raise BackendError("qemu-storage-daemon: QMP line too long")
-        return bytes(buf)
+        line, _, rest = bytes(self._qmp_buf).partition(b"\n")
+        self._qmp_buf = bytearray(rest)
+        return line + b"\n"
 
     def qmp(self, command: str, **arguments: object) -> object:
-        """One QMP command's return value (events in between are skipped)."""
-        msg: dict[str, object] = {"execute": command}
-        if arguments:
-            msg["arguments"] = arguments
-        self._qmp.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            answer = json.loads(self._qmp_line())
-            if "return" in answer:
-                return answer["return"]
-            if "error" in answer:
-                raise QmpError(command, str(answer["error"].get("desc")))
+        """One QMP command's return value. Events are skipped, and so is the late answer to a command
+        that timed out before (each command carries an id QMP echoes). Bounded by QMP_TIMEOUT: the
+        caller is the VMM's main loop (TimeoutError, an OSError, when the backend does not answer)."""
+        with self._qmp_lock:
+            self._qmp_id += 1
+            msg: dict[str, object] = {"execute": command, "id": self._qmp_id}
+            if arguments:
+                msg["arguments"] = arguments
+            self._qmp.settimeout(QMP_TIMEOUT)
+            self._qmp.sendall(json.dumps(msg).encode() + b"\n")
+            while True:
+                answer = json.loads(self._qmp_line())
+                if answer.get("id") != self._qmp_id:
+                    continue  # an event, or the answer to a command given up on
+                if "return" in answer:
+                    return answer["return"]
+                if "error" in answer:
+                    raise QmpError(command, str(answer["error"].get("desc")))
 
     # -- supervision -------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -233,5 +234,25 @@ def test_a_resized_export_serves_the_new_range_but_keeps_its_old_config(tmp_path
         assert struct.unpack_from("<Q", backend.frontend.get_config(8))[0] == MiB // SECTOR  # still the old one
         assert q.request(T_IN, past_end, read_len=SECTOR) == bytes([S_OK]) + bytes(SECTOR)
         assert q.request(T_IN, 2 * MiB // SECTOR, read_len=SECTOR)[0] != S_OK  # the new end holds
+    finally:
+        backend.stop()
+
+
+def test_a_stopped_backend_bounds_a_qmp_call_and_its_late_answer_is_not_taken_for_the_next(tmp_path: Path) -> None:
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(MiB))
+    backend = Backend(BlockImage(str(img)))
+    try:
+        os.kill(backend.pid, signal.SIGSTOP)  # the backend this test started, by its pid
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                backend.qmp("query-named-block-nodes", flat=True)
+            assert time.monotonic() - started < vhost_user.QMP_TIMEOUT + 2
+        finally:
+            os.kill(backend.pid, signal.SIGCONT)
+        # the nodes answer now arrives first; the next call still gets its own
+        stats = backend.qmp("query-blockstats", **{"query-nodes": True})
+        assert isinstance(stats, list) and stats and all("stats" in s for s in stats), stats
     finally:
         backend.stop()
