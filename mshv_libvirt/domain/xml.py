@@ -169,6 +169,7 @@ class DiskDevice:
     path: str | None = None  # <source file> or <source dev>; None for a volume disk
     pool: str | None = None  # <source pool volume> of a volume disk
     volume: str | None = None
+    actual_type: str | None = None  # a volume disk's, once resolved at start: 'file' | 'block' (srcpool actualtype)
     driver_name: str | None = None  # <driver name>: only 'qemu'; None when not given (not printed)
     format: str | None = None  # <driver type>: 'raw' | 'qcow2'; None when not given (raw, no probing)
     cache: str | None = None

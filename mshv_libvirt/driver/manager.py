@@ -208,19 +208,29 @@ def _edited(cfg: DomainConfig, edit: XmlEdit, *, trusted: bool = False) -> Domai
     return parse_domain_xml(etree.tostring(root, encoding="unicode"), check_libvirt_schema=not trusted, trusted=trusted)
 
 
-def _volume_paths(cfg: DomainConfig) -> dict[str, str]:
-    return {d.target: d.path for d in cfg.disks if d.type == "volume" and d.path is not None}
+def _volume_paths(cfg: DomainConfig) -> dict[str, list[str]]:
+    return {d.target: [d.path, d.actual_type or "file"] for d in cfg.disks if d.type == "volume" and d.path is not None}
 
 
-def _with_volume_paths(cfg: DomainConfig, paths: dict[str, str]) -> DomainConfig:
-    """A running domain's volume disks with the paths they were resolved to at its start (its record)."""
+def without_volume_paths(cfg: DomainConfig) -> DomainConfig:
+    """``cfg`` as its XML says it: volume disks without what their start resolved them to."""
+    if not any(d.type == "volume" and d.path is not None for d in cfg.disks):
+        return cfg
+    disks = tuple(dataclasses.replace(d, path=None, actual_type=None) if d.type == "volume" else d for d in cfg.disks)
+    return dataclasses.replace(cfg, disks=disks)
+
+
+def _with_volume_paths(cfg: DomainConfig, paths: dict[str, list[str]]) -> DomainConfig:
+    """A running domain's volume disks with the path and type they were resolved to at its start (its record)."""
     if not isinstance(paths, dict) or not paths:
         return cfg
-    disks = tuple(
-        dataclasses.replace(d, path=str(paths[d.target])) if d.type == "volume" and d.target in paths else d
-        for d in cfg.disks
-    )
-    return dataclasses.replace(cfg, disks=disks)
+    disks = []
+    for d in cfg.disks:
+        found = paths.get(d.target) if d.type == "volume" else None
+        if isinstance(found, list) and len(found) == 2:
+            d = dataclasses.replace(d, path=str(found[0]), actual_type=str(found[1]))
+        disks.append(d)
+    return dataclasses.replace(cfg, disks=tuple(disks))
 
 
 def live_config(cfg: DomainConfig) -> DomainConfig:
@@ -917,8 +927,8 @@ class DomainManager:
             if disk.type == "volume" and disk.pool is not None and disk.volume is not None:
                 if translate is None:
                     raise unsupported(f"disk '{disk.target}' of type='volume' needs libvirt's storage driver")
-                path, _kind = await translate(disk.pool, disk.volume)
-                disk = dataclasses.replace(disk, path=path)
+                path, kind = await translate(disk.pool, disk.volume)
+                disk = dataclasses.replace(disk, path=path, actual_type=kind)
             found.append(disk)
         return dataclasses.replace(cfg, disks=tuple(found))
 

@@ -45,6 +45,7 @@ from mshv_libvirt.driver.manager import (
     set_memory,
     set_text,
     set_vcpus,
+    without_volume_paths,
 )
 from mshv_libvirt.driver.vmm_client import VmmError
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError, invalid_operation
@@ -591,7 +592,13 @@ def get_xml_desc(s: Session, dom: Domain, flags: int) -> str:
 
 
 def is_updated(s: Session, dom: Domain) -> bool:
-    return dom.active and dom.persistent is not None and dom.live is not None and dom.live != dom.persistent
+    # what a start resolved (a volume's path) is no change of the configuration
+    return (
+        dom.active
+        and dom.persistent is not None
+        and dom.live is not None
+        and without_volume_paths(dom.live) != dom.persistent
+    )
 
 
 AFFECT_LIVE, AFFECT_CONFIG = 1, 2

@@ -599,7 +599,8 @@ async def get_block_info(s: Session, dom: Domain, path: str, flags: int) -> byte
         # written; physical is the image's own size where allocated size is 0 or allocation equals it, else
         # the allocated size.
         capacity, actual = int(entry["virtual_size"]), int(entry["actual_size"])
-        allocation = actual if disk.type == "file" and disk.format == "qcow2" else int(entry["wr_highest_offset"])
+        kind = disk.actual_type or disk.type  # a volume disk: what its volume is
+        allocation = actual if kind == "file" and disk.format == "qcow2" else int(entry["wr_highest_offset"])
         if actual == 0 or allocation == 0 or allocation == actual:
             allocation = allocation or actual
             physical = (await asyncio.to_thread(_stat_sizes, disk))[2]

@@ -511,6 +511,7 @@ def test_a_volume_disk_is_resolved_through_libvirts_storage_driver_at_start(
             live = dom.XMLDesc(0)
             assert f"<source pool='{pool}' volume='v.raw'/>" in live and str(path) not in live, live  # as libvirt
             assert dom.blockInfo(str(path))[0] == MiB  # the running disk is known by the volume's path too
+            assert not dom.isUpdated()  # what the start resolved is no change of the configuration
             dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_TITLE, "t", None, None, libvirt.VIR_DOMAIN_AFFECT_LIVE)
             assert dom.blockInfo(str(path))[0] == MiB  # a live edit re-parses the XML: the path stays
             c.close()
