@@ -462,16 +462,16 @@ def test_attach_and_detach_disk_change_the_persistent_config_only(
         dom.undefine()
 
 
-def volume_xml(pool: str, volume: str, dev: str = "vda") -> str:
+def volume_xml(pool: str, volume: str, dev: str = "vda", fmt: str = "raw") -> str:
     return (
-        f"<disk type='volume' device='disk'><driver name='qemu' type='raw'/><source pool='{pool}' volume='{volume}'/>"
+        f"<disk type='volume' device='disk'><driver name='qemu' type='{fmt}'/><source pool='{pool}' volume='{volume}'/>"
         f"<target dev='{dev}' bus='virtio'/></disk>"
     )
 
 
 @pytest.fixture
 def test_pool(system_libvirtd: None, tmp_path: Path) -> Iterator[Any]:
-    """A dir pool with a 1 MiB raw volume 'v.raw', made and removed straight through libvirt's
+    """A dir pool with 1 MiB volumes 'v.raw' and 'v.qcow2', made and removed straight through libvirt's
     storage:///system (not through the code under test)."""
     storage = libvirt.open("storage:///system")
     name = unique("mshvblk")
@@ -482,9 +482,11 @@ def test_pool(system_libvirtd: None, tmp_path: Path) -> Iterator[Any]:
     )
     try:
         pool.create(0)
-        pool.createXML(
-            f"<volume><name>v.raw</name><capacity>{MiB}</capacity><target><format type='raw'/></target></volume>", 0
-        )
+        for vol, fmt in (("v.raw", "raw"), ("v.qcow2", "qcow2")):
+            pool.createXML(
+                f"<volume><name>{vol}</name><capacity>{MiB}</capacity><target><format type='{fmt}'/></target></volume>",
+                0,
+            )
         yield pool
     finally:
         if pool.isActive():
@@ -527,6 +529,29 @@ def test_a_volume_disk_is_resolved_through_libvirts_storage_driver_at_start(
                 dom.destroy()
             dom.undefine()
             c.close()
+
+
+def test_a_written_qcow2_volume_reports_its_allocation_as_a_qcow2_file(
+    kvm: None, daemon: DaemonProcess, conn: Any, tiny_kernel: Path, test_pool: Any
+) -> None:
+    """libvirt's rule for a qcow2 file (allocation: the blocks it holds, not the highest offset written)
+    holds for a volume that is a qcow2 file: the guest writes, so the two differ."""
+    path = Path(test_pool.storageVolLookupByName("v.qcow2").path())
+    disk = volume_xml(test_pool.name(), "v.qcow2", fmt="qcow2")
+    dom = conn.defineXML(document("disk-volume-qcow2", tiny_kernel, disk))
+    try:
+        dom.create()
+        assert write_through_console(daemon, "disk-volume-qcow2", 1)["press"] == 1
+        st = path.stat()
+        assert dom.blockInfo("vda") == [MiB, st.st_blocks * 512, st.st_size]
+        dom.destroy()
+        wait_for(lambda: not dom.isActive() and not image_locked(path))
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+    check = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_a_volume_disk_that_cannot_be_resolved_gets_libvirts_error(
