@@ -144,6 +144,8 @@ int emu_copy_to_user(uint64_t dst, const void *src, size_t n)
 static int ubuf_covers(const struct emu_vp *vp, uint64_t addr, size_t n, int write)
 {
     uint64_t need = write ? 2 : 1;
+    if (!emu_access_ok(addr, n))
+        return 0; /* a range that wraps (or reaches the kernel) is never "covered" by a vacuous loop */
     for (uint64_t pg = addr & ~(EMU_PAGE - 1); pg < addr + n; pg += EMU_PAGE) {
         int found = 0;
         for (int i = 0; i < EMU_UBUFS && !found; i++)
