@@ -1179,7 +1179,9 @@ static int kick_sig = 0; /* 0: not chosen yet, -1: none available */
 #define MON_PERIOD_NS 10000000ull        /* scan every 10 ms */
 #define MON_REKICK_NS 100000000ull       /* at most one kick per 100 ms per VP */
 
-/* Set by our kick on the thread it lands on: tells the monitor's EINTR from the caller's. */
+/* Set by our kick on the thread it lands on: tells the monitor's EINTR from the caller's. A thread
+ * writes it (emu_kvm_run) before it can be kicked, so the handler never makes the first access to
+ * this dlopen'ed module's TLS (which may allocate). */
 static __thread volatile sig_atomic_t tls_kicked;
 
 static void kick_handler(int sig)
