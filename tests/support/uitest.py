@@ -226,6 +226,16 @@ class Ui:
         result: dict[str, Any] = self.request("click", *path, sensitive=True, **args)
         return result
 
+    def set_text(self, *path: dict[str, Any], text: str, **args: Any) -> dict[str, Any]:
+        """Replace an entry's text through AT-SPI (typing can lose a first keystroke while focus moves)."""
+        result: dict[str, Any] = self.request("settext", *path, text=text, **args)
+        return result
+
+    def exists(self, *path: dict[str, Any]) -> dict[str, Any] | None:
+        """The node as it is now (one look, no waiting), or None."""
+        result: dict[str, Any] | None = self.request("exists", *path)
+        return result
+
     def texts(self, *path: dict[str, Any], **args: Any) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.request("texts", *path, **args)
         return result

@@ -5,7 +5,9 @@ line each on stdout:
 ``{"op": "find", "app": "virt-manager", "path": [{"role": "frame", "name": "..."}, ...], "timeout": 30}``
 answers the last node (role, name, showing, sensitive, checked, text); ``click`` clicks it (its action,
 like upstream's uitests, or the pointer), ``texts`` lists every descendant's (role, name, text), ``keys``
-presses keys and types into it. A step may also ask for the node's accessible ``text``; a name or text
+presses keys and types into it, ``settext`` replaces an entry's text, ``exists`` looks once and answers
+the node or null. A click may pass ``"reply": false`` when its handler keeps the application busy (a window
+built, a modal dialog run). A step may also ask for the node's accessible ``text``; a name or text
 given as ``{"re": "..."}`` is a regular expression, ``{"contains": "..."}`` a substring.
 """
 
@@ -79,7 +81,12 @@ def _find_once(app_name, path):
 def find(req):
     deadline = time.monotonic() + req.get("timeout", 30)
     while True:
-        node = _find_once(req["app"], req["path"])
+        try:
+            node = _find_once(req["app"], req["path"])
+        except Exception as err:  # the application is busy past AT-SPI's own 25 s call timeout: look again
+            if "timeout from dbind" not in str(err):
+                raise
+            node = None
         if node is not None and (not req.get("sensitive") or node.sensitive):
             return node
         if time.monotonic() > deadline:
@@ -110,6 +117,14 @@ def handle(req):
     op = req["op"]
     if op == "apps":
         return [a.name for a in tree.root.applications()]
+    if op == "exists":  # one look, no waiting: the node now, or None
+        try:
+            found = _find_once(req["app"], req["path"])
+            return describe(found) if found is not None else None
+        except Exception as err:
+            if "timeout from dbind" in str(err) or "does not exist" in str(err):
+                return None
+            raise
     node = find(req)
     if op == "find":
         return describe(node)
@@ -118,7 +133,9 @@ def handle(req):
             node.click()  # a real pointer click at the node's centre (XTest), e.g. to select a row
         else:
             node.doActionNamed(req.get("action", "click"))
-        return describe(node)
+        # A click whose handler runs long (builds a window, or runs a modal dialog) leaves the application
+        # unable to answer for a while: with reply=False nothing more is asked of it.
+        return describe(node) if req.get("reply", True) else {}
     if op == "texts":
         out = []
         for n in node.findChildren(lambda _n: True, showingOnly=False):
@@ -127,6 +144,9 @@ def handle(req):
             except Exception:
                 pass
         return out
+    if op == "settext":  # replace an entry's text through AT-SPI's EditableText (no keystroke can be lost)
+        node.text = req["text"]
+        return describe(node)
     if op == "keys":  # focus the node, press named keys (X keysyms: "End", "Return"), then type text
         node.grabFocus()
         for key in req.get("press", []):
