@@ -35,8 +35,10 @@ def write_through_console(daemon: DaemonProcess, name: str, presses: int) -> dic
         con.wait_console_ready()
         for press in range(1, presses + 1):
             con.write(b"j")
-            wait_for(
-                lambda press=press: len(tiny_blk(log.read_text(errors="replace"))) >= seen + press,
+            wait_for(  # a failed request ends the wait at once (asserted below)
+                lambda press=press: (
+                    len(tiny_blk(text := log.read_text(errors="replace"))) >= seen + press or "TINY-BLK-FAIL" in text
+                ),
                 60,
                 what=lambda: log.read_text(errors="replace")[-2000:],
             )
