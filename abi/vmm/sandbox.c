@@ -326,14 +326,18 @@ struct rule {
  * device): the run ioctl and register access, guest memory copies within this process, the kick
  * signal, Python's allocator and locks, console output (including log rotation) and the exit report;
  * restart_syscall in every list: the kernel issues it to resume an interrupted sleep after a stop and
- * continue (SIGSTOP/SIGCONT, a debugger), which must never end the VM. */
+ * continue (SIGSTOP/SIGCONT, a debugger), which must never end the VM. The emulated device's
+ * MSHV_IOEVENTFD, which a vCPU issues when the guest moves a BAR or toggles its decoding (Linux does
+ * both while sizing BARs), checks the eventfd (fcntl F_GETFD, readlink of /proc/self/fd/N), keeps a
+ * duplicate of it (F_DUPFD_CLOEXEC) and closes that on deassign; the kernel's /dev/mshv needs none. */
 #define VCPU_RULES                                                                                     \
     ALLOW(ioctl), ALLOW(write), ALLOW(pwrite64), ALLOW(ftruncate), ALLOW(copy_file_range), ALLOW(futex), \
         ALLOW(gettid), ALLOW(getpid), ALLOW(sched_yield), ALLOW(clock_gettime), ALLOW(munmap), ALLOW(madvise), \
         ALLOW(mremap), ALLOW(brk), ALLOW_IF(mmap, 2, C_NOT_SET, PROT_EXEC), ALLOW_IF(mprotect, 2, C_NOT_SET, PROT_EXEC), \
         ALLOW_IF(process_vm_readv, 0, C_EQ_PID, 0), ALLOW_IF(process_vm_writev, 0, C_EQ_PID, 0),       \
         ALLOW_IF2(kcmp, 0, C_EQ_PID, 0, 1, C_EQ_PID, 0), ALLOW(rt_sigprocmask), ALLOW(rt_sigreturn),    \
-        ALLOW(rt_sigpending), ALLOW(rt_sigtimedwait), ALLOW(restart_syscall), ALLOW(exit), ALLOW(exit_group)
+        ALLOW(rt_sigpending), ALLOW(rt_sigtimedwait), ALLOW(restart_syscall), ALLOW(exit), ALLOW(exit_group), \
+        ALLOW_IF(fcntl, 1, C_EQ, F_GETFD), ALLOW_IF(fcntl, 1, C_EQ, F_DUPFD_CLOEXEC), ALLOW(readlink), ALLOW(close)
 
 static const struct rule vcpu_rules[] = {VCPU_RULES};
 

@@ -78,3 +78,33 @@ def test_a_call_beyond_the_device_list_ends_the_vmm() -> None:
     line = res.stderr.strip().splitlines()[-1]
     assert "seccomp: thread virtio-rng (tid " in line, line
     assert "device filter) made the forbidden system call openat (257)" in line, line
+
+
+def test_a_vcpu_thread_remaps_the_bar_as_linux_sizes_it(kvm: None) -> None:
+    """Linux's BAR sizing turns memory decoding off and on again (pci_read_bases, each a config-space write
+    exit on a vCPU thread): the doorbells' MSHV_IOEVENTFD deassign and assign run on that thread, under the
+    vCPU list (measured: the emulated device's eventfd checks made the Linux test kernel's VMM exit on
+    fcntl (72) while probing a virtio-blk disk)."""
+    res = run(
+        """
+        import errno, threading
+        from mshv_libvirt.vmm.devices.pci.config import COMMAND, COMMAND_MEMORY
+        at = function.mapped_at
+        def vcpu():
+            sandbox.enter_thread(sandbox.VCPU, "vcpu0")
+            command = function.config_read(COMMAND, 2)
+            for _ in range(2):
+                function.config_write(COMMAND, 2, command & ~COMMAND_MEMORY)
+                function.config_write(COMMAND, 2, command)
+        thread = threading.Thread(target=vcpu)
+        thread.start()
+        thread.join()
+        try:  # registered again at the same address: a second registration is refused
+            partition.ioeventfd(function.kicks[0], at + vpci.NOTIFY_OFFSET, 0)
+        except OSError as err:
+            print("doorbell", function.mapped_at == at, errno.errorcode[err.errno], flush=True)
+        rng.stop()
+        """
+    )
+    assert res.returncode == 0, res
+    assert res.stdout.splitlines() == ["doorbell True EEXIST"]
