@@ -340,17 +340,18 @@ def test_new_vm_wizard_creates_a_direct_kernel_boot_domain(
         ui.find(WIZARD, node("label", "pagenum-label", text="Step 5 of 5"), timeout=TIMEOUT)
         ui.keys(WIZARD, node("text", text="linux2022"), press=("End",), text="-dkb")
         ui.click(WIZARD, node("check box", "Customize configuration before install"))
-        ui.click(WIZARD, node("push button", "Finish"))
+        ui.click(WIZARD, node("push button", "Finish"), mouse=True, reply=False)  # builds the window (slow)
         custom = node("frame", {"re": "linux2022-dkb on .*"})
-        ui.click(custom, node("table cell", "Boot Options"), mouse=True, timeout=TIMEOUT)
+        ui.find(custom, HW_LIST, node("table cell", "Boot Options"), timeout=3 * TIMEOUT)
+        open_page(vm, custom, "Boot Options")
         vm.screenshot("customize")
-        ui.click(custom, node("toggle button", "Direct kernel boot"), action="activate")
-        ui.click(custom, node("check box", "Enable direct kernel boot"), timeout=TIMEOUT)
-        ui.keys(custom, node("text", text="", showing=True, index=1), text=str(tiny_kernel))
+        ui.click(custom, node("toggle button", "Direct kernel boot", showing=True), action="activate")
+        ui.click(custom, node("check box", "Enable direct kernel boot", showing=True), timeout=TIMEOUT)
+        ui.set_text(custom, node("text", text="", showing=True, index=1), text=str(tiny_kernel))
         ui.find(custom, node("text", text=str(tiny_kernel)), timeout=TIMEOUT)
         ui.click(custom, node("push button", "config-apply"))
         vm.screenshot("customize-kernel")
-        ui.click(custom, node("push button", "Begin Installation"))
+        ui.click(custom, node("push button", "Begin Installation"), mouse=True, reply=False)  # runs a modal dialog
         # With no libvirt network and no host bridge, virt-manager's default NIC is a bridge without a
         # source: refused at define with libvirt's parser error, and nothing is left defined.
         refusal = "XML error: interface type='bridge' requires a 'source' element"
