@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = ["", "-e slow", "-e isolation", "-e mutation"]  # what follows `tox` in each call, in order
 
 
-def run_steps(tmp_path: Path, failing: str | None) -> tuple[int, list[str], str]:
+def run_steps(tmp_path: Path, failing: str | None, **extra: str) -> tuple[int, list[str], str]:
     log = tmp_path / "calls"
     stub = tmp_path / "bin" / "tox"
     stub.parent.mkdir()
@@ -22,6 +22,7 @@ def run_steps(tmp_path: Path, failing: str | None) -> tuple[int, list[str], str]
     stub.chmod(0o755)
     env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "STUB_LOG": str(log)}
     env["STUB_FAIL"] = failing if failing is not None else "(nothing)"
+    env.update(extra)
     res = subprocess.run(["bash", str(ROOT / ".ci" / "steps")], env=env, capture_output=True, text=True, timeout=60)
     calls = log.read_text().splitlines() if log.exists() else []
     return res.returncode, calls, res.stdout + res.stderr
@@ -41,3 +42,9 @@ def test_the_mutation_report_does_not_gate(tmp_path: Path) -> None:
     status, calls, out = run_steps(tmp_path, "-e mutation")
     assert (status, calls) == (0, STEPS), out
     assert "tox -e mutation exited with status 3 (a report, not a gate)" in out
+
+
+def test_the_mutation_report_is_left_out_when_the_gates_used_its_time(tmp_path: Path) -> None:
+    status, calls, out = run_steps(tmp_path, None, MSHV_CI_MUTATION_START_BY_S="-1")
+    assert (status, calls) == (0, STEPS[:3]), out
+    assert "tox -e mutation skipped: the gates took" in out
