@@ -117,6 +117,7 @@ struct emu_pend {
     int active;
     int is_in, size;
     uint64_t next;              /* RIP after the instruction */
+    struct kvm_regs kvm;        /* the registers as KVM itself has them (RIP maybe already past) */
     struct kvm_regs exit;       /* the view as reported, to see what the VMM changed */
     struct kvm_regs view;
     struct kvm_sregs sview;
