@@ -490,6 +490,28 @@ def test_signal_kicks_a_halted_vp_out(guest: Guest) -> None:
         signal.signal(signal.SIGUSR1, old)
 
 
+def test_a_halt_is_reported_on_a_thread_that_blocks_every_signal(guest: Guest) -> None:
+    # HLT with interrupts off is found by the device's halt monitor, which kicks the VP's thread with a
+    # private signal; RUN_VP leaves the caller's mask alone, so the device unblocks that one signal on
+    # the thread itself (docs/ABI.md §9.6). A thread blocking everything must still get its HALT.
+    guest.load(CODE, CLI + HLT)
+    guest.long_mode()
+    results: dict[int, Msg | RunError] = {}
+
+    def body() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            results[0] = guest.run(0)
+        except RunError as err:
+            results[0] = err
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "no HALT: the monitor's kick did not reach the VP"
+    assert _msg(results, 0).type == F.HVMSG_X64_HALT
+
+
 def test_intercept_message_page_mirrors_run_vp(guest: Guest) -> None:
     import mmap as _mmap
 
