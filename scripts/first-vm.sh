@@ -79,7 +79,9 @@ Then:
   virsh -c '$uri' console $name     the guest echoes what you type, except its command keys:
                                      q power off, r reset, c panic, f triple fault, b exit benchmark,
                                      i IOAPIC version, n interrupt counters, d PCI scan,
-                                     v entropy from its virtio-rng device, g RTC time; Ctrl+] leaves
+                                     v entropy from its virtio-rng device, g RTC time,
+                                     j virtio-blk write and read back (with a disk),
+                                     u virtio-net frames sent and counted (with an interface); Ctrl+] leaves
   virsh -c '$uri' shutdown $name    presses its ACPI power button (it powers off)
   virsh -c '$uri' undefine $name    forgets it
 EOF

@@ -16,9 +16,9 @@ of the protected-mode part), so it boots through exactly the loader Linux uses. 
   (``TINY-IRQ-COUNTS mode=... tx= rx= serial= sci= kbd= timer= polls=``, see ``tiny_counts``);
   ``d`` scans PCI bus 0 (devices) (``TINY_PCI_ASM``); ``v`` drives the virtio-rng device
   (``TINY_VIRTIO_ASM``): ``TINY-VIRTIO bytes= irqs= sum= kicks=`` (see ``tiny_virtio``); ``g`` reads
-  the CMOS RTC (get the time, ``TINY_RTC_ASM``);
-  (``TINY_VIRTIO_ASM``): ``TINY-VIRTIO bytes= irqs= sum= kicks=`` (see ``tiny_virtio``); ``j`` writes a
-  pattern to a virtio-blk disk, flushes and reads it back (``TINY_BLK_ASM``, see ``tiny_blk``);
+  the CMOS RTC (get the time, ``TINY_RTC_ASM``); ``j`` writes a
+  pattern to a virtio-blk disk, flushes and reads it back (``TINY_BLK_ASM``, see ``tiny_blk``); ``u``
+  sends frames on a virtio-net device and counts what comes back (``TINY_NET_ASM``, see ``tiny_net``);
 * counts NMIs (vector 2) and prints ``TINY-NMI <count, 8 hex digits>`` when the count changed, and prints
   ``TINY-KEY <hex byte>`` for every byte the i8042 has for it on port 0x60 (``TINY_EVENTS_ASM``, polled mode);
 * with ``tiny.irq`` on its command line, the same commands interrupt-driven (``TINY_IRQ_ASM``): no
@@ -69,6 +69,11 @@ TINY_VIRTIO_BUFFER = 64
 TINY_BLK = "TINY-BLK"
 TINY_BLK_SECTOR = 0x30  # where each 'j' press writes its pattern
 TINY_BLK_BYTES = 4096  # eight sectors: one data descriptor per request
+TINY_NET = "TINY-NET"
+TINY_NET_FRAMES = 8  # frames each 'u' press sends (and as many more received it waits for)
+TINY_NET_FRAME_LEN = 60  # the minimum Ethernet frame without its FCS
+TINY_NET_ETHERTYPE = 0x88B5  # IEEE 802 local experimental ethertype 1: nobody else's protocol
+TINY_NET_WAIT_TICKS = 5 * 3_579_545  # how long a press waits for replies: 5 s of the ACPI PM timer
 LINUX_MARKER = "MSHV-GUEST-READY"
 LINUX_POWERBUTTON = "MSHV-GUEST-POWERBUTTON"
 # Measured on kvm-pvm hosts (no VMX): the host emulates the guest's CPL0 code instruction by
@@ -149,6 +154,8 @@ dispatch:                       /* al = a byte typed on COM1 */
     je rtc_read
     cmp $'j', %al
     je virtio_blk
+    cmp $'u', %al
+    je virtio_net
     call lock_print
     call putc
     movb $0, print_lock(%rip)
@@ -1736,6 +1743,457 @@ blk_wbuf:      .skip BLK_BYTES
 blk_rbuf:      .skip BLK_BYTES
 """
 
+# virtio-net ('u'): the same minimal modern virtio-pci driver for 1af4:1041 (MSI-X vector 0 -> 0x36 for both
+# queues, 8 entries each, VERSION_1 and MAC negotiated: no offloads, so the 12-byte header is all zero).
+# Setup posts eight 2 KiB receive buffers. Press p (from 1) first counts what was received meanwhile, then
+# sends TINY_NET_FRAMES frames of TINY_NET_FRAME_LEN bytes (``tiny_net_frame``: broadcast from the
+# device's MAC, ethertype TINY_NET_ETHERTYPE, "TINY-NET", p and the frame's number, zeros), each kicked on
+# the tx doorbell and waited for in `sti; hlt` until the used ring caught up; then it counts received frames
+# (each buffer given back at once) until as many more arrived as it sent or TINY_NET_WAIT_TICKS of the ACPI
+# PM timer passed. Received frames are hashed byte by byte (h = h * 31 + byte, ``tiny_net_hash``). It
+# prints the totals since boot:
+# ``TINY-NET press=<hex> tx=<hex> rx=<hex> rxbytes=<hex> sum=<hex> irqs=<hex>`` or ``TINY-NET-FAIL <code>``
+# (1 no device, 2 FEATURES_OK refused, 3 vector refused, 4 used ring ahead).
+TINY_NET_ASM = r"""
+    .set NET_VECTOR, 0x36              /* 0x30-0x35: serial, SCI, i8042, virtio-rng, RTC, virtio-blk */
+    .set NQ_SIZE, 8
+    .set NET_FRAMES, {frames}
+    .set NET_FRAME_LEN, {frame_len}
+    .set NET_HDR, 12                   /* virtio_net_hdr with num_buffers (VERSION_1) */
+    .set NET_RXBUF, 2048
+    .set NET_TXBUF, 128
+    .set NET_WAIT, {wait_ticks}
+    .set NET_TYPE, {ethertype}
+    .set PM_TMR, 0x608
+
+    .text
+    .code64
+virtio_net:
+    pushfq
+    call lock_print
+    cmpb $0, net_ready(%rip)
+    jne 5f
+    call net_setup
+    test %eax, %eax
+    jnz 8f
+5:  incl net_presses(%rip)
+    call net_harvest            /* what arrived since the last press */
+    mov net_rx(%rip), %eax
+    add $NET_FRAMES, %eax
+    mov %eax, net_rx_target(%rip)
+    xor %r12d, %r12d
+6:  mov %r12d, %edi
+    call net_send
+    test %eax, %eax
+    jnz 8f
+    inc %r12d
+    cmp $NET_FRAMES, %r12d
+    jb 6b
+    mov $PM_TMR, %dx
+    in %dx, %eax
+    mov %eax, %r13d             /* the last PM timer reading */
+    xor %r14d, %r14d            /* ticks waited */
+7:  call net_harvest
+    mov net_rx(%rip), %eax
+    cmp net_rx_target(%rip), %eax
+    jae 71f
+    cmp $NET_WAIT, %r14d
+    jae 71f
+    call sleep_tick             /* woken by the next receive interrupt or the LAPIC timer */
+    mov $PM_TMR, %dx
+    in %dx, %eax
+    mov %eax, %ecx
+    sub %r13d, %ecx             /* 32-bit counter: the difference is right across a wrap */
+    add %ecx, %r14d
+    mov %eax, %r13d
+    jmp 7b
+71: sti
+    lea net_msg(%rip), %rsi
+    call puts
+    mov net_presses(%rip), %ebx
+    call puthex32
+    lea net_tx_msg(%rip), %rsi
+    call puts
+    mov net_tx(%rip), %ebx
+    call puthex32
+    lea net_rx_msg(%rip), %rsi
+    call puts
+    mov net_rx(%rip), %ebx
+    call puthex32
+    lea net_bytes_msg(%rip), %rsi
+    call puts
+    mov net_rx_bytes(%rip), %ebx
+    call puthex32
+    lea net_sum_msg(%rip), %rsi
+    call puts
+    mov net_rx_sum(%rip), %ebx
+    call puthex32
+    lea net_irqs_msg(%rip), %rsi
+    call puts
+    mov net_irqs(%rip), %ebx
+    call puthex32
+    jmp 9f
+8:  mov %eax, %ebx
+    lea net_fail_msg(%rip), %rsi
+    call puts
+    call puthex32
+9:  mov $'\n', %al
+    call putc
+    movb $0, print_lock(%rip)
+    popfq
+    jmp main_loop
+
+vpci_read32:                    /* eax = the function's 0xCF8 address, ecx = register -> eax */
+    or %ecx, %eax
+    mov $0xcf8, %dx
+    out %eax, %dx
+    mov $0xcfc, %dx
+    in %dx, %eax
+    ret
+
+vpci_write16:                   /* eax = the function's 0xCF8 address, ecx = register (2-byte aligned), r9w = value */
+    mov %ecx, %edx
+    and $~3, %edx
+    or %edx, %eax
+    mov $0xcf8, %dx
+    out %eax, %dx
+    mov $0xcfc, %edx
+    and $3, %ecx
+    add %ecx, %edx
+    mov %r9d, %eax
+    out %ax, %dx
+    ret
+
+net_setup:
+    mov $1, %r12d
+1:  mov %r12d, %eax
+    shl $11, %eax
+    or $0x80000000, %eax
+    mov %eax, net_cfg(%rip)
+    xor %ecx, %ecx
+    call vpci_read32
+    cmp $0x10411af4, %eax
+    je 2f
+    inc %r12d
+    cmp $32, %r12d
+    jb 1b
+    mov $1, %eax
+    ret
+2:  mov net_cfg(%rip), %eax     /* BAR 0, 64-bit */
+    mov $0x10, %ecx
+    call vpci_read32
+    and $0xfffffff0, %eax
+    mov %eax, %ebx
+    mov net_cfg(%rip), %eax
+    mov $0x14, %ecx
+    call vpci_read32
+    shl $32, %rax
+    or %rbx, %rax
+    mov %rax, net_bar(%rip)
+    call vio_map
+    mov net_cfg(%rip), %eax
+    mov $0x34, %ecx
+    call vpci_read32
+    movzbl %al, %r13d
+3:  test %r13d, %r13d
+    jz 4f
+    mov net_cfg(%rip), %eax
+    mov %r13d, %ecx
+    call vpci_read32
+    mov %eax, %r14d
+    cmp $0x11, %al
+    jne 31f
+    mov %r13d, net_msix_cap(%rip)
+    mov net_cfg(%rip), %eax
+    lea 4(%r13), %ecx
+    call vpci_read32
+    and $~7, %eax
+    mov %eax, net_msix_table(%rip)
+    jmp 39f
+31: cmp $0x09, %al
+    jne 39f
+    mov %r14d, %r8d
+    shr $24, %r8d               /* cfg_type */
+    mov net_cfg(%rip), %eax
+    lea 8(%r13), %ecx
+    call vpci_read32
+    cmp $1, %r8d
+    jne 32f
+    mov %eax, net_common(%rip)
+    jmp 39f
+32: cmp $4, %r8d
+    jne 33f
+    mov %eax, net_devcfg(%rip)
+    jmp 39f
+33: cmp $2, %r8d
+    jne 39f
+    mov %eax, net_notify(%rip)
+    mov net_cfg(%rip), %eax
+    lea 16(%r13), %ecx
+    call vpci_read32
+    mov %eax, net_notify_mult(%rip)
+39: mov %r14d, %eax
+    shr $8, %eax
+    movzbl %al, %r13d
+    jmp 3b
+4:  lea idt(%rip), %rdi
+    lea net_isr(%rip), %rax
+    mov $NET_VECTOR, %ecx
+    call set_gate
+    mov net_bar(%rip), %rbx
+    mov net_devcfg(%rip), %eax
+    mov (%rbx,%rax), %ecx       /* mac[0..3], then mac[4..5] */
+    mov %ecx, net_mac(%rip)
+    movzwl 4(%rbx,%rax), %ecx
+    mov %cx, net_mac+4(%rip)
+    mov net_common(%rip), %eax
+    add %rax, %rbx              /* rbx = common configuration */
+    movb $0, 20(%rbx)           /* reset, ACKNOWLEDGE, DRIVER */
+    movb $1, 20(%rbx)
+    movb $3, 20(%rbx)
+    movl $1, 8(%rbx)            /* VIRTIO_F_VERSION_1 (bit 32) */
+    movl $1, 12(%rbx)
+    movl $0, 8(%rbx)
+    movl $0x20, 12(%rbx)        /* VIRTIO_NET_F_MAC (bit 5) */
+    movb $0xb, 20(%rbx)
+    movzbl 20(%rbx), %eax
+    test $8, %al
+    jnz 5f
+    mov $2, %eax
+    ret
+5:  mov net_bar(%rip), %rdi     /* MSI-X table entry 0: APIC 0, NET_VECTOR, unmasked */
+    mov net_msix_table(%rip), %eax
+    add %rax, %rdi
+    movl $0xfee00000, (%rdi)
+    movl $0, 4(%rdi)
+    movl $NET_VECTOR, 8(%rdi)
+    movl $0, 12(%rdi)
+    mov net_cfg(%rip), %eax
+    mov net_msix_cap(%rip), %ecx
+    add $2, %ecx
+    mov $0x8000, %r9d
+    call vpci_write16
+    mov net_cfg(%rip), %eax
+    mov $4, %ecx
+    mov $6, %r9d                /* memory space, bus master */
+    call vpci_write16
+    xor %ecx, %ecx              /* receive buffers: descriptor i is rx buffer i, device-writable, all available */
+    lea net_rxbufs(%rip), %rax
+    lea nq_rx_desc(%rip), %rdi
+    lea nq_rx_avail+4(%rip), %rsi
+1:  mov %rax, (%rdi)
+    movl $NET_RXBUF, 8(%rdi)
+    movw $2, 12(%rdi)
+    movw $0, 14(%rdi)
+    mov %cx, (%rsi,%rcx,2)
+    add $NET_RXBUF, %rax
+    add $16, %rdi
+    inc %ecx
+    cmp $NQ_SIZE, %ecx
+    jb 1b
+    movw $NQ_SIZE, nq_rx_avail+2(%rip)
+    xor %ecx, %ecx              /* queue 0: receiveq1 */
+    lea nq_rx_desc(%rip), %rdi
+    lea nq_rx_avail(%rip), %rsi
+    lea nq_rx_used(%rip), %rdx
+    call net_queue
+    test %rax, %rax
+    jz 7f
+    mov %rax, net_rx_doorbell(%rip)
+    mov $1, %ecx                /* queue 1: transmitq1 */
+    lea nq_tx_desc(%rip), %rdi
+    lea nq_tx_avail(%rip), %rsi
+    lea nq_tx_used(%rip), %rdx
+    call net_queue
+    test %rax, %rax
+    jz 7f
+    mov %rax, net_tx_doorbell(%rip)
+    movb $0xf, 20(%rbx)         /* DRIVER_OK: the VMM's I/O thread takes both rings */
+    movb $1, net_ready(%rip)
+    mov net_rx_doorbell(%rip), %rdi
+    movw $0, (%rdi)             /* the receive buffers are there */
+    xor %eax, %eax
+    ret
+7:  mov $3, %eax
+    ret
+
+net_queue:                      /* rbx = common cfg, ecx = queue, rdi/rsi/rdx = its rings -> rax = doorbell or 0 */
+    mov %cx, 22(%rbx)
+    movw $NQ_SIZE, 24(%rbx)
+    movw $0, 26(%rbx)           /* queue_msix_vector 0, read back */
+    movzwl 26(%rbx), %eax
+    test %eax, %eax
+    jz 1f
+    xor %eax, %eax
+    ret
+1:  mov %rdi, 32(%rbx)
+    mov %rsi, 40(%rbx)
+    mov %rdx, 48(%rbx)
+    movw $1, 28(%rbx)
+    movzwl 30(%rbx), %eax
+    imul net_notify_mult(%rip), %eax
+    add net_notify(%rip), %eax
+    add net_bar(%rip), %rax
+    ret
+
+net_send:                       /* edi = the frame's number in this press -> eax = 0 or failure */
+    mov %edi, %r8d
+    and $(NQ_SIZE - 1), %r8d    /* one descriptor (and buffer) per tx slot */
+    mov %r8d, %eax
+    shl $7, %eax                /* NET_TXBUF */
+    lea net_txbufs(%rip), %r9
+    add %rax, %r9
+    push %rdi
+    mov %r9, %rdi
+    xor %eax, %eax
+    mov $((NET_HDR + NET_FRAME_LEN) / 4), %ecx
+    rep stosl                   /* header (no offload: all zero) and frame zeroed */
+    pop %rdi
+    movl $-1, NET_HDR(%r9)      /* destination: broadcast */
+    movw $-1, NET_HDR+4(%r9)
+    mov net_mac(%rip), %eax     /* source: the device's MAC */
+    mov %eax, NET_HDR+6(%r9)
+    movzwl net_mac+4(%rip), %eax
+    mov %ax, NET_HDR+10(%r9)
+    movw $((NET_TYPE & 0xff) << 8 | NET_TYPE >> 8), NET_HDR+12(%r9)  /* big-endian */
+    mov net_magic(%rip), %rax
+    mov %rax, NET_HDR+14(%r9)
+    mov net_presses(%rip), %eax
+    mov %eax, NET_HDR+22(%r9)
+    mov %edi, NET_HDR+26(%r9)
+    mov %r8d, %eax
+    shl $4, %eax
+    lea nq_tx_desc(%rip), %rsi
+    add %rax, %rsi
+    mov %r9, (%rsi)
+    movl $(NET_HDR + NET_FRAME_LEN), 8(%rsi)
+    movl $0, 12(%rsi)           /* flags 0 (device-readable), next 0 */
+    movzwl nq_tx_avail+2(%rip), %eax
+    mov %eax, %ecx
+    and $(NQ_SIZE - 1), %ecx
+    lea nq_tx_avail+4(%rip), %rdi
+    mov %r8w, (%rdi,%rcx,2)
+    inc %eax
+    mov %ax, nq_tx_avail+2(%rip)
+    mov net_tx_doorbell(%rip), %rdi
+    movw $1, (%rdi)             /* the doorbell (MSHV_IOEVENTFD) of queue 1 */
+2:  cli
+    movzwl nq_tx_used+2(%rip), %eax
+    cmp nq_tx_avail+2(%rip), %ax
+    je 3f
+    sti
+    hlt                         /* woken by the I/O thread's completion (an irqfd) */
+    jmp 2b
+3:  sti
+    incl net_tx(%rip)
+    xor %eax, %eax
+    ret
+
+net_harvest:                    /* count and hash what the device used of the rx ring, give the buffers back */
+    xor %r10d, %r10d
+1:  movzwl nq_rx_used+2(%rip), %eax
+    cmp net_rx_seen(%rip), %ax
+    je 5f
+    movzwl net_rx_seen(%rip), %ecx
+    and $(NQ_SIZE - 1), %ecx
+    lea nq_rx_used+4(%rip), %rsi
+    mov (%rsi,%rcx,8), %r8d     /* id: the descriptor, and so the buffer */
+    and $(NQ_SIZE - 1), %r8d
+    mov 4(%rsi,%rcx,8), %r9d    /* length written, header included */
+    sub $NET_HDR, %r9d
+    cmp $(NET_RXBUF - NET_HDR), %r9d
+    jbe 11f
+    xor %r9d, %r9d              /* shorter than a header or longer than the buffer: counted, not hashed */
+11: incl net_rx(%rip)
+    add %r9d, net_rx_bytes(%rip)
+    mov %r8d, %eax
+    shl $11, %eax               /* NET_RXBUF */
+    lea net_rxbufs+NET_HDR(%rip), %rsi
+    add %rax, %rsi
+    mov net_rx_sum(%rip), %ebx
+2:  test %r9d, %r9d
+    jz 3f
+    movzbl (%rsi), %eax
+    imul $31, %ebx
+    add %eax, %ebx
+    inc %rsi
+    dec %r9d
+    jmp 2b
+3:  mov %ebx, net_rx_sum(%rip)
+    movzwl nq_rx_avail+2(%rip), %eax
+    mov %eax, %ecx
+    and $(NQ_SIZE - 1), %ecx
+    lea nq_rx_avail+4(%rip), %rdi
+    mov %r8w, (%rdi,%rcx,2)
+    inc %eax
+    mov %ax, nq_rx_avail+2(%rip)
+    incw net_rx_seen(%rip)
+    inc %r10d
+    jmp 1b
+5:  test %r10d, %r10d
+    jz 6f
+    mov net_rx_doorbell(%rip), %rdi
+    movw $0, (%rdi)             /* buffers given back: the I/O thread reads the tap again */
+6:  ret
+
+net_isr:
+    lock incl net_irqs(%rip)
+    push %rax
+    mov $LAPIC, %eax
+    movl $0, 0xb0(%rax)
+    pop %rax
+    iretq
+
+    .data
+net_msg:       .asciz "TINY-NET press="
+net_tx_msg:    .asciz " tx="
+net_rx_msg:    .asciz " rx="
+net_bytes_msg: .asciz " rxbytes="
+net_sum_msg:   .asciz " sum="
+net_irqs_msg:  .asciz " irqs="
+net_fail_msg:  .asciz "TINY-NET-FAIL "
+net_magic:     .ascii "TINY-NET"
+    .p2align 3
+net_bar:       .quad 0
+net_rx_doorbell: .quad 0
+net_tx_doorbell: .quad 0
+net_cfg:       .long 0
+net_common:    .long 0
+net_devcfg:    .long 0
+net_notify:    .long 0
+net_notify_mult: .long 0
+net_msix_cap:  .long 0
+net_msix_table: .long 0
+net_irqs:      .long 0
+net_presses:   .long 0
+net_tx:        .long 0
+net_rx:        .long 0
+net_rx_target: .long 0
+net_rx_bytes:  .long 0
+net_rx_sum:    .long 0
+net_mac:       .skip 8
+net_rx_seen:   .word 0
+net_ready:     .byte 0
+
+    .bss
+    .p2align 4
+nq_rx_desc:    .skip 16 * NQ_SIZE
+    .p2align 2
+nq_rx_avail:   .skip 4 + 2 * NQ_SIZE + 2
+    .p2align 2
+nq_rx_used:    .skip 4 + 8 * NQ_SIZE + 2
+    .p2align 4
+nq_tx_desc:    .skip 16 * NQ_SIZE
+    .p2align 2
+nq_tx_avail:   .skip 4 + 2 * NQ_SIZE + 2
+    .p2align 2
+nq_tx_used:    .skip 4 + 8 * NQ_SIZE + 2
+    .p2align 7
+net_txbufs:    .skip NET_TXBUF * NQ_SIZE
+    .p2align 12
+net_rxbufs:    .skip NET_RXBUF * NQ_SIZE
+"""
+
 LINKER_SCRIPT = """
 ENTRY(start64)
 SECTIONS {
@@ -1834,6 +2292,29 @@ def tiny_blk_pattern(press: int) -> bytes:
     return struct.pack(f"<{len(words)}I", *words)
 
 
+def tiny_net(serial: str) -> list[dict[str, int]]:
+    """Every virtio-net line the tiny guest printed (key ``u``), fields as numbers."""
+    return [
+        {k: int(v, 16) for k, v in (f.split("=") for f in m.group(1).split())}
+        for m in re.finditer(re.escape(TINY_NET) + r" (press=.*)\n", serial)
+    ]
+
+
+def tiny_net_frame(mac: bytes, press: int, number: int) -> bytes:
+    """Frame ``number`` (from 0) of press ``press`` as the guest builds it (its device's MAC as source)."""
+    head = b"\xff" * 6 + mac + struct.pack(">H", TINY_NET_ETHERTYPE) + b"TINY-NET" + struct.pack("<II", press, number)
+    return head.ljust(TINY_NET_FRAME_LEN, b"\0")
+
+
+def tiny_net_hash(frames: list[bytes], start: int = 0) -> int:
+    """The guest's hash of received frames in arrival order: h = h * 31 + byte (32 bits)."""
+    h = start
+    for frame in frames:
+        for byte in frame:
+            h = (h * 31 + byte) & 0xFFFFFFFF
+    return h
+
+
 def tiny_source() -> str:
     """The tiny guest's whole assembly source (also what its cache key is made of)."""
     return (
@@ -1844,6 +2325,10 @@ def tiny_source() -> str:
         + TINY_VIRTIO_ASM.replace("{rounds}", str(TINY_VIRTIO_ROUNDS)).replace("{buffer}", str(TINY_VIRTIO_BUFFER))
         + TINY_RTC_ASM
         + TINY_BLK_ASM.replace("{sector}", hex(TINY_BLK_SECTOR)).replace("{nbytes}", str(TINY_BLK_BYTES))
+        + TINY_NET_ASM.replace("{frames}", str(TINY_NET_FRAMES))
+        .replace("{frame_len}", str(TINY_NET_FRAME_LEN))
+        .replace("{wait_ticks}", str(TINY_NET_WAIT_TICKS))
+        .replace("{ethertype}", hex(TINY_NET_ETHERTYPE))
     )
 
 

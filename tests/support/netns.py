@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import json
 import os
 import socket
 import struct
@@ -14,6 +15,8 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
+
+from tests.support.guests import TINY_NET_ETHERTYPE, TINY_NET_FRAMES, tiny_net_frame
 
 T = TypeVar("T")
 
@@ -25,6 +28,8 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 ETH_P_ALL = 0x0003
 VNET_HDR_LEN = 12
+PACKET_OUTGOING = 4  # sll_pkttype of what was sent on the interface, not received
+PEER_MAC = bytes.fromhex("525400fe0001")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -93,6 +98,17 @@ class NetNs:
 
         return _in_netns(self.name, create)
 
+    def link_stats(self, ifname: str) -> dict[str, int]:
+        """The kernel's counters of ``ifname`` (``ip -s``): rx_/tx_ packets and bytes as the host sees them."""
+        out = subprocess.run(
+            ["ip", "-n", self.name, "-j", "-s", "link", "show", "dev", ifname],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        stats = json.loads(out)[0]["stats64"]
+        return {f"{way}_{k}": int(stats[way][k]) for way in ("rx", "tx") for k in ("packets", "bytes")}
+
     def link_exists(self, ifname: str) -> bool:
         r = subprocess.run(["ip", "-n", self.name, "link", "show", ifname], capture_output=True)
         return r.returncode == 0
@@ -110,3 +126,29 @@ def netns(tag: str) -> Iterator[NetNs]:
         yield ns
     finally:
         subprocess.run(["ip", "netns", "del", name], check=True, capture_output=True)
+
+
+def tiny_net_reply(guest_mac: bytes, press: int, number: int) -> bytes:
+    """The peer's answer to frame ``number`` of press ``press``: to the guest, lengths 60, 64, 68, ..."""
+    head = (
+        guest_mac + PEER_MAC + struct.pack(">H", TINY_NET_ETHERTYPE) + b"HOST-NET" + struct.pack("<II", press, number)
+    )
+    return head.ljust(60 + 4 * number, bytes([number + 1]))
+
+
+def answer_tiny_net(sock: socket.socket, guest_mac: bytes, press: int, *, timeout: float) -> list[bytes]:
+    """The peer of one ``u`` press of the tiny guest: read its TINY_NET_FRAMES frames from ``sock`` (the
+    ones received on the interface, not what this socket sends), check their bytes, answer each at once;
+    the replies, in the order sent."""
+    sock.settimeout(timeout)
+    replies = []
+    for number in range(TINY_NET_FRAMES):
+        while True:
+            data, addr = sock.recvfrom(65536)
+            if addr[2] != PACKET_OUTGOING:
+                break
+        assert data == tiny_net_frame(guest_mac, press, number), (number, data.hex())
+        reply = tiny_net_reply(guest_mac, press, number)
+        sock.send(reply)
+        replies.append(reply)
+    return replies

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +14,15 @@ from typing import Any
 
 import pytest
 
-from tests.support.netns import NetNs, netns
+from tests.support.guests import (
+    TINY_BANNER,
+    TINY_IRQ_FLAG,
+    TINY_NET_FRAME_LEN,
+    TINY_NET_FRAMES,
+    tiny_net,
+    tiny_net_hash,
+)
+from tests.support.netns import NetNs, answer_tiny_net, netns
 from tests.support.procfs import process_gone
 from tests.support.waits import wait_for
 from tests.vmm.harness import VmmProcess
@@ -27,14 +36,16 @@ COUNTERS = ("rx_packets", "rx_bytes", "rx_drops", "tx_packets", "tx_bytes", "tx_
 
 
 @contextmanager
-def vmm_with_tap(tiny_kernel: Path, tmp_path: Path, *, link_up: bool = True) -> Iterator[tuple[VmmProcess, NetNs]]:
+def vmm_with_tap(
+    tiny_kernel: Path, tmp_path: Path, *, link_up: bool = True, cmdline: str = "console=ttyS0 tiny"
+) -> Iterator[tuple[VmmProcess, NetNs]]:
     """A VMM with one virtio-net on a non-persistent tap of a test namespace; the test's copy of the
     tap fd is closed once the VMM has it, so the VMM's is the only one left."""
     with netns("vvmm") as ns:
         tap = ns.open_tap(TAP)
         try:
             net = [{"slot": SLOT, "fd": tap, "mac": MAC, "mtu": 1500, "link_up": link_up}]
-            vm = VmmProcess.start(tmp_path / "vm", tiny_kernel, cmdline="console=ttyS0 tiny", net=net, pass_fds=(tap,))
+            vm = VmmProcess.start(tmp_path / "vm", tiny_kernel, cmdline=cmdline, net=net, pass_fds=(tap,))
         finally:
             os.close(tap)
         with vm:
@@ -122,3 +133,60 @@ def test_a_sigkilled_vmm_leaves_no_thread_and_releases_the_tap(kvm: None, tiny_k
         assert not any(Path(f"/proc/{pid}/task/{t}").exists() for t in threads)
         wait_for(lambda: not session_members(pid), 10, what=f"every process of session {pid} gone")
         wait_for(lambda: not ns.link_exists(TAP), 10, what=f"tap {TAP} gone from {ns.name}")
+
+
+def press_net(vm: VmmProcess, nth: int, sock: socket.socket) -> tuple[dict[str, int], list[bytes]]:
+    """Press ``u`` once, be the guest's peer on the tap, and return its ``nth`` line and the replies."""
+    vm.console_send(b"u")
+    replies = answer_tiny_net(sock, bytes.fromhex(MAC.replace(":", "")), nth, timeout=60)
+
+    def printed() -> list[dict[str, int]] | None:
+        assert "TINY-NET-FAIL" not in vm.serial, vm.diagnostics()
+        found = tiny_net(vm.serial)
+        return found if len(found) >= nth else None
+
+    lines = wait_for(printed, 60, what=vm.diagnostics)
+    return lines[nth - 1], replies
+
+
+@pytest.mark.parametrize("mode", ["", f" {TINY_IRQ_FLAG}"], ids=["polled", "irq"])
+def test_the_tiny_guest_sends_frames_to_the_tap_and_counts_the_replies(
+    kvm: None, tiny_kernel: Path, tmp_path: Path, mode: str
+) -> None:
+    with vmm_with_tap(tiny_kernel, tmp_path, cmdline="console=ttyS0 tiny" + mode) as (vm, ns):
+        vm.wait_serial(TINY_BANNER, timeout=60)
+        before = ns.link_stats(TAP)
+        with ns.packet_socket(TAP) as sock:
+            replies: list[bytes] = []
+            for press in (1, 2):
+                line, sent = press_net(vm, press, sock)  # the guest's frames checked byte for byte inside
+                replies += sent
+                n = press * TINY_NET_FRAMES
+                assert line == {
+                    "press": press,
+                    "tx": n,
+                    "rx": n,
+                    "rxbytes": sum(map(len, replies)),
+                    "sum": tiny_net_hash(replies),
+                    "irqs": line["irqs"],
+                }, (line, vm.diagnostics())
+                # both queues share one vector, so interrupts close together arrive as one (the LAPIC's IRR bit)
+                assert line["irqs"] >= press, line
+        after = ns.link_stats(TAP)
+        # the kernel's own count of the tap: what the VMM wrote (the guest's frames) and what it read
+        grew = {k: after[k] - before[k] for k in after}
+        assert grew == {
+            "rx_packets": n,
+            "rx_bytes": n * TINY_NET_FRAME_LEN,
+            "tx_packets": n,
+            "tx_bytes": sum(map(len, replies)),
+        }, grew
+        counters = {k: net_status(vm)[k] for k in COUNTERS}  # the device's, which domifstat reports
+        assert counters == {
+            "rx_packets": n,
+            "rx_bytes": sum(map(len, replies)),
+            "rx_drops": 0,
+            "tx_packets": n,
+            "tx_bytes": n * TINY_NET_FRAME_LEN,
+            "tx_drops": 0,
+        }, counters
