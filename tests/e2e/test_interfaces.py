@@ -105,8 +105,9 @@ def test_taps_and_ports_follow_the_vm(
             assert len(port) == 1 and f"portid='{port[0]}' bridge='{network}'" in live, (port, live)
             listed = virsh(daemon.uri, "domiflist", name).stdout
             assert re.search(rf"{taps[0]}\s+network\s+{network}\s+virtio\s+{NET_MAC}", listed), listed
-            # domifstat by tap, MAC or alias: the VMM's data-path counters (the tiny guest drives no
-            # virtio-net, so none has moved), printed as virsh prints libvirt's; an unknown one is refused
+            # domifstat by tap, MAC or alias: the VMM's data-path counters (nothing typed 'u', so the guest sent
+            # no frame and none has moved; test_interface_traffic.py moves them), printed as virsh prints
+            # libvirt's; an unknown one is refused
             by_name = virsh(daemon.uri, "domifstat", name, taps[1]).stdout
             fields = [f"{d}_{c}" for d in ("rx", "tx") for c in ("bytes", "packets", "errs", "drop")]
             dotted = [f"{d}.{c}" for d in ("rx", "tx") for c in ("bytes", "pkts", "errs", "drop")]
@@ -277,7 +278,7 @@ LEASE_MAC = "52:54:00:6e:00:0b"
 def test_domifaddr_from_the_networks_leases_and_the_hosts_arp_table(
     kvm: None, daemon: DaemonProcess, tiny_kernel: Path, network: str, tmp_path: Path
 ) -> None:
-    """The tiny guest drives no NIC, so the DHCP client is udhcpc in a namespace of the test's own, its veth on
+    """The tiny guest runs no DHCP client, so udhcpc is the client, in a namespace of the test's own, its veth on
     the network's bridge with the interface's MAC: the lease is libvirt's dnsmasq's for that MAC either way."""
     name = unique("ifvm")
     iface = f"<interface type='network'><mac address='{LEASE_MAC}'/><source network='{network}'/></interface>"

@@ -75,6 +75,9 @@ class DaemonProcess:
     module: str = "mshv_libvirt.daemon"  # or a test wrapper of it (tests/support/validator_hook.py)
     system: bool = False  # the system instance (libvirt's "privileged" driver), still on the paths below
     run_dir_arg: str | None = None  # another spelling of run_dir to pass (a symlink, a relative path)
+    # a network namespace of the test's to run it in (``ip netns exec``, which also mounts that namespace's
+    # /sys): its taps, and the bridges it joins, are the namespace's, never the host's
+    netns: str | None = None
 
     @property
     def socket(self) -> Path:
@@ -192,6 +195,7 @@ class DaemonProcess:
         log = open(self.log, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [
+                *(["ip", "netns", "exec", self.netns] if self.netns else []),  # execs: the pid is the daemon's
                 sys.executable,
                 "-m",
                 self.module,
