@@ -879,7 +879,8 @@ rx_ring:        .skip 256
 
 # PCI enumeration ('d'): every slot of bus 0 through configuration mechanism #1 (0xCF8/0xCFC), and the
 # same id through ECAM (MMIO at the MCFG base), as ``TINY-PCI <slot> <id> ecam <id> class <class/rev>``,
-# then ``TINY-PCI-DONE <count>`` (ids are dwords: device << 16 | vendor).
+# then ``TINY-PCI-DONE <count>`` (ids are dwords: device << 16 | vendor). Also the configuration-space
+# accessors the virtio drivers share (``vpci_read32``, ``vpci_write16``).
 TINY_PCI_ASM = r"""
     .set PCI_ADDR, 0xcf8
     .set PCI_DATA, 0xcfc
@@ -942,6 +943,28 @@ pci_scan:
     call putc
     movb $0, print_lock(%rip)
     jmp main_loop
+
+/* configuration mechanism #1 for the virtio drivers below */
+vpci_read32:                    /* eax = the function's 0xCF8 address, ecx = register -> eax */
+    or %ecx, %eax
+    mov $0xcf8, %dx
+    out %eax, %dx
+    mov $0xcfc, %dx
+    in %dx, %eax
+    ret
+
+vpci_write16:                   /* eax = the function's 0xCF8 address, ecx = register (2-byte aligned), r9w = value */
+    mov %ecx, %edx
+    and $~3, %edx
+    or %edx, %eax
+    mov $0xcf8, %dx
+    out %eax, %dx
+    mov $0xcfc, %edx
+    and $3, %ecx
+    add %ecx, %edx
+    mov %r9d, %eax
+    out %ax, %dx
+    ret
 
     .data
 pci_msg:       .asciz "TINY-PCI "
@@ -1013,26 +1036,11 @@ virtio_rng:
 
 vio_cfg_read32:                 /* ecx = register of the device's config space -> eax */
     mov vio_cfg(%rip), %eax
-    or %ecx, %eax
-    mov $0xcf8, %dx
-    out %eax, %dx
-    mov $0xcfc, %dx
-    in %dx, %eax
-    ret
+    jmp vpci_read32
 
 vio_cfg_write16:                /* ecx = register (2-byte aligned), r9w = value */
     mov vio_cfg(%rip), %eax
-    mov %ecx, %edx
-    and $~3, %edx
-    or %edx, %eax
-    mov $0xcf8, %dx
-    out %eax, %dx
-    mov $0xcfc, %edx
-    and $3, %ecx
-    add %ecx, %edx
-    mov %r9d, %eax
-    out %ax, %dx
-    ret
+    jmp vpci_write16
 
 virtio_setup:
     mov $1, %r12d
@@ -1488,26 +1496,11 @@ virtio_blk:
 
 blk_cfg_read32:                 /* ecx = register of the device's config space -> eax */
     mov blk_cfg(%rip), %eax
-    or %ecx, %eax
-    mov $0xcf8, %dx
-    out %eax, %dx
-    mov $0xcfc, %dx
-    in %dx, %eax
-    ret
+    jmp vpci_read32
 
 blk_cfg_write16:                /* ecx = register (2-byte aligned), r9w = value */
     mov blk_cfg(%rip), %eax
-    mov %ecx, %edx
-    and $~3, %edx
-    or %edx, %eax
-    mov $0xcf8, %dx
-    out %eax, %dx
-    mov $0xcfc, %edx
-    and $3, %ecx
-    add %ecx, %edx
-    mov %r9d, %eax
-    out %ax, %dx
-    ret
+    jmp vpci_write16
 
 blk_setup:
     mov $1, %r12d
@@ -1842,27 +1835,6 @@ virtio_net:
     movb $0, print_lock(%rip)
     popfq
     jmp main_loop
-
-vpci_read32:                    /* eax = the function's 0xCF8 address, ecx = register -> eax */
-    or %ecx, %eax
-    mov $0xcf8, %dx
-    out %eax, %dx
-    mov $0xcfc, %dx
-    in %dx, %eax
-    ret
-
-vpci_write16:                   /* eax = the function's 0xCF8 address, ecx = register (2-byte aligned), r9w = value */
-    mov %ecx, %edx
-    and $~3, %edx
-    or %edx, %eax
-    mov $0xcf8, %dx
-    out %eax, %dx
-    mov $0xcfc, %edx
-    and $3, %ecx
-    add %ecx, %edx
-    mov %r9d, %eax
-    out %ax, %dx
-    ret
 
 net_setup:
     mov $1, %r12d
