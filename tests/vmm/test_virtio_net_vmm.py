@@ -135,18 +135,22 @@ def test_a_sigkilled_vmm_leaves_no_thread_and_releases_the_tap(kvm: None, tiny_k
         wait_for(lambda: not ns.link_exists(TAP), 10, what=f"tap {TAP} gone from {ns.name}")
 
 
-def press_net(vm: VmmProcess, nth: int, sock: socket.socket) -> tuple[dict[str, int], list[bytes]]:
-    """Press ``u`` once, be the guest's peer on the tap, and return its ``nth`` line and the replies."""
-    vm.console_send(b"u")
-    replies = answer_tiny_net(sock, bytes.fromhex(MAC.replace(":", "")), nth, timeout=60)
+def net_line(vm: VmmProcess, nth: int) -> dict[str, int]:
+    """The guest's ``nth`` TINY-NET line, once printed (a TINY-NET-FAIL ends the wait at once)."""
 
     def printed() -> list[dict[str, int]] | None:
         assert "TINY-NET-FAIL" not in vm.serial, vm.diagnostics()
         found = tiny_net(vm.serial)
         return found if len(found) >= nth else None
 
-    lines = wait_for(printed, 60, what=vm.diagnostics)
-    return lines[nth - 1], replies
+    return wait_for(printed, 60, what=vm.diagnostics)[nth - 1]
+
+
+def press_net(vm: VmmProcess, nth: int, sock: socket.socket) -> tuple[dict[str, int], list[bytes]]:
+    """Press ``u`` once, be the guest's peer on the tap, and return its ``nth`` line and the replies."""
+    vm.console_send(b"u")
+    replies = answer_tiny_net(sock, bytes.fromhex(MAC.replace(":", "")), nth, timeout=60)
+    return net_line(vm, nth), replies
 
 
 @pytest.mark.parametrize("mode", ["", f" {TINY_IRQ_FLAG}"], ids=["polled", "irq"])
@@ -190,3 +194,18 @@ def test_the_tiny_guest_sends_frames_to_the_tap_and_counts_the_replies(
             "tx_bytes": n * TINY_NET_FRAME_LEN,
             "tx_drops": 0,
         }, counters
+
+
+def test_with_the_link_down_the_guests_frames_are_dropped_and_its_wait_for_replies_ends(
+    kvm: None, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    with vmm_with_tap(tiny_kernel, tmp_path, link_up=False) as (vm, ns):
+        vm.wait_serial(TINY_BANNER, timeout=60)
+        before = ns.link_stats(TAP)
+        vm.console_send(b"u")
+        line = net_line(vm, 1)  # after the guest's bounded wait (TINY_NET_WAIT_TICKS): nobody answered
+        assert line == {"press": 1, "tx": TINY_NET_FRAMES, "rx": 0, "rxbytes": 0, "sum": 0, "irqs": line["irqs"]}
+        after = ns.link_stats(TAP)
+        assert after == before  # not a frame reached the tap
+        counters = {k: net_status(vm)[k] for k in COUNTERS}
+        assert counters == {**dict.fromkeys(COUNTERS, 0), "tx_drops": TINY_NET_FRAMES}, counters
