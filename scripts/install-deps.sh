@@ -10,8 +10,8 @@ packages=(
     # libvirt's own libvirtd: storage pools/volumes and networks are relayed to its drivers
     # (scripts/start-libvirtd.sh starts it). Not libvirt-daemon-system: its "default" NAT network
     # would rewrite the host's firewall. qemu-img for qcow2 volumes; dnsmasq and iptables for the
-    # network driver; ip (netns) and ss for the tests.
-    libvirt-daemon qemu-utils dnsmasq-base iptables iproute2
+    # network driver; ip (netns) and ss for the tests; ping for the guest kernel's network proof.
+    libvirt-daemon qemu-utils dnsmasq-base iptables iproute2 iputils-ping
     # virtio-blk's data path: qemu-storage-daemon's vhost-user-blk export
     qemu-system-common
     # host SMBIOS for virsh sysinfo, read through dmidecode as libvirt does

@@ -122,6 +122,7 @@ PREREQUISITES: dict[str, Prerequisite] = {
         Prerequisite("iproute2", "iproute2", _tools("ip")),
         Prerequisite("netns", "root, /dev/net/tun and iproute2", _netns, debian=False),  # virtio-net tests
         Prerequisite("iptables", "iptables", _tools("iptables-save", "ip6tables-save")),
+        Prerequisite("ping", "iputils-ping", _tools("ping")),  # the host pings a guest kernel
         Prerequisite("iasl", "acpica-tools", _tools("iasl")),  # reads the generated ACPI tables back
         Prerequisite("systemd-analyze", "systemd", _tools("systemd-analyze")),
         Prerequisite("util-linux", "util-linux", _tools("unshare", "runuser")),
