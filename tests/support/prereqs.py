@@ -154,6 +154,7 @@ PATH_NEEDS: dict[str, tuple[str, ...]] = {
     "tests/e2e/test_network_relay.py": ("libvirtd", "dnsmasq", "iproute2", "iptables", "libvirt-python"),
     "tests/e2e/test_interfaces.py": ("libvirtd", "dnsmasq", "iproute2", "iptables", "netns", "busybox-static"),
     "tests/e2e/test_interface_traffic.py": ("iproute2", "netns"),
+    "tests/e2e/test_kernel_dhcp.py": ("libvirtd", "dnsmasq", "iproute2", "iptables", "libvirt-python", "ping"),
     "tests/driver/test_taps.py": ("netns",),
     "tests/emu/test_c_harness.py": ("gcc",),
     "tests/emu/test_exit_syscalls.py": ("strace",),
