@@ -168,6 +168,7 @@ def test_the_kernel_gets_a_lease_from_libvirts_dnsmasq_and_answers_100_pings(
         summary = ping.stdout.strip().splitlines()[-2:]
         print(f"ping: {summary}")
         assert ping.returncode == 0, ping.stdout + ping.stderr
+        # with -w, ping sends until PINGS replies came: a lost one shows as more transmitted than received
         assert f"{PINGS} packets transmitted, {PINGS} received, 0% packet loss" in ping.stdout, ping.stdout
         # the answers came from the guest's MAC (ARP resolved to it), not from anything else on the bridge
         neigh = sh("ip", "-4", "neigh", "show", address, "dev", network)
