@@ -8,7 +8,6 @@ target and by source path."""
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import signal
@@ -21,7 +20,7 @@ import pytest
 from lxml import etree
 
 from tests.support.daemon import DaemonProcess, running_daemon, virsh, vmm_processes, vmm_request, wait_for
-from tests.support.disks import SECTOR, assert_image_holds, disk_xml, document, write_through_console
+from tests.support.disks import SECTOR, assert_image_holds, disk_xml, document, qemu_img_info, write_through_console
 from tests.support.guests import TINY_BANNER, TINY_BLK_BYTES, TINY_BLK_SECTOR
 from tests.support.libvirtd import unique
 from tests.support.procfs import image_locked, process_gone
@@ -211,14 +210,6 @@ def test_domblkstat_finds_a_disk_by_target_or_source_and_reports_what_the_data_p
         if dom.isActive():
             dom.destroy()
         dom.undefine()
-
-
-def qemu_img_info(path: Path) -> dict[str, Any]:
-    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True, timeout=30)
-    assert out.returncode == 0, out.stderr
-    info = json.loads(out.stdout)
-    assert isinstance(info, dict)
-    return info
 
 
 def test_domblkinfo_as_libvirt_reports_it_for_raw_and_qcow2_inactive_and_running(

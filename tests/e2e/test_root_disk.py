@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import DaemonProcess, domain_xml, serial_log, virsh, wait_for
+from tests.support.disks import disk_xml
 from tests.support.guests import KVM_PVM_CLEARCPUID
 from tests.support.kernel import require_small_kernel
 from tests.support.linuxboot import cpu_seconds
@@ -128,13 +129,6 @@ class Guest:
     cpu: dict[str, float | None] = field(default_factory=dict)  # milestone -> VMM CPU s (None: it had exited)
     ended: float | None = None  # s after start when the domain was seen shut off
     pid: int = 0  # the VMM's
-
-
-def disk_xml(image: Path, fmt: str) -> str:
-    return (
-        f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/><source file='{image}'/>"
-        "<target dev='vda' bus='virtio'/></disk>"
-    )
 
 
 @pytest.fixture

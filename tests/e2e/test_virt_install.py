@@ -16,7 +16,6 @@ removed straight through libvirt afterwards.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -30,7 +29,7 @@ from lxml import etree
 
 from mshv_libvirt.domain.xml import parse_domain_xml
 from tests.support.daemon import DaemonProcess, serial_log, virsh, wait_for
-from tests.support.disks import SECTOR, assert_image_holds, write_through_console
+from tests.support.disks import SECTOR, assert_image_holds, qemu_img_info, write_through_console
 from tests.support.guests import TINY_AP_BANNER, TINY_BANNER, TINY_IRQ_FLAG
 from tests.support.libvirtd import unique
 from tests.support.networks import isolated_network, net_ports
@@ -263,12 +262,6 @@ def written_disk(d: DaemonProcess, name: str) -> etree._Element:
     return disks[0]
 
 
-def qemu_virtual_size(path: Path) -> int:
-    info = subprocess.run(["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True, timeout=30)
-    assert info.returncode == 0, info.stderr
-    return int(json.loads(info.stdout)["virtual-size"])
-
-
 def test_a_volume_it_allocates_in_a_pool_is_written_by_the_guest(
     kvm: None, daemon: DaemonProcess, storage: libvirt.virConnect, tiny_kernel: Path, tmp_path: Path
 ) -> None:
@@ -283,7 +276,7 @@ def test_a_volume_it_allocates_in_a_pool_is_written_by_the_guest(
     assert (disk.find("source").get("file"), disk.find("target").get("bus")) == (str(path), "virtio")  # type: ignore[union-attr]
     line = write_through_console(daemon, "vi6", 1)
     # virtinst sized it 0.01 GiB, not a whole number of sectors; QEMU's block layer, which serves it, rounds up
-    assert line["press"] == 1 and line["capacity"] == qemu_virtual_size(path) // SECTOR, line
+    assert line["press"] == 1 and line["capacity"] == int(qemu_img_info(path)["virtual-size"]) // SECTOR, line
     assert_image_holds(path, 1)  # the guest flushed: the host reads its bytes from the volume's file
     virsh(daemon.uri, "destroy", "vi6")
     wait_for(lambda: not image_locked(path))

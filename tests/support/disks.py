@@ -3,7 +3,10 @@ through its console (key ``j``) and the host reading the bytes back from the ima
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
+from typing import Any
 
 from tests.support.daemon import DaemonProcess, PtyProcess, domain_xml, wait_for
 from tests.support.guests import TINY_BANNER, TINY_BLK_BYTES, TINY_BLK_SECTOR, TINY_IRQ_FLAG, tiny_blk, tiny_blk_pattern
@@ -18,6 +21,15 @@ def disk_xml(path: Path, fmt: str = "raw", *, kind: str = "file", dev: str = "vd
         f"<disk type='{kind}' device='disk'><driver name='qemu' type='{fmt}'/>{source}"
         f"<target dev='{dev}' bus='virtio'/>{'<readonly/>' if readonly else ''}</disk>"
     )
+
+
+def qemu_img_info(path: Path) -> dict[str, Any]:
+    """``qemu-img info`` of an image, also while a running domain holds its lock (``-U``)."""
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert isinstance(info, dict)
+    return info
 
 
 def document(name: str, kernel: Path, disks: str) -> str:
