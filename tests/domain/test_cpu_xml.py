@@ -8,7 +8,6 @@ mutants, only the end-to-end tests having driven them. Where libvirt accepts wha
 
 from __future__ import annotations
 
-import itertools
 import re
 
 import libvirt
@@ -16,8 +15,8 @@ import pytest
 
 from mshv_libvirt.domain import parse_domain_xml
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError
+from tests.support.oracle import inactive_xml
 
-_names = itertools.count()
 TOPOLOGY = "<topology sockets='1' dies='1' cores='2' threads='2'/>"
 
 
@@ -29,16 +28,8 @@ def ours_xml(cpu: str) -> str:
 
 
 def theirs(ref: libvirt.virConnect, cpu: str) -> str:
-    """libvirt's inactive dumpxml of the same <cpu> (a domain of its own, undefined again)."""
-    name = f"cpu-oracle-{next(_names)}"
-    d = ref.defineXML(
-        f"<domain type='test'><name>{name}</name><memory>262144</memory><vcpu>4</vcpu>"
-        f"<os><type>hvm</type></os>{cpu}</domain>"
-    )
-    try:
-        return str(d.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-    finally:
-        d.undefine()
+    """libvirt's inactive dumpxml of the same <cpu>."""
+    return inactive_xml(ref, "cpu-oracle", cpu, before_os="<vcpu>4</vcpu>")
 
 
 def cpu_block(xml: str) -> str:

@@ -4,7 +4,6 @@ accepts and this driver cannot run (other types and models, multiqueue) is refus
 
 from __future__ import annotations
 
-import itertools
 import re
 
 import libvirt
@@ -14,8 +13,8 @@ from lxml import etree
 from mshv_libvirt.domain import format_domain_xml, parse_domain_xml
 from mshv_libvirt.domain.xml import NetLive, find_net, net_link_update, parse_device_xml
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError
+from tests.support.oracle import inactive_xml
 
-_names = itertools.count()
 MAC = "<mac address='52:54:00:12:34:56'/>"
 
 
@@ -27,16 +26,8 @@ def ours_xml(devices: str) -> str:
 
 
 def theirs(ref: libvirt.virConnect, devices: str) -> str:
-    """libvirt's inactive dumpxml of the same devices (a domain of its own, undefined again)."""
-    name = f"if-oracle-{next(_names)}"
-    d = ref.defineXML(
-        f"<domain type='test'><name>{name}</name><memory>262144</memory><os><type>hvm</type></os>"
-        f"<devices>{devices}</devices></domain>"
-    )
-    try:
-        return str(d.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-    finally:
-        d.undefine()
+    """libvirt's inactive dumpxml of the same devices."""
+    return inactive_xml(ref, "if-oracle", f"<devices>{devices}</devices>")
 
 
 def blocks(xml: str) -> list[str]:
