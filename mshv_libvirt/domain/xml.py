@@ -1612,6 +1612,10 @@ def _net_uint(el: etree._Element, attr: str) -> int | None:
     return value
 
 
+# <interface>'s children that are empty elements with these attributes and nothing else to check here
+_NET_LEAVES = {"mac": ("address",), "model": ("type",), "driver": ("queues",), "mtu": ("size",), "link": ("state",)}
+
+
 def _interface(el: etree._Element) -> _NetRequest:
     """virDomainNetDefParseXML's checks for the elements read here, in its order, then what this driver
     runs: a virtio-net device on a tap, attached to a libvirt network's bridge, a named bridge, or
@@ -1679,9 +1683,9 @@ def _interface(el: etree._Element) -> _NetRequest:
         if tag in seen:
             raise unsupported(f"more than one <{tag}> in <interface> {_NOT_SUPPORTED}")
         seen.add(tag)
-        if tag == "mac":
-            _check_attrs(child, ("address",), "interface><mac")
-            _leaf(child, "interface><mac")
+        if tag in _NET_LEAVES:
+            _check_attrs(child, _NET_LEAVES[tag], f"interface><{tag}")
+            _leaf(child, f"interface><{tag}")
         elif tag == "source":
             if ntype == "ethernet":
                 raise unsupported(f"element <source> in <interface type='ethernet'> {_NOT_SUPPORTED}")
@@ -1701,18 +1705,6 @@ def _interface(el: etree._Element) -> _NetRequest:
                 if not dev:
                     raise unsupported(f"an empty <target dev> in <interface> {_NOT_SUPPORTED}")
                 fields["target"] = dev
-        elif tag == "model":
-            _check_attrs(child, ("type",), "interface><model")
-            _leaf(child, "interface><model")
-        elif tag == "driver":
-            _check_attrs(child, ("queues",), "interface><driver")
-            _leaf(child, "interface><driver")
-        elif tag == "mtu":
-            _check_attrs(child, ("size",), "interface><mtu")
-            _leaf(child, "interface><mtu")
-        elif tag == "link":
-            _check_attrs(child, ("state",), "interface><link")
-            _leaf(child, "interface><link")
         elif tag == "alias":
             # A running domain's netN alias: ignored by a definition, as libvirt ignores it.
             _check_attrs(child, ("name",), "interface><alias")
