@@ -70,6 +70,10 @@ NET_CDEF = "\n".join(
 BLKQ_CDEF = "\n".join(
     line for line in (VMM / "blkq.h").read_text().splitlines() if line and not line.startswith(("#", "/*", " *"))
 )
+# The virtio-blk shadow virtqueue relay (abi/vmm/svq.c), the same way.
+SVQ_CDEF = "\n".join(
+    line for line in (VMM / "svq.h").read_text().splitlines() if line and not line.startswith(("#", "/*", " *"))
+)
 # (Its MSHV_SANDBOX_* kinds stay out of the module: it exports only upstream ABI constants; vmm/sandbox.py
 # names them, and tests/vmm/test_sandbox_native.py checks the vCPU kind by its report.)
 
@@ -104,6 +108,7 @@ ffibuilder.cdef(
     + SANDBOX_CDEF
     + NET_CDEF
     + BLKQ_CDEF
+    + SVQ_CDEF
 )
 
 _sources = [str(HERE / "shim.c"), *sorted(str(p) for p in EMU.glob("*.c")), *sorted(str(p) for p in VMM.glob("*.c"))]
@@ -111,6 +116,7 @@ ffibuilder.set_source(
     "mshv_libvirt._mshv",
     "\n".join(f'#include "{h}"' for h in HEADERS)
     + '\n#include "emu.h"\n#include "shim.h"\n#include "sandbox.h"\n#include "net.h"\n#include "blkq.h"\n'
+    + '#include "svq.h"\n'
     + f'static const char *const mshv_libvirt_version = "{_version()}";\n'
     + syscall_names_source(),
     sources=[str(Path(s).relative_to(HERE.parent)) for s in _sources],

@@ -58,7 +58,7 @@ static struct {
 } threads[MAX_THREADS];
 static int active;                  /* the process filter is installed */
 static int report_fd = -1;          /* the exit file: a denied call is reported there too */
-static const char *const kind_names[] = {"main", "vCPU", "helper", "device", "net"};
+static const char *const kind_names[] = {"main", "vCPU", "helper", "device", "net", "blk"};
 
 static pid_t self_tid(void)
 {
@@ -128,7 +128,7 @@ static void describe(struct buf *o, int nr, pid_t tid)
     put(o, thread ? thread : "?");
     put(o, " (tid ");
     put_num(o, tid);
-    if (kind >= 0 && kind <= 4) {
+    if (kind >= 0 && kind <= MSHV_SANDBOX_BLK) {
         put(o, ", ");
         put(o, kind_names[kind]);
         put(o, " filter");
@@ -373,6 +373,16 @@ static const struct rule net_rules[] = {
     ALLOW(exit_group),
 };
 
+/* A virtio-blk relay thread (abi/vmm/svq.c): epoll on its eventfds, eventfd reads and writes, its mutex and
+ * condition variable, the monotonic clock (a vDSO call, unless the clock source forces the system call).
+ * Guest and shadow rings are copied in memory. Pure C: no allocator. */
+static const struct rule blk_rules[] = {
+    ALLOW(epoll_wait),    ALLOW(epoll_pwait),    ALLOW(epoll_ctl),      ALLOW(read),
+    ALLOW(write),         ALLOW(futex),          ALLOW(clock_gettime),  ALLOW(gettid),
+    ALLOW(getpid),        ALLOW(rt_sigprocmask), ALLOW(rt_sigreturn),   ALLOW(restart_syscall),
+    ALLOW(madvise),       ALLOW(munmap),         ALLOW(exit),           ALLOW(exit_group),
+};
+
 /* The main thread: the selector loop, control clients, VM (re)builds, logging and lazy imports (files
  * are opened read-only where Landlock allows), thread creation (threads only), core dumps. Every call a
  * vCPU or helper thread may make is here too: their lists stack on this one. */
@@ -489,7 +499,7 @@ static int compile(const struct rule *rules, size_t n, struct sock_filter *prog,
     return (int)k;
 }
 
-static const char *const default_names[] = {"main", "vcpu", "helper", "device", "net", "?", "?", "?"};
+static const char *const default_names[] = {"main", "vcpu", "helper", "device", "net", "blk", "?", "?"};
 _Static_assert(MSHV_SANDBOX_HELPER == 2, "abi/emu/emu_kvm.c calls the helper kind EMU_SANDBOX_HELPER (2)");
 
 int mshv_seccomp_install(int kind)
@@ -524,6 +534,10 @@ int mshv_seccomp_install(int kind)
     case MSHV_SANDBOX_NET:
         rules = net_rules;
         n = sizeof(net_rules) / sizeof(net_rules[0]);
+        break;
+    case MSHV_SANDBOX_BLK:
+        rules = blk_rules;
+        n = sizeof(blk_rules) / sizeof(blk_rules[0]);
         break;
     default:
         return -EINVAL;

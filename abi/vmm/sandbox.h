@@ -10,6 +10,7 @@
 #define MSHV_SANDBOX_HELPER 2  /* the emulated device's halt monitor */
 #define MSHV_SANDBOX_DEVICE 3  /* a device thread (virtio backends) */
 #define MSHV_SANDBOX_NET 4     /* a virtio-net I/O thread (abi/vmm/net.c) */
+#define MSHV_SANDBOX_BLK 5     /* a virtio-blk relay thread (abi/vmm/svq.c) */
 
 int mshv_sandbox_no_new_privs(void);
 int mshv_landlock_abi(void);

@@ -52,7 +52,7 @@ from .devices.pvpanic import PORT as PVPANIC_PORT
 from .devices.pvpanic import PvPanic
 from .devices.rtc import CmosRtc, local_utc_offset
 from .devices.serial import Serial16550
-from .devices.virtio.blk import BackendInfo, VirtioBlk
+from .devices.virtio.blk import BackendInfo, Relay, VirtioBlk
 from .devices.virtio.net import VirtioNet, parse_mac
 from .devices.virtio.pci import VirtioPciFunction
 from .devices.virtio.queue import DeviceMemory
@@ -377,9 +377,11 @@ def attach_virtio_devices(
     config: VmmConfig,
     resources: contextlib.ExitStack,
     disks: Mapping[int, tuple[Backend, BackendInfo]] | None = None,
+    relays: Mapping[int, Relay] | None = None,
 ) -> None:
     """virtio-pci functions in their configured slots, BARs placed and mapped, device threads started.
-    ``disks``: each disk's running backend by PCI slot (the VMM's, kept across rebuilds)."""
+    ``disks``: each disk's running backend by PCI slot (the VMM's, kept across rebuilds); ``relays``: each
+    disk's counting relay by slot (likewise kept: its counters outlive the VM), else the device makes its own."""
     for rng_config in config.rng:
         try:
             fd = rng_config.fd
@@ -404,7 +406,7 @@ def attach_virtio_devices(
             if disks is None or disk.slot not in disks:
                 raise ValueError("no backend was started for it")
             backend, info = disks[disk.slot]
-            blk = VirtioBlk(backend, info, regions, disk.queues)
+            blk = VirtioBlk(backend, info, regions, disk.queues, relay=(relays or {}).get(disk.slot))
             function = VirtioPciFunction(blk, DeviceMemory(ram), platform.routing, partition, platform.mmio)
             resources.callback(function.close)
             platform.pci.add(function, disk.slot)
@@ -573,6 +575,7 @@ def build_vm(
     mode: HypervisorMode = "auto",
     paused: bool | None = None,
     disks: Mapping[int, tuple[Backend, BackendInfo]] | None = None,
+    relays: Mapping[int, Relay] | None = None,
 ) -> Vm:
     gate = ExitGate(on_vm_exit)
     with contextlib.ExitStack() as resources:
@@ -592,7 +595,7 @@ def build_vm(
         ram = map_memory(partition, config.memory_bytes)
         memory.extend(mem for _, mem in ram.regions)
         platform = attach_devices(partition, config, console_write, gate, resources)
-        attach_virtio_devices(partition, ram, platform, config, resources, disks)
+        attach_virtio_devices(partition, ram, platform, config, resources, disks, relays)
         kernel = load_kernel(ram, config)
         write_platform_tables(ram, config)
         vps = create_vps(partition, config.vcpus, resources)

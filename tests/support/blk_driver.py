@@ -128,6 +128,7 @@ class HandedQueue:
 
     def close(self) -> None:
         self.device.release()
+        self.device.close()  # its relay (the device's own here) ends with the queue
         if self._handle != ffi.NULL:
             lib.mshv_blkq_free(self._handle)
             self._handle = ffi.NULL

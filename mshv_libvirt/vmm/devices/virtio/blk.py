@@ -10,6 +10,14 @@ interrupts the guest through the kernel too. A device reset (or the VM's teardow
 with GET_VRING_BASE before the status reads back 0, so the backend never touches rings the driver
 reuses.
 
+The backend is not given the guest's rings: a counting relay in the compiled module (abi/vmm/svq.c, a
+shadow virtqueue as vDPA's SVQ) sits between them, because qemu-storage-daemon's export keeps no block
+accounting. The backend serves VMM-owned rings in a memfd it maps with guest RAM (``SHADOW_GPA`` in the
+memory table, beyond any guest address); the relay's C thread copies each guest chain there (addresses
+unchanged), counts and times every request, and copies completions back to the guest's used ring and
+irqfd. A ``Relay`` belongs to its disk for the VMM's life (vmm/runtime.py), so its counters outlive VM
+rebuilds and daemon restarts; it also logs every guest page the device wrote (``dirty()``).
+
 The vhost-user messages go out on the device's own thread ("vhost-blk", the sandbox's device list plus
 sendmsg/recvfrom): a vCPU's seccomp list has no socket calls, so the vCPU that wrote the status register
 posts the job and waits for it (bounded).
@@ -19,12 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from mshv_libvirt._mshv import ffi, lib
 
 from ... import sandbox
 from ...vhost_user import F_PROTOCOL_FEATURES, Backend, MemRegion, VhostUserError
@@ -50,6 +61,90 @@ F_WRITE_ZEROES = 1 << 14
 # What we pass through of the backend's offer (the transport adds VERSION_1 itself). SEG_MAX and
 # BLK_SIZE only say that those configuration fields are valid.
 SUPPORTED = F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH | F_MQ | F_DISCARD | F_WRITE_ZEROES | F_INDIRECT_DESC | F_EVENT_IDX
+
+
+RELAY_QUEUES = 64  # abi/vmm/svq.h MSHV_SVQ_MAX_QUEUES
+SHADOW_GPA = 1 << 50  # where the relay's rings sit in the backend's memory table: no guest address is there
+STATS = (
+    "rd_req", "rd_bytes", "rd_total_ns", "wr_req", "wr_bytes", "wr_total_ns", "flush_req", "flush_total_ns",
+    "rd_failed", "wr_failed", "flush_failed", "other_req",
+    "guest_kicks", "backend_kicks", "backend_calls", "guest_irqs", "polled",
+)  # fmt: skip
+
+
+class Relay:
+    """One disk's counting relay between the guest's rings and the backend's (abi/vmm/svq.c), for up to
+    ``queues`` rings. Made on a thread allowed to create threads and eventfds (the VMM's main thread, after
+    the sandbox: then its C thread narrows its own list). ``poll_ns``: how long its thread busy-polls both
+    sides after its last work before it sleeps (0: never)."""
+
+    def __init__(self, queues: int = 1, poll_ns: int = 0) -> None:
+        self.poll_ns = poll_ns
+        self.error_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # readable when the relay stopped on a fault
+        self._handle: Any = lib.mshv_svq_new(self.error_fd, queues)
+        if self._handle == ffi.NULL:
+            os.close(self.error_fd)
+            raise OSError("cannot create the virtio-blk relay")
+        fd, size, host = ffi.new("int *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        lib.mshv_svq_shadow(self._handle, fd, size, host)
+        self.shadow = MemRegion(SHADOW_GPA, int(size[0]), int(host[0]), int(fd[0]))
+
+    def ring(self, index: int) -> tuple[int, int, int, int, int]:
+        """Ring ``index``'s shadow (desc, avail, used) addresses in this process, and the backend's kick
+        and call eventfds (the relay's own)."""
+        out = [ffi.new("uint64_t *") for _ in range(3)]
+        kick, call = ffi.new("int *"), ffi.new("int *")
+        rc = lib.mshv_svq_ring(self._handle, index, *out, kick, call)
+        if rc < 0:
+            raise OSError(-rc, f"virtio-blk relay: ring {index}: {os.strerror(-rc)}")
+        return int(out[0][0]), int(out[1][0]), int(out[2][0]), int(kick[0]), int(call[0])
+
+    def start(self, regions: list[MemRegion], rings: list[_Ring], event_idx: bool) -> None:
+        h = self._handle
+        lib.mshv_svq_stop(h)
+        lib.mshv_svq_clear_regions(h)
+        for r in regions:
+            if (rc := lib.mshv_svq_add_region(h, r.gpa, r.size, r.address)) < 0:
+                raise OSError(-rc, f"virtio-blk relay: guest RAM at {r.gpa:#x}: {os.strerror(-rc)}")
+        for n in range(RELAY_QUEUES):
+            lib.mshv_svq_set_queue(h, n, 0, 0, 0, 0, -1, -1, 0, 0)
+        for ring in rings:
+            call = -1 if ring.call_fd is None else ring.call_fd
+            rc = lib.mshv_svq_set_queue(
+                h, ring.index, ring.size, ring.desc, ring.driver, ring.device, ring.kick_fd, call, 0, 0
+            )
+            if rc < 0:
+                raise OSError(-rc, f"virtio-blk relay: ring {ring.index}: {os.strerror(-rc)}")
+        if lib.mshv_svq_start(h, int(event_idx), self.poll_ns) != 0:
+            raise OSError(0, f"virtio-blk relay: {self.error() or 'queues refused'}")
+
+    def stop(self) -> None:
+        """Returns once the relay's thread has let go of every ring."""
+        lib.mshv_svq_stop(self._handle)
+
+    def stats(self) -> dict[str, int]:
+        st = ffi.new("struct mshv_svq_stats *")
+        lib.mshv_svq_get_stats(self._handle, st)
+        return {name: int(getattr(st, name)) for name in STATS}
+
+    def dirty(self) -> list[int]:
+        """Guest-physical page numbers (4 KiB) the device wrote since the last call; the log is cleared."""
+        words = int(lib.mshv_svq_dirty(self._handle, ffi.NULL, 0))
+        buf = ffi.new("uint64_t[]", max(words, 1))
+        words = min(words, int(lib.mshv_svq_dirty(self._handle, buf, words)))
+        return [64 * i + b for i in range(words) if (w := int(buf[i])) for b in range(64) if w >> b & 1]
+
+    def error(self) -> str | None:
+        buf = ffi.new("char[]", 160)
+        if not lib.mshv_svq_error(self._handle, buf, 160):
+            return None
+        return str(ffi.string(buf).decode(errors="replace"))
+
+    def close(self) -> None:
+        if self._handle is not None:
+            lib.mshv_svq_free(self._handle)
+            self._handle = None
+            os.close(self.error_fd)
 
 
 @dataclass(frozen=True)
@@ -89,8 +184,12 @@ class VirtioBlk:
     class_code = CLASS_STORAGE_SCSI
     config_size = CONFIG_SIZE
 
-    def __init__(self, backend: Backend, info: BackendInfo, regions: list[MemRegion], queues: int = 1) -> None:
+    def __init__(
+        self, backend: Backend, info: BackendInfo, regions: list[MemRegion], queues: int = 1, relay: Relay | None = None
+    ) -> None:
         self.backend = backend
+        self._own_relay = relay is None  # tests and the benchmark: the device's own, freed by close()
+        self.relay = relay if relay is not None else Relay(queues)
         self.info = info
         self.features = info.features & SUPPORTED & ~F_VERSION_1
         queues = max(1, min(queues, info.queues))
@@ -105,6 +204,7 @@ class VirtioBlk:
         self._jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Event] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._started: list[int] = []  # rings the backend serves now
+        self._relaying = False
         self.activations = 0
         self.error: str | None = None
 
@@ -182,6 +282,14 @@ class VirtioBlk:
         thread, self._thread = self._thread, None
         self._jobs.put(None)
         thread.join(JOB_TIMEOUT)
+        self.close()
+
+    def close(self) -> None:
+        """Frees the relay the device made itself (a disk's relay from the VMM lives on)."""
+        if self._own_relay:
+            self._own_relay = False
+            self.relay.stop()
+            self.relay.close()
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -216,18 +324,19 @@ class VirtioBlk:
         fe = self.backend.frontend
         self._stop_rings()
         fe.set_features(features | (self.info.features & F_PROTOCOL_FEATURES))
-        fe.set_mem_table(self._regions)
+        fe.set_mem_table([*self._regions, self.relay.shadow])
+        shadows = {r.index: self.relay.ring(r.index) for r in rings}
+        # The relay takes the guest's rings first: what the guest posts meanwhile waits in the shadow ring
+        # (and its kick in the backend's eventfd) until the backend is enabled below.
+        self.relay.start(self._regions, rings, bool(features & F_EVENT_IDX))
+        self._relaying = True
         for r in rings:
+            desc, avail, used, kick, call = shadows[r.index]
             fe.set_vring_num(r.index, r.size)
-            fe.set_vring_addr(
-                r.index,
-                fe.address_of(r.desc, 16 * r.size),
-                fe.address_of(r.device, 6 + 8 * r.size),
-                fe.address_of(r.driver, 6 + 2 * r.size),
-            )
+            fe.set_vring_addr(r.index, desc, used, avail)
             fe.set_vring_base(r.index, 0)
-            fe.set_vring_call(r.index, r.call_fd)
-            fe.set_vring_kick(r.index, r.kick_fd)
+            fe.set_vring_call(r.index, call)
+            fe.set_vring_kick(r.index, kick)
             fe.set_vring_enable(r.index, True)
             self._started.append(r.index)
         self.activations += 1
@@ -239,3 +348,6 @@ class VirtioBlk:
             with contextlib.suppress(VhostUserError):
                 fe.set_vring_enable(n, False)
             fe.get_vring_base(n)  # returns once the backend has stopped the ring
+        if self._relaying:  # then the relay lets go of the guest's rings
+            self._relaying = False
+            self.relay.stop()
