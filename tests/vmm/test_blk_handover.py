@@ -61,6 +61,10 @@ def test_c_driver_writes_then_reads_back_every_sector_through_the_handed_over_qu
 
     read = q.run(Job(T_IN, BLOCK, depth=8, span=SPAN, count=500, stamp=True, seed=7))
     assert (read.requests, read.errors, read.mismatches) == (500, 0, 0)
+    # Through the device's counting relay (abi/vmm/svq.c): the driver's own figures, at depth 4 and 8.
+    st = q.device.relay.stats()
+    assert (st["wr_req"], st["wr_bytes"], st["rd_req"], st["rd_bytes"]) == (n, SPAN, 500, 500 * BLOCK)
+    assert (st["rd_failed"], st["wr_failed"], st["flush_req"], st["other_req"]) == (0, 0, 0, 0)
 
     # The read check can fail: the host overwrites one block, and a full pass finds exactly its 8 sectors.
     fd = os.open(img, os.O_WRONLY)

@@ -216,6 +216,81 @@ def test_requests_flow_from_the_doorbell_eventfd_to_the_backend_and_complete_on_
         assert r.request(T_IN, 8, read_len=SECTOR) == bytes([S_OK]) + pattern[SECTOR:]
 
 
+INDIRECT = 0x23_0000  # an indirect table in guest RAM
+DESC_F_INDIRECT = 4
+PAGE = 4096
+
+
+def post_indirect(r: Rig, kind: int, sector: int, read_len: int) -> bytes:
+    """One read through an indirect table (header, buffer, status): the relay copies only its one descriptor."""
+    r.ram.write(HDR, struct.pack("<IIQ", kind, 0, sector))
+    r.ram.write(STATUS, b"\xff")
+    table = [(HDR, 16, 1, 1), (DATA, read_len, 3, 2), (STATUS, 1, 2, 0)]
+    r.ram.write(INDIRECT, b"".join(struct.pack("<QIHH", *d) for d in table))
+    r.ram.write(DESC, struct.pack("<QIHH", INDIRECT, 16 * len(table), DESC_F_INDIRECT, 0))
+    r.ram.write(AVAIL + 4 + 2 * (r.avail_idx % QSIZE), struct.pack("<H", 0))
+    r.avail_idx += 1
+    r.ram.write(AVAIL + 2, struct.pack("<H", r.avail_idx & 0xFFFF))
+    os.eventfd_write(r.function.kicks[0], 1)
+    wait_for(lambda: r.used_idx() == r.avail_idx & 0xFFFF, 10, 0.002, "indirect request completed")
+    return r.ram.read(STATUS, 1) + r.ram.read(DATA, read_len)
+
+
+def test_the_relay_counts_each_request_as_qemu_accounts_it_and_logs_the_pages_the_device_wrote(
+    kvm: None, tmp_path: Path
+) -> None:
+    """The counting relay (abi/vmm/svq.c) between the guest's ring and the backend's: the figures are the
+    requests this driver made (not read back from the relay's own bookkeeping), a request that fails counts
+    as failed only, as QEMU's block_acct_failed, and the dirty log holds exactly the pages the device wrote."""
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(MiB))
+    with rig(BlockImage(str(img))) as r:
+        r.driver_init(vpci.F_VERSION_1 | blk.F_FLUSH | vpci.F_INDIRECT_DESC | vpci.F_EVENT_IDX)
+        relay = r.device.relay
+        relay.dirty()  # whatever setting the queue up wrote
+        writes = [(s, bytes([s]) * (SECTOR * (1 + s % 3))) for s in range(5)]
+        for sector, data in writes:
+            assert r.request(T_OUT, sector, data) == bytes([S_OK])
+        # A write dirties no data page (the device only reads it): its status byte and the used ring only.
+        assert set(relay.dirty()) == {STATUS // PAGE, USED // PAGE}
+        assert r.request(T_FLUSH, 0) == bytes([S_OK])
+        for sector in (0, 1, 2):
+            assert r.request(T_IN, sector, read_len=2 * SECTOR)[0] == S_OK
+        assert set(relay.dirty()) == {DATA // PAGE, STATUS // PAGE, USED // PAGE}
+        got = post_indirect(r, T_IN, 3, 3 * SECTOR)
+        assert got == bytes([S_OK]) + bytes([3]) * SECTOR + bytes([4]) * (2 * SECTOR)  # what sectors 3-5 hold
+        assert set(relay.dirty()) == {DATA // PAGE, STATUS // PAGE, USED // PAGE}
+        assert r.request(T_GET_ID, 0, read_len=ID_BYTES)[0] == S_OK
+        beyond = MiB // SECTOR  # the first sector past the 1 MiB disk: the backend answers IOERR
+        assert r.request(T_IN, beyond, read_len=SECTOR)[0] != S_OK
+        st = relay.stats()
+        assert (st["wr_req"], st["wr_bytes"]) == (5, sum(len(d) for _, d in writes))
+        assert (st["rd_req"], st["rd_bytes"]) == (4, 3 * 2 * SECTOR + 3 * SECTOR)
+        assert (st["flush_req"], st["rd_failed"], st["wr_failed"], st["other_req"]) == (1, 1, 0, 1)
+        assert all(st[k] > 0 for k in ("rd_total_ns", "wr_total_ns", "flush_total_ns"))
+        assert st["guest_kicks"] >= 1 and st["backend_kicks"] >= 1 and st["guest_irqs"] >= 1
+        assert r.function.notify_exits == 0  # still no Python on the data path
+        # A reset and a new DRIVER_OK: the same relay counts on.
+        r.driver_init(vpci.F_VERSION_1 | blk.F_FLUSH)  # without EVENT_IDX: the flags decide notifications
+        assert r.request(T_IN, 0, read_len=SECTOR)[0] == S_OK
+        assert relay.stats()["rd_req"] == 5
+
+
+def test_a_chain_the_guest_breaks_stops_the_relay_with_the_reason(kvm: None, tmp_path: Path) -> None:
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(MiB))
+    with rig(BlockImage(str(img))) as r:
+        r.driver_init(vpci.F_VERSION_1 | blk.F_FLUSH)
+        r.ram.write(DESC, struct.pack("<QIHH", HDR, 16, 1, QSIZE + 3))  # NEXT points outside the table
+        r.ram.write(AVAIL + 4, struct.pack("<H", 0))
+        r.ram.write(AVAIL + 2, struct.pack("<H", 1))
+        os.eventfd_write(r.function.kicks[0], 1)
+        wait_for(lambda: r.device.relay.error() is not None, 10, 0.002, "the relay's error")
+        assert r.device.relay.error() == f"queue 0: descriptor index outside the table ({QSIZE + 3})"
+        assert os.eventfd_read(r.device.relay.error_fd) == 1
+        assert r.used_idx() == 0 and r.device.relay.stats()["backend_kicks"] == 0  # nothing reached the backend
+
+
 # virtio-blk's GET_ID answer: VIRTIO_BLK_ID_BYTES, NUL-padded when shorter.
 ID_BYTES = 20
 
