@@ -179,37 +179,89 @@ def _fdinfo_flags(pid: int, fd: str) -> int:
     raise AssertionError(f"no flags in /proc/{pid}/fdinfo/{fd}")
 
 
-def test_domblkstat_finds_a_disk_by_target_or_source_and_reports_what_the_data_path_cannot_count(
-    kvm: None, daemon: DaemonProcess, conn: Any, tiny_kernel: Path, tmp_path: Path
+def virsh_blkstat(uri: str, dom: str, disk: str) -> dict[str, int]:
+    """``virsh domblkstat``'s lines (``<disk> <field> <value>``) as a dict."""
+    out = virsh(uri, "domblkstat", dom, disk).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    assert all(len(r) == 3 and r[0] == disk for r in rows), out
+    return {r[1]: int(r[2]) for r in rows}
+
+
+def test_domblkstat_and_domstats_count_the_guests_requests_by_target_or_source_across_a_daemon_restart(
+    kvm: None, tiny_kernel: Path, tmp_path: Path
 ) -> None:
+    """The tiny guest's 'j' press is one 4 KiB write, one flush and one 4 KiB read on its first disk (vda)
+    (tests/support/guests.py): after ``presses`` of them the figures are exactly that, counted by the VMM's
+    relay (qemu-storage-daemon's export counts nothing), through libvirt-python and virsh, by target, by
+    source path and summed; vdb saw nothing. They live in the VMM, so a restarted daemon reports the same."""
     raw, qcow2 = tmp_path / "stat.raw", tmp_path / "stat.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), str(MiB)], check=True, timeout=30)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), str(MiB)], check=True, timeout=30)
     disks = disk_xml(raw) + disk_xml(qcow2, "qcow2", dev="vdb")
-    dom = conn.defineXML(document("disk-stat", tiny_kernel, disks))
-    try:
-        dom.create()
-        assert write_through_console(daemon, "disk-stat", 1)["press"] == 1  # the guest did I/O on vda
-        # qemu-storage-daemon's export counts no request (tests/vmm/test_vhost_user.py): each figure is
-        # libvirt's "not supported" -1, never a made-up 0, by target, by source path and summed.
-        unknown = (-1, -1, -1, -1, -1)
-        for name in ("vda", str(raw), "vdb", str(qcow2), ""):
-            assert dom.blockStats(name) == unknown, name
-        for name in ("vdz", str(tmp_path / "other.raw"), "stat.raw"):
-            with pytest.raises(libvirt.libvirtError) as info:
-                dom.blockStats(name)
-            assert (info.value.get_error_code(), info.value.get_error_message()) == (
-                libvirt.VIR_ERR_INVALID_ARG,
-                f"invalid argument: invalid path: {name}",
-            )
-        for name in ("vda", str(qcow2)):  # virsh prints no line for a figure the hypervisor lacks
-            assert virsh(daemon.uri, "domblkstat", "disk-stat", name).stdout.strip() == "", name
-        bad = virsh(daemon.uri, "domblkstat", "disk-stat", "vdz", check=False)
-        assert bad.returncode == 1 and "error: invalid argument: invalid path: vdz" in bad.stderr, bad.stderr
-    finally:
-        if dom.isActive():
-            dom.destroy()
-        dom.undefine()
+    with running_daemon(tmp_path / "d") as d:  # its own: it is restarted below
+        c = libvirt.open(d.uri)
+        dom = c.defineXML(document("disk-stat", tiny_kernel, disks))
+        try:
+            dom.create()
+            presses = 3
+            assert write_through_console(d, "disk-stat", presses)["press"] == presses
+            moved = presses * TINY_BLK_BYTES
+            vda, idle = (presses, moved, presses, moved, -1), (0, 0, 0, 0, -1)  # errs: QEMU's driver has none
+            for name, want in (("vda", vda), (str(raw), vda), ("vdb", idle), (str(qcow2), idle), ("", vda)):
+                assert dom.blockStats(name) == want, name
+            flags = dom.blockStatsFlags("vda")
+            assert list(flags) == [
+                "wr_bytes", "wr_operations", "rd_bytes", "rd_operations", "flush_operations",
+                "wr_total_times", "rd_total_times", "flush_total_times",
+            ]  # fmt: skip
+            assert (flags["wr_operations"], flags["wr_bytes"], flags["flush_operations"]) == (presses, moved, presses)
+            assert (flags["rd_operations"], flags["rd_bytes"]) == (presses, moved)
+            assert all(flags[k] > 0 for k in ("wr_total_times", "rd_total_times", "flush_total_times")), flags
+            assert set(dom.blockStatsFlags("vdb").values()) == {0}
+            for name in ("vdz", str(tmp_path / "other.raw"), "stat.raw"):
+                with pytest.raises(libvirt.libvirtError) as info:
+                    dom.blockStats(name)
+                assert (info.value.get_error_code(), info.value.get_error_message()) == (
+                    libvirt.VIR_ERR_INVALID_ARG,
+                    f"invalid argument: invalid path: {name}",
+                )
+            for name in ("vda", str(raw)):  # virsh names the fields as libvirt's QEMU driver gives them
+                assert virsh_blkstat(d.uri, "disk-stat", name) == {
+                    "rd_req": presses, "rd_bytes": moved, "wr_req": presses, "wr_bytes": moved,
+                    "flush_operations": presses, "rd_total_times": flags["rd_total_times"],
+                    "wr_total_times": flags["wr_total_times"], "flush_total_times": flags["flush_total_times"],
+                }, name  # fmt: skip
+            bad = virsh(d.uri, "domblkstat", "disk-stat", "vdz", check=False)
+            assert bad.returncode == 1 and "error: invalid argument: invalid path: vdz" in bad.stderr, bad.stderr
+            ((_, record),) = c.domainListGetStats([dom], libvirt.VIR_DOMAIN_STATS_BLOCK)
+            counters = {k: v for k, v in record.items() if re.fullmatch(r"block\.\d\.(rd|wr|fl)\.\w+", k)}
+            assert list(counters) == [
+                f"block.{n}.{k}" for n in (0, 1)
+                for k in ("rd.reqs", "rd.bytes", "rd.times", "wr.reqs", "wr.bytes", "wr.times", "fl.reqs", "fl.times")
+            ]  # fmt: skip
+            assert counters["block.0.rd.reqs"] == counters["block.0.wr.reqs"] == counters["block.0.fl.reqs"] == presses
+            assert counters["block.0.rd.bytes"] == counters["block.0.wr.bytes"] == moved
+            assert counters["block.0.rd.times"] == flags["rd_total_times"]
+            assert {v for k, v in counters.items() if k.startswith("block.1.")} == {0}
+            names = [k for k in record if k.startswith("block.0.")]
+            assert names[:2] == ["block.0.name", "block.0.path"] and names[-3:] == [
+                "block.0.allocation",
+                "block.0.capacity",
+                "block.0.physical",
+            ]  # libvirt's order: the frontend's counters between the header and the sizes
+            c.close()
+            d.stop()
+            d.start()  # the new daemon takes the running domain over: the counters are the VMM's
+            c = libvirt.open(d.uri)
+            dom = c.lookupByName("disk-stat")
+            assert dom.blockStats("vda") == vda and dom.blockStatsFlags("vda") == flags
+            assert write_through_console(d, "disk-stat", 1)["press"] == presses + 1
+            assert dom.blockStats("") == (presses + 1, moved + TINY_BLK_BYTES, presses + 1, moved + TINY_BLK_BYTES, -1)
+        finally:
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+            c.close()
 
 
 def test_domblkinfo_as_libvirt_reports_it_for_raw_and_qcow2_inactive_and_running(
@@ -289,17 +341,32 @@ def test_domstats_block_as_libvirt_9_names_it_running_and_inactive(
 
         dom.create()
         assert write_through_console(daemon, "disk-stats", 1)["press"] == 1
-        # Running: allocation is the highest offset written (the guest's pattern's end on vda; nothing on
-        # vdb), physical the allocated size (qemu-img info -U). No rd/wr/fl counters: the backend keeps none.
+        # Running: the request counters (one write, flush and read on vda; the times as the first answer
+        # gave them: nothing moves meanwhile), allocation the highest offset written (the guest's pattern's end
+        # on vda; nothing on vdb), physical the allocated size (qemu-img info -U).
+        first = block_group()
+        times = {k: first[k] for k in first if k.endswith(".times")}
+        counted = {
+            f"block.{n}.{k}": v
+            for n, done in ((0, 1), (1, 0))
+            for k, v in (
+                ("rd.reqs", done), ("rd.bytes", done * TINY_BLK_BYTES), ("rd.times", times[f"block.{n}.rd.times"]),
+                ("wr.reqs", done), ("wr.bytes", done * TINY_BLK_BYTES), ("wr.times", times[f"block.{n}.wr.times"]),
+                ("fl.reqs", done), ("fl.times", times[f"block.{n}.fl.times"]),
+            )
+        }  # fmt: skip
+        assert all(times[k] > 0 for k in times if k.startswith("block.0.")), times
         running = {
             "block.count": 2,
             "block.0.name": "vda",
             "block.0.path": str(raw),
+            **{k: v for k, v in counted.items() if k.startswith("block.0.")},
             "block.0.allocation": TINY_BLK_SECTOR * SECTOR + TINY_BLK_BYTES,
             "block.0.capacity": MiB,
             "block.0.physical": qemu_img_info(raw)["actual-size"],
             "block.1.name": "vdb",
             "block.1.path": str(qcow2),
+            **{k: v for k, v in counted.items() if k.startswith("block.1.")},
             "block.1.allocation": 0,
             "block.1.capacity": 2 * MiB,
             "block.1.physical": qemu_img_info(qcow2)["actual-size"],

@@ -453,11 +453,14 @@ def test_running_domain_statistics(running: libvirt.virDomain, daemon: DaemonPro
     for call in (lambda d: d.blockStats("vdz"), lambda d: d.interfaceStats("vdz")):
         assert code_message(partial(call, running)) == code_message(partial(call, theirs))
     assert running.blockStats("") == (0, 0, 0, 0, -1)  # the sum over no disks; errors unknown, as QEMU's
-    for cmd in ("domblkstat", "domifstat"):
-        want = virsh("test:///default", cmd, "test", "vdz", check=False)
-        got = virsh(daemon.uri, cmd, "run", "vdz", check=False)
-        assert got.returncode == want.returncode == 1
-        assert got.stderr == want.stderr.replace(" test ", " run ")
+    want = virsh("test:///default", "domifstat", "test", "vdz", check=False)
+    got = virsh(daemon.uri, "domifstat", "run", "vdz", check=False)
+    assert got.returncode == want.returncode == 1
+    assert got.stderr == want.stderr.replace(" test ", " run ")
+    # domblkstat: virDomainBlockStatsFlags answers (the test driver lacks it, so virsh falls back to
+    # virDomainBlockStats there and adds "Failed to get block stats"); QEMU's driver has it, as this one.
+    got = virsh(daemon.uri, "domblkstat", "run", "vdz", check=False)
+    assert (got.returncode, got.stderr) == (1, "error: invalid argument: invalid path: vdz\n")
     out = virsh(daemon.uri, "domjobinfo", "run").stdout
     assert re.match(r"Job type:\s+None\s*$", out), out
 

@@ -191,10 +191,10 @@ def test_the_backend_opens_the_image_as_configured(tmp_path: Path, image: BlockI
 
 
 def test_the_export_keeps_no_request_counters(tmp_path: Path, mem: GuestMemory) -> None:
-    """Why domblkstat answers -1: qemu-storage-daemon 7.2's vhost-user-blk export does no block accounting
-    (QEMU's virtio-blk-handler.c calls no block_acct_*). Its BlockBackend is anonymous, so query-blockstats
-    lists nothing, and node-level counters are never kept: only the highest written offset moves. Should a
-    backend ever count, this fails and domblkstat can report its figures."""
+    """Why the VMM counts requests itself (its relay, abi/vmm/svq.c): qemu-storage-daemon 7.2's vhost-user-blk
+    export does no block accounting (QEMU's virtio-blk-handler.c calls no block_acct_*). Its BlockBackend is
+    anonymous, so query-blockstats lists nothing, and node-level counters are never kept: only the highest
+    written offset moves. Should a backend ever count, this fails and the relay may no longer be needed."""
     img = tmp_path / "disk.raw"
     img.write_bytes(bytes(MiB))
     backend = Backend(BlockImage(str(img)))
