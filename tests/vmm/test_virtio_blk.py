@@ -431,6 +431,24 @@ def test_a_rebuilt_vm_reuses_the_backend_with_its_new_memory(kvm: None, tiny_ker
         assert line["press"] == 1 and line["sum"] == tiny_blk(vm.serial)[0]["sum"]
         (dev,) = vm.command("status")["virtio"]
         assert dev["activations"] == 1 and dev["error"] is None
+        # The disk's relay is the VMM's, not the VM's: its counters go on across the rebuild (one write,
+        # flush and read a press), and its C thread runs under its own seccomp list (the kernel's count).
+        (stats,) = vm.command("block-stats")["disks"]
+        assert {k: stats[k] for k in ("slot", "rd_req", "rd_bytes", "wr_req", "wr_bytes", "flush_req", "failed")} == {
+            "slot": SLOT, "rd_req": 2, "rd_bytes": 2 * TINY_BLK_BYTES, "wr_req": 2, "wr_bytes": 2 * TINY_BLK_BYTES,
+            "flush_req": 2, "failed": 0,
+        }  # fmt: skip
+        relays = [
+            t for t in Path(f"/proc/{vm.proc.pid}/task").iterdir() if (t / "comm").read_text().strip() == "blk-relay"
+        ]
+        assert len(relays) == 1
+        status = dict(line.split(":\t", 1) for line in (relays[0] / "status").read_text().splitlines())
+        assert status["Seccomp"].strip() == "2" and status["Seccomp_filters"].strip() == "2", status
+        # Its dirty log: what the device wrote since the last read (the press's read buffer, status bytes and
+        # used ring: pages of the guest's RAM), cleared by reading; an idle guest dirties nothing.
+        (dirty,) = vm.command("block-dirty")["disks"]
+        assert dirty["slot"] == SLOT and 1 <= len(dirty["pages"]) <= 4 and max(dirty["pages"]) < (64 << 20) // 4096
+        assert vm.command("block-dirty")["disks"] == [{"slot": SLOT, "pages": []}]
     with img.open("rb") as f:
         f.seek(TINY_BLK_SECTOR * SECTOR)
         assert f.read(TINY_BLK_BYTES) == tiny_blk_pattern(1)
