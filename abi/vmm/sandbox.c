@@ -349,6 +349,8 @@ static const struct rule helper_rules[] = {
     ALLOW(restart_syscall),
 };
 
+#define TUNSETQUEUE_REQUEST 0x400454D9 /* _IOW('T', 217, int) of linux/if_tun.h */
+
 /* A device thread (virtio-rng, vhost-blk): sleeps in poll(2) on its kick and stop eventfds, reads its backend fd and
  * eventfds, copies into guest memory (no system call), signals irqfd eventfds, and runs Python (locks,
  * the allocator, the monotonic clock). No open, no ioctl: everything it touches was opened before. */
@@ -361,6 +363,8 @@ static const struct rule device_rules[] = {
     ALLOW(exit_group),
     /* vhost-blk: setup messages on its connected vhost-user socket (descriptors as SCM_RIGHTS) */
     ALLOW(sendmsg),       ALLOW(recvfrom),
+    /* virtio-net's control queue: VQ_PAIRS_SET attaches and detaches a multiqueue tap's queues, nothing else */
+    ALLOW_IF(ioctl, 1, C_EQ, TUNSETQUEUE_REQUEST),
 };
 
 /* A virtio-net I/O thread (abi/vmm/net.c): epoll on its eventfds and tap, readv/writev between the tap

@@ -1613,6 +1613,8 @@ def _net_uint(el: etree._Element, attr: str) -> int | None:
 
 
 # <interface>'s children that are empty elements with these attributes and nothing else to check here
+NET_MAX_QUEUES = 127  # the VMM's NET_MAX_QUEUE_PAIRS (vmm/config.py)
+
 _NET_LEAVES = {"mac": ("address",), "model": ("type",), "driver": ("queues",), "mtu": ("size",), "link": ("state",)}
 
 
@@ -1718,9 +1720,12 @@ def _interface(el: etree._Element) -> _NetRequest:
         else:
             raise unsupported(f"element <{tag}> in <interface> {_NOT_SUPPORTED}")
     queues = fields.get("queues", 0)
-    if isinstance(queues, int) and queues > 1:
-        raise unsupported(f"interface driver queues='{queues}' {_NOT_SUPPORTED} (its virtio-net has one queue pair)")
-    fields["queues"] = 0  # 1 is one queue pair: libvirt does not print it either
+    if isinstance(queues, int) and queues > NET_MAX_QUEUES:
+        # libvirt takes any number and leaves the limit to the tap (256 queues) and QEMU; this device's is
+        # its MSI-X table (two vectors a pair, one for the control queue, one for config changes: 256).
+        raise unsupported(f"interface driver queues='{queues}' {_NOT_SUPPORTED}; use 1 to {NET_MAX_QUEUES}")
+    if not isinstance(queues, int) or queues <= 1:
+        fields["queues"] = 0  # 1 is one queue pair: libvirt does not print it either
     size = fields.get("mtu")
     if isinstance(size, int) and not NET_MTU_RANGE[0] <= size <= NET_MTU_RANGE[1]:
         low, high = NET_MTU_RANGE

@@ -104,7 +104,7 @@ async def plug(cfg: DomainConfig, session: bool, names: IfnameAllocator) -> Plug
                 port = await create_port(session, net.network or "", cfg.name, str(cfg.uuid), net.mac)
                 bridge = port.bridge
             try:
-                tap = _tap(net.target, names, net.mac, net.mtu, bridge)
+                tap = _tap(net.target, names, net.mac, net.mtu, bridge, max(net.queues, 1))
             except BaseException:
                 if port is not None:
                     await _delete_quietly(session, port)
@@ -114,6 +114,7 @@ async def plug(cfg: DomainConfig, session: bool, names: IfnameAllocator) -> Plug
                 {
                     "slot": net.address.slot,
                     "fd": plugged.keep(tap.fd),
+                    "queue_fds": [plugged.keep(fd) for fd in tap.queue_fds],
                     "mac": net.mac,
                     "mtu": net.mtu,
                     "link_up": net.link_state != "down",
@@ -126,15 +127,17 @@ async def plug(cfg: DomainConfig, session: bool, names: IfnameAllocator) -> Plug
     return plugged
 
 
-def _tap(target: str | None, names: IfnameAllocator, mac: str, mtu: int | None, bridge: str | None) -> Tap:
+def _tap(
+    target: str | None, names: IfnameAllocator, mac: str, mtu: int | None, bridge: str | None, queues: int = 1
+) -> Tap:
     if target is not None:
-        return create_tap(target, mac, mtu=mtu, bridge=bridge)
+        return create_tap(target, mac, mtu=mtu, bridge=bridge, queues=queues)
     for _ in range(_BUSY_RETRIES):
         try:
-            return create_tap(names.next(), mac, mtu=mtu, bridge=bridge)
+            return create_tap(names.next(), mac, mtu=mtu, bridge=bridge, queues=queues)
         except TapBusy:
             continue  # taken between the check and the create (another daemon's VM): the next name
-    return create_tap(names.next(), mac, mtu=mtu, bridge=bridge)
+    return create_tap(names.next(), mac, mtu=mtu, bridge=bridge, queues=queues)
 
 
 async def _delete_quietly(session: bool, port: NetworkPort) -> None:

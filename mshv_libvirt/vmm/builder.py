@@ -419,7 +419,9 @@ def attach_virtio_devices(
             raise AttachDevicesError(f"virtio-blk in PCI slot {disk.slot}: {err}") from err
     for nic in config.net:
         try:
-            net = VirtioNet(nic.fd, parse_mac(nic.mac), regions, mtu=nic.mtu, link_up=nic.link_up)
+            net = VirtioNet(
+                nic.fd, parse_mac(nic.mac), regions, mtu=nic.mtu, link_up=nic.link_up, queue_fds=nic.queue_fds
+            )
             resources.callback(net.stop)  # runs last (ExitStack order): the thread ends after the transport closed
             function = VirtioPciFunction(net, DeviceMemory(ram), platform.routing, partition, platform.mmio)
             resources.callback(function.close)

@@ -147,19 +147,26 @@ class DiskConfig:
         return cls(slot, path, fmt, ro, serial, cache, queues, fd)
 
 
-NET_KEYS = {"slot", "fd", "mac", "mtu", "link_up"}
+NET_KEYS = {"slot", "fd", "queue_fds", "mac", "mtu", "link_up"}
+NET_MAX_QUEUE_PAIRS = 127  # virtio-pci's MSI-X window holds 256 vectors: 2 per pair, the control queue's, config
 
 
 @dataclass(frozen=True)
 class NetConfig:
     """A virtio-net interface: its PCI slot on bus 0 and the tap the daemon opened (IFF_TAP|IFF_NO_PI|
-    IFF_VNET_HDR) and handed over, the guest's MAC, the MTU offered to the driver, the initial link state."""
+    IFF_VNET_HDR) and handed over, the guest's MAC, the MTU offered to the driver, the initial link state.
+    ``queue_fds``: a multiqueue tap's (IFF_MULTI_QUEUE) descriptors of queue pairs 2..N, ``fd`` being pair 1's."""
 
     slot: int
     fd: int
     mac: str
     mtu: int | None = None
     link_up: bool = True
+    queue_fds: tuple[int, ...] = ()
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return (self.fd, *self.queue_fds)
 
     @classmethod
     def from_dict(cls, raw: object) -> NetConfig:
@@ -179,7 +186,16 @@ class NetConfig:
             raise ConfigError("config field 'net.mtu' must be between 68 and 65535")
         if not isinstance(link_up, bool):
             raise ConfigError("config field 'net.link_up' must be a boolean")
-        return cls(slot, fd, mac.lower(), mtu, link_up)
+        queue_fds = raw.get("queue_fds", [])
+        if (
+            not isinstance(queue_fds, list)
+            or len(queue_fds) >= NET_MAX_QUEUE_PAIRS
+            or not all(isinstance(q, int) and not isinstance(q, bool) and q >= 0 for q in queue_fds)
+        ):
+            raise ConfigError(
+                f"config field 'net.queue_fds' must be a list of at most {NET_MAX_QUEUE_PAIRS - 1} descriptor numbers"
+            )
+        return cls(slot, fd, mac.lower(), mtu, link_up, tuple(queue_fds))
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,12 @@ def _virtio_status(function: VirtioPciFunction) -> JsonObject:
             activations=device.activations,
             error=device.error,
             **device.stats(),
+            max_queue_pairs=device.max_pairs,
+            queue_pairs=device.pairs,  # running: 1 from DRIVER_OK, then what VQ_PAIRS_SET asked for
+            pairs=device.pair_stats(),
+            ctrl_commands=device.ctrl_commands,
+            rx_mode=dict(device.rx_mode),
+            config_mac=":".join(f"{b:02x}" for b in device.config_mac),
         )
     if isinstance(device, VirtioRng):
         thread = device.thread

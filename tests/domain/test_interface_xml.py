@@ -1,6 +1,7 @@
 """``<interface>`` parsed and formatted without a daemon; libvirt's test:///default driver (libvirt-python,
 in this process) is the oracle for what is printed and for each refusal its parser makes. What libvirt
-accepts and this driver cannot run (other types and models, multiqueue) is refused naming it."""
+accepts and this driver cannot run (other types and models, more queue pairs than its virtio-net has MSI-X
+vectors for) is refused naming it."""
 
 from __future__ import annotations
 
@@ -59,6 +60,10 @@ def error(call: object) -> tuple[int, int, str]:
         "bridge='virbr7'/><target dev='vnet3'/><model type='virtio'/><link state=''/></interface>",
         f"<interface type='bridge'>{MAC}<source bridge=''/><model type='virtio'/><driver queues=' 1'/></interface>",
         f"<interface type='ethernet'>{MAC}<model type='virtio'/><mtu size=''/></interface>",
+        f"<interface type='bridge'>{MAC}<source bridge='br0'/><model type='virtio'/><driver queues='4'/></interface>",
+        f"<interface type='network'>{MAC}<source network='lan'/><driver queues=' 127'/><model type='virtio'/>"
+        "</interface>",
+        f"<interface type='ethernet'>{MAC}<model type='virtio'/><driver queues='0'/></interface>",
     ],
 )
 def test_printed_as_libvirt_prints_it(ref: libvirt.virConnect, iface: str) -> None:
@@ -138,8 +143,12 @@ def test_other_models_refused_naming_them(model: str) -> None:
     ("iface", "detail"),
     [
         (
-            "<interface type='ethernet'><driver queues='2'/></interface>",
-            "interface driver queues='2' is not supported by the mshv driver (its virtio-net has one queue pair)",
+            "<interface type='ethernet'><driver queues='128'/></interface>",
+            "interface driver queues='128' is not supported by the mshv driver; use 1 to 127",
+        ),
+        (
+            "<interface type='ethernet'><model type='virtio'/><driver queues='4294967295'/></interface>",
+            "interface driver queues='4294967295' is not supported by the mshv driver; use 1 to 127",
         ),
         (
             "<interface type='ethernet'><mtu size='67'/></interface>",

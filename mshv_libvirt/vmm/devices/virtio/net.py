@@ -17,16 +17,29 @@ unread.
 
 A queue the driver corrupts (the thread checks every descriptor against guest RAM) is reported on an
 eventfd that a small watcher thread turns into DEVICE_NEEDS_RESET.
+
+Multiqueue (``<driver queues='N'/>``, virtio 1.2 5.1.6.5.5): the daemon hands over one descriptor per queue
+of an IFF_MULTI_QUEUE tap, and each queue pair gets its own compiled I/O thread (abi/vmm/net.c unchanged:
+one handle per pair, as vhost-net has one worker per pair), so pairs run on as many host CPUs as there are
+and a busy pair never delays another. Queues: receiveq1, transmitq1, ..., receiveqN, transmitqN, controlq
+(queue 2N with MQ negotiated, else queue 2). Only pair 1 runs until the driver sends VQ_PAIRS_SET; pairs
+beyond the number asked for are stopped and their tap queues detached (TUNSETQUEUE), so the kernel steers
+no frame to a queue nobody reads.
+
+The control queue (CTRL_VQ: RX mode, MAC address and table, MQ) is served by a Python thread of its own:
+its commands are rare and never wait for a frame, and nothing of the packet path waits for it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import select
 import struct
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from mshv_libvirt._mshv import ffi, lib
@@ -34,10 +47,14 @@ from mshv_libvirt._mshv import ffi, lib
 from ... import sandbox
 from ...vhost_user import MemRegion
 from .pci import F_EVENT_IDX, NO_VECTOR, VirtioPciFunction
+from .queue import Chain, Virtqueue
+
+log = logging.getLogger(__name__)
 
 DEVICE_ID = 1
 CLASS_NETWORK_ETHERNET = 0x020000
 QUEUE_SIZE = 256
+CTRL_QUEUE_SIZE = 64
 CONFIG_SIZE = 12  # mac[6], status, max_virtqueue_pairs, mtu
 STATE_VERSION = 1
 VNET_HDR_LEN = 12
@@ -51,11 +68,25 @@ F_GUEST_TSO6 = 1 << 8
 F_HOST_TSO4 = 1 << 11
 F_HOST_TSO6 = 1 << 12
 F_STATUS = 1 << 16
+F_CTRL_VQ = 1 << 17
+F_CTRL_RX = 1 << 18
+F_MQ = 1 << 22
+F_CTRL_MAC_ADDR = 1 << 23
 S_LINK_UP = 1
+
+# Control queue commands (virtio 1.2 5.1.6.5): class, command; the ack byte the driver reads back.
+CTRL_RX, CTRL_RX_PROMISC, CTRL_RX_ALLMULTI = 0, 0, 1
+CTRL_MAC, CTRL_MAC_TABLE_SET, CTRL_MAC_ADDR_SET = 1, 0, 1
+CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET = 4, 0
+CTRL_OK, CTRL_ERR = 0, 1
+CTRL_MAX_COMMAND = 4 + 6 * 256 + 4 + 6 * 256  # the largest MAC table set read (256 entries each)
 
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+TUNSETQUEUE = 0x400454D9
+IFF_ATTACH_QUEUE, IFF_DETACH_QUEUE = 0x0200, 0x0400
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
+_IFREQ = 40
 
 
 def parse_mac(text: str) -> bytes:
@@ -90,37 +121,70 @@ def _offload_flags(driver_features: int) -> int:
     return flags
 
 
+def _tap_queue(fd: int, attach: bool) -> None:
+    """Attach or detach one queue of a multiqueue tap (the kernel then steers frames to attached ones only)."""
+    flags = IFF_ATTACH_QUEUE if attach else IFF_DETACH_QUEUE
+    fcntl.ioctl(fd, TUNSETQUEUE, struct.pack("16xH", flags).ljust(_IFREQ, b"\0"))
+
+
 class VirtioNet:
     device_id = DEVICE_ID
     class_code = CLASS_NETWORK_ETHERNET
-    queue_sizes: tuple[int, ...] = (QUEUE_SIZE, QUEUE_SIZE)  # receiveq1, transmitq1
     config_size = CONFIG_SIZE
 
     def __init__(
-        self, tap_fd: int, mac: bytes, regions: list[MemRegion], *, mtu: int | None = None, link_up: bool = True
+        self,
+        tap_fd: int,
+        mac: bytes,
+        regions: list[MemRegion],
+        *,
+        mtu: int | None = None,
+        link_up: bool = True,
+        queue_fds: Sequence[int] = (),
     ) -> None:
         self._ffi, self._lib = ffi, lib
+        self.taps = (tap_fd, *queue_fds)
         self.tap = tap_fd
-        self.mac = mac
+        self.max_pairs = len(self.taps)
+        # receiveq1, transmitq1, ..., receiveqN, transmitqN, controlq
+        self.queue_sizes: tuple[int, ...] = (QUEUE_SIZE, QUEUE_SIZE) * self.max_pairs + (CTRL_QUEUE_SIZE,)
+        self.mac = mac  # the configured MAC (set-link finds the device by it)
+        self.config_mac = mac  # what the driver reads: CTRL_MAC_ADDR_SET changes it until a reset
         self.mtu = mtu
         self.link_up = link_up
-        fcntl.ioctl(tap_fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
-        self.features = F_MAC | F_STATUS | F_EVENT_IDX | F_CSUM | F_HOST_TSO4 | F_HOST_TSO6 | tap_offloads(tap_fd)
+        fcntl.ioctl(tap_fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))  # per tap, not per queue
+        self.features = (
+            F_MAC | F_STATUS | F_EVENT_IDX | F_CSUM | F_HOST_TSO4 | F_HOST_TSO6 | tap_offloads(tap_fd)
+            | F_CTRL_VQ | F_CTRL_RX | F_CTRL_MAC_ADDR
+        )  # fmt: skip
+        if self.max_pairs > 1:
+            self.features |= F_MQ
         if mtu is not None:
             self.features |= F_MTU
         self._transport: VirtioPciFunction | None = None
         self._err = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._handle: Any = lib.mshv_net_new(tap_fd, self._err)
-        if self._handle == ffi.NULL:
-            os.close(self._err)
-            os.close(self._stop)
-            raise OSError("cannot start the virtio-net I/O thread")
-        for r in regions:
-            lib.mshv_net_add_region(self._handle, r.gpa, r.size, r.address)
-        if not link_up:
-            lib.mshv_net_set_link(self._handle, 0)
+        self._rearm = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # the control thread re-reads _ctrl
+        self._handles: list[Any] = []
+        for fd in self.taps:
+            handle = lib.mshv_net_new(fd, self._err)
+            if handle == ffi.NULL:
+                self._free()
+                raise OSError("cannot start the virtio-net I/O thread")
+            self._handles.append(handle)
+            for r in regions:
+                lib.mshv_net_add_region(handle, r.gpa, r.size, r.address)
+            if not link_up:
+                lib.mshv_net_set_link(handle, 0)
+        for fd in self.taps[1:]:
+            _tap_queue(fd, False)  # only pair 1 until VQ_PAIRS_SET
         self._thread: threading.Thread | None = None
+        self._ctrl_thread: threading.Thread | None = None
+        self._ctrl: int | None = None  # the control queue's index while the driver runs it
+        self.pairs = 0  # pairs running: 1 from DRIVER_OK, what VQ_PAIRS_SET asked for after
+        self.rx_mode = {"promisc": True, "allmulti": False}  # acknowledged; the tap path filters nothing
+        self.mac_table: tuple[list[str], list[str]] = ([], [])
+        self.ctrl_commands = 0
         self.activations = 0
         self.error: str | None = None
 
@@ -128,38 +192,93 @@ class VirtioNet:
 
     def _config(self) -> bytes:
         status = S_LINK_UP if self.link_up else 0
-        return self.mac + struct.pack("<HHH", status, 1, self.mtu or 0)
+        return self.config_mac + struct.pack("<HHH", status, self.max_pairs, self.mtu or 0)
 
     def config_read(self, offset: int, size: int) -> int:
         return int.from_bytes(self._config()[offset : offset + size], "little")
 
     def config_write(self, offset: int, size: int, value: int) -> None:
-        pass  # the MAC is only writable with CTRL_MAC_ADDR / legacy drivers: neither is offered
+        pass  # a modern driver sets the MAC with CTRL_MAC_ADDR_SET, not by writing the config
+
+    def _lock(self) -> contextlib.AbstractContextManager[Any]:
+        return self._transport.lock if self._transport is not None else contextlib.nullcontext()
 
     def reset(self) -> None:
-        if self._handle is not None:
-            self._lib.mshv_net_stop(self._handle)
-
-    def driver_ok(self, transport: VirtioPciFunction) -> None:
-        """DRIVER_OK (under the transport's lock): the I/O thread takes both rings."""
-        lib = self._lib
-        features = transport.driver_features
+        with self._lock():
+            self._ctrl = None
+            for k in range(self.max_pairs):
+                if self._handles:
+                    self._lib.mshv_net_stop(self._handles[k])
+                if k > 0 and k < self.pairs:
+                    with contextlib.suppress(OSError):
+                        _tap_queue(self.taps[k], False)
+            self.pairs = 0
+            self.config_mac = self.mac
+            self.rx_mode = {"promisc": True, "allmulti": False}
+            self.mac_table = ([], [])
         with contextlib.suppress(OSError):
-            fcntl.ioctl(self.tap, TUNSETOFFLOAD, _offload_flags(features))
-        for n, q in enumerate(transport.queues):
+            os.eventfd_write(self._rearm, 1)
+
+    def _start_pair(self, transport: VirtioPciFunction, k: int) -> bool:
+        lib = self._lib
+        for side in (0, 1):
+            n = 2 * k + side
+            q = transport.queues[n]
             call = -1
             if transport.msix.enabled and q.msix_vector != NO_VECTOR:
                 line = transport.lines[q.msix_vector]
                 line.fire_when_routed = True  # what the thread signals while the vector is masked has no route
                 call = line.fd
             lib.mshv_net_set_queue(
-                self._handle, n, q.size if q.ready else 0, q.desc, q.driver, q.device,
+                self._handles[k], side, q.size if q.ready else 0, q.desc, q.driver, q.device,
                 transport.kicks[n], call, q.last_avail, q.used_idx,
             )  # fmt: skip
-        if lib.mshv_net_start(self._handle, 1 if features & F_EVENT_IDX else 0) != 0:
+        return bool(lib.mshv_net_start(self._handles[k], 1 if transport.driver_features & F_EVENT_IDX else 0) == 0)
+
+    def _stop_pair(self, transport: VirtioPciFunction, k: int) -> None:
+        """Pair ``k`` idles: its thread lets go of the rings, their positions kept for a later start."""
+        lib = self._lib
+        lib.mshv_net_stop(self._handles[k])
+        last, used = self._ffi.new("uint16_t *"), self._ffi.new("uint16_t *")
+        for side in (0, 1):
+            lib.mshv_net_queue_state(self._handles[k], side, last, used)
+            q = transport.queues[2 * k + side]
+            q.last_avail, q.used_idx = int(last[0]), int(used[0])
+
+    def driver_ok(self, transport: VirtioPciFunction) -> None:
+        """DRIVER_OK (under the transport's lock): pair 1's I/O thread takes its rings."""
+        features = transport.driver_features
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(self.tap, TUNSETOFFLOAD, _offload_flags(features))
+        if not self._start_pair(transport, 0):
             transport.needs_reset(self.thread_error() or "virtio-net: queues refused")
             return
+        self.pairs = 1
+        if features & F_CTRL_VQ:
+            self._ctrl = 2 * self.max_pairs if features & F_MQ else 2
+            os.eventfd_write(self._rearm, 1)
         self.activations += 1
+
+    def set_pairs(self, transport: VirtioPciFunction, want: int) -> bool:
+        """VQ_PAIRS_SET (under the transport's lock): exactly ``want`` pairs run, the rest idle; False when a
+        pair's queues could not be started (its thread then reports why, and the device needs a reset)."""
+        for k in range(self.pairs, want):
+            try:
+                _tap_queue(self.taps[k], True)
+            except OSError as err:
+                log.warning("virtio-net: cannot attach tap queue %d: %s", k + 1, err)
+                return False
+            if not self._start_pair(transport, k):
+                with contextlib.suppress(OSError):
+                    _tap_queue(self.taps[k], False)
+                return False
+            self.pairs = k + 1
+        for k in reversed(range(want, self.pairs)):
+            with contextlib.suppress(OSError):
+                _tap_queue(self.taps[k], False)  # first: the kernel steers nothing more to it
+            self._stop_pair(transport, k)
+            self.pairs = k
+        return True
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "link_up": self.link_up, "activations": self.activations}
@@ -170,33 +289,132 @@ class VirtioNet:
         self.activations = int(state["activations"])
         self.set_link(bool(state["link_up"]), notify=False)
 
+    # -- the control queue -------------------------------------------------------------------------
+
+    def _serve_ctrl(self, queue: Virtqueue) -> bool:
+        transport = self._transport
+        assert transport is not None
+        mem = transport.memory
+        used = False
+        while (chain := queue.pop(mem)) is not None:
+            ack = self._command(transport, self._read_command(chain))
+            writable = chain.writable
+            if writable and writable[0].length:
+                mem.write(writable[0].gpa, bytes([ack]))
+                queue.push(mem, chain.head, 1)
+            else:
+                queue.push(mem, chain.head, 0)  # nowhere to put the ack: the driver learns nothing
+            self.ctrl_commands += 1
+            used = True
+        return used
+
+    def _read_command(self, chain: Chain) -> bytes:
+        assert self._transport is not None
+        parts: list[bytes] = []
+        left = CTRL_MAX_COMMAND
+        for buf in chain.buffers:
+            if buf.writable or left <= 0:
+                continue
+            take = min(buf.length, left)
+            parts.append(self._transport.memory.read(buf.gpa, take))
+            left -= take
+        return b"".join(parts)
+
+    def _command(self, transport: VirtioPciFunction, cmd: bytes) -> int:
+        if len(cmd) < 2:
+            return CTRL_ERR
+        features = transport.driver_features
+        cls, op, data = cmd[0], cmd[1], cmd[2:]
+        if cls == CTRL_RX and features & F_CTRL_RX and op in (CTRL_RX_PROMISC, CTRL_RX_ALLMULTI) and len(data) == 1:
+            self.rx_mode["promisc" if op == CTRL_RX_PROMISC else "allmulti"] = bool(data[0])
+            return CTRL_OK
+        if cls == CTRL_MAC and op == CTRL_MAC_ADDR_SET and features & F_CTRL_MAC_ADDR and len(data) == 6:
+            self.config_mac = bytes(data)
+            return CTRL_OK
+        if cls == CTRL_MAC and op == CTRL_MAC_TABLE_SET and features & F_CTRL_RX:
+            tables = _mac_tables(data)
+            if tables is None:
+                return CTRL_ERR
+            self.mac_table = tables
+            return CTRL_OK
+        if cls == CTRL_MQ and op == CTRL_MQ_VQ_PAIRS_SET and features & F_MQ and len(data) == 2:
+            (want,) = struct.unpack("<H", data)
+            if not 1 <= want <= self.max_pairs:
+                return CTRL_ERR
+            return CTRL_OK if self.set_pairs(transport, want) else CTRL_ERR
+        return CTRL_ERR
+
+    def _control_main(self) -> None:
+        transport = self._transport
+        assert transport is not None
+        try:
+            sandbox.enter_thread(sandbox.DEVICE, "virtio-net-ctl")
+            while True:
+                ctrl = self._ctrl
+                watched = [self._stop, self._rearm] + ([transport.kicks[ctrl]] if ctrl is not None else [])
+                poller = select.poll()
+                for fd in watched:
+                    poller.register(fd, select.POLLIN)
+                ready = {fd for fd, _ in poller.poll()}
+                if self._stop in ready:
+                    return
+                if self._rearm in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(self._rearm)
+                    continue  # which queue is the control queue may have changed
+                if ctrl is not None:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(transport.kicks[ctrl])
+                    transport.process(ctrl, self._serve_ctrl)
+        except BaseException as err:  # the VM keeps running; the device is dead and says so
+            self.error = f"control queue thread failed: {err}"
+            with transport.lock:
+                transport.needs_reset(f"virtio-net {self.error}")
+
     # -- control -----------------------------------------------------------------------------------
 
     def set_link(self, up: bool, *, notify: bool = True) -> None:
-        """domif-setlink: S_LINK_UP follows, the thread stops or resumes, and the driver is told."""
+        """domif-setlink: S_LINK_UP follows, the threads stop or resume, and the driver is told."""
         self.link_up = up
-        self._lib.mshv_net_set_link(self._handle, 1 if up else 0)
+        for handle in self._handles:
+            self._lib.mshv_net_set_link(handle, 1 if up else 0)
         if notify and self._transport is not None:
             self._transport.config_changed()
 
-    def stats(self) -> dict[str, int]:
-        st = self._ffi.new("struct mshv_net_stats *")
-        self._lib.mshv_net_get_stats(self._handle, st)
+    def pair_stats(self) -> list[dict[str, int]]:
+        """Each queue pair's counters (its I/O thread's), pair 1 first."""
         names = ("rx_packets", "rx_bytes", "rx_drops", "tx_packets", "tx_bytes", "tx_drops", "wakeups", "irqs")
-        return {name: int(getattr(st, name)) for name in names}
+        out = []
+        for handle in self._handles:
+            st = self._ffi.new("struct mshv_net_stats *")
+            self._lib.mshv_net_get_stats(handle, st)
+            out.append({name: int(getattr(st, name)) for name in names})
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """The device's counters: every pair's summed (what domifstat reports)."""
+        total: dict[str, int] = {}
+        for pair in self.pair_stats():
+            for name, value in pair.items():
+                total[name] = total.get(name, 0) + value
+        return total
 
     def thread_error(self) -> str | None:
         buf = self._ffi.new("char[]", 160)
-        if not self._lib.mshv_net_error(self._handle, buf, 160):
-            return None
-        return str(self._ffi.string(buf).decode(errors="replace"))
+        for k, handle in enumerate(self._handles):
+            if self._lib.mshv_net_error(handle, buf, 160):
+                text = str(self._ffi.string(buf).decode(errors="replace"))
+                return text if k == 0 else f"pair {k + 1} {text}"
+        return None
 
-    # -- the watcher thread ------------------------------------------------------------------------
+    # -- the watcher and control threads -----------------------------------------------------------
 
     def start(self, transport: VirtioPciFunction) -> None:
         self._transport = transport
         self._thread = threading.Thread(target=self._watch, name="virtio-net-err", daemon=True)
         self._thread.start()
+        self._ctrl_thread = threading.Thread(target=self._control_main, name="virtio-net-ctl", daemon=True)
+        self._ctrl_thread.start()
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -219,15 +437,38 @@ class VirtioNet:
             with transport.lock:
                 transport.needs_reset(f"virtio-net {self.error}")
 
-    def stop(self) -> None:
-        """The VM is torn down: the I/O thread ends (the tap stays the daemon's)."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            os.eventfd_write(self._stop, 1)
-            thread.join(5)
-        if self._handle is not None:
-            self._lib.mshv_net_free(self._handle)
-            self._handle = None
-        for fd in (self._err, self._stop):
+    def _free(self) -> None:
+        for handle in self._handles:
+            self._lib.mshv_net_free(handle)
+        self._handles = []
+        for fd in (self._err, self._stop, self._rearm):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+    def stop(self) -> None:
+        """The VM is torn down: the I/O threads end (the tap stays the daemon's)."""
+        threads = [t for t in (self._thread, self._ctrl_thread) if t is not None]
+        self._thread = self._ctrl_thread = None
+        if threads:
+            os.eventfd_write(self._stop, 1)  # never read: both threads see it
+            for thread in threads:
+                thread.join(5)
+        self._free()
+
+
+def _mac_tables(data: bytes) -> tuple[list[str], list[str]] | None:
+    """VIRTIO_NET_CTRL_MAC_TABLE_SET's two tables (unicast, multicast): le32 entries, then 6 bytes each."""
+    tables: list[list[str]] = []
+    at = 0
+    for _ in range(2):
+        if len(data) < at + 4:
+            return None
+        (n,) = struct.unpack_from("<I", data, at)
+        at += 4
+        if len(data) < at + 6 * n:
+            return None
+        tables.append([":".join(f"{b:02x}" for b in data[at + 6 * i : at + 6 * i + 6]) for i in range(n)])
+        at += 6 * n
+    if at != len(data):
+        return None
+    return tables[0], tables[1]
