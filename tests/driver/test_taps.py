@@ -100,3 +100,31 @@ def test_a_generated_name_taken_meanwhile_is_skipped(ns: NetNs) -> None:
             tap.close()
     finally:
         os.close(held)
+
+
+def test_queues_above_one_make_a_multiqueue_tap_with_a_descriptor_each(ns: NetNs) -> None:
+    tap = ns.call(lambda: create_tap("tt3", MAC, mtu=None, bridge="tbr0", queues=4))
+    try:
+        assert len(tap.fds) == 4 and len(set(tap.fds)) == 4
+        assert ns.tun_queues("tt3") == (True, 4, 0)  # the kernel's view: multi_queue numqueues 4
+        shown = link(ns, "tt3")
+        assert " master tbr0 " in shown and ",UP" in shown, shown
+    finally:
+        tap.close()
+    wait_for(lambda: link(ns, "tt3") == "", 10, what="multiqueue tap gone with its last descriptor")
+    one = ns.call(lambda: create_tap("tt4", MAC, mtu=None, bridge=None))
+    try:
+        assert one.queue_fds == () and ns.tun_queues("tt4") == (False, 1, 0)
+    finally:
+        one.close()
+
+
+def test_more_queues_than_the_kernel_takes_is_libvirts_tap_error_and_leaves_nothing(ns: NetNs) -> None:
+    # MAX_TAP_QUEUES (256): the 257th TUNSETIFF fails with E2BIG, as virNetDevTapCreate would report it
+    with pytest.raises(VirtError) as info:
+        ns.call(lambda: create_tap("tt5", MAC, mtu=None, bridge=None, queues=257))
+    assert (info.value.code, info.value.message) == (
+        ErrorCode.SYSTEM_ERROR,
+        "Unable to create tap device tt5: Argument list too long",
+    )
+    wait_for(lambda: link(ns, "tt5") == "", 10, what="no tap left")

@@ -8,6 +8,7 @@ import ctypes
 import fcntl
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -26,6 +27,7 @@ TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
 ETH_P_ALL = 0x0003
 VNET_HDR_LEN = 12
 PACKET_OUTGOING = 4  # sll_pkttype of what was sent on the interface, not received
@@ -73,20 +75,39 @@ class NetNs:
 
     def open_tap(self, ifname: str) -> int:
         """A tap (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, 12-byte header) inside the namespace, up; its fd."""
-
-        def create() -> int:
-            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
-            try:
-                fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", ifname.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
-                fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd
-
-        fd = _in_netns(self.name, create)
-        self.run("ip", "link", "set", ifname, "up")
+        (fd,) = self.open_tap_queues(ifname, 1)
         return fd
+
+    def open_tap_queues(self, ifname: str, queues: int) -> list[int]:
+        """The same tap with ``queues`` descriptors (IFF_MULTI_QUEUE when more than one), up."""
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
+
+        def create() -> list[int]:
+            fds: list[int] = []
+            try:
+                for _ in range(queues):
+                    fds.append(os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK))
+                    fcntl.ioctl(fds[-1], TUNSETIFF, struct.pack("16sH22x", ifname.encode(), flags))
+                fcntl.ioctl(fds[0], TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            return fds
+
+        fds = _in_netns(self.name, create)
+        self.run("ip", "link", "set", ifname, "up")
+        return fds
+
+    def tun_queues(self, ifname: str) -> tuple[bool, int, int]:
+        """The kernel's view of a tap's queues (``ip -d link``): multi_queue or not, attached and detached."""
+        out = subprocess.run(
+            ["ip", "-n", self.name, "-d", "link", "show", "dev", ifname], check=True, capture_output=True, text=True
+        ).stdout
+        m = re.search(r" tun type tap .*?(?: numqueues (\d+) numdisabled (\d+))?(?: persist)", out)
+        assert m is not None, out
+        multi = " multi_queue " in out
+        return multi, int(m.group(1) or 1), int(m.group(2) or 0)
 
     def packet_socket(self, ifname: str) -> socket.socket:
         """A raw AF_PACKET socket bound to ``ifname`` in the namespace (the peer)."""

@@ -20,14 +20,15 @@ from mshv_libvirt.vmm.devices.virtio import pci as vpci
 from mshv_libvirt.vmm.devices.virtio.queue import DeviceMemory
 from mshv_libvirt.vmm.interrupts import MsiRouting
 from mshv_libvirt.vmm.vhost_user import MemRegion
-from tests.support.netns import netns
+from tests.support.netns import NetNs, netns
 from tests.support.virtio_rig import partition_with_ram, place_on_root_bus
 from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
 QSIZE = 8
-RINGS = [(0x10_0000, 0x10_1000, 0x10_2000), (0x11_0000, 0x11_1000, 0x11_2000)]
+# receiveq1, transmitq1, receiveq2, transmitq2, controlq (of a two-pair device)
+RINGS = [(0x10_0000 + 0x1_0000 * n, 0x10_1000 + 0x1_0000 * n, 0x10_2000 + 0x1_0000 * n) for n in range(5)]
 BUFS = 0x20_0000
 MAC = "52:54:00:ab:cd:ef"
 ETHERTYPE = 0x88B5
@@ -40,6 +41,7 @@ class Rig:
     function: vpci.VirtioPciFunction
     net: vnet.VirtioNet
     peer: socket.socket
+    ns: NetNs
 
     @property
     def bar(self) -> int:
@@ -62,7 +64,7 @@ class Rig:
             value |= self.common_read(vpci.DEVICE_FEATURE, 4) << (32 * select)
         return value
 
-    def driver_init(self, features: int) -> None:
+    def driver_init(self, features: int, queues: int = 2) -> None:
         self.common_write(vpci.DEVICE_STATUS, 1, 0)
         self.common_write(vpci.DEVICE_STATUS, 1, 3)
         for select in (0, 1):
@@ -70,7 +72,7 @@ class Rig:
             self.common_write(vpci.DRIVER_FEATURE, 4, (features >> (32 * select)) & 0xFFFFFFFF)
         self.common_write(vpci.DEVICE_STATUS, 1, 0xB)
         assert self.common_read(vpci.DEVICE_STATUS, 1) & vpci.STATUS_FEATURES_OK
-        for n, (desc, avail, used) in enumerate(RINGS):
+        for n, (desc, avail, used) in enumerate(RINGS[:queues]):
             self.common_write(vpci.QUEUE_SELECT, 2, n)
             self.common_write(vpci.QUEUE_SIZE, 2, QSIZE)
             for reg, addr in ((vpci.QUEUE_DESC, desc), (vpci.QUEUE_DRIVER, avail), (vpci.QUEUE_DEVICE, used)):
@@ -88,21 +90,43 @@ class Rig:
     def used(self, q: int) -> int:
         return int(struct.unpack("<H", self.ram.read(RINGS[q][2] + 2, 2))[0])
 
+    def command(self, slot: int, cls: int, op: int, data: bytes) -> int:
+        """One control-queue command as Linux's virtnet_send_command lays it out (header, data, ack: three
+        descriptors chained); waits for the device to use it and returns the ack byte."""
+        q = self.ctrl
+        desc, avail, _ = RINGS[q]
+        at = BUFS + 0x30000 + 0x1000 * slot
+        self.ram.write(at, bytes([cls, op]) + data + bytes([0xEE]))
+        ack = at + 2 + len(data)
+        base = 3 * (slot % 2)  # the previous command's descriptors are free again once it was used
+        chain = [(at, 2, 1), (at + 2, len(data), 1), (ack, 1, 2)]
+        for i, (gpa, length, flags) in enumerate(chain):
+            nxt = base + i + 1 if flags & 1 else 0
+            self.ram.write(desc + 16 * (base + i), struct.pack("<QIHH", gpa, length, flags, nxt))
+        self.ram.write(avail + 4 + 2 * (slot % QSIZE), struct.pack("<H", base))
+        self.ram.write(avail + 2, struct.pack("<H", slot + 1))
+        os.eventfd_write(self.function.kicks[q], 1)
+        wait_for(lambda: self.used(q) == slot + 1, timeout=10, what=f"control command {slot} used")
+        return self.ram.read(ack, 1)[0]
+
+    ctrl = 2  # the control queue's index: 2N with MQ negotiated
+
 
 @contextlib.contextmanager
-def rig(mtu: int | None = 1500) -> Iterator[Rig]:
+def rig(mtu: int | None = 1500, pairs: int = 1) -> Iterator[Rig]:
     with (
         netns("vnet") as ns,
         builder.open_hypervisor("emulated") as system,
         contextlib.ExitStack() as stack,
     ):
-        tap = ns.open_tap("vt1")
-        stack.callback(os.close, tap)
+        tap, *queue_fds = ns.open_tap_queues("vt1", pairs)
+        for fd in (tap, *queue_fds):
+            stack.callback(os.close, fd)
         peer = ns.packet_socket("vt1")
         stack.callback(peer.close)
         partition, ram = partition_with_ram(system, 16 << 20, stack)
         regions = [MemRegion(r.gpa, r.size, mem.address, mem.fd) for r, mem in ram.regions]
-        net = vnet.VirtioNet(tap, vnet.parse_mac(MAC), regions, mtu=mtu)
+        net = vnet.VirtioNet(tap, vnet.parse_mac(MAC), regions, mtu=mtu, queue_fds=queue_fds)
         stack.callback(net.stop)
         mmio = Bus("mmio")
         function = vpci.VirtioPciFunction(net, DeviceMemory(ram), MsiRouting(partition), partition, mmio)
@@ -110,7 +134,7 @@ def rig(mtu: int | None = 1500) -> Iterator[Rig]:
         stack.callback(net.reset)
         place_on_root_bus(function, 5, 16 << 20)
         net.start(function)
-        yield Rig(ram, mmio, function, net, peer)
+        yield Rig(ram, mmio, function, net, peer, ns)
 
 
 def frame(payload: bytes) -> bytes:
@@ -196,3 +220,74 @@ def test_config_slot_shared_with_a_disk_is_refused() -> None:
         VmmConfig.from_dict({**BASE, "disks": [{"slot": 3, "path": "/d"}], "net": [{"slot": 3, "fd": 5, "mac": MAC}]})
     cfg = VmmConfig.from_dict({**BASE, "net": [{"slot": 4, "fd": 5, "mac": MAC.upper(), "mtu": 9000}]})
     assert cfg.net[0].mac == MAC and cfg.net[0].mtu == 9000 and cfg.net[0].link_up
+
+
+def ethertype_frames(sock: socket.socket, timeout: float) -> bytes:
+    """The next frame of ETHERTYPE the peer's socket sees (the kernel's own chatter skipped)."""
+    sock.settimeout(timeout)
+    while (data := sock.recv(4096))[12:14] != struct.pack("!H", ETHERTYPE):
+        pass
+    return data
+
+
+def test_one_pair_offers_the_control_queue_without_mq() -> None:
+    with rig() as r:
+        assert r.common_read(vpci.NUM_QUEUES, 2) == 3  # receiveq1, transmitq1, controlq
+        offered = r.offered()
+        assert offered & vnet.F_CTRL_VQ and offered & vnet.F_CTRL_RX and offered & vnet.F_CTRL_MAC_ADDR
+        assert not offered & vnet.F_MQ
+        assert r.device_cfg(8, 2) == 1  # max_virtqueue_pairs
+        features = vpci.F_VERSION_1 | vnet.F_MAC | vnet.F_CTRL_VQ | vnet.F_CTRL_RX | vnet.F_CTRL_MAC_ADDR
+        r.driver_init(features, queues=3)
+        assert r.command(0, vnet.CTRL_RX, vnet.CTRL_RX_PROMISC, b"\0") == vnet.CTRL_OK
+        assert r.command(1, vnet.CTRL_RX, vnet.CTRL_RX_ALLMULTI, b"\1") == vnet.CTRL_OK
+        assert r.net.rx_mode == {"promisc": False, "allmulti": True}
+        new_mac = bytes.fromhex("525400aabbcc")
+        assert r.command(2, vnet.CTRL_MAC, vnet.CTRL_MAC_ADDR_SET, new_mac) == vnet.CTRL_OK
+        assert bytes(r.device_cfg(i, 1) for i in range(6)) == new_mac  # the config follows
+        table = struct.pack("<I", 1) + new_mac + struct.pack("<I", 2) + bytes.fromhex("01005e000001333300000001")
+        assert r.command(3, vnet.CTRL_MAC, vnet.CTRL_MAC_TABLE_SET, table) == vnet.CTRL_OK
+        assert r.net.mac_table == (["52:54:00:aa:bb:cc"], ["01:00:5e:00:00:01", "33:33:00:00:00:01"])
+        # refused: a short table, MQ not negotiated, an unknown class
+        assert r.command(4, vnet.CTRL_MAC, vnet.CTRL_MAC_TABLE_SET, table[:-1]) == vnet.CTRL_ERR
+        assert r.command(5, vnet.CTRL_MQ, vnet.CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 1)) == vnet.CTRL_ERR
+        assert r.command(6, 9, 0, b"") == vnet.CTRL_ERR
+        assert not r.common_read(vpci.DEVICE_STATUS, 1) & vpci.STATUS_NEEDS_RESET
+        r.common_write(vpci.DEVICE_STATUS, 1, 0)  # a reset brings the configured MAC back
+        assert bytes(r.device_cfg(i, 1) for i in range(6)) == vnet.parse_mac(MAC)
+
+
+MQ_FEATURES = vpci.F_VERSION_1 | vnet.F_MAC | vnet.F_CTRL_VQ | vnet.F_MQ
+
+
+def test_vq_pairs_set_runs_exactly_that_many_pairs_and_frames_use_pair_two() -> None:
+    with rig(pairs=2) as r:
+        assert r.common_read(vpci.NUM_QUEUES, 2) == 5  # two pairs and the control queue
+        assert r.offered() & vnet.F_MQ and r.device_cfg(8, 2) == 2
+        assert r.ns.tun_queues("vt1") == (True, 1, 1)  # before the driver: only pair 1's tap queue attached
+        r.ctrl = 4
+        r.driver_init(MQ_FEATURES, queues=5)
+        assert r.net.pairs == 1 and r.ns.tun_queues("vt1") == (True, 1, 1)
+        assert r.command(0, vnet.CTRL_MQ, vnet.CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 0)) == vnet.CTRL_ERR
+        assert r.command(1, vnet.CTRL_MQ, vnet.CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 3)) == vnet.CTRL_ERR
+        assert r.command(2, vnet.CTRL_MQ, vnet.CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 2)) == vnet.CTRL_OK
+        assert r.net.pairs == 2 and r.ns.tun_queues("vt1") == (True, 2, 0)  # the kernel's view
+        out = frame(b"pair-two" * 20)
+        r.ram.write(BUFS + 0x10000, bytes(12) + out)
+        r.post(3, 0, BUFS + 0x10000, 12 + len(out), 0)  # transmitq2
+        assert ethertype_frames(r.peer, 5) == out
+        pairs = r.net.pair_stats()
+        assert (pairs[0]["tx_packets"], pairs[1]["tx_packets"]) == (0, 1), pairs
+        for q in (0, 2):
+            r.post(q, 0, BUFS + 0x20000 + 0x1000 * q, 2048, 2)
+        back = frame(b"to-pair-two" * 20)
+        r.peer.send(back)  # the tap steers the flow to the queue it came from (tun's automq flow table)
+        wait_for(lambda: r.used(0) + r.used(2) == 1, timeout=10, what="one rx buffer used")
+        assert (r.used(0), r.used(2)) == (0, 1)
+        assert r.ram.read(BUFS + 0x22000 + 12, len(back)) == back
+        assert r.net.stats()["rx_packets"] == 1 and r.net.pair_stats()[1]["rx_packets"] == 1
+        assert r.command(3, vnet.CTRL_MQ, vnet.CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 1)) == vnet.CTRL_OK
+        assert r.net.pairs == 1 and r.ns.tun_queues("vt1") == (True, 1, 1)
+        assert not r.common_read(vpci.DEVICE_STATUS, 1) & vpci.STATUS_NEEDS_RESET
+        r.common_write(vpci.DEVICE_STATUS, 1, 0)
+        assert r.net.pairs == 0 and r.ns.tun_queues("vt1") == (True, 1, 1)
