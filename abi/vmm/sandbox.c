@@ -351,9 +351,10 @@ static const struct rule helper_rules[] = {
 
 #define TUNSETQUEUE_REQUEST 0x400454D9 /* _IOW('T', 217, int) of linux/if_tun.h */
 
-/* A device thread (virtio-rng, vhost-blk): sleeps in poll(2) on its kick and stop eventfds, reads its backend fd and
- * eventfds, copies into guest memory (no system call), signals irqfd eventfds, and runs Python (locks,
- * the allocator, the monotonic clock). No open, no ioctl: everything it touches was opened before. */
+/* A device thread (virtio-rng, vhost-blk, virtio-net's control queue): sleeps in poll(2) on its kick and
+ * stop eventfds, reads its backend fd and eventfds, copies into guest memory (no system call), signals irqfd
+ * eventfds, and runs Python (locks, the allocator, the monotonic clock). No open, and no ioctl but
+ * TUNSETQUEUE: everything it touches was opened before. */
 static const struct rule device_rules[] = {
     ALLOW(read),          ALLOW(write),          ALLOW(poll),           ALLOW(ppoll),
     ALLOW(futex),         ALLOW(clock_gettime),  ALLOW(gettid),         ALLOW(getpid),

@@ -18,7 +18,8 @@ of the protected-mode part), so it boots through exactly the loader Linux uses. 
   (``TINY_VIRTIO_ASM``): ``TINY-VIRTIO bytes= irqs= sum= kicks=`` (see ``tiny_virtio``); ``g`` reads
   the CMOS RTC (get the time, ``TINY_RTC_ASM``); ``j`` writes a
   pattern to a virtio-blk disk, flushes and reads it back (``TINY_BLK_ASM``, see ``tiny_blk``); ``u``
-  sends frames on a virtio-net device and counts what comes back (``TINY_NET_ASM``, see ``tiny_net``);
+  sends frames on a virtio-net device and counts what comes back (``TINY_NET_ASM``, see ``tiny_net``), ``m``
+  the same on queue pair 2 of a multiqueue one after VQ_PAIRS_SET 2 on its control queue;
 * counts NMIs (vector 2) and prints ``TINY-NMI <count, 8 hex digits>`` when the count changed, and prints
   ``TINY-KEY <hex byte>`` for every byte the i8042 has for it on port 0x60 (``TINY_EVENTS_ASM``, polled mode);
 * with ``tiny.irq`` on its command line, the same commands interrupt-driven (``TINY_IRQ_ASM``): no
@@ -156,6 +157,8 @@ dispatch:                       /* al = a byte typed on COM1 */
     je virtio_blk
     cmp $'u', %al
     je virtio_net
+    cmp $'m', %al
+    je virtio_net_mq
     call lock_print
     call putc
     movb $0, print_lock(%rip)
@@ -1746,7 +1749,12 @@ blk_rbuf:      .skip BLK_BYTES
 # PM timer passed. Received frames are hashed byte by byte (h = h * 31 + byte, ``tiny_net_hash``). It
 # prints the totals since boot:
 # ``TINY-NET press=<hex> tx=<hex> rx=<hex> rxbytes=<hex> sum=<hex> irqs=<hex>`` or ``TINY-NET-FAIL <code>``
-# (1 no device, 2 FEATURES_OK refused, 3 vector refused, 4 used ring ahead).
+# (1 no device, 2 FEATURES_OK refused, 3 vector refused, 4 used ring ahead, 5 'm' after 'u', 6 VQ_PAIRS_SET
+# refused). Key m, pressed first, sets the device up for multiqueue instead: CTRL_VQ and MQ negotiated,
+# max_virtqueue_pairs read, pair 1 gets rings and eight receive buffers of its own, the rings above become
+# pair 2's (queues 2 and 3), the control queue is queue 2N; it sends VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET 2 (header,
+# data and ack in three descriptors, as Linux) and waits for the ack, then every press (m or u) is the one
+# above on pair 2; its line adds `` pairs=<max_virtqueue_pairs> ack=<the ack byte> rx1=<frames pair 1 got>``.
 TINY_NET_ASM = r"""
     .set NET_VECTOR, 0x36              /* 0x30-0x35: serial, SCI, i8042, virtio-rng, RTC, virtio-blk */
     .set NQ_SIZE, 8
@@ -1761,15 +1769,34 @@ TINY_NET_ASM = r"""
 
     .text
     .code64
+virtio_net_mq:                  /* 'm': the same press on queue pair 2 of a multiqueue device */
+    pushfq
+    call lock_print
+    cmpb $0, net_ready(%rip)
+    jne 1f
+    movb $1, net_mq(%rip)
+    call net_setup
+    test %eax, %eax
+    jnz net_failed
+    call net_pairs_set
+    test %eax, %eax
+    jnz net_failed
+    jmp net_pressed
+1:  cmpb $0, net_mq(%rip)
+    jne net_pressed
+    mov $5, %eax                /* 'u' set the device up with one pair */
+    jmp net_failed
+
 virtio_net:
     pushfq
     call lock_print
     cmpb $0, net_ready(%rip)
-    jne 5f
+    jne net_pressed
     call net_setup
     test %eax, %eax
-    jnz 8f
-5:  incl net_presses(%rip)
+    jnz net_failed
+net_pressed:
+    incl net_presses(%rip)
     call net_harvest            /* what arrived since the last press */
     mov net_rx(%rip), %eax
     add $NET_FRAMES, %eax
@@ -1778,7 +1805,7 @@ virtio_net:
 6:  mov %r12d, %edi
     call net_send
     test %eax, %eax
-    jnz 8f
+    jnz net_failed
     inc %r12d
     cmp $NET_FRAMES, %r12d
     jb 6b
@@ -1825,8 +1852,23 @@ virtio_net:
     call puts
     mov net_irqs(%rip), %ebx
     call puthex32
+    cmpb $0, net_mq(%rip)
+    je 9f
+    lea net_pairs_msg(%rip), %rsi
+    call puts
+    movzwl net_max_pairs(%rip), %ebx
+    call puthex32
+    lea net_ack_msg(%rip), %rsi
+    call puts
+    movzbl nq_ctl_cmd+8(%rip), %ebx
+    call puthex32
+    lea net_rx1_msg(%rip), %rsi
+    call puts
+    movzwl nq1_rx_used+2(%rip), %ebx   /* what pair 1 received (never given back: 8 at most) */
+    call puthex32
     jmp 9f
-8:  mov %eax, %ebx
+net_failed:
+    mov %eax, %ebx
     lea net_fail_msg(%rip), %rsi
     call puts
     call puthex32
@@ -1918,6 +1960,8 @@ net_setup:
     mov %ecx, net_mac(%rip)
     movzwl 4(%rbx,%rax), %ecx
     mov %cx, net_mac+4(%rip)
+    movzwl 8(%rbx,%rax), %ecx   /* max_virtqueue_pairs */
+    mov %cx, net_max_pairs(%rip)
     mov net_common(%rip), %eax
     add %rax, %rbx              /* rbx = common configuration */
     movb $0, 20(%rbx)           /* reset, ACKNOWLEDGE, DRIVER */
@@ -1926,7 +1970,11 @@ net_setup:
     movl $1, 8(%rbx)            /* VIRTIO_F_VERSION_1 (bit 32) */
     movl $1, 12(%rbx)
     movl $0, 8(%rbx)
-    movl $0x20, 12(%rbx)        /* VIRTIO_NET_F_MAC (bit 5) */
+    mov $0x20, %eax             /* VIRTIO_NET_F_MAC (bit 5) */
+    cmpb $0, net_mq(%rip)
+    je 41f
+    or $0x420000, %eax          /* and CTRL_VQ (bit 17), MQ (bit 22) */
+41: mov %eax, 12(%rbx)
     movb $0xb, 20(%rbx)
     movzbl 20(%rbx), %eax
     test $8, %al
@@ -1964,7 +2012,50 @@ net_setup:
     cmp $NQ_SIZE, %ecx
     jb 1b
     movw $NQ_SIZE, nq_rx_avail+2(%rip)
+    movl $0, net_qbase(%rip)    /* the pair 'u' and 'm' use: queues qbase, qbase + 1 */
+    cmpb $0, net_mq(%rip)
+    je 2f
+    xor %ecx, %ecx              /* pair 1's receive buffers, the same way */
+    lea net_rxbufs1(%rip), %rax
+    lea nq1_rx_desc(%rip), %rdi
+    lea nq1_rx_avail+4(%rip), %rsi
+1:  mov %rax, (%rdi)
+    movl $NET_RXBUF, 8(%rdi)
+    movw $2, 12(%rdi)
+    movw $0, 14(%rdi)
+    mov %cx, (%rsi,%rcx,2)
+    add $NET_RXBUF, %rax
+    add $16, %rdi
+    inc %ecx
+    cmp $NQ_SIZE, %ecx
+    jb 1b
+    movw $NQ_SIZE, nq1_rx_avail+2(%rip)
     xor %ecx, %ecx              /* queue 0: receiveq1 */
+    lea nq1_rx_desc(%rip), %rdi
+    lea nq1_rx_avail(%rip), %rsi
+    lea nq1_rx_used(%rip), %rdx
+    call net_queue
+    test %rax, %rax
+    jz 7f
+    mov %rax, net_rx1_doorbell(%rip)
+    mov $1, %ecx                /* queue 1: transmitq1 (unused) */
+    lea nq1_tx_desc(%rip), %rdi
+    lea nq1_tx_avail(%rip), %rsi
+    lea nq1_tx_used(%rip), %rdx
+    call net_queue
+    test %rax, %rax
+    jz 7f
+    movzwl net_max_pairs(%rip), %ecx  /* the control queue: 2N with MQ */
+    add %ecx, %ecx
+    lea nq_ctl_desc(%rip), %rdi
+    lea nq_ctl_avail(%rip), %rsi
+    lea nq_ctl_used(%rip), %rdx
+    call net_queue
+    test %rax, %rax
+    jz 7f
+    mov %rax, net_ctl_doorbell(%rip)
+    movl $2, net_qbase(%rip)
+2:  mov net_qbase(%rip), %ecx   /* receiveq1, or receiveq2 with MQ */
     lea nq_rx_desc(%rip), %rdi
     lea nq_rx_avail(%rip), %rsi
     lea nq_rx_used(%rip), %rdx
@@ -1972,7 +2063,8 @@ net_setup:
     test %rax, %rax
     jz 7f
     mov %rax, net_rx_doorbell(%rip)
-    mov $1, %ecx                /* queue 1: transmitq1 */
+    mov net_qbase(%rip), %ecx   /* transmitq1, or transmitq2 with MQ */
+    inc %ecx
     lea nq_tx_desc(%rip), %rdi
     lea nq_tx_avail(%rip), %rsi
     lea nq_tx_used(%rip), %rdx
@@ -1984,9 +2076,51 @@ net_setup:
     movb $1, net_ready(%rip)
     mov net_rx_doorbell(%rip), %rdi
     movw $0, (%rdi)             /* the receive buffers are there */
-    xor %eax, %eax
+    cmpb $0, net_mq(%rip)
+    je 8f
+    mov net_rx1_doorbell(%rip), %rdi
+    movw $0, (%rdi)
+8:  xor %eax, %eax
     ret
 7:  mov $3, %eax
+    ret
+
+net_pairs_set:                  /* VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET 2 on the control queue -> eax = 0 or 6 */
+    lea nq_ctl_cmd(%rip), %rax
+    movw $0x0004, (%rax)        /* class VIRTIO_NET_CTRL_MQ, command VQ_PAIRS_SET */
+    movw $2, 2(%rax)            /* virtqueue_pairs */
+    movb $0xff, 8(%rax)         /* the ack the device overwrites */
+    lea nq_ctl_desc(%rip), %rdi /* three descriptors, as Linux's virtnet_send_command: header, data, ack */
+    mov %rax, (%rdi)
+    movl $2, 8(%rdi)
+    movw $1, 12(%rdi)           /* NEXT */
+    movw $1, 14(%rdi)
+    lea 2(%rax), %rdx
+    mov %rdx, 16(%rdi)
+    movl $2, 24(%rdi)
+    movw $1, 28(%rdi)
+    movw $2, 30(%rdi)
+    lea 8(%rax), %rdx
+    mov %rdx, 32(%rdi)
+    movl $1, 40(%rdi)
+    movw $2, 44(%rdi)           /* WRITE */
+    movw $0, 46(%rdi)
+    movw $0, nq_ctl_avail+4(%rip)
+    movw $1, nq_ctl_avail+2(%rip)
+    mov net_ctl_doorbell(%rip), %rdi
+    movw $0, (%rdi)
+1:  cli
+    cmpw $1, nq_ctl_used+2(%rip)
+    je 2f
+    sti
+    hlt                         /* woken by the completion's interrupt */
+    jmp 1b
+2:  sti
+    cmpb $0, nq_ctl_cmd+8(%rip) /* VIRTIO_NET_OK */
+    jne 3f
+    xor %eax, %eax
+    ret
+3:  mov $6, %eax
     ret
 
 net_queue:                      /* rbx = common cfg, ecx = queue, rdi/rsi/rdx = its rings -> rax = doorbell or 0 */
@@ -2123,11 +2257,16 @@ net_rx_msg:    .asciz " rx="
 net_bytes_msg: .asciz " rxbytes="
 net_sum_msg:   .asciz " sum="
 net_irqs_msg:  .asciz " irqs="
+net_pairs_msg: .asciz " pairs="
+net_ack_msg:   .asciz " ack="
+net_rx1_msg:   .asciz " rx1="
 net_fail_msg:  .asciz "TINY-NET-FAIL "
 net_magic:     .ascii "TINY-NET"
     .p2align 3
 net_bar:       .quad 0
 net_rx_doorbell: .quad 0
+net_rx1_doorbell: .quad 0
+net_ctl_doorbell: .quad 0
 net_tx_doorbell: .quad 0
 net_cfg:       .long 0
 net_common:    .long 0
@@ -2137,6 +2276,7 @@ net_notify_mult: .long 0
 net_msix_cap:  .long 0
 net_msix_table: .long 0
 net_irqs:      .long 0
+net_qbase:     .long 0
 net_presses:   .long 0
 net_tx:        .long 0
 net_rx:        .long 0
@@ -2145,7 +2285,9 @@ net_rx_bytes:  .long 0
 net_rx_sum:    .long 0
 net_mac:       .skip 8
 net_rx_seen:   .word 0
+net_max_pairs: .word 0
 net_ready:     .byte 0
+net_mq:        .byte 0
 
     .bss
     .p2align 4
@@ -2160,10 +2302,31 @@ nq_tx_desc:    .skip 16 * NQ_SIZE
 nq_tx_avail:   .skip 4 + 2 * NQ_SIZE + 2
     .p2align 2
 nq_tx_used:    .skip 4 + 8 * NQ_SIZE + 2
+    .p2align 4
+nq1_rx_desc:   .skip 16 * NQ_SIZE
+    .p2align 2
+nq1_rx_avail:  .skip 4 + 2 * NQ_SIZE + 2
+    .p2align 2
+nq1_rx_used:   .skip 4 + 8 * NQ_SIZE + 2
+    .p2align 4
+nq1_tx_desc:   .skip 16 * NQ_SIZE
+    .p2align 2
+nq1_tx_avail:  .skip 4 + 2 * NQ_SIZE + 2
+    .p2align 2
+nq1_tx_used:   .skip 4 + 8 * NQ_SIZE + 2
+    .p2align 4
+nq_ctl_desc:   .skip 16 * NQ_SIZE
+    .p2align 2
+nq_ctl_avail:  .skip 4 + 2 * NQ_SIZE + 2
+    .p2align 2
+nq_ctl_used:   .skip 4 + 8 * NQ_SIZE + 2
+    .p2align 4
+nq_ctl_cmd:    .skip 16
     .p2align 7
 net_txbufs:    .skip NET_TXBUF * NQ_SIZE
     .p2align 12
 net_rxbufs:    .skip NET_RXBUF * NQ_SIZE
+net_rxbufs1:   .skip NET_RXBUF * NQ_SIZE
 """
 
 LINKER_SCRIPT = """

@@ -209,3 +209,64 @@ def test_with_the_link_down_the_guests_frames_are_dropped_and_its_wait_for_repli
         assert after == before  # not a frame reached the tap
         counters = {k: net_status(vm)[k] for k in COUNTERS}
         assert counters == {**dict.fromkeys(COUNTERS, 0), "tx_drops": TINY_NET_FRAMES}, counters
+
+
+def test_the_tiny_guest_asks_for_two_pairs_and_its_frames_go_both_ways_on_pair_two(
+    kvm: None, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    """Key ``m``: the guest negotiates CTRL_VQ and MQ, sends VQ_PAIRS_SET 2 on the control queue, then sends
+    its frames on transmitq2 and counts the replies on receiveq2 (and, apart, what reached receiveq1)."""
+    with netns("vmq") as ns:
+        fds = ns.open_tap_queues(TAP, 2)
+        try:
+            net = [{"slot": SLOT, "fd": fds[0], "queue_fds": fds[1:], "mac": MAC, "mtu": 1500, "link_up": True}]
+            vm = VmmProcess.start(
+                tmp_path / "vm", tiny_kernel, cmdline="console=ttyS0 tiny", net=net, pass_fds=tuple(fds)
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
+        with vm:
+            vm.connect()
+            vm.wait_serial(TINY_BANNER, timeout=60)
+            assert ns.tun_queues(TAP) == (True, 1, 1)  # the kernel's view: pair 2's tap queue detached
+            dev = net_status(vm)
+            assert (dev["max_queue_pairs"], dev["queue_pairs"]) == (2, 0), dev
+            before = ns.link_stats(TAP)
+            with ns.packet_socket(TAP) as sock:
+                vm.console_send(b"m")
+                replies = answer_tiny_net(sock, bytes.fromhex(MAC.replace(":", "")), 1, timeout=60)
+                line = net_line(vm, 1)
+            n = TINY_NET_FRAMES
+            assert line == {
+                "press": 1,
+                "tx": n,
+                "rx": n,
+                "rxbytes": sum(map(len, replies)),
+                "sum": tiny_net_hash(replies),
+                "irqs": line["irqs"],
+                "pairs": 2,  # max_virtqueue_pairs as the guest read it
+                "ack": 0,  # VIRTIO_NET_OK
+                "rx1": 0,  # the tap steered the replies to the queue their flow came from
+            }, (line, vm.diagnostics())
+            assert ns.tun_queues(TAP) == (True, 2, 0)  # VQ_PAIRS_SET 2 attached pair 2's tap queue
+            grew = {k: v - before[k] for k, v in ns.link_stats(TAP).items()}
+            assert grew == {
+                "rx_packets": n,
+                "rx_bytes": n * TINY_NET_FRAME_LEN,
+                "tx_packets": n,
+                "tx_bytes": sum(map(len, replies)),
+            }, grew
+            dev = net_status(vm)
+            assert (dev["queue_pairs"], dev["ctrl_commands"]) == (2, 1), dev
+            first, second = ({k: p[k] for k in COUNTERS} for p in dev["pairs"])
+            assert first == dict.fromkeys(COUNTERS, 0), first
+            assert second == {
+                "rx_packets": n,
+                "rx_bytes": sum(map(len, replies)),
+                "rx_drops": 0,
+                "tx_packets": n,
+                "tx_bytes": n * TINY_NET_FRAME_LEN,
+                "tx_drops": 0,
+            }, second
+            assert {k: dev[k] for k in COUNTERS} == second  # the device's total (domifstat's) sums the pairs
