@@ -45,7 +45,7 @@ from mshv_libvirt.lifecycle import (
 from mshv_libvirt.lifecycle.states import UndefinedDetail, lookup
 from mshv_libvirt.proc import host_memory_kib, pid_alive, task_stat
 
-from . import cputune, disks, layout, nets
+from . import cputune, disks, layout, netports, nets
 from .migrate import migrate_legacy_layout
 from .store import ConfigStore
 from .vmm_client import VmmError, VmmFiles, VmmHandle, find_vmm_processes, is_our_vmm, same_file
@@ -417,6 +417,9 @@ class DomainManager:
         self.vmm_options = vmm_options or VmmOptions()  # VMM user, serial log cap (vmm_launch.py)
         self.session = session  # network ports come from network:///session then
         self._ifnames = nets.IfnameAllocator()
+        # The ports of each start in progress (nets.plug fills one set each), not yet in a domain's nets.
+        self._ports_in_flight: list[set[str]] = []
+        self._port_sweep_pending = False
         # Absolute: records and VMM configs name these paths, and a daemon may change its directory.
         self.paths = paths = Paths(
             Path(os.path.abspath(paths.config_dir)),
@@ -463,6 +466,10 @@ class DomainManager:
             if record.exists():
                 await self._reattach(record)
         await self._reap_orphans()
+        # Ports an earlier daemon created and died before recording; in the background: the network
+        # driver may be slow or absent, and what starts meanwhile counts its ports in flight.
+        self._port_sweep_pending = True
+        self._task(self._sweep_ports())
         if self._autostart:
             for dom in list(self._domains.values()):
                 if dom.persistent is not None and not dom.active and self.store.autostart(dom.name):
@@ -938,15 +945,22 @@ class DomainManager:
         cfg = await self._translate_volumes(cfg)
         if dom.live is not None:
             dom.live = cfg  # the running config knows each volume's path (domblkinfo, domblkstat by path)
+        if self._port_sweep_pending and any(net.type == "network" for net in cfg.nets):
+            await self._sweep_ports()  # the start-up sweep could not reach the network driver (yet): now
         # The images are opened, checked and locked before anything else, then the interfaces plugged.
         with await _open_disks(cfg) as opened:
-            plugged = await nets.plug(cfg, self.session, self._ifnames)
+            made: set[str] = set()
+            self._ports_in_flight.append(made)
             try:
-                with plugged:
-                    await self._spawn_with(dom, cfg, paused, opened, plugged, keep_id=keep_id)
-            except BaseException:
-                await nets.unplug(plugged.running, self.session)  # the taps went with the descriptors
-                raise
+                plugged = await nets.plug(cfg, self.session, self._ifnames, made)
+                try:
+                    with plugged:
+                        await self._spawn_with(dom, cfg, paused, opened, plugged, keep_id=keep_id)
+                except BaseException:
+                    await nets.unplug(plugged.running, self.session)  # the taps went with the descriptors
+                    raise
+            finally:
+                self._ports_in_flight.remove(made)  # in dom.nets now, or deleted
         # the daemon's copies are closed: the VMM's own (and its backends') hold the images and their locks,
         # and the taps
 
@@ -1005,6 +1019,27 @@ class DomainManager:
                 await handle.request("set-link", args={"mac": after.mac, "up": after.link_state != "down"})
             except VmmError as err:
                 raise _failed(f"cannot set the link state of interface {after.mac}: {err}") from err
+
+    async def _sweep_ports(self) -> None:
+        """Delete the ports libvirt's network driver holds for our domains that no runtime state claims: a
+        daemon killed between creating a port and recording it leaves one, which nothing else would delete."""
+        owners = {str(d.uuid): d.name for d in self._domains.values()}
+
+        def claimed() -> set[str]:
+            held = {n.port.portid for d in self._domains.values() for n in d.nets if n.port is not None}
+            return held.union(*self._ports_in_flight)
+
+        try:
+            deleted = await netports.delete_unclaimed(self.session, owners, claimed)
+        except VirtError as err:
+            log.warning("cannot look for unclaimed network ports (again at the next start): %s", err)
+            return
+        self._port_sweep_pending = False
+        for port in deleted:
+            log.warning(
+                "deleted port %s of network %s: its domain's runtime state does not hold it", port.portid, port.network
+            )
+        log.info("network port sweep done: %d unclaimed port(s) deleted", len(deleted))
 
     async def _unplug(self, dom: Domain) -> None:
         """The VMM is gone, and with it the taps: release the interfaces' network ports."""

@@ -9,7 +9,9 @@ happen at start and stop, never per packet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid as uuidlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
@@ -18,7 +20,7 @@ from lxml import etree
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError
 from mshv_libvirt.rpc.xdr import Packer, Unpacker, XdrError
 
-__all__ = ["NetworkPort", "create_port", "delete_port"]
+__all__ = ["NetworkPort", "create_port", "delete_port", "delete_unclaimed"]
 
 PROC_NETWORK_LOOKUP_BY_NAME = 46
 PROC_NETWORK_PORT_CREATE_XML = 406
@@ -46,8 +48,10 @@ def _passed_on(code: int, domain: int, message: str) -> VirtError:
     return err
 
 
-async def _call(session: bool, calls: list[tuple[int, bytes]]) -> list[Unpacker]:
-    """Each call's ret, on one connection opened for them."""
+@contextlib.asynccontextmanager
+async def _connected(session: bool) -> AsyncIterator[Callable[[int, bytes], Awaitable[Unpacker]]]:
+    """A connection to the network driver for a few calls (``call(proc, payload)`` gives each ret), its
+    errors as libvirt's."""
     # Imported here: the relay module imports the driver package.
     from mshv_libvirt.rpc.client import DaemonError, Handlers, RemoteClient, RemoteClosed
     from mshv_libvirt.rpc.relay import NETWORK, socket_path
@@ -55,13 +59,22 @@ async def _call(session: bool, calls: list[tuple[int, bytes]]) -> list[Unpacker]
     path = socket_path(NETWORK, session, readonly=False)
     uri = f"network:///{'session' if session else 'system'}"
     client: RemoteClient | None = None
+
+    async def call(proc: int, payload: bytes) -> Unpacker:
+        assert client is not None
+        try:
+            return await client.call_ok(proc, payload)
+        except DaemonError as err:
+            raise _passed_on(err.error.code, err.error.domain, err.error.message) from None
+
     try:
         async with asyncio.timeout(_TIMEOUT):
             client = await RemoteClient.connect(path, Handlers(), f"{uri} on {path}")
-            await client.open(uri, readonly=False)
-            return [await client.call_ok(proc, payload) for proc, payload in calls]
-    except DaemonError as err:
-        raise _passed_on(err.error.code, err.error.domain, err.error.message) from None
+            try:
+                await client.open(uri, readonly=False)
+            except DaemonError as err:
+                raise _passed_on(err.error.code, err.error.domain, err.error.message) from None
+            yield call
     except (OSError, TimeoutError, RemoteClosed, XdrError) as err:
         raise VirtError(
             ErrorCode.OPERATION_FAILED, f"libvirt's network driver ({uri} on {path}) is not available: {err}"
@@ -69,6 +82,12 @@ async def _call(session: bool, calls: list[tuple[int, bytes]]) -> list[Unpacker]
     finally:
         if client is not None:
             client.close()
+
+
+async def _call(session: bool, calls: list[tuple[int, bytes]]) -> list[Unpacker]:
+    """Each call's ret, on one connection opened for them."""
+    async with _connected(session) as call:
+        return [await call(proc, payload) for proc, payload in calls]
 
 
 def _network(p: Packer, name: str, raw_uuid: bytes) -> None:
@@ -98,13 +117,13 @@ def _plug_bridge(xml: str, network: str) -> str:
     return bridge
 
 
-async def create_port(session: bool, network: str, domain: str, domain_uuid: str, mac: str) -> NetworkPort:
-    """A port of ``network`` for the interface with ``mac`` of ``domain``; its bridge from the port's plug."""
+async def create_port(session: bool, network: str, domain: str, domain_uuid: str, mac: str, portid: str) -> NetworkPort:
+    """Port ``portid`` of ``network`` for the interface with ``mac`` of ``domain``; its bridge from the port's
+    plug. The caller picks the UUID, so that it can count the port as its own before it exists."""
     p = Packer()
     p.string(network)
     (found,) = await _call(session, [(PROC_NETWORK_LOOKUP_BY_NAME, p.getvalue())])
     name, net_uuid = found.string(_STRING_MAX), found.opaque_fixed(16)
-    portid = str(uuidlib.uuid4())
     p = Packer()
     _network(p, name, net_uuid)
     p.string(_port_xml(domain, domain_uuid, mac, portid))
@@ -138,6 +157,82 @@ async def delete_port(session: bool, port: NetworkPort) -> None:
     except VirtError as err:
         if err.code not in (ErrorCode.NO_NETWORK, ErrorCode.NO_NETWORK_PORT):
             raise
+
+
+PROC_CONNECT_LIST_ALL_NETWORKS = 283
+PROC_NETWORK_LIST_ALL_PORTS = 404
+_LIST_MAX = 16384  # REMOTE_NETWORK_LIST_MAX, REMOTE_NETWORK_PORT_LIST_MAX
+_LIST_NETWORKS_ACTIVE = 2  # VIR_CONNECT_LIST_NETWORKS_ACTIVE: an inactive network has no ports
+
+
+def _owner(xml: str) -> tuple[str, str] | None:
+    """The port's <owner> (uuid, name), as virDomainNetDefToNetworkPort writes it."""
+    owner = etree.fromstring(xml.encode()).find("owner")
+    if owner is None:
+        return None
+    return (owner.findtext("uuid") or "").strip().lower(), owner.findtext("name") or ""
+
+
+async def delete_unclaimed(
+    session: bool, owners: Mapping[str, str], claimed: Callable[[], Collection[str]]
+) -> list[NetworkPort]:
+    """Delete every port of the network driver's active networks whose <owner> is one of ``owners`` (domain
+    UUID -> name, both must match) and whose UUID is not in ``claimed()`` (read at each port, so that a
+    port counted as claimed meanwhile is kept); returns the deleted ports.
+
+    A daemon that died after creating a port and before recording it in the domain's runtime record leaves
+    the port in libvirt's network driver, which keeps it for ever: this finds it by the owner we gave it."""
+    if not owners:
+        return []
+    deleted: list[NetworkPort] = []
+    async with _connected(session) as call:
+        p = Packer()
+        p.int(1)  # need_results
+        p.uint(_LIST_NETWORKS_ACTIVE)
+        listed = await call(PROC_CONNECT_LIST_ALL_NETWORKS, p.getvalue())
+        networks = [(listed.string(_STRING_MAX), listed.opaque_fixed(16)) for _ in range(listed.array_len(_LIST_MAX))]
+        for name, net_uuid in networks:
+            p = Packer()
+            _network(p, name, net_uuid)
+            p.int(1)
+            p.uint(0)
+            try:
+                ports = await call(PROC_NETWORK_LIST_ALL_PORTS, p.getvalue())
+            except VirtError as err:
+                if err.code is ErrorCode.NO_NETWORK:
+                    continue  # stopped or removed since it was listed
+                raise
+            portids = []
+            for _ in range(ports.array_len(_LIST_MAX)):
+                ports.string(_STRING_MAX)
+                ports.opaque_fixed(16)
+                portids.append(ports.opaque_fixed(16))
+            for raw in portids:
+                port = NetworkPort(name, net_uuid, str(uuidlib.UUID(bytes=raw)), "")
+                p = Packer()
+                _network(p, name, net_uuid)
+                p.opaque_fixed(raw, 16)
+                p.uint(0)
+                try:
+                    owner = _owner((await call(PROC_NETWORK_PORT_GET_XML_DESC, p.getvalue())).string(_STRING_MAX))
+                except VirtError as err:
+                    if err.code in (ErrorCode.NO_NETWORK, ErrorCode.NO_NETWORK_PORT):
+                        continue  # deleted by its owner meanwhile
+                    raise
+                if owner is None or owners.get(owner[0]) != owner[1] or port.portid in claimed():
+                    continue
+                p = Packer()
+                _network(p, name, net_uuid)
+                p.opaque_fixed(raw, 16)
+                p.uint(0)
+                try:
+                    await call(PROC_NETWORK_PORT_DELETE, p.getvalue())
+                except VirtError as err:
+                    if err.code not in (ErrorCode.NO_NETWORK, ErrorCode.NO_NETWORK_PORT):
+                        raise
+                    continue
+                deleted.append(port)
+    return deleted
 
 
 PROC_NETWORK_GET_DHCP_LEASES = 341

@@ -5,7 +5,10 @@ ports are deleted (the taps go with the VMM's descriptors)."""
 from __future__ import annotations
 
 import logging
+import os
 import re
+import signal
+import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +25,9 @@ log = logging.getLogger(__name__)
 VNET_PREFIX = "vnet"  # VIR_NET_GENERATED_VNET_PREFIX
 _VNET_MAX = 1 << 16  # names wrap around after this many, as libvirt's virNetDevGenerateName
 _BUSY_RETRIES = 8
+# Test-only hook: the daemon SIGKILLs itself right after the network driver created a port, before anything
+# records it (the window the start-up sweep of unclaimed ports closes).
+KILL_AFTER_PORT_CREATE_ENV = "MSHV_LIBVIRT_TEST_KILL_AFTER_PORT_CREATE"
 
 
 @dataclass(frozen=True)
@@ -93,15 +99,22 @@ class PluggedNets(HeldFds):
     running: list[RunningNet] = field(default_factory=list)
 
 
-async def plug(cfg: DomainConfig, session: bool, names: IfnameAllocator) -> PluggedNets:
-    """Ports and taps for every interface of ``cfg``, in order; on a failure what was made is undone."""
+async def plug(cfg: DomainConfig, session: bool, names: IfnameAllocator, in_flight: set[str]) -> PluggedNets:
+    """Ports and taps for every interface of ``cfg``, in order; on a failure what was made is undone. Each
+    port's UUID goes into ``in_flight`` before the port is asked for (the caller takes it out once the
+    domain's runtime state holds the port, or the port is deleted): a sweep of unclaimed ports keeps it."""
     plugged = PluggedNets()
     try:
         for net in cfg.nets:
             port: NetworkPort | None = None
             bridge = net.bridge
             if net.type == "network":
-                port = await create_port(session, net.network or "", cfg.name, str(cfg.uuid), net.mac)
+                portid = str(uuidlib.uuid4())
+                in_flight.add(portid)
+                port = await create_port(session, net.network or "", cfg.name, str(cfg.uuid), net.mac, portid)
+                if os.environ.get(KILL_AFTER_PORT_CREATE_ENV):
+                    log.warning("test hook %s: SIGKILL after creating port %s", KILL_AFTER_PORT_CREATE_ENV, portid)
+                    os.kill(os.getpid(), signal.SIGKILL)
                 bridge = port.bridge
             try:
                 tap = _tap(net.target, names, net.mac, net.mtu, bridge, max(net.queues, 1))

@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import uuid
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from mshv_libvirt.driver.nets import KILL_AFTER_PORT_CREATE_ENV
 from tests.support.daemon import (
     DaemonProcess,
     domain_xml,
@@ -193,6 +195,75 @@ def test_a_restarted_daemon_keeps_the_tap_and_port_and_deletes_the_port_of_a_vmm
         assert re.fullmatch(r"vnet\d+", started_taps(daemon, name)[0])
         virsh(daemon.uri, "destroy", name)
         wait_for(lambda: net_ports(network) == [], 30, what=lambda: net_ports(network))
+
+
+SWEPT = "network port sweep done: "
+
+
+def port_owner(network: str, portid: str) -> tuple[str, str]:
+    """The <owner> (name, uuid) of a port, as libvirt's network driver shows it."""
+    xml = virsh(ORACLE, "net-port-dumpxml", network, portid).stdout
+    m = re.search(r"<owner>\s*<name>([^<]*)</name>\s*<uuid>([^<]*)</uuid>", xml)
+    assert m, xml
+    return m.group(1), m.group(2)
+
+
+def test_a_port_created_by_a_daemon_killed_before_recording_it_is_deleted_by_the_next_daemon(
+    kvm: None, tiny_kernel: Path, network: str, tmp_path: Path
+) -> None:
+    """The daemon SIGKILLs itself right after libvirt's network driver created a port for a start (a test
+    hook), before anything recorded it: the next daemon deletes that port, and only that one. Another
+    domain's port, claimed by its runtime record across the restart, and a port of another owner with the
+    same domain name (not ours: the UUID differs) stay. The oracle is libvirt's own net-port-list."""
+    crashed, kept = unique("ifvm"), unique("ifvm")
+    for name, mac in ((crashed, NET_MAC), (kept, BRIDGE_MAC)):
+        iface = f"<interface type='network'><mac address='{mac}'/><source network='{network}'/></interface>"
+        (tmp_path / f"{name}.xml").write_text(
+            domain_xml(name, tiny_kernel).replace("<serial type='pty'/>", f"<serial type='pty'/>{iface}")
+        )
+    foreign_xml = tmp_path / "foreign.xml"
+    foreign = str(uuid.uuid4())
+    foreign_xml.write_text(
+        f"<networkport><uuid>{foreign}</uuid><owner><name>{crashed}</name><uuid>{uuid.uuid4()}</uuid></owner>"
+        f"<mac address='{ETH_MAC}'/></networkport>"
+    )
+    with running_daemon(tmp_path / "d") as daemon:
+        for name in (crashed, kept):
+            virsh(daemon.uri, "define", str(tmp_path / f"{name}.xml"))
+        crashed_uuid = virsh(daemon.uri, "domuuid", crashed).stdout.strip()
+        virsh(daemon.uri, "start", kept)
+        (kept_port,) = net_ports(network)
+        virsh(ORACLE, "net-port-create", network, str(foreign_xml))
+        try:
+            assert sorted(net_ports(network)) == sorted([kept_port, foreign])
+            daemon.kill()
+            daemon.env = {KILL_AFTER_PORT_CREATE_ENV: "1"}
+            daemon.start()
+            started = virsh(daemon.uri, "start", crashed, check=False)
+            assert daemon.proc is not None and daemon.proc.wait(30) == -signal.SIGKILL, started.stderr
+            assert started.returncode == 1, started
+            assert f"test hook {KILL_AFTER_PORT_CREATE_ENV}: SIGKILL after creating port" in daemon.log.read_text()
+            (leaked,) = set(net_ports(network)) - {kept_port, foreign}
+            assert port_owner(network, leaked) == (crashed, crashed_uuid)
+            sweeps = daemon.log.read_text().count(SWEPT)
+            daemon.env = {}
+            daemon.start()
+            log = daemon.log.read_text
+            wait_for(lambda: log().count(SWEPT) > sweeps, 30, what=lambda: log()[-2000:])
+            assert sorted(net_ports(network)) == sorted([kept_port, foreign])
+            assert log().split(SWEPT)[sweeps + 1].startswith("1 unclaimed port(s) deleted"), log()[-2000:]
+            assert f"deleted port {leaked} of network {network}: " in log()
+            assert domstate(daemon, crashed, reason=False) == "shut off"
+            assert domstate(daemon, kept, reason=False) == "running"
+            assert f"portid='{kept_port}'" in virsh(daemon.uri, "dumpxml", kept).stdout
+            # and the domain starts (and stops) as before, with a port of its own
+            virsh(daemon.uri, "start", crashed)
+            assert len(set(net_ports(network)) - {kept_port, foreign}) == 1
+            virsh(daemon.uri, "destroy", crashed)
+            virsh(daemon.uri, "destroy", kept)
+            wait_for(lambda: net_ports(network) == [foreign], 30, what=lambda: net_ports(network))
+        finally:
+            virsh(ORACLE, "net-port-delete", network, foreign, check=False)
 
 
 def interfaces_of(xml: str) -> list[str]:
