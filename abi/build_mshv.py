@@ -58,21 +58,14 @@ void mshv_emu_prestart(void);
 static const char *const mshv_libvirt_version;
 """
 
-# The VMM sandbox (abi/vmm/sandbox.c); its header is plain C declarations cffi parses as they are.
-SANDBOX_CDEF = "\n".join(
-    line for line in (VMM / "sandbox.h").read_text().splitlines() if line and not line.startswith(("#", "/*"))
-)
-# The virtio-net I/O thread (abi/vmm/net.c), declared the same way.
-NET_CDEF = "\n".join(
-    line for line in (VMM / "net.h").read_text().splitlines() if line and not line.startswith(("#", "/*"))
-)
-# The test-only virtio-blk driver (abi/vmm/blkq.c) a benchmark and a test drive a handed-over queue with.
-BLKQ_CDEF = "\n".join(
-    line for line in (VMM / "blkq.h").read_text().splitlines() if line and not line.startswith(("#", "/*", " *"))
-)
-# The virtio-blk shadow virtqueue relay (abi/vmm/svq.c), the same way.
-SVQ_CDEF = "\n".join(
-    line for line in (VMM / "svq.h").read_text().splitlines() if line and not line.startswith(("#", "/*", " *"))
+# The compiled VMM parts (abi/vmm/*.h: sandbox, virtio-net and virtio-blk threads, test-only queue drivers,
+# the run loop): plain C declarations cffi parses as they are, comments and preprocessor lines dropped.
+VMM_HEADERS = sorted(p.name for p in VMM.glob("*.h"))
+VMM_CDEF = "\n".join(
+    line
+    for h in VMM_HEADERS
+    for line in (VMM / h).read_text().splitlines()
+    if line and not line.startswith(("#", "/*", " *"))
 )
 # (Its MSHV_SANDBOX_* kinds stay out of the module: it exports only upstream ABI constants; vmm/sandbox.py
 # names them, and tests/vmm/test_sandbox_native.py checks the vCPU kind by its report.)
@@ -105,18 +98,15 @@ ffibuilder = cffi.FFI()
 ffibuilder.cdef(
     "\n".join(cdef_from_header((INCLUDE / h).read_text()) for h in HEADERS)
     + SHIM_CDEF
-    + SANDBOX_CDEF
-    + NET_CDEF
-    + BLKQ_CDEF
-    + SVQ_CDEF
+    + VMM_CDEF
 )
 
 _sources = [str(HERE / "shim.c"), *sorted(str(p) for p in EMU.glob("*.c")), *sorted(str(p) for p in VMM.glob("*.c"))]
 ffibuilder.set_source(
     "mshv_libvirt._mshv",
     "\n".join(f'#include "{h}"' for h in HEADERS)
-    + '\n#include "emu.h"\n#include "shim.h"\n#include "sandbox.h"\n#include "net.h"\n#include "blkq.h"\n'
-    + '#include "svq.h"\n'
+    + "\n"
+    + "".join(f'#include "{h}"\n' for h in ("emu.h", "shim.h", *VMM_HEADERS))
     + f'static const char *const mshv_libvirt_version = "{_version()}";\n'
     + syscall_names_source(),
     sources=[str(Path(s).relative_to(HERE.parent)) for s in _sources],

@@ -74,6 +74,16 @@ class VpFd:
             raise InterruptedError(errno.EINTR, "MSHV_RUN_VP interrupted")
         if err:
             raise MshvError(err, "MSHV_RUN_VP")
+        return self.last_message()
+
+    @property
+    def run_buffer_address(self) -> int:
+        """Where the ``struct mshv_run_vp`` RUN_VP fills lives: the VMM's compiled run loop runs into
+        it too (it lives as long as this object)."""
+        return _ffi.address(self._run_buf)
+
+    def last_message(self) -> HvMessage:
+        """The message the last RUN_VP into :attr:`run_buffer_address` left there, decoded."""
         raw = _ffi.buffer(self._run_buf.msg_buf, 256)
         return HvMessage._decode(_ffi.cast_ptr("struct hv_message *", _ffi.address(self._run_buf)), raw)
 

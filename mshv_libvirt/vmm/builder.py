@@ -42,7 +42,7 @@ from mshv_libvirt.hv import (
 from . import acpi, images, layout, loader, mptable
 from .config import VmmConfig
 from .devices.acpi_pm import BLOCK_SIZE as PM_BLOCK_SIZE
-from .devices.acpi_pm import AcpiPm
+from .devices.acpi_pm import PM_TMR, AcpiPm
 from .devices.bus import Bus, BusDevice
 from .devices.i8042 import I8042
 from .devices.ioapic import MMIO_SIZE as IOAPIC_MMIO_SIZE
@@ -58,6 +58,7 @@ from .devices.virtio.pci import VirtioPciFunction
 from .devices.virtio.queue import DeviceMemory
 from .devices.virtio.rng import RateLimit, VirtioRng
 from .interrupts import IrqfdSink, MsiRouting
+from .runloop import PORT_PM_TIMER, PORT_SINK, CompiledRunLoop, PortTable
 from .vcpu import ExitGate, ExitHandler, VcpuEvent, VcpuThread, VmExit, VmExitKind
 from .vhost_user import Backend, MemRegion
 
@@ -65,6 +66,7 @@ log = logging.getLogger(__name__)
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
+POST_PORT = 0x80  # POST/debug codes (Linux's io_delay, the tiny guest's benchmark): nothing behind it
 I8042_PORT = 0x60
 
 
@@ -159,6 +161,8 @@ class Platform:
     bars: BarAllocator
     virtio: list[VirtioPciFunction] = field(default_factory=list)
     rtc: CmosRtc | None = None
+    # The ports the compiled run loop completes without Python (vmm/runloop.py), each also on ``pio``.
+    fast_ports: PortTable = field(default_factory=PortTable)
 
 
 @dataclass
@@ -340,7 +344,22 @@ def attach_devices(
     pci, bars = attach_pci(pio, mmio_bus, config, reset_register=pm.reset_register if pm is not None else None)
     platform = Platform(pio, mmio_bus, serial, ioapic, i8042, pm, pci, routing, bars)
     platform.rtc = attach_rtc(pio, ioapic, config, resources)
+    pio.register(POST_PORT, 1, _Sink())  # so that no device claims it behind the loop's back
+    platform.fast_ports.add(POST_PORT, 1, PORT_SINK)
+    if pm is not None:
+        # Python's PM_TMR and the loop's count from the same epoch on CLOCK_MONOTONIC (time.monotonic_ns).
+        platform.fast_ports.add(acpi.PM1A_EVT_PORT + PM_TMR, 4, PORT_PM_TIMER, pm.timer_epoch_ns)
     return platform
+
+
+class _Sink:
+    """A port nothing answers: writes vanish, reads float high (what the unclaimed bus does too)."""
+
+    def read(self, offset: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
 
 
 def attach_rtc(pio: Bus, ioapic: IoApic, config: VmmConfig, resources: contextlib.ExitStack) -> CmosRtc:
@@ -545,7 +564,9 @@ def start_vcpus(
     on_vm_exit: Callable[[VmExit], None],
     paused: bool,
     resources: contextlib.ExitStack,
+    fast_ports: PortTable | None = None,
 ) -> list[VcpuThread]:
+    """One thread per VP; with ``fast_ports`` each runs its VP in the compiled loop over that table."""
     threads: list[VcpuThread] = []
 
     def stop_all() -> None:
@@ -557,7 +578,8 @@ def start_vcpus(
     resources.callback(stop_all)
     try:
         for i, vp in enumerate(vps):
-            t = VcpuThread(i, vp, handler, on_vm_exit)
+            loop = CompiledRunLoop(fast_ports, vp) if fast_ports is not None else None
+            t = VcpuThread(i, vp, handler, on_vm_exit, loop)
             t.start(paused)
             threads.append(t)
     except (RuntimeError, OSError) as err:
@@ -604,6 +626,6 @@ def build_vm(
         set_boot_registers(vps, kernel.entry)
         handler = ExitHandler(platform.pio, platform.mmio, gate, platform.ioapic.end_of_interrupt)
         start_paused = config.start_paused if paused is None else paused
-        vcpus = start_vcpus(vps, handler, gate, start_paused, resources)
+        vcpus = start_vcpus(vps, handler, gate, start_paused, resources, platform.fast_ports)
         return Vm(config, system, partition, ram, platform, kernel, vps, vcpus, resources.pop_all())
     raise AssertionError("unreachable")  # pragma: no cover  (ExitStack does not swallow errors)

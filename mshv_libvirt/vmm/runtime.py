@@ -530,6 +530,8 @@ class Vmm:
             if vm
             else {},
             "exits": sum(t.exits for t in vm.vcpus) if vm else 0,
+            # Of those, the ones Python completed (the rest the compiled run loop did, vmm/runloop.py).
+            "python_exits": sum(t.python_exits for t in vm.vcpus) if vm else 0,
             "virtio": [_virtio_status(f) for f in vm.platform.virtio] if vm else [],
             "sandbox": st.as_json() if (st := sandbox.state()) is not None else None,
         }

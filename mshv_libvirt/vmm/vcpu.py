@@ -59,6 +59,18 @@ class Vp(Protocol):
     def set_registers(self, values: Mapping[int, RegisterValue]) -> None: ...
 
 
+class RunLoop(Protocol):
+    """The compiled run loop (vmm/runloop.py): runs the VP, completing hot exits without Python."""
+
+    def run(self) -> HvMessage: ...
+
+    def interrupt(self) -> None: ...
+
+    def runs(self) -> int:
+        """Exits so far, those it completed itself and those it returned."""
+        ...
+
+
 class VcpuState(enum.Enum):
     RUNNING = "running"
     PAUSED = "paused"
@@ -247,9 +259,19 @@ class ExitHandler:
 
 
 class VcpuThread:
-    def __init__(self, index: int, vp: Vp, handler: ExitHandler, on_vm_exit: Callable[[VmExit], None]) -> None:
+    def __init__(
+        self,
+        index: int,
+        vp: Vp,
+        handler: ExitHandler,
+        on_vm_exit: Callable[[VmExit], None],
+        loop: RunLoop | None = None,
+    ) -> None:
         self.index = index
         self.vp = vp
+        # With a compiled loop, run() returns only the exits Python must complete; without, every exit.
+        self.loop = loop
+        self._run = loop.run if loop is not None else vp.run
         self._handler = handler
         self._on_vm_exit = on_vm_exit
         self._events: queue.SimpleQueue[VcpuEvent] = queue.SimpleQueue()
@@ -257,7 +279,11 @@ class VcpuThread:
         self._thread: threading.Thread | None = None
         self._state = VcpuState.PAUSED
         self._event_pending = threading.Event()
-        self.exits = 0
+        self.python_exits = 0  # exits ExitHandler completed (all of them without a compiled loop)
+
+    @property
+    def exits(self) -> int:
+        return self.loop.runs() if self.loop is not None else self.python_exits
 
     @property
     def state(self) -> VcpuState:
@@ -287,6 +313,8 @@ class VcpuThread:
             return VcpuResponse(ResponseKind.NOT_ALLOWED, "vCPU thread is not running")
         self._events.put(event)
         self._event_pending.set()  # after put: whoever sees the flag finds the event queued
+        if self.loop is not None:
+            self.loop.interrupt()  # a kick landing between two RUN_VPs of the C loop is not lost
         deadline = time.monotonic() + timeout
         while True:
             if thread.ident is not None and thread.is_alive():
@@ -305,6 +333,8 @@ class VcpuThread:
     def kick(self) -> None:
         """Interrupt a running VP once (it then looks at its event queue and the test hook)."""
         thread = self._thread
+        if self.loop is not None:
+            self.loop.interrupt()
         if thread is not None and thread.ident is not None and thread.is_alive():
             with contextlib.suppress(ProcessLookupError):
                 signal.pthread_kill(thread.ident, KICK_SIGNAL)
@@ -364,7 +394,7 @@ class VcpuThread:
             if sandbox.test_call_pending():
                 sandbox.take_test_call()  # test hook (docs/SECURITY.md): a forbidden call ends the VMM here
             try:
-                msg = self.vp.run()
+                msg = self._run()
             except InterruptedError:
                 continue  # kicked: look at the event queue
             except MshvError as err:
@@ -372,7 +402,7 @@ class VcpuThread:
                 if err.errno in (errno.EINTR, errno.EAGAIN):
                     continue
                 raise
-            self.exits += 1
+            self.python_exits += 1
             if not self._handler.handle(self.vp, self.index, msg):
                 self._state = VcpuState.PAUSED  # Running -- VM-level exit --> Paused; VM decides
                 return

@@ -38,6 +38,7 @@ STATUS_KEYS = {
     "vcpu_threads",
     "vcpu_tids",
     "exits",
+    "python_exits",
     "sandbox",
     "virtio",
 }
@@ -76,6 +77,7 @@ def test_status_reports_the_running_vm(kvm: None, tiny_kernel: Path, tmp_path: P
         assert status["memory_kib"] == 96 * 1024 and status["pty"].startswith("/dev/pts/")
         assert isinstance(status["backend"], str) and status["backend"]
         assert status["exits"] > 0 and status["cpu_time_ns"] > 0
+        assert 0 < status["python_exits"] <= status["exits"]  # the banner's serial writes are Python's
         assert status["virtio"] == []  # no <rng>: no virtio device (tests/vmm/test_tiny_virtio.py has one)
         tasks = {int(t) for t in os.listdir(f"/proc/{vm.proc.pid}/task")}  # the kernel's view, not the VMM's
         assert sorted(status["vcpu_tids"]) == ["0", "1"]

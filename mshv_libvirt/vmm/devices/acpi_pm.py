@@ -76,6 +76,11 @@ class AcpiPm:
             return self._get16(PM1_STS)
 
     @property
+    def timer_epoch_ns(self) -> int:
+        """Where PM_TMR counts from, on ``clock_ns``'s clock (the compiled run loop reads PM_TMR itself)."""
+        return self._epoch_ns
+
+    @property
     def sci_level(self) -> bool:
         return self._sci_level
 
