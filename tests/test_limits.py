@@ -8,7 +8,7 @@ import pytest
 
 from mshv_libvirt import domain
 from mshv_libvirt.driver import layout
-from mshv_libvirt.rpc import protocol, server
+from mshv_libvirt.rpc import dispatch, protocol, server
 from tests.support import limits
 
 CASES: list[tuple[str, object, object, str]] = [
@@ -17,6 +17,7 @@ CASES: list[tuple[str, object, object, str]] = [
     ("rpc/protocol.py MAX_PACKET", protocol.MAX_PACKET, limits.MAX_PACKET, "docs/DAEMON.md"),
     ("rpc/server.py MAX_CLIENTS", server.MAX_CLIENTS, limits.MAX_CLIENTS, "docs/DAEMON.md"),
     ("rpc/server.py MAX_RO_CLIENTS", server.MAX_RO_CLIENTS, limits.MAX_RO_CLIENTS, "docs/DAEMON.md"),
+    ("rpc/dispatch.py STATS_QUERIES", dispatch.STATS_QUERIES, limits.STATS_QUERIES, "docs/DAEMON.md"),
     ("driver/layout.py SUN_PATH_MAX", layout.SUN_PATH_MAX, limits.SUN_PATH_MAX, "linux/un.h"),
     ("driver/layout.py NAME_MAX", layout.NAME_MAX, limits.NAME_MAX, "linux/limits.h"),
     (

@@ -609,7 +609,7 @@ async def domain_block_stats(dom: Domain) -> list[TypedParam]:
     out: list[TypedParam] = [("block.count", TP_UINT, len(cfg.disks))]
     entries: dict[int, dict[str, Any]] | None = None
     counters: dict[int, dict[str, int]] = {}
-    if dom.active and dom.vmm is not None:
+    if dom.active and dom.vmm is not None and cfg.disks:  # no disks: nothing to ask its VMM for
         with contextlib.suppress(VirtError):  # libvirt reports what it has when QEMU cannot answer
             entries = await backend_block_info(dom)
         with contextlib.suppress(VirtError):

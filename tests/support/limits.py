@@ -32,6 +32,9 @@ MAX_PACKET = 4 * 1024 * 1024 + 4 * 1024
 MAX_CLIENTS = 512
 MAX_RO_CLIENTS = 256
 
+# docs/DAEMON.md, "Domain stats": "asked in parallel, at most 8 VMMs at once for one call"
+STATS_QUERIES = 8
+
 # -- Linux -------------------------------------------------------------------------------------------------
 
 # struct sockaddr_un's sun_path is 108 bytes (UNIX_PATH_MAX, include/uapi/linux/un.h; unix(7)); a path
