@@ -119,7 +119,7 @@ PREREQUISITES: dict[str, Prerequisite] = {
         # libvirt's own daemon, whose storage and network drivers the relay tests talk to
         Prerequisite("libvirtd", "libvirt-daemon", _file("/usr/sbin/libvirtd")),
         Prerequisite("dnsmasq", "dnsmasq-base", _file("/usr/sbin/dnsmasq")),  # libvirt's network driver
-        Prerequisite("iproute2", "iproute2", _tools("ip")),
+        Prerequisite("iproute2", "iproute2", _tools("ip", "ss")),  # ss: sockets' queues (procfs.unread_socket_bytes)
         Prerequisite("netns", "root, /dev/net/tun and iproute2", _netns, debian=False),  # virtio-net tests
         Prerequisite("iptables", "iptables", _tools("iptables-save", "ip6tables-save")),
         Prerequisite("ping", "iputils-ping", _tools("ping")),  # the host pings a guest kernel
@@ -150,6 +150,7 @@ PATH_NEEDS: dict[str, tuple[str, ...]] = {
     "tests/e2e/test_paths.py": ("systemd-analyze", "util-linux"),
     "tests/e2e/test_disks.py": ("qemu-storage-daemon", "qemu-img", "libvirt-python", "libvirtd", "qemu-system-x86"),
     "tests/e2e/test_disk_survival.py": ("qemu-storage-daemon", "qemu-img"),
+    "tests/e2e/test_density.py": ("libvirt-python", "qemu-img", "qemu-storage-daemon", "iproute2"),
     "tests/e2e/test_storage_relay.py": ("libvirtd", "qemu-img", "libvirt-python"),
     "tests/e2e/test_network_relay.py": ("libvirtd", "dnsmasq", "iproute2", "iptables", "libvirt-python"),
     "tests/e2e/test_interfaces.py": ("libvirtd", "dnsmasq", "iproute2", "iptables", "netns", "busybox-static"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,24 @@ def open_sockets(pid: int) -> int:
         with contextlib.suppress(OSError):
             n += os.readlink(fd).startswith("socket:")
     return n
+
+
+def unread_socket_bytes(pid: int) -> int:
+    """Bytes sent to the process and not yet read by it: the receive queues of the UNIX stream sockets it
+    holds, as the kernel's socket diagnostics report them (``ss``). For a stopped VMM, its requests waiting."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+    out = subprocess.run(["ss", "-xnH"], capture_output=True, text=True, timeout=30, check=True).stdout
+    total = 0
+    for line in out.splitlines():
+        cols = line.split()  # netid state recv-q send-q [path] inode peer-path peer-inode
+        if len(cols) >= 6 and cols[0] == "u_str" and cols[-3] in inodes:
+            total += int(cols[2])
+    return total
 
 
 def in_guest(t: threading.Thread) -> bool:
