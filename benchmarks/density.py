@@ -11,7 +11,8 @@ One real daemon on a temporary socket (``tests/support/daemon.py``), ``--guests`
 * **list / domstats latency** with every guest running vs. none: ``virsh list --all`` and ``virsh
   domstats`` (median of ``--repeat`` processes: what a user waits for, virsh's own start included) and
   the same two calls from libvirt-python on an open connection (``listAllDomains``,
-  ``getAllDomainStats``: the daemon's share alone). Target ≤ 2x.
+  ``getAllDomainStats``: the daemon's share alone). None running is measured before the starts and again
+  after the destroys, pooled, so a load that drifts meanwhile moves both sides. Target ≤ 2x.
 * **daemon RSS**: ``VmRSS`` of the daemon's pid (``/proc/<pid>/status``) with every guest running vs.
   idle (the guests defined, the idle calls above made). Target ≤ +20 MiB.
 
@@ -77,10 +78,23 @@ def names(count: int) -> list[str]:
 
 @dataclass
 class Latency:
-    virsh_list: float = 0.0
-    virsh_domstats: float = 0.0
-    py_list: float = 0.0
-    py_domstats: float = 0.0
+    """Each call's samples, in seconds."""
+
+    virsh_list: list[float] = field(default_factory=list)
+    virsh_domstats: list[float] = field(default_factory=list)
+    py_list: list[float] = field(default_factory=list)
+    py_domstats: list[float] = field(default_factory=list)
+
+    def extend(self, other: Latency) -> None:
+        for key in KEYS:
+            getattr(self, key).extend(getattr(other, key))
+
+    def median(self, key: str) -> float:
+        values: list[float] = getattr(self, key)
+        return statistics.median(values)
+
+
+KEYS = ("virsh_list", "virsh_domstats", "py_list", "py_domstats")
 
 
 @dataclass
@@ -89,14 +103,14 @@ class Side:
     per_call: list[float] = field(default_factory=list)
 
 
-def median_of(repeat: int, call: Callable[[], object]) -> float:
+def samples(repeat: int, call: Callable[[], object]) -> list[float]:
     call()  # not counted: the first call warms the daemon's and the client's caches
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
 def latencies(d: DaemonProcess, conn: libvirt.virConnect, repeat: int, running: int) -> Latency:
@@ -113,10 +127,10 @@ def latencies(d: DaemonProcess, conn: libvirt.virConnect, repeat: int, running: 
         assert sum(1 for _, s in got if s["state.state"] == libvirt.VIR_DOMAIN_RUNNING) == running
 
     return Latency(
-        virsh_list=median_of(repeat, listed),
-        virsh_domstats=median_of(repeat, stats),
-        py_list=median_of(repeat * 10, lambda: conn.listAllDomains(0)),
-        py_domstats=median_of(repeat * 10, py_stats),
+        virsh_list=samples(repeat, listed),
+        virsh_domstats=samples(repeat, stats),
+        py_list=samples(repeat * 10, lambda: conn.listAllDomains(0)),
+        py_domstats=samples(repeat * 10, py_stats),
     )
 
 
@@ -200,6 +214,8 @@ def one_daemon(root: Path, kernel: Path, disk: Path | None, args: argparse.Names
             conn.lookupByName(name).destroy()
         wait_for(lambda: not vmm_processes(d.run_dir), 60, what=lambda: f"VMMs left: {vmm_processes(d.run_dir)}")
         run.rss_after = rss_bytes(d.pid)
+        if run.idle is not None:  # none running again: the idle figures pool both ends (load drifts meanwhile)
+            run.idle.extend(latencies(d, conn, args.repeat, 0))
         conn.close()
         return run
     finally:
@@ -256,13 +272,9 @@ def main() -> int:
         f"{max(at_once.side.per_call):.3f} s; one after another median {statistics.median(serial.side.per_call):.3f} s"
     )
     rows = []
-    for label, key in (
-        ("virsh list --all", "virsh_list"),
-        ("virsh domstats", "virsh_domstats"),
-        ("listAllDomains", "py_list"),
-        ("getAllDomainStats", "py_domstats"),
-    ):
-        idle, busy = getattr(at_once.idle, key), getattr(at_once.busy, key)
+    labels = ("virsh list --all", "virsh domstats", "listAllDomains", "getAllDomainStats")
+    for label, key in zip(labels, KEYS, strict=True):
+        idle, busy = at_once.idle.median(key), at_once.busy.median(key)
         ratio = busy / idle
         rows.append((label, idle, busy, ratio))
         print(
