@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import logging
-import os
-import sys
-from pathlib import Path
+# The first stamp is taken before anything else is imported: what follows is the import phase.
+from . import phases
 
-from mshv_libvirt.atomicfile import write_atomic
+phases.mark("main")
 
-from .config import ConfigError, VmmConfig, read_raw
-from .runtime import Vmm, write_exit_fd
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from mshv_libvirt.atomicfile import write_atomic  # noqa: E402
+
+from .config import ConfigError, VmmConfig, read_raw  # noqa: E402
+from .runtime import Vmm, write_exit_fd  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         "--config-fd", type=int, help="read the configuration from this inherited descriptor (--config names it)"
     )
     parser.add_argument("--log-level", default=os.environ.get("MSHV_LIBVIRT_VMM_LOG", "INFO"))
+    phases.mark("imports")
     args = parser.parse_args(argv)
     logging.raiseExceptions = False  # stderr may be a pipe to a daemon that has gone away
     logging.basicConfig(
@@ -39,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.config_fd is not None:
             with contextlib.suppress(OSError):
                 os.close(args.config_fd)
+    phases.mark("config")
     return Vmm(config).run()
 
 

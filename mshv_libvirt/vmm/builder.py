@@ -39,7 +39,7 @@ from mshv_libvirt.hv import (
     VpFd,
 )
 
-from . import acpi, images, layout, loader, mptable
+from . import acpi, images, layout, loader, mptable, phases
 from .config import VmmConfig
 from .devices.acpi_pm import BLOCK_SIZE as PM_BLOCK_SIZE
 from .devices.acpi_pm import PM_TMR, AcpiPm
@@ -616,12 +616,17 @@ def build_vm(
         resources.callback(close_partition)
         initialize(partition)
         set_properties(partition)
+        phases.mark("partition")
         ram = map_memory(partition, config.memory_bytes)
         memory.extend(mem for _, mem in ram.regions)
+        phases.mark("memory_map")
         platform = attach_devices(partition, config, console_write, gate, resources)
         attach_virtio_devices(partition, ram, platform, config, resources, disks, relays)
+        phases.mark("devices")
         kernel = load_kernel(ram, config)
+        phases.mark("kernel_load")
         write_platform_tables(ram, config)
+        phases.mark("tables")
         vps = create_vps(partition, config.vcpus, resources)
         set_boot_registers(vps, kernel.entry)
         handler = ExitHandler(platform.pio, platform.mmio, gate, platform.ioapic.end_of_interrupt)

@@ -50,7 +50,7 @@ from typing import Any
 from mshv_libvirt.atomicfile import write_atomic
 from mshv_libvirt.hv import MshvError
 
-from . import builder, coredump, images, sandbox, vhost_user
+from . import builder, coredump, images, phases, sandbox, vhost_user
 from .config import VmmConfig
 from .console import Console
 from .control import CommandError, ControlServer, JsonObject
@@ -699,6 +699,7 @@ class Vmm:
                 if backend.pidfd >= 0:
                     self._selector.register(backend.pidfd, selectors.EVENT_READ, self._backend_ended(slot))
             self._console_watched = True
+            phases.mark("setup")  # console, control socket, disk backends, sandbox
             self._start_vm(paused=cfg.start_paused)
             while self._finish is None:
                 for key, mask in self._selector.select(timeout=self._loop_timeout()):

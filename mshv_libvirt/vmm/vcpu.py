@@ -33,7 +33,7 @@ from typing import Protocol
 
 from mshv_libvirt.hv import HvMessage, MshvError, Reg, RegisterValue
 
-from . import mmio, sandbox
+from . import mmio, phases, sandbox
 from .devices.bus import Bus
 
 log = logging.getLogger(__name__)
@@ -380,6 +380,7 @@ class VcpuThread:
         self._answer(self._events.get())
 
     def _running(self) -> None:
+        phases.first_run_vp()  # once per process: a flag test here, not per exit
         while self._state is VcpuState.RUNNING:
             if self._event_pending.is_set():
                 self._event_pending.clear()
