@@ -1,0 +1,284 @@
+#!/usr/bin/env python3
+"""``virsh start`` to the guest's first serial line, and the VMM's memory beyond guest RAM, vs. QEMU (TCG).
+
+Ours: a real virtmshvd on a temporary socket (tests/support/daemon.py), the domain defined through
+``virsh define`` and started with ``virsh start``; the clock runs from just before ``virsh start`` is
+spawned to the first complete line in the domain's serial log. QEMU: ``qemu-system-x86_64 -accel tcg``
+with the same kernel, command line and memory, from just before it is spawned to the first complete line
+of its ``-serial file:`` log (QEMU's KVM mode cannot run guests on this kvm-pvm host; TCG can). The two
+sides alternate, round by round, so a drifting load hits both alike; medians are reported.
+
+Guests: the small Linux test kernel (scripts/build-test-kernel.sh, cached; ``earlyprintk=ttyS0`` makes
+its banner the first line) on both sides, and the tiny guest on ours only: it has no 32-bit entry point
+(``code32_start`` is ``ud2``), and QEMU enters a bzImage there.
+
+Memory, taken when the first line is seen: ``Private_Clean + Private_Dirty`` of ``/proc/PID/smaps_rollup``
+minus the same fields of the guest-RAM mapping(s) in ``/proc/PID/smaps`` (ours: the memfd
+``mshv-guest-ram``; QEMU: its anonymous mapping exactly the size of guest RAM). Our guest RAM is fully
+populated at map time (the emulated device pins it as Linux 6.15-6.18's driver does), QEMU's on touch,
+which is why guest RAM is left out of both.
+
+Our side's breakdown comes from the VMM's own ``startup phases`` log line (mshv_libvirt/vmm/phases.py):
+daemon (``virsh start`` spawned -> VMM forked: the client, RPC, domain XML, config, fork), interpreter
+(fork -> first line of ``mshv_libvirt.vmm.__main__``), imports, config, setup (console, control socket,
+sandbox), partition, memory map, devices, kernel load, tables (ACPI + MP), then ``first_run_vp`` -> the
+first serial line (the guest's own time to print it).
+
+Run: ``.tox/py/bin/python benchmarks/startup.py [--rounds N] [--memory-mib M] [--no-results]``; appends
+dated rows to benchmarks/RESULTS.md unless ``--no-results``. Not run by tox.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support.daemon import DaemonProcess, define, virsh  # noqa: E402
+from tests.support.guests import cached_tiny_guest  # noqa: E402
+from tests.support.kernel import small_kernel  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+CMDLINE = "console=ttyS0 earlyprintk=ttyS0 panic=-1"
+PHASES = re.compile(r"startup phases: spawn=(\S+) (.*)")
+PHASE_ORDER = (
+    "main",
+    "imports",
+    "config",
+    "setup",
+    "partition",
+    "memory_map",
+    "devices",
+    "kernel_load",
+    "tables",
+    "first_run_vp",
+)
+GUEST_RAM_MEMFD = "memfd:mshv-guest-ram"
+
+
+def boottime() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+@dataclass
+class Sample:
+    first_line: float  # seconds from spawning virsh start / qemu to the first complete serial line
+    private_kib: int  # Private_* of the process
+    guest_kib: int  # Private_* of its guest-RAM mapping(s)
+    phases: dict[str, float] = field(default_factory=dict)  # ours: seconds after virsh start was spawned
+
+    @property
+    def beyond_guest_kib(self) -> int:
+        return self.private_kib - self.guest_kib
+
+
+def private_kib(pid: int, *, guest: str | None = None, guest_size_kib: int = 0) -> tuple[int, int]:
+    """(Private_* of the whole process, Private_* of its guest-RAM mappings), from /proc."""
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    total = sum(int(m) for m in re.findall(r"^Private_(?:Clean|Dirty):\s+(\d+) kB", rollup, re.M))
+    guest_total = 0
+    for entry in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path(f"/proc/{pid}/smaps").read_text()):
+        head = entry.split("\n", 1)[0]
+        size = re.search(r"^Size:\s+(\d+) kB", entry, re.M)
+        is_guest = (guest is not None and guest in head) or (
+            guest is None and size is not None and int(size.group(1)) == guest_size_kib and len(head.split()) == 5
+        )
+        if is_guest:
+            guest_total += sum(int(m) for m in re.findall(r"^Private_(?:Clean|Dirty):\s+(\d+) kB", entry, re.M))
+    return total, guest_total
+
+
+def first_line_seen(log: Path, offset: int) -> bool:
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            return b"\n" in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def wait_first_line(log: Path, offset: int, proc: subprocess.Popen[bytes] | None, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while not first_line_seen(log, offset):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no serial line in {log} within {timeout} s")
+        if proc is not None and proc.poll() is not None and proc.returncode != 0 and not first_line_seen(log, offset):
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before the first serial line")
+        time.sleep(0.002)  # a poll, not a wait on a condition: this is the measurement's resolution
+    return boottime()
+
+
+def run_ours(d: DaemonProcess, name: str, timeout: float) -> Sample:
+    log = d.serial_log(name)
+    offset = log.stat().st_size if log.exists() else 0
+    vmm_log = d.vmm_log(name)
+    log_offset = vmm_log.stat().st_size if vmm_log.exists() else 0
+    t0 = boottime()
+    start = subprocess.Popen(["virsh", "-c", d.uri, "start", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen = wait_first_line(log, offset, start, timeout)
+        pid = d.vmm_pid(name)
+        total, guest = private_kib(pid, guest=GUEST_RAM_MEMFD)
+    finally:
+        _, err = start.communicate(timeout=timeout)
+    if start.returncode != 0:
+        raise RuntimeError(f"virsh start {name}: {err.decode()}")
+    text = vmm_log.read_bytes()[log_offset:].decode(errors="replace")
+    match = PHASES.search(text)
+    if match is None:
+        raise RuntimeError(f"no startup phases line in {vmm_log}: {text[-2000:]}")
+    spawn = float(match.group(1))
+    phases = {"spawn": spawn - t0}
+    for part in match.group(2).split():
+        key, value = part.split("=+")
+        phases[key] = spawn - t0 + float(value)
+    virsh(d.uri, "destroy", name)
+    return Sample(seen - t0, total, guest, phases)
+
+
+def run_qemu(qemu: str, kernel: Path, memory_mib: int, work: Path, timeout: float) -> Sample:
+    log = work / "qemu-serial.log"
+    log.unlink(missing_ok=True)
+    argv = [qemu, "-accel", "tcg", "-m", str(memory_mib), "-smp", "1", "-nodefaults", "-no-user-config"]
+    argv += ["-display", "none", "-no-reboot", "-kernel", str(kernel), "-append", CMDLINE]
+    argv += ["-serial", f"file:{log}"]
+    t0 = boottime()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        seen = wait_first_line(log, 0, proc, timeout)
+        total, guest = private_kib(proc.pid, guest_size_kib=memory_mib * 1024)
+    finally:
+        proc.kill()  # the pid this benchmark started
+        proc.wait()
+    return Sample(seen - t0, total, guest)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def breakdown(samples: list[Sample]) -> str:
+    """Median duration of each phase of our start (each phase: its end minus the previous phase's end)."""
+    names = ["spawn", *PHASE_ORDER]
+    parts = []
+    prev = [0.0] * len(samples)
+    labels = {"spawn": "daemon", "main": "interpreter", "first_run_vp": "vcpu start"}
+    for name in names:
+        ends = [s.phases[name] for s in samples]
+        took = median([e - p for e, p in zip(ends, prev, strict=True)])
+        parts.append(f"{labels.get(name, name)} {took * 1000:.0f}")
+        prev = ends
+    guest = median([s.first_line - p for s, p in zip(samples, prev, strict=True)])
+    parts.append(f"guest to first line {guest * 1000:.0f}")
+    return ", ".join(parts) + " ms"
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--memory-mib", type=int, default=256)
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--no-results", action="store_true", help="print only; do not append to RESULTS.md")
+    args = parser.parse_args()
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        print("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)", file=sys.stderr)
+        return 2
+    kernel = small_kernel()
+    tiny = cached_tiny_guest()
+    load_before = loadavg()
+    root = Path(tempfile.mkdtemp(prefix="startup-bench-"))
+    d = DaemonProcess(root / "daemon").start()
+    try:
+        define(d, root, "linux", kernel, memory_mib=args.memory_mib, cmdline=CMDLINE)
+        define(d, root, "tiny", tiny, memory_mib=args.memory_mib, cmdline="console=ttyS0")
+        ours: dict[str, list[Sample]] = {"linux": [], "tiny": []}
+        theirs: list[Sample] = []
+        for round_ in range(args.rounds):
+            # Alternate which side goes first.
+            steps = ["ours", "qemu"] if round_ % 2 == 0 else ["qemu", "ours"]
+            for step in steps:
+                if step == "ours":
+                    ours["linux"].append(run_ours(d, "linux", args.timeout))
+                    ours["tiny"].append(run_ours(d, "tiny", args.timeout))
+                else:
+                    theirs.append(run_qemu(qemu, kernel, args.memory_mib, root, args.timeout))
+    finally:
+        d.stop()
+        d.destroy_all_vmms()
+        shutil.rmtree(root, ignore_errors=True)
+    load_after = loadavg()
+
+    lin, tin = ours["linux"], ours["tiny"]
+    t_ours, t_qemu, t_tiny = (median([s.first_line for s in x]) for x in (lin, theirs, tin))
+    m_ours = median([s.beyond_guest_kib for s in lin]) / 1024
+    m_qemu = median([s.beyond_guest_kib for s in theirs]) / 1024
+    m_tiny = median([s.beyond_guest_kib for s in tin]) / 1024
+    g_ours = median([s.guest_kib for s in lin]) / 1024
+    g_qemu = median([s.guest_kib for s in theirs]) / 1024
+    print(f"load average {load_before} before, {load_after} after; {args.rounds} rounds, {args.memory_mib} MiB guests")
+    print(f"first serial line, small kernel: ours {t_ours:.3f} s, qemu tcg {t_qemu:.3f} s: {t_ours / t_qemu:.2f}x")
+    print(
+        f"  ours per round: {[round(s.first_line, 3) for s in lin]}; qemu: {[round(s.first_line, 3) for s in theirs]}"
+    )
+    print(f"first serial line, tiny guest (ours only): {t_tiny:.3f} s")
+    print(f"memory beyond guest RAM: ours {m_ours:.1f} MiB, qemu {m_qemu:.1f} MiB: {m_ours / m_qemu:.2f}x")
+    print(f"  (tiny guest: {m_tiny:.1f} MiB; guest RAM mapping private: ours {g_ours:.1f}, qemu {g_qemu:.1f} MiB)")
+    print(f"ours, small kernel: {breakdown(lin)}")
+    print(f"ours, tiny guest:   {breakdown(tin)}")
+    if not args.no_results:
+        append_row(
+            f"| {time.strftime('%Y-%m-%d %H:%M')} | {load_before} / {load_after} | {args.rounds} "
+            f"| {t_ours:.3f} | {t_qemu:.3f} | **{t_ours / t_qemu:.2f}** | {t_tiny:.3f} "
+            f"| {m_ours:.1f} | {m_qemu:.1f} | **{m_ours / m_qemu:.2f}** | {breakdown(lin)} |"
+        )
+    return 0
+
+
+MARKER = "## `startup.py`"
+TABLE_HEAD = (
+    "| run | load avg before / after | rounds | ours s | qemu s | ratio | tiny guest (ours) s "
+    "| ours MiB | qemu MiB | ratio | our small-kernel start, median per phase |"
+)
+HEADER = f"""
+{MARKER} — `virsh start` to the first serial line, and VMM memory beyond guest RAM, vs. `qemu-system-x86_64 -accel tcg`
+The same small test kernel, command line and guest RAM on both sides, alternating, medians; memory when the
+first line is seen (Private_* minus the guest-RAM mapping's). Targets: time ≤ 0.7x, memory ≤ 1.0x. The tiny
+guest runs on our side only (no 32-bit entry for QEMU). Our breakdown: the VMM's `startup phases` line.
+
+{TABLE_HEAD}
+|---|---|---|---|---|---|---|---|---|---|---|
+"""
+
+
+def append_row(row: str) -> None:
+    """Add ``row`` at the end of this benchmark's table (the section is created on first use)."""
+    text = RESULTS.read_text()
+    if MARKER not in text:
+        text = text.rstrip("\n") + "\n" + HEADER
+    head, marker, rest = text.partition(MARKER)
+    lines = rest.split("\n")
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    lines.insert(end, row)
+    RESULTS.write_text(head + marker + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    os.umask(0o022)
+    sys.exit(main())
