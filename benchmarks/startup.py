@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 from tests.support.daemon import DaemonProcess, define, virsh  # noqa: E402
 from tests.support.guests import cached_tiny_guest  # noqa: E402
 from tests.support.kernel import small_kernel  # noqa: E402
+from tests.support.procfs import mappings_private_kib, private_kib  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 CMDLINE = "console=ttyS0 earlyprintk=ttyS0 panic=-1"
@@ -83,20 +84,14 @@ class Sample:
         return self.private_kib - self.guest_kib
 
 
-def private_kib(pid: int, *, guest: str | None = None, guest_size_kib: int = 0) -> tuple[int, int]:
-    """(Private_* of the whole process, Private_* of its guest-RAM mappings), from /proc."""
-    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    total = sum(int(m) for m in re.findall(r"^Private_(?:Clean|Dirty):\s+(\d+) kB", rollup, re.M))
-    guest_total = 0
-    for entry in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path(f"/proc/{pid}/smaps").read_text()):
-        head = entry.split("\n", 1)[0]
-        size = re.search(r"^Size:\s+(\d+) kB", entry, re.M)
-        is_guest = (guest is not None and guest in head) or (
-            guest is None and size is not None and int(size.group(1)) == guest_size_kib and len(head.split()) == 5
-        )
-        if is_guest:
-            guest_total += sum(int(m) for m in re.findall(r"^Private_(?:Clean|Dirty):\s+(\d+) kB", entry, re.M))
-    return total, guest_total
+def ours_memory(pid: int) -> tuple[int, int]:
+    """(Private_* of the process, of its guest RAM: the memfd mapping(s))."""
+    return private_kib(pid), mappings_private_kib(pid, lambda head, _size: GUEST_RAM_MEMFD in head)
+
+
+def qemu_memory(pid: int, guest_kib: int) -> tuple[int, int]:
+    """(Private_* of the process, of its guest RAM: the anonymous mapping exactly guest RAM's size)."""
+    return private_kib(pid), mappings_private_kib(pid, lambda head, size: size == guest_kib and len(head.split()) == 5)
 
 
 def first_line_seen(log: Path, offset: int) -> bool:
@@ -129,7 +124,7 @@ def run_ours(d: DaemonProcess, name: str, timeout: float) -> Sample:
     try:
         seen = wait_first_line(log, offset, start, timeout)
         pid = d.vmm_pid(name)
-        total, guest = private_kib(pid, guest=GUEST_RAM_MEMFD)
+        total, guest = ours_memory(pid)
     finally:
         _, err = start.communicate(timeout=timeout)
     if start.returncode != 0:
@@ -157,7 +152,7 @@ def run_qemu(qemu: str, kernel: Path, memory_mib: int, work: Path, timeout: floa
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         seen = wait_first_line(log, 0, proc, timeout)
-        total, guest = private_kib(proc.pid, guest_size_kib=memory_mib * 1024)
+        total, guest = qemu_memory(proc.pid, memory_mib * 1024)
     finally:
         proc.kill()  # the pid this benchmark started
         proc.wait()

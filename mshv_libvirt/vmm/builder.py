@@ -17,6 +17,7 @@ can be built by composing the same steps differently.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -667,6 +668,9 @@ def build_vm(
         phases.mark("kernel_load")
         write_platform_tables(ram, config)
         phases.mark("tables")
+        # The image's bytes are in guest RAM now: the Vm keeps its header and entry, not a second copy
+        # (a Linux kernel's is ~9 MiB).
+        kernel = dataclasses.replace(kernel, segments=())
         vps = create_vps(partition, config.vcpus, resources)
         set_boot_registers(vps, kernel.entry)
         handler = ExitHandler(platform.pio, platform.mmio, gate, platform.ioapic.end_of_interrupt)

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,25 @@ def status_kib(pid: int, field: str = "VmRSS") -> int:
 
 def rss_kib(pid: int) -> int:
     return status_kib(pid, "VmRSS")
+
+
+_PRIVATE = re.compile(r"^Private_(?:Clean|Dirty):\s+(\d+) kB", re.M)
+_MAPPING_START = re.compile(r"\n(?=[0-9a-f]+-[0-9a-f]+ )")
+
+
+def private_kib(pid: int) -> int:
+    """Private_Clean + Private_Dirty of the whole process (/proc/<pid>/smaps_rollup)."""
+    return sum(int(n) for n in _PRIVATE.findall(Path(f"/proc/{pid}/smaps_rollup").read_text()))
+
+
+def mappings_private_kib(pid: int, match: Callable[[str, int], bool]) -> int:
+    """Private_Clean + Private_Dirty of the mappings ``match(header line, Size in kB)`` picks (/proc/<pid>/smaps)."""
+    total = 0
+    for entry in _MAPPING_START.split(Path(f"/proc/{pid}/smaps").read_text()):
+        size = re.search(r"^Size:\s+(\d+) kB", entry, re.M)
+        if size is not None and match(entry.split("\n", 1)[0], int(size.group(1))):
+            total += sum(int(n) for n in _PRIVATE.findall(entry))
+    return total
 
 
 def open_sockets(pid: int) -> int:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.guests import TINY_BANNER
+from tests.support.kernel import require_small_kernel
+from tests.support.procfs import mappings_private_kib, private_kib
 from tests.support.waits import wait_for
 from tests.vmm.harness import VmmProcess
 
@@ -31,6 +33,10 @@ PHASES = (
     "tables",
     "first_run_vp",
 )
+GUEST_RAM = "memfd:mshv-guest-ram"
+# What loading a Linux kernel may leave behind, beyond what a tiny guest's VMM holds: the small test
+# kernel's 2 MiB bzImage decompresses to a ~10 MiB ELF whose ~9 MiB of segments are copied into guest RAM.
+KERNEL_LOAD_RESIDUE_KIB = 2048
 LINE = re.compile(r"startup phases: spawn=(\d+\.\d+)((?: \w+=\+\d+\.\d+)+)\n")
 
 
@@ -51,3 +57,24 @@ def test_the_start_is_logged_once_phase_by_phase(kvm: None, tiny_kernel: Path, t
         vm.command("reset")  # a rebuild is no start: still one line
         vm.wait_serial(TINY_BANNER, timeout=BOOT, count=2)
         assert len(phase_lines(vm)) == 1, vm.diagnostics()
+
+
+def beyond_guest_ram_kib(pid: int) -> int:
+    return private_kib(pid) - mappings_private_kib(pid, lambda head, _size: GUEST_RAM in head)
+
+
+@pytest.fixture(scope="session")
+def small_kernel() -> Path:
+    return require_small_kernel()
+
+
+@pytest.mark.slow  # needs the small test kernel (built on first use); its start takes seconds
+def test_a_linux_kernel_load_leaves_no_memory_behind(
+    kvm: None, small_kernel: Path, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    beyond: dict[str, int] = {}
+    for name, kernel in (("tiny", tiny_kernel), ("linux", small_kernel)):
+        with VmmProcess.start(tmp_path / name, kernel, memory_mib=256, cmdline="console=ttyS0 panic=-1") as vm:
+            wait_for(lambda: phase_lines(vm), BOOT, what=vm.diagnostics)  # logged at the first RUN_VP: built
+            beyond[name] = beyond_guest_ram_kib(vm.proc.pid)
+    assert beyond["linux"] - beyond["tiny"] <= KERNEL_LOAD_RESIDUE_KIB, beyond
