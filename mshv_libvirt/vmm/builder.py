@@ -24,7 +24,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from mshv_libvirt.hv import (
     DEFAULT_PT_FLAGS,
@@ -54,15 +54,15 @@ from .devices.pvpanic import PORT as PVPANIC_PORT
 from .devices.pvpanic import PvPanic
 from .devices.rtc import CmosRtc, local_utc_offset
 from .devices.serial import Serial16550
-from .devices.virtio.blk import BackendInfo, Relay, VirtioBlk
-from .devices.virtio.net import VirtioNet, parse_mac
-from .devices.virtio.pci import VirtioPciFunction
-from .devices.virtio.queue import DeviceMemory
-from .devices.virtio.rng import RateLimit, VirtioRng
 from .interrupts import IrqfdSink, MsiRouting
 from .runloop import PORT_PM_TIMER, PORT_SINK, CompiledRunLoop, PortTable
 from .vcpu import ExitGate, ExitHandler, VcpuEvent, VcpuThread, VmExit, VmExitKind
-from .vhost_user import Backend, MemRegion
+
+# virtio devices import their modules when a VM has them (attach_virtio_devices), not at every start.
+if TYPE_CHECKING:
+    from .devices.virtio.blk import BackendInfo, Relay
+    from .devices.virtio.pci import VirtioPciFunction
+    from .vhost_user import Backend
 
 log = logging.getLogger(__name__)
 
@@ -403,6 +403,15 @@ def attach_virtio_devices(
     """virtio-pci functions in their configured slots, BARs placed and mapped, device threads started.
     ``disks``: each disk's running backend by PCI slot (the VMM's, kept across rebuilds); ``relays``: each
     disk's counting relay by slot (likewise kept: its counters outlive the VM), else the device makes its own."""
+    if not (config.rng or config.disks or config.net):
+        return
+    from .devices.virtio.blk import VirtioBlk
+    from .devices.virtio.net import VirtioNet, parse_mac
+    from .devices.virtio.pci import VirtioPciFunction
+    from .devices.virtio.queue import DeviceMemory
+    from .devices.virtio.rng import RateLimit, VirtioRng
+    from .vhost_user import MemRegion
+
     for rng_config in config.rng:
         try:
             fd = rng_config.fd

@@ -18,10 +18,7 @@ All functions are pure: they turn bytes into a :class:`KernelImage` and a 4 KiB 
 
 from __future__ import annotations
 
-import bz2
-import lzma
 import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -148,17 +145,28 @@ def parse_setup_header(image: bytes) -> SetupHeader:
 
 
 def _decompress(payload: bytes) -> bytes | None:
-    """Decompress a kernel payload if the standard library knows its format, else None."""
+    """Decompress a kernel payload if the standard library knows its format, else None.
+
+    Each decompressor is imported when a payload needs it: a VMM whose kernel is not compressed (or
+    is decompressed by the guest) never loads them."""
+    corrupt: tuple[type[Exception], ...] = (OSError, EOFError)  # and the format's own error, once imported
     try:
-        if payload.startswith(b"\xfd7zXZ\x00"):
-            return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+        if payload.startswith(b"\xfd7zXZ\x00") or payload.startswith(b"\x5d\x00\x00"):
+            import lzma
+
+            corrupt += (lzma.LZMAError,)
+            fmt = lzma.FORMAT_XZ if payload.startswith(b"\xfd") else lzma.FORMAT_ALONE
+            return lzma.LZMADecompressor(format=fmt).decompress(payload)
         if payload.startswith(b"\x1f\x8b"):
+            import zlib
+
+            corrupt += (zlib.error,)
             return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
         if payload.startswith(b"BZh"):
+            import bz2
+
             return bz2.BZ2Decompressor().decompress(payload)
-        if payload.startswith(b"\x5d\x00\x00"):
-            return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(payload)
-    except (lzma.LZMAError, zlib.error, OSError, EOFError):
+    except corrupt:
         return None
     return None  # zstd, lz4, lzo: leave it to the in-kernel decompressor
 

@@ -45,22 +45,25 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mshv_libvirt.atomicfile import write_atomic
 from mshv_libvirt.hv import MshvError
 
-from . import builder, coredump, images, phases, sandbox, vhost_user
+from . import builder, images, phases, sandbox
 from .config import VmmConfig
 from .console import Console
 from .control import CommandError, ControlServer, JsonObject
-from .devices import keymap
-from .devices.virtio import blk
-from .devices.virtio.blk import BackendInfo, VirtioBlk
-from .devices.virtio.net import VirtioNet
-from .devices.virtio.pci import VirtioPciFunction
-from .devices.virtio.rng import VirtioRng
 from .vcpu import VcpuEvent, VmExit, VmExitKind, install_kick_handler
+
+# Disks, NICs, the RNG, key presses and core dumps import their modules when a VM has them or a command
+# needs them (in the main thread, which may still read the package: see sandbox.py), so a VMM starts
+# without them (tests/vmm/test_startup.py counts what a start imports).
+if TYPE_CHECKING:
+    from . import vhost_user
+    from .devices.virtio.blk import BackendInfo
+    from .devices.virtio.net import VirtioNet
+    from .devices.virtio.pci import VirtioPciFunction
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,10 @@ def _default_build(
 
 def _virtio_status(function: VirtioPciFunction) -> JsonObject:
     """A virtio-pci function's counters: doorbells that exited to the VMM, interrupts, MSI-X irqfd writes."""
+    from .devices.virtio.blk import VirtioBlk
+    from .devices.virtio.net import VirtioNet
+    from .devices.virtio.rng import VirtioRng
+
     device = function.device
     status: JsonObject = {
         "device_id": device.device_id,
@@ -208,6 +215,11 @@ class Vmm:
 
     def _start_disk_backends(self, cfg: VmmConfig) -> None:
         """One qemu-storage-daemon per disk, started and negotiated once; every VM build reuses it."""
+        if not cfg.disks:
+            return
+        from . import vhost_user
+        from .devices.virtio import blk
+
         for disk in cfg.disks:
             image = vhost_user.BlockImage(
                 disk.path,
@@ -233,6 +245,8 @@ class Vmm:
         """A disk's backend died under the running VM: the device needs a reset and says why; the VM runs on."""
 
         def ended(_mask: int) -> None:
+            from .devices.virtio.blk import VirtioBlk
+
             backend, _ = self._disks[slot]
             self._selector.unregister(backend.pidfd)
             why = f"qemu-storage-daemon {backend.pid} for {backend.image.path} {backend.describe_end()}"
@@ -366,6 +380,8 @@ class Vmm:
         vm, path = self._vm, self.config.crash_dump
         if vm is None or not path:
             return ""
+        from . import coredump
+
         try:
             regions = ((r.gpa, r.size, mem) for r, mem in vm.ram.regions)
             size = coredump.write_core(path, regions, fd=self.config.fds.crash_dump)
@@ -377,8 +393,10 @@ class Vmm:
 
     def _nets(self) -> list[VirtioNet]:
         vm = self._vm
-        if vm is None:
+        if vm is None or not vm.platform.virtio:
             return []
+        from .devices.virtio.net import VirtioNet
+
         return [f.device for f in vm.platform.virtio if isinstance(f.device, VirtioNet)]
 
     def _set_link(self, request: JsonObject) -> None:
@@ -396,6 +414,8 @@ class Vmm:
     def _block_info(self) -> JsonObject:
         """Each disk's sizes as its backend knows them (domblkinfo): the format node's virtual and allocated
         size, and the highest offset written to the file beneath it (QMP; the backend counts nothing else)."""
+        from . import vhost_user
+
         disks = []
         for slot, (backend, _) in sorted(self._disks.items()):
             try:
@@ -420,6 +440,9 @@ class Vmm:
     def _block_resize(self, request: JsonObject) -> JsonObject:
         """blockresize: the backend grows (or shrinks) the image, the device's capacity follows from the
         backend's configuration, and the driver gets a config-change interrupt."""
+        from . import vhost_user
+        from .devices.virtio.blk import VirtioBlk
+
         slot, size = request.get("slot"), request.get("size")
         if not isinstance(slot, int) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise CommandError("block-resize needs 'slot' and 'size' (bytes, an integer)")
@@ -486,6 +509,8 @@ class Vmm:
             raise CommandError("operation failed: too many keys are still waiting to be sent")
         step = (hold or DEFAULT_KEY_HOLD_MS) / 1000
         due = max(time.monotonic(), self._keys_free_at)
+        from .devices import keymap
+
         events = [keymap.press(k) for k in keys] + [keymap.release(k) for k in reversed(keys)]
         for scancodes in events:
             self._key_events.append((due, scancodes))

@@ -17,15 +17,24 @@ from tests.support.waits import wait_for
 
 
 class VmmProcess:
-    def __init__(self, workdir: Path, config: dict[str, Any], pass_fds: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, Any],
+        pass_fds: tuple[int, ...] = (),
+        *,
+        interpreter_flags: tuple[str, ...] = (),
+    ) -> None:
+        """``interpreter_flags`` go to the interpreter, after the daemon's own (e.g. ``-X importtime``)."""
         self.workdir = workdir
         self.config = config
         self.config_path = workdir / "vm.json"
         self.config_path.write_text(json.dumps(config))
         self.stderr_path = workdir / "vmm.stderr"
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115
+        python, isolated, *rest = vmm_command(self.config_path)  # the daemon's own command line (python -I -m ...)
         self.proc = subprocess.Popen(
-            vmm_command(self.config_path),  # the daemon's own command line (python -I -m ...)
+            [python, isolated, *interpreter_flags, *rest],
             stdin=subprocess.DEVNULL,
             stdout=self._stderr,
             stderr=self._stderr,
@@ -53,6 +62,7 @@ class VmmProcess:
         memory_mib: int = 64,
         cmdline: str = "console=ttyS0",
         pass_fds: tuple[int, ...] = (),
+        interpreter_flags: tuple[str, ...] = (),
         **extra: Any,
     ) -> VmmProcess:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +83,7 @@ class VmmProcess:
             "serial_log": str(workdir / "serial.log"),
             **extra,
         }
-        return cls(workdir, config, pass_fds)
+        return cls(workdir, config, pass_fds, interpreter_flags=interpreter_flags)
 
     def __enter__(self) -> VmmProcess:
         return self

@@ -78,3 +78,56 @@ def test_a_linux_kernel_load_leaves_no_memory_behind(
             wait_for(lambda: phase_lines(vm), BOOT, what=vm.diagnostics)  # logged at the first RUN_VP: built
             beyond[name] = beyond_guest_ram_kib(vm.proc.pid)
     assert beyond["linux"] - beyond["tiny"] <= KERNEL_LOAD_RESIDUE_KIB, beyond
+
+
+IMPORT = re.compile(r"^import time:\s+\d+ \|\s+\d+ \| ( *)(\S+)$", re.M)
+# The prebuilt cffi module needs only cffi's C backend; these would mean C is parsed or compiled at start.
+COMPILERS = ("cffi", "pycparser", "distutils", "setuptools")
+# Everything of the package a VMM without virtio devices imports before its first RUN_VP. virtio, vhost-user,
+# keymap and coredump load when a VM has such a device or a command needs them; a new module at start
+# must be added here, on purpose.
+PACKAGE_AT_START = frozenset(
+    {"mshv_libvirt", "mshv_libvirt._mshv", "mshv_libvirt.atomicfile", "mshv_libvirt.proc"}
+    | {f"mshv_libvirt.hv{m}" for m in ("", "._ffi", ".errors", ".ioctls", ".memory", ".messages", ".partition")}
+    | {f"mshv_libvirt.hv.{m}" for m in ("regs", "system", "vp")}
+    | {f"mshv_libvirt.vmm{m}" for m in ("", ".acpi", ".aml", ".builder", ".config", ".console", ".control")}
+    | {f"mshv_libvirt.vmm.{m}" for m in ("images", "interrupts", "layout", "loader", "mmio", "mptable", "phases")}
+    | {f"mshv_libvirt.vmm.{m}" for m in ("runtime", "sandbox", "vcpu")}
+    | {f"mshv_libvirt.vmm.devices{m}" for m in ("", ".acpi_pm", ".bus", ".i8042", ".ioapic", ".pvpanic", ".rtc")}
+    | {f"mshv_libvirt.vmm.devices.{m}" for m in ("serial", "pci", "pci.bridge", "pci.config")}
+)
+# Other modules (the standard library's, cffi's backend) the package's code is first to import, in the tox
+# environment (whose site hook already imported argparse, json, pathlib, re and more): 45 measured, after
+# lazy imports took it from 60 (and the package's from 52 to 42).
+OTHERS_AT_START = 45
+
+
+def startup_imports(stderr: str) -> list[str]:
+    """What the VMM's own code imported before its first RUN_VP: each ``-X importtime`` entry above the
+    phases line whose outermost import is one of mshv_libvirt's (the interpreter's and site's are not)."""
+    head = stderr[: stderr.index("startup phases:")]
+    entries = [(len(m.group(1)), m.group(2)) for m in IMPORT.finditer(head)]
+    out: list[str] = []
+    pending: list[str] = []  # importtime prints an import after the ones it caused, those deeper
+    for depth, name in entries:
+        pending.append(name)
+        if depth == 0:
+            if name.startswith("mshv_libvirt"):
+                out.extend(pending)
+            pending = []
+    return out
+
+
+def test_the_vmm_starts_on_a_stated_set_of_modules(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
+    flags = ("-X", "importtime")
+    with VmmProcess.start(tmp_path / "vm", tiny_kernel, cmdline="console=ttyS0 tiny", interpreter_flags=flags) as vm:
+        wait_for(lambda: phase_lines(vm), BOOT, what=vm.diagnostics)
+        maps = Path(f"/proc/{vm.proc.pid}/maps").read_text()
+        modules = startup_imports(vm.stderr_path.read_text(errors="replace"))
+    ours = {m for m in modules if m.startswith("mshv_libvirt")}
+    others = sorted(m for m in modules if not m.startswith("mshv_libvirt"))
+    assert ours <= PACKAGE_AT_START, sorted(ours - PACKAGE_AT_START)
+    assert len(others) <= OTHERS_AT_START, others
+    assert not [m for m in modules if m.split(".")[0] in COMPILERS], modules
+    # No compilation at start: the cffi module is the extension built at install time, mapped from its file.
+    assert re.search(r"/mshv_libvirt/_mshv\.[^/\n]*\.so$", maps, re.M), "the compiled module is not mapped"

@@ -26,13 +26,14 @@ computed when register C is read.
 
 from __future__ import annotations
 
-import calendar
 import datetime
 import math
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+UNIX_EPOCH = datetime.datetime(1970, 1, 1)  # _epoch reads the fields as UTC, as calendar.timegm would
 
 INDEX_PORT = 0
 DATA_PORT = 1
@@ -183,7 +184,7 @@ class CmosRtc:
             )
         except ValueError:
             return None
-        return calendar.timegm(when.timetuple())
+        return (when - UNIX_EPOCH) // datetime.timedelta(seconds=1)  # calendar.timegm without its imports
 
     # -- events (register C) ---------------------------------------------------------------------
     def _alarm_matches(self, when: int) -> bool:
