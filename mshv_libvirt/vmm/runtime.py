@@ -227,6 +227,7 @@ class Vmm:
                 readonly=disk.readonly,
                 direct=disk.cache in ("none", "directsync"),
                 no_flush=disk.cache == "unsafe",
+                writethrough=disk.cache in ("writethrough", "directsync"),
                 queues=disk.queues,
                 fd=disk.fd,
             )

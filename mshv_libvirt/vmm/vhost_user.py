@@ -243,6 +243,11 @@ class QmpError(BackendError):
         self.desc = desc
 
 
+# qemu-storage-daemon's iothread default, stated: how long (ns) the export's iothread polls for a completion
+# before it sleeps; adaptive, so an idle disk costs no CPU.
+IOTHREAD_POLL_MAX_NS = 32768
+
+
 def storage_daemon() -> str | None:
     """The installed qemu-storage-daemon (a VMM's PATH may be minimal: Debian's location is tried too)."""
     found = shutil.which("qemu-storage-daemon")
@@ -258,6 +263,7 @@ class BlockImage:
     readonly: bool = False
     direct: bool = False  # cache='none'|'directsync': O_DIRECT
     no_flush: bool = False  # cache='unsafe': the guest's flushes are ignored
+    writethrough: bool = False  # cache='writethrough'|'directsync': each write is flushed before it completes
     queues: int = 1
     fd: int | None = None  # the image opened by whoever started the VMM: the backend opens its /dev/fd/N
 
@@ -324,10 +330,15 @@ class Backend:
         fmt_node = f"driver={image.format},node-name=disk0,file=file0,read-only={ro},{cache}"
         export = (
             f"type=vhost-user-blk,id=export0,node-name=disk0,addr.type=fd,addr.str={listen_fd},"
-            f"writable={'off' if image.readonly else 'on'},num-queues={image.queues}"
+            f"writable={'off' if image.readonly else 'on'},num-queues={image.queues},"
+            f"writethrough={'on' if image.writethrough else 'off'},iothread=iothread0"
         )
         return [
             exe,
+            # The export in its own AioContext: an iothread polls (adaptively, up to poll-max-ns) for AIO
+            # completions before it sleeps, where the main loop always sleeps in ppoll (docs/DESIGN.md).
+            "--object",
+            f"iothread,id=iothread0,poll-max-ns={IOTHREAD_POLL_MAX_NS}",
             "--blockdev",
             file_node,
             "--blockdev",
@@ -439,6 +450,10 @@ class Backend:
     def stop(self, timeout: float = 5.0) -> None:
         """End the backend: QMP quit (it flushes), else the lifeline closed (the reaper SIGKILLs it); reaped
         either way. No signal is sent from here: a sandboxed VMM may not signal outside its domain."""
+        # The vhost-user connection goes first: qemu-storage-daemon 7.2 with its export in an iothread never
+        # finishes quit while a frontend is connected (measured: still running 10 s after quit; 0.07 s with
+        # the socket closed first). The images are flushed by quit either way.
+        self.frontend.close()
         with contextlib.suppress(OSError, BackendError, ValueError):
             self._qmp.settimeout(1.0)
             self._qmp.sendall(b'{"execute": "quit"}\n')

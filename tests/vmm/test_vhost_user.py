@@ -170,8 +170,22 @@ def test_backend_dies_with_its_sigkilled_parent_and_unlocks_the_image(tmp_path: 
 @pytest.mark.parametrize(
     ("image", "want"),
     [
-        (BlockImage("", "qcow2", direct=True), {"drv": "qcow2", "ro": False, "direct": True, "no-flush": False}),
-        (BlockImage("", readonly=True, no_flush=True), {"drv": "raw", "ro": True, "direct": False, "no-flush": True}),
+        (
+            BlockImage("", "qcow2", direct=True),
+            {"drv": "qcow2", "ro": False, "direct": True, "no-flush": False},
+        ),
+        (
+            BlockImage("", readonly=True, no_flush=True),
+            {"drv": "raw", "ro": True, "direct": False, "no-flush": True},
+        ),
+        (  # cache='directsync'
+            BlockImage("", direct=True, writethrough=True),
+            {"drv": "raw", "ro": False, "direct": True, "no-flush": False},
+        ),
+        (  # cache='writethrough'
+            BlockImage("", "qcow2", writethrough=True),
+            {"drv": "qcow2", "ro": False, "direct": False, "no-flush": False},
+        ),
     ],
 )
 def test_the_backend_opens_the_image_as_configured(tmp_path: Path, image: BlockImage, want: dict[str, object]) -> None:
@@ -188,6 +202,76 @@ def test_the_backend_opens_the_image_as_configured(tmp_path: Path, image: BlockI
         assert got == want and disk["file"] == str(img)
     finally:
         backend.stop()
+
+
+def _sched_runs(pid: int, tid: int) -> int:
+    """How many times the kernel put thread ``tid`` on a CPU (/proc/.../schedstat: ns on CPU, ns waiting, runs)."""
+    return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[2])
+
+
+def test_the_export_is_served_by_a_polling_iothread_and_quit_still_ends_the_backend(
+    tmp_path: Path, mem: GuestMemory
+) -> None:
+    """The requests run on a thread of the backend other than its main loop (the kernel's count of each thread's
+    runs), the iothread polling up to IOTHREAD_POLL_MAX_NS (QMP qom-get; qsd 7.2 has no query-iothreads); and
+    stop() still ends the backend by QMP quit, a clean exit (7.2 hangs in quit while a frontend is connected)."""
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(MiB))
+    backend = Backend(BlockImage(str(img), direct=True))
+    pid = backend.pid
+    try:
+        poll = backend.qmp("qom-get", path="/objects/iothread0", property="poll-max-ns")
+        assert poll == vhost_user.IOTHREAD_POLL_MAX_NS
+        q = start_queue(backend, mem)
+        requests = 200
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        before = {t: _sched_runs(pid, t) for t in tids}
+        for n in range(requests):
+            assert q.request(T_IN, n * 8, read_len=4096)[0] == S_OK
+        runs = {t: _sched_runs(pid, t) - before[t] for t in tids}
+        assert runs[pid] < requests // 4, runs  # the main loop slept through them
+        assert max(runs[t] for t in tids if t != pid) >= requests // 2, runs
+    finally:
+        backend.stop()
+    assert backend.poll() == 0 and process_gone(pid)  # quit, not the lifeline's SIGKILL
+
+
+def _traced(pid: int) -> bool:
+    """Every thread of ``pid`` has a tracer (the kernel's TracerPid)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        if "\nTracerPid:\t0\n" in status:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("writethrough", [False, True])
+def test_a_writethrough_export_syncs_every_write_and_a_writeback_one_none(
+    tmp_path: Path, mem: GuestMemory, writethrough: bool
+) -> None:
+    """cache='writethrough'|'directsync' (BlockImage.writethrough): each write reaches stable storage before it
+    completes, so the backend syncs the file once per write; with a write cache (the other modes) it does not
+    (a guest flush does). Counted by strace on the backend, not by anything of ours (qsd 7.2's device
+    configuration says writeback=0 either way, so it is no witness)."""
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(MiB))
+    backend = Backend(BlockImage(str(img), direct=True, writethrough=writethrough))
+    out = tmp_path / "strace.out"
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-e", "trace=fsync,fdatasync,sync_file_range", "-o", str(out), "-p", str(backend.pid)]
+    )
+    try:
+        q = start_queue(backend, mem)
+        wait_for(lambda: _traced(backend.pid), 10, what="strace attached")
+        writes = 4
+        for n in range(writes):
+            assert q.request(T_OUT, n * 8, bytes([n + 1]) * 4096) == bytes([S_OK])
+    finally:
+        tracer.send_signal(signal.SIGINT)  # detaches; its output is complete once it has exited
+        tracer.wait(10)
+        backend.stop()
+    syncs = [line for line in out.read_text().splitlines() if "sync" in line and "resumed" not in line]
+    assert len(syncs) >= writes if writethrough else syncs == [], syncs
 
 
 def test_the_export_keeps_no_request_counters(tmp_path: Path, mem: GuestMemory) -> None:
