@@ -95,11 +95,7 @@ def _version() -> str:
 
 
 ffibuilder = cffi.FFI()
-ffibuilder.cdef(
-    "\n".join(cdef_from_header((INCLUDE / h).read_text()) for h in HEADERS)
-    + SHIM_CDEF
-    + VMM_CDEF
-)
+ffibuilder.cdef("\n".join(cdef_from_header((INCLUDE / h).read_text()) for h in HEADERS) + SHIM_CDEF + VMM_CDEF)
 
 _sources = [str(HERE / "shim.c"), *sorted(str(p) for p in EMU.glob("*.c")), *sorted(str(p) for p in VMM.glob("*.c"))]
 ffibuilder.set_source(

@@ -61,7 +61,7 @@ from .vcpu import VcpuEvent, VmExit, VmExitKind, install_kick_handler
 # without them (tests/vmm/test_startup.py counts what a start imports).
 if TYPE_CHECKING:
     from . import vhost_user
-    from .devices.virtio.blk import BackendInfo
+    from .devices.virtio.blk import BackendInfo, Relay
     from .devices.virtio.net import VirtioNet
     from .devices.virtio.pci import VirtioPciFunction
 
@@ -142,7 +142,7 @@ class Vmm:
         self.config = config
         self._build = build or self._build_with_disks
         self._disks: dict[int, tuple[vhost_user.Backend, BackendInfo]] = {}  # by PCI slot, for the VMM's life
-        self._relays: dict[int, blk.Relay] = {}  # each disk's counters, by slot, likewise (made at the first build)
+        self._relays: dict[int, Relay] = {}  # each disk's counters, by slot, likewise (made at the first build)
         self._selector = selectors.DefaultSelector()
         self._exits: queue.SimpleQueue[tuple[int, VmExit]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -166,6 +166,8 @@ class Vmm:
     ) -> builder.Vm:
         # Made here, on the main thread and (when sandboxed) inside the sandbox, so each relay's C thread
         # narrows its own seccomp list; kept for the VMM's life, so a rebuilt VM counts on.
+        if config.disks:
+            from .devices.virtio import blk
         for disk in config.disks:
             if disk.slot in self._disks and disk.slot not in self._relays:
                 relay = blk.Relay(disk.queues)
@@ -177,6 +179,8 @@ class Vmm:
         """A disk's relay stopped on a queue the guest (or the backend) broke: the device needs a reset."""
 
         def failed(_mask: int) -> None:
+            from .devices.virtio.blk import VirtioBlk
+
             relay = self._relays[slot]
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(relay.error_fd)
