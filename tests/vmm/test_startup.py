@@ -92,7 +92,7 @@ PACKAGE_AT_START = frozenset(
     | {f"mshv_libvirt.hv.{m}" for m in ("regs", "system", "vp")}
     | {f"mshv_libvirt.vmm{m}" for m in ("", ".acpi", ".aml", ".builder", ".config", ".console", ".control")}
     | {f"mshv_libvirt.vmm.{m}" for m in ("images", "interrupts", "layout", "loader", "mmio", "mptable", "phases")}
-    | {f"mshv_libvirt.vmm.{m}" for m in ("runtime", "sandbox", "vcpu")}
+    | {f"mshv_libvirt.vmm.{m}" for m in ("runloop", "runtime", "sandbox", "vcpu")}  # runloop: every VM runs it
     | {f"mshv_libvirt.vmm.devices{m}" for m in ("", ".acpi_pm", ".bus", ".i8042", ".ioapic", ".pvpanic", ".rtc")}
     | {f"mshv_libvirt.vmm.devices.{m}" for m in ("serial", "pci", "pci.bridge", "pci.config")}
 )

@@ -63,4 +63,6 @@ def test_the_vcpu_thread_makes_at_most_two_system_calls_per_exit(tiny_vm: VmmPro
     assert sum(vcpu[name] for name in SLOW_PATH) <= OTHER_EXITS, per_exit
     assert sum(vcpu.values()) / exits <= LIMIT, per_exit
     assert python_exits <= OTHER_EXITS, python_exits  # the OUTs never reached Python
-    assert vcpu["futex"] <= OTHER_EXITS, per_exit
+    # A GIL hand-over per exit would be one futex per exit; what remains grows with the window's length (as
+    # measured): 80 idle, 250-290 at load 8-10 under strace.
+    assert vcpu["futex"] <= exits // 20, per_exit
