@@ -46,7 +46,7 @@ from mshv_libvirt._mshv import ffi, lib
 
 from ... import sandbox
 from ...vhost_user import MemRegion
-from .pci import F_EVENT_IDX, NO_VECTOR, VirtioPciFunction
+from .pci import F_EVENT_IDX, F_VERSION_1, NO_VECTOR, VirtioPciFunction
 from .queue import Chain, Virtqueue
 
 log = logging.getLogger(__name__)
@@ -288,6 +288,40 @@ class VirtioNet:
             raise ValueError(f"virtio-net state version {state.get('version')!r} is not {STATE_VERSION}")
         self.activations = int(state["activations"])
         self.set_link(bool(state["link_up"]), notify=False)
+
+    # -- test-only: the hand-over mode -------------------------------------------------------------
+
+    def hand_over(
+        self,
+        size: int,
+        rings: tuple[tuple[int, int, int], tuple[int, int, int]],
+        kicks: tuple[int, int],
+        calls: tuple[int, int],
+    ) -> int:
+        """Test-only (benchmarks/net.py, tests/vmm/test_net_handover.py; never reached from a VM's config):
+        pair 1's I/O thread serves its queues (receiveq1, transmitq1: ``rings`` of (desc, avail, used) guest
+        addresses, ``size`` entries each, from index 0) to a driver outside any guest, as DRIVER_OK would,
+        with ``kicks`` where the doorbells' ioeventfds would be and ``calls`` (eventfds the caller reads)
+        where the vectors' irqfds would be. The driver takes VERSION_1, MAC, STATUS, EVENT_IDX (and MTU when
+        offered), no offload: its frames are whole and the tap is left with none. Returns those features.
+        A multiqueue device's other pairs stay idle, their tap queues detached. ``release()`` stops the
+        queues."""
+        features = F_VERSION_1 | (self.features & (F_MAC | F_STATUS | F_EVENT_IDX | F_MTU))
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(self.tap, TUNSETOFFLOAD, _offload_flags(features))
+        pair1 = self._handles[0]
+        for n, (desc, avail, used) in enumerate(rings):
+            rc = self._lib.mshv_net_set_queue(pair1, n, size, desc, avail, used, kicks[n], calls[n], 0, 0)
+            if rc != 0:
+                raise OSError(-rc, f"virtio-net hand-over: queue {n} refused")
+        if self._lib.mshv_net_start(pair1, 1 if features & F_EVENT_IDX else 0) != 0:
+            raise OSError(f"virtio-net hand-over: {self.thread_error()}")
+        self.pairs = 1
+        return features
+
+    def release(self) -> None:
+        """Test-only: pair 1's I/O thread has let go of the handed-over queues when this returns."""
+        self.reset()
 
     # -- the control queue -------------------------------------------------------------------------
 

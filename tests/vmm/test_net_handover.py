@@ -1,0 +1,151 @@
+"""The test-only hand-over mode (VirtioNet.hand_over) and the compiled module's driver, peer and floor
+(abi/vmm/netq.c) that benchmarks/net.py measures with: frames built and checked in C move both ways between
+the handed-over queues and a tap in a test namespace; this test's own AF_PACKET socket and the kernel's tap
+counters check them, so the benchmark cannot rot."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from mshv_libvirt.hv import GuestMemory
+from mshv_libvirt.vmm.devices.virtio.net import VirtioNet
+from mshv_libvirt.vmm.vhost_user import MemRegion
+from tests.support.net_driver import (
+    BUF,
+    ECHO,
+    GUEST_MAC,
+    HDR,
+    MANY,
+    RAM,
+    RECV,
+    RTT,
+    RX_BUFS,
+    RX_USED,
+    SEND,
+    DriverError,
+    HandedQueues,
+    Job,
+    Peer,
+    Result,
+    frame,
+    peer_socket,
+    tap_run,
+)
+from tests.support.netns import NetNs, netns
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+QUEUE_SIZE = 256
+LENGTHS = (64, 1514)
+
+
+@dataclass
+class Rig:
+    ns: NetNs
+    device: VirtioNet
+    mem: GuestMemory
+    q: HandedQueues
+    sock: socket.socket  # this test's own peer on the device's tap
+    floor_tap: int  # a second tap, as bare as the floor uses it
+    floor_sock: socket.socket
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    with netns("nbho") as ns:
+        tap, floor_tap = ns.open_tap("nh0"), ns.open_tap("nh1")
+        try:
+            sock, floor_sock = peer_socket(ns, "nh0"), peer_socket(ns, "nh1")
+            try:
+                with GuestMemory(RAM) as mem:
+                    device = VirtioNet(tap, GUEST_MAC, [MemRegion(0, mem.size, mem.address, mem.fd)])
+                    try:
+                        q = HandedQueues(device, mem)
+                        try:
+                            yield Rig(ns, device, mem, q, sock, floor_tap, floor_sock)
+                        finally:
+                            q.close()
+                    finally:
+                        device.stop()
+            finally:
+                sock.close()
+                floor_sock.close()
+        finally:
+            os.close(tap)
+            os.close(floor_tap)
+
+
+def test_the_drivers_frames_reach_the_peer_byte_for_byte(rig: Rig) -> None:
+    before = rig.ns.link_stats("nh0")
+    rig.sock.settimeout(10)
+    for tag, length in enumerate(LENGTHS, 1):
+        sent = rig.q.run(Job(SEND, length, count=300, tag=tag))
+        assert (sent.frames, sent.bytes) == (300, 300 * length)
+        assert sent.kicks >= 1  # through the kick eventfd, as the device's arm_kick asked
+        for seq in range(300):
+            assert rig.sock.recv(4096) == frame(seq, length, tag, inbound=False), (length, seq)
+    grew = {k: v - before[k] for k, v in rig.ns.link_stats("nh0").items()}
+    assert (grew["rx_packets"], grew["rx_bytes"]) == (600, 300 * sum(LENGTHS))  # the kernel's view of the tap
+    st = rig.device.stats()
+    assert (st["tx_packets"], st["tx_bytes"], st["tx_drops"]) == (600, 300 * sum(LENGTHS), 0)
+
+
+def test_the_peers_frames_reach_the_driver_and_a_wrong_byte_is_counted(rig: Rig) -> None:
+    for tag, length in enumerate(LENGTHS, 1):
+        good = [frame(seq, length, tag, inbound=True) for seq in range(200)]
+        bad = bytearray(frame(200, length, tag, inbound=True))
+        bad[-1] ^= 0x40
+        foreign = frame(0, length, tag + 100, inbound=True)
+        for f in (*good, bytes(bad), foreign):  # fewer than the tap queues (500): none can be dropped
+            rig.sock.send(f)
+        got = rig.q.run(Job(RECV, length, count=MANY, tag=tag, idle_ms=300))
+        assert (got.frames, got.mismatches, got.other, got.reordered) == (200, 1, 1, 0), (length, got)
+        # The device's own write, read from guest RAM here: the last used buffer holds the foreign frame.
+        idx = struct.unpack("<H", rig.mem.read(RX_USED + 2, 2))[0]
+        head, used_len = struct.unpack("<II", rig.mem.read(RX_USED + 4 + 8 * ((idx - 1) % QUEUE_SIZE), 8))
+        assert used_len == HDR + length
+        assert rig.mem.read(RX_BUFS + head * BUF, used_len) == bytes(HDR) + foreign
+    assert idx == 2 * 202  # every frame took one buffer, re-posted buffers included
+    st = rig.device.stats()
+    assert (st["rx_packets"], st["rx_drops"]) == (404, 0)
+
+
+def test_round_trips_and_both_directions_with_the_c_peer_and_on_the_bare_tap(rig: Rig) -> None:
+    before = {tap: rig.ns.link_stats(tap) for tap in ("nh0", "nh1")}
+    for side, sock in (("ours", rig.sock), ("floor", rig.floor_sock)):
+
+        def run(job: Job, side: str = side) -> Result:
+            return rig.q.run(job) if side == "ours" else tap_run(rig.floor_tap, job)
+
+        sink = Peer(sock, Job(RECV, 1514, count=MANY, tag=10, idle_ms=300))
+        run(Job(SEND, 1514, count=400, tag=10))
+        assert sink.join().frames == 400
+        source = Peer(sock, Job(SEND, 64, count=300, tag=11))  # fewer than the tap queues: none dropped
+        got = run(Job(RECV, 64, count=MANY, tag=11, idle_ms=300))
+        assert source.join().frames == 300
+        assert (got.frames, got.mismatches) == (300, 0)
+        echo = Peer(sock, Job(ECHO, 64, count=50, tag=12))
+        rtt = run(Job(RTT, 64, count=50, tag=12))
+        assert echo.join().frames == 50
+        samples = rtt.samples_ns
+        assert len(samples) == 50 and all(0 < s < 10**9 for s in samples)
+    for tap in ("nh0", "nh1"):
+        after = rig.ns.link_stats(tap)
+        # written to the tap: 400 sent, 50 round trips; read from it: 300 received, 50 echoes
+        assert after["rx_packets"] - before[tap]["rx_packets"] == 450, tap
+        assert after["tx_packets"] - before[tap]["tx_packets"] == 350, tap
+
+
+def test_a_job_the_driver_cannot_do_is_refused(rig: Rig) -> None:
+    with pytest.raises(DriverError, match=r"frame length 2040 is not within 60\.\.2036"):
+        rig.q.run(Job(SEND, 2040, count=1))
+    with pytest.raises(DriverError, match="no frame within 100 ms"):
+        rig.q.run(Job(RECV, 64, count=1, start_ms=100))
+    with pytest.raises(DriverError, match="mode 3 is the peer's"):
+        rig.q.run(Job(ECHO, 64, count=1))
