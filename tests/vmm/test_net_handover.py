@@ -5,11 +5,16 @@ counters check them, so the benchmark cannot rot."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +43,7 @@ from tests.support.net_driver import (
     tap_run,
 )
 from tests.support.netns import NetNs, netns
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -149,3 +155,46 @@ def test_a_job_the_driver_cannot_do_is_refused(rig: Rig) -> None:
         rig.q.run(Job(RECV, 64, count=1, start_ms=100))
     with pytest.raises(DriverError, match="mode 3 is the peer's"):
         rig.q.run(Job(ECHO, 64, count=1))
+
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "net.py"
+
+
+def bench_netns(pid: int) -> Path:
+    return Path(f"/run/netns/mshv-netbench-{pid}")  # the name tests/support/netns.py gives it
+
+
+def test_the_benchmark_runs_every_case_and_deletes_its_namespace() -> None:
+    argv = [sys.executable, str(BENCH), "--seconds", "0.05", "--rounds", "1", "--rtt-count", "20", "--warmup", "5"]
+    out = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=120, check=True)
+    report = json.loads(out.stdout)
+    cases = {(r["way"], r["frame_len"]) for r in report["rates"]}
+    assert cases == {(way, n) for way in ("tx", "rx") for n in LENGTHS}
+    assert all(r["ours"]["frames"] > 0 and r["floor"]["frames"] > 0 for r in report["rates"])
+    assert [(r["frame_len"], r["samples"]) for r in report["rtt"]] == [(n, 20) for n in LENGTHS]
+    assert not any(p.name.startswith("mshv-netbench-") for p in Path("/run/netns").glob("*")), out.stderr
+
+
+def test_a_sigterm_mid_run_still_deletes_the_benchmarks_namespace() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(BENCH), "--seconds", "2", "--rounds", "3"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ns = NetNs(bench_netns(proc.pid).name)
+    try:
+
+        def moving() -> bool:
+            """Frames reach the tap (the kernel's count): the driver and the peer run in C."""
+            return bench_netns(proc.pid).exists() and ns.link_exists("nb0") and ns.link_stats("nb0")["rx_packets"] > 0
+
+        wait_for(moving, 60, what=f"frames on nb0 in {ns.name}")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM
+        assert not bench_netns(proc.pid).exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if bench_netns(proc.pid).exists():  # only when the test failed: not left for the next run
+            subprocess.run(["ip", "netns", "del", ns.name], check=False, capture_output=True)

@@ -1,0 +1,277 @@
+#!/usr/bin/env python3
+"""virtio-net data path vs. the same frames on a bare tap fd, both against one peer, in the same run.
+
+Guests cannot measure the network on this host (every guest kernel instruction is emulated), so the data
+path itself is driven: a VirtioNet device in its test-only hand-over mode (docs/DESIGN.md) serves both queues
+of guest RAM (a memfd) from its compiled I/O thread (abi/vmm/net.c) exactly as after DRIVER_OK, and the
+compiled module's C driver (abi/vmm/netq.c) builds frames in the tx buffers, posts rx buffers, kicks the kick
+eventfds and reaps the used rings, sleeping on the call eventfds where the guest's MSI-X irqfds would be. The
+floor is the same frames written to and read from a bare tap fd by C code of the same file. Both taps are
+in a network namespace this script creates (and deletes on every exit it can catch: normal, an exception,
+SIGINT, SIGTERM, SIGHUP), with IPv6 off and no address; the peer on either is a C thread on an AF_PACKET
+socket there (sendmmsg/recvmmsg in batches of 64). Python sets up and reads one result per run.
+
+Cases, at frame lengths 64 and 1514 bytes (a 1500-byte MTU's payload; the tap sees the frame without FCS,
+behind a 12-byte virtio_net_hdr on both sides):
+
+* tx (guest to tap): the driver (or the floor) sends for ``--seconds``; the peer receives. frames/s = what
+  the peer received / (its last frame - the sender's first), so a frame counts only once it arrived.
+* rx (tap to guest): the peer sends for ``--seconds`` as fast as it can; the driver (or the floor) receives.
+  frames/s = what arrived / (the receiver's last frame - the peer's first). The tap's queue (500 frames, as
+  libvirt leaves it) drops what the receiver cannot take: both sides are measured by what they took.
+* rtt: one frame out, the peer echoes it, wait for it to come back, ``--rtt-count`` times (the first
+  ``--warmup`` not counted); median and p99.
+
+Targets (reported, not gated): frames/s >= 0.7x the floor's each way; the median round trip <= the floor's
++ 20 us. Each side runs ``--rounds`` times per case, the two alternating which goes first (a drifting load
+then hits both alike), and is pooled: all frames over all time, all round-trip samples.
+
+Run (as root: namespaces): ``.tox/py/bin/python benchmarks/net.py [--seconds S] [--rounds R] [--json]``.
+Not run by tox.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from types import FrameType
+from typing import TypeVar
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mshv_libvirt.hv import GuestMemory
+from mshv_libvirt.vmm.devices.virtio.net import VirtioNet
+from mshv_libvirt.vmm.vhost_user import MemRegion
+from tests.support.net_driver import (
+    ECHO,
+    GUEST_MAC,
+    MANY,
+    RAM,
+    RECV,
+    RTT,
+    SEND,
+    HandedQueues,
+    Job,
+    Peer,
+    Result,
+    peer_socket,
+    tap_run,
+)
+from tests.support.netns import netns
+
+T = TypeVar("T")
+
+LENGTHS = (64, 1514)
+IDLE_MS = 300  # a receiver's gap after the sender stopped; excluded from its time (its last frame ends it)
+
+
+@dataclass(frozen=True)
+class Rate:
+    frames: int
+    seconds: float
+    lost: int  # sent but never received
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds else 0.0
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+@contextmanager
+def exits_cleanly() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the run as SIGINT does (an exception), so every ``finally`` deletes what it made."""
+
+    def stop(signo: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signo)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+class Bench:
+    def __init__(self, q: HandedQueues, sock: socket.socket, floor_tap: int, floor_sock: socket.socket) -> None:
+        self.q, self.sock, self.floor_tap, self.floor_sock = q, sock, floor_tap, floor_sock
+        self.tag = int.from_bytes(os.urandom(4), "little") << 16
+
+    def _next_tag(self) -> int:
+        self.tag += 1  # each run its own: a frame left from another run is never counted
+        return self.tag
+
+    def _side(self, ours: bool) -> tuple[Callable[[Job], Result], socket.socket]:
+        if ours:
+            return self.q.run, self.sock
+        return (lambda job: tap_run(self.floor_tap, job)), self.floor_sock
+
+    @staticmethod
+    def _checked(*results: Result) -> None:
+        for r in results:
+            if r.mismatches or r.reordered:
+                raise RuntimeError(f"frames arrived wrong: {r}")
+
+    def tx(self, ours: bool, length: int, seconds: float) -> Rate:
+        run, sock = self._side(ours)
+        tag = self._next_tag()
+        peer = Peer(sock, Job(RECV, length, count=MANY, tag=tag, idle_ms=IDLE_MS))
+        try:
+            sent = run(Job(SEND, length, seconds=seconds, tag=tag))
+        finally:
+            got = peer.join()  # its thread uses the socket: never left running past the socket's close
+        self._checked(got)
+        return Rate(got.frames, (got.last_ns - sent.first_ns) / 1e9, sent.frames - got.frames)
+
+    def rx(self, ours: bool, length: int, seconds: float) -> Rate:
+        run, sock = self._side(ours)
+        tag = self._next_tag()
+        peer = Peer(sock, Job(SEND, length, seconds=seconds, tag=tag))
+        try:
+            got = run(Job(RECV, length, count=MANY, tag=tag, idle_ms=IDLE_MS))
+        finally:
+            sent = peer.join()
+        self._checked(got)
+        return Rate(got.frames, (got.last_ns - sent.first_ns) / 1e9, sent.frames - got.frames)
+
+    def rtt(self, ours: bool, length: int, count: int, warmup: int) -> list[int]:
+        run, sock = self._side(ours)
+        tag = self._next_tag()
+        peer = Peer(sock, Job(ECHO, length, count=count + warmup, tag=tag))
+        try:
+            r = run(Job(RTT, length, count=count + warmup, tag=tag))
+        finally:
+            peer.join()
+        self._checked(r)
+        return list(r.samples_ns[warmup:])
+
+
+def pooled(runs: list[Rate]) -> Rate:
+    return Rate(sum(r.frames for r in runs), sum(r.seconds for r in runs), sum(r.lost for r in runs))
+
+
+def quantile(samples: list[int], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(q * len(s)))] / 1e3
+
+
+def alternate(rounds: int, measure: Callable[[bool], T]) -> dict[bool, list[T]]:
+    """``measure(ours)`` for both sides ``rounds`` times, alternating which goes first; results by side."""
+    out: dict[bool, list[T]] = {True: [], False: []}
+    for n in range(rounds):
+        for ours in (True, False) if n % 2 == 0 else (False, True):
+            out[ours].append(measure(ours))
+    return out
+
+
+def measure(
+    bench: Bench, args: argparse.Namespace
+) -> tuple[dict[tuple[str, int], dict[bool, list[Rate]]], dict[int, dict[bool, list[int]]]]:
+    """Every case, both sides alternating: the rates by (way, length) and the round-trip samples by length."""
+    rates: dict[tuple[str, int], dict[bool, list[Rate]]] = {}
+    rtts: dict[int, dict[bool, list[int]]] = {}
+    for length in LENGTHS:
+        for way, fn in (("tx", bench.tx), ("rx", bench.rx)):
+            runs = alternate(args.rounds, partial(fn, length=length, seconds=args.seconds))
+            rates[way, length] = runs
+            a, b = pooled(runs[True]), pooled(runs[False])
+            print(f"{way} {length}: {a.fps:.0f} / {b.fps:.0f} frames/s = {a.fps / b.fps:.3f}", file=sys.stderr)
+        by_round = alternate(args.rounds, partial(bench.rtt, length=length, count=args.rtt_count, warmup=args.warmup))
+        samples = {side: [s for r in rounds for s in r] for side, rounds in by_round.items()}
+        rtts[length] = samples
+        med = quantile(samples[True], 0.5), quantile(samples[False], 0.5)
+        print(f"rtt {length}: median {med[0]:.1f} / {med[1]:.1f} us", file=sys.stderr)
+    return rates, rtts
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=1.0, help="sending time per rate case, side and round")
+    ap.add_argument("--rounds", type=int, default=3, help="per case and side, alternating which goes first")
+    ap.add_argument("--rtt-count", type=int, default=5000, help="round trips per side and round")
+    ap.add_argument("--warmup", type=int, default=200, help="round trips first, not counted")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("network namespaces need root", file=sys.stderr)
+        return 2
+    start_load = load()
+    print(f"load average at start: {start_load}", file=sys.stderr)
+    with exits_cleanly(), netns("netbench") as ns:
+        tap, floor_tap = ns.open_tap("nb0"), ns.open_tap("nb1")  # the same flags: IFF_VNET_HDR, 12-byte header
+        try:
+            with (
+                peer_socket(ns, "nb0") as sock,
+                peer_socket(ns, "nb1") as floor_sock,
+                GuestMemory(RAM) as mem,
+            ):
+                device = VirtioNet(tap, GUEST_MAC, [MemRegion(0, mem.size, mem.address, mem.fd)])
+                try:
+                    q = HandedQueues(device, mem)
+                    try:
+                        rates, rtts = measure(Bench(q, sock, floor_tap, floor_sock), args)
+                        stats = device.stats()
+                    finally:
+                        q.close()
+                finally:
+                    device.stop()
+        finally:
+            os.close(tap)
+            os.close(floor_tap)
+    end_load = load()
+    print(f"load average at end: {end_load}", file=sys.stderr)
+    rate_rows = []
+    for (way, length), runs in rates.items():
+        a, b = pooled(runs[True]), pooled(runs[False])
+        ratio = a.fps / b.fps
+        rate_rows.append((way, length, a, b, ratio, "met" if ratio >= 0.7 else "missed"))
+    rtt_rows = []
+    for length, samples in rtts.items():
+        med = (quantile(samples[True], 0.5), quantile(samples[False], 0.5))
+        p99 = (quantile(samples[True], 0.99), quantile(samples[False], 0.99))
+        rtt_rows.append((length, med, p99, "met" if med[0] <= med[1] + 20 else "missed"))
+    if args.json:
+        out = {
+            "load": [start_load, end_load],
+            "device_stats": stats,
+            "rates": [
+                {"way": w, "frame_len": n, "ours": a.__dict__, "floor": b.__dict__, "ratio": r, "verdict": v}
+                for w, n, a, b, r, v in rate_rows
+            ],
+            "rtt": [
+                {"frame_len": n, "median_us": m, "p99_us": p, "verdict": v, "samples": len(rtts[n][True])}
+                for n, m, p, v in rtt_rows
+            ],
+        }
+        print(json.dumps(out, indent=1))
+        return 0
+    print("| case | ours | floor (bare tap) | ratio | lost ours / floor | target |")
+    print("|---|---|---|---|---|---|")
+    for way, length, a, b, ratio, verdict in rate_rows:
+        print(
+            f"| {way} {length} B | {a.fps:.0f} frames/s | {b.fps:.0f} frames/s | **{ratio:.2f}** "
+            f"| {a.lost} / {b.lost} | >= 0.7x: {verdict} |"
+        )
+    for length, med, p99, verdict in rtt_rows:
+        print(
+            f"| round trip {length} B, median (p99) | {med[0]:.1f} ({p99[0]:.1f}) us | {med[1]:.1f} ({p99[1]:.1f}) us "
+            f"| +{med[0] - med[1]:.1f} us | | median <= floor + 20 us: {verdict} |"
+        )
+    print(f"device: {stats}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
