@@ -747,10 +747,24 @@ static int peer_receive(struct netpeer *p)
     return 0;
 }
 
+/* The socket's drop count since the last call (reading PACKET_STATISTICS resets it). */
+static uint64_t socket_drops(int fd)
+{
+    struct tpacket_stats st = {0};
+    socklen_t len = sizeof st;
+    return getsockopt(fd, SOL_PACKET, PACKET_STATISTICS, &st, &len) == 0 ? st.tp_drops : 0;
+}
+
 static void *peer_main(void *arg)
 {
     struct netpeer *p = arg;
-    p->rc = p->job.mode == MODE_SEND ? peer_source(p) : peer_receive(p);
+    if (p->job.mode == MODE_SEND) {
+        p->rc = peer_source(p);
+    } else {
+        socket_drops(p->fd);
+        p->rc = peer_receive(p);
+        p->out.drops = socket_drops(p->fd);
+    }
     return NULL;
 }
 

@@ -43,6 +43,7 @@ struct mshv_netbench_result {
     uint64_t last_ns;
     uint64_t kicks;       /* driver: kick eventfd writes; floor and peer: 0 */
     uint64_t waits;       /* blocking waits (call eventfd, tap or socket poll) */
+    uint64_t drops;       /* peer receiving: what its socket dropped meanwhile (PACKET_STATISTICS tp_drops) */
 };
 
 uint64_t mshv_netbench_now_ns(void);

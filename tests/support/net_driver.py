@@ -10,9 +10,11 @@ from the peer's MAC to the guest's."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
+import subprocess
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +88,7 @@ class Result:
     last_ns: int
     kicks: int
     waits: int
+    drops: int  # a receiving peer's socket drops (PACKET_STATISTICS)
     samples_ns: tuple[int, ...] = ()  # round trips, in order
 
 
@@ -94,7 +97,7 @@ class DriverError(RuntimeError):
 
 
 def _result(out: Any, samples: Any = None, n: int = 0) -> Result:
-    fields = ("frames", "bytes", "mismatches", "other", "reordered", "first_ns", "last_ns", "kicks", "waits")
+    fields = ("frames", "bytes", "mismatches", "other", "reordered", "first_ns", "last_ns", "kicks", "waits", "drops")
     values = {f: int(getattr(out, f)) for f in fields}
     return Result(**values, samples_ns=tuple(int(samples[i]) for i in range(n)) if samples is not None else ())
 
@@ -216,3 +219,14 @@ def peer_socket(ns: NetNs, ifname: str, rcvbuf: int = 64 << 20) -> socket.socket
         return s
 
     return ns.call(create)
+
+
+def tap_drops(ns: NetNs, ifname: str) -> int:
+    """What the kernel dropped on its way out to ``ifname``'s fd (``ip -s``: tx dropped; the tap's queue full)."""
+    out = subprocess.run(
+        ["ip", "-n", ns.name, "-j", "-s", "link", "show", "dev", ifname],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return int(json.loads(out)[0]["stats64"]["tx"]["dropped"])
