@@ -22,6 +22,10 @@ behind a 12-byte virtio_net_hdr on both sides):
 * rtt: one frame out, the peer echoes it, wait for it to come back, ``--rtt-count`` times (the first
   ``--warmup`` not counted); median and p99.
 
+Each case also reports the data path's CPU time per frame (per round trip): the driver's thread and the
+device's I/O thread, or the floor's one thread (``/proc/self/task/TID/schedstat``; softirq work done on those
+threads, such as delivering a written frame to the peer's socket, included; the peer's own thread excluded).
+
 Targets (reported, not gated): frames/s >= 0.7x the floor's each way; the median round trip <= the floor's
 + 20 us. Each side runs ``--rounds`` times per case, the two alternating which goes first (a drifting load
 then hits both alike), and is pooled: all frames over all time, all round-trip samples.
@@ -38,6 +42,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,6 +86,11 @@ class Rate:
     seconds: float
     lost: int  # sent but never received
     dropped: int  # of those, what the kernel counted: the peer's socket (tx), the tap's queue (rx)
+    cpu_ns: int  # the data path's CPU time: the driver's and the I/O thread's, or the floor's thread's
+
+    @property
+    def cpu_us_per_frame(self) -> float:
+        return self.cpu_ns / self.frames / 1e3 if self.frames else 0.0
 
     @property
     def fps(self) -> float:
@@ -108,10 +118,16 @@ def exits_cleanly() -> Iterator[None]:
 
 class Bench:
     def __init__(
-        self, ns: NetNs, q: HandedQueues, sock: socket.socket, floor_tap: int, floor_sock: socket.socket
+        self, ns: NetNs, q: HandedQueues, io_tid: int, sock: socket.socket, floor_tap: int, floor_sock: socket.socket
     ) -> None:
         self.ns, self.q, self.sock, self.floor_tap, self.floor_sock = ns, q, sock, floor_tap, floor_sock
         self.tag = int.from_bytes(os.urandom(4), "little") << 16
+        # The data path's threads: this one (the driver or the floor) and, for ours, the device's I/O thread.
+        self.tids = {True: (threading.get_native_id(), io_tid), False: (threading.get_native_id(),)}
+
+    def cpu_ns(self, ours: bool) -> int:
+        """CPU time so far of one side's data-path threads (schedstat: ns on a CPU, softirqs run there included)."""
+        return sum(int(Path(f"/proc/self/task/{t}/schedstat").read_text().split()[0]) for t in self.tids[ours])
 
     def _next_tag(self) -> int:
         self.tag += 1  # each run its own: a frame left from another run is never counted
@@ -132,40 +148,46 @@ class Bench:
         run, sock, _ = self._side(ours)
         tag = self._next_tag()
         peer = Peer(sock, Job(RECV, length, count=MANY, tag=tag, idle_ms=IDLE_MS))
+        cpu = self.cpu_ns(ours)
         try:
             sent = run(Job(SEND, length, seconds=seconds, tag=tag))
         finally:
             got = peer.join()  # its thread uses the socket: never left running past the socket's close
         self._checked(got)
-        return Rate(got.frames, (got.last_ns - sent.first_ns) / 1e9, sent.frames - got.frames, got.drops)
+        cpu = self.cpu_ns(ours) - cpu
+        return Rate(got.frames, (got.last_ns - sent.first_ns) / 1e9, sent.frames - got.frames, got.drops, cpu)
 
     def rx(self, ours: bool, length: int, seconds: float) -> Rate:
         run, sock, ifname = self._side(ours)
         tag = self._next_tag()
         drops = tap_drops(self.ns, ifname)
+        cpu = self.cpu_ns(ours)
         peer = Peer(sock, Job(SEND, length, seconds=seconds, tag=tag))
         try:
             got = run(Job(RECV, length, count=MANY, tag=tag, idle_ms=IDLE_MS))
         finally:
             sent = peer.join()
         self._checked(got)
+        cpu = self.cpu_ns(ours) - cpu
         dropped = tap_drops(self.ns, ifname) - drops
-        return Rate(got.frames, (got.last_ns - sent.first_ns) / 1e9, sent.frames - got.frames, dropped)
+        return Rate(got.frames, (got.last_ns - sent.first_ns) / 1e9, sent.frames - got.frames, dropped, cpu)
 
-    def rtt(self, ours: bool, length: int, count: int, warmup: int) -> list[int]:
+    def rtt(self, ours: bool, length: int, count: int, warmup: int) -> tuple[list[int], float]:
+        """The round trips after the warm-up (ns) and the data path's CPU us per round trip."""
         run, sock, _ = self._side(ours)
         tag = self._next_tag()
         peer = Peer(sock, Job(ECHO, length, count=count + warmup, tag=tag))
+        cpu = self.cpu_ns(ours)
         try:
             r = run(Job(RTT, length, count=count + warmup, tag=tag))
         finally:
             peer.join()
         self._checked(r)
-        return list(r.samples_ns[warmup:])
+        return list(r.samples_ns[warmup:]), (self.cpu_ns(ours) - cpu) / r.frames / 1e3
 
 
 def pooled(runs: list[Rate]) -> Rate:
-    return Rate(*(sum(getattr(r, f) for r in runs) for f in ("frames", "seconds", "lost", "dropped")))
+    return Rate(*(sum(getattr(r, f) for r in runs) for f in ("frames", "seconds", "lost", "dropped", "cpu_ns")))
 
 
 def quantile(samples: list[int], q: float) -> float:
@@ -182,23 +204,38 @@ def alternate(rounds: int, measure: Callable[[bool], T]) -> dict[bool, list[T]]:
     return out
 
 
+@dataclass(frozen=True)
+class Trips:
+    samples: list[int]  # ns, every round of one side
+    cpu_us: float  # the data path's CPU per round trip, the rounds' mean
+
+    def q(self, quant: float) -> float:
+        return quantile(self.samples, quant)
+
+
 def measure(
     bench: Bench, args: argparse.Namespace
-) -> tuple[dict[tuple[str, int], dict[bool, list[Rate]]], dict[int, dict[bool, list[int]]]]:
-    """Every case, both sides alternating: the rates by (way, length) and the round-trip samples by length."""
+) -> tuple[dict[tuple[str, int], dict[bool, list[Rate]]], dict[int, dict[bool, Trips]]]:
+    """Every case, both sides alternating: the rates by (way, length) and the round trips by length."""
     rates: dict[tuple[str, int], dict[bool, list[Rate]]] = {}
-    rtts: dict[int, dict[bool, list[int]]] = {}
-    for length in LENGTHS:
+    rtts: dict[int, dict[bool, Trips]] = {}
+    for length in args.lengths:
         for way, fn in (("tx", bench.tx), ("rx", bench.rx)):
+            if way not in args.cases:
+                continue
             runs = alternate(args.rounds, partial(fn, length=length, seconds=args.seconds))
             rates[way, length] = runs
             a, b = pooled(runs[True]), pooled(runs[False])
             print(f"{way} {length}: {a.fps:.0f} / {b.fps:.0f} frames/s = {a.fps / b.fps:.3f}", file=sys.stderr)
+        if "rtt" not in args.cases:
+            continue
         by_round = alternate(args.rounds, partial(bench.rtt, length=length, count=args.rtt_count, warmup=args.warmup))
-        samples = {side: [s for r in rounds for s in r] for side, rounds in by_round.items()}
-        rtts[length] = samples
-        med = quantile(samples[True], 0.5), quantile(samples[False], 0.5)
-        print(f"rtt {length}: median {med[0]:.1f} / {med[1]:.1f} us", file=sys.stderr)
+        trips = {
+            side: Trips([s for r, _ in rounds for s in r], sum(c for _, c in rounds) / len(rounds))
+            for side, rounds in by_round.items()
+        }
+        rtts[length] = trips
+        print(f"rtt {length}: median {trips[True].q(0.5):.1f} / {trips[False].q(0.5):.1f} us", file=sys.stderr)
     return rates, rtts
 
 
@@ -208,6 +245,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="per case and side, alternating which goes first")
     ap.add_argument("--rtt-count", type=int, default=5000, help="round trips per side and round")
     ap.add_argument("--warmup", type=int, default=200, help="round trips first, not counted")
+    ap.add_argument("--lengths", type=lambda v: [int(n) for n in v.split(",")], default=list(LENGTHS))
+    ap.add_argument("--cases", type=lambda v: v.split(","), default=["tx", "rx", "rtt"], help="of tx,rx,rtt")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -223,11 +262,13 @@ def main() -> int:
                 peer_socket(ns, "nb1") as floor_sock,
                 GuestMemory(RAM) as mem,
             ):
+                before = set(os.listdir("/proc/self/task"))
                 device = VirtioNet(tap, GUEST_MAC, [MemRegion(0, mem.size, mem.address, mem.fd)])
                 try:
+                    (io_tid,) = set(os.listdir("/proc/self/task")) - before  # the I/O thread it started
                     q = HandedQueues(device, mem)
                     try:
-                        rates, rtts = measure(Bench(ns, q, sock, floor_tap, floor_sock), args)
+                        rates, rtts = measure(Bench(ns, q, int(io_tid), sock, floor_tap, floor_sock), args)
                         stats = device.stats()
                     finally:
                         q.close()
@@ -244,10 +285,9 @@ def main() -> int:
         ratio = a.fps / b.fps
         rate_rows.append((way, length, a, b, ratio, "met" if ratio >= 0.7 else "missed"))
     rtt_rows = []
-    for length, samples in rtts.items():
-        med = (quantile(samples[True], 0.5), quantile(samples[False], 0.5))
-        p99 = (quantile(samples[True], 0.99), quantile(samples[False], 0.99))
-        rtt_rows.append((length, med, p99, "met" if med[0] <= med[1] + 20 else "missed"))
+    for length, trips in rtts.items():
+        a_t, b_t = trips[True], trips[False]
+        rtt_rows.append((length, a_t, b_t, "met" if a_t.q(0.5) <= b_t.q(0.5) + 20 else "missed"))
     if args.json:
         out = {
             "load": [start_load, end_load],
@@ -257,23 +297,32 @@ def main() -> int:
                 for w, n, a, b, r, v in rate_rows
             ],
             "rtt": [
-                {"frame_len": n, "median_us": m, "p99_us": p, "verdict": v, "samples": len(rtts[n][True])}
-                for n, m, p, v in rtt_rows
+                {
+                    "frame_len": n,
+                    "median_us": [a.q(0.5), b.q(0.5)],
+                    "p99_us": [a.q(0.99), b.q(0.99)],
+                    "cpu_us": [a.cpu_us, b.cpu_us],
+                    "verdict": v,
+                    "samples": len(a.samples),
+                }
+                for n, a, b, v in rtt_rows
             ],
         }
         print(json.dumps(out, indent=1))
         return 0
-    print("| case | ours | floor (bare tap) | ratio | lost (kernel-counted drops) ours / floor | target |")
-    print("|---|---|---|---|---|---|")
+    print("| case | ours | floor (bare tap) | ratio | CPU us/frame ours / floor | lost (drops) ours / floor | target |")
+    print("|---|---|---|---|---|---|---|")
     for way, length, a, b, ratio, verdict in rate_rows:
         print(
             f"| {way} {length} B | {a.fps:.0f} frames/s | {b.fps:.0f} frames/s | **{ratio:.2f}** "
+            f"| {a.cpu_us_per_frame:.2f} / {b.cpu_us_per_frame:.2f} "
             f"| {a.lost} ({a.dropped}) / {b.lost} ({b.dropped}) | >= 0.7x: {verdict} |"
         )
-    for length, med, p99, verdict in rtt_rows:
+    for length, a_t, b_t, verdict in rtt_rows:
         print(
-            f"| round trip {length} B, median (p99) | {med[0]:.1f} ({p99[0]:.1f}) us | {med[1]:.1f} ({p99[1]:.1f}) us "
-            f"| +{med[0] - med[1]:.1f} us | | median <= floor + 20 us: {verdict} |"
+            f"| round trip {length} B, median (p99) | {a_t.q(0.5):.1f} ({a_t.q(0.99):.1f}) us "
+            f"| {b_t.q(0.5):.1f} ({b_t.q(0.99):.1f}) us | +{a_t.q(0.5) - b_t.q(0.5):.1f} us "
+            f"| {a_t.cpu_us:.2f} / {b_t.cpu_us:.2f} | | median <= floor + 20 us: {verdict} |"
         )
     print(f"device: {stats}", file=sys.stderr)
     return 0
