@@ -166,6 +166,7 @@ PATH_NEEDS: dict[str, tuple[str, ...]] = {
     "tests/vmm/test_virtio_blk.py": ("qemu-storage-daemon", "qemu-img"),
     "tests/vmm/test_blk_handover.py": ("qemu-storage-daemon", "qemu-img"),
     "tests/vmm/test_net_io.py": ("netns",),
+    "tests/vmm/test_net_handover.py": ("netns",),
     "tests/vmm/test_virtio_net.py": ("netns",),
     "tests/vmm/test_virtio_net_vmm.py": ("netns",),
     "tests/vmm/test_linux_guest.py": ("kvm", "busybox-static", "apt"),
