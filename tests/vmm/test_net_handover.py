@@ -158,6 +158,44 @@ def test_a_job_the_driver_cannot_do_is_refused(rig: Rig) -> None:
         rig.q.run(Job(ECHO, 64, count=1))
 
 
+def test_a_multiqueue_devices_hand_over_runs_pair_1_alone() -> None:
+    """The hand-over is pair 1's handle (receiveq1/transmitq1 on the tap's first queue); pair 2 stays idle and
+    its tap queue detached, as before VQ_PAIRS_SET."""
+    with netns("nbmq") as ns:
+        fds = ns.open_tap_queues("nq0", 2)
+        try:
+            sock = peer_socket(ns, "nq0")
+            try:
+                with GuestMemory(RAM) as mem:
+                    regions = [MemRegion(0, mem.size, mem.address, mem.fd)]
+                    device = VirtioNet(fds[0], GUEST_MAC, regions, queue_fds=fds[1:])
+                    try:
+                        q = HandedQueues(device, mem)
+                        try:
+                            assert (device.pairs, ns.tun_queues("nq0")) == (1, (True, 1, 1))
+                            sock.settimeout(10)
+                            assert q.run(Job(SEND, 64, count=100, tag=20)).frames == 100
+                            for seq in range(100):
+                                assert sock.recv(4096) == frame(seq, 64, 20, inbound=False), seq
+                            for seq in range(50):  # fewer than the tap queue holds: none dropped
+                                sock.send(frame(seq, 1514, 21, inbound=True))
+                            got = q.run(Job(RECV, 1514, count=MANY, tag=21, idle_ms=300))
+                            assert (got.frames, got.mismatches, got.other) == (50, 0, 0)
+                            pair1, pair2 = device.pair_stats()
+                            assert (pair1["tx_packets"], pair1["rx_packets"]) == (100, 50)
+                            assert pair2 == dict.fromkeys(pair2, 0)  # not even woken (release's stop would)
+                        finally:
+                            q.close()
+                        assert (device.pairs, ns.tun_queues("nq0")) == (0, (True, 1, 1))
+                    finally:
+                        device.stop()
+            finally:
+                sock.close()
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "net.py"
 
 
