@@ -13,8 +13,9 @@
  *     accounts it, marks every guest page the device wrote (device-writable buffers, the used ring) in a
  *     dirty bitmap, publishes it on the guest's used ring and fires the guest's irqfd as its ring asks.
  * EVENT_IDX (or the NO_NOTIFY / NO_INTERRUPT flags) is honoured on both sides, the relay playing the device
- * to the guest and the driver to the backend. With poll_ns > 0 the thread busy-polls both sides for at most
- * that long after its last work before sleeping again (QEMU's poll-max-ns, without the adaptive part).
+ * to the guest and the driver to the backend. With poll_ns > 0 the thread busy-polls both sides, their
+ * notifications off, for a window after its last work before sleeping again: the window adapts as QEMU's
+ * (poll-max-ns = poll_ns, doubled while wake-ups come sooner than that, halved while they come later).
  *
  * Every guest address is checked to lie wholly inside one guest RAM region; a malformed queue (index
  * outside the table, a loop, a head already in flight, an available index too far ahead) stops the relay,
@@ -414,21 +415,37 @@ static void interrupt_guest(struct mshv_svq *s, struct vq *v)
     }
 }
 
-/* Both directions of one queue until neither has work, notifications re-armed; returns whether any moved. */
-static int serve(struct mshv_svq *s, int qi)
+/* Notifications from both sides of a queue, wanted (on) or not (off: the thread is polling). With EVENT_IDX an
+ * index left behind asks for nothing more (as QEMU's virtio_queue_set_notification), else the flags say so. */
+static void notifications(struct mshv_svq *s, struct vq *v, int on)
+{
+    if (s->event_idx) {
+        if (on) {
+            store16(v->g_used + 4 + 8 * (size_t)v->size, v->last_avail);  /* avail_event */
+            store16(v->s_avail_p + 4 + 2 * (size_t)v->size, v->s_last_used); /* used_event */
+        }
+    } else {
+        store16(v->g_used, on ? 0 : F_NO_NOTIFY);    /* the guest's kicks */
+        store16(v->s_avail_p, on ? 0 : F_NO_NOTIFY); /* the backend's calls */
+    }
+}
+
+/* Both directions of one queue until neither has work; ``armed``: notifications re-armed and both rings
+ * looked at once more after a full fence before returning (else one pass, for polling). Returns whether any moved. */
+static int serve(struct mshv_svq *s, int qi, int armed)
 {
     struct vq *v = &s->q[qi];
     int any = 0;
     for (;;) {
         uint64_t t = now_ns();
-        int avails = 0, useds = 0, rc;
-        while (s->running && (rc = relay_avail(s, qi, t)) > 0)
+        int avails = 0, useds = 0;
+        while (s->running && relay_avail(s, qi, t) > 0)
             avails++;
         if (avails) {
             store16(v->s_avail_p + 2, v->s_avail);
             kick_backend(s, v);
         }
-        while (s->running && (rc = relay_used(s, qi, t)) > 0)
+        while (s->running && relay_used(s, qi, t) > 0)
             useds++;
         if (useds) {
             mark_dirty(s, v->used, 6 + 8 * (uint64_t)v->size); /* the used ring is the device's write too */
@@ -437,11 +454,9 @@ static int serve(struct mshv_svq *s, int qi)
         if (!s->running)
             return any;
         any |= avails | useds;
-        /* Ask to be told of the next of each, then look once more (a full fence between). */
-        if (s->event_idx) {
-            store16(v->g_used + 4 + 8 * (size_t)v->size, v->last_avail);  /* avail_event */
-            store16(v->s_avail_p + 4 + 2 * (size_t)v->size, v->s_last_used); /* used_event */
-        }
+        if (!armed)
+            return any;
+        notifications(s, v, 1);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         if (load16(v->g_avail + 2) == v->last_avail && load16(v->s_used_p + 2) == v->s_last_used)
             return any;
@@ -519,13 +534,47 @@ static int handle_cmd(struct mshv_svq *s)
     return quit;
 }
 
-static int serve_all(struct mshv_svq *s)
+static int serve_all(struct mshv_svq *s, int armed)
 {
     int any = 0;
     for (int i = 0; i < MAX_QUEUES && s->running; i++)
         if (s->q[i].size)
-            any |= serve(s, i);
+            any |= serve(s, i, armed);
     return any;
+}
+
+static int command_waiting(struct mshv_svq *s)
+{
+    uint64_t pending;
+    if (read(s->ctl, &pending, sizeof(pending)) != sizeof(pending))
+        return 0;
+    uint64_t one = 1; /* put back for epoll */
+    ssize_t ignored = write(s->ctl, &one, sizeof(one));
+    (void)ignored;
+    return 1;
+}
+
+/* Busy-poll both sides with their notifications off for up to ``window`` ns after the last work (QEMU's
+ * aio polling); then re-armed, and looked at once more, before the thread sleeps again. */
+static void poll_rings(struct mshv_svq *s, uint64_t window)
+{
+    for (int i = 0; i < MAX_QUEUES; i++)
+        if (s->q[i].size)
+            notifications(s, &s->q[i], 0);
+    uint64_t until = now_ns() + window;
+    unsigned spins = 0;
+    while (s->running && now_ns() < until) {
+        if (serve_all(s, 0)) {
+            stat_add(&s->st.polled, 1);
+            until = now_ns() + window;
+        } else {
+            __builtin_ia32_pause();
+        }
+        if (++spins % 64 == 0 && command_waiting(s))
+            break;
+    }
+    if (s->running)
+        serve_all(s, 1);
 }
 
 static void *svq_main(void *arg)
@@ -533,13 +582,17 @@ static void *svq_main(void *arg)
     struct mshv_svq *s = arg;
     mshv_sandbox_thread_enter(MSHV_SANDBOX_BLK, "blk-relay");
     struct epoll_event evs[16];
+    uint64_t window = 0; /* adaptive, within 0..poll_ns: grows while wake-ups come sooner than poll_ns */
     for (;;) {
+        uint64_t slept = now_ns();
         int k = epoll_wait(s->ep, evs, 16, -1);
         if (k < 0) {
             if (errno == EINTR)
                 continue;
             break;
         }
+        slept = now_ns() - slept;
+        int work = 0;
         for (int i = 0; i < k; i++) {
             uint64_t junk;
             uint32_t what = evs[i].data.u32;
@@ -548,31 +601,26 @@ static void *svq_main(void *arg)
                 (void)ignored;
                 if (handle_cmd(s))
                     return NULL;
+                window = 0;
             } else {
                 struct vq *v = &s->q[(what - 1) / 2];
                 int fd = what % 2 ? v->guest_kick : v->backend_call;
                 ssize_t ignored = read(fd, &junk, sizeof(junk));
                 (void)ignored;
                 stat_add(what % 2 ? &s->st.guest_kicks : &s->st.backend_calls, 1);
+                work = 1;
             }
         }
-        if (!s->running || !serve_all(s) || !s->poll_ns)
+        if (!s->running || !serve_all(s, 1) || !s->poll_ns)
             continue;
-        /* Busy-poll: new work within poll_ns of the last is taken without a wake-up on either side. */
-        uint64_t until = now_ns() + s->poll_ns;
-        while (s->running && now_ns() < until) {
-            if (serve_all(s)) {
-                stat_add(&s->st.polled, 1);
-                until = now_ns() + s->poll_ns;
-            }
-            uint64_t pending;
-            if (read(s->ctl, &pending, sizeof(pending)) == sizeof(pending)) { /* a command waits: take it now */
-                uint64_t one = 1;
-                ssize_t ignored = write(s->ctl, &one, sizeof(one));
-                (void)ignored;
-                break;
-            }
+        if (work) { /* QEMU's poll-grow/poll-shrink, by 2: a sleep shorter than poll_ns would have been caught */
+            if (slept <= s->poll_ns)
+                window = window ? (window * 2 < s->poll_ns ? window * 2 : s->poll_ns) : (s->poll_ns < 4000 ? s->poll_ns : 4000);
+            else
+                window = window / 2 < 1000 ? 0 : window / 2;
         }
+        if (window)
+            poll_rings(s, window);
     }
     return NULL;
 }

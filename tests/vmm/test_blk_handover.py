@@ -4,6 +4,7 @@ qemu-storage-daemon, the bytes checked in the image file by the host, so the ben
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 from collections.abc import Iterator
@@ -110,3 +111,37 @@ def test_c_driver_through_a_qcow2_backend_lands_where_qemu_img_reads_it(tmp_path
     data = flat.read_bytes()
     assert sector_stamps(data[:SPAN]) == list(range(SPAN // SECTOR))
     assert data[SPAN:] == bytes(len(data) - SPAN)
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_a_busy_polling_relay_serves_and_counts_every_request(tmp_path: Path, event_idx: bool) -> None:
+    """The relay's polling mode (its notifications off on both sides while it spins, abi/vmm/svq.c): every
+    request completes and is counted, with EVENT_IDX and with the NO_NOTIFY / NO_INTERRUPT flags."""
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(4 * MiB))
+    backend = Backend(BlockImage(str(img), direct=True))
+    try:
+        info = blk.prepare(backend)
+        if not event_idx:
+            info = dataclasses.replace(info, features=info.features & ~F_EVENT_IDX)
+        relay = blk.Relay(poll_ns=200_000)
+        try:
+            with GuestMemory(ram_for(8, BLOCK)) as mem:
+                device = blk.VirtioBlk(backend, info, [MemRegion(0, mem.size, mem.address, mem.fd)], relay=relay)
+                q = HandedQueue(device, mem)
+                try:
+                    assert q.event_idx == event_idx
+                    n = SPAN // BLOCK
+                    for depth in (1, 8):
+                        r = q.run(Job(T_OUT, BLOCK, depth=depth, span=SPAN, stride=True, step=BLOCK, count=n))
+                        assert (r.requests, r.errors) == (n, 0)
+                    read = q.run(Job(T_IN, BLOCK, depth=1, span=SPAN, count=300, seed=3))
+                    assert (read.requests, read.errors) == (300, 0)
+                finally:
+                    q.close()
+            st = relay.stats()
+            assert (st["wr_req"], st["wr_bytes"], st["rd_req"], st["rd_bytes"]) == (2 * n, 2 * SPAN, 300, 300 * BLOCK)
+        finally:
+            relay.close()
+    finally:
+        backend.stop()
