@@ -101,7 +101,7 @@ struct mshv_svq {
     uint64_t *dirty; /* one bit a 4 KiB guest page, up to dirty_pages */
     uint64_t dirty_pages;
     struct vq q[MAX_QUEUES];
-    int event_idx, running;
+    int event_idx, running, watching;
     uint64_t poll_ns;
     pthread_t thread;
     int have_thread;
@@ -485,11 +485,15 @@ static int map_queue(struct mshv_svq *s, int qi)
     v->s_avail = v->s_last_used = v->s_kicked = 0;
     v->signalled = v->used_idx;
     memset(v->reqs, 0, MAX_QSIZE * sizeof(*v->reqs));
+    notifications(s, v, 1);
     return 0;
 }
 
 static void watch(struct mshv_svq *s, int on)
 {
+    if (s->watching == on) /* a relay stopped by a fault still watches until its stop request */
+        return;
+    s->watching = on;
     for (int i = 0; i < MAX_QUEUES; i++) {
         struct vq *v = &s->q[i];
         if (!v->size)
@@ -506,7 +510,6 @@ static int handle_cmd(struct mshv_svq *s)
     int quit = 0;
     pthread_mutex_lock(&s->lock);
     if (s->req_gen != s->ack_gen) {
-        int was = s->running;
         switch (s->cmd) {
         case CMD_START:
             s->error[0] = 0;
@@ -516,7 +519,7 @@ static int handle_cmd(struct mshv_svq *s)
             for (int i = 0; i < MAX_QUEUES && s->running; i++)
                 if (s->q[i].size && map_queue(s, i) < 0)
                     s->running = 0;
-            if (s->running && !was)
+            if (s->running)
                 watch(s, 1);
             break;
         case CMD_STOP:
@@ -525,7 +528,7 @@ static int handle_cmd(struct mshv_svq *s)
             quit = s->cmd == CMD_QUIT;
             break;
         }
-        if (!s->running && was)
+        if (!s->running)
             watch(s, 0);
         s->ack_gen = s->req_gen;
         pthread_cond_broadcast(&s->cond);
@@ -744,7 +747,7 @@ int mshv_svq_set_queue(void *h, int q, uint16_t size, uint64_t desc, uint64_t av
     pthread_mutex_lock(&s->lock);
     int rc = -EBUSY;
     struct vq *v = &s->q[q];
-    if (!s->running) {
+    if (!s->running && !s->watching) { /* stopped, its fds no longer watched (mshv_svq_stop first) */
         if (size && v->backend_kick < 0) {
             rc = -ERANGE;
         } else {

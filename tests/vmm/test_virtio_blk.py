@@ -289,6 +289,9 @@ def test_a_chain_the_guest_breaks_stops_the_relay_with_the_reason(kvm: None, tmp
         assert r.device.relay.error() == f"queue 0: descriptor index outside the table ({QSIZE + 3})"
         assert os.eventfd_read(r.device.relay.error_fd) == 1
         assert r.used_idx() == 0 and r.device.relay.stats()["backend_kicks"] == 0  # nothing reached the backend
+        r.driver_init(vpci.F_VERSION_1 | blk.F_FLUSH)  # the driver resets the device: the relay serves again
+        assert r.request(T_IN, 0, read_len=SECTOR)[0] == S_OK and r.device.relay.error() is None
+        assert r.device.relay.stats()["rd_req"] == 1
 
 
 # virtio-blk's GET_ID answer: VIRTIO_BLK_ID_BYTES, NUL-padded when shorter.
