@@ -276,6 +276,55 @@ def test_the_relay_counts_each_request_as_qemu_accounts_it_and_logs_the_pages_th
         assert relay.stats()["rd_req"] == 5
 
 
+def test_the_relay_serves_and_counts_each_ring_of_a_multiqueue_disk(kvm: None, tmp_path: Path) -> None:
+    """Two rings (F_MQ), each with its own vector, kick and shadow ring: a read posted on each at once
+    completes on each, and the disk's counters hold both."""
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes([7]) * MiB)
+    rings = [(DESC, AVAIL, USED, HDR, DATA, STATUS), (0x13_0000, 0x14_0000, 0x15_0000, 0x24_0000, 0x25_0000, 0x26_0000)]
+    with rig(BlockImage(str(img), queues=2)) as r:
+        r.driver_init(vpci.F_VERSION_1 | blk.F_FLUSH | blk.F_MQ | vpci.F_EVENT_IDX)  # ring 0, then DRIVER_OK
+        r.common_write(vpci.DEVICE_STATUS, 1, 0)  # again with ring 1 enabled too, before DRIVER_OK
+        ok = vpci.STATUS_ACKNOWLEDGE | vpci.STATUS_DRIVER | vpci.STATUS_FEATURES_OK
+        r.common_write(vpci.DEVICE_STATUS, 1, vpci.STATUS_ACKNOWLEDGE | vpci.STATUS_DRIVER)
+        features = vpci.F_VERSION_1 | blk.F_FLUSH | blk.F_MQ | vpci.F_EVENT_IDX
+        for select in (0, 1):
+            r.common_write(vpci.DRIVER_FEATURE_SELECT, 4, select)
+            r.common_write(vpci.DRIVER_FEATURE, 4, (features >> (32 * select)) & 0xFFFFFFFF)
+        r.common_write(vpci.DEVICE_STATUS, 1, ok)
+        for n, (desc, avail, used, *_) in enumerate(rings):
+            table = r.bar + vpci.MSIX_TABLE_OFFSET + 16 * (n + 1)
+            r.mmio.write(table, 4, 0xFEE00000)
+            r.mmio.write(table + 8, 4, 0x46 + n)
+            r.mmio.write(table + 12, 4, 0)
+            r.common_write(vpci.QUEUE_SELECT, 2, n)
+            r.common_write(vpci.QUEUE_SIZE, 2, QSIZE)
+            for reg, addr in ((vpci.QUEUE_DESC, desc), (vpci.QUEUE_DRIVER, avail), (vpci.QUEUE_DEVICE, used)):
+                r.common_write(reg, 8, addr)
+            r.common_write(vpci.QUEUE_MSIX_VECTOR, 2, n + 1)
+            r.common_write(vpci.QUEUE_ENABLE, 2, 1)
+            for gpa, size in ((desc, 16 * QSIZE), (avail, 6 + 2 * QSIZE), (used, 6 + 8 * QSIZE)):
+                r.ram.write(gpa, bytes(size))
+        r.common_write(vpci.DEVICE_STATUS, 1, ok | vpci.STATUS_DRIVER_OK)
+        assert r.device.error is None and r.device.activations == 2
+        for n, (desc, avail, _used, hdr, data, status) in enumerate(rings):
+            r.ram.write(hdr, struct.pack("<IIQ", T_IN, 0, n))
+            r.ram.write(status, b"\xff")
+            chain = [(hdr, 16, 1, 1), (data, SECTOR * (n + 1), 3, 2), (status, 1, 2, 0)]
+            r.ram.write(desc, b"".join(struct.pack("<QIHH", *d) for d in chain))
+            r.ram.write(avail + 4, struct.pack("<H", 0))
+            r.ram.write(avail + 2, struct.pack("<H", 1))
+        for n in range(2):
+            os.eventfd_write(r.function.kicks[n], 1)
+        for n, (_desc, _avail, used, _hdr, data, status) in enumerate(rings):
+            wait_for(lambda used=used: r.ram.read(used + 2, 2) == b"\x01\x00", 10, 0.002, f"ring {n} completed")
+            assert r.ram.read(used + 4, 8) == struct.pack("<II", 0, SECTOR * (n + 1) + 1)  # guest id, length
+            assert r.ram.read(status, 1) == bytes([S_OK]) and r.ram.read(data, SECTOR) == bytes([7]) * SECTOR
+        st = r.device.relay.stats()
+        assert (st["rd_req"], st["rd_bytes"]) == (2, 3 * SECTOR)
+        assert st["guest_irqs"] == 2  # one per ring, each on its own vector's irqfd
+
+
 def test_a_chain_the_guest_breaks_stops_the_relay_with_the_reason(kvm: None, tmp_path: Path) -> None:
     img = tmp_path / "disk.raw"
     img.write_bytes(bytes(MiB))
