@@ -220,8 +220,9 @@ def test_the_tiny_guest_asks_for_two_pairs_and_its_frames_go_both_ways_on_pair_t
         fds = ns.open_tap_queues(TAP, 2)
         try:
             net = [{"slot": SLOT, "fd": fds[0], "queue_fds": fds[1:], "mac": MAC, "mtu": 1500, "link_up": True}]
+            # sandboxed: the control queue's thread runs on the device threads' seccomp list
             vm = VmmProcess.start(
-                tmp_path / "vm", tiny_kernel, cmdline="console=ttyS0 tiny", net=net, pass_fds=tuple(fds)
+                tmp_path / "vm", tiny_kernel, cmdline="console=ttyS0 tiny", net=net, pass_fds=tuple(fds), sandbox=True
             )
         finally:
             for fd in fds:
@@ -270,3 +271,15 @@ def test_the_tiny_guest_asks_for_two_pairs_and_its_frames_go_both_ways_on_pair_t
                 "tx_drops": 0,
             }, second
             assert {k: dev[k] for k in COUNTERS} == second  # the device's total (domifstat's) sums the pairs
+            assert vm.command("status")["sandbox"] is not None
+            # A reset rebuilds the device on the same tap, whose queues the old one left detached.
+            vm.command("reset")
+            vm.wait_serial(TINY_BANNER, timeout=60, count=2)
+            assert ns.tun_queues(TAP) == (True, 1, 1)  # the rebuilt device starts with pair 1 only
+            with ns.packet_socket(TAP) as sock:
+                vm.console_send(b"m")
+                replies = answer_tiny_net(sock, bytes.fromhex(MAC.replace(":", "")), 1, timeout=60)
+                line = net_line(vm, 2)
+            assert (line["press"], line["ack"], line["rx"], line["rx1"]) == (1, 0, n, 0), (line, vm.diagnostics())
+            assert ns.tun_queues(TAP) == (True, 2, 0)
+            assert vm.proc.poll() is None

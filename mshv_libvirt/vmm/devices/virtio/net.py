@@ -33,6 +33,7 @@ its commands are rare and never wait for a frame, and nothing of the packet path
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -122,9 +123,15 @@ def _offload_flags(driver_features: int) -> int:
 
 
 def _tap_queue(fd: int, attach: bool) -> None:
-    """Attach or detach one queue of a multiqueue tap (the kernel then steers frames to attached ones only)."""
+    """Attach or detach one queue of a multiqueue tap (the kernel then steers frames to attached ones only).
+    EINVAL is the kernel's answer for a queue already so (tun_set_queue): a device rebuilt on the same tap
+    (a reset) finds the queues as the previous one left them."""
     flags = IFF_ATTACH_QUEUE if attach else IFF_DETACH_QUEUE
-    fcntl.ioctl(fd, TUNSETQUEUE, struct.pack("16xH", flags).ljust(_IFREQ, b"\0"))
+    try:
+        fcntl.ioctl(fd, TUNSETQUEUE, struct.pack("16xH", flags).ljust(_IFREQ, b"\0"))
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
 
 
 class VirtioNet:
