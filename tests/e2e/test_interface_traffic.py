@@ -4,9 +4,10 @@ The daemon runs inside a network namespace the test creates (``ip netns exec``),
 bridge it joins are that namespace's: nothing reaches the host's own network. The tiny guest's virtio-net
 driver (key ``u``, typed in ``virsh console``) sends frames; a raw AF_PACKET socket on the namespace's
 bridge reads them, checks their bytes and answers each; then ``virsh domifstat`` and ``domstats
---interface`` must show counters grown by exactly those frames. Oracles besides the daemon's counters: the
-frames themselves, the guest's own counts on its serial console, and the kernel's counters of the tap
-(``ip -s`` in the namespace).
+--interface`` must show counters grown by exactly those frames. With ``<driver queues='2'/>`` the guest's
+``m`` key moves them on queue pair 2 and the counters (summed over the pairs) must be the same. Oracles
+besides the daemon's counters: the frames themselves, the guest's own counts on its serial console, and the
+kernel's counters of the tap (``ip -s`` in the namespace) and its queues (``ip -d``).
 """
 
 from __future__ import annotations
@@ -42,15 +43,17 @@ def domifstat(daemon: DaemonProcess, name: str, dev: str) -> dict[str, int]:
     return {row[1]: int(row[2]) for row in rows}
 
 
-def press_in_console(daemon: DaemonProcess, name: str, sock: socket.socket, presses: int) -> list[bytes]:
-    """Type ``u`` ``presses`` times in ``virsh console``, answering the guest's frames each time; the replies."""
+def press_in_console(
+    daemon: DaemonProcess, name: str, sock: socket.socket, presses: int, key: bytes = b"u"
+) -> list[bytes]:
+    """Type ``key`` ``presses`` times in ``virsh console``, answering the guest's frames each time; the replies."""
     guest_mac = bytes.fromhex(MAC.replace(":", ""))
     replies: list[bytes] = []
     con = PtyProcess(["virsh", "-c", daemon.uri, "console", name])
     try:
         con.wait_console_ready()
         for press in range(1, presses + 1):
-            con.write(b"u")
+            con.write(key)
             replies += answer_tiny_net(sock, guest_mac, press, timeout=60)  # checks the guest's frames' bytes
 
             def printed(press: int = press) -> bool:
@@ -70,8 +73,13 @@ def in_namespace(ns: NetNs, tap: str) -> str:
     return sh("ip", "-n", ns.name, "-o", "link", "show", tap)
 
 
+@pytest.mark.parametrize(
+    ("key", "driver"),
+    [(b"u", ""), (b"m", "<driver queues='2'/>")],
+    ids=["one-pair", "pair-two-of-two"],  # m: VQ_PAIRS_SET 2, then the frames move on pair 2
+)
 def test_frames_through_a_bridge_interface_are_counted_by_domifstat_and_domstats(
-    kvm: None, tiny_kernel: Path, tmp_path: Path
+    kvm: None, tiny_kernel: Path, tmp_path: Path, key: bytes, driver: str
 ) -> None:
     name = unique("iftraffic")
     with netns("iftraffic") as ns:
@@ -81,7 +89,7 @@ def test_frames_through_a_bridge_interface_are_counted_by_domifstat_and_domstats
         ns.run("ip", "link", "set", BRIDGE, "up")
         iface = (
             f"<interface type='bridge'><mac address='{MAC}'/><source bridge='{BRIDGE}'/>"
-            "<model type='virtio'/></interface>"
+            f"<model type='virtio'/>{driver}</interface>"
         )
         xml = tmp_path / "vm.xml"
         xml.write_text(domain_xml(name, tiny_kernel).replace("<serial type='pty'/>", f"<serial type='pty'/>{iface}"))
@@ -97,7 +105,7 @@ def test_frames_through_a_bridge_interface_are_counted_by_domifstat_and_domstats
             assert domifstat(daemon, name, tap) == dict.fromkeys(FIELDS, 0)
             kernel_before = ns.link_stats(tap)
             with ns.packet_socket(BRIDGE) as sock:
-                replies = press_in_console(daemon, name, sock, 2)
+                replies = press_in_console(daemon, name, sock, 2, key)
             n = 2 * TINY_NET_FRAMES
             line = tiny_net(serial_log(daemon, name))[-1]
             assert line == {
@@ -107,7 +115,10 @@ def test_frames_through_a_bridge_interface_are_counted_by_domifstat_and_domstats
                 "rxbytes": sum(map(len, replies)),
                 "sum": tiny_net_hash(replies),
                 "irqs": line["irqs"],
+                **({"pairs": 2, "ack": 0, "rx1": 0} if driver else {}),  # nothing reached pair 1
             }, line
+            if driver:
+                assert ns.tun_queues(tap) == (True, 2, 0)  # the kernel's view: both pairs' tap queues attached
             kernel_after = ns.link_stats(tap)
             # the tap's rx is what the guest sent, its tx what was delivered to the guest (the kernel's count)
             assert {k: kernel_after[k] - kernel_before[k] for k in kernel_after} == {
