@@ -428,6 +428,7 @@ class DomainManager:
             Path(os.path.abspath(paths.dump_dir)) if paths.dump_dir is not None else None,
         )
         self.store = ConfigStore(paths.config_dir)
+        self._port_journal = nets.PortJournal(paths.run_dir)
         self._domains = DomainTable()
         self._listeners: list[Listener] = []
         self._next_id = 1
@@ -952,7 +953,7 @@ class DomainManager:
             made: set[str] = set()
             self._ports_in_flight.append(made)
             try:
-                plugged = await nets.plug(cfg, self.session, self._ifnames, made)
+                plugged = await nets.plug(cfg, self.session, self._ifnames, made, self._port_journal)
                 try:
                     with plugged:
                         await self._spawn_with(dom, cfg, paused, opened, plugged, keep_id=keep_id)
@@ -960,7 +961,10 @@ class DomainManager:
                     await nets.unplug(plugged.running, self.session)  # the taps went with the descriptors
                     raise
             finally:
-                self._ports_in_flight.remove(made)  # in dom.nets now, or deleted
+                # in the runtime record now, or deleted (a port whose delete failed is left to the owner sweep)
+                for portid in made:
+                    self._port_journal.forget(portid)
+                self._ports_in_flight.remove(made)
         # the daemon's copies are closed: the VMM's own (and its backends') hold the images and their locks,
         # and the taps
 
@@ -1030,6 +1034,7 @@ class DomainManager:
             return held.union(*self._ports_in_flight)
 
         try:
+            journaled = await self._port_journal.delete_unclaimed(self.session, claimed())
             deleted = await netports.delete_unclaimed(self.session, owners, claimed)
         except VirtError as err:
             log.warning("cannot look for unclaimed network ports (again at the next start): %s", err)
@@ -1039,7 +1044,7 @@ class DomainManager:
             log.warning(
                 "deleted port %s of network %s: its domain's runtime state does not hold it", port.portid, port.network
             )
-        log.info("network port sweep done: %d unclaimed port(s) deleted", len(deleted))
+        log.info("network port sweep done: %d unclaimed port(s) deleted", journaled + len(deleted))
 
     async def _unplug(self, dom: Domain) -> None:
         """The VMM is gone, and with it the taps: release the interfaces' network ports."""

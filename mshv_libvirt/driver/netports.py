@@ -20,7 +20,7 @@ from lxml import etree
 from mshv_libvirt.errors import ErrorCode, ErrorDomain, VirtError
 from mshv_libvirt.rpc.xdr import Packer, Unpacker, XdrError
 
-__all__ = ["NetworkPort", "create_port", "delete_port", "delete_unclaimed"]
+__all__ = ["NetworkPort", "create_port", "delete_port", "delete_port_of", "delete_unclaimed"]
 
 PROC_NETWORK_LOOKUP_BY_NAME = 46
 PROC_NETWORK_PORT_CREATE_XML = 406
@@ -157,6 +157,21 @@ async def delete_port(session: bool, port: NetworkPort) -> None:
     except VirtError as err:
         if err.code not in (ErrorCode.NO_NETWORK, ErrorCode.NO_NETWORK_PORT):
             raise
+
+
+async def delete_port_of(session: bool, network: str, portid: str) -> None:
+    """virNetworkPortDelete of port ``portid`` of the network named ``network``; a port or network already
+    gone is no error."""
+    p = Packer()
+    p.string(network)
+    try:
+        (found,) = await _call(session, [(PROC_NETWORK_LOOKUP_BY_NAME, p.getvalue())])
+    except VirtError as err:
+        if err.code is ErrorCode.NO_NETWORK:
+            return
+        raise
+    name, net_uuid = found.string(_STRING_MAX), found.opaque_fixed(16)
+    await delete_port(session, NetworkPort(name, net_uuid, portid, ""))
 
 
 PROC_CONNECT_LIST_ALL_NETWORKS = 283

@@ -4,19 +4,23 @@ ports are deleted (the taps go with the VMM's descriptors)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import re
 import signal
 import uuid as uuidlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from mshv_libvirt.atomicfile import remove_durable, sweep_temporaries, write_atomic
 from mshv_libvirt.domain import DomainConfig
 from mshv_libvirt.domain.xml import NetLive
 from mshv_libvirt.errors import ErrorCode, VirtError
 
-from .netports import NetworkPort, create_port, delete_port
+from .netports import NetworkPort, create_port, delete_port, delete_port_of
 from .taps import Tap, TapBusy, create_tap, interface_exists
 from .vmm_launch import HeldFds
 
@@ -90,6 +94,51 @@ class IfnameAllocator:
         raise VirtError(ErrorCode.INTERNAL_ERROR, f"No free {VNET_PREFIX}N network device name")
 
 
+class PortJournal:
+    """The ports asked of the network driver and not yet in a runtime record: ``<run_dir>/ports/<portid>``,
+    written durably before the port is created and removed once the record holds it (or the port is gone).
+    A daemon killed in between leaves the file, and the next one deletes the port. The owner alone cannot
+    tell: a transient domain is unknown to the next daemon."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = run_dir / "ports"
+
+    def note(self, portid: str, network: str) -> None:
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        write_atomic(self.dir / portid, json.dumps({"network": network}).encode())
+
+    def forget(self, portid: str) -> None:
+        remove_durable(self.dir / portid)
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()  # when empty: no run-dir leftover once nothing is in flight (note() makes it again)
+
+    def entries(self) -> dict[str, str]:
+        """portid -> network name of every entry a daemon left."""
+        sweep_temporaries(self.dir)
+        out: dict[str, str] = {}
+        try:
+            paths = list(self.dir.iterdir())
+        except FileNotFoundError:
+            return out
+        for path in paths:
+            try:
+                out[str(uuidlib.UUID(path.name))] = str(json.loads(path.read_text())["network"])
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                log.error("ignoring unreadable port journal entry %s: %s", path, err)
+        return out
+
+    async def delete_unclaimed(self, session: bool, claimed: set[str]) -> int:
+        """Delete the ports of entries no runtime state claims (then the entries); returns how many."""
+        deleted = 0
+        for portid, network in self.entries().items():
+            if portid not in claimed:
+                await delete_port_of(session, network, portid)  # one that is gone is no error
+                log.warning("deleted port %s of network %s: its daemon died before recording it", portid, network)
+                deleted += 1
+            self.forget(portid)
+        return deleted
+
+
 @dataclass
 class PluggedNets(HeldFds):
     """The taps (the daemon's descriptors, closed once the VMM has its own), the VMM's "net" entries and
@@ -99,10 +148,13 @@ class PluggedNets(HeldFds):
     running: list[RunningNet] = field(default_factory=list)
 
 
-async def plug(cfg: DomainConfig, session: bool, names: IfnameAllocator, in_flight: set[str]) -> PluggedNets:
+async def plug(
+    cfg: DomainConfig, session: bool, names: IfnameAllocator, in_flight: set[str], journal: PortJournal
+) -> PluggedNets:
     """Ports and taps for every interface of ``cfg``, in order; on a failure what was made is undone. Each
-    port's UUID goes into ``in_flight`` before the port is asked for (the caller takes it out once the
-    domain's runtime state holds the port, or the port is deleted): a sweep of unclaimed ports keeps it."""
+    port's UUID goes into ``in_flight`` and ``journal`` before the port is asked for (the caller takes it out
+    of both once the domain's runtime record holds the port, or the port is deleted): a sweep of unclaimed
+    ports keeps it, and the next daemon deletes it should this one die first."""
     plugged = PluggedNets()
     try:
         for net in cfg.nets:
@@ -111,6 +163,7 @@ async def plug(cfg: DomainConfig, session: bool, names: IfnameAllocator, in_flig
             if net.type == "network":
                 portid = str(uuidlib.uuid4())
                 in_flight.add(portid)
+                journal.note(portid, net.network or "")
                 port = await create_port(session, net.network or "", cfg.name, str(cfg.uuid), net.mac, portid)
                 if os.environ.get(KILL_AFTER_PORT_CREATE_ENV):
                     log.warning("test hook %s: SIGKILL after creating port %s", KILL_AFTER_PORT_CREATE_ENV, portid)
