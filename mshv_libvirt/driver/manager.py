@@ -1029,12 +1029,17 @@ class DomainManager:
         daemon killed between creating a port and recording it leaves one, which nothing else would delete."""
         owners = {str(d.uuid): d.name for d in self._domains.values()}
 
+        def held() -> set[str]:
+            return {n.port.portid for d in self._domains.values() for n in d.nets if n.port is not None}
+
+        def in_flight() -> set[str]:
+            return set().union(*self._ports_in_flight)
+
         def claimed() -> set[str]:
-            held = {n.port.portid for d in self._domains.values() for n in d.nets if n.port is not None}
-            return held.union(*self._ports_in_flight)
+            return held() | in_flight()
 
         try:
-            journaled = await self._port_journal.delete_unclaimed(self.session, claimed())
+            journaled = await self._port_journal.delete_unclaimed(self.session, held, in_flight)
             deleted = await netports.delete_unclaimed(self.session, owners, claimed)
         except VirtError as err:
             log.warning("cannot look for unclaimed network ports (again at the next start): %s", err)

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import uuid as uuidlib
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,11 +128,17 @@ class PortJournal:
                 log.error("ignoring unreadable port journal entry %s: %s", path, err)
         return out
 
-    async def delete_unclaimed(self, session: bool, claimed: set[str]) -> int:
-        """Delete the ports of entries no runtime state claims (then the entries); returns how many."""
+    async def delete_unclaimed(
+        self, session: bool, held: Callable[[], Collection[str]], in_flight: Callable[[], Collection[str]]
+    ) -> int:
+        """Delete the ports of entries neither a runtime record ``held()`` nor a start ``in_flight()`` (both
+        read at each entry: starts go on meanwhile), then those entries and the held ones; returns how many
+        ports. An entry in flight is its start's to remove."""
         deleted = 0
         for portid, network in self.entries().items():
-            if portid not in claimed:
+            if portid in in_flight():
+                continue
+            if portid not in held():
                 await delete_port_of(session, network, portid)  # one that is gone is no error
                 log.warning("deleted port %s of network %s: its daemon died before recording it", portid, network)
                 deleted += 1
