@@ -13,6 +13,7 @@
 #include "hv_defs.h"
 #include "mshv_uapi.h"
 #include "runloop.h"
+#include "serial.h"
 #include "shim.h"
 
 #define MAX_PORTS 32
@@ -30,6 +31,68 @@ struct port_table {
     struct port_entry e[MAX_PORTS];
 };
 
+#define PCI_SLOTS 32
+#define PCI_CONFIG_SIZE 4096
+#define CONFIG_ENABLE 0x80000000u
+
+struct pci_ports {
+    uint32_t address; /* atomic: every vCPU and Python's ConfigPorts share it, as they share the register */
+    const uint8_t *images[PCI_SLOTS];
+};
+
+void *mshv_pci_new(void)
+{
+    return calloc(1, sizeof(struct pci_ports));
+}
+
+void mshv_pci_free(void *pci)
+{
+    free(pci);
+}
+
+int mshv_pci_set_slot(void *pci, int slot, const uint8_t *image)
+{
+    if (slot < 0 || slot >= PCI_SLOTS)
+        return -EINVAL;
+    __atomic_store_n(&((struct pci_ports *)pci)->images[slot], image, __ATOMIC_RELEASE);
+    return 0;
+}
+
+uint32_t mshv_pci_address(void *pci)
+{
+    return __atomic_load_n(&((struct pci_ports *)pci)->address, __ATOMIC_ACQUIRE);
+}
+
+void mshv_pci_set_address(void *pci, uint32_t value)
+{
+    __atomic_store_n(&((struct pci_ports *)pci)->address, value & 0x80FFFFFCu, __ATOMIC_RELEASE);
+}
+
+/* 1: completed (value set for a read); 0: Python's. Mirrors vmm/devices/pci/bridge.py's ConfigPorts. */
+static int pci_access(struct pci_ports *p, unsigned offset, unsigned size, int write, uint64_t rax, uint64_t *value)
+{
+    if (offset == 0 && size == 4) {
+        if (write)
+            mshv_pci_set_address(p, (uint32_t)rax);
+        else
+            *value = mshv_pci_address(p);
+        return 1;
+    }
+    if (offset < 4 || write)
+        return 0;
+    uint32_t a = mshv_pci_address(p);
+    unsigned bus = (a >> 16) & 0xFF, slot = (a >> 11) & 0x1F, fn = (a >> 8) & 0x7;
+    unsigned reg = (a & 0xFC) + (offset - 4);
+    const uint8_t *image = __atomic_load_n(&p->images[slot], __ATOMIC_ACQUIRE);
+    if (!(a & CONFIG_ENABLE) || bus != 0 || fn != 0 || image == NULL || reg + size > PCI_CONFIG_SIZE)
+        return 1; /* absent: all ones, already in *value */
+    uint64_t v = 0;
+    for (unsigned i = 0; i < size; i++)
+        v |= (uint64_t)image[reg + i] << (8 * i);
+    *value = v;
+    return 1;
+}
+
 struct vcpu_loop {
     const struct port_table *ports;
     int fd;
@@ -37,6 +100,7 @@ struct vcpu_loop {
     struct mshv_run_vp *run;
     int err;
     int interrupt; /* set by another thread (atomic): return KICKED before the next RUN_VP */
+    unsigned events;
     struct mshv_loop_stats stats;
     /* The hypercall's input page, reused for every completion: the kernel (and the emulated device,
      * which validates a buffer once) copies in_sz bytes from it. */
@@ -51,7 +115,9 @@ void *mshv_port_table_new(void)
 int mshv_port_table_add(void *table, uint16_t base, uint16_t len, int kind, uint64_t arg)
 {
     struct port_table *t = table;
-    if (len == 0 || (uint32_t)base + len > 0x10000 || (kind != MSHV_PORT_SINK && kind != MSHV_PORT_PM_TIMER))
+    if (len == 0 || (uint32_t)base + len > 0x10000 || kind < MSHV_PORT_SINK || kind > MSHV_PORT_PCI)
+        return -EINVAL;
+    if ((kind == MSHV_PORT_SERIAL || kind == MSHV_PORT_PCI) && (arg == 0 || len > 8))
         return -EINVAL;
     if (t->n == MAX_PORTS)
         return -ENOSPC;
@@ -109,6 +175,15 @@ void mshv_vcpu_loop_stats(const void *loop, struct mshv_loop_stats *out)
     out->fast_io = __atomic_load_n(&s->fast_io, __ATOMIC_RELAXED);
     out->halts = __atomic_load_n(&s->halts, __ATOMIC_RELAXED);
     out->to_python = __atomic_load_n(&s->to_python, __ATOMIC_RELAXED);
+    out->device_events = __atomic_load_n(&s->device_events, __ATOMIC_RELAXED);
+}
+
+unsigned mshv_vcpu_loop_events(void *loop)
+{
+    struct vcpu_loop *l = loop;
+    unsigned events = l->events;
+    l->events = 0;
+    return events;
 }
 
 /* The owner thread alone writes its counters; others read them (relaxed, never torn on x86_64). */
@@ -178,8 +253,23 @@ static int port_io(struct vcpu_loop *l, const struct hv_x64_io_port_intercept_me
     uint64_t next = io->header.rip + (io->header.instruction_length_cr8 & 0xf);
     uint64_t mask = size == 4 ? 0xffffffffu : (1u << (8 * size)) - 1;
     uint64_t value = mask; /* a sink's read floats high, as an unclaimed bus does */
-    if (!write && e->kind == MSHV_PORT_PM_TIMER)
-        value = ((uint64_t)pm_timer(e->arg) >> (8 * (io->port_number - e->base))) & mask;
+    unsigned offset = io->port_number - e->base;
+    if (e->kind == MSHV_PORT_SERIAL) {
+        void *uart = (void *)(uintptr_t)e->arg;
+        value = 0;
+        for (unsigned i = 0; i < size; i++) {
+            if (write)
+                mshv_serial_write(uart, offset + i, (uint8_t)(io->rax >> (8 * i)), &l->events);
+            else
+                value |= (uint64_t)mshv_serial_read(uart, offset + i, &l->events) << (8 * i);
+        }
+    } else if (e->kind == MSHV_PORT_PCI) {
+        if (!pci_access((void *)(uintptr_t)e->arg, offset, size, write, io->rax, &value))
+            return 0;
+        value &= mask;
+    } else if (!write && e->kind == MSHV_PORT_PM_TIMER) {
+        value = ((uint64_t)pm_timer(e->arg) >> (8 * offset)) & mask;
+    }
     if (write)
         return complete(l, next, 0, 0) ? -1 : 1;
     /* IN AL/AX merges into RAX; IN EAX zero-extends like any 32-bit register write. */
@@ -221,6 +311,10 @@ int mshv_vcpu_loop_run(void *loop)
         }
         if (r < 0)
             return MSHV_LOOP_ERROR;
+        if (l->events) {
+            count(&l->stats.device_events);
+            return MSHV_LOOP_DEVICE;
+        }
         if (r == 0) {
             count(&l->stats.to_python);
             return MSHV_LOOP_EXIT;

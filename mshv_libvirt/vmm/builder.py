@@ -55,7 +55,7 @@ from .devices.pvpanic import PvPanic
 from .devices.rtc import CmosRtc, local_utc_offset
 from .devices.serial import Serial16550
 from .interrupts import IrqfdSink, MsiRouting
-from .runloop import PORT_PM_TIMER, PORT_SINK, CompiledRunLoop, PortTable
+from .runloop import PORT_PCI, PORT_PM_TIMER, PORT_SERIAL, PORT_SINK, CompiledRunLoop, PortTable
 from .vcpu import ExitGate, ExitHandler, VcpuEvent, VcpuThread, VmExit, VmExitKind
 
 # virtio devices import their modules when a VM has them (attach_virtio_devices), not at every start.
@@ -348,6 +348,8 @@ def attach_devices(
     platform.rtc = attach_rtc(pio, ioapic, config, resources)
     pio.register(POST_PORT, 1, _Sink())  # so that no device claims it behind the loop's back
     platform.fast_ports.add(POST_PORT, 1, PORT_SINK)
+    platform.fast_ports.add(COM1_PORT, 8, PORT_SERIAL, serial.handle)
+    platform.fast_ports.add(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, PORT_PCI, pci.handle)
     if pm is not None:
         # Python's PM_TMR and the loop's count from the same epoch on CLOCK_MONOTONIC (time.monotonic_ns).
         platform.fast_ports.add(acpi.PM1A_EVT_PORT + PM_TMR, 4, PORT_PM_TIMER, pm.timer_epoch_ns)
@@ -613,6 +615,7 @@ def start_vcpus(
     paused: bool,
     resources: contextlib.ExitStack,
     fast_ports: PortTable | None = None,
+    on_device_events: Callable[[int], None] | None = None,
 ) -> list[VcpuThread]:
     """One thread per VP; with ``fast_ports`` each runs its VP in the compiled loop over that table."""
     threads: list[VcpuThread] = []
@@ -626,7 +629,7 @@ def start_vcpus(
     resources.callback(stop_all)
     try:
         for i, vp in enumerate(vps):
-            loop = CompiledRunLoop(fast_ports, vp) if fast_ports is not None else None
+            loop = CompiledRunLoop(fast_ports, vp, on_device_events) if fast_ports is not None else None
             t = VcpuThread(i, vp, handler, on_vm_exit, loop)
             t.start(paused)
             threads.append(t)
@@ -684,6 +687,6 @@ def build_vm(
         set_boot_registers(vps, kernel.entry)
         handler = ExitHandler(platform.pio, platform.mmio, gate, platform.ioapic.end_of_interrupt)
         start_paused = config.start_paused if paused is None else paused
-        vcpus = start_vcpus(vps, handler, gate, start_paused, resources, platform.fast_ports)
+        vcpus = start_vcpus(vps, handler, gate, start_paused, resources, platform.fast_ports, platform.serial.service)
         return Vm(config, system, partition, ram, platform, kernel, vps, vcpus, resources.pop_all())
     raise AssertionError("unreachable")  # pragma: no cover  (ExitStack does not swallow errors)

@@ -63,6 +63,19 @@ class RotatingLog:
             self._sizes[0] += n
             view = view[n:]
 
+    @property
+    def log_fd(self) -> int:
+        return self._fds[0]
+
+    @property
+    def room(self) -> int:
+        """Bytes the log takes before the next one rotates it."""
+        return max(self.max_size - self._sizes[0], 0)
+
+    def account(self, n: int) -> None:
+        """``n`` bytes were appended to the log's descriptor by another writer (the serial port in C)."""
+        self._sizes[0] += n
+
     def _copy(self, src: int, dst: int) -> None:
         """Backup ``src``'s content (an index: 0 is the log) into backup ``dst``."""
         os.ftruncate(self._fds[dst], 0)
@@ -143,6 +156,26 @@ class Console:
                 os.write(self._master, data)
             except (BlockingIOError, OSError):
                 pass  # no reader and the pty buffer is full: drop, the log has it
+
+    def sink(self) -> tuple[int, int, int]:
+        """(pty master, log descriptor or -1, the log's room): where the serial port in C writes guest output
+        itself; what it cannot write before the log rotates comes back through :meth:`write_log`."""
+        with self._lock:
+            log = self._log
+            return self._master, log.log_fd if log is not None else -1, log.room if log is not None else 0
+
+    def write_log(self, data: bytes, written_elsewhere: int) -> int:
+        """``data`` to the log only (the pty has it), after ``written_elsewhere`` bytes that the C writer
+        appended; rotates as :meth:`write` does and returns the log's room afterwards."""
+        with self._lock:
+            if self._log is None:
+                return 0
+            self._log.account(written_elsewhere)
+            try:
+                self._log.write(data)
+            except OSError:
+                pass  # a full disk must not stop the guest
+            return self._log.room
 
     def read_input(self, limit: int) -> bytes:
         """Up to ``limit`` bytes typed on the console, b"" if none."""

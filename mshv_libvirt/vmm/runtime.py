@@ -300,6 +300,7 @@ class Vmm:
         self._generation += 1
         self._vm = self._build(self.config, self._console.write, self._post_exit(self._generation), paused)
         self._vm.platform.serial.on_rx_room = self._wake  # console input resumes as soon as the guest drains
+        self._vm.platform.serial.attach_console(self._console)  # guest output to pty and log from C
         self._paused = paused
         self.boots += 1
         for net in self._nets():

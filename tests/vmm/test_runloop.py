@@ -7,16 +7,22 @@ The PM timer's oracle is the test's own clock reading on each side of the run, c
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from mshv_libvirt.hv import GuestMemory, MshvSystem, Reg, VpFd
 from mshv_libvirt.vmm import builder, layout
-from mshv_libvirt.vmm.runloop import PORT_PM_TIMER, PORT_SINK, CompiledRunLoop, PortTable
+from mshv_libvirt.vmm.console import Console, open_log_files
+from mshv_libvirt.vmm.devices import serial
+from mshv_libvirt.vmm.devices.pci.bridge import CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, ConfigPorts, PciRootBus
+from mshv_libvirt.vmm.devices.serial import Serial16550
+from mshv_libvirt.vmm.runloop import PORT_PCI, PORT_PM_TIMER, PORT_SERIAL, PORT_SINK, CompiledRunLoop, PortTable
 from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.kvm
@@ -31,11 +37,18 @@ def mov_rax(imm: int) -> bytes:
     return b"\x48\xb8" + struct.pack("<Q", imm)
 
 
+def mov_eax(imm: int) -> bytes:
+    return b"\xb8" + struct.pack("<I", imm)
+
+
 def mov_dx(port: int) -> bytes:
     return b"\x66\xba" + struct.pack("<H", port)
 
 
 IN_AL_80 = b"\xe4\x80"
+IN_AL_DX = b"\xec"
+OUT_DX_AL = b"\xee"
+OUT_DX_EAX = b"\xef"
 IN_AX_DX = b"\x66\xed"
 IN_EAX_DX = b"\xed"
 OUT_80_AL = b"\xe6\x80"
@@ -139,3 +152,68 @@ def test_the_table_refuses_overlaps_and_unknown_kinds() -> None:
         table.add(0x700, 1, 99)
     with pytest.raises(ValueError, match="EINVAL"):
         table.add(0xFFFF, 2, PORT_SINK)
+
+
+def test_the_uart_transmits_from_c_to_the_console_and_rotates_its_log_through_python(
+    guest: tuple[VpFd, GuestMemory], tmp_path: Path
+) -> None:
+    vp, mem = guest
+    levels: list[bool] = []
+    uart = Serial16550(lambda data: pytest.fail(f"{data!r} went through Python's write"), levels.append)
+    master, slave = os.openpty()
+    log = tmp_path / "serial.log"
+    console = Console(log_fds=open_log_files(str(log), 1), max_size=3, max_backups=1, pty_fds=(master, slave))
+    try:
+        uart.attach_console(console)
+        table = PortTable()
+        table.add(0x3F8, 8, PORT_SERIAL, uart.handle)
+        code = b"".join(mov_dx(0x3F8) + b"\xb0" + bytes([ch]) + OUT_DX_AL for ch in b"hello")
+        code += mov_dx(0x3F9) + b"\xb0" + bytes([serial.IER_THRE]) + OUT_DX_AL  # THR is empty: the line rises
+        code += mov_dx(0x3FA) + IN_AL_DX + OUT_REPORT_EAX  # reading IIR acknowledges THRE: it drops
+        mem.write(CODE, code + HLT)
+        loop = CompiledRunLoop(table, vp, uart.service)
+        assert report(loop, vp) & 0xFF == serial.IIR_THRE
+        assert loop.run().kind == "halt"
+        assert os.read(slave, 100) == b"hello"  # the pty's other end: what virsh console reads
+        # The log took 3 bytes from C; the 4th found it at its cap: Python rotated it and wrote that byte,
+        # and C the 5th into the new log's room.
+        assert (Path(f"{log}.1").read_bytes(), log.read_bytes()) == (b"hel", b"lo")
+        assert levels == [True, False]
+        stats = loop.stats()
+        # 5 THR writes, IER and the IIR read completed in C; the OUT to REPORT and the HLT reached Python.
+        assert (stats.fast_io, stats.to_python) == (7, 2), stats
+        assert stats.device_events == 3, stats  # the 2nd 'l' (the log at its cap), IER (line up), IIR (down)
+    finally:
+        console.close()
+
+
+def test_pci_config_reads_come_from_the_image_and_writes_reach_python(guest: tuple[VpFd, GuestMemory]) -> None:
+    vp, mem = guest
+    bus = PciRootBus()
+    ports = ConfigPorts(bus)
+    table = PortTable()
+    table.add(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, PORT_PCI, bus.handle)
+    enable = 0x8000_0000
+    code = mov_dx(CONFIG_ADDRESS_PORT) + mov_eax(enable | 0x00) + OUT_DX_EAX  # 00:00.0, register 0
+    code += mov_dx(0xCFC) + IN_EAX_DX + OUT_REPORT_EAX  # vendor and device id
+    code += mov_dx(0xCFE) + mov_rax(0xAAAAAAAAAAAAAAAA) + IN_AX_DX + OUT_REPORT_EAX  # the device id alone
+    code += mov_dx(CONFIG_ADDRESS_PORT) + mov_eax(enable | 5 << 11) + OUT_DX_EAX  # slot 5: empty
+    code += mov_dx(0xCFC) + IN_EAX_DX + OUT_REPORT_EAX
+    code += mov_dx(CONFIG_ADDRESS_PORT) + mov_eax(enable | 0x3C) + OUT_DX_EAX  # interrupt line
+    code += mov_dx(0xCFC) + b"\xb0\x0b" + OUT_DX_AL  # a write: Python's
+    code += IN_EAX_DX + OUT_REPORT_EAX + HLT
+    mem.write(CODE, code)
+    loop = CompiledRunLoop(table, vp)
+    assert report(loop, vp) == 0x0008_1B36
+    assert report(loop, vp) == 0xAAAAAAAAAAAA_0008
+    assert report(loop, vp) == 0xFFFF_FFFF
+    msg = loop.run()  # the CONFIG_DATA write, with CONFIG_ADDRESS as the loop left it
+    io = msg.as_io_port()
+    assert (io.port, io.is_write, ports.address) == (0xCFC, True, enable | 0x3C)
+    ports.write(io.port - CONFIG_ADDRESS_PORT, io.access_size, io.rax)
+    vp.set_registers({Reg.RIP: io.rip + io.instruction_length})
+    assert report(loop, vp) & 0xFF == 0x0B  # Python's write, read back from the image by C
+    assert bus.function(0) is not None and bus.function(0).config.read(0x3C, 1) == 0x0B  # type: ignore[union-attr]
+    assert loop.run().kind == "halt"
+    stats = loop.stats()
+    assert (stats.fast_io, stats.to_python) == (7, 6), stats  # 3 CONFIG_ADDRESS writes, 4 CONFIG_DATA reads

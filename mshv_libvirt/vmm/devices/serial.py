@@ -1,8 +1,14 @@
 """16550A UART register model (COM1 at 0x3F8, IRQ 4 on a PC).
 
+The registers live in C (abi/vmm/serial.c), so that the compiled run loop (vmm/runloop.py) serves the
+guest's accesses without Python; this class is the same model's Python side: the accesses the loop hands
+over, console input, and the events an access leaves for Python (:meth:`service`).
+
 Output bytes go to an injected ``write`` callable (``io.BytesIO().write`` in tests, the pty and the
-serial log in the VMM); input arrives through :meth:`Serial16550.enqueue_input`; the interrupt line
-is reported through an injected ``set_irq(level)`` callback, called only when the level changes.
+serial log in the VMM) or, once :meth:`attach_console` ran, from C straight to the console's pty and log
+(the log's overflow at its cap comes back here to be rotated); input arrives through
+:meth:`Serial16550.enqueue_input`; the interrupt line is reported through an injected
+``set_irq(level)`` callback, called only when the level changes.
 
 Transmission is instantaneous, so THR-empty and transmitter-empty are always set in LSR. The THRE
 interrupt is re-armed by every THR write but the line only drops when the guest reads IIR (or
@@ -13,8 +19,10 @@ batch, like a real 16550A whose FIFO drained, instead of one per byte.
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Callable
+from typing import Any, Protocol
+
+from mshv_libvirt._mshv import ffi, lib
 
 # Register offsets
 RBR_THR = 0
@@ -65,162 +73,98 @@ MSR_DCD = 0x80
 RX_FIFO_SIZE = 64  # deeper than a 16550A's 16 so pasted input is not dropped while the guest is slow
 
 
+# abi/vmm/serial.h: what an access left for Python.
+EV_IRQ = 1
+EV_OUTPUT = 2
+EV_RX_ROOM = 4
+
+
+class ConsoleSink(Protocol):
+    """What :meth:`Serial16550.attach_console` needs (vmm/console.py's Console)."""
+
+    def sink(self) -> tuple[int, int, int]: ...
+
+    def write_log(self, data: bytes, written_elsewhere: int) -> int: ...
+
+
 class Serial16550:
     def __init__(self, write: Callable[[bytes], object], set_irq: Callable[[bool], None] | None = None) -> None:
         self._write = write
         self._set_irq = set_irq
-        self._lock = threading.RLock()
-        self._rx: deque[int] = deque()
-        self._ier = 0
-        self._lcr = 0x03  # 8N1
-        self._mcr = MCR_OUT2  # firmware leaves OUT2 set so the IRQ reaches the interrupt controller
-        self._scr = 0
-        self._dll = 0x0C  # 9600 baud
-        self._dlm = 0
-        self._fcr = 0
-        self._lsr_errors = 0
-        self._thre_pending = True
+        handle = lib.mshv_serial_new()
+        if handle == ffi.NULL:
+            raise MemoryError("mshv_serial_new")
+        self._s: Any = ffi.gc(handle, lib.mshv_serial_free)
+        self._irq_lock = threading.Lock()
+        self._out_lock = threading.Lock()
         self._irq_level = False
+        self._console: ConsoleSink | None = None
         # The host found the FIFO full and stopped feeding it; once the guest has drained half of it,
         # on_rx_room (set by the VMM: a wakeup of its main loop) is called once, so input resumes at
         # once instead of at the main loop's next timeout, without a wakeup per byte read.
-        self._host_waiting = False
         self.on_rx_room: Callable[[], None] | None = None
+
+    @property
+    def handle(self) -> int:
+        """The C model's address, for the run loop's port table (it lives as long as this object)."""
+        return int(ffi.cast("uintptr_t", self._s))
+
+    def attach_console(self, console: ConsoleSink) -> None:
+        """From now on C writes transmitted bytes to the console's pty and log itself."""
+        with self._out_lock:  # bytes taken before are Python's to write everywhere, after it only to the log
+            pty, log, room = console.sink()
+            lib.mshv_serial_set_sink(self._s, pty, log, room)  # writes out what is still buffered
+            self._console = console
 
     # -- host side ------------------------------------------------------------------------------
     def enqueue_input(self, data: bytes) -> int:
         """Queue bytes typed on the console; returns how many fitted in the receive FIFO."""
-        with self._lock:
-            room = RX_FIFO_SIZE - len(self._rx)
-            taken = data[:room]
-            self._rx.extend(taken)
-            if len(taken) < len(data):
-                self._lsr_errors |= LSR_OE
-            self._update_irq()
-            return len(taken)
+        events = ffi.new("unsigned *")
+        taken = int(lib.mshv_serial_enqueue(self._s, ffi.from_buffer("uint8_t[]", data), len(data), events))
+        self.service(events[0])
+        return taken
 
     def rx_space(self) -> int:
-        with self._lock:
-            room = RX_FIFO_SIZE - len(self._rx)
-            if room == 0:
-                self._host_waiting = True
-            return room
+        return int(lib.mshv_serial_rx_space(self._s))
 
     @property
     def irq_level(self) -> bool:
         return self._irq_level
 
+    def service(self, events: int) -> None:
+        """Carry out what an access (here or in the run loop) left for Python."""
+        if events & EV_OUTPUT:
+            buf = ffi.new("uint8_t[]", 4096)
+            with self._out_lock:
+                while n := int(lib.mshv_serial_take_output(self._s, buf, 4096)):
+                    data = ffi.buffer(buf, n)[:]
+                    if self._console is None:
+                        self._write(data)
+                    else:  # the pty has these; the log was at its cap
+                        written = int(lib.mshv_serial_log_sync(self._s, -1))
+                        lib.mshv_serial_log_sync(self._s, self._console.write_log(data, written))
+        if events & EV_IRQ:
+            # The level now, not the one the access saw: accesses from several vCPUs may report out of order.
+            with self._irq_lock:
+                level = bool(lib.mshv_serial_irq_level(self._s))
+                if level != self._irq_level:
+                    self._irq_level = level
+                    if self._set_irq is not None:
+                        self._set_irq(level)
+        if events & EV_RX_ROOM and self.on_rx_room is not None:
+            self.on_rx_room()
+
     # -- guest side -----------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
+        events = ffi.new("unsigned *")
         value = 0
         for i in range(size):
-            value |= self._read_byte(offset + i) << (8 * i)
+            value |= int(lib.mshv_serial_read(self._s, offset + i, events)) << (8 * i)
+        self.service(events[0])
         return value
 
     def write(self, offset: int, size: int, value: int) -> None:
+        events = ffi.new("unsigned *")
         for i in range(size):
-            self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
-
-    def _read_byte(self, offset: int) -> int:
-        with self._lock:
-            dlab = bool(self._lcr & LCR_DLAB)
-            if offset == RBR_THR:
-                if dlab:
-                    return self._dll
-                value = self._rx.popleft() if self._rx else 0
-                self._update_irq()
-                if self._host_waiting and len(self._rx) <= RX_FIFO_SIZE // 2:
-                    self._host_waiting = False
-                    if self.on_rx_room is not None:
-                        self.on_rx_room()
-                return value
-            if offset == IER:
-                return self._dlm if dlab else self._ier
-            if offset == IIR_FCR:
-                iir = self._pending_iir()
-                if iir == IIR_THRE:
-                    self._thre_pending = False  # reading IIR acknowledges THRE
-                    self._update_irq()
-                return iir | (IIR_FIFO_ENABLED if self._fcr & FCR_ENABLE else 0)
-            if offset == LCR:
-                return self._lcr
-            if offset == MCR:
-                return self._mcr
-            if offset == LSR:
-                lsr = LSR_THRE | LSR_TEMT | self._lsr_errors | (LSR_DR if self._rx else 0)
-                self._lsr_errors = 0
-                self._update_irq()
-                return lsr
-            if offset == MSR:
-                return self._msr()
-            if offset == SCR:
-                return self._scr
-            return 0xFF
-
-    def _write_byte(self, offset: int, value: int) -> None:
-        with self._lock:
-            dlab = bool(self._lcr & LCR_DLAB)
-            if offset == RBR_THR:
-                if dlab:
-                    self._dll = value
-                    return
-                if self._mcr & MCR_LOOP:
-                    if len(self._rx) < RX_FIFO_SIZE:
-                        self._rx.append(value)
-                    else:
-                        self._lsr_errors |= LSR_OE
-                else:
-                    self._write(bytes([value]))
-                self._thre_pending = True
-                self._update_irq()
-            elif offset == IER:
-                if dlab:
-                    self._dlm = value
-                    return
-                enabling_thre = not self._ier & IER_THRE and value & IER_THRE
-                self._ier = value & IER_MASK
-                if enabling_thre:
-                    self._thre_pending = True  # THR is empty, so enabling THRE raises it at once
-                self._update_irq()
-            elif offset == IIR_FCR:
-                self._fcr = value & 0xC9
-                if value & FCR_CLEAR_RX:
-                    self._rx.clear()
-                self._update_irq()
-            elif offset == LCR:
-                self._lcr = value
-            elif offset == MCR:
-                self._mcr = value & MCR_MASK
-                self._update_irq()
-            elif offset == SCR:
-                self._scr = value
-            # LSR and MSR are read-only
-
-    def _msr(self) -> int:
-        if self._mcr & MCR_LOOP:
-            # Loopback wires DTR->DSR, RTS->CTS, OUT1->RI, OUT2->DCD (Linux's autoconfig checks this).
-            m = self._mcr
-            return (
-                (MSR_CTS if m & MCR_RTS else 0)
-                | (MSR_DSR if m & MCR_DTR else 0)
-                | (MSR_RI if m & MCR_OUT1 else 0)
-                | (MSR_DCD if m & MCR_OUT2 else 0)
-            )
-        return MSR_DCD | MSR_DSR | MSR_CTS
-
-    def _pending_iir(self) -> int:
-        if self._ier & IER_RLS and self._lsr_errors:
-            return IIR_RLS
-        if self._ier & IER_RDA and self._rx:
-            return IIR_RDA
-        if self._ier & IER_THRE and self._thre_pending:
-            return IIR_THRE
-        return IIR_NONE
-
-    def _update_irq(self) -> None:
-        # OUT2 gates the UART's interrupt output on PCs; loopback disconnects it.
-        level = self._pending_iir() != IIR_NONE and bool(self._mcr & MCR_OUT2) and not self._mcr & MCR_LOOP
-        if level != self._irq_level:
-            self._irq_level = level
-            if self._set_irq is not None:
-                self._set_irq(level)
+            lib.mshv_serial_write(self._s, offset + i, (value >> (8 * i)) & 0xFF, events)
+        self.service(events[0])

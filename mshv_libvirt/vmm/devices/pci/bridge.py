@@ -1,5 +1,7 @@
 """The PCI root bus behind a host bridge: configuration mechanism #1 (ports 0xCF8/0xCFC), ECAM (PCIe
 enhanced configuration, one MMIO window described by the ACPI MCFG table) and BAR placement.
+Mechanism #1's reads are served by the compiled run loop from the same state (CONFIG_ADDRESS and the
+config images in C memory); its writes and ECAM come here.
 
 There is no firmware, so the VMM assigns every BAR before the guest starts (``BarAllocator``), as
 firmware would: 64-bit BARs in the MMIO window above RAM, 32-bit ones in the hole below 4 GiB. One bus
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, Protocol
+
+from mshv_libvirt._mshv import ffi, lib
 
 from ..bus import BusDevice
 from .config import COMMAND_MEMORY, BarKind, PciConfigSpace
@@ -58,7 +62,30 @@ def host_bridge() -> PlainFunction:
 
 class PciRootBus:
     def __init__(self) -> None:
-        self._slots: dict[int, PciFunction] = {0: host_bridge()}
+        # CONFIG_ADDRESS and each slot's config image, as the compiled run loop reads them (vmm/runloop.py).
+        handle = lib.mshv_pci_new()
+        if handle == ffi.NULL:
+            raise MemoryError("mshv_pci_new")
+        self._c: Any = ffi.gc(handle, lib.mshv_pci_free)
+        self._slots: dict[int, PciFunction] = {}
+        self._plug(0, host_bridge())
+
+    @property
+    def handle(self) -> int:
+        """The C side's address, for the run loop's port table (it lives as long as this object)."""
+        return int(ffi.cast("uintptr_t", self._c))
+
+    @property
+    def config_address(self) -> int:
+        return int(lib.mshv_pci_address(self._c))
+
+    @config_address.setter
+    def config_address(self, value: int) -> None:
+        lib.mshv_pci_set_address(self._c, value)
+
+    def _plug(self, slot: int, function: PciFunction) -> None:
+        self._slots[slot] = function
+        lib.mshv_pci_set_slot(self._c, slot, function.config.image)
 
     def add(self, function: PciFunction, slot: int | None = None) -> int:
         """Plug ``function`` into ``slot`` (the first free one by default); returns the slot."""
@@ -71,7 +98,7 @@ class PciRootBus:
             raise ValueError(f"PCI slot {slot:#x} is not on bus 0 (slots 0x01-0x1f)")
         if slot in self._slots:
             raise ValueError(f"PCI slot {slot:#x} is already in use")
-        self._slots[slot] = function
+        self._plug(slot, function)
         return slot
 
     def function(self, slot: int) -> PciFunction | None:
@@ -113,7 +140,11 @@ class ConfigPorts:
     def __init__(self, bus: PciRootBus, reset: BusDevice | None = None) -> None:
         self._bus = bus
         self._reset = reset
-        self.address = 0
+
+    @property
+    def address(self) -> int:
+        """CONFIG_ADDRESS: one register for every vCPU, kept by the bus's C side (the run loop writes it)."""
+        return self._bus.config_address
 
     def _target(self, offset: int) -> tuple[int, int, int, int] | None:
         a = self.address
@@ -133,7 +164,7 @@ class ConfigPorts:
 
     def write(self, offset: int, size: int, value: int) -> None:
         if offset == 0 and size == 4:
-            self.address = value & 0x80FFFFFC
+            self._bus.config_address = value & 0x80FFFFFC
         elif offset == 1 and size == 1 and self._reset is not None:
             self._reset.write(0, 1, value)
         elif offset >= 4 and (target := self._target(offset)) is not None:

@@ -4,6 +4,9 @@ The space is 4 KiB (PCIe extended space reads as zero beyond the header and capa
 device without extended capabilities). Registers are bytes with per-byte write masks, so an access of
 any size at any offset behaves as hardware does: read-only bits keep their value, a BAR written with
 all ones reads back its size mask and type bits.
+
+The registers are a 4 KiB image in memory of the compiled module, which the vCPU run loop reads for
+configuration-mechanism-#1 reads (vmm/runloop.py); all writes stay here.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from mshv_libvirt._mshv import ffi
 
 CONFIG_SIZE = 0x1000
 LEGACY_CONFIG_SIZE = 0x100
@@ -75,7 +80,8 @@ class PciConfigSpace:
         subsystem_id: int = 0,
         interrupt_pin: int = 0,
     ) -> None:
-        self._data = bytearray(CONFIG_SIZE)
+        self._image: Any = ffi.new("uint8_t[]", CONFIG_SIZE)  # zeroed; freed with this object
+        self._data = memoryview(ffi.buffer(self._image))
         self._wmask = bytearray(CONFIG_SIZE)
         self.bars: list[Bar | None] = [None] * BAR_COUNT
         self._set(VENDOR_ID, 2, vendor_id)
@@ -91,6 +97,11 @@ class PciConfigSpace:
         # Called after every guest write with (offset, size): capabilities that act on writes (MSI-X).
         self.write_hooks: list[Callable[[int, int], None]] = []
         self._capabilities_end = 0x40
+
+    @property
+    def image(self) -> Any:
+        """The registers as C sees them (``uint8_t[4096]``): the run loop's PCI bus reads them."""
+        return self._image
 
     # -- construction ------------------------------------------------------------------------------
 
