@@ -93,6 +93,58 @@ static int pci_access(struct pci_ports *p, unsigned offset, unsigned size, int w
     return 1;
 }
 
+#define RTC_CENTURY 0x32
+#define RTC_RAM 0x0E
+
+struct rtc_ports {
+    uint8_t index; /* atomic: written here and by Python's CmosRtc */
+    uint8_t cmos[128];
+};
+
+void *mshv_rtc_new(void)
+{
+    return calloc(1, sizeof(struct rtc_ports));
+}
+
+void mshv_rtc_free(void *rtc)
+{
+    free(rtc);
+}
+
+uint8_t *mshv_rtc_cmos(void *rtc)
+{
+    return ((struct rtc_ports *)rtc)->cmos;
+}
+
+uint8_t mshv_rtc_index(void *rtc)
+{
+    return __atomic_load_n(&((struct rtc_ports *)rtc)->index, __ATOMIC_ACQUIRE);
+}
+
+void mshv_rtc_set_index(void *rtc, uint8_t value)
+{
+    __atomic_store_n(&((struct rtc_ports *)rtc)->index, value, __ATOMIC_RELEASE);
+}
+
+/* 1: completed; 0: Python's. Mirrors vmm/devices/rtc.py's read/write for what needs no clock. */
+static int rtc_access(struct rtc_ports *r, unsigned offset, unsigned size, int write, uint64_t rax, uint64_t *value)
+{
+    if (size != 1)
+        return 0;
+    if (offset == 0) {
+        if (write)
+            mshv_rtc_set_index(r, (uint8_t)rax);
+        else
+            *value = mshv_rtc_index(r);
+        return 1;
+    }
+    unsigned reg = mshv_rtc_index(r) & 0x7F;
+    if (write || reg < RTC_RAM || reg == RTC_CENTURY)
+        return 0;
+    *value = __atomic_load_n(&r->cmos[reg], __ATOMIC_RELAXED);
+    return 1;
+}
+
 struct vcpu_loop {
     const struct port_table *ports;
     int fd;
@@ -115,9 +167,9 @@ void *mshv_port_table_new(void)
 int mshv_port_table_add(void *table, uint16_t base, uint16_t len, int kind, uint64_t arg)
 {
     struct port_table *t = table;
-    if (len == 0 || (uint32_t)base + len > 0x10000 || kind < MSHV_PORT_SINK || kind > MSHV_PORT_PCI)
+    if (len == 0 || (uint32_t)base + len > 0x10000 || kind < MSHV_PORT_SINK || kind > MSHV_PORT_RTC)
         return -EINVAL;
-    if ((kind == MSHV_PORT_SERIAL || kind == MSHV_PORT_PCI) && (arg == 0 || len > 8))
+    if (kind >= MSHV_PORT_SERIAL && (arg == 0 || len > 8))
         return -EINVAL;
     if (t->n == MAX_PORTS)
         return -ENOSPC;
@@ -267,6 +319,9 @@ static int port_io(struct vcpu_loop *l, const struct hv_x64_io_port_intercept_me
         if (!pci_access((void *)(uintptr_t)e->arg, offset, size, write, io->rax, &value))
             return 0;
         value &= mask;
+    } else if (e->kind == MSHV_PORT_RTC) {
+        if (!rtc_access((void *)(uintptr_t)e->arg, offset, size, write, io->rax, &value))
+            return 0;
     } else if (!write && e->kind == MSHV_PORT_PM_TIMER) {
         value = ((uint64_t)pm_timer(e->arg) >> (8 * offset)) & mask;
     }

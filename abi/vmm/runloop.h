@@ -18,6 +18,10 @@
  * reads here; CONFIG_DATA writes (BARs, command, MSI-X enable) and the rest (0xCF9's reset register, partial
  * CONFIG_ADDRESS accesses) go to Python. */
 #define MSHV_PORT_PCI 4
+/* MSHV_PORT_RTC: 0x70-0x71 over the mshv_rtc_new() object at address arg: the index register (0x70, with the
+ * NMI mask bit) and reads of CMOS RAM (0x0E-0x7F but the century) here; the clock's registers and every data
+ * write go to Python (vmm/devices/rtc.py). */
+#define MSHV_PORT_RTC 5
 
 #define MSHV_LOOP_EXIT 0
 #define MSHV_LOOP_KICKED 1
@@ -43,6 +47,13 @@ void mshv_pci_free(void *pci);
 int mshv_pci_set_slot(void *pci, int slot, const uint8_t *image);
 uint32_t mshv_pci_address(void *pci);
 void mshv_pci_set_address(void *pci, uint32_t value);
+
+/* The CMOS RTC's index register (bits 6-0, bit 7 the NMI mask) and its 128 bytes, which Python writes. */
+void *mshv_rtc_new(void);
+void mshv_rtc_free(void *rtc);
+uint8_t *mshv_rtc_cmos(void *rtc);
+uint8_t mshv_rtc_index(void *rtc);
+void mshv_rtc_set_index(void *rtc, uint8_t value);
 
 void *mshv_vcpu_loop_new(const void *table, int vp_fd, uint32_t vp_index, void *run_buf);
 int mshv_vcpu_loop_run(void *loop);

@@ -55,7 +55,7 @@ from .devices.pvpanic import PvPanic
 from .devices.rtc import CmosRtc, local_utc_offset
 from .devices.serial import Serial16550
 from .interrupts import IrqfdSink, MsiRouting
-from .runloop import PORT_PCI, PORT_PM_TIMER, PORT_SERIAL, PORT_SINK, CompiledRunLoop, PortTable
+from .runloop import PORT_PCI, PORT_PM_TIMER, PORT_RTC, PORT_SERIAL, PORT_SINK, CompiledRunLoop, PortTable
 from .vcpu import ExitGate, ExitHandler, VcpuEvent, VcpuThread, VmExit, VmExitKind
 
 # virtio devices import their modules when a VM has them (attach_virtio_devices), not at every start.
@@ -350,6 +350,7 @@ def attach_devices(
     platform.fast_ports.add(POST_PORT, 1, PORT_SINK)
     platform.fast_ports.add(COM1_PORT, 8, PORT_SERIAL, serial.handle)
     platform.fast_ports.add(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, PORT_PCI, pci.handle)
+    platform.fast_ports.add(acpi.RTC_PORT, acpi.RTC_PORTS_LENGTH, PORT_RTC, platform.rtc.handle)
     if pm is not None:
         # Python's PM_TMR and the loop's count from the same epoch on CLOCK_MONOTONIC (time.monotonic_ns).
         platform.fast_ports.add(acpi.PM1A_EVT_PORT + PM_TMR, 4, PORT_PM_TIMER, pm.timer_epoch_ns)

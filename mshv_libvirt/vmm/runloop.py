@@ -5,7 +5,8 @@ The interface between the loop and Python is narrow on purpose:
 * :class:`PortTable` (one per VM, filled by the builder before any vCPU runs, read-only after): the
   I/O ports the loop completes itself -- the ACPI PM timer, ports nobody claims (0x80 POST codes), the
   16550A whose registers live in C (vmm/devices/serial.py), reads of PCI configuration mechanism #1
-  (vmm/devices/pci/bridge.py; its writes come back as exits) -- each also registered on the Python bus,
+  (vmm/devices/pci/bridge.py; its writes come back as exits), the CMOS RTC's index register and RAM
+  reads (vmm/devices/rtc.py; its clock registers come back as exits) -- each also registered on the Python bus,
   which answers identically when no loop runs (fake VPs).
 * :class:`CompiledRunLoop` (one per vCPU): ``run()`` returns only an exit Python must complete
   (every other intercept: devices that stay in Python, HLT with interrupts off, triple faults, EOIs,
@@ -34,6 +35,7 @@ PORT_SINK = 1
 PORT_PM_TIMER = 2
 PORT_SERIAL = 3
 PORT_PCI = 4
+PORT_RTC = 5
 LOOP_EXIT = 0
 LOOP_KICKED = 1
 LOOP_ERROR = 2

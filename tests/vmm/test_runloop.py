@@ -1,6 +1,7 @@
 """The compiled vCPU run loop (vmm/runloop.py, abi/vmm/runloop.c) on a VP of a real partition.
 
-A hand-assembled guest touches the loop's ports (the PM timer, the 0x80 sink) and reports each result
+A hand-assembled guest touches the loop's ports (the PM timer, the 0x80 sink, COM1, PCI configuration,
+the RTC) and reports each result
 by an OUT to a port outside the table, which the loop must hand to Python with RAX in the message.
 The PM timer's oracle is the test's own clock reading on each side of the run, converted here.
 """
@@ -21,8 +22,17 @@ from mshv_libvirt.vmm import builder, layout
 from mshv_libvirt.vmm.console import Console, open_log_files
 from mshv_libvirt.vmm.devices import serial
 from mshv_libvirt.vmm.devices.pci.bridge import CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, ConfigPorts, PciRootBus
+from mshv_libvirt.vmm.devices.rtc import CmosRtc
 from mshv_libvirt.vmm.devices.serial import Serial16550
-from mshv_libvirt.vmm.runloop import PORT_PCI, PORT_PM_TIMER, PORT_SERIAL, PORT_SINK, CompiledRunLoop, PortTable
+from mshv_libvirt.vmm.runloop import (
+    PORT_PCI,
+    PORT_PM_TIMER,
+    PORT_RTC,
+    PORT_SERIAL,
+    PORT_SINK,
+    CompiledRunLoop,
+    PortTable,
+)
 from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.kvm
@@ -217,3 +227,28 @@ def test_pci_config_reads_come_from_the_image_and_writes_reach_python(guest: tup
     assert loop.run().kind == "halt"
     stats = loop.stats()
     assert (stats.fast_io, stats.to_python) == (7, 6), stats  # 3 CONFIG_ADDRESS writes, 4 CONFIG_DATA reads
+
+
+def test_rtc_index_and_cmos_ram_are_served_in_c_and_the_clock_in_python(guest: tuple[VpFd, GuestMemory]) -> None:
+    vp, mem = guest
+    rtc = CmosRtc(lambda _level: None, timer=False)
+    try:
+        rtc.write(0, 1, 0x20)
+        rtc.write(1, 1, 0x5A)  # a CMOS RAM byte, written by Python as a guest's data write is
+        table = PortTable()
+        table.add(0x70, 2, PORT_RTC, rtc.handle)
+        code = b"\xb0\xa0" + b"\xe6\x70"  # mov $0xa0, %al; out %al, $0x70: register 0x20, NMI masked
+        code += b"\xe4\x70" + OUT_REPORT_EAX  # the index reads back with the mask bit
+        code += b"\xe4\x71" + OUT_REPORT_EAX  # CMOS RAM from C
+        code += b"\xb0\x00" + b"\xe6\x70" + b"\xe4\x71" + HLT  # seconds: the clock is Python's
+        mem.write(CODE, code)
+        loop = CompiledRunLoop(table, vp)
+        assert report(loop, vp) & 0xFF == 0xA0
+        assert (rtc.index, rtc.nmi_masked) == (0x20, True)
+        assert report(loop, vp) & 0xFF == 0x5A
+        io = loop.run().as_io_port()
+        assert (io.port, io.is_write, rtc.index) == (0x71, False, 0)
+        stats = loop.stats()
+        assert (stats.fast_io, stats.to_python) == (4, 3), stats  # index write, index read, RAM read, write
+    finally:
+        rtc.close()

@@ -22,6 +22,9 @@ boundary (QEMU's window). Flags: UF at every second boundary, AF when the time m
 and 2 are 256 and 128 Hz). They are set whatever the enables say; IRQF (and an edge on IRQ 8) when an
 enabled one is set. A timer thread raises them while an interrupt is enabled; otherwise they are
 computed when register C is read.
+
+The index register and the 128 CMOS bytes live in the compiled module's memory: the vCPU run loop
+(vmm/runloop.py) serves index accesses and CMOS RAM reads itself; the clock's registers are read here.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from mshv_libvirt._mshv import ffi, lib
 
 UNIX_EPOCH = datetime.datetime(1970, 1, 1)  # _epoch reads the fields as UTC, as calendar.timegm would
 
@@ -94,12 +99,14 @@ class CmosRtc:
         self._clock = clock
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
-        self._cmos = bytearray(CMOS_SIZE)
+        handle = lib.mshv_rtc_new()
+        if handle == ffi.NULL:
+            raise MemoryError("mshv_rtc_new")
+        self._c: Any = ffi.gc(handle, lib.mshv_rtc_free)
+        self._cmos = memoryview(ffi.buffer(lib.mshv_rtc_cmos(self._c), CMOS_SIZE))
         self._cmos[REG_A] = A_DV_RUNNING | 0x06  # what PC firmware leaves: 1024 Hz, not enabled
         self._cmos[REG_B] = B_24H
         self._cmos[REG_D] = D_VRT
-        self.index = 0
-        self.nmi_masked = False
         self._offset = float(utc_offset)  # RTC time = host wall clock + this
         self._stopped_at = 0.0  # the RTC time when the divider or SET stopped it
         self._stopped_fields: dict[int, int] = {}  # the time fields while stopped (guest-writable)
@@ -110,6 +117,27 @@ class CmosRtc:
         if timer:
             self._thread = threading.Thread(target=self._run, name="rtc-timer", daemon=True)
             self._thread.start()
+
+    @property
+    def handle(self) -> int:
+        """The C side's address, for the run loop's port table (it lives as long as this object)."""
+        return int(ffi.cast("uintptr_t", self._c))
+
+    @property
+    def index(self) -> int:
+        return int(lib.mshv_rtc_index(self._c)) & 0x7F
+
+    @index.setter
+    def index(self, value: int) -> None:
+        lib.mshv_rtc_set_index(self._c, (value & 0x7F) | (NMI_MASK if self.nmi_masked else 0))
+
+    @property
+    def nmi_masked(self) -> bool:
+        return bool(lib.mshv_rtc_index(self._c) & NMI_MASK)
+
+    @nmi_masked.setter
+    def nmi_masked(self, value: bool) -> None:
+        lib.mshv_rtc_set_index(self._c, self.index | (NMI_MASK if value else 0))
 
     # -- the clock ---------------------------------------------------------------------------------
     def _now(self) -> float:
@@ -253,14 +281,13 @@ class CmosRtc:
     def read(self, offset: int, size: int) -> int:
         with self._lock:
             if offset == INDEX_PORT:
-                return self.index | (NMI_MASK if self.nmi_masked else 0)
+                return int(lib.mshv_rtc_index(self._c))
             return self._read_register(self.index)
 
     def write(self, offset: int, size: int, value: int) -> None:
         with self._lock:
             if offset == INDEX_PORT:
-                self.index = value & 0x7F
-                self.nmi_masked = bool(value & NMI_MASK)
+                lib.mshv_rtc_set_index(self._c, value & 0xFF)  # the register and the NMI mask bit
             else:
                 self._write_register(self.index, value & 0xFF)
                 self._wake.notify_all()
@@ -336,8 +363,7 @@ class CmosRtc:
             raise ValueError(f"RTC state's stopped fields are {sorted(stopped_fields)}, not {sorted(_FIELDS)}")
         with self._lock:
             self._cmos[:] = cmos
-            self.index = int(state["index"]) & 0x7F
-            self.nmi_masked = bool(state["nmi_masked"])
+            lib.mshv_rtc_set_index(self._c, (int(state["index"]) & 0x7F) | (NMI_MASK if state["nmi_masked"] else 0))
             self._offset = float(state["offset"])
             self._stopped_at = float(state["stopped_at"])
             self._stopped_fields = stopped_fields
