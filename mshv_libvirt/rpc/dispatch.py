@@ -746,9 +746,18 @@ STATS_FLAGS = STATS_FLAG_FILTERS | (1 << 29) | (1 << 30) | STATS_ENFORCE  # NOWA
 TP_INT, TP_UINT, TP_ULLONG, TP_STRING = 1, 2, 4, 7
 
 
-def _pack_param(p: Packer, field: str, kind: int, value: int | str) -> None:
+@functools.lru_cache(maxsize=4096)
+def _param_head(field: str, kind: int) -> bytes:
+    """A typed parameter's name and type, encoded once: a stats reply repeats the same few names for every
+    domain, and encoding them was most of its cost (bounded: names beyond the cache are encoded again)."""
+    p = Packer()
     p.string(field)
     p.int(kind)
+    return p.getvalue()
+
+
+def _pack_param(p: Packer, field: str, kind: int, value: int | str) -> None:
+    p.encoded(_param_head(field, kind))
     if isinstance(value, str):
         p.string(value)
     elif kind == TP_ULLONG:

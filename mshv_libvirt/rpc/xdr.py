@@ -53,6 +53,10 @@ class Packer:
     def double(self, v: float) -> None:
         self._buf += _F64.pack(v)
 
+    def encoded(self, data: bytes) -> None:
+        """Bytes that already are XDR (another Packer's output)."""
+        self._buf += data
+
     def opaque_fixed(self, data: bytes, n: _Int) -> None:
         if len(data) != n:
             raise XdrError(f"fixed opaque needs {n} bytes, got {len(data)}")
