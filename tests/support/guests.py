@@ -102,10 +102,60 @@ TINY_ASM = r"""
 
     .text
     .code32
-start32:                        /* 32-bit entry (code32_start): unsupported, stop */
-    ud2
-    .org 0x200
+start32:                        /* boot protocol 32-bit entry (code32_start; QEMU reaches it through
+                                   SETUP_ASM): flat segments __BOOT_CS/__BOOT_DS, no paging, ESI = boot_params.
+                                   Identity-map 4 GiB with 2 MiB pages, enter long mode, go on at start64. */
+    cli
+    mov $0x18, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %ss
+    mov %esi, %ebp
+    mov $boot_pml4, %edi        /* PML4, PDPT and 4 PDs: 6 pages, zeroed (they are .bss) */
+    xor %eax, %eax
+    mov $6 * 1024, %ecx
+    rep stosl
+    mov $boot_pd, %edi
+    mov $0x83, %eax             /* present, writable, 2 MiB */
+    mov $2048, %ecx
+1:  mov %eax, (%edi)
+    add $0x200000, %eax
+    add $8, %edi
+    loop 1b
+    mov $boot_pdpt, %edi
+    mov $boot_pd + 3, %eax
+    mov $4, %ecx
+2:  mov %eax, (%edi)
+    add $4096, %eax
+    add $8, %edi
+    loop 2b
+    movl $boot_pdpt + 3, boot_pml4
+    mov $boot_pml4, %eax
+    mov %eax, %cr3
+    mov %cr4, %eax
+    or $0x20, %eax              /* PAE */
+    mov %eax, %cr4
+    mov $0xc0000080, %ecx       /* EFER.LME */
+    rdmsr
+    or $0x100, %eax
+    wrmsr
+    mov %cr0, %eax
+    or $0x80000001, %eax        /* PG | PE */
+    mov %eax, %cr0
+    lgdt boot_gdtr
+    ljmp $0x10, $3f
     .code64
+3:  mov $0x18, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %ss
+    mov %ebp, %esi              /* zero-extended: boot_params */
+    jmp start64
+    .p2align 3
+boot_gdt:   .quad 0, 0, 0x00af9a000000ffff, 0x00cf92000000ffff  /* 0x10: 64-bit code, 0x18: data */
+boot_gdtr:  .word 4 * 8 - 1
+            .long boot_gdt
+    .org 0x200
 start64:                        /* boot protocol 64-bit entry: RSI = boot_params */
     cli
     lea stack_top(%rip), %rsp
@@ -409,6 +459,9 @@ print_lock: .byte 0
     .bss
     .p2align 12
 idt:        .skip 4096
+boot_pml4:  .skip 4096          /* start32's page tables */
+boot_pdpt:  .skip 4096
+boot_pd:    .skip 4 * 4096
 ap_stacks:  .skip 4096 * 8
             .skip 8192
 stack_top:
@@ -2343,6 +2396,33 @@ SECTIONS {
 
 SETUP_SECTS = 1
 
+# The real-mode setup code a loader that starts a bzImage in real mode (QEMU's -kernel, through SeaBIOS and
+# its linuxboot ROM) jumps to at setup offset 0x200, whose jmp leads here (0x268): DS = the real-mode base,
+# where boot_params lies. Enter protected mode with the boot protocol's flat __BOOT_CS (0x10) and __BOOT_DS
+# (0x18) and jump to code32_start (start32 above) with ESI = boot_params. benchmarks/startup.py boots the tiny
+# guest so under qemu -accel tcg; our loader enters at start64 and never runs this.
+SETUP_ASM = r"""
+    .code16
+    .text
+setup16:
+    cli
+    xor %esi, %esi
+    mov %ds, %si
+    shl $4, %esi                /* boot_params, linear */
+    lea (setup_gdt - setup16 + 0x268)(%esi), %eax
+    mov %eax, %ds:(setup_gdtr - setup16 + 0x268 + 2)
+    lgdtl %ds:(setup_gdtr - setup16 + 0x268)
+    mov %cr0, %eax
+    or $1, %eax
+    mov %eax, %cr0
+    ljmpl $0x10, $0x100000
+    .p2align 3
+setup_gdt:  .quad 0, 0, 0x00cf9a000000ffff, 0x00cf92000000ffff  /* 0x10: 32-bit code, 0x18: data */
+setup_gdtr: .word 4 * 8 - 1
+            .long 0
+"""
+SETUP_CODE_OFFSET = 0x268
+
 
 class GuestUnavailable(RuntimeError):
     """A test guest cannot be built on this host (the message says why)."""
@@ -2357,9 +2437,13 @@ def _run(cmd: list[str], cwd: Path) -> None:
         raise GuestUnavailable(f"{' '.join(cmd)} failed: {err.stderr.strip()}") from err
 
 
-def wrap_bzimage(protected_mode: bytes, *, init_size: int) -> bytes:
-    """A bzImage: boot sector + one setup sector holding the header, then the 64-bit code."""
+def wrap_bzimage(protected_mode: bytes, *, init_size: int, setup_code: bytes = b"") -> bytes:
+    """A bzImage: boot sector + one setup sector holding the header (and ``setup_code``, the real-mode entry
+    its jmp leads to), then the 64-bit code."""
     setup = bytearray(512 * (SETUP_SECTS + 1))
+    if SETUP_CODE_OFFSET + len(setup_code) > len(setup):
+        raise GuestUnavailable(f"real-mode setup code of {len(setup_code)} bytes does not fit the setup sector")
+    setup[SETUP_CODE_OFFSET : SETUP_CODE_OFFSET + len(setup_code)] = setup_code
     syssize = (len(protected_mode) + 15) // 16
     setup[0x1F1] = SETUP_SECTS
     struct.pack_into("<I", setup, 0x1F4, syssize)
@@ -2476,9 +2560,13 @@ def build_tiny_guest(tmp_path: Path) -> Path:
     _run(["as", "--64", "-o", "tiny.o", "tiny.S"], work)
     _run(["ld", "-m", "elf_x86_64", "-nostdlib", "-T", "tiny.ld", "-o", "tiny.elf", "tiny.o"], work)
     _run(["objcopy", "-O", "binary", "-j", ".text", "-j", ".data", "tiny.elf", "tiny.bin"], work)
+    (work / "setup.S").write_text(SETUP_ASM)
+    _run(["as", "--32", "-o", "setup.o", "setup.S"], work)
+    _run(["objcopy", "-O", "binary", "-j", ".text", "setup.o", "setup.bin"], work)
     end = _symbol(work / "tiny.elf", "_end")
     body = (work / "tiny.bin").read_bytes()
-    image = wrap_bzimage(body, init_size=(end - 0x100000 + 0xFFF) & ~0xFFF)
+    setup = (work / "setup.bin").read_bytes()
+    image = wrap_bzimage(body, init_size=(end - 0x100000 + 0xFFF) & ~0xFFF, setup_code=setup)
     out = work / "bzImage"
     out.write_bytes(image)
     return out
@@ -2488,7 +2576,7 @@ def cached_tiny_guest() -> Path:
     """The tiny guest's bzImage under ``~/.cache/mshv-libvirt/tiny-<hash>/``, built on first use; the
     hash covers its source, the linker script and the assembler/linker versions."""
     versions = [_tool_version(tool) for tool in ("as", "ld")]
-    cache = cache_path("tiny", tiny_source(), LINKER_SCRIPT, str(SETUP_SECTS), *versions)
+    cache = cache_path("tiny", tiny_source(), LINKER_SCRIPT, str(SETUP_SECTS), SETUP_ASM, *versions)
     image = cache / "tiny-guest" / "bzImage"
     if not image.exists():
         CACHE_DIR.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ line of Python. benchmarks/startup.py reads the same line for its breakdown.
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,6 @@ from tests.support.kernel import require_small_kernel
 from tests.support.procfs import mappings_private_kib, private_kib
 from tests.support.waits import wait_for
 from tests.vmm.harness import VmmProcess
-
-pytestmark = pytest.mark.kvm
 
 BOOT = 60  # seconds; the tiny guest is up in well under one on KVM
 PHASES = (
@@ -44,6 +43,7 @@ def phase_lines(vm: VmmProcess) -> list[re.Match[str]]:
     return list(LINE.finditer(vm.stderr_path.read_text(errors="replace")))
 
 
+@pytest.mark.kvm
 def test_the_start_is_logged_once_phase_by_phase(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
     with VmmProcess.start(tmp_path / "vm", tiny_kernel, vcpus=2, cmdline="console=ttyS0 tiny") as vm:
         vm.wait_serial(TINY_BANNER, timeout=BOOT)
@@ -68,6 +68,7 @@ def small_kernel() -> Path:
     return require_small_kernel()
 
 
+@pytest.mark.kvm
 @pytest.mark.slow  # needs the small test kernel (built on first use); its start takes seconds
 def test_a_linux_kernel_load_leaves_no_memory_behind(
     kvm: None, small_kernel: Path, tiny_kernel: Path, tmp_path: Path
@@ -118,6 +119,7 @@ def startup_imports(stderr: str) -> list[str]:
     return out
 
 
+@pytest.mark.kvm
 def test_the_vmm_starts_on_a_stated_set_of_modules(kvm: None, tiny_kernel: Path, tmp_path: Path) -> None:
     flags = ("-X", "importtime")
     with VmmProcess.start(tmp_path / "vm", tiny_kernel, cmdline="console=ttyS0 tiny", interpreter_flags=flags) as vm:
@@ -131,3 +133,21 @@ def test_the_vmm_starts_on_a_stated_set_of_modules(kvm: None, tiny_kernel: Path,
     assert not [m for m in modules if m.split(".")[0] in COMPILERS], modules
     # No compilation at start: the cffi module is the extension built at install time, mapped from its file.
     assert re.search(r"/mshv_libvirt/_mshv\.[^/\n]*\.so$", maps, re.M), "the compiled module is not mapped"
+
+
+@pytest.mark.needs("qemu-system-x86")
+def test_qemu_boots_the_tiny_guest_through_its_real_mode_entry(tiny_kernel: Path, tmp_path: Path) -> None:
+    """benchmarks/startup.py's baseline runs the same image: QEMU starts a bzImage in its real-mode setup
+    code, which enters protected mode for start32, which enters long mode for start64 (our loader's entry)."""
+    log = tmp_path / "serial.log"
+    argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", "64", "-nodefaults", "-no-user-config", "-display", "none"]
+    argv += ["-kernel", str(tiny_kernel), "-append", "console=ttyS0 tiny", "-serial", f"file:{log}"]
+    qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        banner = f"{TINY_BANNER} cmdline=console=ttyS0 tiny\n"
+        wait_for(
+            lambda: log.exists() and banner in log.read_text(errors="replace"), BOOT, what=lambda: log.read_bytes()
+        )
+    finally:
+        qemu.kill()  # the pid this test started
+        qemu.wait()
