@@ -12,11 +12,11 @@ Guests: the small Linux test kernel (scripts/build-test-kernel.sh, cached; ``ear
 its banner the first line) and the tiny guest (tests/support/guests.py: QEMU runs its real-mode setup code
 and 32-bit entry, through SeaBIOS; our loader enters it at the 64-bit entry), each on both sides.
 
-Memory, taken when the first line is seen: ``Private_Clean + Private_Dirty`` of ``/proc/PID/smaps_rollup``
-minus the same fields of the guest-RAM mapping(s) in ``/proc/PID/smaps`` (ours: the memfd
-``mshv-guest-ram``; QEMU: its anonymous mapping exactly the size of guest RAM). Our guest RAM is fully
-populated at map time (the emulated device pins it as Linux 6.15-6.18's driver does), QEMU's on touch,
-which is why guest RAM is left out of both.
+Memory, taken once the first line is seen (and the daemon has recorded the VMM's pid): ``Private_Clean +
+Private_Dirty`` of ``/proc/PID/smaps_rollup`` minus the same fields of the guest-RAM mapping(s) in
+``/proc/PID/smaps`` (ours: the memfd ``mshv-guest-ram``; QEMU: its anonymous mapping exactly the size of
+guest RAM). Our guest RAM is fully populated at map time (the emulated device pins it as Linux 6.15-6.18's
+driver does), QEMU's on touch, which is why guest RAM is left out of both.
 
 Our side's breakdown comes from the VMM's own ``startup phases`` log line (mshv_libvirt/vmm/phases.py):
 daemon (``virsh start`` spawned -> VMM forked: the client, RPC, domain XML, config, fork), interpreter
@@ -49,6 +49,7 @@ from tests.support.daemon import DaemonProcess, define, virsh  # noqa: E402
 from tests.support.guests import cached_tiny_guest  # noqa: E402
 from tests.support.kernel import small_kernel  # noqa: E402
 from tests.support.procfs import mappings_private_kib, private_kib  # noqa: E402
+from tests.support.waits import wait_for  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 CMDLINE = "console=ttyS0 earlyprintk=ttyS0 panic=-1"
@@ -124,7 +125,8 @@ def run_ours(d: DaemonProcess, name: str, timeout: float) -> Sample:
     start = subprocess.Popen(["virsh", "-c", d.uri, "start", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         seen = wait_first_line(log, offset, start, timeout)
-        pid = d.vmm_pid(name)
+        # The tiny guest can print before the daemon has recorded its VMM (virsh start still waiting).
+        pid = wait_for(lambda: d.try_vmm_pid(name), timeout, what=f"{name}'s VMM recorded by the daemon")
         total, guest = ours_memory(pid)
     finally:
         _, err = start.communicate(timeout=timeout)
@@ -180,6 +182,14 @@ def breakdown(samples: list[Sample]) -> str:
     return ", ".join(parts) + " ms"
 
 
+def code_label() -> str:
+    """The commit the package was measured at, ``+dirty`` when its files differ from it."""
+    git = ["git", "-C", str(REPO)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "mshv_libvirt"], capture_output=True, text=True).stdout
+    return (head or "?") + ("+dirty" if dirty.strip() else "")
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -193,7 +203,9 @@ def main() -> int:
     parser.add_argument("--memory-mib", type=int, default=256)
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--no-results", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument("--label", help="what the rows call the code measured (default: the commit, +dirty)")
     args = parser.parse_args()
+    label = args.label or code_label()
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         print("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)", file=sys.stderr)
@@ -238,7 +250,7 @@ def main() -> int:
         print(f"  (guest RAM mapping's private memory: ours {g_ours:.1f} MiB, qemu {g_qemu:.1f} MiB)")
         print(f"  ours: {breakdown(mine)}")
         rows.append(
-            f"| {time.strftime('%Y-%m-%d %H:%M')} | {load_before} / {load_after} | {args.rounds} | {guest} "
+            f"| {time.strftime('%Y-%m-%d %H:%M')} | {label} | {load_before} / {load_after} | {args.rounds} | {guest} "
             f"| {t_ours:.3f} | {t_qemu:.3f} | **{t_ours / t_qemu:.2f}** "
             f"| {m_ours:.1f} | {m_qemu:.1f} | **{m_ours / m_qemu:.2f}** | {breakdown(mine)} |"
         )
@@ -249,17 +261,17 @@ def main() -> int:
 
 MARKER = "## `startup.py`"
 TABLE_HEAD = (
-    "| run | load avg before / after | rounds | guest | ours s | qemu s | ratio "
+    "| run | code | load avg before / after | rounds | guest | ours s | qemu s | ratio "
     "| ours MiB | qemu MiB | ratio | our start, median per phase |"
 )
 HEADER = f"""
 {MARKER} — `virsh start` to the first serial line, and VMM memory beyond guest RAM, vs. `qemu-system-x86_64 -accel tcg`
 Each guest (the small test kernel, the tiny guest) with the same image, command line and guest RAM on both
-sides, alternating, medians; memory when the first line is seen (Private_* minus the guest-RAM mapping's).
+sides, alternating, medians; memory once the first line is seen (Private_* minus the guest-RAM mapping's).
 Targets: time ≤ 0.7x, memory ≤ 1.0x. Our breakdown: the VMM's `startup phases` line.
 
 {TABLE_HEAD}
-|---|---|---|---|---|---|---|---|---|---|---|
+|---|---|---|---|---|---|---|---|---|---|---|---|
 """
 
 
