@@ -111,6 +111,9 @@ start32:                        /* boot protocol 32-bit entry (code32_start; QEM
     mov %eax, %es
     mov %eax, %ss
     mov %esi, %ebp
+    mov $0xff, %al              /* mask both 8259s: the firmware's PIT tick (vector 8) has no gate here */
+    out %al, $0x21
+    out %al, $0xa1
     mov $boot_pml4, %edi        /* PML4, PDPT and 4 PDs: 6 pages, zeroed (they are .bss) */
     xor %eax, %eax
     mov $6 * 1024, %ecx
