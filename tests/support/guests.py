@@ -70,6 +70,8 @@ TINY_VIRTIO_BUFFER = 64
 TINY_BLK = "TINY-BLK"
 TINY_BLK_SECTOR = 0x30  # where each 'j' press writes its pattern
 TINY_BLK_BYTES = 4096  # eight sectors: one data descriptor per request
+TINY_BLK_TIMED_READS = 64  # reads of those sectors each 'j' press times on the ACPI PM timer after its check
+TINY_PM_TIMER_HZ = 3_579_545
 TINY_NET = "TINY-NET"
 TINY_NET_FRAMES = 8  # frames each 'u' press sends (and as many more received it waits for)
 TINY_NET_FRAME_LEN = 60  # the minimum Ethernet frame without its FCS
@@ -1475,16 +1477,20 @@ rtc_irqs:  .skip 4
 # virtio-blk ('j'): the same minimal modern virtio-pci driver for 1af4:1042 (vector 0 -> 0x35, queue 0 of
 # 8 entries, VERSION_1 and FLUSH negotiated). Press p (from 1) fills a TINY_BLK_BYTES buffer with dwords
 # seed + (k + 1) * 0x9e3779b9 (seed = p * 0x01000193), writes it at sector TINY_BLK_SECTOR, flushes, reads
-# the sectors back into a zeroed buffer and sums its dwords. Each request is a chain (header, data, status;
-# a flush has no data) made available, kicked on the doorbell and waited for in `sti; hlt` until the used
-# ring caught up (the interrupt comes from the backend's call eventfd, an irqfd). It prints
-# ``TINY-BLK press=<hex> capacity=<hex> sum=<hex> irqs=<hex>`` or ``TINY-BLK-FAIL <code>``
+# the sectors back into a zeroed buffer and sums its dwords; then reads them TINY_BLK_TIMED_READS more times,
+# one at a time, timed on the ACPI PM timer (its only clock: ``tiny_blk_rate``). Each request is a chain
+# (header, data, status; a flush has no data) made available, kicked on the doorbell and waited for in
+# `sti; hlt` until the used ring caught up (the interrupt comes from the backend's call eventfd, an irqfd).
+# It prints ``TINY-BLK press=<hex> capacity=<hex> sum=<hex> irqs=<hex> reads=<hex> ticks=<hex>`` or
+# ``TINY-BLK-FAIL <code>``
 # (1 no device, 2 FEATURES_OK refused, 3 vector refused, 4 used ring ahead, 0x10 + status: request failed).
 TINY_BLK_ASM = r"""
     .set BLK_VECTOR, 0x35              /* 0x30-0x34: serial, SCI, i8042, virtio-rng, RTC */
     .set BQ_SIZE, 8
     .set BLK_SECTOR, {sector}
     .set BLK_BYTES, {nbytes}
+    .set BLK_TIMED_READS, {timed_reads}
+    .set PM_TMR, 0x608
 
     .text
     .code64
@@ -1526,6 +1532,23 @@ virtio_blk:
     dec %ecx
     jnz 4b
     mov %ebx, blk_sum(%rip)
+    mov $PM_TMR, %dx            /* then BLK_TIMED_READS more reads of the same sectors, timed */
+    in %dx, %eax
+    mov %eax, %r13d
+    xor %r12d, %r12d
+6:  xor %edi, %edi
+    lea blk_rbuf(%rip), %rsi
+    mov $2, %edx
+    call blk_request
+    test %eax, %eax
+    jnz 8f
+    inc %r12d
+    cmp $BLK_TIMED_READS, %r12d
+    jb 6b
+    mov $PM_TMR, %dx
+    in %dx, %eax
+    sub %r13d, %eax             /* 32-bit counter: the difference is right across a wrap */
+    mov %eax, blk_ticks(%rip)
     lea blk_msg(%rip), %rsi
     call puts
     mov blk_presses(%rip), %ebx
@@ -1541,6 +1564,14 @@ virtio_blk:
     lea blk_irqs_msg(%rip), %rsi
     call puts
     mov blk_irqs(%rip), %ebx
+    call puthex32
+    lea blk_reads_msg(%rip), %rsi
+    call puts
+    mov $BLK_TIMED_READS, %ebx
+    call puthex32
+    lea blk_ticks_msg(%rip), %rsi
+    call puts
+    mov blk_ticks(%rip), %ebx
     call puthex32
     jmp 9f
 8:  mov %eax, %ebx
@@ -1763,6 +1794,8 @@ blk_msg:       .asciz "TINY-BLK press="
 blk_cap_msg:   .asciz " capacity="
 blk_sum_msg:   .asciz " sum="
 blk_irqs_msg:  .asciz " irqs="
+blk_reads_msg: .asciz " reads="
+blk_ticks_msg: .asciz " ticks="
 blk_fail_msg:  .asciz "TINY-BLK-FAIL "
     .p2align 3
 blk_bar:       .quad 0
@@ -1775,6 +1808,7 @@ blk_notify_mult: .long 0
 blk_msix_cap:  .long 0
 blk_msix_table: .long 0
 blk_irqs:      .long 0
+blk_ticks:     .long 0
 blk_sum:       .long 0
 blk_presses:   .long 0
 blk_capacity:  .long 0
@@ -2504,6 +2538,12 @@ def tiny_blk(serial: str) -> list[dict[str, int]]:
     ]
 
 
+def tiny_blk_rate(line: dict[str, int]) -> tuple[float, float]:
+    """A TINY-BLK line's timed reads as the guest measured them: (bytes per second, seconds per read)."""
+    seconds = line["ticks"] / TINY_PM_TIMER_HZ
+    return line["reads"] * TINY_BLK_BYTES / seconds, seconds / line["reads"]
+
+
 def tiny_blk_pattern(press: int) -> bytes:
     """What press ``press`` writes at TINY_BLK_SECTOR (the guest's formula)."""
     value = (press * 0x01000193) & 0xFFFFFFFF
@@ -2546,7 +2586,9 @@ def tiny_source() -> str:
         + TINY_PCI_ASM.replace("{ecam}", hex(TINY_PCI_ECAM))
         + TINY_VIRTIO_ASM.replace("{rounds}", str(TINY_VIRTIO_ROUNDS)).replace("{buffer}", str(TINY_VIRTIO_BUFFER))
         + TINY_RTC_ASM
-        + TINY_BLK_ASM.replace("{sector}", hex(TINY_BLK_SECTOR)).replace("{nbytes}", str(TINY_BLK_BYTES))
+        + TINY_BLK_ASM.replace("{sector}", hex(TINY_BLK_SECTOR))
+        .replace("{nbytes}", str(TINY_BLK_BYTES))
+        .replace("{timed_reads}", str(TINY_BLK_TIMED_READS))
         + TINY_NET_ASM.replace("{frames}", str(TINY_NET_FRAMES))
         .replace("{frame_len}", str(TINY_NET_FRAME_LEN))
         .replace("{wait_ticks}", str(TINY_NET_WAIT_TICKS))

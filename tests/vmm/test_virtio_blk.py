@@ -9,6 +9,7 @@ import os
 import signal
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,11 @@ from tests.support.guests import (
     TINY_BANNER,
     TINY_BLK_BYTES,
     TINY_BLK_SECTOR,
+    TINY_BLK_TIMED_READS,
     TINY_IRQ_FLAG,
     tiny_blk,
     tiny_blk_pattern,
+    tiny_blk_rate,
 )
 from tests.support.procfs import process_gone
 from tests.support.vhost_queue import S_OK, SECTOR, T_FLUSH, T_GET_ID, T_IN, T_OUT
@@ -441,11 +444,20 @@ def test_the_tiny_guest_writes_flushes_and_reads_back_through_the_backend(
         vm.wait_serial(TINY_BANNER, timeout=60)
         vm.connect()
         for press in (1, 2):
+            host_start = time.monotonic()
             line = press_blk(vm, press)
+            host_seconds = time.monotonic() - host_start
             pattern = tiny_blk_pattern(press)
             total = sum(struct.unpack(f"<{len(pattern) // 4}I", pattern)) & 0xFFFFFFFF
-            assert line == {"press": press, "capacity": size // SECTOR, "sum": total, "irqs": line["irqs"]}
-            assert line["irqs"] >= 3 * press  # one completion interrupt per request at least (write, flush, read)
+            want = {"press": press, "capacity": size // SECTOR, "sum": total, "reads": TINY_BLK_TIMED_READS}
+            assert line == {**want, "irqs": line["irqs"], "ticks": line["ticks"]}
+            # One completion interrupt per request at least (write, flush, read, the timed reads).
+            assert line["irqs"] >= (3 + TINY_BLK_TIMED_READS) * press
+            # The guest's clock (the ACPI PM timer) ran, and no faster than the host's: the timed reads took
+            # part of what the host waited for the whole press.
+            assert line["ticks"] > 0
+            _rate, per_read = tiny_blk_rate(line)
+            assert 0 < per_read * TINY_BLK_TIMED_READS < host_seconds, (line, host_seconds)
         (dev,) = vm.command("status")["virtio"]
         assert dev["status"] == 0xF and dev["activations"] == 1 and dev["error"] is None
         assert dev["notify_exits"] == 0  # every doorbell went to the backend's kick without the VMM
