@@ -637,7 +637,7 @@ def test_add_hardware_network_on_a_shut_off_domain_and_its_removal(
     daemon: DaemonProcess, tiny_kernel: Path, tmp_path: Path
 ) -> None:
     """Needs no KVM. The details window's Add Hardware -> Network on a shut-off domain: an isolated libvirt
-    network and virtio typed as the model (virt-manager proposes e1000, refused by name); Finish
+    network, and virtio typed as the model (the e1000 virt-manager proposes is refused by name first); Finish
     changes the persistent config only (as attach-interface --config), and the NIC page's Remove takes the
     interface out again."""
     define_vm1(daemon, tiny_kernel, tmp_path, start=False)
@@ -654,6 +654,16 @@ def test_add_hardware_network_on_a_shut_off_domain_and_its_removal(
         ui.request("combo", dialog, source, item=choice)
         model = node("combo box", "e1000", showing=True)  # a combo's accessible name is its choice
         assert [t["name"] for t in ui.texts(dialog, model) if t["role"] == "menu item"] == NIC_MODELS
+        # The page's default model is refused by name, and nothing is added.
+        ui.click(dialog, node("push button", "Finish"), reply=False)
+        alert = node("alert", "vmm dialog")
+        ui.find(alert, timeout=TIMEOUT)
+        shown = " ".join(" ".join(ui.shown(alert)).split())  # virt-manager wraps the message
+        refusal = "unsupported configuration: interface model 'e1000' is not supported by the mshv driver"
+        assert f"Unable to add device: {refusal}; use type='virtio'" in shown, shown
+        vm.screenshot("add-nic-e1000-refused")
+        ui.click(alert, node("push button", "Close"), reply=False)
+        assert inactive_interfaces(daemon, "vm1") == []
         # Here "Hypervisor default" is virt-manager's own default (virtinst fills in e1000 before it defines):
         # the model is typed into the combo's entry instead.
         ui.set_text(dialog, model, node("text", text="e1000"), text="virtio")
