@@ -3,8 +3,8 @@
 
 Each variant is the command line ``vhost_user.Backend`` builds (the shipped one: the export in a polling
 iothread, ``aio=native`` for O_DIRECT) edited here, for this script only: ``main-loop`` drops the iothread
-(the export in qsd's main loop, as before), ``poll0`` keeps the iothread with ``poll-max-ns=0`` (a thread,
-no polling), ``uring`` swaps ``aio=native`` for ``aio=io_uring``. Rounds rotate which variant (and the
+(the export in qsd's main loop, as before), ``pollN`` keeps the iothread with ``poll-max-ns=N`` (``poll0``:
+a thread, no polling), ``uring`` swaps ``aio=native`` for ``aio=io_uring``. Rounds rotate which variant (and the
 reference) goes first; every side is reported pooled (blk.py ``pooled``), with its CPU time per request
 (blk.py ``task_cpu_ns``: qsd's threads plus the C driver's thread), which a loaded machine disturbs less
 than IOPS or latency.
@@ -17,6 +17,7 @@ Not run by tox.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 import tempfile
@@ -40,8 +41,9 @@ def _edit(argv: list[str], variant: str) -> list[str]:
         i = out.index("--object")
         del out[i : i + 2]
         out = [a.replace(",iothread=iothread0", "") for a in out]
-    if "poll0" in variant:
-        out = [a.replace(f"poll-max-ns={IOTHREAD_POLL_MAX_NS}", "poll-max-ns=0") for a in out]
+    poll = re.search(r"poll(\d+)", variant)
+    if poll:
+        out = [a.replace(f"poll-max-ns={IOTHREAD_POLL_MAX_NS}", f"poll-max-ns={poll.group(1)}") for a in out]
     if "uring" in variant:
         out = [a.replace("aio=native", "aio=io_uring") for a in out]
     return out
@@ -94,8 +96,9 @@ def main() -> int:
                     p = blk.pooled(sides)
                     per = 1e6 / p.requests
                     qsd = f" ({p.backend_cpu_s * per:.1f})" if side != "reference" else ""
+                    lat = f"{p.lat_us:.1f}" if case.depth == 1 else ""  # qemu-img bench's is elapsed / count
                     print(
-                        f"| {fmt} | {case.name} | {side} | {p.iops:.0f} | {p.lat_us:.1f} | {p.cpu_s * per:.1f}{qsd} |",
+                        f"| {fmt} | {case.name} | {side} | {p.iops:.0f} | {lat} | {p.cpu_s * per:.1f}{qsd} |",
                         flush=True,
                     )
         print(f"load average at end: {blk.load()}")
