@@ -335,8 +335,8 @@ class Backend:
         )
         return [
             exe,
-            # The export in its own AioContext: an iothread polls (adaptively, up to poll-max-ns) for AIO
-            # completions before it sleeps, where the main loop always sleeps in ppoll (docs/DESIGN.md).
+            # The export in its own AioContext and thread: less CPU per request than in qsd's main loop
+            # (measured, docs/DESIGN.md).
             "--object",
             f"iothread,id=iothread0,poll-max-ns={IOTHREAD_POLL_MAX_NS}",
             "--blockdev",
