@@ -21,7 +21,7 @@ from lxml import etree
 
 from tests.support.daemon import DaemonProcess, running_daemon, virsh, vmm_processes, vmm_request, wait_for
 from tests.support.disks import SECTOR, assert_image_holds, disk_xml, document, qemu_img_info, write_through_console
-from tests.support.guests import TINY_BANNER, TINY_BLK_BYTES, TINY_BLK_SECTOR
+from tests.support.guests import TINY_BANNER, TINY_BLK_BYTES, TINY_BLK_READS_PER_PRESS, TINY_BLK_SECTOR
 from tests.support.libvirtd import unique
 from tests.support.procfs import image_locked, process_gone
 
@@ -206,7 +206,9 @@ def test_domblkstat_and_domstats_count_the_guests_requests_by_target_or_source_a
             presses = 3
             assert write_through_console(d, "disk-stat", presses)["press"] == presses
             moved = presses * TINY_BLK_BYTES
-            vda, idle = (presses, moved, presses, moved, -1), (0, 0, 0, 0, -1)  # errs: QEMU's driver has none
+            reads = presses * TINY_BLK_READS_PER_PRESS  # each press reads its pattern back, then times more reads
+            read = reads * TINY_BLK_BYTES
+            vda, idle = (reads, read, presses, moved, -1), (0, 0, 0, 0, -1)  # errs: QEMU's driver has none
             for name, want in (("vda", vda), (str(raw), vda), ("vdb", idle), (str(qcow2), idle), ("", vda)):
                 assert dom.blockStats(name) == want, name
             flags = dom.blockStatsFlags("vda")
@@ -215,7 +217,7 @@ def test_domblkstat_and_domstats_count_the_guests_requests_by_target_or_source_a
                 "wr_total_times", "rd_total_times", "flush_total_times",
             ]  # fmt: skip
             assert (flags["wr_operations"], flags["wr_bytes"], flags["flush_operations"]) == (presses, moved, presses)
-            assert (flags["rd_operations"], flags["rd_bytes"]) == (presses, moved)
+            assert (flags["rd_operations"], flags["rd_bytes"]) == (reads, read)
             assert all(flags[k] > 0 for k in ("wr_total_times", "rd_total_times", "flush_total_times")), flags
             assert set(dom.blockStatsFlags("vdb").values()) == {0}
             for name in ("vdz", str(tmp_path / "other.raw"), "stat.raw"):
@@ -227,7 +229,7 @@ def test_domblkstat_and_domstats_count_the_guests_requests_by_target_or_source_a
                 )
             for name in ("vda", str(raw)):  # virsh names the fields as libvirt's QEMU driver gives them
                 assert virsh_blkstat(d.uri, "disk-stat", name) == {
-                    "rd_req": presses, "rd_bytes": moved, "wr_req": presses, "wr_bytes": moved,
+                    "rd_req": reads, "rd_bytes": read, "wr_req": presses, "wr_bytes": moved,
                     "flush_operations": presses, "rd_total_times": flags["rd_total_times"],
                     "wr_total_times": flags["wr_total_times"], "flush_total_times": flags["flush_total_times"],
                 }, name  # fmt: skip
@@ -239,8 +241,9 @@ def test_domblkstat_and_domstats_count_the_guests_requests_by_target_or_source_a
                 f"block.{n}.{k}" for n in (0, 1)
                 for k in ("rd.reqs", "rd.bytes", "rd.times", "wr.reqs", "wr.bytes", "wr.times", "fl.reqs", "fl.times")
             ]  # fmt: skip
-            assert counters["block.0.rd.reqs"] == counters["block.0.wr.reqs"] == counters["block.0.fl.reqs"] == presses
-            assert counters["block.0.rd.bytes"] == counters["block.0.wr.bytes"] == moved
+            assert (counters["block.0.rd.reqs"], counters["block.0.rd.bytes"]) == (reads, read)
+            assert counters["block.0.wr.reqs"] == counters["block.0.fl.reqs"] == presses
+            assert counters["block.0.wr.bytes"] == moved
             assert counters["block.0.rd.times"] == flags["rd_total_times"]
             assert {v for k, v in counters.items() if k.startswith("block.1.")} == {0}
             names = [k for k in record if k.startswith("block.0.")]
@@ -256,7 +259,14 @@ def test_domblkstat_and_domstats_count_the_guests_requests_by_target_or_source_a
             dom = c.lookupByName("disk-stat")
             assert dom.blockStats("vda") == vda and dom.blockStatsFlags("vda") == flags
             assert write_through_console(d, "disk-stat", 1)["press"] == presses + 1
-            assert dom.blockStats("") == (presses + 1, moved + TINY_BLK_BYTES, presses + 1, moved + TINY_BLK_BYTES, -1)
+            more = TINY_BLK_READS_PER_PRESS
+            assert dom.blockStats("") == (
+                reads + more,
+                read + more * TINY_BLK_BYTES,
+                presses + 1,
+                moved + TINY_BLK_BYTES,
+                -1,
+            )
         finally:
             if dom.isActive():
                 dom.destroy()
@@ -350,7 +360,9 @@ def test_domstats_block_as_libvirt_9_names_it_running_and_inactive(
             f"block.{n}.{k}": v
             for n, done in ((0, 1), (1, 0))
             for k, v in (
-                ("rd.reqs", done), ("rd.bytes", done * TINY_BLK_BYTES), ("rd.times", times[f"block.{n}.rd.times"]),
+                ("rd.reqs", done * TINY_BLK_READS_PER_PRESS),
+                ("rd.bytes", done * TINY_BLK_READS_PER_PRESS * TINY_BLK_BYTES),
+                ("rd.times", times[f"block.{n}.rd.times"]),
                 ("wr.reqs", done), ("wr.bytes", done * TINY_BLK_BYTES), ("wr.times", times[f"block.{n}.wr.times"]),
                 ("fl.reqs", done), ("fl.times", times[f"block.{n}.fl.times"]),
             )

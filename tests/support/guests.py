@@ -71,6 +71,7 @@ TINY_BLK = "TINY-BLK"
 TINY_BLK_SECTOR = 0x30  # where each 'j' press writes its pattern
 TINY_BLK_BYTES = 4096  # eight sectors: one data descriptor per request
 TINY_BLK_TIMED_READS = 64  # reads of those sectors each 'j' press times on the ACPI PM timer after its check
+TINY_BLK_READS_PER_PRESS = 1 + TINY_BLK_TIMED_READS  # its check's read, then the timed ones
 TINY_PM_TIMER_HZ = 3_579_545
 TINY_NET = "TINY-NET"
 TINY_NET_FRAMES = 8  # frames each 'u' press sends (and as many more received it waits for)

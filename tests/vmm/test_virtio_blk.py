@@ -29,6 +29,7 @@ from mshv_libvirt.vmm.vhost_user import Backend, BlockImage, MemRegion
 from tests.support.guests import (
     TINY_BANNER,
     TINY_BLK_BYTES,
+    TINY_BLK_READS_PER_PRESS,
     TINY_BLK_SECTOR,
     TINY_BLK_TIMED_READS,
     TINY_IRQ_FLAG,
@@ -499,7 +500,8 @@ def test_a_rebuilt_vm_reuses_the_backend_with_its_new_memory(kvm: None, tiny_ker
         # flush and read a press), and its C thread runs under its own seccomp list (the kernel's count).
         (stats,) = vm.command("block-stats")["disks"]
         assert {k: stats[k] for k in ("slot", "rd_req", "rd_bytes", "wr_req", "wr_bytes", "flush_req", "failed")} == {
-            "slot": SLOT, "rd_req": 2, "rd_bytes": 2 * TINY_BLK_BYTES, "wr_req": 2, "wr_bytes": 2 * TINY_BLK_BYTES,
+            "slot": SLOT, "rd_req": 2 * TINY_BLK_READS_PER_PRESS,
+            "rd_bytes": 2 * TINY_BLK_READS_PER_PRESS * TINY_BLK_BYTES, "wr_req": 2, "wr_bytes": 2 * TINY_BLK_BYTES,
             "flush_req": 2, "failed": 0,
         }  # fmt: skip
         relays = [
