@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from mshv_libvirt.domain.xml import NET_MAX_QUEUES
 from mshv_libvirt.vmm import builder
-from mshv_libvirt.vmm.config import ConfigError, VmmConfig
+from mshv_libvirt.vmm.config import NET_MAX_QUEUE_PAIRS, ConfigError, VmmConfig
 from mshv_libvirt.vmm.devices.bus import Bus
 from mshv_libvirt.vmm.devices.virtio import net as vnet
 from mshv_libvirt.vmm.devices.virtio import pci as vpci
@@ -209,6 +210,9 @@ BASE = {"name": "n", "memory_bytes": 64 << 20, "kernel": "/k"}
         ([{"slot": 3, "fd": 5, "mac": MAC, "mtu": 20}], "'net.mtu' must be between"),
         ([{"slot": 3, "fd": 5, "mac": MAC, "link_up": 1}], "'net.link_up' must be a boolean"),
         ([{"slot": 3, "fd": 5, "mac": MAC}, {"slot": 3, "fd": 6, "mac": MAC}], "two devices in one PCI slot"),
+        ([{"slot": 3, "fd": 5, "mac": MAC, "queue_fds": [-1]}], "'net.queue_fds' must be a list of at most 126"),
+        ([{"slot": 3, "fd": 5, "mac": MAC, "queue_fds": 6}], "'net.queue_fds' must be a list"),
+        ([{"slot": 3, "fd": 5, "mac": MAC, "queue_fds": [6] * 127}], "'net.queue_fds' must be a list of at most 126"),
     ],
 )
 def test_config_validation(net: list[dict[str, object]], message: str) -> None:
@@ -220,7 +224,9 @@ def test_config_slot_shared_with_a_disk_is_refused() -> None:
     with pytest.raises(ConfigError, match="'rng', 'disks' and 'net' put two devices in one PCI slot"):
         VmmConfig.from_dict({**BASE, "disks": [{"slot": 3, "path": "/d"}], "net": [{"slot": 3, "fd": 5, "mac": MAC}]})
     cfg = VmmConfig.from_dict({**BASE, "net": [{"slot": 4, "fd": 5, "mac": MAC.upper(), "mtu": 9000}]})
-    assert cfg.net[0].mac == MAC and cfg.net[0].mtu == 9000 and cfg.net[0].link_up
+    assert cfg.net[0].mac == MAC and cfg.net[0].mtu == 9000 and cfg.net[0].link_up and cfg.net[0].fds == (5,)
+    cfg = VmmConfig.from_dict({**BASE, "net": [{"slot": 4, "fd": 5, "mac": MAC, "queue_fds": list(range(6, 132))}]})
+    assert cfg.net[0].fds == tuple(range(5, 132))  # 127 pairs: the most the MSI-X window has vectors for
 
 
 def ethertype_frames(sock: socket.socket, timeout: float) -> bytes:
@@ -293,3 +299,15 @@ def test_vq_pairs_set_runs_exactly_that_many_pairs_and_frames_use_pair_two() -> 
         assert not r.common_read(vpci.DEVICE_STATUS, 1) & vpci.STATUS_NEEDS_RESET
         r.common_write(vpci.DEVICE_STATUS, 1, 0)
         assert r.net.pairs == 0 and r.ns.tun_queues("vt1") == (True, 1, 1)
+
+
+def test_127_pairs_fill_the_msix_window_exactly() -> None:
+    """The limit (<driver queues> 127, config's 126 queue_fds): one vector per queue and one for config changes,
+    and BAR 0's MSI-X table window ends where the PBA starts."""
+    with rig(pairs=127) as r:
+        assert r.common_read(vpci.NUM_QUEUES, 2) == 2 * 127 + 1 and r.device_cfg(8, 2) == 127
+        vectors = r.function.msix.vectors
+        assert vectors == 256 and vectors * 16 == vpci.MSIX_PBA_OFFSET - vpci.MSIX_TABLE_OFFSET
+        assert r.ns.tun_queues("vt1") == (True, 1, 126)
+    # the same limit where the XML is checked and where the VMM's config is read
+    assert vnet.MAX_QUEUE_PAIRS == NET_MAX_QUEUE_PAIRS == NET_MAX_QUEUES

@@ -56,6 +56,7 @@ DEVICE_ID = 1
 CLASS_NETWORK_ETHERNET = 0x020000
 QUEUE_SIZE = 256
 CTRL_QUEUE_SIZE = 64
+MAX_QUEUE_PAIRS = 127  # BAR 0's MSI-X window (pci.py) holds 256 vectors: one per queue, one for config changes
 CONFIG_SIZE = 12  # mac[6], status, max_virtqueue_pairs, mtu
 STATE_VERSION = 1
 VNET_HDR_LEN = 12
@@ -153,6 +154,8 @@ class VirtioNet:
         self.taps = (tap_fd, *queue_fds)
         self.tap = tap_fd
         self.max_pairs = len(self.taps)
+        if self.max_pairs > MAX_QUEUE_PAIRS:
+            raise ValueError(f"virtio-net takes at most {MAX_QUEUE_PAIRS} queue pairs, not {self.max_pairs}")
         # receiveq1, transmitq1, ..., receiveqN, transmitqN, controlq
         self.queue_sizes: tuple[int, ...] = (QUEUE_SIZE, QUEUE_SIZE) * self.max_pairs + (CTRL_QUEUE_SIZE,)
         self.mac = mac  # the configured MAC (set-link finds the device by it)
