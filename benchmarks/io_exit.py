@@ -13,7 +13,8 @@ Four numbers (five with a baseline), same host, same run:
   Python loop that only completes the OUT (``set_registers(RIP)``) -- the cost of our ABI layer.
 * ``vmm``: the tiny test guest under the real VMM process (``python -m mshv_libvirt.vmm``), which
   on ``b`` executes 20000 OUTs to port 0x80; timed from sending ``b`` on the console pty to
-  ``BENCH-DONE`` on it, minus the measured console round trip. This includes the device bus.
+  ``BENCH-DONE`` on it, minus the measured console round trip. Its vCPU runs the compiled run loop
+  (vmm/runloop.py), which completes the OUTs to 0x80 in C; ``c-mshv`` is the loop it is held to (>= 0.8x).
 
 The C sides run alternately for ``--rounds`` rounds (a change of load then hits each alike);
 ``--baseline-abi DIR`` adds ``c-mshv`` built from another checkout's ``abi/`` (before/after in one run).
