@@ -348,9 +348,9 @@ def attach_devices(
     platform.rtc = attach_rtc(pio, ioapic, config, resources)
     pio.register(POST_PORT, 1, _Sink())  # so that no device claims it behind the loop's back
     platform.fast_ports.add(POST_PORT, 1, PORT_SINK)
-    platform.fast_ports.add(COM1_PORT, 8, PORT_SERIAL, serial.handle)
-    platform.fast_ports.add(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, PORT_PCI, pci.handle)
-    platform.fast_ports.add(acpi.RTC_PORT, acpi.RTC_PORTS_LENGTH, PORT_RTC, platform.rtc.handle)
+    platform.fast_ports.add(COM1_PORT, 8, PORT_SERIAL, serial.handle, serial)
+    platform.fast_ports.add(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, PORT_PCI, pci.handle, pci)
+    platform.fast_ports.add(acpi.RTC_PORT, acpi.RTC_PORTS_LENGTH, PORT_RTC, platform.rtc.handle, platform.rtc)
     if pm is not None:
         # Python's PM_TMR and the loop's count from the same epoch on CLOCK_MONOTONIC (time.monotonic_ns).
         platform.fast_ports.add(acpi.PM1A_EVT_PORT + PM_TMR, 4, PORT_PM_TIMER, pm.timer_epoch_ns)

@@ -58,12 +58,16 @@ class PortTable:
             raise MemoryError("mshv_port_table_new")
         self._table: Any = ffi.gc(table, lib.mshv_port_table_free)
         self.entries: list[tuple[int, int, int]] = []
+        self._owners: list[object] = []
 
-    def add(self, base: int, length: int, kind: int, arg: int = 0) -> None:
+    def add(self, base: int, length: int, kind: int, arg: int = 0, owner: object = None) -> None:
+        """``arg``: the PM timer's epoch, or the address of the C model ``owner`` holds, which the table
+        keeps alive as long as a loop may use it."""
         rc = int(lib.mshv_port_table_add(self._table, base, length, kind, arg))
         if rc < 0:
             raise ValueError(f"port range {base:#x}+{length:#x}: {errno.errorcode.get(-rc, str(-rc))}")
         self.entries.append((base, length, kind))
+        self._owners.append(owner)
 
 
 class CompiledRunLoop:

@@ -12,7 +12,8 @@ repeats it until the VP answers.
 
 Exits are serviced in :class:`ExitHandler`: port I/O and MMIO go to the device buses and the
 instruction is completed by writing RIP (and RAX or the destination register), as the hypervisor
-leaves the VP *at* the intercepted instruction.
+leaves the VP *at* the intercepted instruction. With a compiled run loop (vmm/runloop.py) the thread
+runs the VP through it, and ExitHandler sees only the exits the loop does not complete itself.
 """
 
 from __future__ import annotations
