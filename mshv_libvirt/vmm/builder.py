@@ -477,9 +477,10 @@ def read_kernel(config: VmmConfig) -> loader.KernelImage:
 class KernelPrefetch:
     """:func:`read_kernel` on a thread of its own, started before guest RAM is mapped.
 
-    A Linux bzImage is xz-compressed: decompressing it is most of its load (0.2-0.5 s here), and mapping
-    guest RAM (populating every page, see map_memory) is as long again. Both run in C without the GIL,
-    so on two cores they overlap. ``result()`` returns the image or raises what ``read_kernel`` raised.
+    A Linux bzImage is xz-compressed: decompressing it is most of its load (0.2-0.6 s here), and mapping
+    guest RAM (populating every page, see map_memory) is as long again. Both run in C without the GIL, so
+    they overlap where a second core is free (on a loaded host they share one: benchmarks/RESULTS.md,
+    ``startup.py``). ``result()`` returns the image or raises what ``read_kernel`` raised.
     """
 
     def __init__(self, config: VmmConfig) -> None:
