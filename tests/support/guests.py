@@ -2,7 +2,10 @@
 
 ``build_tiny_guest``: a few hundred bytes of our own x86-64 assembly, assembled with GNU as/ld and
 wrapped in a real bzImage (setup header "HdrS", protocol 2.15, XLF_KERNEL_64, 64-bit entry at +0x200
-of the protected-mode part), so it boots through exactly the loader Linux uses. Behaviour:
+of the protected-mode part), so it boots through exactly the loader Linux uses. A loader that starts it in
+real mode (QEMU's ``-kernel``) runs its setup code (``SETUP_ASM``) and its 32-bit entry, which masks the
+8259s and enters long mode for the same 64-bit code (benchmarks/startup.py compares against QEMU so).
+Behaviour:
 
 * prints ``TINY-GUEST-UP cmdline=<the command line from boot_params>`` on COM1;
 * starts the other vCPUs with INIT-SIPI through the LAPIC (a real-mode trampoline at 0x3000 takes
