@@ -95,20 +95,6 @@ void *mshv_alloc_pages(size_t len)
     return p == MAP_FAILED ? NULL : p;
 }
 
-/* Guest RAM no other process maps (a VM without a vhost-user backend): private anonymous pages, which the
- * kernel may back with transparent huge pages where THP is "madvise" or "always" (populating 256 MiB of them
- * took a third of the CPU time of shmem pages here), and which a fork of the VMM does not inherit. The
- * advice is only that: without THP, or if the kernel refuses it, the pages are plain ones. */
-void *mshv_alloc_private_pages(size_t len)
-{
-    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED)
-        return NULL;
-    (void)madvise(p, len, MADV_HUGEPAGE);
-    (void)madvise(p, len, MADV_DONTFORK);
-    return p;
-}
-
 /* Guest RAM proper: a memfd (sealed at its size) mapped shared, so a vhost-user backend can map the same
  * pages from the descriptor (SET_MEM_TABLE) while the partition maps them from this address. The seals
  * keep the file from shrinking under either mapping (SIGBUS) or growing. Returns the fd in *fd_out. */

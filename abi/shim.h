@@ -11,7 +11,6 @@ int mshv_dev_close(int fd);
 void *mshv_dev_mmap(void *addr, size_t len, int prot, int flags, int fd, long offset);
 int mshv_emu_kvm_available(void);
 void *mshv_alloc_pages(size_t len);
-void *mshv_alloc_private_pages(size_t len);
 void *mshv_alloc_memfd_pages(size_t len, int *fd_out);
 int mshv_free_pages(void *addr, size_t len);
 int mshv_spawn_helper(const char *path, char *const argv[], const int *keep, int nkeep, int *lifeline_out,

@@ -13,11 +13,10 @@ its banner the first line) and the tiny guest (tests/support/guests.py: QEMU run
 and 32-bit entry, through SeaBIOS; our loader enters it at the 64-bit entry), each on both sides.
 
 Memory, taken once the first line is seen (and the daemon has recorded the VMM's pid): ``Private_Clean +
-Private_Dirty`` of ``/proc/PID/smaps_rollup`` minus the same fields of the guest-RAM mapping in
-``/proc/PID/smaps`` (ours: the private mapping exactly the size of guest RAM, or the memfd
-``mshv-guest-ram`` of a VM with disks; QEMU: its anonymous mapping of that size). Our guest RAM is fully
-populated at map time (the emulated device pins it as Linux 6.15-6.18's driver does), QEMU's on touch,
-which is why guest RAM is left out of both.
+Private_Dirty`` of ``/proc/PID/smaps_rollup`` minus the same fields of the guest-RAM mapping(s) in
+``/proc/PID/smaps`` (ours: the memfd ``mshv-guest-ram``; QEMU: its anonymous mapping exactly the size of
+guest RAM). Our guest RAM is fully populated at map time (the emulated device pins it as Linux 6.15-6.18's
+driver does), QEMU's on touch, which is why guest RAM is left out of both.
 
 Our side's breakdown comes from the VMM's own ``startup phases`` log line (mshv_libvirt/vmm/phases.py):
 daemon (``virsh start`` spawned -> VMM forked: the client, RPC, domain XML, config, fork), interpreter
@@ -49,7 +48,7 @@ sys.path.insert(0, str(REPO))
 from tests.support.daemon import DaemonProcess, define, virsh  # noqa: E402
 from tests.support.guests import cached_tiny_guest  # noqa: E402
 from tests.support.kernel import small_kernel  # noqa: E402
-from tests.support.procfs import is_guest_ram, mappings_private_kib, private_kib  # noqa: E402
+from tests.support.procfs import mappings_private_kib, private_kib  # noqa: E402
 from tests.support.waits import wait_for  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
@@ -68,6 +67,7 @@ PHASE_ORDER = (
     "tables",
     "first_run_vp",
 )
+GUEST_RAM_MEMFD = "memfd:mshv-guest-ram"
 
 
 def boottime() -> float:
@@ -93,9 +93,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def ours_memory(pid: int, guest_kib: int) -> tuple[int, int]:
-    """(Private_* of the process, of its guest RAM: a memfd with disks, else the private mapping of its size)."""
-    return private_kib(pid), mappings_private_kib(pid, lambda head, size: is_guest_ram(head, size, guest_kib))
+def ours_memory(pid: int) -> tuple[int, int]:
+    """(Private_* of the process, of its guest RAM: the memfd mapping(s))."""
+    return private_kib(pid), mappings_private_kib(pid, lambda head, _size: GUEST_RAM_MEMFD in head)
 
 
 def qemu_memory(pid: int, guest_kib: int) -> tuple[int, int]:
@@ -123,7 +123,7 @@ def wait_first_line(log: Path, offset: int, proc: subprocess.Popen[bytes] | None
     return boottime()
 
 
-def run_ours(d: DaemonProcess, name: str, memory_mib: int, timeout: float) -> Sample:
+def run_ours(d: DaemonProcess, name: str, timeout: float) -> Sample:
     log = d.serial_log(name)
     offset = log.stat().st_size if log.exists() else 0
     vmm_log = d.vmm_log(name)
@@ -134,7 +134,7 @@ def run_ours(d: DaemonProcess, name: str, memory_mib: int, timeout: float) -> Sa
         seen = wait_first_line(log, offset, start, timeout)
         # The tiny guest can print before the daemon has recorded its VMM (virsh start still waiting).
         pid = wait_for(lambda: d.try_vmm_pid(name), timeout, what=f"{name}'s VMM recorded by the daemon")
-        total, guest = ours_memory(pid, memory_mib * 1024)
+        total, guest = ours_memory(pid)
         cpu = cpu_seconds(pid)
     finally:
         _, err = start.communicate(timeout=timeout)
@@ -234,7 +234,7 @@ def main() -> int:
                 steps = ["ours", "qemu"] if round_ % 2 == 0 else ["qemu", "ours"]
                 for step in steps:
                     if step == "ours":
-                        ours[guest].append(run_ours(d, guest, args.memory_mib, args.timeout))
+                        ours[guest].append(run_ours(d, guest, args.timeout))
                     else:
                         theirs[guest].append(run_qemu(qemu, kernel, cmdline, args.memory_mib, root, args.timeout))
     finally:

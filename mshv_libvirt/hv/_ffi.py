@@ -103,15 +103,6 @@ def alloc_pages(size: int) -> Any:
     return p
 
 
-def alloc_private_pages(size: int) -> Any:
-    """Private anonymous pages (huge pages where the kernel's THP allows), not inherited by forks."""
-    p = lib.mshv_alloc_private_pages(size)
-    if p == NULL:
-        err = int(ffi.errno)
-        raise MemoryError(f"cannot map {size} bytes of guest memory: {os.strerror(err)}")
-    return p
-
-
 def alloc_memfd_pages(size: int) -> tuple[Any, int]:
     """(mapping, memfd): shared pages backed by a size-sealed memfd another process may map."""
     fd_out = ffi.new("int *")

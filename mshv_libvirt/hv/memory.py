@@ -1,4 +1,4 @@
-"""Guest RAM owned by Python: page-aligned shared pages of a memfd sealed at its size, or private pages."""
+"""Guest RAM owned by Python: page-aligned shared pages of a memfd sealed at its size."""
 
 from __future__ import annotations
 
@@ -15,20 +15,14 @@ class GuestMemory:
 
     The mapping lives until ``close()``; the partition must unmap it first (the kernel pins
     the pages while they are mapped). ``fd`` is the memfd behind it (close-on-exec, sealed against
-    shrinking and growing): a vhost-user backend maps guest RAM from it. With ``shareable=False`` no
-    other process can map it (``fd`` is -1): private anonymous pages, which the kernel may back with
-    transparent huge pages, so mapping (populating) them costs less; a VM without a vhost-user backend
-    needs no more.
+    shrinking and growing): a vhost-user backend maps guest RAM from it.
     """
 
-    def __init__(self, size: int, *, shareable: bool = True) -> None:
+    def __init__(self, size: int) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"guest memory size must be a positive multiple of {PAGE_SIZE}, not {size}")
         self._ptr: Any
-        if shareable:
-            self._ptr, self.fd = _ffi.alloc_memfd_pages(size)
-        else:
-            self._ptr, self.fd = _ffi.alloc_private_pages(size), -1
+        self._ptr, self.fd = _ffi.alloc_memfd_pages(size)
         self.size = size
         self.address = _ffi.address(self._ptr)
 
@@ -54,8 +48,7 @@ class GuestMemory:
         if self._ptr is not None:
             _ffi.free_pages(self._ptr, self.size)
             self._ptr = None
-            if self.fd >= 0:
-                os.close(self.fd)
+            os.close(self.fd)
             self.fd = -1
 
     def __enter__(self) -> GuestMemory:

@@ -293,13 +293,11 @@ def initialize(partition: PartitionFd) -> None:
         raise InitializePartitionError(str(err)) from err
 
 
-def map_memory(partition: PartitionFd, memory_bytes: int, *, shareable: bool = True) -> GuestRam:
-    """Guest RAM, mapped into the partition. ``shareable``: memfds a vhost-user backend can map (disks);
-    else private pages (transparent huge pages where the host allows: a third of the CPU time to populate)."""
+def map_memory(partition: PartitionFd, memory_bytes: int) -> GuestRam:
     regions: list[tuple[layout.RamRange, GuestMemory]] = []
     try:
         for r in layout.ram_ranges(memory_bytes):
-            mem = GuestMemory(r.size, shareable=shareable)
+            mem = GuestMemory(r.size)
             regions.append((r, mem))
             partition.map_memory(r.gpa // layout.PAGE_SIZE, mem, writable=True, executable=True)
     except (MshvError, OSError, ValueError) as err:
@@ -674,7 +672,7 @@ def build_vm(
         initialize(partition)
         set_properties(partition)
         phases.mark("partition")
-        ram = map_memory(partition, config.memory_bytes, shareable=bool(config.disks))  # only disks' backends map it
+        ram = map_memory(partition, config.memory_bytes)
         memory.extend(mem for _, mem in ram.regions)
         phases.mark("memory_map")
         platform = attach_devices(partition, config, console_write, gate, resources)

@@ -46,15 +46,6 @@ def mappings_private_kib(pid: int, match: Callable[[str, int], bool]) -> int:
     return total
 
 
-GUEST_RAM_MEMFD = "memfd:mshv-guest-ram"
-
-
-def is_guest_ram(head: str, size_kib: int, ram_kib: int) -> bool:
-    """Whether a VMM's mapping (smaps header line, Size) is its guest RAM of ``ram_kib`` (one RAM range):
-    the memfd a VM with disks shares with their backends, else the anonymous private mapping of that size."""
-    return GUEST_RAM_MEMFD in head or (size_kib == ram_kib and len(head.split()) == 5)
-
-
 def open_sockets(pid: int) -> int:
     """How many sockets the process holds open (its listeners and every connection)."""
     n = 0

@@ -15,7 +15,7 @@ import pytest
 
 from tests.support.guests import TINY_BANNER
 from tests.support.kernel import require_small_kernel
-from tests.support.procfs import is_guest_ram, mappings_private_kib, private_kib
+from tests.support.procfs import mappings_private_kib, private_kib
 from tests.support.waits import wait_for
 from tests.vmm.harness import VmmProcess
 
@@ -32,6 +32,7 @@ PHASES = (
     "tables",
     "first_run_vp",
 )
+GUEST_RAM = "memfd:mshv-guest-ram"
 # What loading a Linux kernel may leave behind, beyond what a tiny guest's VMM holds: the small test
 # kernel's 2 MiB bzImage decompresses to a ~10 MiB ELF whose ~9 MiB of segments are copied into guest RAM.
 KERNEL_LOAD_RESIDUE_KIB = 2048
@@ -58,34 +59,8 @@ def test_the_start_is_logged_once_phase_by_phase(kvm: None, tiny_kernel: Path, t
         assert len(phase_lines(vm)) == 1, vm.diagnostics()
 
 
-def beyond_guest_ram_kib(pid: int, ram_kib: int) -> int:
-    return private_kib(pid) - mappings_private_kib(pid, lambda head, size: is_guest_ram(head, size, ram_kib))
-
-
-def guest_ram_entries(pid: int, ram_kib: int) -> list[str]:
-    """The VMM's smaps entries that are its guest RAM (tests/support/procfs.py's rule)."""
-    entries = re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path(f"/proc/{pid}/smaps").read_text())
-    sizes = [re.search(r"^Size:\s+(\d+) kB", e, re.M) for e in entries]
-    return [
-        e for e, m in zip(entries, sizes, strict=True) if m and is_guest_ram(e.split("\n", 1)[0], int(m[1]), ram_kib)
-    ]
-
-
-@pytest.mark.kvm
-def test_a_vmm_without_disks_maps_private_guest_ram_that_may_use_huge_pages(
-    kvm: None, tiny_kernel: Path, tmp_path: Path
-) -> None:
-    # No vhost-user backend will map it: private anonymous pages, advised for THP and kept out of forks.
-    with VmmProcess.start(tmp_path / "vm", tiny_kernel, memory_mib=256, cmdline="console=ttyS0 tiny") as vm:
-        wait_for(lambda: phase_lines(vm), BOOT, what=vm.diagnostics)
-        (entry,) = guest_ram_entries(vm.proc.pid, 256 * 1024)
-    head = entry.split("\n", 1)[0].split()
-    assert head[1] == "rw-p" and len(head) == 5, head
-    flags = re.search(r"^VmFlags:(.*)$", entry, re.M)
-    assert flags is not None and {"hg", "dc"} <= set(flags[1].split()), entry
-    # Pinned at map time, as Linux 6.15-6.18 pin it: every page is there before the guest runs.
-    rss = re.search(r"^Rss:\s+(\d+) kB", entry, re.M)
-    assert rss is not None and int(rss[1]) == 256 * 1024, entry
+def beyond_guest_ram_kib(pid: int) -> int:
+    return private_kib(pid) - mappings_private_kib(pid, lambda head, _size: GUEST_RAM in head)
 
 
 @pytest.fixture(scope="session")
@@ -102,7 +77,7 @@ def test_a_linux_kernel_load_leaves_no_memory_behind(
     for name, kernel in (("tiny", tiny_kernel), ("linux", small_kernel)):
         with VmmProcess.start(tmp_path / name, kernel, memory_mib=256, cmdline="console=ttyS0 panic=-1") as vm:
             wait_for(lambda: phase_lines(vm), BOOT, what=vm.diagnostics)  # logged at the first RUN_VP: built
-            beyond[name] = beyond_guest_ram_kib(vm.proc.pid, 256 * 1024)
+            beyond[name] = beyond_guest_ram_kib(vm.proc.pid)
     assert beyond["linux"] - beyond["tiny"] <= KERNEL_LOAD_RESIDUE_KIB, beyond
 
 
