@@ -245,6 +245,7 @@ def _traced(pid: int) -> bool:
     return True
 
 
+@pytest.mark.needs("strace")
 @pytest.mark.parametrize("writethrough", [False, True])
 def test_a_writethrough_export_syncs_every_write_and_a_writeback_one_none(
     tmp_path: Path, mem: GuestMemory, writethrough: bool

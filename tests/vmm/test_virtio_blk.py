@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -545,3 +546,72 @@ def test_a_backend_that_dies_under_the_guest_is_reported_and_the_vm_runs_on(
         vm.request("destroy")
         assert vm.wait_exit(timeout=30)["reason"] == "destroyed"
     assert not image_locked(img)
+
+
+def _traced(pid: int) -> bool:
+    """Every thread of ``pid`` has a tracer (the kernel's TracerPid)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        if "\nTracerPid:\t0\n" in Path(f"/proc/{pid}/task/{tid}/status").read_text():
+            return False
+    return True
+
+
+def _eventfds(pid: int) -> dict[int, int]:
+    """A process's eventfds, fd -> the kernel's eventfd-id (/proc/PID/fdinfo: the same id in every process
+    holding one eventfd)."""
+    found = {}
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        with contextlib.suppress(FileNotFoundError):
+            m = re.search(r"^eventfd-id:\s*(\d+)", Path(f"/proc/{pid}/fdinfo/{fd}").read_text(), re.M)
+            if m:
+                found[int(fd)] = int(m.group(1))
+    return found
+
+
+@pytest.mark.needs("strace")
+@pytest.mark.parametrize(
+    ("cache", "write_cache"), [("writeback", True), ("none", True), ("writethrough", False), ("directsync", False)]
+)
+def test_the_disks_cache_mode_decides_when_the_backend_syncs_the_image(
+    kvm: None, tiny_kernel: Path, tmp_path: Path, cache: str, write_cache: bool
+) -> None:
+    """libvirt's cache semantics through the VMM's config: 'writethrough' and 'directsync' sync the image before
+    the guest's write completes; with a write cache ('writeback', 'none') the write completes unsynced and only
+    the guest's flush syncs. A press writes, flushes, then only reads. strace on the backend gives the order of
+    its syncs, its reads of the kick and its signals on the call (the eventfds it shares with the VMM, by the
+    kernel's eventfd-ids; it only reads the kick and only writes the call): the first signal after the first
+    kick completes the write (libvhost-user signals the call once when it is set, before any kick)."""
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(2 * MiB))
+    disks = [{"slot": SLOT, "path": str(img), "cache": cache}]
+    cmdline = f"console=ttyS0 tiny {TINY_IRQ_FLAG}"
+    out = tmp_path / "strace.out"
+    with VmmProcess.start(tmp_path / "vm", tiny_kernel, cmdline=cmdline, sandbox=True, disks=disks) as vm:
+        vm.wait_serial(TINY_BANNER, timeout=60)
+        vm.connect()
+        (dev,) = vm.command("status")["virtio"]
+        pid = dev["backend_pid"]
+        calls = "trace=fsync,fdatasync,read,write"
+        tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", calls, "-o", str(out), "-p", str(pid)])
+        try:
+            wait_for(lambda: _traced(pid), 10, what="strace attached")
+            press_blk(vm, 1)  # the first press sets the device up: the rings' eventfds exist from here
+        finally:
+            tracer.send_signal(signal.SIGINT)  # detaches; its output is complete once it has exited
+            tracer.wait(10)
+        vmm_ids = set(_eventfds(ppid(ppid(pid))).values())  # the backend's parent is the reaper, the VMM's child
+        shared = {fd for fd, ident in _eventfds(pid).items() if ident in vmm_ids}
+        vm.request("destroy")
+        assert vm.wait_exit(timeout=30)["reason"] == "destroyed"
+    events = []
+    for line in out.read_text().splitlines():
+        m = re.match(r"\d+\s+(\w+)\((\d+)", line)
+        if m and m.group(1) in ("fsync", "fdatasync"):
+            events.append("sync")
+        elif m and m.group(1) in ("read", "write") and int(m.group(2)) in shared:
+            events.append("kick" if m.group(1) == "read" else "call")
+    assert "kick" in events and "sync" in events, (events, shared)
+    after_kick = events[events.index("kick") :]
+    assert "call" in after_kick, events
+    synced_before_the_write_completed = "sync" in after_kick[: after_kick.index("call")]
+    assert synced_before_the_write_completed is not write_cache, events
