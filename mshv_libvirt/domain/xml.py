@@ -1122,7 +1122,7 @@ _DISK_TYPES = ("file", "block", "dir", "network", "volume", "nvme", "vhostuser")
 _DISK_TYPES_SUPPORTED = ("file", "block", "volume")
 _DISK_CACHES = ("default", "none", "writethrough", "writeback", "directsync", "unsafe")
 _DISK_IO = ("native", "threads", "io_uring")
-_DISK_IO_SUPPORTED = ("threads",)  # qemu-storage-daemon's default aio
+_DISK_IO_SUPPORTED = _DISK_IO  # qemu-storage-daemon's aio= (Debian's 7.2 is built with io_uring)
 _DISK_DISCARD = ("unmap", "ignore")
 _DISK_DISCARD_SUPPORTED = ("ignore",)  # the backend's default; the device offers no discard
 _DISK_FORMATS_SUPPORTED = ("raw", "qcow2")
@@ -1204,6 +1204,9 @@ def _disk(el: etree._Element) -> _DiskRequest:
                 if value not in supported:
                     raise unsupported(f"disk driver {attr}='{value}' {_NOT_SUPPORTED}")
                 fields[attr] = value
+            if fields.get("io") == "native" and fields.get("cache") not in ("none", "directsync"):
+                # libvirt 9.0's qemu driver, at define: Linux AIO needs O_DIRECT (measured against its libvirtd)
+                raise unsupported("io='native' needs either no disk cache or directsync cache mode")
             fields["driver_name"], fields["format"] = name, fmt
         elif tag == "source":
             attrs = _DISK_SOURCE_ATTRS[dtype]

@@ -94,6 +94,7 @@ def open_disks(cfg: DomainConfig) -> OpenedDisks:
                     "readonly": disk.readonly,
                     "serial": disk.serial,
                     "cache": disk.cache or "default",
+                    "io": disk.io,
                     "fd": fd,
                 }
             )

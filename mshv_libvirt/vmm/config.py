@@ -100,7 +100,8 @@ class RngConfig:
 
 DISK_FORMATS = ("raw", "qcow2")
 DISK_CACHES = ("default", "none", "writeback", "writethrough", "directsync", "unsafe")
-DISK_KEYS = {"slot", "path", "format", "readonly", "serial", "cache", "queues", "fd"}
+DISK_IO = ("native", "threads", "io_uring")
+DISK_KEYS = {"slot", "path", "format", "readonly", "serial", "cache", "io", "queues", "fd"}
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class DiskConfig:
     cache: str = "default"  # 'none' and 'directsync': O_DIRECT
     queues: int = 1
     fd: int | None = None  # the image opened by the daemon: the backend opens /dev/fd/N (its inherited copy)
+    io: str | None = None  # <driver io>: the backend's aio=; None: native with O_DIRECT, else threads
 
     @classmethod
     def from_dict(cls, raw: object) -> DiskConfig:
@@ -136,6 +138,11 @@ class DiskConfig:
             raise ConfigError(f"config field 'disks.format' must be one of {', '.join(DISK_FORMATS)}")
         if cache not in DISK_CACHES:
             raise ConfigError(f"config field 'disks.cache' must be one of {', '.join(DISK_CACHES)}")
+        io = raw.get("io")
+        if io is not None and io not in DISK_IO:
+            raise ConfigError(f"config field 'disks.io' must be null or one of {', '.join(DISK_IO)}")
+        if io == "native" and cache not in ("none", "directsync"):
+            raise ConfigError("config field 'disks.io' 'native' needs cache 'none' or 'directsync' (O_DIRECT)")
         if not isinstance(ro, bool):
             raise ConfigError("config field 'disks.readonly' must be a boolean")
         if serial is not None and (not isinstance(serial, str) or len(serial.encode()) > 20):
@@ -144,7 +151,7 @@ class DiskConfig:
             raise ConfigError("config field 'disks.queues' must be between 1 and 64")
         if fd is not None and (not isinstance(fd, int) or isinstance(fd, bool) or fd < 0):
             raise ConfigError("config field 'disks.fd' must be a descriptor number")
-        return cls(slot, path, fmt, ro, serial, cache, queues, fd)
+        return cls(slot, path, fmt, ro, serial, cache, queues, fd, io)
 
 
 NET_KEYS = {"slot", "fd", "queue_fds", "mac", "mtu", "link_up"}

@@ -232,6 +232,7 @@ class Vmm:
                 direct=disk.cache in ("none", "directsync"),
                 no_flush=disk.cache == "unsafe",
                 writethrough=disk.cache in ("writethrough", "directsync"),
+                aio=disk.io,
                 queues=disk.queues,
                 fd=disk.fd,
             )

@@ -264,6 +264,7 @@ class BlockImage:
     direct: bool = False  # cache='none'|'directsync': O_DIRECT
     no_flush: bool = False  # cache='unsafe': the guest's flushes are ignored
     writethrough: bool = False  # cache='writethrough'|'directsync': each write is flushed before it completes
+    aio: str | None = None  # native | threads | io_uring (<driver io>); None: native with O_DIRECT, else threads
     queues: int = 1
     fd: int | None = None  # the image opened by whoever started the VMM: the backend opens its /dev/fd/N
 
@@ -324,9 +325,8 @@ class Backend:
         # Commas in a path are doubled, QEMU's escaping in option strings.
         filename = (image.path if image.fd is None else f"/dev/fd/{image.fd}").replace(",", ",,")
         cache = f"cache.direct={direct},cache.no-flush={'on' if image.no_flush else 'off'}"
-        file_node = f"driver=file,node-name=file0,filename={filename},read-only={ro},{cache}"
-        if image.direct:
-            file_node += ",aio=native"
+        aio = image.aio or ("native" if image.direct else "threads")
+        file_node = f"driver=file,node-name=file0,filename={filename},read-only={ro},{cache},aio={aio}"
         fmt_node = f"driver={image.format},node-name=disk0,file=file0,read-only={ro},{cache}"
         export = (
             f"type=vhost-user-blk,id=export0,node-name=disk0,addr.type=fd,addr.str={listen_fd},"

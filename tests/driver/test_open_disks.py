@@ -17,11 +17,11 @@ from tests.support.procfs import image_locked
 from tests.support.waits import wait_for
 
 
-def config_with_disk(image: Path) -> DomainConfig:
+def config_with_disk(image: Path, driver: str = "") -> DomainConfig:
     return parse_domain_xml(
         "<domain type='hyperv'><name>d</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
         "<os><type arch='x86_64'>hvm</type><kernel>/boot/k</kernel></os><devices>"
-        f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{image}'/>"
+        f"<disk type='file' device='disk'><driver name='qemu' type='raw'{driver}/><source file='{image}'/>"
         "<target dev='vda' bus='virtio'/></disk></devices></domain>"
     )
 
@@ -63,3 +63,23 @@ def test_a_start_cancelled_while_opening_leaves_no_lock(tmp_path: Path, monkeypa
         await asyncio.to_thread(wait_for, lambda: not image_locked(image), timeout=10, what="the lock released")
 
     asyncio.run(start_then_cancel())
+
+
+@pytest.mark.parametrize(
+    ("driver", "cache", "io"),
+    [
+        ("", "default", None),
+        (" cache='none' io='io_uring'", "none", "io_uring"),
+        (" io='threads'", "default", "threads"),
+    ],
+)
+def test_the_vmms_disk_config_carries_the_cache_and_io_modes(tmp_path: Path, driver: str, cache: str, io: str) -> None:
+    """What the VMM is told (vmm/config.py DiskConfig reads it back) for <driver cache io>."""
+    from mshv_libvirt.vmm.config import DiskConfig
+
+    image = tmp_path / "a.img"
+    image.write_bytes(bytes(4096))
+    with disks.open_disks(config_with_disk(image, driver)) as opened:
+        (entry,) = opened.config
+        parsed = DiskConfig.from_dict(entry)
+    assert (entry["cache"], entry["io"]) == (parsed.cache, parsed.io) == (cache, io)

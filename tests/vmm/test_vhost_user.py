@@ -275,6 +275,40 @@ def test_a_writethrough_export_syncs_every_write_and_a_writeback_one_none(
     assert len(syncs) >= writes if writethrough else syncs == [], syncs
 
 
+@pytest.mark.needs("strace")
+@pytest.mark.parametrize(
+    ("image", "calls"),
+    [
+        (BlockImage("", direct=True), {"io_submit"}),  # cache='none' without io=: Linux AIO
+        (BlockImage("", direct=True, aio="io_uring"), {"io_uring_enter"}),
+        (BlockImage("", direct=True, aio="threads"), {"pread64", "preadv", "preadv2"}),
+        (BlockImage(""), {"pread64", "preadv", "preadv2"}),  # no O_DIRECT, no io=: QEMU's thread pool
+    ],
+)
+def test_the_backend_reads_the_image_with_the_aio_asked_for(
+    tmp_path: Path, mem: GuestMemory, image: BlockImage, calls: set[str]
+) -> None:
+    """<driver io> as qemu-storage-daemon's aio=, seen in the system calls that read the image (strace)."""
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(MiB))
+    backend = Backend(dataclasses.replace(image, path=str(img)))
+    out = tmp_path / "strace.out"
+    traced_calls = "trace=io_submit,io_uring_enter,pread64,preadv,preadv2"
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", traced_calls, "-o", str(out), "-p", str(backend.pid)])
+    try:
+        q = start_queue(backend, mem)
+        wait_for(lambda: _traced(backend.pid), 10, what="strace attached")
+        reads = 4
+        for n in range(reads):
+            assert q.request(T_IN, n * 8, read_len=4096)[0] == S_OK
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(10)
+        backend.stop()
+    names = [line.split()[1].split("(")[0] for line in out.read_text().splitlines() if "resumed" not in line]
+    assert len([n for n in names if n in calls]) >= reads and set(names) <= calls, names
+
+
 def test_the_export_keeps_no_request_counters(tmp_path: Path, mem: GuestMemory) -> None:
     """Why the VMM counts requests itself (its relay, abi/vmm/svq.c): qemu-storage-daemon 7.2's vhost-user-blk
     export does no block accounting (QEMU's virtio-blk-handler.c calls no block_acct_*). Its BlockBackend is

@@ -414,12 +414,41 @@ def test_a_disk_whose_backend_cannot_start_fails_the_vmm_with_the_reason(tiny_ke
         assert "missing.raw" in vm.diagnostics()  # the daemon's own message is in the VM's log
 
 
-@pytest.mark.parametrize("bad", [{"slot": 0, "path": "/x"}, {"slot": 3, "path": "/x", "format": "vmdk"}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"slot": 0, "path": "/x"},
+        {"slot": 3, "path": "/x", "format": "vmdk"},
+        {"slot": 3, "path": "/x", "io": "posix"},
+        {"slot": 3, "path": "/x", "io": "native"},  # Linux AIO needs O_DIRECT: cache 'none' or 'directsync'
+    ],
+)
 def test_disk_config_validation(bad: dict[str, object]) -> None:
     from mshv_libvirt.vmm.config import ConfigError, DiskConfig
 
     with pytest.raises(ConfigError, match="disks"):
         DiskConfig.from_dict(bad)
+
+
+@pytest.mark.parametrize(
+    ("cache", "io", "aio"), [("none", None, "native"), ("none", "io_uring", "io_uring"), ("writeback", None, "threads")]
+)
+def test_the_disks_io_mode_is_the_backends_aio(
+    kvm: None, tiny_kernel: Path, tmp_path: Path, cache: str, io: str | None, aio: str
+) -> None:
+    """<driver io> through the VMM's config: the kernel's record of the backend's command line (its reads
+    under each aio are test_vhost_user's)."""
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(MiB))
+    disks = [{"slot": SLOT, "path": str(img), "cache": cache, "io": io}]
+    with VmmProcess.start(tmp_path / "vm", tiny_kernel, sandbox=True, disks=disks) as vm:
+        vm.connect()
+        (dev,) = vm.command("status")["virtio"]
+        argv = Path(f"/proc/{dev['backend_pid']}/cmdline").read_bytes().split(b"\0")
+        (file_node,) = [a.decode() for a in argv if a.startswith(b"driver=file,")]
+        assert f",aio={aio}" in file_node, argv
+        vm.request("destroy")
+        assert vm.wait_exit(timeout=30)["reason"] == "destroyed"
 
 
 def press_blk(vm: VmmProcess, nth: int) -> dict[str, int]:
