@@ -8,7 +8,8 @@ strace slows each call, so the iothread's polling catches fewer completions than
 ppoll count is an upper bound). fio's libaio at the same depth needs one io_submit and one io_getevents
 per request (or per batch).
 
-Run: ``.tox/py/bin/python benchmarks/blk_syscalls.py [--format raw|qcow2] [--depth N] [--count N] [--dir D]``.
+Run: ``.tox/py/bin/python benchmarks/blk_syscalls.py [--format raw|qcow2] [--depth N] [--count N] [--dir D]
+[--variant V]`` (V as in blk_qsd_options.py: the shipped command line by default).
 Not run by tox.
 """
 
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import blk  # benchmarks/blk.py
+import blk_qsd_options  # its command-line variants
 
 from mshv_libvirt.hv import GuestMemory
 from mshv_libvirt.vmm.devices.virtio import blk as virtio_blk
@@ -50,7 +52,9 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=5000)
     ap.add_argument("--size-mib", type=int, default=64)
     ap.add_argument("--dir", type=Path, default=None, help="where the image goes (not tmpfs: O_DIRECT)")
+    ap.add_argument("--variant", default="shipped", help="a blk_qsd_options.py variant: main-loop, poll0, uring...")
     args = ap.parse_args()
+    blk_qsd_options.use(args.variant)
     if shutil.which("strace") is None:
         print("strace is not installed", file=sys.stderr)
         return 2
@@ -79,7 +83,7 @@ def main() -> int:
                     q.close()
         finally:
             backend.stop()
-        print(f"{args.format}, 4 KiB reads at depth {args.depth}: {r.requests} requests")
+        print(f"{args.format}, 4 KiB reads at depth {args.depth}, {args.variant}: {r.requests} requests")
         print(f"driver: {r.kicks / r.requests:.2f} kicks, {r.waits / r.requests:.2f} sleeps on the call eventfd")
         print("| qemu-storage-daemon call | per request |")
         print("|---|---|")
