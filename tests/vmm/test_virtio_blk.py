@@ -577,6 +577,51 @@ def test_a_backend_that_dies_under_the_guest_is_reported_and_the_vm_runs_on(
     assert not image_locked(img)
 
 
+SHADOW_USED = 16 * 1024 + 4096  # ring 0's shadow used ring in the relay's memfd (abi/vmm/svq.c OFF_USED)
+TINY_BQ_SIZE = 8  # the tiny guest's ring (tests/support/guests.py BQ_SIZE)
+
+
+def test_a_relay_fault_puts_the_device_in_needs_reset_with_the_reason_and_the_vm_runs_on(
+    kvm: None, tiny_kernel: Path, tmp_path: Path
+) -> None:
+    """What the backend side of the relay can break (a used id not in flight), injected from outside through
+    the relay's shadow memfd (the backend maps the same pages): the relay stops, its error eventfd reaches the
+    VMM's main loop, and the device reports DEVICE_NEEDS_RESET with the relay's reason; the VM runs on (its
+    driver, which has no reset path, waits for the request the relay dropped)."""
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(MiB))
+    disks = [{"slot": SLOT, "path": str(img)}]
+    with VmmProcess.start(tmp_path / "vm", tiny_kernel, cmdline="console=ttyS0 tiny", sandbox=True, disks=disks) as vm:
+        vm.wait_serial(TINY_BANNER, timeout=60)
+        vm.connect()
+        press_blk(vm, 1)  # the device is up; nothing is in flight once the press printed
+        shadow = [
+            fd
+            for fd in Path(f"/proc/{vm.proc.pid}/fd").iterdir()
+            if os.readlink(fd).startswith("/memfd:mshv-blk-shadow")
+        ]
+        assert len(shadow) == 1, shadow
+        fd = os.open(shadow[0], os.O_RDWR)
+        try:
+            (idx,) = struct.unpack("<H", os.pread(fd, 2, SHADOW_USED + 2))
+            os.pwrite(fd, struct.pack("<II", 5, 0), SHADOW_USED + 4 + 8 * (idx % TINY_BQ_SIZE))  # head 5: idle
+            os.pwrite(fd, struct.pack("<H", (idx + 1) & 0xFFFF), SHADOW_USED + 2)
+        finally:
+            os.close(fd)
+        vm.console_send(b"j")  # the guest's next kick wakes the relay, which finds the bogus entry
+
+        def reported() -> dict[str, Any] | None:
+            (d,) = vm.command("status")["virtio"]
+            return d if d["status"] & vpci.STATUS_NEEDS_RESET else None
+
+        dev = wait_for(reported, 10, what=vm.diagnostics)
+        assert dev["error"] == "virtio-blk relay queue 0: the backend used a descriptor not in flight (5)", dev
+        assert dev["backend_alive"] and vm.command("status")["state"] == "running"  # the guest waits on its ring
+        vm.request("destroy")
+        assert vm.wait_exit(timeout=30)["reason"] == "destroyed"
+    assert not image_locked(img)
+
+
 def _traced(pid: int) -> bool:
     """Every thread of ``pid`` has a tracer (the kernel's TracerPid)."""
     for tid in os.listdir(f"/proc/{pid}/task"):
