@@ -553,3 +553,8 @@ void mshv_net_free(void *h)
     pthread_cond_destroy(&n->cond);
     free(n);
 }
+
+void mshv_net_fence(void)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}

@@ -28,5 +28,7 @@ int mshv_net_queue_state(void *n, int q, uint16_t *last_avail, uint16_t *used_id
 void mshv_net_get_stats(void *n, struct mshv_net_stats *out);
 int mshv_net_error(void *n, char *buf, size_t len);
 void mshv_net_free(void *n);
+/* A full memory fence, for Python code that must order a store to guest RAM before a load (EVENT_IDX). */
+void mshv_net_fence(void);
 
 #endif

@@ -106,11 +106,15 @@ class Rig:
             self.ram.write(desc + 16 * (base + i), struct.pack("<QIHH", gpa, length, flags, nxt))
         self.ram.write(avail + 4 + 2 * (slot % QSIZE), struct.pack("<H", base))
         self.ram.write(avail + 2, struct.pack("<H", slot + 1))
-        os.eventfd_write(self.function.kicks[q], 1)
+        # as Linux's virtqueue_kick_prepare: with EVENT_IDX only when the device's avail_event asks for it
+        (event,) = struct.unpack("<H", self.ram.read(RINGS[q][2] + 4 + 8 * QSIZE, 2))
+        if not self.event_idx or (slot - event) & 0xFFFF < 1:  # vring_need_event(event, slot + 1, slot)
+            os.eventfd_write(self.function.kicks[q], 1)
         wait_for(lambda: self.used(q) == slot + 1, timeout=10, what=f"control command {slot} used")
         return self.ram.read(ack, 1)[0]
 
     ctrl = 2  # the control queue's index: 2N with MQ negotiated
+    event_idx = False  # the driver kicks as EVENT_IDX says
 
 
 @contextlib.contextmanager
@@ -265,6 +269,19 @@ def test_one_pair_offers_the_control_queue_without_mq() -> None:
 
 
 MQ_FEATURES = vpci.F_VERSION_1 | vnet.F_MAC | vnet.F_CTRL_VQ | vnet.F_MQ
+
+
+def test_with_event_idx_the_control_queue_asks_for_every_kick() -> None:
+    """Linux negotiates EVENT_IDX and kicks the control queue only when avail_event says so, then busy-waits
+    for the ack: the device must move avail_event past each command it served (else the next is never
+    kicked and the guest spins forever, as a Linux boot did at ipconfig's RX mode commands)."""
+    with rig() as r:
+        r.event_idx = True
+        r.driver_init(vpci.F_VERSION_1 | vnet.F_MAC | vpci.F_EVENT_IDX | vnet.F_CTRL_VQ | vnet.F_CTRL_RX, queues=3)
+        for slot in range(4):  # Linux's set_rx_mode: PROMISC, ALLMULTI, MAC_TABLE_SET, and once more
+            assert r.command(slot, vnet.CTRL_RX, slot % 2, b"\1") == vnet.CTRL_OK
+        (event,) = struct.unpack("<H", r.ram.read(RINGS[2][2] + 4 + 8 * QSIZE, 2))
+        assert event == 4 and r.net.ctrl_commands == 4
 
 
 def test_vq_pairs_set_runs_exactly_that_many_pairs_and_frames_use_pair_two() -> None:

@@ -340,17 +340,26 @@ class VirtioNet:
         assert transport is not None
         mem = transport.memory
         used = False
-        while (chain := queue.pop(mem)) is not None:
-            ack = self._command(transport, self._read_command(chain))
-            writable = chain.writable
-            if writable and writable[0].length:
-                mem.write(writable[0].gpa, bytes([ack]))
-                queue.push(mem, chain.head, 1)
-            else:
-                queue.push(mem, chain.head, 0)  # nowhere to put the ack: the driver learns nothing
-            self.ctrl_commands += 1
-            used = True
-        return used
+        while True:
+            while (chain := queue.pop(mem)) is not None:
+                ack = self._command(transport, self._read_command(chain))
+                writable = chain.writable
+                if writable and writable[0].length:
+                    mem.write(writable[0].gpa, bytes([ack]))
+                    queue.push(mem, chain.head, 1)
+                else:
+                    queue.push(mem, chain.head, 0)  # nowhere to put the ack: the driver learns nothing
+                self.ctrl_commands += 1
+                used = True
+            if not transport.driver_features & F_EVENT_IDX:
+                return used
+            # EVENT_IDX: the driver kicks only when its new index passes avail_event (the used ring's last
+            # field), so ask for the very next one (Linux busy-waits on each command: a missed kick hangs it),
+            # then look again for what it published before reading the new value (a full fence between).
+            mem.write(queue.device + 4 + 8 * queue.size, struct.pack("<H", queue.last_avail))
+            self._lib.mshv_net_fence()
+            if not queue.pending(mem):
+                return used
 
     def _read_command(self, chain: Chain) -> bytes:
         assert self._transport is not None
