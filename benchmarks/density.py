@@ -332,10 +332,10 @@ def record(
     text = RESULTS.read_text()
     if HEADING not in text:
         text += (
-            f"\n\n{HEADING} — tiny guests on one virtmshvd: started at once vs. one after another; list and "
-            "domstats latency and the daemon's RSS with them all running vs. none\n"
-            "Latencies are medians in ms, none running / all running (target <= 2x); the start is from the first "
-            "call to the last banner (target <= 0.6x); the daemon's VmRSS idle -> all running (target <= +20 MiB).\n\n"
+            f"{'' if text.endswith(chr(10) * 2) else chr(10)}{HEADING} — tiny guests on one virtmshvd: started at once "
+            "vs. one after another; list and domstats latency and the daemon's RSS with them all running vs. none\n"
+            "Latencies are medians in ms, none running / all running (target <= 2x); the start is from the first call\n"
+            "to the last banner (target <= 0.6x); the daemon's VmRSS idle -> all running (target <= +20 MiB).\n\n"
             "| date (UTC) | load (1 min) before / after | guests | start: at once / one after another | "
             "virsh list --all | virsh domstats | listAllDomains | getAllDomainStats | daemon CPU per listAllDomains "
             "| daemon CPU per getAllDomainStats | daemon VmRSS |\n"
