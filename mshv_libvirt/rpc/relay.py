@@ -60,6 +60,9 @@ STREAM_PROCS = frozenset({208, 209})
 # Streams one client connection may hold open at once (libvirt has no limit; each is an open file
 # in libvirt's daemon and an entry here).
 MAX_STREAMS = 64
+# Stream packets kept for a call libvirtd has not answered yet (its data may come first); more ends the
+# upstream connection (the call then fails) rather than grow without bound: 64 x 256 KiB.
+MAX_EARLY_PACKETS = 64
 # Upstream data waiting for this client beyond this: stop reading upstream until the client reads.
 CLIENT_BACKLOG = 256 << 10
 
@@ -104,6 +107,9 @@ class _Upstream:
     what: str
     client: RemoteClient | None = None
     to_client: dict[int, int] = field(default_factory=dict)  # upstream stream serial -> client serial
+    # Stream data of calls not answered yet: libvirtd's event loop may send a download's first packets
+    # before its worker sends the call's reply (daemonAddClientStream arms the stream first).
+    early: dict[int, list[StreamPacket]] = field(default_factory=dict)
 
 
 class Relay:
@@ -171,19 +177,27 @@ class Relay:
             return self.conn.send_error(call, RemoteError(ErrorCode.RPC, ErrorDomain.RPC, detail))
 
         def on_reply(reply: Reply) -> None:
-            # Sent from the reader, so the client has the reply before the stream data that follows it.
+            # Sent from the reader, so the client has the reply before the stream data that follows it,
+            # and before whatever came ahead of the reply (kept in up.early until now).
             self._opening.discard(call.serial)
+            early = up.early.pop(reply.serial, [])
             if reply.status is Status.OK:
                 self._streams[call.serial] = (up, reply.serial, call.proc)
                 up.to_client[reply.serial] = call.serial
             self.send(self._reply(call, reply))
+            for pkt in early:
+                self._stream_from_upstream(up, pkt)
 
         self._opening.add(call.serial)
+        upstream_serial = None
         try:
-            _, future = client.start_call(call.proc, call.payload, stream=True, on_reply=on_reply)
+            upstream_serial, future = client.start_call(call.proc, call.payload, stream=True, on_reply=on_reply)
+            up.early[upstream_serial] = []  # before the reader can run: nothing it reads is lost
             await future
         finally:
             self._opening.discard(call.serial)
+            if upstream_serial is not None:
+                up.early.pop(upstream_serial, None)
         return b""  # already sent
 
     def _end_stream(self, up: _Upstream, upstream_serial: int) -> tuple[_Upstream, int, int] | None:
@@ -274,6 +288,12 @@ class Relay:
     def _stream_from_upstream(self, up: _Upstream, pkt: StreamPacket) -> None:
         serial = up.to_client.get(pkt.serial)
         if serial is None:
+            early = up.early.get(pkt.serial)
+            if early is not None:
+                early.append(pkt)
+                if len(early) > MAX_EARLY_PACKETS and up.client is not None:
+                    # Bounded: libvirtd sends the reply right behind its first packets.
+                    up.client.close(f"more than {MAX_EARLY_PACKETS} stream packets before the call's reply")
             return
         mtype = MessageType.STREAM_HOLE if pkt.hole else MessageType.STREAM
         self.send(pack_packet(REMOTE_PROGRAM, pkt.proc, mtype, serial, pkt.status, pkt.payload))

@@ -649,3 +649,79 @@ def test_a_libvirtd_answering_garbage_gives_not_supported_never_a_hang(tmp_path:
         stop.set()
         thread.join(10)
         server.close()
+
+
+def test_download_data_sent_before_the_calls_reply_reaches_the_client(tmp_path: Path) -> None:
+    """libvirtd arms a download's stream (daemonAddClientStream) before its worker sends the call's reply, so
+    its event loop can send the first data packet ahead of the reply (the isolation run of 2026-12-04 lost
+    one such 262120-byte packet of a 96 MiB download). A 'libvirtd' that always does so: every byte arrives,
+    in order, the reply first."""
+    runtime = tmp_path / "run"
+    (runtime / "libvirt").mkdir(parents=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(runtime / "libvirt" / "libvirt-sock"))
+    server.listen(4)
+    stop = threading.Event()
+    first, second = os.urandom(1000), os.urandom(3000)
+    CONTINUE = 2  # a stream packet's status: more follows
+
+    def packet(prog: int, vers: int, proc: int, mtype: int, serial: int, status: int, payload: bytes) -> bytes:
+        return struct.pack(">7I", 28 + len(payload), prog, vers, proc, mtype, serial, status) + payload
+
+    def reply_payload(proc: int) -> bytes:
+        p = Packer()
+        if proc == 66:  # virAuthList: AUTH_NONE
+            p.uint(1)
+            p.int(0)
+        elif proc == 60:  # virConnectSupportsFeature (keepalive): yes
+            p.int(1)
+        elif proc == 97:  # virStorageVolLookupByPath: remote_nonnull_storage_vol
+            for field_ in ("fakepool", "early.raw", "/fake/early.raw"):
+                p.string(field_)
+        return p.getvalue()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(10)
+                with contextlib.suppress(OSError):
+                    while head := conn.recv(28, socket.MSG_WAITALL):
+                        length, prog, vers, proc, mtype, serial, _ = struct.unpack(">7I", head)
+                        conn.recv(length - 28, socket.MSG_WAITALL) if length > 28 else b""
+                        if mtype == rawrpc.STREAM:  # the client's finish: confirm it
+                            conn.sendall(packet(prog, vers, proc, rawrpc.STREAM, serial, rawrpc.OK, b""))
+                        elif proc == 209:  # virStorageVolDownload: data, then the reply, then the rest
+                            conn.sendall(packet(prog, vers, proc, rawrpc.STREAM, serial, CONTINUE, first))
+                            conn.sendall(packet(prog, vers, proc, rawrpc.REPLY, serial, rawrpc.OK, b""))
+                            conn.sendall(packet(prog, vers, proc, rawrpc.STREAM, serial, CONTINUE, second))
+                            conn.sendall(packet(prog, vers, proc, rawrpc.STREAM, serial, CONTINUE, b""))  # EOF
+                        elif mtype == rawrpc.CALL:
+                            conn.sendall(packet(prog, vers, proc, rawrpc.REPLY, serial, rawrpc.OK, reply_payload(proc)))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    d = DaemonProcess(tmp_path / "d", env={"XDG_RUNTIME_DIR": str(runtime)}).start()
+    try:
+        conn = libvirt.open(session_uri(d))
+        try:
+            vol = conn.storageVolLookupByPath("/fake/early.raw")
+            st = conn.newStream(0)
+            vol.download(st, 0, 0, 0)
+            got = b""
+            while chunk := st.recv(1 << 18):
+                got += chunk
+            st.finish()
+            assert got == first + second
+        finally:
+            conn.close()
+        assert "Traceback" not in d.log.read_text(errors="replace")
+    finally:
+        d.stop()
+        stop.set()
+        thread.join(10)
+        server.close()
