@@ -42,7 +42,7 @@ import signal
 import struct
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -564,6 +564,9 @@ class Vmm:
             "exits": sum(t.exits for t in vm.vcpus) if vm else 0,
             # Of those, the ones Python completed (the rest the compiled run loop did, vmm/runloop.py).
             "python_exits": sum(t.python_exits for t in vm.vcpus) if vm else 0,
+            "python_exit_sites": dict(sum((t.python_exit_sites.copy() for t in vm.vcpus), Counter()).most_common())
+            if vm
+            else {},
             "virtio": [_virtio_status(f) for f in vm.platform.virtio] if vm else [],
             "sandbox": st.as_json() if (st := sandbox.state()) is not None else None,
         }

@@ -18,6 +18,7 @@ runs the VP through it, and ExitHandler sees only the exits the loop does not co
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import enum
@@ -129,6 +130,14 @@ def _frames(err: BaseException) -> str:
         for frame, lineno in traceback.walk_tb(err.__traceback__)
     ]
     return "\n".join(out)
+
+
+def _site(msg: HvMessage) -> str:
+    if msg.kind == "io_port":
+        return f"io {msg.as_io_port().port:#x}"
+    if msg.kind == "memory":
+        return f"mmio {msg.as_memory().gpa & ~0xFFF:#x}"
+    return msg.kind
 
 
 class ExitGate:
@@ -281,6 +290,8 @@ class VcpuThread:
         self._state = VcpuState.PAUSED
         self._event_pending = threading.Event()
         self.python_exits = 0  # exits ExitHandler completed (all of them without a compiled loop)
+        # ... by where they went: "io 0x64", "mmio 0xfec00000" (the page), or the message's kind.
+        self.python_exit_sites: collections.Counter[str] = collections.Counter()
 
     @property
     def exits(self) -> int:
@@ -405,6 +416,7 @@ class VcpuThread:
                     continue
                 raise
             self.python_exits += 1
+            self.python_exit_sites[_site(msg)] += 1
             if not self._handler.handle(self.vp, self.index, msg):
                 self._state = VcpuState.PAUSED  # Running -- VM-level exit --> Paused; VM decides
                 return
