@@ -167,7 +167,7 @@ void *mshv_port_table_new(void)
 int mshv_port_table_add(void *table, uint16_t base, uint16_t len, int kind, uint64_t arg)
 {
     struct port_table *t = table;
-    if (len == 0 || (uint32_t)base + len > 0x10000 || kind < MSHV_PORT_SINK || kind > MSHV_PORT_RTC)
+    if (len == 0 || (uint32_t)base + len > 0x10000 || kind < MSHV_PORT_SINK || kind > MSHV_PORT_STATUS)
         return -EINVAL;
     if (kind >= MSHV_PORT_SERIAL && (arg == 0 || len > 8))
         return -EINVAL;
@@ -322,6 +322,10 @@ static int port_io(struct vcpu_loop *l, const struct hv_x64_io_port_intercept_me
     } else if (e->kind == MSHV_PORT_RTC) {
         if (!rtc_access((void *)(uintptr_t)e->arg, offset, size, write, io->rax, &value))
             return 0;
+    } else if (e->kind == MSHV_PORT_STATUS) {
+        if (write || size != 1)
+            return 0;
+        value = __atomic_load_n((const uint8_t *)(uintptr_t)e->arg, __ATOMIC_ACQUIRE);
     } else if (!write && e->kind == MSHV_PORT_PM_TIMER) {
         value = ((uint64_t)pm_timer(e->arg) >> (8 * offset)) & mask;
     }

@@ -22,6 +22,9 @@
  * NMI mask bit) and reads of CMOS RAM (0x0E-0x7F but the century) here; the clock's registers and every data
  * write go to Python (vmm/devices/rtc.py). */
 #define MSHV_PORT_RTC 5
+/* MSHV_PORT_STATUS: a one-byte read-only register that Python publishes at address arg after every change
+ * of its device (the i8042's status, whose reads change nothing); reads here, writes to Python. */
+#define MSHV_PORT_STATUS 6
 
 #define MSHV_LOOP_EXIT 0
 #define MSHV_LOOP_KICKED 1

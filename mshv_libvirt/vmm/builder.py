@@ -46,7 +46,7 @@ from .config import VmmConfig
 from .devices.acpi_pm import BLOCK_SIZE as PM_BLOCK_SIZE
 from .devices.acpi_pm import PM_TMR, AcpiPm
 from .devices.bus import Bus, BusDevice
-from .devices.i8042 import I8042
+from .devices.i8042 import I8042, STATUS_COMMAND
 from .devices.ioapic import MMIO_SIZE as IOAPIC_MMIO_SIZE
 from .devices.ioapic import IoApic
 from .devices.pci.bridge import CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, BarAllocator, ConfigPorts, Ecam, PciRootBus
@@ -55,7 +55,16 @@ from .devices.pvpanic import PvPanic
 from .devices.rtc import CmosRtc, local_utc_offset
 from .devices.serial import Serial16550
 from .interrupts import IrqfdSink, MsiRouting
-from .runloop import PORT_PCI, PORT_PM_TIMER, PORT_RTC, PORT_SERIAL, PORT_SINK, CompiledRunLoop, PortTable
+from .runloop import (
+    PORT_PCI,
+    PORT_PM_TIMER,
+    PORT_RTC,
+    PORT_SERIAL,
+    PORT_SINK,
+    PORT_STATUS,
+    CompiledRunLoop,
+    PortTable,
+)
 from .vcpu import ExitGate, ExitHandler, VcpuEvent, VcpuThread, VmExit, VmExitKind
 
 # virtio devices import their modules when a VM has them (attach_virtio_devices), not at every start.
@@ -351,6 +360,7 @@ def attach_devices(
     platform.fast_ports.add(COM1_PORT, 8, PORT_SERIAL, serial.handle, serial)
     platform.fast_ports.add(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, PORT_PCI, pci.handle, pci)
     platform.fast_ports.add(acpi.RTC_PORT, acpi.RTC_PORTS_LENGTH, PORT_RTC, platform.rtc.handle, platform.rtc)
+    platform.fast_ports.add(I8042_PORT + STATUS_COMMAND, 1, PORT_STATUS, i8042.status_handle, i8042)
     if pm is not None:
         # Python's PM_TMR and the loop's count from the same epoch on CLOCK_MONOTONIC (time.monotonic_ns).
         platform.fast_ports.add(acpi.PM1A_EVT_PORT + PM_TMR, 4, PORT_PM_TIMER, pm.timer_epoch_ns)

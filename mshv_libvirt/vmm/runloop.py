@@ -6,7 +6,8 @@ The interface between the loop and Python is narrow on purpose:
   I/O ports the loop completes itself -- the ACPI PM timer, ports nobody claims (0x80 POST codes), the
   16550A whose registers live in C (vmm/devices/serial.py), reads of PCI configuration mechanism #1
   (vmm/devices/pci/bridge.py; its writes come back as exits), the CMOS RTC's index register and RAM
-  reads (vmm/devices/rtc.py; its clock registers come back as exits) -- each also registered on the Python bus,
+  reads (vmm/devices/rtc.py; its clock registers come back as exits), the i8042's status register as
+  vmm/devices/i8042.py publishes it -- each also registered on the Python bus,
   which answers identically when no loop runs (fake VPs).
 * :class:`CompiledRunLoop` (one per vCPU): ``run()`` returns only an exit Python must complete
   (every other intercept: devices that stay in Python, HLT with interrupts off, triple faults, EOIs,
@@ -36,6 +37,7 @@ PORT_PM_TIMER = 2
 PORT_SERIAL = 3
 PORT_PCI = 4
 PORT_RTC = 5
+PORT_STATUS = 6
 LOOP_EXIT = 0
 LOOP_KICKED = 1
 LOOP_ERROR = 2

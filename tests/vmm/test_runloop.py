@@ -20,7 +20,8 @@ import pytest
 from mshv_libvirt.hv import GuestMemory, MshvSystem, Reg, VpFd
 from mshv_libvirt.vmm import builder, layout
 from mshv_libvirt.vmm.console import Console, open_log_files
-from mshv_libvirt.vmm.devices import serial
+from mshv_libvirt.vmm.devices import i8042, serial
+from mshv_libvirt.vmm.devices.i8042 import I8042
 from mshv_libvirt.vmm.devices.pci.bridge import CONFIG_ADDRESS_PORT, CONFIG_PORTS_LENGTH, ConfigPorts, PciRootBus
 from mshv_libvirt.vmm.devices.rtc import CmosRtc
 from mshv_libvirt.vmm.devices.serial import Serial16550
@@ -30,6 +31,7 @@ from mshv_libvirt.vmm.runloop import (
     PORT_RTC,
     PORT_SERIAL,
     PORT_SINK,
+    PORT_STATUS,
     CompiledRunLoop,
     PortTable,
 )
@@ -252,3 +254,29 @@ def test_rtc_index_and_cmos_ram_are_served_in_c_and_the_clock_in_python(guest: t
         assert (stats.fast_io, stats.to_python) == (4, 3), stats  # index write, index read, RAM read, write
     finally:
         rtc.close()
+
+
+def test_the_i8042_status_is_read_in_c_as_python_last_published_it(guest: tuple[VpFd, GuestMemory]) -> None:
+    vp, mem = guest
+    kbc = I8042(lambda: None)
+    table = PortTable()
+    table.add(0x64, 1, PORT_STATUS, kbc.status_handle, kbc)
+    code = b"\xe4\x64" + OUT_REPORT_EAX  # status: nothing to read
+    code += b"\xb0\xaa" + b"\xe6\x64"  # the self-test command: Python's; it queues 0x55
+    code += b"\xe4\x64" + OUT_REPORT_EAX  # status: OBF now set
+    code += b"\xe4\x60" + b"\xe4\x64" + OUT_REPORT_EAX + HLT  # the data read (Python's) empties it again
+    mem.write(CODE, code)
+    loop = CompiledRunLoop(table, vp)
+    assert report(loop, vp) & 0xFF == kbc.read(4, 1) == i8042.STATUS_SYS | i8042.STATUS_UNLOCKED
+    io = loop.run().as_io_port()
+    assert (io.port, io.is_write) == (0x64, True)
+    kbc.write(4, 1, io.rax & 0xFF)
+    vp.set_registers({Reg.RIP: io.rip + io.instruction_length})
+    assert report(loop, vp) & i8042.STATUS_OBF
+    io = loop.run().as_io_port()
+    assert (io.port, io.is_write) == (0x60, False)
+    assert kbc.read(0, 1) == 0x55
+    vp.set_registers({Reg.RAX: 0x55, Reg.RIP: io.rip + io.instruction_length})
+    assert not report(loop, vp) & i8042.STATUS_OBF
+    stats = loop.stats()
+    assert (stats.fast_io, stats.to_python) == (3, 5), stats  # 3 status reads; 3 reports, the command, the data

@@ -8,6 +8,9 @@ answers like an MF2 keyboard, so Linux's probe finishes quickly instead of timin
 Keys (``send-key``) arrive through :meth:`I8042.inject_keys` as scancodes of translated set 1, what the
 guest reads from port 0x60 with the controller's default translation on; the keyboard's own buffer holds
 at most ``KEY_BUFFER`` bytes, like a real keyboard's, and drops what does not fit.
+
+The status register (port 0x64 reads, which change nothing) is also published to the compiled module's
+memory after every change, where the vCPU run loop reads it (Linux's probe polls it thousands of times).
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import Any
+
+from mshv_libvirt._mshv import ffi
 
 DATA = 0
 STATUS_COMMAND = 4
@@ -64,12 +70,22 @@ class I8042:
         self._pending_cmd: int | None = None
         self._outport = 0x01  # bit 0: CPU not in reset
         self.reset_requested = False
+        self._published: Any = ffi.new("uint8_t *", self._status)
+
+    @property
+    def status_handle(self) -> int:
+        """Where the status byte is published, for the run loop's port table (lives as long as this object)."""
+        return int(ffi.cast("uintptr_t", self._published))
+
+    def _publish(self) -> None:
+        self._published[0] = self._status | (STATUS_OBF if self._out else 0)
 
     def read(self, offset: int, size: int) -> int:
         with self._lock:
             if offset == DATA:
                 value = self._out.popleft() if self._out else 0
                 self._update_irq()
+                self._publish()
                 return value
             if offset == STATUS_COMMAND:
                 return self._status | (STATUS_OBF if self._out else 0)
@@ -84,6 +100,7 @@ class I8042:
             elif offset == DATA:
                 self._status &= ~STATUS_CMD
                 self._data(value)
+            self._publish()
 
     def _command(self, cmd: int) -> None:
         self._pending_cmd = None
@@ -148,6 +165,7 @@ class I8042:
             accepted = scancodes[:room]
             if accepted:
                 self._push(*accepted)
+                self._publish()
             return len(accepted)
 
     def _push(self, *values: int) -> None:
