@@ -32,6 +32,7 @@
 
 #define MAX_REGIONS 8
 #define MAX_IOV 64
+#define MRG_IOV 1024 /* UIO_MAXIOV: one readv over as many rx chains as a merged frame may take */
 #define BATCH 64
 #define DESC_F_NEXT 1
 #define DESC_F_WRITE 2
@@ -63,6 +64,7 @@ struct mshv_net {
     int nregions;
     struct vq q[2];
     int event_idx;
+    uint32_t mrg_max; /* MRG_RXBUF: the chains' room gathered before a read (header + largest frame); 0 off */
     int running, link_up, rx_waiting, tap_polled, kicks_polled;
     pthread_t thread;
     int have_thread;
@@ -166,14 +168,25 @@ static int pop(struct mshv_net *n, int qi, int want_write, struct iovec *iov, ui
     return cnt;
 }
 
-static void push(struct vq *v, uint16_t head, uint32_t len)
+/* Writes a used element; the driver sees it at the next publish_used. */
+static void put_used(struct vq *v, uint16_t head, uint32_t len)
 {
     uint8_t *elem = v->hused + 4 + 8 * (size_t)(v->used_idx % v->size);
     uint32_t id = head;
     memcpy(elem, &id, 4);
     memcpy(elem + 4, &len, 4);
     v->used_idx++;
+}
+
+static void publish_used(struct vq *v)
+{
     __atomic_store_n((uint16_t *)(v->hused + 2), v->used_idx, __ATOMIC_RELEASE);
+}
+
+static void push(struct vq *v, uint16_t head, uint32_t len)
+{
+    put_used(v, head, len);
+    publish_used(v);
 }
 
 /* After a batch: tell the driver when to kick next, and whether anything arrived since (full fence between). */
@@ -248,6 +261,85 @@ static void do_tx(struct mshv_net *n)
         maybe_interrupt(n, v);
 }
 
+/* Stores num_buffers (le16, bytes 10..11 of virtio_net_hdr) wherever the header's iovecs put it. */
+static void set_num_buffers(const struct iovec *iov, int cnt, uint16_t num)
+{
+    uint8_t b[2] = {(uint8_t)num, (uint8_t)(num >> 8)};
+    size_t off = 10;
+    for (int i = 0, k = 0; i < cnt && k < 2; i++) {
+        size_t len = iov[i].iov_len;
+        while (off < len && k < 2)
+            ((uint8_t *)iov[i].iov_base)[off++] = b[k++];
+        off = off >= len ? off - len : 0;
+    }
+}
+
+/* MRG_RXBUF (virtio 1.2 5.1.6.4): chains are popped until their room holds the largest frame the tap may
+ * deliver (the tap reports no frame's length before the read, and a short read loses the frame), then one
+ * readv fills as many as the frame needs; the rest go back to the available ring untouched. No bounce copy,
+ * and a frame waits in the tap while the ring has too little room, unless all of the ring (or MRG_IOV) is too
+ * little: then it is read, and dropped if it did not fit. */
+static void do_rx_merge(struct mshv_net *n)
+{
+    struct vq *v = &n->q[RXQ];
+    struct iovec iov[MRG_IOV];
+    uint16_t heads[MRG_IOV];
+    size_t room[MRG_IOV];
+    int used = 0;
+    for (int b = 0; b < BATCH && n->running; b++) {
+        int niov = 0, nch = 0, cnt = 0, first_cnt = 0;
+        size_t cap = 0;
+        while (cap < n->mrg_max && nch < v->size && niov + MAX_IOV < MRG_IOV) {
+            cnt = pop(n, RXQ, 1, iov + niov, &heads[nch], &room[nch]);
+            if (cnt <= 0)
+                break;
+            if (!nch)
+                first_cnt = cnt;
+            niov += cnt;
+            cap += room[nch++];
+        }
+        if (cnt < 0)
+            break;
+        if (cnt == 0 && cap < n->mrg_max) {
+            int more = arm_kick(n, v); /* armed past what is popped: a kick means room beyond it */
+            v->last_avail -= (uint16_t)nch;
+            if (more)
+                continue;
+            n->rx_waiting = 1;
+            poll_tap(n, 0); /* until the driver kicks with more buffers */
+            break;
+        }
+        /* A short read returns what fit and loses the rest: one spill byte tells a cut frame from a full fit. */
+        uint8_t spill;
+        iov[niov++] = (struct iovec){&spill, 1};
+        ssize_t r = readv(n->tap, iov, niov);
+        if (r < 0) {
+            v->last_avail -= (uint16_t)nch; /* nothing to read: the chains stay available */
+            break;
+        }
+        if (r < 12 || (size_t)r > cap) {
+            v->last_avail -= (uint16_t)nch;
+            stat_add(&n->st.rx_drops, 1);
+            continue;
+        }
+        int k = 0;
+        size_t left = (size_t)r;
+        while (left) {
+            uint32_t len = (uint32_t)(left < room[k] ? left : room[k]);
+            put_used(v, heads[k++], len);
+            left -= len;
+        }
+        set_num_buffers(iov, first_cnt, (uint16_t)k);
+        v->last_avail -= (uint16_t)(nch - k);
+        publish_used(v); /* the frame's chains appear together */
+        stat_add(&n->st.rx_packets, 1);
+        stat_add(&n->st.rx_bytes, (uint64_t)r - 12);
+        used++;
+    }
+    if (used && n->running)
+        maybe_interrupt(n, v);
+}
+
 static void do_rx(struct mshv_net *n)
 {
     struct vq *v = &n->q[RXQ];
@@ -255,6 +347,10 @@ static void do_rx(struct mshv_net *n)
     int used = 0;
     if (!n->link_up) {
         poll_tap(n, 0);
+        return;
+    }
+    if (n->mrg_max) {
+        do_rx_merge(n);
         return;
     }
     for (int b = 0; b < BATCH && n->running; b++) {
@@ -465,6 +561,17 @@ int mshv_net_set_queue(void *h, int q, uint16_t size, uint64_t desc, uint64_t av
         n->q[q] = (struct vq){size, desc, avail, used, kick_fd, call_fd, last_avail, used_idx, used_idx, 0, 0, 0};
         rc = 0;
     }
+    pthread_mutex_unlock(&n->lock);
+    return rc;
+}
+
+int mshv_net_set_rx_merge(void *h, uint32_t max_len)
+{
+    struct mshv_net *n = h;
+    pthread_mutex_lock(&n->lock);
+    int rc = n->running ? -EBUSY : 0;
+    if (!rc)
+        n->mrg_max = max_len;
     pthread_mutex_unlock(&n->lock);
     return rc;
 }

@@ -23,6 +23,8 @@ int mshv_net_set_queue(void *n, int q, uint16_t size, uint64_t desc, uint64_t av
                        int kick_fd, int call_fd, uint16_t last_avail, uint16_t used_idx);
 int mshv_net_start(void *n, int event_idx);
 int mshv_net_stop(void *n);
+/* While stopped: MRG_RXBUF on (max_len: the 12-byte header + the largest frame the tap may deliver) or 0 off. */
+int mshv_net_set_rx_merge(void *n, uint32_t max_len);
 int mshv_net_set_link(void *n, int up);
 int mshv_net_queue_state(void *n, int q, uint16_t *last_avail, uint16_t *used_idx);
 void mshv_net_get_stats(void *n, struct mshv_net_stats *out);

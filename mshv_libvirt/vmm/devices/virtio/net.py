@@ -69,12 +69,15 @@ F_GUEST_TSO4 = 1 << 7
 F_GUEST_TSO6 = 1 << 8
 F_HOST_TSO4 = 1 << 11
 F_HOST_TSO6 = 1 << 12
+F_MRG_RXBUF = 1 << 15
 F_STATUS = 1 << 16
 F_CTRL_VQ = 1 << 17
 F_CTRL_RX = 1 << 18
 F_MQ = 1 << 22
 F_CTRL_MAC_ADDR = 1 << 23
 S_LINK_UP = 1
+GSO_MAX = 65536  # the largest frame a GSO skb hands the tap with guest TSO on
+ETH_VLAN_HLEN = 18  # dst, src, an 802.1Q tag, ethertype
 
 # Control queue commands (virtio 1.2 5.1.6.5): class, command; the ack byte the driver reads back.
 CTRL_RX, CTRL_RX_PROMISC, CTRL_RX_ALLMULTI = 0, 0, 1
@@ -164,7 +167,7 @@ class VirtioNet:
         self.link_up = link_up
         fcntl.ioctl(tap_fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))  # per tap, not per queue
         self.features = (
-            F_MAC | F_STATUS | F_EVENT_IDX | F_CSUM | F_HOST_TSO4 | F_HOST_TSO6 | tap_offloads(tap_fd)
+            F_MAC | F_STATUS | F_EVENT_IDX | F_CSUM | F_HOST_TSO4 | F_HOST_TSO6 | F_MRG_RXBUF | tap_offloads(tap_fd)
             | F_CTRL_VQ | F_CTRL_RX | F_CTRL_MAC_ADDR
         )  # fmt: skip
         if self.max_pairs > 1:
@@ -229,8 +232,16 @@ class VirtioNet:
         with contextlib.suppress(OSError):
             os.eventfd_write(self._rearm, 1)
 
+    def _rx_merge(self, features: int) -> int:
+        """What mshv_net_set_rx_merge takes: 0 without MRG_RXBUF, else the header and the largest frame."""
+        if not features & F_MRG_RXBUF:
+            return 0
+        frame = GSO_MAX if features & (F_GUEST_TSO4 | F_GUEST_TSO6) else (self.mtu or 1500) + ETH_VLAN_HLEN
+        return VNET_HDR_LEN + frame
+
     def _start_pair(self, transport: VirtioPciFunction, k: int) -> bool:
         lib = self._lib
+        lib.mshv_net_set_rx_merge(self._handles[k], self._rx_merge(transport.driver_features))
         for side in (0, 1):
             n = 2 * k + side
             q = transport.queues[n]
@@ -307,19 +318,25 @@ class VirtioNet:
         rings: tuple[tuple[int, int, int], tuple[int, int, int]],
         kicks: tuple[int, int],
         calls: tuple[int, int],
+        *,
+        mrg_rxbuf: bool = False,
     ) -> int:
         """Test-only (benchmarks/net.py, tests/vmm/test_net_handover.py; never reached from a VM's config):
         pair 1's I/O thread serves its queues (receiveq1, transmitq1: ``rings`` of (desc, avail, used) guest
         addresses, ``size`` entries each, from index 0) to a driver outside any guest, as DRIVER_OK would,
         with ``kicks`` where the doorbells' ioeventfds would be and ``calls`` (eventfds the caller reads)
         where the vectors' irqfds would be. The driver takes VERSION_1, MAC, STATUS, EVENT_IDX (and MTU when
-        offered), no offload: its frames are whole and the tap is left with none. Returns those features.
+        offered), MRG_RXBUF when ``mrg_rxbuf``, no offload: its frames are whole (or, merged, spread over
+        chains) and the tap is left with none. Returns those features.
         A multiqueue device's other pairs stay idle, their tap queues detached. ``release()`` stops the
         queues."""
         features = F_VERSION_1 | (self.features & (F_MAC | F_STATUS | F_EVENT_IDX | F_MTU))
+        if mrg_rxbuf:
+            features |= F_MRG_RXBUF
         with contextlib.suppress(OSError):
             fcntl.ioctl(self.tap, TUNSETOFFLOAD, _offload_flags(features))
         pair1 = self._handles[0]
+        self._lib.mshv_net_set_rx_merge(pair1, self._rx_merge(features))
         for n, (desc, avail, used) in enumerate(rings):
             rc = self._lib.mshv_net_set_queue(pair1, n, size, desc, avail, used, kicks[n], calls[n], 0, 0)
             if rc != 0:
