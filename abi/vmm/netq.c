@@ -164,6 +164,7 @@ struct netq {
     int event_idx;
     uint16_t *tx_free;
     uint32_t ntx_free;
+    uint8_t frame[MAX_FRAME + HDR]; /* a merged frame put back together */
     char err[256];
 };
 
@@ -271,7 +272,8 @@ void *mshv_netq_new(void *ram, uint64_t ram_size, const struct mshv_netq_layout 
                     int tx_kick, int tx_call, int event_idx)
 {
     uint16_t n = l->size;
-    if (n == 0 || (n & (n - 1)) || l->buf_size < HDR + 60)
+    if (n == 0 || (n & (n - 1)) || l->buf_size < HDR + 60 || l->rx_len > l->buf_size ||
+        (l->rx_len && l->rx_len < (l->mrg_rxbuf ? HDR : HDR + 60)))
         return NULL;
     struct netq *q = calloc(1, sizeof *q);
     if (!q)
@@ -291,7 +293,8 @@ void *mshv_netq_new(void *ram, uint64_t ram_size, const struct mshv_netq_layout 
     ring_init(q, &q->rx, l->rx_desc, l->rx_avail, l->rx_used, rx_kick, rx_call);
     ring_init(q, &q->tx, l->tx_desc, l->tx_avail, l->tx_used, tx_kick, tx_call);
     for (uint16_t i = 0; i < n; i++) {
-        q->rx.desc[i] = (struct desc){l->rx_bufs + (uint64_t)i * l->buf_size, l->buf_size, DESC_F_WRITE, 0};
+        q->rx.desc[i] = (struct desc){l->rx_bufs + (uint64_t)i * l->buf_size, l->rx_len ? l->rx_len : l->buf_size,
+                                      DESC_F_WRITE, 0};
         q->tx.desc[i] = (struct desc){l->tx_bufs + (uint64_t)i * l->buf_size, 0, 0, 0};
         q->tx_free[i] = (uint16_t)(n - 1 - i);
     }
@@ -345,17 +348,38 @@ static int reap_rx(struct netq *q, const struct mshv_netbench_job *job, struct m
     if (used == q->rx.last_used)
         return 0;
     uint64_t t = mshv_netbench_now_ns();
+    uint32_t rx_len = q->l.rx_len ? q->l.rx_len : q->l.buf_size;
     while (q->rx.last_used != used) {
         struct used_elem e = q->rx.used_ring[q->rx.last_used % q->l.size];
         q->rx.last_used++;
-        if (e.id >= q->l.size || e.len < HDR || e.len > q->l.buf_size)
+        if (e.id >= q->l.size || e.len < HDR || e.len > rx_len)
             return fail(q, "the device used rx descriptor %u with length %u", e.id, e.len);
         const uint8_t *buf = q->ram + q->l.rx_bufs + (uint64_t)e.id * q->l.buf_size;
-        uint64_t seq;
-        if (account(out, buf + HDR, e.len - HDR, job, job->guest_mac, job->peer_mac, t, last_seq, &seq) &&
-            seq == want)
-            *got = 1;
+        const uint8_t *f = buf + HDR;
+        size_t len = e.len - HDR;
+        out->chains++;
         post_rx(q, (uint16_t)e.id);
+        if (q->l.mrg_rxbuf) {
+            /* virtio 1.2 5.1.6.4: num_buffers chains, the first with the header, published together */
+            uint16_t nb = (uint16_t)(buf[10] | buf[11] << 8);
+            if (nb == 0 || (uint16_t)(used - q->rx.last_used) < nb - 1)
+                return fail(q, "num_buffers %u with %u used entries published", nb, (uint16_t)(used - q->rx.last_used) + 1);
+            memcpy(q->frame, f, len);
+            for (uint16_t k = 1; k < nb; k++) {
+                struct used_elem c = q->rx.used_ring[q->rx.last_used % q->l.size];
+                q->rx.last_used++;
+                if (c.id >= q->l.size || c.len > rx_len || len + c.len > sizeof q->frame)
+                    return fail(q, "the device used rx descriptor %u with length %u in a merged frame", c.id, c.len);
+                memcpy(q->frame + len, q->ram + q->l.rx_bufs + (uint64_t)c.id * q->l.buf_size, c.len);
+                len += c.len;
+                out->chains++;
+                post_rx(q, (uint16_t)c.id);
+            }
+            f = q->frame;
+        }
+        uint64_t seq;
+        if (account(out, f, len, job, job->guest_mac, job->peer_mac, t, last_seq, &seq) && seq == want)
+            *got = 1;
     }
     return publish(q, &q->rx, old, out);
 }

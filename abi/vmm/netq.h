@@ -14,6 +14,8 @@ struct mshv_netq_layout {
     uint64_t tx_desc, tx_avail, tx_used, tx_bufs;
     uint32_t buf_size;                            /* the 12-byte virtio_net_hdr, then the frame */
     uint16_t size;
+    uint16_t mrg_rxbuf;                           /* MRG_RXBUF negotiated: a frame spans num_buffers chains */
+    uint32_t rx_len;                              /* the rx descriptors' length (0: buf_size) */
 };
 
 /* Frames: dst, src, ethertype 0x88b5, tag (8 bytes LE), seq (8 bytes LE), then payload byte k = seq + k.
@@ -44,6 +46,7 @@ struct mshv_netbench_result {
     uint64_t kicks;       /* driver: kick eventfd writes; floor and peer: 0 */
     uint64_t waits;       /* blocking waits (call eventfd, tap or socket poll) */
     uint64_t drops;       /* peer receiving: what its socket dropped meanwhile (PACKET_STATISTICS tp_drops) */
+    uint64_t chains;      /* driver receiving: rx used entries the frames took (num_buffers each, merged) */
 };
 
 uint64_t mshv_netbench_now_ns(void);

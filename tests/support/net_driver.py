@@ -89,6 +89,7 @@ class Result:
     kicks: int
     waits: int
     drops: int  # a receiving peer's socket drops (PACKET_STATISTICS)
+    chains: int  # the driver receiving: rx used entries its frames took
     samples_ns: tuple[int, ...] = ()  # round trips, in order
 
 
@@ -97,7 +98,10 @@ class DriverError(RuntimeError):
 
 
 def _result(out: Any, samples: Any = None, n: int = 0) -> Result:
-    fields = ("frames", "bytes", "mismatches", "other", "reordered", "first_ns", "last_ns", "kicks", "waits", "drops")
+    fields = (
+        "frames", "bytes", "mismatches", "other", "reordered", "first_ns", "last_ns", "kicks", "waits", "drops",
+        "chains",
+    )  # fmt: skip
     values = {f: int(getattr(out, f)) for f in fields}
     return Result(**values, samples_ns=tuple(int(samples[i]) for i in range(n)) if samples is not None else ())
 
@@ -107,10 +111,11 @@ def _samples(job: Job) -> Any:
 
 
 class HandedQueues:
-    """Both queues of ``device`` handed over to the C driver (every rx buffer posted at once); close() stops
-    the queues, then frees the driver."""
+    """Both queues of ``device`` handed over to the C driver (every rx buffer posted at once, ``rx_len`` bytes
+    each when given, else BUF; MRG_RXBUF negotiated when ``mrg_rxbuf``); close() stops the queues, then frees
+    the driver."""
 
-    def __init__(self, device: VirtioNet, mem: GuestMemory) -> None:
+    def __init__(self, device: VirtioNet, mem: GuestMemory, *, rx_len: int = 0, mrg_rxbuf: bool = False) -> None:
         self.mem = mem
         mem.write(0, bytes(RX_BUFS))
         self.kicks = (os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK), os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
@@ -120,7 +125,7 @@ class HandedQueues:
         self._handle: Any = ffi.NULL
         try:
             rings = ((RX_DESC, RX_AVAIL, RX_USED), (TX_DESC, TX_AVAIL, TX_USED))
-            self.features = device.hand_over(QUEUE_SIZE, rings, self.kicks, self.calls)
+            self.features = device.hand_over(QUEUE_SIZE, rings, self.kicks, self.calls, mrg_rxbuf=mrg_rxbuf)
             self._handed = True
             self.event_idx = bool(self.features & F_EVENT_IDX)
             layout = ffi.new(
@@ -136,6 +141,8 @@ class HandedQueues:
                     "tx_bufs": TX_BUFS,
                     "buf_size": BUF,
                     "size": QUEUE_SIZE,
+                    "mrg_rxbuf": int(mrg_rxbuf),
+                    "rx_len": rx_len,
                 },
             )
             ram = ffi.cast("void *", mem.address)

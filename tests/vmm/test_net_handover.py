@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from mshv_libvirt.hv import GuestMemory
-from mshv_libvirt.vmm.devices.virtio.net import VirtioNet
+from mshv_libvirt.vmm.devices.virtio.net import F_MRG_RXBUF, VirtioNet
 from mshv_libvirt.vmm.vhost_user import MemRegion
 from tests.support.net_driver import (
     BUF,
@@ -194,6 +194,58 @@ def test_a_multiqueue_devices_hand_over_runs_pair_1_alone() -> None:
         finally:
             for fd in fds:
                 os.close(fd)
+
+
+SMALL = 256  # rx buffers a MRG_RXBUF driver posts: a 1514-byte frame and its header take ceil(1526 / 256) = 6
+
+
+@pytest.mark.parametrize("mrg_rxbuf", [True, False])
+def test_merged_rx_buffers_spread_a_frame_over_num_buffers_chains(mrg_rxbuf: bool) -> None:
+    """MRG_RXBUF (virtio 1.2 5.1.6.4) with 256-byte rx buffers: each 1514-byte frame arrives over 6 chains,
+    num_buffers 6 in the first one's header, the bytes put back together and checked in C; 100 frames take
+    600 chains of a 256-entry ring, so the device also waits for re-posted buffers rather than dropping.
+    Without MRG_RXBUF (2048-byte buffers) every frame is whole in one chain, as before."""
+    with netns("nbmr") as ns:
+        tap = ns.open_tap("nm0")
+        try:
+            sock = peer_socket(ns, "nm0")
+            try:
+                with GuestMemory(RAM) as mem:
+                    device = VirtioNet(tap, GUEST_MAC, [MemRegion(0, mem.size, mem.address, mem.fd)])
+                    try:
+                        q = HandedQueues(device, mem, rx_len=SMALL if mrg_rxbuf else 0, mrg_rxbuf=mrg_rxbuf)
+                        try:
+                            assert bool(q.features & F_MRG_RXBUF) == mrg_rxbuf
+                            for seq in range(100):  # fewer than the tap queue holds (500): none dropped there
+                                sock.send(frame(seq, 1514, 30, inbound=True))
+                            got = q.run(Job(RECV, 1514, count=MANY, tag=30, idle_ms=300))
+                            per_frame = -(-(HDR + 1514) // SMALL) if mrg_rxbuf else 1
+                            assert (got.frames, got.mismatches, got.other, got.reordered) == (100, 0, 0, 0), got
+                            assert got.chains == 100 * per_frame
+                            st = device.stats()
+                            assert (st["rx_packets"], st["rx_bytes"], st["rx_drops"]) == (100, 100 * 1514, 0)
+                            # The device's own writes, read from guest RAM: the last frame's used entries.
+                            idx = struct.unpack("<H", mem.read(RX_USED + 2, 2))[0]
+                            assert idx == 100 * per_frame
+                            entries = [
+                                struct.unpack("<II", mem.read(RX_USED + 4 + 8 * (i % QUEUE_SIZE), 8))
+                                for i in range(idx - per_frame, idx)
+                            ]
+                            room = SMALL if mrg_rxbuf else BUF
+                            lens = [n for _, n in entries]
+                            assert lens == [room] * (per_frame - 1) + [HDR + 1514 - room * (per_frame - 1)]
+                            data = b"".join(mem.read(RX_BUFS + head * BUF, n) for head, n in entries)
+                            assert data[HDR:] == frame(99, 1514, 30, inbound=True)
+                            if mrg_rxbuf:
+                                assert struct.unpack("<H", data[10:12])[0] == per_frame  # num_buffers
+                        finally:
+                            q.close()
+                    finally:
+                        device.stop()
+            finally:
+                sock.close()
+        finally:
+            os.close(tap)
 
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "net.py"
