@@ -276,66 +276,70 @@ static void set_num_buffers(const struct iovec *iov, int cnt, uint16_t num)
 
 /* MRG_RXBUF (virtio 1.2 5.1.6.4): chains are popped until their room holds the largest frame the tap may
  * deliver (the tap reports no frame's length before the read, and a short read loses the frame), then one
- * readv fills as many as the frame needs; the rest go back to the available ring untouched. No bounce copy,
- * and a frame waits in the tap while the ring has too little room, unless all of the ring (or MRG_IOV) is too
- * little: then it is read, and dropped if it did not fit. */
+ * readv fills as many as the frame needs. The chains it did not reach stay gathered for the next frame of the
+ * batch (each chain is popped once) and go back to the available ring, untouched, when the batch ends. No
+ * bounce copy; a frame waits in the tap while the ring has too little room, unless all of the ring (or
+ * MRG_IOV) is too little: then it is read, and dropped if it did not fit. */
 static void do_rx_merge(struct mshv_net *n)
 {
     struct vq *v = &n->q[RXQ];
-    struct iovec iov[MRG_IOV];
+    struct iovec iov[MRG_IOV + 1];
     uint16_t heads[MRG_IOV];
     size_t room[MRG_IOV];
-    int used = 0;
+    int ncnt[MRG_IOV];
+    int used = 0, niov = 0, nch = 0;
+    size_t cap = 0;
+    uint8_t spill;
     for (int b = 0; b < BATCH && n->running; b++) {
-        int niov = 0, nch = 0, cnt = 0, first_cnt = 0;
-        size_t cap = 0;
-        while (cap < n->mrg_max && nch < v->size && niov + MAX_IOV < MRG_IOV) {
+        int cnt = 1;
+        while (cap < n->mrg_max && nch < v->size && niov + MAX_IOV <= MRG_IOV) {
             cnt = pop(n, RXQ, 1, iov + niov, &heads[nch], &room[nch]);
             if (cnt <= 0)
                 break;
-            if (!nch)
-                first_cnt = cnt;
+            ncnt[nch] = cnt;
             niov += cnt;
             cap += room[nch++];
         }
         if (cnt < 0)
             break;
         if (cnt == 0 && cap < n->mrg_max) {
-            int more = arm_kick(n, v); /* armed past what is popped: a kick means room beyond it */
-            v->last_avail -= (uint16_t)nch;
-            if (more)
+            if (arm_kick(n, v)) /* armed past what is gathered: buffers beyond it arrived */
                 continue;
             n->rx_waiting = 1;
             poll_tap(n, 0); /* until the driver kicks with more buffers */
             break;
         }
         /* A short read returns what fit and loses the rest: one spill byte tells a cut frame from a full fit. */
-        uint8_t spill;
-        iov[niov++] = (struct iovec){&spill, 1};
-        ssize_t r = readv(n->tap, iov, niov);
-        if (r < 0) {
-            v->last_avail -= (uint16_t)nch; /* nothing to read: the chains stay available */
-            break;
-        }
+        iov[niov] = (struct iovec){&spill, 1};
+        ssize_t r = readv(n->tap, iov, niov + 1);
+        if (r < 0)
+            break; /* nothing to read */
         if (r < 12 || (size_t)r > cap) {
-            v->last_avail -= (uint16_t)nch;
             stat_add(&n->st.rx_drops, 1);
             continue;
         }
-        int k = 0;
+        int k = 0, kio = 0;
         size_t left = (size_t)r;
         while (left) {
             uint32_t len = (uint32_t)(left < room[k] ? left : room[k]);
-            put_used(v, heads[k++], len);
+            put_used(v, heads[k], len);
             left -= len;
+            cap -= room[k];
+            kio += ncnt[k++];
         }
-        set_num_buffers(iov, first_cnt, (uint16_t)k);
-        v->last_avail -= (uint16_t)(nch - k);
+        set_num_buffers(iov, ncnt[0], (uint16_t)k);
         publish_used(v); /* the frame's chains appear together */
         stat_add(&n->st.rx_packets, 1);
         stat_add(&n->st.rx_bytes, (uint64_t)r - 12);
         used++;
+        nch -= k;
+        niov -= kio;
+        memmove(iov, iov + kio, (size_t)niov * sizeof(*iov));
+        memmove(heads, heads + k, (size_t)nch * sizeof(*heads));
+        memmove(room, room + k, (size_t)nch * sizeof(*room));
+        memmove(ncnt, ncnt + k, (size_t)nch * sizeof(*ncnt));
     }
+    v->last_avail -= (uint16_t)nch; /* gathered, not used: the chains stay available */
     if (used && n->running)
         maybe_interrupt(n, v);
 }
