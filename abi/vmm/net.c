@@ -347,7 +347,8 @@ static void do_rx_merge(struct mshv_net *n)
 static void do_rx(struct mshv_net *n)
 {
     struct vq *v = &n->q[RXQ];
-    struct iovec iov[MAX_IOV];
+    struct iovec iov[MAX_IOV + 1];
+    uint8_t spill;
     int used = 0;
     if (!n->link_up) {
         poll_tap(n, 0);
@@ -370,7 +371,8 @@ static void do_rx(struct mshv_net *n)
             poll_tap(n, 0); /* until the driver kicks with new buffers */
             break;
         }
-        ssize_t r = readv(n->tap, iov, cnt);
+        iov[cnt] = (struct iovec){&spill, 1}; /* a short read returns what fit: the spill byte tells it was cut */
+        ssize_t r = readv(n->tap, iov, cnt + 1);
         if (r < 0) {
             v->last_avail--; /* nothing to read: the chain stays available */
             break;

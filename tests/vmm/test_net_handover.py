@@ -248,6 +248,37 @@ def test_merged_rx_buffers_spread_a_frame_over_num_buffers_chains(mrg_rxbuf: boo
             os.close(tap)
 
 
+def test_without_merged_rx_buffers_a_frame_larger_than_its_chain_is_a_drop_not_a_cut_frame() -> None:
+    """A 1514-byte frame for a 256-byte rx chain (no MRG_RXBUF): the tap's short read would hand the guest the
+    first 244 bytes as a frame; the device counts it in rx_drops instead, and the frames after it arrive."""
+    with netns("nbcut") as ns:
+        tap = ns.open_tap("nc0")
+        try:
+            sock = peer_socket(ns, "nc0")
+            try:
+                with GuestMemory(RAM) as mem:
+                    device = VirtioNet(tap, GUEST_MAC, [MemRegion(0, mem.size, mem.address, mem.fd)])
+                    try:
+                        q = HandedQueues(device, mem, rx_len=SMALL)
+                        try:
+                            for seq in range(3):
+                                sock.send(frame(seq, 1514, 41, inbound=True))
+                            for seq in range(5):
+                                sock.send(frame(seq, 200, 42, inbound=True))
+                            got = q.run(Job(RECV, 200, count=MANY, tag=42, idle_ms=300))
+                            assert (got.frames, got.mismatches, got.other) == (5, 0, 0), got
+                            st = device.stats()
+                            assert (st["rx_packets"], st["rx_bytes"], st["rx_drops"]) == (5, 5 * 200, 3)
+                        finally:
+                            q.close()
+                    finally:
+                        device.stop()
+            finally:
+                sock.close()
+        finally:
+            os.close(tap)
+
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "net.py"
 
 
