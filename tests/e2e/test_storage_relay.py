@@ -601,10 +601,17 @@ def test_stream_calls_sharing_a_serial_open_one_stream_upstream(daemon: DaemonPr
             assert rawrpc.hostname_ok(c)
 
 
-def test_a_libvirtd_answering_garbage_gives_not_supported_never_a_hang(tmp_path: Path) -> None:
-    """A 'libvirtd' that answers every call with an empty OK reply (its handshake replies cannot be decoded):
-    the relayed call fails at once with libvirt's not-supported error, and the daemon keeps serving."""
-    runtime = tmp_path / "run"
+Header = tuple[int, int, int, int, int, int, int]  # length, prog, vers, proc, type, serial, status
+
+
+def rpc_packet(prog: int, vers: int, proc: int, mtype: int, serial: int, status: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">7I", 28 + len(payload), prog, vers, proc, mtype, serial, status) + payload
+
+
+@contextlib.contextmanager
+def fake_libvirtd(runtime: Path, answer: Callable[[Header], bytes]) -> Iterator[None]:
+    """A 'libvirtd' on ``runtime``'s session socket: each packet it reads (the body skipped) is answered with
+    what ``answer`` makes of its header, on a thread stopped and joined on exit."""
     (runtime / "libvirt").mkdir(parents=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(runtime / "libvirt" / "libvirt-sock"))
@@ -622,33 +629,48 @@ def test_a_libvirtd_answering_garbage_gives_not_supported_never_a_hang(tmp_path:
                 conn.settimeout(10)
                 with contextlib.suppress(OSError):
                     while head := conn.recv(28, socket.MSG_WAITALL):
-                        length, prog, vers, proc, _, serial, _ = struct.unpack(">7I", head)
-                        conn.recv(length - 28, socket.MSG_WAITALL) if length > 28 else b""
-                        conn.sendall(struct.pack(">7I", 28, prog, vers, proc, rawrpc.REPLY, serial, rawrpc.OK))
+                        header: Header = struct.unpack(">7I", head)
+                        conn.recv(header[0] - 28, socket.MSG_WAITALL) if header[0] > 28 else b""
+                        conn.sendall(answer(header))
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    d = DaemonProcess(tmp_path / "d", env={"XDG_RUNTIME_DIR": str(runtime)}).start()
     try:
-        conn = libvirt.open(session_uri(d))
-        try:
-            results: list[tuple[int, int, str, float]] = []
-            caller = threading.Thread(target=lambda: results.append(not_supported(conn.listAllStoragePools)))
-            caller.start()
-            caller.join(30)
-            assert not caller.is_alive(), "the relayed call never answered"
-            [(code, domain, message, took)] = results
-            assert (code, domain) == (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_FROM_STORAGE), message
-            assert took < 10
-            assert conn.getHostname()  # the daemon still serves this client
-        finally:
-            conn.close()
-        assert "Traceback" not in d.log.read_text(errors="replace")
+        yield
     finally:
-        d.stop()
         stop.set()
         thread.join(10)
         server.close()
+
+
+def test_a_libvirtd_answering_garbage_gives_not_supported_never_a_hang(tmp_path: Path) -> None:
+    """A 'libvirtd' that answers every call with an empty OK reply (its handshake replies cannot be decoded):
+    the relayed call fails at once with libvirt's not-supported error, and the daemon keeps serving."""
+    runtime = tmp_path / "run"
+
+    def answer(header: Header) -> bytes:
+        _, prog, vers, proc, _, serial, _ = header
+        return rpc_packet(prog, vers, proc, rawrpc.REPLY, serial, rawrpc.OK)
+
+    with fake_libvirtd(runtime, answer):
+        d = DaemonProcess(tmp_path / "d", env={"XDG_RUNTIME_DIR": str(runtime)}).start()
+        try:
+            conn = libvirt.open(session_uri(d))
+            try:
+                results: list[tuple[int, int, str, float]] = []
+                caller = threading.Thread(target=lambda: results.append(not_supported(conn.listAllStoragePools)))
+                caller.start()
+                caller.join(30)
+                assert not caller.is_alive(), "the relayed call never answered"
+                [(code, domain, message, took)] = results
+                assert (code, domain) == (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_FROM_STORAGE), message
+                assert took < 10
+                assert conn.getHostname()  # the daemon still serves this client
+            finally:
+                conn.close()
+            assert "Traceback" not in d.log.read_text(errors="replace")
+        finally:
+            d.stop()
 
 
 def test_download_data_sent_before_the_calls_reply_reaches_the_client(tmp_path: Path) -> None:
@@ -657,16 +679,8 @@ def test_download_data_sent_before_the_calls_reply_reaches_the_client(tmp_path: 
     one such 262120-byte packet of a 96 MiB download). A 'libvirtd' that always does so: every byte arrives,
     in order, the reply first."""
     runtime = tmp_path / "run"
-    (runtime / "libvirt").mkdir(parents=True)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(runtime / "libvirt" / "libvirt-sock"))
-    server.listen(4)
-    stop = threading.Event()
     first, second = os.urandom(1000), os.urandom(3000)
     CONTINUE = 2  # a stream packet's status: more follows
-
-    def packet(prog: int, vers: int, proc: int, mtype: int, serial: int, status: int, payload: bytes) -> bytes:
-        return struct.pack(">7I", 28 + len(payload), prog, vers, proc, mtype, serial, status) + payload
 
     def reply_payload(proc: int) -> bytes:
         p = Packer()
@@ -680,48 +694,34 @@ def test_download_data_sent_before_the_calls_reply_reaches_the_client(tmp_path: 
                 p.string(field_)
         return p.getvalue()
 
-    def serve() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.settimeout(10)
-                with contextlib.suppress(OSError):
-                    while head := conn.recv(28, socket.MSG_WAITALL):
-                        length, prog, vers, proc, mtype, serial, _ = struct.unpack(">7I", head)
-                        conn.recv(length - 28, socket.MSG_WAITALL) if length > 28 else b""
-                        if mtype == rawrpc.STREAM:  # the client's finish: confirm it
-                            conn.sendall(packet(prog, vers, proc, rawrpc.STREAM, serial, rawrpc.OK, b""))
-                        elif proc == 209:  # virStorageVolDownload: data, then the reply, then the rest
-                            conn.sendall(packet(prog, vers, proc, rawrpc.STREAM, serial, CONTINUE, first))
-                            conn.sendall(packet(prog, vers, proc, rawrpc.REPLY, serial, rawrpc.OK, b""))
-                            conn.sendall(packet(prog, vers, proc, rawrpc.STREAM, serial, CONTINUE, second))
-                            conn.sendall(packet(prog, vers, proc, rawrpc.STREAM, serial, CONTINUE, b""))  # EOF
-                        elif mtype == rawrpc.CALL:
-                            conn.sendall(packet(prog, vers, proc, rawrpc.REPLY, serial, rawrpc.OK, reply_payload(proc)))
+    def answer(header: Header) -> bytes:
+        _, prog, vers, proc, mtype, serial, _ = header
+        if mtype == rawrpc.STREAM:  # the client's finish: confirm it
+            return rpc_packet(prog, vers, proc, rawrpc.STREAM, serial, rawrpc.OK)
+        if proc == 209:  # virStorageVolDownload: data, then the reply, then the rest and EOF
+            return (
+                rpc_packet(prog, vers, proc, rawrpc.STREAM, serial, CONTINUE, first)
+                + rpc_packet(prog, vers, proc, rawrpc.REPLY, serial, rawrpc.OK)
+                + rpc_packet(prog, vers, proc, rawrpc.STREAM, serial, CONTINUE, second)
+                + rpc_packet(prog, vers, proc, rawrpc.STREAM, serial, CONTINUE)
+            )
+        return rpc_packet(prog, vers, proc, rawrpc.REPLY, serial, rawrpc.OK, reply_payload(proc))
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    d = DaemonProcess(tmp_path / "d", env={"XDG_RUNTIME_DIR": str(runtime)}).start()
-    try:
-        conn = libvirt.open(session_uri(d))
+    with fake_libvirtd(runtime, answer):
+        d = DaemonProcess(tmp_path / "d", env={"XDG_RUNTIME_DIR": str(runtime)}).start()
         try:
-            vol = conn.storageVolLookupByPath("/fake/early.raw")
-            st = conn.newStream(0)
-            vol.download(st, 0, 0, 0)
-            got = b""
-            while chunk := st.recv(1 << 18):
-                got += chunk
-            st.finish()
-            assert got == first + second
+            conn = libvirt.open(session_uri(d))
+            try:
+                vol = conn.storageVolLookupByPath("/fake/early.raw")
+                st = conn.newStream(0)
+                vol.download(st, 0, 0, 0)
+                got = b""
+                while chunk := st.recv(1 << 18):
+                    got += chunk
+                st.finish()
+                assert got == first + second
+            finally:
+                conn.close()
+            assert "Traceback" not in d.log.read_text(errors="replace")
         finally:
-            conn.close()
-        assert "Traceback" not in d.log.read_text(errors="replace")
-    finally:
-        d.stop()
-        stop.set()
-        thread.join(10)
-        server.close()
+            d.stop()
