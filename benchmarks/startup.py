@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 from tests.support.daemon import DaemonProcess, define, virsh  # noqa: E402
 from tests.support.guests import cached_tiny_guest  # noqa: E402
 from tests.support.kernel import small_kernel  # noqa: E402
+from tests.support.phases import STARTUP_PHASES  # noqa: E402
 from tests.support.procfs import mappings_private_kib, private_kib  # noqa: E402
 from tests.support.waits import wait_for  # noqa: E402
 
@@ -55,18 +56,6 @@ RESULTS = REPO / "benchmarks" / "RESULTS.md"
 CMDLINE = "console=ttyS0 earlyprintk=ttyS0 panic=-1"
 TINY_CMDLINE = "console=ttyS0"
 PHASES = re.compile(r"startup phases: spawn=(\S+) (.*)")
-PHASE_ORDER = (
-    "main",
-    "imports",
-    "config",
-    "setup",
-    "partition",
-    "memory_map",
-    "devices",
-    "kernel_load",
-    "tables",
-    "first_run_vp",
-)
 GUEST_RAM_MEMFD = "memfd:mshv-guest-ram"
 
 
@@ -177,7 +166,7 @@ def median(values: list[float]) -> float:
 
 def breakdown(samples: list[Sample]) -> str:
     """Median duration of each phase of our start (each phase: its end minus the previous phase's end)."""
-    names = ["spawn", *PHASE_ORDER]
+    names = ["spawn", *STARTUP_PHASES]
     parts = []
     prev = [0.0] * len(samples)
     labels = {"spawn": "daemon", "main": "interpreter", "first_run_vp": "vcpu start"}

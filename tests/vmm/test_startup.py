@@ -15,23 +15,12 @@ import pytest
 
 from tests.support.guests import TINY_BANNER
 from tests.support.kernel import require_small_kernel
+from tests.support.phases import STARTUP_PHASES
 from tests.support.procfs import mappings_private_kib, private_kib
 from tests.support.waits import wait_for
 from tests.vmm.harness import VmmProcess
 
 BOOT = 60  # seconds; the tiny guest is up in well under one on KVM
-PHASES = (
-    "main",
-    "imports",
-    "config",
-    "setup",
-    "partition",
-    "memory_map",
-    "devices",
-    "kernel_load",
-    "tables",
-    "first_run_vp",
-)
 GUEST_RAM = "memfd:mshv-guest-ram"
 # What loading a Linux kernel may leave behind, beyond what a tiny guest's VMM holds: the small test
 # kernel's 2 MiB bzImage decompresses to a ~10 MiB ELF whose ~9 MiB of segments are copied into guest RAM.
@@ -49,7 +38,7 @@ def test_the_start_is_logged_once_phase_by_phase(kvm: None, tiny_kernel: Path, t
         vm.wait_serial(TINY_BANNER, timeout=BOOT)
         (line,) = wait_for(lambda: phase_lines(vm), BOOT, what=vm.diagnostics)
         stamps = [(name, float(at)) for name, at in re.findall(r"(\w+)=\+(\d+\.\d+)", line.group(2))]
-        assert [name for name, _ in stamps] == list(PHASES), line.group(0)
+        assert [name for name, _ in stamps] == list(STARTUP_PHASES), line.group(0)
         offsets = [at for _, at in stamps]
         assert offsets == sorted(offsets), line.group(0)
         # The fork has clock-tick resolution (10 ms): the first line of Python runs after it, or within a tick.
