@@ -587,6 +587,35 @@ def _stat_sizes(disk: DiskDevice) -> tuple[int, int, int]:
     return capacity, allocation, physical
 
 
+def _active_physical(disk: DiskDevice) -> int:
+    """A running disk's ``physical`` as libvirt 9.0 reports it from QEMU: the format node's actual-size, which
+    is the image file's allocated bytes (file-posix: st_blocks * 512); where that is 0 (a block device, a file
+    with nothing allocated), the size read from the image, as the driver does without QEMU's figure."""
+    assert disk.path is not None
+    try:
+        st = os.stat(disk.path)
+    except OSError as err:
+        raise cannot_access(disk.path, err) from err
+    if stat.S_ISREG(st.st_mode) and st.st_blocks:
+        return int(st.st_blocks) * 512
+    return _stat_sizes(disk)[2]
+
+
+async def disk_counters_and_sizes(dom: Domain) -> dict[int, dict[str, int]]:
+    """domstats' per-disk figures of a running domain in one VMM request (``block-stats`` with ``sizes``):
+    the relay's counters, the capacity the device offers and the highest offset written, by PCI slot."""
+    if dom.vmm is None:
+        raise invalid_operation("domain is not running")
+    try:
+        info = await dom.vmm.request("block-stats", args={"sizes": True})
+    except VmmError as err:
+        raise VirtError(ErrorCode.OPERATION_FAILED, f"cannot query the VMM: {err}") from err
+    disks = info.get("disks")
+    entries = [d for d in disks if isinstance(d, dict)] if isinstance(disks, list) else []
+    keys = (*COUNTERS, "virtual_size", "wr_highest_offset")
+    return {int(d["slot"]): {k: int(d[k]) for k in keys} for d in entries if all(k in d for k in keys)}
+
+
 async def backend_block_info(dom: Domain) -> dict[int, dict[str, Any]]:
     """What each disk's backend reports of its image (the VMM's ``block-info``), by PCI slot."""
     if dom.vmm is None:
@@ -607,13 +636,10 @@ async def domain_block_stats(dom: Domain) -> list[TypedParam]:
     when QEMU gives none."""
     cfg = dom.config
     out: list[TypedParam] = [("block.count", TP_UINT, len(cfg.disks))]
-    entries: dict[int, dict[str, Any]] | None = None
-    counters: dict[int, dict[str, int]] = {}
+    entries: dict[int, dict[str, Any]] = {}
     if dom.active and dom.vmm is not None and cfg.disks:  # no disks: nothing to ask its VMM for
         with contextlib.suppress(VirtError):  # libvirt reports what it has when QEMU cannot answer
-            entries = await backend_block_info(dom)
-        with contextlib.suppress(VirtError):
-            counters = await disk_counters(dom)
+            entries = await disk_counters_and_sizes(dom)
     for n, disk in enumerate(cfg.disks):
         out.append((f"block.{n}.name", TP_STRING, disk.target))
         if disk.path is None:
@@ -621,24 +647,19 @@ async def domain_block_stats(dom: Domain) -> list[TypedParam]:
         out.append((f"block.{n}.path", TP_STRING, disk.path))
         sizes: list[tuple[str, int]] = []
         if dom.active:
-            c = counters.get(disk.address.slot)
-            if c is not None:  # qemuDomainGetStatsBlockExportFrontend's names and order
-                for group, key in (("rd", "rd"), ("wr", "wr"), ("fl", "flush")):
-                    out.append((f"block.{n}.{group}.reqs", TP_ULLONG, c[f"{key}_req"]))
-                    if group != "fl":
-                        out.append((f"block.{n}.{group}.bytes", TP_ULLONG, c[f"{key}_bytes"]))
-                    out.append((f"block.{n}.{group}.times", TP_ULLONG, c[f"{key}_total_times"]))
-            entry = (entries or {}).get(disk.address.slot)
+            entry = entries.get(disk.address.slot)
             if entry is None:
                 continue
-            sizes = [("allocation", int(entry["wr_highest_offset"]))]
+            for group, key in (("rd", "rd"), ("wr", "wr"), ("fl", "flush")):  # qemuDomainGetStatsBlockExportFrontend's
+                out.append((f"block.{n}.{group}.reqs", TP_ULLONG, entry[f"{key}_req"]))
+                if group != "fl":
+                    out.append((f"block.{n}.{group}.bytes", TP_ULLONG, entry[f"{key}_bytes"]))
+                out.append((f"block.{n}.{group}.times", TP_ULLONG, entry[f"{key}_total_times"]))
+            sizes = [("allocation", entry["wr_highest_offset"])]
             if entry["virtual_size"]:
-                sizes.append(("capacity", int(entry["virtual_size"])))
-            if entry["actual_size"]:
-                sizes.append(("physical", int(entry["actual_size"])))
-            else:
-                with contextlib.suppress(VirtError):
-                    sizes.append(("physical", (await asyncio.to_thread(_stat_sizes, disk))[2]))
+                sizes.append(("capacity", entry["virtual_size"]))
+            with contextlib.suppress(VirtError):
+                sizes.append(("physical", await asyncio.to_thread(_active_physical, disk)))
         else:
             try:
                 capacity, allocation, physical = await asyncio.to_thread(_stat_sizes, disk)

@@ -195,22 +195,38 @@ class Vmm:
 
         return failed
 
-    def _block_stats(self) -> JsonObject:
+    def _block_stats(self, request: JsonObject) -> JsonObject:
         """Each disk's request counters (domblkstat, domstats --block), as its relay counted them since the
-        VMM started: QEMU's query-blockstats fields, times in ns."""
+        VMM started: QEMU's query-blockstats fields, times in ns. With ``"sizes": true`` (domstats), also
+        what a domain's block group needs of the backend, in the same answer: the capacity the device offers
+        (its config, which follows block-resize) and the highest offset written to the file node (one QMP
+        query; the image's allocated size is the driver's own fstat, as QEMU's actual-size is)."""
+        from . import vhost_user
+
+        sizes = request.get("sizes") is True
         disks = []
         for slot, relay in sorted(self._relays.items()):
             st = relay.stats()
-            disks.append(
-                {
-                    "slot": slot,
-                    **{k: st[k] for k in ("rd_req", "rd_bytes", "wr_req", "wr_bytes", "flush_req")},
-                    "rd_total_times": st["rd_total_ns"],
-                    "wr_total_times": st["wr_total_ns"],
-                    "flush_total_times": st["flush_total_ns"],
-                    "failed": st["rd_failed"] + st["wr_failed"] + st["flush_failed"],
-                }
-            )
+            entry: JsonObject = {
+                "slot": slot,
+                **{k: st[k] for k in ("rd_req", "rd_bytes", "wr_req", "wr_bytes", "flush_req")},
+                "rd_total_times": st["rd_total_ns"],
+                "wr_total_times": st["wr_total_ns"],
+                "flush_total_times": st["flush_total_ns"],
+                "failed": st["rd_failed"] + st["wr_failed"] + st["flush_failed"],
+            }
+            if sizes and slot in self._disks:
+                backend, info = self._disks[slot]
+                try:
+                    stats = backend.qmp("query-blockstats", **{"query-nodes": True})
+                except (vhost_user.BackendError, OSError, ValueError) as err:
+                    raise CommandError(f"virtio-blk in PCI slot {slot}: {err}") from err
+                file = next((n["stats"] for n in _dicts(stats) if n.get("node-name") == "file0"), None)
+                if not isinstance(file, dict):
+                    raise CommandError(f"virtio-blk in PCI slot {slot}: the backend does not describe its image")
+                entry["virtual_size"] = struct.unpack_from("<Q", info.config, 0)[0] * 512
+                entry["wr_highest_offset"] = int(file["wr_highest_offset"])
+            disks.append(entry)
         return {"disks": disks}
 
     def _block_dirty(self) -> JsonObject:
@@ -579,7 +595,7 @@ class Vmm:
         if cmd == "block-info":
             return self._block_info()
         if cmd == "block-stats":
-            return self._block_stats()
+            return self._block_stats(request)
         if cmd == "block-dirty":
             return self._block_dirty()
         if self._preserved is not None and cmd in (
