@@ -50,6 +50,8 @@
 #define T_IN 0
 #define T_OUT 1
 #define T_FLUSH 4
+#define T_WRITE_ZEROES 13
+#define HDR 16u /* struct virtio_blk_outhdr: type, reserved, sector */
 #define S_OK 0
 #define PAGE 4096u
 /* Each queue's shadow rings in the memfd: table, available and used ring page-aligned within one stride. */
@@ -77,7 +79,7 @@ struct region {
 struct req {
     uint64_t t0;
     uint8_t *status; /* the chain's last device-writable byte, in guest RAM */
-    uint32_t bytes;
+    uint64_t bytes;
     uint8_t kind; /* K_NONE: not in flight */
 };
 
@@ -172,7 +174,7 @@ static int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
 }
 
 struct walk {
-    uint8_t hdr[16];
+    uint8_t hdr[2 * HDR]; /* the request header, then a write-zeroes request's first segment */
     uint32_t hdr_len;
     uint64_t readable, writable;
     uint64_t last_w_gpa; /* the last device-writable buffer: its last byte is the status */
@@ -282,15 +284,23 @@ static int relay_avail(struct mshv_svq *s, int qi, uint64_t t)
     memcpy(&type, w.hdr, 4);
     r->kind = K_OTHER;
     r->bytes = 0;
-    if (w.hdr_len == sizeof(w.hdr) && w.writable >= 1) {
+    if (w.hdr_len >= HDR && w.writable >= 1) {
         if (type == T_IN) {
             r->kind = K_READ;
-            r->bytes = (uint32_t)(w.writable - 1);
+            r->bytes = w.writable - 1;
         } else if (type == T_OUT) {
             r->kind = K_WRITE;
-            r->bytes = (uint32_t)(w.readable - sizeof(w.hdr));
+            r->bytes = w.readable - HDR;
         } else if (type == T_FLUSH) {
             r->kind = K_FLUSH;
+        } else if (type == T_WRITE_ZEROES && w.hdr_len == 2 * HDR) {
+            /* QEMU's virtio-blk accounts a write-zeroes request as a write of its (one) segment's
+             * num_sectors * 512 bytes (struct virtio_blk_discard_write_zeroes: le64 sector, le32
+             * num_sectors, le32 flags); a discard it does not account, so it stays "other". */
+            uint32_t sectors;
+            memcpy(&sectors, w.hdr + HDR + 8, 4);
+            r->kind = K_WRITE;
+            r->bytes = (uint64_t)sectors * 512;
         }
     }
     r->status = w.writable ? translate(s, w.last_w_gpa + w.last_w_len - 1, 1) : NULL;

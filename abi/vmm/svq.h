@@ -23,7 +23,7 @@ struct mshv_svq_stats {
     uint64_t rd_failed;
     uint64_t wr_failed;
     uint64_t flush_failed;
-    uint64_t other_req;     /* GET_ID, discard, write-zeroes and unknown types: relayed, not accounted */
+    uint64_t other_req;     /* GET_ID, discard and unknown types: relayed, not accounted (as QEMU 7.2) */
     uint64_t guest_kicks;   /* wake-ups on a guest kick eventfd */
     uint64_t backend_kicks; /* kicks written to the backend */
     uint64_t backend_calls; /* wake-ups on a backend call eventfd */
