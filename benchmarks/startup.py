@@ -24,6 +24,10 @@ daemon (``virsh start`` spawned -> VMM forked: the client, RPC, domain XML, conf
 sandbox), partition, memory map, devices, kernel load, tables (ACPI + MP), then ``first_run_vp`` -> the
 first serial line (the guest's own time to print it).
 
+Our daemon keeps a kernel's decompressed payload after its first start (mshv_libvirt/driver/kernel_cache.py),
+so the first round of the Linux kernel decompresses it and the later ones do not; the medians are of later
+starts, as a user's second and later starts of a kernel are.
+
 Run: ``.tox/py/bin/python benchmarks/startup.py [--rounds N] [--memory-mib M] [--no-results]``; appends
 dated rows to benchmarks/RESULTS.md unless ``--no-results``. Not run by tox.
 """

@@ -196,8 +196,9 @@ def daemon_paths(args: argparse.Namespace, system: bool) -> Paths:
         Path(args.config_dir) if args.config_dir else paths.config_dir,
         Path(args.run_dir) if args.run_dir else paths.run_dir,
         Path(args.log_dir) if args.log_dir else (Path(args.run_dir) if args.run_dir else paths.log_dir),
-        # Explicit directories (tests, benchmarks) keep dumps next to their logs.
+        # Explicit directories (tests, benchmarks) keep dumps next to their logs, the cache in the run directory.
         None if (args.log_dir or args.run_dir) else paths.dump_dir,
+        None if (args.log_dir or args.run_dir) else paths.cache_dir,
     )
 
 

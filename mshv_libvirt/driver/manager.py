@@ -114,10 +114,15 @@ class Paths:
     run_dir: Path
     log_dir: Path
     dump_dir: Path | None = None  # core files of crashed guests (on_crash = coredump-*); default log_dir/dump
+    cache_dir: Path | None = None  # decompressed kernels (kernel_cache.py); default run_dir/cache
 
     @property
     def dumps(self) -> Path:
         return self.dump_dir if self.dump_dir is not None else self.log_dir / "dump"
+
+    @property
+    def kernel_cache(self) -> Path:
+        return (self.cache_dir if self.cache_dir is not None else self.run_dir / "cache") / "kernels"
 
     @classmethod
     def system(cls) -> Paths:
@@ -126,14 +131,14 @@ class Paths:
             Path("/run/libvirt/mshv"),
             Path("/var/log/libvirt/mshv"),
             Path("/var/lib/libvirt/mshv/dump"),
+            Path("/var/cache/libvirt/mshv"),
         )
 
     @classmethod
     def session(cls) -> Paths:
         config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "libvirt" / "mshv"
-        return cls(
-            config, user_runtime_dir() / "libvirt" / "mshv" / "run", user_cache_dir() / "libvirt" / "mshv" / "log"
-        )
+        cache = user_cache_dir() / "libvirt" / "mshv"
+        return cls(config, user_runtime_dir() / "libvirt" / "mshv" / "run", cache / "log", cache_dir=cache)
 
 
 def user_cache_dir() -> Path:
@@ -426,7 +431,9 @@ class DomainManager:
             Path(os.path.abspath(paths.run_dir)),
             Path(os.path.abspath(paths.log_dir)),
             Path(os.path.abspath(paths.dump_dir)) if paths.dump_dir is not None else None,
+            Path(os.path.abspath(paths.cache_dir)) if paths.cache_dir is not None else None,
         )
+        self.vmm_options = dataclasses.replace(self.vmm_options, kernel_cache=self.paths.kernel_cache)
         self.store = ConfigStore(paths.config_dir)
         self._port_journal = nets.PortJournal(paths.run_dir)
         self._domains = DomainTable()

@@ -30,7 +30,7 @@ from mshv_libvirt.atomicfile import remove_durable, sweep_temporaries
 from mshv_libvirt.errors import describe
 from mshv_libvirt.proc import pid_alive
 
-from . import layout, vmm_launch
+from . import kernel_cache, layout, vmm_launch
 from .vmm_launch import LaunchError, VmmOptions
 
 JsonObject = dict[str, Any]
@@ -230,6 +230,16 @@ def _reap(pidfd: int) -> None:
         os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
 
 
+_cache_fills: set[asyncio.Task[bool]] = set()  # running fills (the loop keeps only weak references)
+
+
+def _fill_kernel_cache(directory: Path, kernel: str) -> None:
+    """After a start that decompressed its kernel: keep the payload for the next ones, on a worker thread."""
+    task = asyncio.get_running_loop().create_task(asyncio.to_thread(kernel_cache.fill, directory, kernel))
+    _cache_fills.add(task)
+    task.add_done_callback(_cache_fills.discard)
+
+
 class VmmHandle:
     """A connected VMM. ``on_event`` receives pushed events; ``exited`` resolves when the process is gone."""
 
@@ -333,6 +343,9 @@ class VmmHandle:
                 raise VmmError(str(info["detail"])) from err
             raise
         handle.pty = status.get("pty")
+        cache = (options or VmmOptions()).kernel_cache
+        if cache is not None and launch.config.get("kernel") and "kernel_payload" not in launch.config["fds"]:
+            _fill_kernel_cache(cache, str(launch.config["kernel"]))
         return handle
 
     @classmethod

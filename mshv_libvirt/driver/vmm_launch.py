@@ -24,6 +24,8 @@ from mshv_libvirt.atomicfile import write_atomic
 from mshv_libvirt.vmm import images
 from mshv_libvirt.vmm.config import DEFAULT_LOG_MAX_BACKUPS, DEFAULT_LOG_MAX_SIZE, MAX_LOG_BACKUPS
 
+from . import kernel_cache
+
 SYSTEM_CONF = Path("/etc/libvirt/mshv.conf")
 SYSTEM_USER = "libvirt-mshv"  # created by scripts/install.sh
 
@@ -41,6 +43,7 @@ class VmmOptions:
     serial_log_max_size: int = DEFAULT_LOG_MAX_SIZE
     serial_log_max_backups: int = DEFAULT_LOG_MAX_BACKUPS
     test_hooks: bool = False  # test-only control commands in the VMM (docs/SECURITY.md)
+    kernel_cache: Path | None = None  # decompressed kernel payloads (kernel_cache.py); None: none kept
 
     def credentials(self) -> dict[str, Any]:
         """``subprocess`` keyword arguments that switch to ``user``/``group`` (empty: no switch)."""
@@ -178,6 +181,10 @@ def prepare(vmm_config: dict[str, Any], options: VmmOptions, *, config_path: Pat
                     raise images.ImageError(f"Cannot load the {what}: {err}") from err
                 fds[what] = launch.keep(fd)
                 total += size
+                if what == "kernel" and options.kernel_cache is not None:
+                    cached = kernel_cache.open_entry(options.kernel_cache, fd)
+                    if cached is not None:
+                        fds["kernel_payload"] = launch.keep(cached)
         if total > limit:
             raise images.ImageError(
                 f"Cannot load the initrd: kernel '{cfg['kernel']}' and initrd '{cfg['initrd']}' together are "

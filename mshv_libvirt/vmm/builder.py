@@ -481,7 +481,11 @@ def attach_virtio_devices(
 def read_kernel(config: VmmConfig) -> loader.KernelImage:
     """The kernel image read and, by default, decompressed on the host (no guest RAM needed yet)."""
     kernel = images.load("kernel", config.kernel, config.fds.kernel, config.memory_bytes)
-    return loader.load_kernel_image(kernel, host_decompress=config.host_decompress)
+    cached = None
+    if config.fds.kernel_payload is not None and config.host_decompress:
+        with contextlib.suppress(images.ImageError, OSError):  # unreadable: decompress as without it
+            cached = images.load("cached kernel payload", config.kernel, config.fds.kernel_payload, config.memory_bytes)
+    return loader.load_kernel_image(kernel, host_decompress=config.host_decompress, cached=cached)
 
 
 class KernelPrefetch:

@@ -21,7 +21,17 @@ MAX_LOG_BACKUPS = 16
 
 # Descriptors the daemon opens and hands over (``"fds"`` in the config): with all of them the VMM opens
 # no file itself, which is what lets it run sandboxed (docs/SECURITY.md).
-FD_FIELDS = ("hypervisor", "kernel", "initrd", "console_master", "console_slave", "control", "exit", "crash_dump")
+FD_FIELDS = (
+    "hypervisor",
+    "kernel",
+    "kernel_payload",
+    "initrd",
+    "console_master",
+    "console_slave",
+    "control",
+    "exit",
+    "crash_dump",
+)
 
 
 class ConfigError(ValueError):
@@ -33,6 +43,8 @@ class HandedFds:
     hypervisor: int | None = None
     hypervisor_device: str = "/dev/kvm"  # what ``hypervisor`` is: /dev/kvm (emulated device) or /dev/mshv
     kernel: int | None = None
+    # The kernel's payload as the daemon's cache holds it decompressed (driver/kernel_cache.py), if it does
+    kernel_payload: int | None = None
     initrd: int | None = None
     console_master: int | None = None
     console_slave: int | None = None

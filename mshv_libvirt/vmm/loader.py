@@ -102,6 +102,7 @@ class KernelImage:
     entry: int
     host_decompressed: bool
     end: int  # first byte the kernel will not claim while booting (initrd must start above)
+    payload_cached: bool = False  # the decompressed payload came from the daemon's cache
 
 
 def parse_setup_header(image: bytes) -> SetupHeader:
@@ -171,7 +172,7 @@ def _decompress(payload: bytes) -> bytes | None:
     return None  # zstd, lz4, lzo: leave it to the in-kernel decompressor
 
 
-def parse_elf_segments(elf: bytes) -> tuple[int, tuple[Segment, ...]] | None:
+def parse_elf_segments(elf: bytes | memoryview) -> tuple[int, tuple[Segment, ...]] | None:
     """(entry, PT_LOAD segments at their physical addresses) of an x86-64 ELF, or None if not one."""
     if len(elf) < 64 or elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
         return None
@@ -197,20 +198,60 @@ def parse_elf_segments(elf: bytes) -> tuple[int, tuple[Segment, ...]] | None:
     return e_entry, tuple(segments)
 
 
-def load_kernel_image(image: bytes, *, host_decompress: bool = True) -> KernelImage:
-    """Decide what goes where: the protected-mode part at 1 MiB, or the decompressed vmlinux."""
+# A cached payload (driver/kernel_cache.py): this line, the SHA-256 of the compressed payload it was made
+# from, then the decompressed ELF. The digest, not the cache's file name, ties it to an image.
+PAYLOAD_CACHE_MAGIC = b"mshv-libvirt decompressed kernel payload 1\n"
+
+
+def _compressed(image: bytes, header: SetupHeader) -> bytes:
+    start = header.protected_mode_offset + header.payload_offset
+    return bytes(image[start : start + header.payload_length])
+
+
+def cached_payload(image: bytes) -> bytes | None:
+    """What the cache keeps of a bzImage: the magic line, the compressed payload's digest and the payload
+    decompressed, when it is an x86-64 ELF the host can load; else None."""
+    import hashlib
+
+    header = parse_setup_header(image)
+    if not header.payload_length:
+        return None
+    compressed = _compressed(image, header)
+    raw = _decompress(compressed)
+    if raw is None or parse_elf_segments(raw) is None:
+        return None
+    return PAYLOAD_CACHE_MAGIC + hashlib.sha256(compressed).digest() + raw
+
+
+def _from_cache(entry: bytes, compressed: bytes) -> tuple[int, tuple[Segment, ...]] | None:
+    import hashlib
+
+    n = len(PAYLOAD_CACHE_MAGIC)
+    if entry[:n] != PAYLOAD_CACHE_MAGIC or entry[n : n + 32] != hashlib.sha256(compressed).digest():
+        return None  # another image's, or not one at all: decompress instead
+    return parse_elf_segments(memoryview(entry)[n + 32 :])
+
+
+def load_kernel_image(image: bytes, *, host_decompress: bool = True, cached: bytes | None = None) -> KernelImage:
+    """Decide what goes where: the protected-mode part at 1 MiB, or the decompressed vmlinux.
+
+    ``cached``: what the daemon's cache holds for this image (:func:`cached_payload`), used instead of
+    decompressing again when its digest is this image's payload's; ``KernelImage.payload_cached`` says so."""
     header = parse_setup_header(image)
     pm = header.protected_mode_offset
     if host_decompress and header.payload_length:
-        start = pm + header.payload_offset
-        raw = _decompress(bytes(image[start : start + header.payload_length]))
-        parsed = parse_elf_segments(raw) if raw is not None else None
+        compressed = _compressed(image, header)
+        parsed = _from_cache(cached, compressed) if cached is not None else None
+        hit = parsed is not None
+        if parsed is None:
+            raw = _decompress(compressed)
+            parsed = parse_elf_segments(raw) if raw is not None else None
         if parsed is not None:
             entry, segments = parsed
             if min(s.gpa for s in segments) < layout.KERNEL_LOAD_ADDR:
                 raise LoaderError("decompressed kernel wants to load below 1 MiB")
             end = max(s.gpa + s.mem_size for s in segments)
-            return KernelImage(header, segments, entry, host_decompressed=True, end=end)
+            return KernelImage(header, segments, entry, host_decompressed=True, end=end, payload_cached=hit)
     body = bytes(image[pm:])
     # The decompressor may move itself to pref_address and needs init_size bytes from there.
     end = max(

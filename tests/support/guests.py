@@ -2503,6 +2503,40 @@ def wrap_bzimage(protected_mode: bytes, *, init_size: int, setup_code: bytes = b
     return bytes(setup) + protected_mode
 
 
+def fake_elf(entry: int, segments: list[tuple[int, bytes, int]]) -> bytes:
+    """A minimal ELF64 x86-64 executable with PT_LOAD (paddr, data, memsz) segments."""
+    phoff = 64
+    data_off = phoff + 56 * len(segments)
+    header = bytearray(64)
+    header[:6] = b"\x7fELF\x02\x01"
+    struct.pack_into("<HHIQQQIHHHHHH", header, 16, 2, 62, 1, entry, phoff, 0, 0, 64, 56, len(segments), 0, 0, 0)
+    phdrs = b""
+    blobs = b""
+    for paddr, data, memsz in segments:
+        phdrs += struct.pack(
+            "<IIQQQQQQ", 1, 5, data_off + len(blobs), paddr | (0xFFFF << 48), paddr, len(data), memsz, 0x1000
+        )
+        blobs += data
+    return bytes(header) + phdrs + blobs
+
+
+def bzimage_with_payload(payload: bytes) -> bytes:
+    """A bzImage whose payload (payload_offset/payload_length) is ``payload``, e.g. a compressed :func:`fake_elf`."""
+    image = bytearray(wrap_bzimage(b"\x90" * 0x200 + b"\xf4" + payload, init_size=0x10000))
+    struct.pack_into("<II", image, 0x248, 0x201, len(payload))
+    return bytes(image)
+
+
+def serial_printer_elf(text: bytes, *, at: int = 0x1000000) -> bytes:
+    """An ELF "kernel" for the host-decompression path: in long mode at ``at`` it writes ``text`` to COM1's
+    data port (0x3F8), then halts with interrupts off (the VMM's power-off)."""
+    code = b"\x66\xba\xf8\x03"  # mov dx, 0x3f8
+    for byte in text:
+        code += b"\xb0" + bytes([byte]) + b"\xee"  # mov al, byte; out dx, al
+    code += b"\xfa\xf4\xeb\xfd"  # cli; hlt; jmp back to the hlt
+    return fake_elf(at, [(at, code, len(code))])
+
+
 def tiny_counts(serial: str) -> list[tuple[int, dict[str, str]]]:
     """Every counters line the tiny guest printed (key ``n``): (offset of the line in the log, fields)."""
     found = []

@@ -10,30 +10,7 @@ from pathlib import Path
 import pytest
 
 from mshv_libvirt.vmm import acpi, layout, loader
-from tests.support.guests import wrap_bzimage
-
-
-def fake_elf(entry: int, segments: list[tuple[int, bytes, int]]) -> bytes:
-    """A minimal ELF64 x86-64 executable with PT_LOAD (paddr, data, memsz) segments."""
-    phoff = 64
-    data_off = phoff + 56 * len(segments)
-    header = bytearray(64)
-    header[:6] = b"\x7fELF\x02\x01"
-    struct.pack_into("<HHIQQQIHHHHHH", header, 16, 2, 62, 1, entry, phoff, 0, 0, 64, 56, len(segments), 0, 0, 0)
-    phdrs = b""
-    blobs = b""
-    for paddr, data, memsz in segments:
-        phdrs += struct.pack(
-            "<IIQQQQQQ", 1, 5, data_off + len(blobs), paddr | (0xFFFF << 48), paddr, len(data), memsz, 0x1000
-        )
-        blobs += data
-    return bytes(header) + phdrs + blobs
-
-
-def bzimage_with_payload(payload: bytes) -> bytes:
-    image = bytearray(wrap_bzimage(b"\x90" * 0x200 + b"\xf4" + payload, init_size=0x10000))
-    struct.pack_into("<II", image, 0x248, 0x201, len(payload))
-    return bytes(image)
+from tests.support.guests import bzimage_with_payload, fake_elf, wrap_bzimage
 
 
 def test_setup_header_is_validated() -> None:
@@ -74,6 +51,25 @@ def test_host_decompression_loads_elf_segments(compress: object) -> None:
     assert image.end == 0x1200004
     plain = loader.load_kernel_image(bzimage_with_payload(compress(elf)), host_decompress=False)  # type: ignore[operator]
     assert not plain.host_decompressed and plain.entry == 0x100200
+
+
+def test_a_cached_payload_is_used_only_for_the_image_it_was_made_from() -> None:
+    """The daemon's cache entry (loader.cached_payload) replaces the decompression when its digest is this
+    image's compressed payload's; another image's entry, or bytes that are not one, mean a decompression."""
+    elf = fake_elf(0x1000000, [(0x1000000, b"\xfa\xf4", 0x10)])
+    other = fake_elf(0x1000000, [(0x1000000, b"\x90\xf4", 0x10)])
+    image, other_image = bzimage_with_payload(lzma.compress(elf)), bzimage_with_payload(lzma.compress(other))
+    entry = loader.cached_payload(image)
+    assert entry is not None and entry.endswith(elf)  # what the daemon keeps: ends with the ELF itself
+    hit = loader.load_kernel_image(image, cached=entry)
+    assert hit.payload_cached and hit.segments[0].data == b"\xfa\xf4"
+    # An entry with this image's digest but other contents is believed: the digest is what ties them.
+    forged = entry[: -len(elf)] + other
+    assert loader.load_kernel_image(image, cached=forged).segments[0].data == b"\x90\xf4"
+    for stale in (loader.cached_payload(other_image), b"not an entry", entry[:-1][:40]):
+        miss = loader.load_kernel_image(image, cached=stale)
+        assert not miss.payload_cached and miss.host_decompressed and miss.segments[0].data == b"\xfa\xf4"
+    assert loader.cached_payload(wrap_bzimage(b"\xf4" * 0x300, init_size=0x4000)) is None  # nothing to decompress
 
 
 def test_unknown_payload_falls_back_to_the_decompressor() -> None:
